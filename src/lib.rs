@@ -1,0 +1,16 @@
+//! cinderblock: a CSI driver for node-local block volumes with a
+//! Cinder-style control plane. See docs/design.md.
+
+pub mod agent;
+pub mod agent_proto;
+pub mod csi;
+pub mod identity;
+pub mod server;
+pub mod volume;
+
+/// The CSI driver name (GetPluginInfo, StorageClass provisioner).
+pub const DRIVER_NAME: &str = "cinderblock.dev";
+pub const DRIVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Topology keys this driver reports and honours.
+pub const TOPOLOGY_NODE_KEY: &str = "topology.cinderblock.dev/node";
+pub const TOPOLOGY_ZONE_KEY: &str = "topology.cinderblock.dev/zone";

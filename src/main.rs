@@ -1,0 +1,138 @@
+//! The `cinderblock` binary: one program, a subcommand per role.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use cinderblock::agent::AgentService;
+use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
+use cinderblock::csi::identity_server::IdentityServer;
+use cinderblock::identity::IdentityService;
+use cinderblock::server;
+use cinderblock::volume::{Pool, PoolConfig};
+
+#[derive(Parser)]
+#[command(name = "cinderblock", version, about = "CSI driver for node-local block volumes with a Cinder-style control plane")]
+struct Cli {
+    /// Log format: text for people, json for log collectors.
+    #[arg(long, env = "CINDERBLOCK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node plugin: the volume manager of this node's pool (agent API
+    /// on TCP) and CSI Identity on a unix socket.
+    Node(NodeArgs),
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Folder that holds this node's pool (volume and snapshot images). Created if missing.
+    #[arg(long, env = "CINDERBLOCK_POOL")]
+    pool: PathBuf,
+    /// This node's ID, as reported to Kubernetes (usually the node name).
+    #[arg(long, env = "CINDERBLOCK_NODE_ID")]
+    node_id: String,
+    /// Zone of this node (topology.cinderblock.dev/zone); empty for none.
+    #[arg(long, env = "CINDERBLOCK_ZONE", default_value = "")]
+    zone: String,
+    /// TCP address the agent API (the controller's volume manager calls) listens on.
+    #[arg(long, env = "CINDERBLOCK_AGENT_LISTEN", default_value = "127.0.0.1:9810")]
+    agent_listen: SocketAddr,
+    /// CSI endpoint, a unix socket: unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    #[command(flatten)]
+    pool_opts: PoolOpts,
+}
+
+#[derive(clap::Args, Clone)]
+struct PoolOpts {
+    /// Cinder's max_over_subscription_ratio: how far thin volumes may
+    /// over-commit the pool (provisioned / total). Below 1, thin counts as thick.
+    #[arg(long, env = "CINDERBLOCK_MAX_OVER_SUBSCRIPTION_RATIO", default_value_t = 20.0)]
+    max_over_subscription_ratio: f64,
+    /// Cinder's reserved_percentage: share of the pool's total kept free, 0 to 100.
+    #[arg(long, env = "CINDERBLOCK_RESERVED_PERCENTAGE", default_value_t = 0)]
+    reserved_percentage: u32,
+    /// Never use reflinks; snapshots and clones always copy (for comparison).
+    #[arg(long)]
+    no_reflink: bool,
+}
+
+impl PoolOpts {
+    fn config(&self) -> PoolConfig {
+        PoolConfig {
+            max_over_subscription_ratio: self.max_over_subscription_ratio,
+            reserved_percentage: self.reserved_percentage,
+            allow_reflink: !self.no_reflink,
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let result = match cli.command {
+        Command::Node(args) => run_node(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cinderblock: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_node(args: NodeArgs) -> Result<(), String> {
+    cinderblock::volume::validate_id("node id", &args.node_id).map_err(|e| e.to_string())?;
+    let socket = server::unix_endpoint_path(&args.endpoint)?;
+    let pool_dir = args.pool.clone();
+    let config = args.pool_opts.config();
+    let (pool, _report) = tokio::task::spawn_blocking(move || Pool::open(&pool_dir, config))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("opening pool {}: {e}", args.pool.display()))?;
+    let pool = Arc::new(pool);
+    let ready = Arc::new(AtomicBool::new(true));
+
+    let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
+        .await
+        .map_err(|e| format!("agent API cannot listen on {}: {e}", args.agent_listen))?;
+    let agent_addr = agent_listener.local_addr().map_err(|e| e.to_string())?;
+    let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
+
+    let agent = tonic::transport::Server::builder()
+        .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), args.node_id.clone())))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(agent_listener), server::shutdown_signal());
+    let csi = tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(false, ready.clone())))
+        .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());
+    info!(node.id = %args.node_id, zone = %args.zone, agent = %agent_addr, endpoint = %socket.display(), "node ready");
+    let (a, c) = tokio::join!(agent, csi);
+    let _ = std::fs::remove_file(&socket);
+    a.map_err(|e| format!("agent server: {e}"))?;
+    c.map_err(|e| format!("CSI server: {e}"))?;
+    info!("node stopped");
+    Ok(())
+}

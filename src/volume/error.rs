@@ -1,0 +1,48 @@
+use std::io;
+
+use super::capacity::Shortfall;
+
+/// Everything the volume manager can refuse or fail at. Each variant maps to
+/// one gRPC code (see `From<VolumeError> for tonic::Status`).
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    #[error("{kind} {id:?} does not exist on this node")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} {id:?} already exists with other arguments ({detail}); use another ID or repeat the original request")]
+    Conflict { kind: &'static str, id: String, detail: String },
+    #[error("the pool cannot hold {requested} bytes now: {shortfall}; free space or pick another node")]
+    Capacity { requested: u64, shortfall: Shortfall },
+    #[error("size {requested} bytes is out of range: {reason}")]
+    OutOfRange { requested: u64, reason: String },
+    #[error("{context}: {source}")]
+    Io { context: String, #[source] source: io::Error },
+}
+
+impl VolumeError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> VolumeError {
+        let context = context.into();
+        move |source| VolumeError::Io { context, source }
+    }
+}
+
+impl From<VolumeError> for tonic::Status {
+    fn from(e: VolumeError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            VolumeError::Invalid { .. } => Code::InvalidArgument,
+            VolumeError::NotFound { .. } => Code::NotFound,
+            VolumeError::Conflict { .. } => Code::AlreadyExists,
+            VolumeError::Capacity { .. } => Code::ResourceExhausted,
+            VolumeError::OutOfRange { .. } => Code::OutOfRange,
+            // A read-only or full pool is a condition of this node, which the
+            // controller treats as "try another node".
+            VolumeError::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
+                _ => Code::Internal,
+            },
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
