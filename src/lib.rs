@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod agent_proto;
+pub mod attach;
 pub mod csi;
 pub mod identity;
 pub mod server;

@@ -1,0 +1,283 @@
+//! The agent API over real gRPC against a real `cinderblock node` process:
+//! bad input is refused with the right code and changes nothing; SIGKILL at
+//! random moments never leaves the pool torn.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use cinderblock::agent_proto as pb;
+use cinderblock::agent_proto::volume_manager_client::VolumeManagerClient;
+use common::*;
+use rand::Rng;
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+
+async fn client(node: &NodeProcess) -> VolumeManagerClient<tonic::transport::Channel> {
+    VolumeManagerClient::connect(node.agent.clone()).await.expect("connecting to the agent")
+}
+
+fn create(id: &str, size: u64, source: Option<pb::create_volume_request::Source>) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest { volume_id: id.into(), size_bytes: size, provisioning: 0, source, metadata: Default::default() }
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let node = NodeProcess::start(&pool, &dir.path().join("csi.sock"), "node-1", &[]);
+    let mut c = client(&node).await;
+    c.create_volume(create("vol-good", 4 * MIB, None)).await.unwrap();
+    c.create_snapshot(pb::CreateSnapshotRequest { snapshot_id: "snap-good".into(), source_volume_id: "vol-good".into(), metadata: Default::default() })
+        .await
+        .unwrap();
+    let before = tree(&pool);
+    let long = "v".repeat(129);
+    use pb::create_volume_request::Source;
+
+    let cases: Vec<(&str, pb::CreateVolumeRequest, Code)> = vec![
+        ("empty id", create("", MIB, None), Code::InvalidArgument),
+        ("over-long id", create(&long, MIB, None), Code::InvalidArgument),
+        ("parent path id", create("../escape", MIB, None), Code::InvalidArgument),
+        ("absolute path id", create("/etc/passwd", MIB, None), Code::InvalidArgument),
+        ("nested path id", create("a/b", MIB, None), Code::InvalidArgument),
+        ("dot id", create("..", MIB, None), Code::InvalidArgument),
+        ("zero size", create("vol-zero", 0, None), Code::InvalidArgument),
+        ("size beyond any pool", create("vol-huge", u64::MAX, None), Code::OutOfRange),
+        ("size beyond this pool", create("vol-big", 1 << 49, None), Code::OutOfRange),
+        ("unknown snapshot", create("vol-s", MIB, Some(Source::SnapshotId("snap-nope".into()))), Code::NotFound),
+        ("unknown volume", create("vol-c", MIB, Some(Source::SourceVolumeId("vol-nope".into()))), Code::NotFound),
+        ("path-like source", create("vol-p", MIB, Some(Source::SnapshotId("../snapshots/snap-good".into()))), Code::InvalidArgument),
+        ("smaller than source", create("vol-small", MIB, Some(Source::SourceVolumeId("vol-good".into()))), Code::OutOfRange),
+        ("same id other size", create("vol-good", 8 * MIB, None), Code::AlreadyExists),
+        ("bad provisioning", pb::CreateVolumeRequest { provisioning: 42, ..create("vol-prov", MIB, None) }, Code::InvalidArgument),
+    ];
+    for (what, req, code) in cases {
+        let err = c.create_volume(req).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        assert!(!err.message().is_empty(), "{what}: empty message");
+        assert_eq!(tree(&pool), before, "{what} changed the pool");
+    }
+    let snap = |id: &str, src: &str| pb::CreateSnapshotRequest { snapshot_id: id.into(), source_volume_id: src.into(), metadata: Default::default() };
+    for (what, req, code) in [
+        ("empty snapshot id", snap("", "vol-good"), Code::InvalidArgument),
+        ("path snapshot id", snap("../../x", "vol-good"), Code::InvalidArgument),
+        ("empty source", snap("snap-x", ""), Code::InvalidArgument),
+        ("unknown source", snap("snap-x", "vol-nope"), Code::NotFound),
+        ("snapshot id reused", snap("snap-good", "vol-other"), Code::AlreadyExists),
+    ] {
+        let err = c.create_snapshot(req).await.expect_err(what);
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        assert_eq!(tree(&pool), before, "{what} changed the pool");
+    }
+    let err = c.delete_volume(pb::DeleteVolumeRequest { volume_id: "../pool".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: "".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c.expand_volume(pb::ExpandVolumeRequest { volume_id: "vol-nope".into(), size_bytes: MIB }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c.expand_volume(pb::ExpandVolumeRequest { volume_id: "vol-good".into(), size_bytes: 0 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c.expand_volume(pb::ExpandVolumeRequest { volume_id: "vol-good".into(), size_bytes: u64::MAX }).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+    let err = c.get_volume(pb::GetVolumeRequest { volume_id: "vol-nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(tree(&pool), before, "a refused call changed the pool");
+    // Deleting what is not there is success, and changes nothing either.
+    c.delete_volume(pb::DeleteVolumeRequest { volume_id: "vol-nope".into() }).await.unwrap();
+    assert_eq!(tree(&pool), before);
+}
+
+#[tokio::test]
+async fn pool_status_reports_capacity_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(&dir.path().join("pool"), &dir.path().join("csi.sock"), "node-1", &["--reserved-percentage", "5"]);
+    let mut c = client(&node).await;
+    c.create_volume(create("vol-1", 10 * MIB, None)).await.unwrap();
+    c.create_volume(create("vol-2", 6 * MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-1".into()))))
+        .await
+        .unwrap_err(); // smaller than its source
+    c.create_volume(create("vol-2", 10 * MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-1".into()))))
+        .await
+        .unwrap();
+    let s = c.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap();
+    assert_eq!(s.node_id, "node-1");
+    assert_eq!(s.volume_count, 2);
+    assert_eq!(s.provisioned_bytes, 20 * MIB);
+    assert_eq!(s.reserved_percentage, 5);
+    assert!(s.total_bytes > 0 && s.free_bytes <= s.total_bytes);
+    assert!(s.max_thick_volume_bytes <= s.free_bytes);
+}
+
+/// What the test knows of one ID: present, absent, or in flight when the
+/// node was killed (either is acceptable after restart).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Known {
+    Present,
+    Absent,
+    Unsure,
+}
+
+struct Worker {
+    id: usize,
+    volumes: HashMap<String, Known>,
+    snapshots: HashMap<String, Known>,
+}
+
+impl Worker {
+    async fn run(&mut self, mut c: VolumeManagerClient<tonic::transport::Channel>) {
+        loop {
+            let (kind, name, op) = {
+                let mut rng = rand::rng();
+                let n = rng.random_range(0..6);
+                let kind = rng.random_range(0..10);
+                (kind, n, rng.random_range(0..3))
+            };
+            let vol = format!("vol-w{}-{}", self.id, name);
+            let snap = format!("snap-w{}-{}", self.id, name);
+            let present_vol = self.volumes.iter().find(|(_, k)| **k == Known::Present).map(|(v, _)| v.clone());
+            let present_snap = self.snapshots.iter().find(|(_, k)| **k == Known::Present).map(|(s, _)| s.clone());
+            match kind {
+                0..=3 => {
+                    use pb::create_volume_request::Source;
+                    let source = match op {
+                        1 => present_snap.map(Source::SnapshotId),
+                        2 => present_vol.clone().filter(|v| *v != vol).map(Source::SourceVolumeId),
+                        _ => None,
+                    };
+                    if self.volumes.get(&vol) == Some(&Known::Present) {
+                        continue;
+                    }
+                    self.volumes.insert(vol.clone(), Known::Unsure);
+                    match c.create_volume(create(&vol, 2 * MIB, source)).await {
+                        Ok(_) => {
+                            self.volumes.insert(vol, Known::Present);
+                        }
+                        Err(e) if e.code() == Code::Unavailable || e.code() == Code::Unknown || e.code() == Code::Cancelled => return,
+                        Err(e) => panic!("create {vol}: {e}"),
+                    }
+                }
+                4..=5 => {
+                    let Some(src) = present_vol else { continue };
+                    if self.snapshots.get(&snap) == Some(&Known::Present) {
+                        continue;
+                    }
+                    self.snapshots.insert(snap.clone(), Known::Unsure);
+                    let req = pb::CreateSnapshotRequest { snapshot_id: snap.clone(), source_volume_id: src, metadata: Default::default() };
+                    match c.create_snapshot(req).await {
+                        Ok(_) => {
+                            self.snapshots.insert(snap, Known::Present);
+                        }
+                        Err(e) if e.code() == Code::Unavailable || e.code() == Code::Unknown || e.code() == Code::Cancelled => return,
+                        Err(e) => panic!("snapshot {snap}: {e}"),
+                    }
+                }
+                6..=7 => {
+                    self.volumes.insert(vol.clone(), Known::Unsure);
+                    match c.delete_volume(pb::DeleteVolumeRequest { volume_id: vol.clone() }).await {
+                        Ok(_) => {
+                            self.volumes.insert(vol, Known::Absent);
+                        }
+                        Err(_) => return,
+                    }
+                }
+                _ => {
+                    self.snapshots.insert(snap.clone(), Known::Unsure);
+                    match c.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: snap.clone() }).await {
+                        Ok(_) => {
+                            self.snapshots.insert(snap, Known::Absent);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The pool's folders hold exactly complete pairs of image and record.
+fn assert_pool_consistent(pool: &Path, round: usize) -> (Vec<String>, Vec<String>) {
+    let mut ids = (vec![], vec![]);
+    for (sub, out) in [("volumes", &mut ids.0), ("snapshots", &mut ids.1)] {
+        let files: Vec<String> = tree(&pool.join(sub)).into_keys().collect();
+        for f in &files {
+            if let Some(id) = f.strip_suffix(".json") {
+                let rec: serde_json::Value = serde_json::from_slice(&std::fs::read(pool.join(sub).join(f)).unwrap())
+                    .unwrap_or_else(|e| panic!("round {round}: torn record {sub}/{f}: {e}"));
+                assert_eq!(rec["state"], "Available", "round {round}: {sub}/{f} left {}", rec["state"]);
+                assert!(files.contains(&format!("{id}.img")), "round {round}: record without image {sub}/{f}");
+                out.push(id.to_string());
+            } else if let Some(id) = f.strip_suffix(".img") {
+                assert!(files.contains(&format!("{id}.json")), "round {round}: image without record {sub}/{f}");
+            } else {
+                panic!("round {round}: stray file {sub}/{f}");
+            }
+        }
+    }
+    let orphaned: Vec<_> = tree(&pool.join("orphaned")).into_keys().collect();
+    assert!(orphaned.is_empty(), "round {round}: orphaned {orphaned:?}");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_never_tears_the_pool() {
+    const KILLS: usize = 60;
+    const WORKERS: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let sock = dir.path().join("csi.sock");
+    let mut workers: Vec<Worker> =
+        (0..WORKERS).map(|id| Worker { id, volumes: HashMap::new(), snapshots: HashMap::new() }).collect();
+    let mut acknowledged_checks = 0usize;
+    for round in 0..KILLS {
+        let mut node = NodeProcess::start(&pool, &sock, "node-crash", &[]);
+        // After the restart: the folder is consistent and agrees with what was acknowledged.
+        let (vols, snaps) = assert_pool_consistent(&pool, round);
+        for w in workers.iter_mut() {
+            for (known, listed) in [(&mut w.volumes, &vols), (&mut w.snapshots, &snaps)] {
+                for (id, k) in known.iter_mut() {
+                    let there = listed.contains(id);
+                    match *k {
+                        Known::Present => assert!(there, "round {round}: acknowledged {id} lost"),
+                        Known::Absent => assert!(!there, "round {round}: deleted {id} came back"),
+                        Known::Unsure => {}
+                    }
+                    if *k != Known::Unsure {
+                        acknowledged_checks += 1;
+                    }
+                    *k = if there { Known::Present } else { Known::Absent };
+                }
+            }
+        }
+        let c = client(&node).await;
+        let mut listed = c.clone();
+        let via_api: Vec<String> = listed.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes.into_iter().map(|v| v.volume_id).collect();
+        let mut sorted_vols = vols.clone();
+        sorted_vols.sort();
+        assert_eq!(via_api, sorted_vols, "round {round}: API and folder disagree");
+
+        let run_for = Duration::from_millis(rand::rng().random_range(10..120));
+        let mut tasks = vec![];
+        for mut w in workers.drain(..) {
+            let c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                w.run(c).await;
+                w
+            }));
+        }
+        tokio::time::sleep(run_for).await;
+        node.kill9();
+        for t in tasks {
+            workers.push(tokio::time::timeout(Duration::from_secs(10), t).await.expect("worker stuck").unwrap());
+        }
+    }
+    let node = NodeProcess::start(&pool, &sock, "node-crash", &[]);
+    assert_pool_consistent(&pool, KILLS);
+    drop(node);
+    assert!(acknowledged_checks > 100, "too little was checked: {acknowledged_checks}");
+    eprintln!("{KILLS} kills, {acknowledged_checks} acknowledged states checked");
+    let _ = BTreeMap::<(), ()>::new();
+}

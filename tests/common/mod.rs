@@ -1,0 +1,193 @@
+//! Shared test fixtures: real filesystems on loop devices, real node
+//! processes, and a way to see every file of a pool.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Storage tests need root (loop devices, mkfs, mount). Without it they say
+/// so loudly and pass, so `cargo test` stays usable for unit work; CI runs as root.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !common::is_root() {
+            eprintln!("SKIPPED {}: needs root for loop devices and mounts", module_path!());
+            return;
+        }
+    };
+}
+
+pub fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A filesystem made for one test: an image file in a temporary folder,
+/// formatted and loop-mounted; unmounted and removed on drop, even when the
+/// test fails.
+pub struct TestFs {
+    pub dir: tempfile::TempDir,
+    pub mount: PathBuf,
+}
+
+impl TestFs {
+    /// `kind`: "xfs-reflink", "xfs-noreflink" or "ext4".
+    pub fn new(kind: &str, size: &str) -> TestFs {
+        let dir = tempfile::Builder::new().prefix("cinderblock-fs-").tempdir().unwrap();
+        let image = dir.path().join("fs.img");
+        let mount = dir.path().join("mnt");
+        std::fs::create_dir(&mount).unwrap();
+        run("truncate", &["-s", size, image.to_str().unwrap()]);
+        match kind {
+            "xfs-reflink" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", image.to_str().unwrap()]),
+            "xfs-noreflink" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=0", image.to_str().unwrap()]),
+            "ext4" => run("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", image.to_str().unwrap()]),
+            other => panic!("unknown test filesystem {other}"),
+        }
+        run("mount", &["-o", "loop", image.to_str().unwrap(), mount.to_str().unwrap()]);
+        TestFs { dir, mount }
+    }
+}
+
+impl Drop for TestFs {
+    fn drop(&mut self) {
+        let m = self.mount.to_str().unwrap().to_string();
+        let ok = Command::new("umount").arg(&m).status().map(|s| s.success()).unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+    }
+}
+
+/// Every file under `root` with its size and content hash, for "nothing changed" checks.
+pub fn tree(root: &Path) -> BTreeMap<String, (u64, u64)> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u64, u64)>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if p.is_dir() {
+                out.insert(rel + "/", (0, 0));
+                walk(root, &p, out);
+            } else {
+                let len = p.metadata().map(|m| m.len()).unwrap_or(0);
+                out.insert(rel, (len, checksum(&p)));
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+/// FNV-1a over the whole file: enough to tell contents apart in tests.
+pub fn checksum(path: &Path) -> u64 {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h: u64 = 0xcbf29ce484222325;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        for b in &buf[..n] {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
+/// Write `len` bytes of a pattern seeded by `seed` at `offset`.
+pub fn write_pattern(path: &Path, offset: u64, len: usize, seed: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let buf: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    f.write_all_at(&buf, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// The data segments of a file, as (start, end) pairs, from SEEK_DATA/SEEK_HOLE.
+pub fn data_segments(path: &Path) -> Vec<(i64, i64)> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    let mut out = vec![];
+    let mut pos = 0;
+    while pos < len {
+        let d = unsafe { libc::lseek(f.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if d < 0 {
+            break;
+        }
+        let h = unsafe { libc::lseek(f.as_raw_fd(), d, libc::SEEK_HOLE) };
+        out.push((d, h));
+        pos = h;
+    }
+    out
+}
+
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real `cinderblock node` process; killed on drop.
+pub struct NodeProcess {
+    pub child: Child,
+    pub agent: String,
+    pub endpoint: String,
+}
+
+impl NodeProcess {
+    pub fn start(pool: &Path, sock: &Path, node_id: &str, extra: &[&str]) -> NodeProcess {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
+            .args(["node", "--pool", pool.to_str().unwrap(), "--node-id", node_id])
+            .args(["--agent-listen", &format!("127.0.0.1:{port}")])
+            .args(["--endpoint", &format!("unix://{}", sock.display())])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting cinderblock node");
+        let agent = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("node exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "node did not start listening");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        NodeProcess { child, agent, endpoint: format!("unix://{}", sock.display()) }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn write_file(path: &Path, bytes: &[u8]) {
+    std::fs::File::create(path).unwrap().write_all(bytes).unwrap();
+}
