@@ -6,6 +6,7 @@ pub mod agent_proto;
 pub mod attach;
 pub mod csi;
 pub mod identity;
+pub mod node;
 pub mod server;
 pub mod volume;
 

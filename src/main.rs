@@ -12,6 +12,8 @@ use cinderblock::agent::AgentService;
 use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
 use cinderblock::csi::identity_server::IdentityServer;
 use cinderblock::identity::IdentityService;
+use cinderblock::csi::node_server::NodeServer;
+use cinderblock::node::{NodeConfig, NodeService};
 use cinderblock::server;
 use cinderblock::volume::{Pool, PoolConfig};
 
@@ -49,6 +51,12 @@ struct NodeArgs {
     /// CSI endpoint, a unix socket: unix:///path/to/csi.sock
     #[arg(long, env = "CSI_ENDPOINT")]
     endpoint: String,
+    /// Folders under which staging and target paths may lie (repeatable).
+    #[arg(long = "allowed-root", env = "CINDERBLOCK_ALLOWED_ROOTS", value_delimiter = ',', default_value = "/var/lib/kubelet")]
+    allowed_roots: Vec<PathBuf>,
+    /// Most volumes this node attaches at once (NodeGetInfo); 0 for no limit.
+    #[arg(long, env = "CINDERBLOCK_MAX_VOLUMES", default_value_t = 0)]
+    max_volumes: i64,
     #[command(flatten)]
     pool_opts: PoolOpts,
 }
@@ -127,6 +135,13 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(agent_listener), server::shutdown_signal());
     let csi = tonic::transport::Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(false, ready.clone())))
+        .add_service(NodeServer::new(NodeService::new(NodeConfig {
+            node_id: args.node_id.clone(),
+            zone: args.zone.clone(),
+            pool: pool.clone(),
+            allowed_roots: args.allowed_roots.clone(),
+            max_volumes: args.max_volumes,
+        })))
         .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());
     info!(node.id = %args.node_id, zone = %args.zone, agent = %agent_addr, endpoint = %socket.display(), "node ready");
     let (a, c) = tokio::join!(agent, csi);
