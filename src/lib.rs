@@ -2,6 +2,7 @@
 //! Cinder-style control plane. See docs/design.md.
 
 pub mod agent;
+pub mod bench;
 pub mod agent_proto;
 pub mod attach;
 pub mod csi;

@@ -32,6 +32,30 @@ enum Command {
     /// Run the node plugin: the volume manager of this node's pool (agent API
     /// on TCP) and CSI Identity on a unix socket.
     Node(NodeArgs),
+    /// Measure and print figures (not a test: nothing is asserted).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time snapshot and clone of a volume filled with data, for each size.
+    /// Point --pool at a folder on the filesystem to measure (XFS with
+    /// reflink for constant time, ext4 for the copy path).
+    Pool {
+        /// Pool folder to use (created; bench volumes are removed afterwards).
+        #[arg(long)]
+        pool: PathBuf,
+        /// Data sizes in GiB to fill the source volume with.
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        sizes_gib: Vec<u64>,
+        /// Snapshots and clones timed per size (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// Force the copy path even where reflinks work.
+        #[arg(long)]
+        no_reflink: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -102,6 +126,7 @@ async fn main() -> std::process::ExitCode {
     init_logging(&cli.log_format);
     let result = match cli.command {
         Command::Node(args) => run_node(args).await,
+        Command::Bench(b) => run_bench(b).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -150,4 +175,29 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     c.map_err(|e| format!("CSI server: {e}"))?;
     info!("node stopped");
     Ok(())
+}
+
+async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
+    match cmd {
+        BenchCommand::Pool { pool, sizes_gib, runs, no_reflink } => {
+            println!("{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}", "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max");
+            for gib in sizes_gib {
+                let dir = pool.clone();
+                let r = tokio::task::spawn_blocking(move || cinderblock::bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                let (_, report) = (0, ());
+                let _ = report;
+                let fs = cinderblock::volume::Pool::open(&pool, PoolConfig::default()).map(|(p, _)| p.status().map(|s| s.filesystem).unwrap_or_default()).unwrap_or_default();
+                let max = |v: &[std::time::Duration]| v.iter().max().copied().unwrap_or_default();
+                use cinderblock::bench::{median, ms};
+                println!(
+                    "{:<10} {:>6}Gi {:>10} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms",
+                    fs, r.data_bytes >> 30, if r.reflink { "reflink" } else { "copy" },
+                    ms(median(&r.snapshot)), ms(max(&r.snapshot)), ms(median(&r.clone)), ms(max(&r.clone))
+                );
+            }
+            Ok(())
+        }
+    }
 }
