@@ -8,7 +8,9 @@ pub mod attach;
 pub mod csi;
 pub mod identity;
 pub mod node;
+pub mod scheduler;
 pub mod server;
+pub mod store;
 pub mod volume;
 
 /// The CSI driver name (GetPluginInfo, StorageClass provisioner).
