@@ -1,0 +1,363 @@
+//! NodeStageVolume and NodeUnstageVolume.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tracing::info;
+
+use crate::attach::loopdev::{self, AttachOptions, LoopHandle};
+use crate::attach::mount::{self, mount_table};
+use crate::attach::{filesystem, Filesystem, MountInfo};
+use crate::csi;
+use crate::volume::State;
+
+use super::capability::{self, Access};
+use super::error::NodeError;
+use super::host::{detach_unused, list, loop_of_mount, mount_at, mounts_of, mounts_of_image};
+use super::paths::CreatedDirs;
+use super::{blocking, check_id, Node};
+
+impl Node {
+    pub(super) async fn stage(&self, req: csi::NodeStageVolumeRequest) -> Result<(), NodeError> {
+        let id = check_id(&req.volume_id)?;
+        let staging = self.roots.check("staging_target_path", &req.staging_target_path)?;
+        must_be_folder_if_present("staging_target_path", &staging)?;
+        let cap = capability::parse(req.volume_capability.as_ref())?;
+        let _guard = self.inflight.try_begin(&id)?;
+        let record = self.config.pool.get_volume(&id)?;
+        if record.state != State::Available {
+            return Err(NodeError::Unusable {
+                id,
+                detail: format!("is {:?} in the pool; wait until it is Available", record.state),
+            });
+        }
+        let image = self.config.pool.volume_image(&id);
+        let read_only = cap.reader_only();
+        match cap.access {
+            Access::Block => blocking(move || stage_block(&id, &image, &staging, read_only)).await,
+            Access::Mount { fs, flags } => stage_filesystem(id, image, staging, fs, flags, read_only).await,
+        }
+    }
+
+    pub(super) async fn unstage(&self, req: csi::NodeUnstageVolumeRequest) -> Result<(), NodeError> {
+        let id = check_id(&req.volume_id)?;
+        let staging = self.roots.check("staging_target_path", &req.staging_target_path)?;
+        let _guard = self.inflight.try_begin(&id)?;
+        // By path, not by record: a volume deleted while staged is still
+        // cleaned up, and a retried unstage of a deleted volume is OK.
+        let image = self.config.pool.volume_image(&id);
+        blocking(move || unstage(&id, &image, &staging)).await
+    }
+}
+
+pub(super) fn must_be_folder_if_present(field: &'static str, path: &Path) -> Result<(), NodeError> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_dir() => Err(NodeError::InvalidPath {
+            field,
+            path: path.display().to_string(),
+            reason: "it exists and is not a folder".into(),
+        }),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NodeError::io(format!("inspecting {field} {}", path.display()))(e)),
+    }
+}
+
+pub(super) fn describe(m: &MountInfo) -> String {
+    if m.root.as_os_str() == "/" {
+        format!("a mount of {} ({})", m.source, m.fs_type)
+    } else {
+        format!("a mount of {} ({}, {})", m.source, m.fs_type, m.root.display())
+    }
+}
+
+/// The file on which a raw block volume's device node is bound while staged.
+pub(super) fn block_marker(staging: &Path, id: &str) -> PathBuf {
+    staging.join(id)
+}
+
+/// A volume is staged once per node: refuse when any mount uses its image.
+fn refuse_if_in_use(table: &[MountInfo], id: &str, image: &Path) -> Result<(), NodeError> {
+    let users = mounts_of_image(table, image)?;
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(NodeError::InUse {
+        id: id.to_string(),
+        detail: format!(
+            "is already staged or published at {}; a volume is staged once per node, unstage it there first",
+            list(users.into_iter().map(|(m, _)| m.mount_point))
+        ),
+    })
+}
+
+/// Inspect, clean up what a crash left, and attach; then probe, format if
+/// blank, and mount.
+async fn stage_filesystem(
+    id: String,
+    image: PathBuf,
+    staging: PathBuf,
+    wanted: Option<Filesystem>,
+    flags: Vec<String>,
+    read_only: bool,
+) -> Result<(), NodeError> {
+    let prepared = {
+        let (id, image, staging) = (id.clone(), image.clone(), staging.clone());
+        blocking(move || -> Result<Option<(LoopHandle, CreatedDirs)>, NodeError> {
+            let table = mount_table()?;
+            if let Some(m) = mount_at(&table, &staging) {
+                return match loop_of_mount(m)? {
+                    Some(dev) if dev.backs(&image) => {
+                        already_staged_filesystem(&id, &staging, m, wanted, read_only).map(|()| None)
+                    }
+                    _ => Err(NodeError::Occupied { path: staging, detail: describe(m) }),
+                };
+            }
+            if mount_at(&table, &block_marker(&staging, &id)).is_some() {
+                return Err(NodeError::StagedOtherwise {
+                    id,
+                    path: staging,
+                    detail: "as a raw block device (the request asks for a filesystem)".into(),
+                });
+            }
+            refuse_if_in_use(&table, &id, &image)?;
+            detach_unused(&id, &image)?;
+            let mut created = CreatedDirs::default();
+            created
+                .create(&staging)
+                .map_err(NodeError::io(format!("creating staging folder {}", staging.display())))?;
+            let handle = loopdev::attach(&image, AttachOptions::for_filesystem(read_only))?;
+            Ok(Some((handle, created)))
+        })
+        .await?
+    };
+    // Until the mount holds the device, `handle` does: dropping it on any
+    // failure below lets autoclear detach the device again.
+    let Some((handle, created)) = prepared else { return Ok(()) };
+    let device = handle.device.path.clone();
+    let fs = match filesystem::probe(&device).await? {
+        None if read_only => {
+            return Err(NodeError::Unusable {
+                id,
+                detail: "is blank and its access mode is read-only, so it cannot be formatted; stage it read-write once".into(),
+            })
+        }
+        None => {
+            let fs = wanted.unwrap_or(Filesystem::Ext4);
+            filesystem::format(&device, fs.as_str(), &[]).await?;
+            info!(volume.id = %id, device = %device.display(), fs_type = %fs, "formatted blank volume");
+            fs
+        }
+        Some(found) => match Filesystem::parse(&found) {
+            Ok(found_fs) if wanted.is_none_or(|w| w == found_fs) => found_fs,
+            Ok(_) => {
+                return Err(NodeError::Unusable {
+                    id,
+                    detail: format!(
+                        "holds {found}, not the requested {}; it is never reformatted: ask for {found} or leave fs_type empty",
+                        wanted.map(|w| w.as_str()).unwrap_or_default()
+                    ),
+                })
+            }
+            Err(_) => {
+                return Err(NodeError::Unusable {
+                    id,
+                    detail: format!(
+                        "holds {found}, which cinderblock does not mount (only ext4 and xfs), and data is never formatted over"
+                    ),
+                })
+            }
+        },
+    };
+    blocking(move || {
+        let mut flags = flags;
+        // Volumes restored from a snapshot or cloned carry their source's
+        // filesystem UUID, and XFS refuses a second mount of a UUID.
+        if fs == Filesystem::Xfs && !flags.iter().flat_map(|f| f.split(',')).any(|o| o.trim() == "nouuid") {
+            flags.push("nouuid".into());
+        }
+        mount::mount_fs(&device, &staging, fs.as_str(), &flags, read_only)?;
+        drop(handle);
+        created.keep();
+        info!(volume.id = %id, device = %device.display(), staging = %staging.display(), fs_type = %fs, read_only, "staged");
+        Ok(())
+    })
+    .await
+}
+
+fn already_staged_filesystem(
+    id: &str,
+    staging: &Path,
+    m: &MountInfo,
+    wanted: Option<Filesystem>,
+    read_only: bool,
+) -> Result<(), NodeError> {
+    let other = |detail: String| NodeError::StagedOtherwise { id: id.to_string(), path: staging.to_path_buf(), detail };
+    if let Some(w) = wanted {
+        if m.fs_type != w.as_str() {
+            return Err(other(format!("with {} (the request asks for {w})", m.fs_type)));
+        }
+    }
+    if m.is_read_only() != read_only {
+        return Err(other(if m.is_read_only() {
+            "read-only (the request's access mode allows writing)".into()
+        } else {
+            "read-write (the request's access mode is read-only)".into()
+        }));
+    }
+    info!(volume.id = %id, staging = %staging.display(), "already staged");
+    Ok(())
+}
+
+/// Removes a file this call created unless the call succeeds.
+pub(super) struct CreatedFile {
+    path: Option<PathBuf>,
+}
+
+impl CreatedFile {
+    /// Create `path` as an empty file; an existing file is reused (and left
+    /// alone on failure), anything else is refused.
+    pub(super) fn create(field: &'static str, path: &Path) -> Result<Self, NodeError> {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
+            Ok(_) => Ok(CreatedFile { path: Some(path.to_path_buf()) }),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match std::fs::symlink_metadata(path) {
+                Ok(m) if m.is_file() => Ok(CreatedFile { path: None }),
+                _ => Err(NodeError::InvalidPath {
+                    field,
+                    path: path.display().to_string(),
+                    reason: "it exists and is not a regular file".into(),
+                }),
+            },
+            Err(e) => Err(NodeError::io(format!("creating {}", path.display()))(e)),
+        }
+    }
+
+    pub(super) fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for CreatedFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn stage_block(id: &str, image: &Path, staging: &Path, read_only: bool) -> Result<(), NodeError> {
+    let table = mount_table()?;
+    let marker = block_marker(staging, id);
+    if let Some(m) = mount_at(&table, &marker) {
+        return match loop_of_mount(m)? {
+            Some(dev) if dev.backs(image) && dev.read_only == read_only => {
+                info!(volume.id = %id, staging = %staging.display(), "already staged");
+                Ok(())
+            }
+            Some(dev) if dev.backs(image) => Err(NodeError::StagedOtherwise {
+                id: id.to_string(),
+                path: staging.to_path_buf(),
+                detail: format!("on {}, whose read-only setting differs from the request's access mode", dev.describe()),
+            }),
+            _ => Err(NodeError::Occupied { path: marker, detail: describe(m) }),
+        };
+    }
+    if let Some(m) = mount_at(&table, staging) {
+        return Err(match loop_of_mount(m)? {
+            Some(dev) if dev.backs(image) => NodeError::StagedOtherwise {
+                id: id.to_string(),
+                path: staging.to_path_buf(),
+                detail: "as a filesystem (the request asks for a raw block device)".into(),
+            },
+            _ => NodeError::Occupied { path: staging.to_path_buf(), detail: describe(m) },
+        });
+    }
+    refuse_if_in_use(&table, id, image)?;
+    detach_unused(id, image)?;
+    let mut created = CreatedDirs::default();
+    created
+        .create(staging)
+        .map_err(NodeError::io(format!("creating staging folder {}", staging.display())))?;
+    let marker_file = CreatedFile::create("staging_target_path", &marker)?;
+    let dev = loopdev::attach(image, AttachOptions::for_block(read_only))?.release();
+    if let Err(e) = mount::bind_mount(&dev.path, &marker, false) {
+        let _ = loopdev::detach(&dev);
+        return Err(e.into());
+    }
+    marker_file.keep();
+    created.keep();
+    info!(volume.id = %id, device = %dev.path.display(), staging = %staging.display(), read_only, "staged raw block");
+    Ok(())
+}
+
+/// Unmount `path` while the top mount there passes `ours` (stacked mounts
+/// from an earlier bug or crash included).
+pub(super) fn unmount_ours(path: &Path, ours: impl Fn(&MountInfo) -> Result<bool, NodeError>) -> Result<(), NodeError> {
+    for _ in 0..8 {
+        let table = mount_table()?;
+        match mount_at(&table, path) {
+            Some(m) if ours(m)? => {
+                mount::unmount(path)?;
+            }
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+fn unstage(id: &str, image: &Path, staging: &Path) -> Result<(), NodeError> {
+    let table = mount_table()?;
+    let marker = block_marker(staging, id);
+    let still_published = |others: Vec<PathBuf>| NodeError::InUse {
+        id: id.to_string(),
+        detail: format!("is still published at {}; unpublish it there first", list(others)),
+    };
+
+    if let Some(m) = mount_at(&table, &marker) {
+        // A device that is no longer bound (detached by hand) still gets its
+        // bind mount removed.
+        if let Some(dev) = loop_of_mount(m)? {
+            if !dev.backs(image) {
+                return Err(NodeError::Foreign { id: id.to_string(), path: marker, detail: dev.describe() });
+            }
+        }
+        let others: Vec<PathBuf> = mounts_of_image(&table, image)?
+            .into_iter()
+            .map(|(m, _)| m.mount_point)
+            .filter(|p| *p != marker)
+            .collect();
+        if !others.is_empty() {
+            return Err(still_published(others));
+        }
+        unmount_ours(&marker, |m| Ok(loop_of_mount(m)?.is_none_or(|d| d.backs(image))))?;
+    }
+    match std::fs::symlink_metadata(&marker) {
+        Ok(m) if m.is_file() => {
+            std::fs::remove_file(&marker).map_err(NodeError::io(format!("removing {}", marker.display())))?
+        }
+        _ => {}
+    }
+
+    if let Some(m) = mount_at(&table, staging) {
+        match loop_of_mount(m)? {
+            Some(dev) if dev.backs(image) => {
+                let others: Vec<PathBuf> = mounts_of(&table, &dev)
+                    .into_iter()
+                    .map(|m| m.mount_point.clone())
+                    .filter(|p| p != staging)
+                    .collect();
+                if !others.is_empty() {
+                    return Err(still_published(others));
+                }
+                unmount_ours(staging, |m| Ok(loop_of_mount(m)?.is_some_and(|d| d.backs(image))))?;
+            }
+            _ => {
+                return Err(NodeError::Foreign { id: id.to_string(), path: staging.to_path_buf(), detail: describe(m) })
+            }
+        }
+    }
+
+    let detached = detach_unused(id, image)?;
+    info!(volume.id = %id, staging = %staging.display(), detached, "unstaged");
+    Ok(())
+}
