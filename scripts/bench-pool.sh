@@ -9,7 +9,7 @@ runs=${2:-7}
 copy_runs=${3:-3}
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
-bin=target/release/cinderblock
+bin=${CARGO_TARGET_DIR:-target}/release/cinderblock
 work=$(mktemp -d /var/tmp/cinderblock-bench.XXXXXX)
 cleanup() {
   for m in "$work"/xfs "$work"/ext4; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done

@@ -93,3 +93,82 @@ fn fill(path: &Path, bytes: u64) -> std::io::Result<()> {
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+pub struct CreateBenchRow {
+    pub concurrency: usize,
+    pub count: usize,
+    pub elapsed: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+}
+
+pub fn percentile(v: &[Duration], p: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+    s[i]
+}
+
+/// CreateVolume end to end through a running endpoint (standalone): `count`
+/// distinct volumes at the given concurrency, timed per call; then deleted.
+pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, tag: &str) -> Result<CreateBenchRow, String> {
+    use crate::csi;
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
+    let client = csi::controller_client::ControllerClient::new(channel);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let mut c = client.clone();
+        let next = next.clone();
+        let tag = tag.to_string();
+        workers.spawn(async move {
+            let mut lat = vec![];
+            let mut ids = vec![];
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= count {
+                    break;
+                }
+                let t = Instant::now();
+                let r = c
+                    .create_volume(csi::CreateVolumeRequest {
+                        name: format!("bench-{tag}-{i}"),
+                        capacity_range: Some(csi::CapacityRange { required_bytes: 64 << 20, limit_bytes: 0 }),
+                        volume_capabilities: vec![csi::VolumeCapability {
+                            access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
+                            access_mode: Some(csi::volume_capability::AccessMode {
+                                mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                            }),
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|s| format!("CreateVolume: {}", s.message()))?;
+                lat.push(t.elapsed());
+                ids.push(r.into_inner().volume.map(|v| v.volume_id).unwrap_or_default());
+            }
+            Ok::<_, String>((lat, ids))
+        });
+    }
+    let mut lat = vec![];
+    let mut ids = vec![];
+    while let Some(r) = workers.join_next().await {
+        let (l, i) = r.map_err(|e| e.to_string())??;
+        lat.extend(l);
+        ids.extend(i);
+    }
+    let elapsed = start.elapsed();
+    let mut c = client.clone();
+    for id in ids {
+        let _ = c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await;
+    }
+    Ok(CreateBenchRow { concurrency, count, elapsed, p50: percentile(&lat, 0.5), p99: percentile(&lat, 0.99) })
+}

@@ -3,13 +3,17 @@
 
 pub mod agent;
 pub mod bench;
+pub mod controller;
 pub mod agent_proto;
 pub mod attach;
 pub mod csi;
+pub mod ctl;
+pub mod flow;
 pub mod identity;
 pub mod node;
 pub mod scheduler;
 pub mod server;
+pub mod standalone;
 pub mod store;
 pub mod volume;
 

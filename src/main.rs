@@ -32,9 +32,64 @@ enum Command {
     /// Run the node plugin: the volume manager of this node's pool (agent API
     /// on TCP) and CSI Identity on a unix socket.
     Node(NodeArgs),
+    /// Run a controller and N nodes in one process on this machine (embedded
+    /// store, one pool folder per node): for trying cinderblock out, for demos
+    /// and for conformance tests. Serves Identity, Controller and node 1's Node
+    /// service on the endpoint.
+    Standalone(StandaloneArgs),
+    /// A CSI client for people: volumes, snapshots, capacity.
+    Ctl(CtlArgs),
     /// Measure and print figures (not a test: nothing is asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct StandaloneArgs {
+    /// Folder for everything: the store (store.redb) and node-N/pool for each node.
+    #[arg(long, env = "CINDERBLOCK_DATA_DIR")]
+    data_dir: PathBuf,
+    /// How many nodes to run.
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    /// Spread the nodes over this many zones (zone-1..zone-Z); 0 for none.
+    #[arg(long, default_value_t = 1)]
+    zones: u32,
+    /// CSI endpoint, a unix socket: unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// More folders (besides --data-dir) where staging and target paths may lie.
+    #[arg(long = "allowed-root", value_delimiter = ',')]
+    allowed_roots: Vec<PathBuf>,
+    /// Seconds between each node's capacity report.
+    #[arg(long, default_value_t = 2.0)]
+    heartbeat_interval: f64,
+    /// A node silent for this many seconds is not scheduled.
+    #[arg(long, default_value_t = 15.0)]
+    heartbeat_timeout: f64,
+    /// Seconds between reconciler passes (stuck records, orphaned images).
+    #[arg(long, default_value_t = 30.0)]
+    reconcile_interval: f64,
+    /// Seconds a record may sit in Creating, or an image without a record, before the reconciler acts.
+    #[arg(long, default_value_t = 120.0)]
+    stuck_grace: f64,
+    /// Most volumes per node (scheduler filter and NodeGetInfo); 0 for no limit.
+    #[arg(long, default_value_t = 0)]
+    max_volumes: u32,
+    #[command(flatten)]
+    pool_opts: PoolOpts,
+}
+
+#[derive(clap::Args)]
+struct CtlArgs {
+    /// CSI endpoint of a controller (standalone or cluster), unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// Output: table for people, json for scripts.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+    #[command(subcommand)]
+    command: cinderblock::ctl::CtlCommand,
 }
 
 #[derive(Subcommand)]
@@ -55,6 +110,22 @@ enum BenchCommand {
         /// Force the copy path even where reflinks work.
         #[arg(long)]
         no_reflink: bool,
+    },
+    /// CreateVolume end to end: throughput and p50/p99 latency at each
+    /// concurrency, through a standalone started for the purpose.
+    Create {
+        /// Concurrency levels.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        concurrency: Vec<usize>,
+        /// Volumes created per level.
+        #[arg(long, default_value_t = 256)]
+        count: usize,
+        /// Nodes of the standalone.
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Data folder (a temporary one by default).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -127,6 +198,8 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Node(args) => run_node(args).await,
         Command::Bench(b) => run_bench(b).await,
+        Command::Standalone(a) => run_standalone(a).await,
+        Command::Ctl(a) => cinderblock::ctl::run(&a.endpoint, a.output == "json", a.command).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -179,6 +252,40 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
 
 async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
     match cmd {
+        BenchCommand::Create { concurrency, count, nodes, data_dir } => {
+            let tmp = std::env::temp_dir().join(format!("cinderblock-bench-create-{}", std::process::id()));
+            let dir = data_dir.unwrap_or_else(|| tmp.clone());
+            let sock = dir.join("csi.sock");
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let mut child = tokio::process::Command::new(exe)
+                .args(["standalone", "--data-dir"]).arg(&dir)
+                .args(["--nodes", &nodes.to_string(), "--endpoint"]).arg(format!("unix://{}", sock.display()))
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| e.to_string())?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while tokio::net::UnixStream::connect(&sock).await.is_err() {
+                if std::time::Instant::now() > deadline {
+                    return Err("standalone did not start".into());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            println!("{:>11} {:>7} {:>12} {:>10} {:>10}", "concurrency", "volumes", "volumes/s", "p50 ms", "p99 ms");
+            for c in concurrency {
+                let r = cinderblock::bench::create_volumes(&format!("unix://{}", sock.display()), c, count, &format!("c{c}")).await?;
+                println!(
+                    "{:>11} {:>7} {:>12.1} {:>10.2} {:>10.2}",
+                    r.concurrency, r.count, r.count as f64 / r.elapsed.as_secs_f64(),
+                    cinderblock::bench::ms(r.p50), cinderblock::bench::ms(r.p99)
+                );
+            }
+            let _ = child.kill().await;
+            if dir == tmp {
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
+            Ok(())
+        }
         BenchCommand::Pool { pool, sizes_gib, runs, no_reflink } => {
             println!("{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}", "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max");
             for gib in sizes_gib {
@@ -186,8 +293,6 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
                 let r = tokio::task::spawn_blocking(move || cinderblock::bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
                     .await
                     .map_err(|e| e.to_string())??;
-                let (_, report) = (0, ());
-                let _ = report;
                 let fs = cinderblock::volume::Pool::open(&pool, PoolConfig::default()).map(|(p, _)| p.status().map(|s| s.filesystem).unwrap_or_default()).unwrap_or_default();
                 let max = |v: &[std::time::Duration]| v.iter().max().copied().unwrap_or_default();
                 use cinderblock::bench::{median, ms};
@@ -200,4 +305,27 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
+    let secs = |s: f64, what: &str| {
+        std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} must be a positive number of seconds"))
+    };
+    let cfg = cinderblock::standalone::StandaloneConfig {
+        data_dir: a.data_dir,
+        nodes: a.nodes,
+        zones: a.zones,
+        endpoint: a.endpoint,
+        pool: a.pool_opts.config(),
+        controller: cinderblock::controller::ControllerConfig {
+            heartbeat_timeout: secs(a.heartbeat_timeout, "heartbeat-timeout")?,
+            stuck_grace: secs(a.stuck_grace, "stuck-grace")?,
+            ..Default::default()
+        },
+        heartbeat_interval: secs(a.heartbeat_interval, "heartbeat-interval")?,
+        reconcile_interval: secs(a.reconcile_interval, "reconcile-interval")?,
+        extra_allowed_roots: a.allowed_roots,
+        max_volumes: a.max_volumes,
+    };
+    cinderblock::standalone::run(cfg).await
 }

@@ -154,8 +154,11 @@ impl Pool {
             admission: Mutex::new(()),
         };
         let report = pool.reconcile()?;
-        info!(pool = %pool.root.display(), reflink = pool.reflink, filesystem = %pool.filesystem,
-              volumes = pool.index().volumes.len(), snapshots = pool.index().snapshots.len(), "pool open");
+        let (volumes, snapshots) = {
+            let index = pool.index();
+            (index.volumes.len(), index.snapshots.len())
+        };
+        info!(pool = %pool.root.display(), reflink = pool.reflink, filesystem = %pool.filesystem, volumes, snapshots, "pool open");
         Ok((pool, report))
     }
 

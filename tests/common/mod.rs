@@ -191,3 +191,95 @@ impl Drop for NodeProcess {
 pub fn write_file(path: &Path, bytes: &[u8]) {
     std::fs::File::create(path).unwrap().write_all(bytes).unwrap();
 }
+
+/// A real `cinderblock standalone` process (controller + nodes); killed on drop.
+pub struct Standalone {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub endpoint: String,
+    pub log: PathBuf,
+}
+
+impl Standalone {
+    pub fn start(data_dir: &Path, nodes: u32, zones: u32, extra: &[&str]) -> Standalone {
+        let sock = data_dir.join("csi.sock");
+        let _ = std::fs::remove_file(&sock);
+        std::fs::create_dir_all(data_dir).unwrap();
+        let log = data_dir.join(format!("standalone-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        let child = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
+            .args(["standalone", "--data-dir", data_dir.to_str().unwrap()])
+            .args(["--nodes", &nodes.to_string(), "--zones", &zones.to_string()])
+            .args(["--endpoint", &format!("unix://{}", sock.display())])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting cinderblock standalone");
+        let mut s = Standalone { child, data_dir: data_dir.to_path_buf(), endpoint: format!("unix://{}", sock.display()), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("standalone exited with {status}: {}", std::fs::read_to_string(&s.log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "standalone did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    pub fn pool(&self, node: u32) -> PathBuf {
+        self.data_dir.join(format!("node-{node}")).join("pool")
+    }
+
+    /// Every volume image in every pool, as "node-N/<id>".
+    pub fn images(&self) -> Vec<String> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(&self.data_dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with("node-") {
+                continue;
+            }
+            for sub in ["volumes", "snapshots"] {
+                if let Ok(rd) = std::fs::read_dir(e.path().join("pool").join(sub)) {
+                    for f in rd.flatten() {
+                        let f = f.file_name().to_string_lossy().to_string();
+                        if let Some(id) = f.strip_suffix(".img") {
+                            out.push(format!("{name}/{id}"));
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait: the clean stop a user gets.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        );
+        self.child.wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn csi_channel(endpoint: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.expect("connecting to the CSI endpoint")
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Conformance: the CSI community's csi-sanity against `cinderblock standalone`,
+# for mount and block access, thin and thick provisioning. Installs csi-sanity
+# (pinned) into .tools/bin once; keeps each run's JUnit report and logs under
+# .tools/sanity/<run>/. Prints one summary line per run. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+CSI_SANITY_VERSION=v5.6.0
+tools=$root/.tools
+bin=${CARGO_TARGET_DIR:-$root/target}/debug/cinderblock
+sanity=$tools/bin/csi-sanity-$CSI_SANITY_VERSION
+
+if [ ! -x "$sanity" ]; then
+  echo "== installing csi-sanity $CSI_SANITY_VERSION"
+  mkdir -p "$tools/bin" "$tools/gobin"
+  GOBIN=$tools/gobin go install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION"
+  mv "$tools/gobin/csi-sanity" "$sanity"
+fi
+[ -x "$bin" ] || cargo build --locked
+
+failed=0
+run() { # name access-type provisioning
+  local name=$1 access=$2 provisioning=$3
+  local dir=$tools/sanity/$name
+  rm -rf "$dir"; mkdir -p "$dir"
+  printf 'provisioning: %s\n' "$provisioning" >"$dir/params.yaml"
+  "$bin" standalone --data-dir "$dir/data" --nodes 2 --zones 1 \
+    --endpoint "unix://$dir/data/csi.sock" >"$dir/standalone.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 200); do [ -S "$dir/data/csi.sock" ] && break; sleep 0.05; done
+  local started=$(date +%s)
+  set +e
+  "$sanity" --csi.endpoint "unix://$dir/data/csi.sock" \
+    --csi.mountdir "$dir/data/target" --csi.stagingdir "$dir/data/staging" \
+    --csi.testvolumeaccesstype "$access" --csi.testvolumeparameters "$dir/params.yaml" \
+    --csi.testvolumesize 67108864 --csi.testvolumeexpandsize 134217728 \
+    --ginkgo.junit-report "$dir/junit.xml" --ginkgo.no-color >"$dir/csi-sanity.log" 2>&1
+  local rc=$?
+  set -e
+  kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true
+  python3 - "$dir/junit.xml" "$name" "$(( $(date +%s) - started ))" <<'PY'
+import sys, xml.etree.ElementTree as ET
+path, name, secs = sys.argv[1:4]
+try:
+    root = ET.parse(path).getroot()
+except Exception as e:
+    print(f"csi-sanity {name}: no report ({e})"); sys.exit(0)
+cases = root.iter("testcase")
+p = f = s = 0
+for c in cases:
+    if c.find("skipped") is not None: s += 1
+    elif c.find("failure") is not None or c.find("error") is not None: f += 1
+    else: p += 1
+print(f"csi-sanity {name}: {p} passed, {f} failed, {s} skipped ({secs}s)")
+PY
+  if [ $rc -ne 0 ]; then
+    failed=1
+    echo "   csi-sanity $name failed; see $dir/csi-sanity.log and $dir/standalone.log"
+    grep -E "^\s*\[FAIL\]" "$dir/csi-sanity.log" | head -20 || true
+  fi
+}
+
+run mount-thin mount thin
+run mount-thick mount thick
+run block-thin block thin
+run block-thick block thick
+exit $failed

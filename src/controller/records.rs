@@ -1,0 +1,150 @@
+//! The controller's records: what Cinder keeps in its database.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{NodeState, Segments};
+use crate::volume::{PoolCapacity, Provisioning};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Creating,
+    Available,
+    Deleting,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceRef {
+    Snapshot(String),
+    Volume(String),
+}
+
+/// One try on one node, kept so a user sees every reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub node: String,
+    pub error: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub id: String,
+    /// The CSI name; the ID is derived from it, so one name is one record.
+    pub name: String,
+    pub size_bytes: u64,
+    pub node: Option<String>,
+    pub phase: Phase,
+    pub source: Option<SourceRef>,
+    pub provisioning: Provisioning,
+    pub parameters: BTreeMap<String, String>,
+    /// The request's arguments in canonical form: a repeat must match it.
+    pub fingerprint: String,
+    pub accessible_topology: Vec<Segments>,
+    pub attempts: Vec<Attempt>,
+    pub error: Option<String>,
+    /// User metadata (e.g. the PVC's name), carried to snapshots and restores.
+    pub metadata: BTreeMap<String, String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRec {
+    pub id: String,
+    pub name: String,
+    pub source_volume_id: String,
+    pub node: String,
+    pub size_bytes: u64,
+    pub phase: Phase,
+    pub error: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRec {
+    pub id: String,
+    pub zone: String,
+    /// Where the controller reaches this node's agent: http://host:port
+    pub agent_address: String,
+    pub capacity: PoolCapacity,
+    pub volume_count: u32,
+    pub snapshot_count: u32,
+    pub max_volumes: u32,
+    pub reflink: bool,
+    pub filesystem: String,
+    pub heartbeat_ms: i64,
+}
+
+impl NodeRec {
+    pub fn state(&self) -> NodeState {
+        NodeState {
+            id: self.id.clone(),
+            zone: self.zone.clone(),
+            capacity: self.capacity,
+            volume_count: self.volume_count,
+            max_volumes: self.max_volumes,
+            last_heartbeat_ms: self.heartbeat_ms,
+            reflink: self.reflink,
+        }
+    }
+}
+
+/// A volume exported by its owner to another node (remote attach, next milestone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportRec {
+    pub id: String,
+    pub volume_id: String,
+    pub node_id: String,
+    pub protocol: String,
+    pub address: String,
+    pub export_name: String,
+    pub phase: Phase,
+}
+
+pub fn now_ms() -> i64 {
+    crate::volume::records::now_ms()
+}
+
+/// IDs are derived from CSI names (UUID v5), so a repeated CreateVolume
+/// finds its record by key even across controller restarts.
+pub fn volume_id_for(name: &str) -> String {
+    format!("vol-{}", uuid::Uuid::new_v5(&NAMESPACE, format!("volume/{name}").as_bytes()))
+}
+
+pub fn snapshot_id_for(name: &str) -> String {
+    format!("snap-{}", uuid::Uuid::new_v5(&NAMESPACE, format!("snapshot/{name}").as_bytes()))
+}
+
+const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6369_6e64_6572_626c_6f63_6b2e_6465_7600);
+
+pub fn pool_status_to_node(
+    id: &str,
+    zone: &str,
+    agent_address: &str,
+    max_volumes: u32,
+    s: &crate::agent_proto::PoolStatus,
+) -> NodeRec {
+    NodeRec {
+        id: id.to_string(),
+        zone: zone.to_string(),
+        agent_address: agent_address.to_string(),
+        capacity: PoolCapacity {
+            total: s.total_bytes,
+            free: s.free_bytes,
+            provisioned: s.provisioned_bytes,
+            max_over_subscription_ratio: s.max_over_subscription_ratio,
+            reserved_percentage: s.reserved_percentage,
+        },
+        volume_count: s.volume_count,
+        snapshot_count: s.snapshot_count,
+        max_volumes,
+        reflink: s.reflink,
+        filesystem: s.filesystem.clone(),
+        heartbeat_ms: now_ms(),
+    }
+}
