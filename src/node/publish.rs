@@ -90,8 +90,25 @@ fn refuse_second_target(p: &Publish, others: Vec<PathBuf>) -> Result<(), NodeErr
     })
 }
 
+/// A target that already holds a mount of the other kind is "published but
+/// incompatible" (ALREADY_EXISTS), whatever the staging looks like.
+fn refuse_other_kind_at_target(table: &[MountInfo], p: &Publish, want_block: bool) -> Result<(), NodeError> {
+    match mount_at(table, &p.target) {
+        Some(m) if is_node_bind(m) != want_block => Err(NodeError::PublishedOtherwise {
+            path: p.target.clone(),
+            detail: format!(
+                "as {} (the request asks for a {})",
+                describe(m),
+                if want_block { "raw block device" } else { "filesystem" }
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn publish_filesystem(p: &Publish) -> Result<(), NodeError> {
     let table = mount_table()?;
+    refuse_other_kind_at_target(&table, p, false)?;
     let not_staged = |detail: String| NodeError::NotStaged { id: p.id.clone(), path: p.staging.clone(), detail };
     let (staged, dev): (MountInfo, LoopInfo) = match mount_at(&table, &p.staging) {
         Some(m) => match loop_of_mount(m)? {
@@ -136,6 +153,7 @@ fn publish_filesystem(p: &Publish) -> Result<(), NodeError> {
 
 fn publish_block(p: &Publish) -> Result<(), NodeError> {
     let table = mount_table()?;
+    refuse_other_kind_at_target(&table, p, true)?;
     let marker = block_marker(&p.staging, &p.id);
     let not_staged = |detail: String| NodeError::NotStaged { id: p.id.clone(), path: p.staging.clone(), detail };
     let staged: LoopInfo = match mount_at(&table, &marker) {
