@@ -838,7 +838,10 @@ async fn bad_input_gets_the_spec_code_and_leaves_nothing() {
     expect_code("stats of a missing path", c.node_get_volume_stats(stats_req("vol-ok", &env.k("pods/none"))).await, Code::NotFound);
     expect_code("stats of an unpublished folder", c.node_get_volume_stats(stats_req("vol-ok", &env.k("staging"))).await, Code::NotFound);
     expect_code("stats without a path", c.node_get_volume_stats(stats_req("vol-ok", Path::new(""))).await, Code::InvalidArgument);
-    expect_code("stats outside the roots", c.node_get_volume_stats(stats_req("vol-ok", &outside)).await, Code::InvalidArgument);
+    // Looking where the plugin never publishes finds nothing.
+    expect_code("stats outside the roots", c.node_get_volume_stats(stats_req("vol-ok", &outside)).await, Code::NotFound);
+    expect_code("stats of a relative path", c.node_get_volume_stats(stats_req("vol-ok", Path::new("some/path"))).await, Code::NotFound);
+    expect_code("expand of a relative path", c.node_expand_volume(expand_req("vol-ok", Path::new("some/path"), &fresh, 0)).await, Code::NotFound);
     expect_code("expand of an unknown volume", c.node_expand_volume(expand_req("vol-nope", &env.k("staging"), &fresh, 0)).await, Code::NotFound);
     expect_code("expand of an unstaged volume", c.node_expand_volume(expand_req("vol-ok", &env.k("staging"), &fresh, 0)).await, Code::NotFound);
     expect_code("unstage outside the roots", c.node_unstage_volume(unstage_req("vol-ok", &outside)).await, Code::InvalidArgument);

@@ -148,14 +148,29 @@ fn host_condition(known: bool, image: &Path, found: &Found) -> Option<String> {
 }
 
 impl Node {
+    /// For the calls that only look (stats, expand), a path where the
+    /// plugin never puts a volume cannot hold one: NOT_FOUND, as the spec
+    /// (and csi-sanity) expect, with the reason. A missing path is still
+    /// INVALID_ARGUMENT.
+    fn lookup_path(&self, id: &str, field: &'static str, raw: &str) -> Result<PathBuf, NodeError> {
+        self.roots.check(field, raw).map_err(|e| match e {
+            NodeError::InvalidPath { path, reason, .. } => NodeError::NotAtPath {
+                id: id.to_string(),
+                path: PathBuf::from(path),
+                detail: format!("{field} is not a path the plugin uses: {reason}"),
+            },
+            other => other,
+        })
+    }
+
     pub(super) async fn stats(
         &self,
         req: csi::NodeGetVolumeStatsRequest,
     ) -> Result<csi::NodeGetVolumeStatsResponse, NodeError> {
         let id = check_id(&req.volume_id)?;
-        let path = self.roots.check("volume_path", &req.volume_path)?;
+        let path = self.lookup_path(&id, "volume_path", &req.volume_path)?;
         if !req.staging_target_path.is_empty() {
-            self.roots.check("staging_target_path", &req.staging_target_path)?;
+            self.lookup_path(&id, "staging_target_path", &req.staging_target_path)?;
         }
         // Not required: a volume deleted from the pool while in use is
         // still reported, as abnormal.
@@ -207,9 +222,9 @@ impl Node {
 
     pub(super) async fn expand(&self, req: csi::NodeExpandVolumeRequest) -> Result<csi::NodeExpandVolumeResponse, NodeError> {
         let id = check_id(&req.volume_id)?;
-        let path = self.roots.check("volume_path", &req.volume_path)?;
+        let path = self.lookup_path(&id, "volume_path", &req.volume_path)?;
         if !req.staging_target_path.is_empty() {
-            self.roots.check("staging_target_path", &req.staging_target_path)?;
+            self.lookup_path(&id, "staging_target_path", &req.staging_target_path)?;
         }
         if req.volume_capability.is_some() {
             capability::parse(req.volume_capability.as_ref())?;
