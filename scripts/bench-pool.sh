@@ -24,5 +24,6 @@ mount -o loop "$work/xfs.img" "$work/xfs"
 truncate -s $((largest * 2 + 4))G "$work/ext4.img"
 mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=1 "$work/ext4.img"
 mount -o loop "$work/ext4.img" "$work/ext4"
+export RUST_LOG=${RUST_LOG:-warn}
 "$bin" bench pool --pool "$work/xfs/pool" --sizes-gib "$sizes" --runs "$runs"
 "$bin" bench pool --pool "$work/ext4/pool" --sizes-gib "$sizes" --runs "$copy_runs"
