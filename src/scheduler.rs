@@ -1,1 +1,1238 @@
-//! The scheduler (being written).
+//! The scheduler: which node should hold a new volume.
+//!
+//! Cinder's FilterScheduler, reduced to a pure function: node states and a
+//! request in, every node that can take the volume out, best first. Filters
+//! and weighers are small named pieces applied as lists (`FILTERS`,
+//! `WEIGHERS`); the controller owns retries (the `tried` list) and I/O.
+//!
+//! One decision is a single pass over the nodes plus a sort of the survivors.
+//! Topology lists are resolved against the nodes once per request, because
+//! the external provisioner can send one entry per node in the cluster
+//! (non-strict topology), and matching every node against every entry would
+//! be quadratic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::volume::{PoolCapacity, Provisioning, Shortfall};
+use crate::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
+
+/// Topology segments of one CSI Topology, e.g. {"topology.cinderblock.dev/zone": "zone-1"}.
+pub type Segments = BTreeMap<String, String>;
+
+/// What a node last reported, as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeState {
+    pub id: String,
+    /// "" when the node has no zone.
+    pub zone: String,
+    pub capacity: PoolCapacity,
+    pub volume_count: u32,
+    /// 0 = no limit.
+    pub max_volumes: u32,
+    /// Unix time in ms.
+    pub last_heartbeat_ms: i64,
+    pub reflink: bool,
+}
+
+/// How the capacity weigher ranks pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Most virtual free capacity first: wear and load even out.
+    #[default]
+    Spread,
+    /// Least virtual free capacity first: keeps whole nodes empty.
+    Stack,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScheduleRequest {
+    pub size_bytes: u64,
+    pub provisioning: Provisioning,
+    /// The node must match at least one entry (all its keys) when non-empty.
+    pub requisite: Vec<Segments>,
+    /// Earlier = better.
+    pub preferred: Vec<Segments>,
+    /// Source affinity: only this node.
+    pub pinned_node: Option<String>,
+    /// Nodes already tried for this request.
+    pub tried: Vec<String>,
+    pub placement: Placement,
+    pub now_ms: i64,
+    /// A node whose last heartbeat is older than this is skipped; 0 (or
+    /// less) turns the check off, like `max_volumes = 0`.
+    pub heartbeat_timeout_ms: i64,
+}
+
+/// One node that can take the volume, with its total weight (higher = better).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub node_id: String,
+    pub weight: f64,
+}
+
+/// Why nothing fits: count per filter and one example reason each, for the user.
+///
+/// `rejections` holds `(filter name, nodes rejected, example reason)`, the
+/// largest group first; the example names its node (the smallest node ID of
+/// the group, so the message is stable).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoValidNode {
+    pub considered: usize,
+    pub rejections: Vec<(&'static str, usize, String)>,
+}
+
+impl NoValidNode {
+    /// True when every rejection was capacity or volume-limit: the cluster is
+    /// full rather than misconfigured, so the controller answers
+    /// RESOURCE_EXHAUSTED. False when there was nothing to reject.
+    pub fn only_capacity(&self) -> bool {
+        !self.rejections.is_empty()
+            && self
+                .rejections
+                .iter()
+                .all(|(name, _, _)| *name == CAPACITY || *name == VOLUME_LIMIT)
+    }
+}
+
+impl std::fmt::Display for NoValidNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.considered == 0 {
+            return write!(
+                f,
+                "no node can take the volume: no nodes have registered; check that the cinderblock node plugin runs and reaches the controller"
+            );
+        }
+        let plural = if self.considered == 1 { "" } else { "s" };
+        write!(
+            f,
+            "no node can take the volume: {} node{plural} considered",
+            self.considered
+        )?;
+        for (name, count, example) in &self.rejections {
+            write!(f, "; {name}: {count} ({example})")?;
+        }
+        let mut hints = self.rejections.iter().filter_map(|(name, _, _)| {
+            FILTERS
+                .iter()
+                .find(|flt| flt.name == *name)
+                .map(|flt| flt.hint)
+        });
+        if let Some(first) = hints.next() {
+            write!(f, ". Next: {first}")?;
+            for hint in hints {
+                write!(f, "; {hint}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for NoValidNode {}
+
+/// The node's own topology: the node key always, the zone key when it has one.
+pub fn node_segments(node: &NodeState) -> Segments {
+    let mut segments = Segments::new();
+    segments.insert(TOPOLOGY_NODE_KEY.to_string(), node.id.clone());
+    if !node.zone.is_empty() {
+        segments.insert(TOPOLOGY_ZONE_KEY.to_string(), node.zone.clone());
+    }
+    segments
+}
+
+/// Every key of `topology` equals the node's segment; a key the node does
+/// not have (an unknown key, or the zone key on a node without a zone) is no
+/// match. An empty topology matches every node.
+pub fn matches(node: &NodeState, topology: &Segments) -> bool {
+    topology.iter().all(|(key, value)| match key.as_str() {
+        TOPOLOGY_NODE_KEY => *value == node.id,
+        TOPOLOGY_ZONE_KEY => !node.zone.is_empty() && *value == node.zone,
+        _ => false,
+    })
+}
+
+/// Every node that passes all filters, best first; ties go to the smaller
+/// node ID. When none passes, why each node was turned away.
+pub fn schedule(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Vec<Candidate>, NoValidNode> {
+    let ctx = Context::new(nodes, req);
+
+    let mut tallies: [Tally; FILTERS.len()] = std::array::from_fn(|_| Tally::default());
+    let mut passing: Vec<Scored> = Vec::with_capacity(nodes.len());
+    'nodes: for (index, node) in nodes.iter().enumerate() {
+        for (filter, tally) in FILTERS.iter().zip(tallies.iter_mut()) {
+            if let Err(why) = (filter.check)(node, index, &ctx) {
+                tally.record(nodes, index, why);
+                continue 'nodes;
+            }
+        }
+        let raw = std::array::from_fn(|w| sane((WEIGHERS[w].raw)(node, index, &ctx)));
+        passing.push(Scored {
+            index: index as u32,
+            raw,
+        });
+    }
+
+    if passing.is_empty() {
+        return Err(explain(nodes, req, tallies));
+    }
+
+    // Sort plain integer keys rather than the scored rows: 16 bytes a row,
+    // and the node IDs are read only to break a tie.
+    let mut ranking: Vec<(u64, u32)> = weigh(&passing)
+        .zip(&passing)
+        .map(|(w, s)| (descending(w), s.index))
+        .collect();
+    ranking.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| nodes[a.1 as usize].id.cmp(&nodes[b.1 as usize].id))
+    });
+    Ok(ranking
+        .iter()
+        .map(|&(key, index)| Candidate {
+            node_id: nodes[index as usize].id.clone(),
+            weight: weight_of(key),
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------- filters
+
+const AFFINITY: &str = "affinity";
+const TRIED: &str = "tried";
+const TOPOLOGY: &str = "topology";
+const HEALTHY: &str = "healthy";
+const VOLUME_LIMIT: &str = "volume-limit";
+const CAPACITY: &str = "capacity";
+
+/// One filter: a name for the user, a check, and what to do about it.
+struct Filter {
+    name: &'static str,
+    /// The node, its place in `nodes`, the request.
+    check: fn(&NodeState, usize, &Context) -> Result<(), Why>,
+    hint: &'static str,
+}
+
+/// The filters, in order; a node is charged to the first that rejects it.
+/// Whether a node is a candidate at all (affinity, tried, topology) comes
+/// before its state (health), and resources come last, so that a capacity
+/// rejection means "the right node, but full" (what `only_capacity` needs).
+const FILTERS: [Filter; 6] = [
+    Filter {
+        name: AFFINITY,
+        check: pinned_node,
+        hint: "the source volume's node must have room; free space there",
+    },
+    Filter {
+        name: TRIED,
+        check: not_yet_tried,
+        hint: "earlier attempts failed on the tried nodes; see the volume's events for why",
+    },
+    Filter {
+        name: TOPOLOGY,
+        check: in_requisite_topology,
+        hint: "check the StorageClass allowedTopologies and the nodes' zone labels",
+    },
+    Filter {
+        name: HEALTHY,
+        check: healthy,
+        hint: "check that the cinderblock node plugin runs on the stale nodes",
+    },
+    Filter {
+        name: VOLUME_LIMIT,
+        check: below_volume_limit,
+        hint: "delete unused volumes or raise the nodes' volume limit",
+    },
+    Filter {
+        name: CAPACITY,
+        check: has_room,
+        hint: "free space in a pool, add a node, or request a smaller volume",
+    },
+];
+
+fn pinned_node(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
+    match &ctx.req.pinned_node {
+        Some(pinned) if *pinned != node.id => Err(Why::NotPinned),
+        _ => Ok(()),
+    }
+}
+
+fn not_yet_tried(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
+    if ctx.req.tried.contains(&node.id) {
+        Err(Why::Tried)
+    } else {
+        Ok(())
+    }
+}
+
+fn in_requisite_topology(node: &NodeState, at: usize, ctx: &Context) -> Result<(), Why> {
+    if ctx.req.requisite.is_empty() || ctx.requisite.first_match(node, at).is_some() {
+        Ok(())
+    } else {
+        Err(Why::OutsideRequisite)
+    }
+}
+
+fn healthy(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
+    let timeout = ctx.req.heartbeat_timeout_ms;
+    let age_ms = ctx.req.now_ms.saturating_sub(node.last_heartbeat_ms);
+    if timeout > 0 && age_ms > timeout {
+        Err(Why::Stale { age_ms })
+    } else {
+        Ok(())
+    }
+}
+
+fn below_volume_limit(node: &NodeState, _at: usize, _ctx: &Context) -> Result<(), Why> {
+    if node.max_volumes > 0 && node.volume_count >= node.max_volumes {
+        Err(Why::AtVolumeLimit)
+    } else {
+        Ok(())
+    }
+}
+
+fn has_room(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
+    node.capacity
+        .fits(ctx.req.size_bytes, ctx.req.provisioning)
+        .map_err(Why::NoRoom)
+}
+
+/// Why a filter turned a node away; cheap to make (no allocation), worded
+/// only for the one example per filter that reaches the user.
+#[derive(Debug, Clone)]
+enum Why {
+    NotPinned,
+    Tried,
+    OutsideRequisite,
+    Stale { age_ms: i64 },
+    AtVolumeLimit,
+    NoRoom(Shortfall),
+}
+
+impl Why {
+    fn describe(&self, node: &NodeState, req: &ScheduleRequest) -> String {
+        let id = &node.id;
+        match self {
+            Why::NotPinned => format!(
+                "{id}: the source lives on {}, and the volume must be made there",
+                req.pinned_node.as_deref().unwrap_or("another node")
+            ),
+            Why::Tried => format!("{id}: already tried for this volume"),
+            Why::OutsideRequisite => {
+                let zone = if node.zone.is_empty() {
+                    "no zone".to_string()
+                } else {
+                    format!("zone {}", node.zone)
+                };
+                let n = req.requisite.len();
+                let plural = if n == 1 { "y" } else { "ies" };
+                format!("{id} ({zone}) matches none of the {n} requisite topolog{plural}")
+            }
+            Why::Stale { age_ms } => {
+                if node.last_heartbeat_ms <= 0 {
+                    format!("{id}: no heartbeat yet")
+                } else {
+                    format!(
+                        "{id}: heartbeat {} old, timeout {}",
+                        seconds(*age_ms),
+                        seconds(req.heartbeat_timeout_ms)
+                    )
+                }
+            }
+            Why::AtVolumeLimit => format!(
+                "{id}: holds {} volumes, its limit is {}",
+                node.volume_count, node.max_volumes
+            ),
+            Why::NoRoom(shortfall) => format!(
+                "{id} cannot take {} bytes ({}): {shortfall}",
+                req.size_bytes,
+                req.provisioning.as_str()
+            ),
+        }
+    }
+}
+
+fn seconds(ms: i64) -> String {
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    }
+}
+
+/// Rejections by one filter: how many, and the example with the smallest node ID.
+#[derive(Default)]
+struct Tally {
+    count: usize,
+    example: Option<(usize, Why)>,
+}
+
+impl Tally {
+    fn record(&mut self, nodes: &[NodeState], index: usize, why: Why) {
+        self.count += 1;
+        match &self.example {
+            Some((held, _)) if nodes[*held].id <= nodes[index].id => {}
+            _ => self.example = Some((index, why)),
+        }
+    }
+}
+
+fn explain(
+    nodes: &[NodeState],
+    req: &ScheduleRequest,
+    tallies: [Tally; FILTERS.len()],
+) -> NoValidNode {
+    let mut rejections: Vec<(&'static str, usize, String)> = FILTERS
+        .iter()
+        .zip(tallies)
+        .filter_map(|(filter, tally)| {
+            let (index, why) = tally.example?;
+            Some((filter.name, tally.count, why.describe(&nodes[index], req)))
+        })
+        .collect();
+    // Stable: equal counts keep filter order.
+    rejections.sort_by_key(|r| std::cmp::Reverse(r.1));
+    NoValidNode {
+        considered: nodes.len(),
+        rejections,
+    }
+}
+
+// ---------------------------------------------------------------- weighers
+
+/// One weigher: a raw figure per node (higher = better), scaled to 0..1 over
+/// the passing nodes, times the multiplier.
+struct Weigher {
+    #[allow(dead_code)] // for reading the list, and for debugging
+    name: &'static str,
+    multiplier: f64,
+    /// The node, its place in `nodes`, the request.
+    raw: fn(&NodeState, usize, &Context) -> f64,
+}
+
+/// The preferred-topology multiplier outweighs the other two together
+/// (each at most 1): the first preferred entry is the node the pod was
+/// scheduled to (WaitForFirstConsumer), and a node-local volume anywhere
+/// else is useless to it. Its raw figure is 1/(1 + position), so the gap
+/// between the best and any other position is at least half the scale.
+const WEIGHERS: [Weigher; 3] = [
+    Weigher {
+        name: "preferred-topology",
+        multiplier: 5.0,
+        raw: preferred_order,
+    },
+    Weigher {
+        name: "capacity",
+        multiplier: 1.0,
+        raw: virtual_free,
+    },
+    Weigher {
+        name: "volume-count",
+        multiplier: 1.0,
+        raw: fewer_volumes,
+    },
+];
+
+fn preferred_order(node: &NodeState, at: usize, ctx: &Context) -> f64 {
+    match ctx.preferred.first_match(node, at) {
+        Some(position) => 1.0 / (1.0 + position as f64),
+        None => 0.0,
+    }
+}
+
+fn virtual_free(node: &NodeState, _at: usize, ctx: &Context) -> f64 {
+    let free = node.capacity.virtual_free(ctx.req.provisioning);
+    match ctx.req.placement {
+        Placement::Spread => free,
+        Placement::Stack => -free,
+    }
+}
+
+fn fewer_volumes(node: &NodeState, _at: usize, _ctx: &Context) -> f64 {
+    -f64::from(node.volume_count)
+}
+
+/// A pool can report an infinite or NaN ratio; keep one bad figure from
+/// turning every weight into NaN.
+fn sane(x: f64) -> f64 {
+    if x.is_nan() {
+        0.0
+    } else {
+        x.clamp(-1e300, 1e300)
+    }
+}
+
+struct Scored {
+    /// Into `nodes`; u32 keeps the rows small (no cluster has 4 billion nodes).
+    index: u32,
+    raw: [f64; WEIGHERS.len()],
+}
+
+/// Each passing node's total weight, in `passing` order: per weigher,
+/// min-max normalization as Cinder does it (all equal: 0), times the multiplier.
+fn weigh(passing: &[Scored]) -> impl Iterator<Item = f64> + '_ {
+    let mut scale = [(0.0, 0.0, 0.0); WEIGHERS.len()];
+    for (w, weigher) in WEIGHERS.iter().enumerate() {
+        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+        for s in passing {
+            min = min.min(s.raw[w]);
+            max = max.max(s.raw[w]);
+        }
+        let range = max - min;
+        scale[w] = (min, range, weigher.multiplier);
+    }
+    passing.iter().map(move |s| {
+        let mut total = 0.0;
+        for (raw, (min, range, multiplier)) in s.raw.iter().zip(scale) {
+            if range > 0.0 {
+                total += (raw - min) / range * multiplier;
+            }
+        }
+        total
+    })
+}
+
+/// An integer key that sorts higher weights first (the IEEE-754 bit trick:
+/// flip the sign bit of positives, all bits of negatives, then invert).
+fn descending(weight: f64) -> u64 {
+    let bits = (weight + 0.0).to_bits(); // + 0.0: -0.0 becomes 0.0, a tie
+    let ascending = if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | 1 << 63
+    };
+    !ascending
+}
+
+fn weight_of(key: u64) -> f64 {
+    let ascending = !key;
+    f64::from_bits(if ascending >> 63 == 1 {
+        ascending & !(1 << 63)
+    } else {
+        !ascending
+    })
+}
+
+// ---------------------------------------------------------------- topology
+
+struct Context<'a> {
+    req: &'a ScheduleRequest,
+    requisite: TopologyIndex<'a>,
+    preferred: TopologyIndex<'a>,
+}
+
+impl<'a> Context<'a> {
+    fn new(nodes: &[NodeState], req: &'a ScheduleRequest) -> Self {
+        let mut ids = None;
+        let requisite = TopologyIndex::new(&req.requisite, nodes, &mut ids);
+        let preferred = TopologyIndex::new(&req.preferred, nodes, &mut ids);
+        Context {
+            req,
+            requisite,
+            preferred,
+        }
+    }
+}
+
+/// A word-at-a-time multiplicative hash (the Fx scheme): node IDs and
+/// zones are short, and SipHash's flood resistance buys nothing for lists
+/// the external provisioner builds from our own nodes' topology.
+#[derive(Default)]
+struct Fx(u64);
+
+impl Fx {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for Fx {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, mut bytes: &[u8]) {
+        while let Some((word, rest)) = bytes.split_first_chunk::<8>() {
+            self.add(u64::from_le_bytes(*word));
+            bytes = rest;
+        }
+        if let Some((word, rest)) = bytes.split_first_chunk::<4>() {
+            self.add(u64::from(u32::from_le_bytes(*word)));
+            bytes = rest;
+        }
+        for b in bytes {
+            self.add(u64::from(*b));
+        }
+    }
+    fn write_u8(&mut self, b: u8) {
+        self.add(u64::from(b));
+    }
+}
+
+type FastMap<K> = HashMap<K, u32, BuildHasherDefault<Fx>>;
+
+const NONE: u32 = u32::MAX;
+
+/// Node ID to place in `nodes`, built once per request and only when a
+/// topology list names nodes.
+struct NodeIds<'n> {
+    /// The last node with each ID.
+    last: FastMap<&'n str>,
+    /// The previous node with the same ID (NONE at the end); empty while the
+    /// IDs are unique, as they are when nodes come from the store.
+    previous: Vec<u32>,
+}
+
+impl<'n> NodeIds<'n> {
+    fn new(nodes: &'n [NodeState]) -> Self {
+        let mut last = FastMap::with_capacity_and_hasher(nodes.len(), Default::default());
+        let mut previous = Vec::new();
+        for (at, node) in nodes.iter().enumerate() {
+            if let Some(before) = last.insert(node.id.as_str(), at as u32) {
+                if previous.is_empty() {
+                    previous = vec![NONE; nodes.len()];
+                }
+                previous[at] = before;
+            }
+        }
+        NodeIds { last, previous }
+    }
+
+    fn each(&self, id: &str, mut visit: impl FnMut(usize)) {
+        let mut at = self.last.get(id).copied().unwrap_or(NONE);
+        while at != NONE {
+            visit(at as usize);
+            at = self.previous.get(at as usize).copied().unwrap_or(NONE);
+        }
+    }
+}
+
+/// One topology list, resolved against the nodes: the position of the
+/// first entry each node matches, the same answer as `matches` on each
+/// entry in turn. Entries that name a node are placed on that node while
+/// the list is read once, so a list with an entry per node costs one pass
+/// over the list and one over the nodes, not their product.
+#[derive(Default)]
+struct TopologyIndex<'a> {
+    /// The first entry without keys (it matches every node).
+    any: Option<u32>,
+    by_zone: FastMap<&'a str>,
+    /// Per node, the first entry naming it (NONE: none); empty when no
+    /// entry names a node.
+    by_node: Vec<u32>,
+}
+
+impl<'a> TopologyIndex<'a> {
+    fn new<'n>(
+        list: &'a [Segments],
+        nodes: &'n [NodeState],
+        ids: &mut Option<NodeIds<'n>>,
+    ) -> Self {
+        let mut index = TopologyIndex::default();
+        for (position, segments) in list.iter().enumerate() {
+            let position = position as u32;
+            let (mut node, mut zone) = (None, None);
+            let mut known = true;
+            for (key, value) in segments {
+                match key.as_str() {
+                    TOPOLOGY_NODE_KEY => node = Some(value.as_str()),
+                    TOPOLOGY_ZONE_KEY => zone = Some(value.as_str()),
+                    _ => known = false,
+                }
+            }
+            // A node without a zone has no zone key, so an empty zone
+            // value, like an unknown key, matches nothing.
+            if !known || zone == Some("") {
+                continue;
+            }
+            // Entries come in order: the first one to land is the best.
+            match (node, zone) {
+                (None, None) => {
+                    index.any.get_or_insert(position);
+                }
+                (None, Some(zone)) => {
+                    index.by_zone.entry(zone).or_insert(position);
+                }
+                (Some(id), zone) => {
+                    if index.by_node.is_empty() {
+                        index.by_node = vec![NONE; nodes.len()];
+                    }
+                    let by_node = &mut index.by_node;
+                    ids.get_or_insert_with(|| NodeIds::new(nodes))
+                        .each(id, |at| {
+                            if by_node[at] == NONE && zone.is_none_or(|z| z == nodes[at].zone) {
+                                by_node[at] = position;
+                            }
+                        });
+                }
+            }
+        }
+        index
+    }
+
+    /// `at` is the node's place in the `nodes` the index was built for.
+    fn first_match(&self, node: &NodeState, at: usize) -> Option<u32> {
+        let mut best = self.any.unwrap_or(NONE);
+        if let Some(&position) = self.by_node.get(at) {
+            best = best.min(position);
+        }
+        if !self.by_zone.is_empty() && !node.zone.is_empty() {
+            if let Some(&position) = self.by_zone.get(node.zone.as_str()) {
+                best = best.min(position);
+            }
+        }
+        (best != NONE).then_some(best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GB: u64 = 1 << 30;
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn pool(total_gb: u64, free_gb: u64) -> PoolCapacity {
+        PoolCapacity {
+            total: total_gb * GB,
+            free: free_gb * GB,
+            provisioned: (total_gb - free_gb) * GB,
+            max_over_subscription_ratio: 1.0,
+            reserved_percentage: 0,
+        }
+    }
+
+    fn node(id: &str, zone: &str, free_gb: u64) -> NodeState {
+        NodeState {
+            id: id.to_string(),
+            zone: zone.to_string(),
+            capacity: pool(100, free_gb),
+            volume_count: 0,
+            max_volumes: 0,
+            last_heartbeat_ms: NOW - 1_000,
+            reflink: true,
+        }
+    }
+
+    fn req(size_gb: u64) -> ScheduleRequest {
+        ScheduleRequest {
+            size_bytes: size_gb * GB,
+            now_ms: NOW,
+            heartbeat_timeout_ms: 30_000,
+            ..Default::default()
+        }
+    }
+
+    fn zone(z: &str) -> Segments {
+        [(TOPOLOGY_ZONE_KEY.to_string(), z.to_string())].into()
+    }
+
+    fn on_node(n: &str) -> Segments {
+        [(TOPOLOGY_NODE_KEY.to_string(), n.to_string())].into()
+    }
+
+    fn ids(candidates: &[Candidate]) -> Vec<&str> {
+        candidates.iter().map(|c| c.node_id.as_str()).collect()
+    }
+
+    /// The single rejection group of a failed schedule.
+    fn only_rejection(err: &NoValidNode) -> (&'static str, usize, &str) {
+        assert_eq!(err.rejections.len(), 1, "{err}");
+        let (name, count, example) = &err.rejections[0];
+        (name, *count, example.as_str())
+    }
+
+    #[test]
+    fn healthy_rejects_a_stale_heartbeat_and_names_the_node() {
+        let mut stale = node("node-c", "z1", 50);
+        stale.last_heartbeat_ms = NOW - 40_000;
+        let got = schedule(&[node("node-a", "z1", 50), stale.clone()], &req(1)).unwrap();
+        assert_eq!(ids(&got), ["node-a"]);
+
+        let err = schedule(&[stale], &req(1)).unwrap_err();
+        assert_eq!(
+            only_rejection(&err),
+            (HEALTHY, 1, "node-c: heartbeat 40s old, timeout 30s")
+        );
+        assert!(!err.only_capacity());
+    }
+
+    #[test]
+    fn healthy_accepts_exactly_the_timeout_and_can_be_turned_off() {
+        let mut n = node("node-a", "", 50);
+        n.last_heartbeat_ms = NOW - 30_000;
+        assert!(schedule(std::slice::from_ref(&n), &req(1)).is_ok());
+        n.last_heartbeat_ms = 0;
+        let err = schedule(std::slice::from_ref(&n), &req(1)).unwrap_err();
+        assert_eq!(only_rejection(&err).2, "node-a: no heartbeat yet");
+        let off = ScheduleRequest {
+            heartbeat_timeout_ms: 0,
+            ..req(1)
+        };
+        assert!(schedule(&[n], &off).is_ok());
+    }
+
+    #[test]
+    fn topology_keeps_only_requisite_matches() {
+        let nodes = [
+            node("node-a", "z1", 50),
+            node("node-b", "z2", 50),
+            node("node-c", "", 50),
+        ];
+        let r = ScheduleRequest {
+            requisite: vec![zone("z2")],
+            ..req(1)
+        };
+        assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
+
+        // Any one entry is enough; a node entry matches by ID.
+        let r = ScheduleRequest {
+            requisite: vec![zone("z2"), on_node("node-c")],
+            ..req(1)
+        };
+        let got = schedule(&nodes, &r).unwrap();
+        let mut got = ids(&got);
+        got.sort();
+        assert_eq!(got, ["node-b", "node-c"]);
+
+        // All keys of an entry must match.
+        let mut both = zone("z1");
+        both.insert(TOPOLOGY_NODE_KEY.to_string(), "node-b".to_string());
+        let r = ScheduleRequest {
+            requisite: vec![both],
+            ..req(1)
+        };
+        let err = schedule(&nodes, &r).unwrap_err();
+        assert_eq!(only_rejection(&err).0, TOPOLOGY);
+        assert_eq!(only_rejection(&err).1, 3);
+        assert_eq!(
+            only_rejection(&err).2,
+            "node-a (zone z1) matches none of the 1 requisite topology"
+        );
+        assert!(!err.only_capacity());
+    }
+
+    #[test]
+    fn topology_with_an_unknown_key_matches_nothing() {
+        let nodes = [node("node-a", "z1", 50)];
+        let mut foreign = zone("z1");
+        foreign.insert(
+            "topology.kubernetes.io/region".to_string(),
+            "r1".to_string(),
+        );
+        let r = ScheduleRequest {
+            requisite: vec![foreign],
+            ..req(1)
+        };
+        let err = schedule(&nodes, &r).unwrap_err();
+        assert_eq!(
+            only_rejection(&err).2,
+            "node-a (zone z1) matches none of the 1 requisite topology"
+        );
+    }
+
+    #[test]
+    fn capacity_rejects_a_full_pool_with_the_shortfall() {
+        let nodes = [node("node-a", "z1", 5), node("node-b", "z1", 20)];
+        assert_eq!(ids(&schedule(&nodes, &req(10)).unwrap()), ["node-b"]);
+
+        let r = ScheduleRequest {
+            provisioning: Provisioning::Thick,
+            ..req(30)
+        };
+        let err = schedule(&nodes, &r).unwrap_err();
+        let (name, count, example) = only_rejection(&err);
+        assert_eq!((name, count), (CAPACITY, 2));
+        assert!(
+            example.starts_with("node-a cannot take 32212254720 bytes (thick): "),
+            "{example}"
+        );
+        assert!(
+            example.contains("only 5368709120 bytes usable"),
+            "{example}"
+        );
+        assert!(err.only_capacity());
+    }
+
+    #[test]
+    fn capacity_uses_the_thin_formula() {
+        // free 10 of 100, ratio 3: thin 25 GB fits (provisioned 90 + 25 <= 300).
+        let mut n = node("node-a", "", 10);
+        n.capacity.max_over_subscription_ratio = 3.0;
+        assert!(schedule(std::slice::from_ref(&n), &req(25)).is_ok());
+        let thick = ScheduleRequest {
+            provisioning: Provisioning::Thick,
+            ..req(25)
+        };
+        assert_eq!(
+            only_rejection(&schedule(&[n], &thick).unwrap_err()).0,
+            CAPACITY
+        );
+    }
+
+    #[test]
+    fn affinity_keeps_only_the_pinned_node() {
+        let nodes = [node("node-a", "z1", 90), node("node-b", "z1", 10)];
+        let r = ScheduleRequest {
+            pinned_node: Some("node-b".into()),
+            ..req(1)
+        };
+        assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
+
+        let r = ScheduleRequest {
+            pinned_node: Some("node-b".into()),
+            ..req(50)
+        };
+        let err = schedule(&nodes, &r).unwrap_err();
+        assert_eq!(err.considered, 2);
+        assert_eq!(err.rejections[0].0, AFFINITY);
+        assert_eq!(
+            err.rejections[0].2,
+            "node-a: the source lives on node-b, and the volume must be made there"
+        );
+        assert_eq!(err.rejections[1].0, CAPACITY);
+        assert!(err.rejections[1].2.starts_with("node-b cannot take"));
+        assert!(!err.only_capacity());
+    }
+
+    #[test]
+    fn tried_nodes_are_excluded() {
+        let nodes = [
+            node("node-a", "z1", 90),
+            node("node-b", "z1", 50),
+            node("node-c", "z1", 10),
+        ];
+        let r = ScheduleRequest {
+            tried: vec!["node-a".into()],
+            ..req(1)
+        };
+        assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b", "node-c"]);
+
+        let r = ScheduleRequest {
+            tried: vec!["node-a".into(), "node-b".into(), "node-c".into()],
+            ..req(1)
+        };
+        let err = schedule(&nodes, &r).unwrap_err();
+        assert_eq!(
+            only_rejection(&err),
+            (TRIED, 3, "node-a: already tried for this volume")
+        );
+    }
+
+    #[test]
+    fn volume_limit_rejects_a_full_node_and_zero_means_no_limit() {
+        let mut full = node("node-a", "", 50);
+        full.volume_count = 10;
+        full.max_volumes = 10;
+        let mut unlimited = node("node-b", "", 50);
+        unlimited.volume_count = 10_000;
+        assert_eq!(
+            ids(&schedule(&[full.clone(), unlimited], &req(1)).unwrap()),
+            ["node-b"]
+        );
+
+        let err = schedule(&[full], &req(1)).unwrap_err();
+        assert_eq!(
+            only_rejection(&err),
+            (VOLUME_LIMIT, 1, "node-a: holds 10 volumes, its limit is 10")
+        );
+        assert!(err.only_capacity());
+    }
+
+    #[test]
+    fn first_preferred_wins_and_no_match_comes_last() {
+        // node-c has by far the most room and fewest volumes, yet preference rules.
+        let mut nodes = vec![
+            node("node-a", "z1", 10),
+            node("node-b", "z2", 20),
+            node("node-c", "z3", 90),
+        ];
+        nodes[0].volume_count = 50;
+        let r = ScheduleRequest {
+            preferred: vec![on_node("node-a"), zone("z2")],
+            ..req(1)
+        };
+        let got = schedule(&nodes, &r).unwrap();
+        assert_eq!(ids(&got), ["node-a", "node-b", "node-c"]);
+        assert!(got.windows(2).all(|w| w[0].weight > w[1].weight));
+    }
+
+    #[test]
+    fn preferred_is_a_preference_not_a_filter() {
+        let nodes = [node("node-a", "z1", 5), node("node-b", "z2", 50)];
+        let r = ScheduleRequest {
+            preferred: vec![zone("z1")],
+            ..req(10)
+        };
+        assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
+    }
+
+    #[test]
+    fn requisite_and_preferred_together() {
+        let nodes = [
+            node("node-a", "z1", 90),
+            node("node-b", "z2", 20),
+            node("node-c", "z2", 30),
+        ];
+        let r = ScheduleRequest {
+            requisite: vec![zone("z2"), zone("z3")],
+            preferred: vec![on_node("node-b"), zone("z2")],
+            ..req(1)
+        };
+        assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b", "node-c"]);
+    }
+
+    #[test]
+    fn spread_takes_the_most_virtual_free_and_stack_the_least() {
+        let nodes = [
+            node("node-a", "", 30),
+            node("node-b", "", 80),
+            node("node-c", "", 50),
+        ];
+        let spread = schedule(&nodes, &req(1)).unwrap();
+        assert_eq!(ids(&spread), ["node-b", "node-c", "node-a"]);
+        let stack = schedule(
+            &nodes,
+            &ScheduleRequest {
+                placement: Placement::Stack,
+                ..req(1)
+            },
+        )
+        .unwrap();
+        assert_eq!(ids(&stack), ["node-a", "node-c", "node-b"]);
+    }
+
+    #[test]
+    fn spread_weighs_thin_by_virtual_free() {
+        // Same free space; node-b may over-subscribe 4x, so it has more virtual free.
+        let mut b = node("node-b", "", 40);
+        b.capacity.max_over_subscription_ratio = 4.0;
+        let nodes = [node("node-a", "", 40), b];
+        assert_eq!(
+            ids(&schedule(&nodes, &req(1)).unwrap()),
+            ["node-b", "node-a"]
+        );
+        let thick = ScheduleRequest {
+            provisioning: Provisioning::Thick,
+            ..req(1)
+        };
+        // Thick ignores the ratio: a tie, broken by ID.
+        assert_eq!(
+            ids(&schedule(&nodes, &thick).unwrap()),
+            ["node-a", "node-b"]
+        );
+    }
+
+    #[test]
+    fn fewer_volumes_break_an_even_capacity() {
+        let mut a = node("node-a", "", 50);
+        a.volume_count = 7;
+        let b = node("node-b", "", 50);
+        assert_eq!(
+            ids(&schedule(&[a, b], &req(1)).unwrap()),
+            ["node-b", "node-a"]
+        );
+    }
+
+    #[test]
+    fn ties_go_to_the_smaller_id_whatever_the_input_order() {
+        let names = [
+            "n-07", "n-03", "n-10", "n-01", "n-05", "n-02", "n-09", "n-04", "n-08", "n-06",
+        ];
+        let mut nodes: Vec<NodeState> = names.iter().map(|n| node(n, "z1", 50)).collect();
+        let first = schedule(&nodes, &req(1)).unwrap();
+        assert_eq!(
+            ids(&first),
+            ["n-01", "n-02", "n-03", "n-04", "n-05", "n-06", "n-07", "n-08", "n-09", "n-10"]
+        );
+        assert!(
+            first.iter().all(|c| c.weight == 0.0),
+            "all-equal weighers normalize to 0"
+        );
+        for _ in 0..5 {
+            nodes.rotate_left(3);
+            nodes.swap(0, 7);
+            assert_eq!(schedule(&nodes, &req(1)).unwrap(), first);
+        }
+    }
+
+    #[test]
+    fn weights_stay_within_the_multipliers() {
+        let nodes: Vec<NodeState> = (0..50u64)
+            .map(|i| {
+                let mut n = node(&format!("node-{i:02}"), &format!("z{}", i % 4), 10 + i);
+                n.volume_count = (i * 7 % 13) as u32;
+                n
+            })
+            .collect();
+        let r = ScheduleRequest {
+            preferred: vec![zone("z2"), zone("z0")],
+            ..req(1)
+        };
+        let got = schedule(&nodes, &r).unwrap();
+        assert_eq!(got.len(), 50);
+        let max: f64 = WEIGHERS.iter().map(|w| w.multiplier).sum();
+        assert!(got.iter().all(|c| (0.0..=max).contains(&c.weight)));
+        assert!(got.windows(2).all(|w| w[0].weight >= w[1].weight));
+        assert!(got[..12]
+            .iter()
+            .all(|c| nodes.iter().any(|n| n.id == c.node_id && n.zone == "z2")));
+    }
+
+    #[test]
+    fn only_capacity_needs_every_rejection_to_be_about_room() {
+        let mut limited = node("node-a", "", 50);
+        limited.max_volumes = 1;
+        limited.volume_count = 1;
+        let full = node("node-b", "", 1);
+        let err = schedule(&[limited.clone(), full.clone()], &req(10)).unwrap_err();
+        assert_eq!(err.rejections.len(), 2);
+        assert!(err.only_capacity());
+
+        let mut stale = node("node-c", "", 50);
+        stale.last_heartbeat_ms = NOW - 60_000;
+        let err = schedule(&[limited, full, stale], &req(10)).unwrap_err();
+        assert!(!err.only_capacity());
+    }
+
+    #[test]
+    fn an_empty_node_list_says_so() {
+        let err = schedule(&[], &req(1)).unwrap_err();
+        assert_eq!(
+            err,
+            NoValidNode {
+                considered: 0,
+                rejections: vec![]
+            }
+        );
+        assert!(!err.only_capacity());
+        assert!(
+            err.to_string().contains("no nodes have registered"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_message_counts_each_filter_largest_first_and_says_what_next() {
+        let mut stale = node("node-c", "", 50);
+        stale.last_heartbeat_ms = NOW - 40_000;
+        let nodes = [node("node-b", "", 1), stale, node("node-a", "", 2)];
+        let err = schedule(&nodes, &req(10)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("no node can take the volume: 3 nodes considered; capacity: 2 (node-a cannot take 10737418240 bytes (thin): "),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "; healthy: 1 (node-c: heartbeat 40s old, timeout 30s). Next: free space"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("check that the cinderblock node plugin runs on the stale nodes"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_sort_key_orders_weights_high_first_and_round_trips() {
+        let weights = [7.0, 0.0, -0.0, 1e-300, 2.5, -3.0, 1e300, 0.75];
+        for w in weights {
+            assert_eq!(weight_of(descending(w)), w + 0.0);
+        }
+        assert_eq!(descending(0.0), descending(-0.0));
+        let mut sorted = weights;
+        sorted.sort_by_key(|w| descending(*w));
+        assert_eq!(sorted, [1e300, 7.0, 2.5, 0.75, 1e-300, 0.0, -0.0, -3.0]);
+    }
+
+    #[test]
+    fn node_segments_and_matches() {
+        let zoned = node("node-a", "z1", 50);
+        let bare = node("node-b", "", 50);
+        let mut both = zone("z1");
+        both.insert(TOPOLOGY_NODE_KEY.to_string(), "node-a".to_string());
+        assert_eq!(node_segments(&zoned), both);
+        assert_eq!(node_segments(&bare), on_node("node-b"));
+
+        assert!(matches(&zoned, &both));
+        assert!(matches(&zoned, &zone("z1")));
+        assert!(matches(&zoned, &Segments::new()));
+        assert!(!matches(&zoned, &zone("z2")));
+        assert!(!matches(&bare, &zone("")));
+        assert!(!matches(
+            &bare,
+            &[("other".to_string(), "x".to_string())].into()
+        ));
+        assert!(matches(&bare, &node_segments(&bare)));
+    }
+
+    #[test]
+    fn the_topology_index_agrees_with_matches() {
+        let nodes = [
+            node("node-a", "z1", 50),
+            node("node-b", "z2", 50),
+            node("node-c", "", 50),
+            node("node-d", "z1", 50),
+            // The store never holds two nodes with one ID, but the index
+            // should not depend on it.
+            node("node-a", "z2", 50),
+            node("node-c", "", 50),
+        ];
+        let mut a_in_z2 = zone("z2");
+        a_in_z2.insert(TOPOLOGY_NODE_KEY.to_string(), "node-a".to_string());
+        let mut d_in_z1 = zone("z1");
+        d_in_z1.insert(TOPOLOGY_NODE_KEY.to_string(), "node-d".to_string());
+        let entries = [
+            on_node("node-c"),
+            a_in_z2,
+            zone(""),
+            [("x".to_string(), "y".to_string())].into(),
+            zone("z1"),
+            d_in_z1,
+            on_node("node-b"),
+            Segments::new(),
+            on_node("node-a"),
+        ];
+        // Every contiguous slice of the entries, so positions and the empty entry move around.
+        for start in 0..entries.len() {
+            for end in start..=entries.len() {
+                let list = &entries[start..end];
+                let index = TopologyIndex::new(list, &nodes, &mut None);
+                for (at, n) in nodes.iter().enumerate() {
+                    let linear = list.iter().position(|s| matches(n, s)).map(|p| p as u32);
+                    assert_eq!(index.first_match(n, at), linear, "{} in {list:?}", n.id);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_per_entry_topology_list_schedules_the_selected_node() {
+        // What the external provisioner sends with non-strict topology and
+        // WaitForFirstConsumer: every node's topology, the selected one first.
+        let nodes: Vec<NodeState> = (0..200)
+            .map(|i| node(&format!("node-{i:03}"), &format!("z{}", i % 3), 20 + i % 50))
+            .collect();
+        let all: Vec<Segments> = nodes.iter().map(node_segments).collect();
+        let mut preferred = all.clone();
+        preferred.swap(0, 117);
+        let r = ScheduleRequest {
+            requisite: all,
+            preferred,
+            ..req(1)
+        };
+        let got = schedule(&nodes, &r).unwrap();
+        assert_eq!(got.len(), 200);
+        assert_eq!(got[0].node_id, "node-117");
+    }
+
+    #[test]
+    fn an_infinite_ratio_does_not_poison_the_weights() {
+        let mut odd = node("node-a", "", 50);
+        odd.capacity.max_over_subscription_ratio = f64::INFINITY;
+        let nodes = [odd, node("node-b", "", 50), node("node-c", "", 10)];
+        let got = schedule(&nodes, &req(1)).unwrap();
+        assert!(got.iter().all(|c| c.weight.is_finite()), "{got:?}");
+        assert_eq!(ids(&got), ["node-a", "node-b", "node-c"]);
+    }
+}

@@ -1,0 +1,198 @@
+//! How long one scheduling decision takes at 100, 1,000 and 10,000 nodes.
+//!
+//! `cargo bench --bench scheduler`. Plain `Instant` timing, no framework:
+//! each size runs a few warm-up decisions, then times each decision on its
+//! own and prints the median and p99.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use cinderblock::scheduler::{
+    node_segments, schedule, NodeState, Placement, ScheduleRequest, Segments,
+};
+use cinderblock::volume::{PoolCapacity, Provisioning};
+use cinderblock::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
+
+const GB: u64 = 1 << 30;
+const NOW: i64 = 1_700_000_000_000;
+const ZONES: u64 = 8;
+
+/// A small fixed-seed generator, so every run sees the same cluster.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn cluster(n: usize) -> Vec<NodeState> {
+    let mut rng = SplitMix(n as u64);
+    (0..n)
+        .map(|i| {
+            let total = (500 + rng.below(3500)) * GB;
+            let free = total / 100 * rng.below(101);
+            let ratio = [1.0, 1.0, 2.0, 5.0][rng.below(4) as usize];
+            let zone = match rng.below(ZONES + 1) {
+                ZONES => String::new(), // a few nodes without a zone
+                z => format!("zone-{z}"),
+            };
+            let stale = rng.below(100) == 0;
+            NodeState {
+                id: format!("node-{i:05}"),
+                zone,
+                capacity: PoolCapacity {
+                    total,
+                    free,
+                    provisioned: (total - free) + total / 100 * rng.below(50),
+                    max_over_subscription_ratio: ratio,
+                    reserved_percentage: [0, 5, 10][rng.below(3) as usize],
+                },
+                volume_count: rng.below(300) as u32,
+                max_volumes: if rng.below(2) == 0 { 0 } else { 256 },
+                last_heartbeat_ms: if stale {
+                    NOW - 120_000
+                } else {
+                    NOW - rng.below(10_000) as i64
+                },
+                reflink: rng.below(2) == 0,
+            }
+        })
+        .collect()
+}
+
+fn zone(z: u64) -> Segments {
+    [(TOPOLOGY_ZONE_KEY.to_string(), format!("zone-{z}"))].into()
+}
+
+fn base() -> ScheduleRequest {
+    ScheduleRequest {
+        size_bytes: 100 * GB,
+        provisioning: Provisioning::Thin,
+        tried: vec!["node-00003".into()],
+        now_ms: NOW,
+        heartbeat_timeout_ms: 30_000,
+        ..Default::default()
+    }
+}
+
+const PER_NODE: &str = "per-node lists";
+
+/// The requests timed at each size.
+fn scenarios(nodes: &[NodeState]) -> Vec<(&'static str, ScheduleRequest)> {
+    // Non-strict topology with WaitForFirstConsumer: the external provisioner
+    // lists every node's topology, the selected node first.
+    let every_node: Vec<Segments> = nodes.iter().map(node_segments).collect();
+    let mut selected_first = every_node.clone();
+    selected_first.swap(0, nodes.len() / 2);
+    vec![
+        (
+            "zones, spread",
+            ScheduleRequest {
+                requisite: vec![zone(1), zone(3), zone(5)],
+                preferred: vec![zone(3), zone(1)],
+                ..base()
+            },
+        ),
+        (
+            "no topology, stack",
+            ScheduleRequest {
+                placement: Placement::Stack,
+                ..base()
+            },
+        ),
+        (
+            PER_NODE,
+            ScheduleRequest {
+                requisite: every_node,
+                preferred: selected_first,
+                ..base()
+            },
+        ),
+        (
+            "nothing fits",
+            ScheduleRequest {
+                size_bytes: 1 << 60,
+                provisioning: Provisioning::Thick,
+                ..base()
+            },
+        ),
+    ]
+}
+
+/// Median and p99 of `runs` timed calls, after a few untimed ones.
+fn time<T>(runs: usize, mut call: impl FnMut() -> T) -> (Duration, Duration) {
+    for _ in 0..runs / 10 {
+        black_box(call());
+    }
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            let out = call();
+            let took = start.elapsed();
+            black_box(out);
+            took
+        })
+        .collect();
+    times.sort_unstable();
+    (percentile(&times, 0.5), percentile(&times, 0.99))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+/// What any reader of the per-node lists pays: every key compared with a
+/// topology key, every value's bytes touched, once. The floor under the
+/// "per-node lists" row.
+fn read_lists(req: &ScheduleRequest) -> usize {
+    req.requisite
+        .iter()
+        .chain(&req.preferred)
+        .flat_map(|segments| segments.iter())
+        .map(|(key, value)| {
+            usize::from(key == TOPOLOGY_NODE_KEY) + usize::from(value.as_bytes()[value.len() - 1])
+        })
+        .sum()
+}
+
+fn main() {
+    println!(
+        "{:>7}  {:<24} {:>8} {:>6} {:>12} {:>12}",
+        "nodes", "request", "passing", "runs", "median", "p99"
+    );
+    for (size, runs) in [(100, 2000), (1_000, 1000), (10_000, 200)] {
+        let nodes = cluster(size);
+        for (name, req) in scenarios(&nodes) {
+            let passing = schedule(&nodes, &req).map_or(0, |c| c.len());
+            let (median, p99) = time(runs, || schedule(black_box(&nodes), black_box(&req)).ok());
+            println!(
+                "{size:>7}  {name:<24} {passing:>8} {runs:>6} {:>12} {:>12}",
+                micros(median),
+                micros(p99)
+            );
+            if name == PER_NODE {
+                let (median, p99) = time(runs, || read_lists(black_box(&req)));
+                let name = "  (reading them alone)";
+                println!(
+                    "{size:>7}  {name:<24} {:>8} {runs:>6} {:>12} {:>12}",
+                    "-",
+                    micros(median),
+                    micros(p99)
+                );
+            }
+        }
+    }
+}
