@@ -631,6 +631,17 @@ async fn read_only_publish_refuses_writes() {
     c.node_unpublish_volume(unpublish_req("vol-r", &rw)).await.unwrap();
     c.node_unstage_volume(unstage_req("vol-r", &staging)).await.unwrap();
 
+    // So does an "ro" mount flag, and repeating the calls is OK.
+    let ro_flag = mount_cap("ext4", &["noatime,ro"], Mode::SingleNodeWriter);
+    for _ in 0..2 {
+        c.node_stage_volume(stage_req("vol-r", &staging, Some(ro_flag.clone()))).await.unwrap();
+        c.node_publish_volume(publish_req("vol-r", &staging, &rw, ro_flag.clone(), false)).await.unwrap();
+    }
+    let err = std::fs::write(rw.join("nope"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    c.node_unpublish_volume(unpublish_req("vol-r", &rw)).await.unwrap();
+    c.node_unstage_volume(unstage_req("vol-r", &staging)).await.unwrap();
+
     // A blank volume cannot be formatted read-only.
     create_volume(&mut agent, "vol-blank", 64 * MIB, None).await;
     let staging2 = env.k("staging/vol-blank");

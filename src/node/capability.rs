@@ -1,5 +1,7 @@
 //! A CSI `VolumeCapability`, checked and turned into what this node does.
 
+use rustix::mount::MountFlags;
+
 use crate::attach::mount::parse_mount_options;
 use crate::attach::Filesystem;
 use crate::csi;
@@ -21,13 +23,12 @@ pub enum Access {
 pub struct Capability {
     pub access: Access,
     pub mode: Mode,
+    /// Nothing may write: a reader-only access mode, or "ro" among the
+    /// mount flags. The volume is then staged and published read-only.
+    pub read_only: bool,
 }
 
 impl Capability {
-    /// The access mode allows no writer at all.
-    pub fn reader_only(&self) -> bool {
-        self.mode == Mode::SingleNodeReaderOnly
-    }
 
     /// A second publish of the volume at another target must be refused.
     pub fn single_writer(&self) -> bool {
@@ -67,6 +68,7 @@ pub fn parse(cap: Option<&csi::VolumeCapability>) -> Result<Capability, NodeErro
             )))
         }
     }
+    let mut ro_flag = false;
     let access = match cap.access_type.as_ref() {
         None => return Err(invalid("access_type is required: mount or block")),
         Some(AccessType::Block(_)) => Access::Block,
@@ -81,11 +83,12 @@ pub fn parse(cap: Option<&csi::VolumeCapability>) -> Result<Capability, NodeErro
                 other => Some(Filesystem::parse(other).map_err(|e| invalid(e.to_string()))?),
             };
             // Refuse options the mount would refuse, before anything is attached.
-            parse_mount_options(&m.mount_flags, false).map_err(|e| invalid(e.to_string()))?;
+            let options = parse_mount_options(&m.mount_flags, false).map_err(|e| invalid(e.to_string()))?;
+            ro_flag = options.flags.contains(MountFlags::RDONLY);
             Access::Mount { fs, flags: m.mount_flags.clone() }
         }
     };
-    Ok(Capability { access, mode })
+    Ok(Capability { access, mode, read_only: mode == Mode::SingleNodeReaderOnly || ro_flag })
 }
 
 #[cfg(test)]
@@ -111,7 +114,10 @@ mod tests {
         assert_eq!(c.access, Access::Mount { fs: None, flags: vec!["noatime".into()] });
         let c = parse(Some(&mount("xfs", &[], Mode::SingleNodeReaderOnly))).unwrap();
         assert_eq!(c.access, Access::Mount { fs: Some(Filesystem::Xfs), flags: vec![] });
-        assert!(c.reader_only());
+        assert!(c.read_only);
+        let c = parse(Some(&mount("ext4", &["noatime,ro"], Mode::SingleNodeWriter))).unwrap();
+        assert!(c.read_only, "an ro mount flag makes the volume read-only");
+        assert!(!parse(Some(&mount("ext4", &["noatime"], Mode::SingleNodeWriter))).unwrap().read_only);
         let block = csi::VolumeCapability {
             access_type: Some(AccessType::Block(BlockVolume {})),
             access_mode: Some(AccessMode { mode: Mode::SingleNodeSingleWriter as i32 }),

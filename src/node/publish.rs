@@ -44,8 +44,9 @@ impl Node {
             id,
             staging,
             target,
-            // A reader-only access mode publishes read-only whatever the flag says.
-            read_only: req.readonly || cap.reader_only(),
+            // A read-only capability (reader-only mode, or an "ro" mount flag)
+            // publishes read-only whatever the flag says.
+            read_only: req.readonly || cap.read_only,
             single_writer: cap.single_writer(),
         };
         match cap.access {

@@ -32,7 +32,7 @@ impl Node {
             });
         }
         let image = self.config.pool.volume_image(&id);
-        let read_only = cap.reader_only();
+        let read_only = cap.read_only;
         match cap.access {
             Access::Block => blocking(move || stage_block(&id, &image, &staging, read_only)).await,
             Access::Mount { fs, flags } => stage_filesystem(id, image, staging, fs, flags, read_only).await,
@@ -139,7 +139,7 @@ async fn stage_filesystem(
         None if read_only => {
             return Err(NodeError::Unusable {
                 id,
-                detail: "is blank and its access mode is read-only, so it cannot be formatted; stage it read-write once".into(),
+                detail: "is blank and the request is read-only (access mode or an \"ro\" mount flag), so it cannot be formatted; stage it read-write once".into(),
             })
         }
         None => {
@@ -200,9 +200,9 @@ fn already_staged_filesystem(
     }
     if m.is_read_only() != read_only {
         return Err(other(if m.is_read_only() {
-            "read-only (the request's access mode allows writing)".into()
+            "read-only (the request's capability allows writing)".into()
         } else {
-            "read-write (the request's access mode is read-only)".into()
+            "read-write (the request's capability is read-only)".into()
         }));
     }
     info!(volume.id = %id, staging = %staging.display(), "already staged");
