@@ -10,6 +10,7 @@ pub mod csi;
 pub mod ctl;
 pub mod flow;
 pub mod identity;
+pub mod kube;
 pub mod node;
 pub mod scheduler;
 pub mod server;

@@ -39,6 +39,11 @@ enum Command {
     Standalone(StandaloneArgs),
     /// A CSI client for people: volumes, snapshots, capacity.
     Ctl(CtlArgs),
+    /// Run the cluster controller: CSI Identity + Controller on a unix socket,
+    /// records in the cinderblock.dev custom resources, leader election on a Lease.
+    Controller(ControllerArgs),
+    /// Print the CustomResourceDefinitions (YAML) the cluster mode needs.
+    Crds,
     /// Measure and print figures (not a test: nothing is asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -78,6 +83,40 @@ struct StandaloneArgs {
     max_volumes: u32,
     #[command(flatten)]
     pool_opts: PoolOpts,
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// CSI endpoint, a unix socket: unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// Kubeconfig to use; in a pod, leave it out to use the in-cluster config.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Elect a leader among replicas on a Lease; only the leader changes records.
+    #[arg(long, default_value_t = false)]
+    leader_election: bool,
+    /// Namespace of the leader election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    leader_election_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "cinderblock-controller")]
+    leader_election_lease: String,
+    /// This replica's identity in the Lease (defaults to the host name and process ID).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader's Lease lasts without renewal before a standby takes over.
+    #[arg(long, default_value_t = 15.0)]
+    lease_duration: f64,
+    /// A node silent for this many seconds is not scheduled.
+    #[arg(long, default_value_t = 15.0)]
+    heartbeat_timeout: f64,
+    /// Seconds between reconciler passes.
+    #[arg(long, default_value_t = 30.0)]
+    reconcile_interval: f64,
+    /// Seconds a record may sit in Creating, or an image without a record, before the reconciler acts.
+    #[arg(long, default_value_t = 120.0)]
+    stuck_grace: f64,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +191,18 @@ struct NodeArgs {
     /// Most volumes this node attaches at once (NodeGetInfo); 0 for no limit.
     #[arg(long, env = "CINDERBLOCK_MAX_VOLUMES", default_value_t = 0)]
     max_volumes: i64,
+    /// Register this node (a StorageNode record) in the Kubernetes API and renew it.
+    #[arg(long, default_value_t = false)]
+    register: bool,
+    /// Kubeconfig for --register; in a pod, leave it out to use the in-cluster config.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Address the controller uses to reach this agent (default: http://<--agent-listen>).
+    #[arg(long, env = "CINDERBLOCK_AGENT_ADVERTISE")]
+    agent_advertise: Option<String>,
+    /// Seconds between registrations.
+    #[arg(long, default_value_t = 5.0)]
+    heartbeat_interval: f64,
     #[command(flatten)]
     pool_opts: PoolOpts,
 }
@@ -199,6 +250,11 @@ async fn main() -> std::process::ExitCode {
         Command::Node(args) => run_node(args).await,
         Command::Bench(b) => run_bench(b).await,
         Command::Standalone(a) => run_standalone(a).await,
+        Command::Controller(a) => run_controller(a).await,
+        Command::Crds => {
+            print!("{}", cinderblock::kube::crds::all_yaml());
+            Ok(())
+        }
         Command::Ctl(a) => cinderblock::ctl::run(&a.endpoint, a.output == "json", a.command).await,
     };
     match result {
@@ -241,7 +297,24 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             max_volumes: args.max_volumes,
         })))
         .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());
-    info!(node.id = %args.node_id, zone = %args.zone, agent = %agent_addr, endpoint = %socket.display(), "node ready");
+    let mut zone = args.zone.clone();
+    if args.register {
+        let client = cinderblock::kube::client(args.kubeconfig.as_deref()).await?;
+        if zone.is_empty() {
+            zone = cinderblock::kube::node_zone(&client, &args.node_id).await?.unwrap_or_default();
+        }
+        let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client));
+        let reg = cinderblock::controller::registration::Registration {
+            node_id: args.node_id.clone(),
+            zone: zone.clone(),
+            agent_address: args.agent_advertise.clone().unwrap_or_else(|| format!("http://{agent_addr}")),
+            max_volumes: args.max_volumes.max(0) as u32,
+        };
+        reg.report(&*store, &pool).await.map_err(|e| format!("registering node {}: {e}", args.node_id))?;
+        let every = std::time::Duration::try_from_secs_f64(args.heartbeat_interval).map_err(|e| e.to_string())?;
+        tokio::spawn(reg.run(store, pool.clone(), every));
+    }
+    info!(node.id = %args.node_id, zone = %zone, agent = %agent_addr, endpoint = %socket.display(), "node ready");
     let (a, c) = tokio::join!(agent, csi);
     let _ = std::fs::remove_file(&socket);
     a.map_err(|e| format!("agent server: {e}"))?;
@@ -328,4 +401,51 @@ async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
         max_volumes: a.max_volumes,
     };
     cinderblock::standalone::run(cfg).await
+}
+
+async fn run_controller(a: ControllerArgs) -> Result<(), String> {
+    use cinderblock::controller::{ControllerConfig, ControllerService, Manager};
+    use cinderblock::csi::controller_server::ControllerServer;
+    let secs = |s: f64, what: &str| {
+        std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} must be a positive number of seconds"))
+    };
+    let socket = server::unix_endpoint_path(&a.endpoint)?;
+    let client = cinderblock::kube::client(a.kubeconfig.as_deref()).await?;
+    let identity = a.identity.clone().unwrap_or_else(|| {
+        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        format!("{host}-{}", std::process::id())
+    });
+    let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client.clone()));
+    let config = ControllerConfig {
+        heartbeat_timeout: secs(a.heartbeat_timeout, "heartbeat-timeout")?,
+        stuck_grace: secs(a.stuck_grace, "stuck-grace")?,
+        ..Default::default()
+    };
+    let events = Arc::new(cinderblock::kube::events::PvcEvents::new(client.clone(), identity.clone()));
+    let mut manager = Manager::new(store, config).with_events(events);
+    if a.leader_election {
+        let rx = cinderblock::kube::leader::campaign(
+            client.clone(),
+            cinderblock::kube::leader::LeaderConfig {
+                namespace: a.leader_election_namespace.clone(),
+                lease_name: a.leader_election_lease.clone(),
+                identity: identity.clone(),
+                lease_duration: secs(a.lease_duration, "lease-duration")?,
+                renew_every: secs(a.lease_duration / 3.0, "lease-duration")?,
+            },
+        );
+        manager = manager.with_leader(rx);
+    }
+    tokio::spawn(manager.clone().run_reconciler(secs(a.reconcile_interval, "reconcile-interval")?));
+    let incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
+    let ready = Arc::new(AtomicBool::new(true));
+    info!(endpoint = %socket.display(), identity = %identity, leader_election = a.leader_election, "controller ready");
+    tonic::transport::Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(true, ready)))
+        .add_service(ControllerServer::new(ControllerService::new(manager)))
+        .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
+        .await
+        .map_err(|e| format!("CSI server: {e}"))?;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
 }

@@ -57,12 +57,22 @@ pub struct CreateVolumeSpec {
     pub fingerprint: String,
 }
 
+/// Where the controller tells people what it decided (Kubernetes Events on
+/// the PVC in a cluster; nothing in standalone).
+#[tonic::async_trait]
+pub trait EventSink: Send + Sync {
+    async fn volume_event(&self, volume: &VolumeRec, warning: bool, reason: &str, note: String);
+}
+
 #[derive(Clone)]
 pub struct Manager {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) agents: Arc<Agents>,
     pub(crate) config: ControllerConfig,
     inflight: Arc<Inflight>,
+    events: Option<Arc<dyn EventSink>>,
+    /// With leader election: true while this replica leads. Without: None.
+    leader: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 pub fn store_status(e: StoreError) -> Status {
@@ -81,6 +91,39 @@ impl Manager {
             store,
             config,
             inflight: Arc::new(Inflight::default()),
+            events: None,
+            leader: None,
+        }
+    }
+
+    pub fn with_events(mut self, events: Arc<dyn EventSink>) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    pub fn with_leader(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.leader = Some(leader);
+        self
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| *l.borrow())
+    }
+
+    /// Only the leader changes records; a standby waits a little (a
+    /// takeover may be under way), then asks the caller to retry.
+    pub async fn wait_leader(&self) -> Result<(), Status> {
+        let Some(mut rx) = self.leader.clone() else { return Ok(()) };
+        let wait = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| *l)).await;
+        match wait {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Status::unavailable("this controller replica is not the leader; retry (the leader answers)")),
+        }
+    }
+
+    async fn event(&self, volume: &VolumeRec, warning: bool, reason: &str, note: String) {
+        if let Some(e) = &self.events {
+            e.volume_event(volume, warning, reason, note).await;
         }
     }
 
@@ -119,6 +162,7 @@ impl Manager {
     // ------------------------------------------------------------ create volume
 
     pub async fn create_volume(&self, spec: CreateVolumeSpec) -> Result<VolumeRec, Status> {
+        self.wait_leader().await?;
         let id = volume_id_for(&spec.name);
         let _guard = self.inflight.acquire(&id).await;
         let existing: Option<(VolumeRec, u64)> = self.volume(&id).await?;
@@ -161,13 +205,18 @@ impl Manager {
         let flow = Flow::new("create_volume").then(RecordVolume).then(ScheduleAndCreate).then(MarkAvailable);
         match flow.run(&mut ctx).await {
             Ok(()) => Ok(ctx.rec),
-            Err(f) => Err(flow_status(&f)),
+            Err(f) => {
+                let reason = if f.error.code == Code::ResourceExhausted { "NoNodeFits" } else { "ProvisioningFailed" };
+                self.event(&ctx.rec, true, reason, f.to_string()).await;
+                Err(flow_status(&f))
+            }
         }
     }
 
     // ------------------------------------------------------------ delete volume
 
     pub async fn delete_volume(&self, id: &str) -> Result<(), Status> {
+        self.wait_leader().await?;
         let _guard = self.inflight.acquire(id).await;
         let Some((mut rec, version)) = self.volume(id).await? else {
             return Ok(());
@@ -199,6 +248,7 @@ impl Manager {
         parameters: BTreeMap<String, String>,
     ) -> Result<SnapshotRec, Status> {
         let id = snapshot_id_for(name);
+        self.wait_leader().await?;
         let _guard = self.inflight.acquire(&id).await;
         if let Some((rec, version)) = self.snapshot(&id).await? {
             if rec.source_volume_id != source_volume_id {
@@ -293,6 +343,7 @@ impl Manager {
     }
 
     pub async fn delete_snapshot(&self, id: &str) -> Result<(), Status> {
+        self.wait_leader().await?;
         let _guard = self.inflight.acquire(id).await;
         let Some((mut rec, version)) = self.snapshot(id).await? else {
             return Ok(());
@@ -314,6 +365,7 @@ impl Manager {
     // ------------------------------------------------------------ expand
 
     pub async fn expand_volume(&self, id: &str, size: u64) -> Result<VolumeRec, Status> {
+        self.wait_leader().await?;
         let _guard = self.inflight.acquire(id).await;
         let (mut rec, version) = self.volume(id).await?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
         let (Phase::Available, Some(node)) = (rec.phase, rec.node.clone()) else {
@@ -345,6 +397,9 @@ impl Manager {
     /// grace period, are deleted. Everything it does is logged.
     pub async fn reconcile_once(&self) -> Result<ReconcileReport, Status> {
         let mut report = ReconcileReport::default();
+        if !self.is_leader() {
+            return Ok(report);
+        }
         let grace = self.config.stuck_grace.as_millis() as i64;
         let now = now_ms();
         for (rec, _) in store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)? {
@@ -570,6 +625,8 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             ctx.rec.node = Some(node.clone());
             ctx.save().await?; // the choice is durable before the node acts
             info!(volume.id = %ctx.rec.id, node = %node, attempt = ctx.rec.attempts.len() + 1, "scheduled");
+            let note = format!("scheduled on node {node} (attempt {})", ctx.rec.attempts.len() + 1);
+            ctx.m.event(&ctx.rec, false, "Scheduled", note).await;
             match create_on(ctx, &node).await {
                 Ok(v) => {
                     ctx.rec.size_bytes = v.size_bytes;
@@ -584,6 +641,10 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                     ctx.rec.node = None;
                     ctx.save().await?;
                     let pinned = ctx.pinned.is_some();
+                    if e.reschedulable && !pinned && ctx.rec.attempts.len() < max {
+                        let note = format!("node {node} failed ({}); rescheduling", e.message);
+                        ctx.m.event(&ctx.rec, true, "Rescheduling", note).await;
+                    }
                     if !e.reschedulable || pinned || ctx.rec.attempts.len() >= max {
                         let reasons: Vec<String> = ctx.rec.attempts.iter().map(|a| format!("{}: {}", a.node, a.error)).collect();
                         let code = if e.reschedulable && !pinned { Code::Internal } else { e.code };

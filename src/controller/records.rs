@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::scheduler::{NodeState, Segments};
 use crate::volume::{PoolCapacity, Provisioning};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Phase {
     Creating,
     Available,
@@ -15,7 +15,7 @@ pub enum Phase {
     Error,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceRef {
     Snapshot(String),
@@ -23,14 +23,14 @@ pub enum SourceRef {
 }
 
 /// One try on one node, kept so a user sees every reason.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Attempt {
     pub node: String,
     pub error: String,
     pub at_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumeRec {
     pub id: String,
     /// The CSI name; the ID is derived from it, so one name is one record.
@@ -52,7 +52,7 @@ pub struct VolumeRec {
     pub updated_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SnapshotRec {
     pub id: String,
     pub name: String,
@@ -65,7 +65,7 @@ pub struct SnapshotRec {
     pub created_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NodeRec {
     pub id: String,
     pub zone: String,
@@ -95,7 +95,7 @@ impl NodeRec {
 }
 
 /// A volume exported by its owner to another node (remote attach, next milestone).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ExportRec {
     pub id: String,
     pub volume_id: String,

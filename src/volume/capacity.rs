@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The figures a pool reports, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PoolCapacity {
     pub total: u64,
     pub free: u64,
@@ -19,7 +19,7 @@ pub struct PoolCapacity {
     pub reserved_percentage: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Provisioning {
     #[default]
