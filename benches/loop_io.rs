@@ -130,7 +130,8 @@ async fn main() {
     let kubelet = root.join("kubelet");
     std::fs::create_dir_all(&kubelet).unwrap();
     let pool = root.join("pool");
-    let node = NodeProcess::start(&pool, &root.join("csi.sock"), "bench", &["--allowed-root", kubelet.to_str().unwrap()]);
+    let node =
+        NodeProcess::start(&pool, &root.join("csi.sock"), "bench", &["--allowed-root", kubelet.to_str().unwrap()]);
 
     let mut agent = VolumeManagerClient::connect(node.agent.clone()).await.expect("agent");
     let mut csi_client = {
@@ -187,7 +188,13 @@ async fn main() {
         .max_by_key(|m| m.mount_point.as_os_str().len())
         .map(|m| format!("{} on {}", m.fs_type, m.source))
         .unwrap_or_default();
-    println!("loop_io: {} MiB thick image on {fs}; {} (direct I/O {}) published at {}", size / MIB, dev.path.display(), dio.trim(), target.display());
+    println!(
+        "loop_io: {} MiB thick image on {fs}; {} (direct I/O {}) published at {}",
+        size / MIB,
+        dev.path.display(),
+        dio.trim(),
+        target.display()
+    );
     println!("loop_io: fio libaio, direct=1, {runtime} s per run (+1 s ramp), median of {rounds} runs, file and loop alternating");
 
     // Write every block once so reads hit real data on both sides.
@@ -200,7 +207,10 @@ async fn main() {
     assert!(out.status.success(), "fio fill failed: {}", String::from_utf8_lossy(&out.stderr));
 
     println!();
-    println!("{:<18} {:>14} {:>10}   {:>14} {:>10}   {:>10}", "workload", "file MiB/s", "IOPS", "loop MiB/s", "IOPS", "loop/file");
+    println!(
+        "{:<18} {:>14} {:>10}   {:>14} {:>10}   {:>10}",
+        "workload", "file MiB/s", "IOPS", "loop MiB/s", "IOPS", "loop/file"
+    );
     let mut worst: f64 = f64::INFINITY;
     for w in &WORKLOADS {
         let (mut file, mut lo) = (vec![], vec![]);

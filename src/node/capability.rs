@@ -29,7 +29,6 @@ pub struct Capability {
 }
 
 impl Capability {
-
     /// A second publish of the volume at another target must be refused.
     pub fn single_writer(&self) -> bool {
         self.mode == Mode::SingleNodeSingleWriter
@@ -43,10 +42,8 @@ fn invalid(reason: impl Into<String>) -> NodeError {
 /// Check the capability of a Stage or Publish call. Nothing that fails here
 /// reaches the disk.
 pub fn parse(cap: Option<&csi::VolumeCapability>) -> Result<Capability, NodeError> {
-    let cap = cap.ok_or(NodeError::Missing {
-        field: "volume_capability",
-        hint: " (mount or block, and an access mode)",
-    })?;
+    let cap =
+        cap.ok_or(NodeError::Missing { field: "volume_capability", hint: " (mount or block, and an access mode)" })?;
     let mode = cap
         .access_mode
         .as_ref()

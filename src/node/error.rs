@@ -23,7 +23,9 @@ pub enum NodeError {
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
 
-    #[error("volume {id:?} does not exist on this node; check the volume ID and that the volume lives in this node's pool")]
+    #[error(
+        "volume {id:?} does not exist on this node; check the volume ID and that the volume lives in this node's pool"
+    )]
     VolumeNotFound { id: String },
 
     #[error("volume {id:?} is not staged or published at {path}: {detail}")]
@@ -82,19 +84,17 @@ impl NodeError {
     pub fn code(&self) -> Code {
         use NodeError::*;
         match self {
-            Missing { .. } | InvalidPath { .. } | InvalidCapability { .. } | Invalid { .. } => {
-                Code::InvalidArgument
-            }
+            Missing { .. } | InvalidPath { .. } | InvalidCapability { .. } | Invalid { .. } => Code::InvalidArgument,
             VolumeNotFound { .. } | NotAtPath { .. } => Code::NotFound,
             StagedOtherwise { .. } | PublishedOtherwise { .. } | Occupied { .. } => Code::AlreadyExists,
-            NotStaged { .. } | StagingPathMissing | InUse { .. } | Unusable { .. } | Foreign { .. } => Code::FailedPrecondition,
+            NotStaged { .. } | StagingPathMissing | InUse { .. } | Unusable { .. } | Foreign { .. } => {
+                Code::FailedPrecondition
+            }
             Busy { .. } => Code::Aborted,
             CapacityRange { .. } => Code::OutOfRange,
             Attach(e) => match e {
                 // The request carried them: the caller must fix it.
-                AttachError::BadMountOption { .. } | AttachError::UnsupportedFilesystem { .. } => {
-                    Code::InvalidArgument
-                }
+                AttachError::BadMountOption { .. } | AttachError::UnsupportedFilesystem { .. } => Code::InvalidArgument,
                 // Lost a race for a free loop device: worth a retry.
                 AttachError::LoopBusy { .. } => Code::Aborted,
                 _ => Code::Internal,
@@ -137,14 +137,8 @@ mod tests {
             (NodeError::NotStaged { id: id(), path: p(), detail: "".into() }, Code::FailedPrecondition),
             (NodeError::Busy { id: id() }, Code::Aborted),
             (NodeError::CapacityRange { detail: "".into() }, Code::OutOfRange),
-            (
-                NodeError::Attach(AttachError::UnsupportedFilesystem { fs_type: "btrfs".into() }),
-                Code::InvalidArgument,
-            ),
-            (
-                NodeError::Attach(AttachError::LoopControl { error: io::Error::other("x") }),
-                Code::Internal,
-            ),
+            (NodeError::Attach(AttachError::UnsupportedFilesystem { fs_type: "btrfs".into() }), Code::InvalidArgument),
+            (NodeError::Attach(AttachError::LoopControl { error: io::Error::other("x") }), Code::Internal),
             (VolumeError::NotFound { kind: "volume", id: id() }.into(), Code::NotFound),
             (VolumeError::Invalid { what: "volume id", reason: "empty".into() }.into(), Code::InvalidArgument),
         ];

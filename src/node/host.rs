@@ -89,8 +89,7 @@ pub fn loop_by_name(name: &str) -> Result<Option<LoopInfo>, NodeError> {
     };
     let dev_path = base.join("dev");
     let dev = sysfs_read(&dev_path).map_err(sysfs_err(&dev_path))?.unwrap_or_default();
-    let Some((major, minor)) = dev.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-    else {
+    let Some((major, minor)) = dev.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))) else {
         return Ok(None);
     };
     let ro_path = base.join("ro");

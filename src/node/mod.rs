@@ -134,9 +134,11 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         let req = r.into_inner();
         let (node, id) = (self.node.clone(), req.volume_id.clone());
-        self.call("NodeStageVolume", &id, async move {
-            node.stage(req).await.map(|()| csi::NodeStageVolumeResponse {})
-        })
+        self.call(
+            "NodeStageVolume",
+            &id,
+            async move { node.stage(req).await.map(|()| csi::NodeStageVolumeResponse {}) },
+        )
         .await
     }
 

@@ -29,14 +29,17 @@ impl AllowedRoots {
             return Err(NodeError::Missing { field, hint: "" });
         }
         check_form(raw).map_err(invalid)?;
-        let resolved = resolve(Path::new(raw))
-            .map_err(|e| invalid(format!("cannot resolve it: {e}")))?;
+        let resolved = resolve(Path::new(raw)).map_err(|e| invalid(format!("cannot resolve it: {e}")))?;
         let roots: Vec<PathBuf> = self.roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
         if roots.iter().any(|root| resolved.starts_with(root) && resolved != *root) {
             Ok(resolved)
         } else {
             let shown: Vec<String> = self.roots.iter().map(|r| r.display().to_string()).collect();
-            let via = if resolved != Path::new(raw) { format!(" (it resolves to {})", resolved.display()) } else { String::new() };
+            let via = if resolved != Path::new(raw) {
+                format!(" (it resolves to {})", resolved.display())
+            } else {
+                String::new()
+            };
             Err(invalid(format!(
                 "it is not below an allowed root{via}; allowed: {} (the node's --allowed-root)",
                 shown.join(", ")

@@ -124,7 +124,10 @@ fn publish_filesystem(p: &Publish) -> Result<(), NodeError> {
     if let Some(m) = mount_at(&table, &p.target) {
         let same = !is_node_bind(m) && (m.major, m.minor) == (staged.major, staged.minor) && m.root == staged.root;
         if !same {
-            return Err(NodeError::PublishedOtherwise { path: p.target.clone(), detail: format!("as {}", describe(m)) });
+            return Err(NodeError::PublishedOtherwise {
+                path: p.target.clone(),
+                detail: format!("as {}", describe(m)),
+            });
         }
         if m.is_read_only() != p.read_only {
             return Err(NodeError::PublishedOtherwise {
@@ -143,9 +146,7 @@ fn publish_filesystem(p: &Publish) -> Result<(), NodeError> {
     refuse_second_target(p, others)?;
     must_be_folder_if_present("target_path", &p.target)?;
     let mut created = CreatedDirs::default();
-    created
-        .create(&p.target)
-        .map_err(NodeError::io(format!("creating target folder {}", p.target.display())))?;
+    created.create(&p.target).map_err(NodeError::io(format!("creating target folder {}", p.target.display())))?;
     mount::bind_mount(&p.staging, &p.target, p.read_only)?;
     created.keep();
     info!(volume.id = %p.id, target = %p.target.display(), read_only = p.read_only, "published");
@@ -163,7 +164,10 @@ fn publish_block(p: &Publish) -> Result<(), NodeError> {
             _ => return Err(not_staged(format!("{} holds {}", marker.display(), describe(m)))),
         },
         None if mount_at(&table, &p.staging).is_some() => {
-            return Err(not_staged("it is staged as a filesystem or holds another mount, and the request asks for a raw block device".into()))
+            return Err(not_staged(
+                "it is staged as a filesystem or holds another mount, and the request asks for a raw block device"
+                    .into(),
+            ))
         }
         None => return Err(not_staged("nothing is staged there".into())),
     };

@@ -257,7 +257,10 @@ fn stage_block(id: &str, image: &Path, staging: &Path, read_only: bool) -> Resul
             Some(dev) if dev.backs(image) => Err(NodeError::StagedOtherwise {
                 id: id.to_string(),
                 path: staging.to_path_buf(),
-                detail: format!("on {}, whose read-only setting differs from the request's access mode", dev.describe()),
+                detail: format!(
+                    "on {}, whose read-only setting differs from the request's access mode",
+                    dev.describe()
+                ),
             }),
             _ => Err(NodeError::Occupied { path: marker, detail: describe(m) }),
         };
@@ -275,9 +278,7 @@ fn stage_block(id: &str, image: &Path, staging: &Path, read_only: bool) -> Resul
     refuse_if_in_use(&table, id, image)?;
     detach_unused(id, image)?;
     let mut created = CreatedDirs::default();
-    created
-        .create(staging)
-        .map_err(NodeError::io(format!("creating staging folder {}", staging.display())))?;
+    created.create(staging).map_err(NodeError::io(format!("creating staging folder {}", staging.display())))?;
     let marker_file = CreatedFile::create("staging_target_path", &marker)?;
     let dev = loopdev::attach(image, AttachOptions::for_block(read_only))?.release();
     if let Err(e) = mount::bind_mount(&dev.path, &marker, false) {
@@ -321,11 +322,8 @@ fn unstage(id: &str, image: &Path, staging: &Path) -> Result<(), NodeError> {
                 return Err(NodeError::Foreign { id: id.to_string(), path: marker, detail: dev.describe() });
             }
         }
-        let others: Vec<PathBuf> = mounts_of_image(&table, image)?
-            .into_iter()
-            .map(|(m, _)| m.mount_point)
-            .filter(|p| *p != marker)
-            .collect();
+        let others: Vec<PathBuf> =
+            mounts_of_image(&table, image)?.into_iter().map(|(m, _)| m.mount_point).filter(|p| *p != marker).collect();
         if !others.is_empty() {
             return Err(still_published(others));
         }

@@ -12,7 +12,9 @@ use crate::csi::volume_usage::Unit;
 
 use super::capability;
 use super::error::NodeError;
-use super::host::{block_devnum, is_node_bind, loop_by_devnum, loop_of_mount, mount_at, mounts_of, mounts_of_image, LoopInfo};
+use super::host::{
+    block_devnum, is_node_bind, loop_by_devnum, loop_of_mount, mount_at, mounts_of, mounts_of_image, LoopInfo,
+};
 use super::stage::{block_marker, describe};
 use super::{blocking, check_id, Node};
 
@@ -22,7 +24,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a volume path turned out to be.
 enum Found {
     /// A mount of the volume's filesystem (staging or target).
-    Filesystem { mount: MountInfo, dev: LoopInfo, mounts: Vec<MountInfo> },
+    Filesystem { mount: Box<MountInfo>, dev: LoopInfo, mounts: Vec<MountInfo> },
     /// The volume's device node (a block target, or a block staging marker).
     Block { dev: LoopInfo },
 }
@@ -59,7 +61,7 @@ fn find_volume_at(id: &str, image: &Path, path: &Path) -> Result<Found, NodeErro
         return match loop_of_mount(m)? {
             Some(dev) if dev.backs(image) && !is_node_bind(m) => {
                 let mounts = mounts_of(&table, &dev).into_iter().cloned().collect();
-                Ok(Found::Filesystem { mount: m.clone(), dev, mounts })
+                Ok(Found::Filesystem { mount: Box::new(m.clone()), dev, mounts })
             }
             _ => Err(not_here(format!("it holds {}", describe(m)))),
         };
@@ -124,9 +126,7 @@ fn host_condition(known: bool, image: &Path, found: &Found) -> Option<String> {
     if let Found::Filesystem { mounts, .. } = found {
         // A read-write mount on a read-only superblock: the filesystem
         // switched itself to read-only, which they do on errors.
-        let flipped = mounts.iter().any(|m| {
-            !m.is_read_only() && m.super_options.iter().any(|o| o == "ro")
-        });
+        let flipped = mounts.iter().any(|m| !m.is_read_only() && m.super_options.iter().any(|o| o == "ro"));
         if flipped {
             return Some(format!(
                 "its filesystem on {} went read-only, usually after I/O or consistency errors; see the node's kernel log, then unstage it and run fsck",
@@ -220,7 +220,10 @@ impl Node {
         Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
     }
 
-    pub(super) async fn expand(&self, req: csi::NodeExpandVolumeRequest) -> Result<csi::NodeExpandVolumeResponse, NodeError> {
+    pub(super) async fn expand(
+        &self,
+        req: csi::NodeExpandVolumeRequest,
+    ) -> Result<csi::NodeExpandVolumeResponse, NodeError> {
         let id = check_id(&req.volume_id)?;
         let path = self.lookup_path(&id, "volume_path", &req.volume_path)?;
         if !req.staging_target_path.is_empty() {
