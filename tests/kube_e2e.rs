@@ -1,0 +1,402 @@
+//! End to end on real Kubernetes parts: a real kube-apiserver (with etcd and
+//! kube-controller-manager's PV binder) started by scripts/k8s/testbed.sh,
+//! the real csi-provisioner, csi-snapshotter with snapshot-controller, and
+//! csi-resizer, driving two `cinderblock controller` replicas (leader
+//! election) and two `cinderblock node` processes with real pools. There is
+//! no kubelet: the test registers the nodes as kubelet would (Node labels
+//! and CSINode from NodeGetInfo's topology).
+//!
+//! Runs when CINDERBLOCK_TEST_KUBECONFIG (admin kubeconfig of the bed) and
+//! CINDERBLOCK_K8S_BIN (the built binaries) are set; scripts/test-all.sh
+//! sets both.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::Client;
+use serde_json::json;
+
+const DRIVER: &str = "cinderblock.dev";
+const MI: i64 = 1 << 20;
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn start(dir: &Path, name: &str, cmd: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
+        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(cmd)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name} ({}): {e}", cmd.display()));
+        Proc { name: name.to_string(), child }
+    }
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = &self.name;
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn gvk_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+}
+
+async fn apply_crds(client: &Client, yaml: &str) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = vec![];
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        let crd: CustomResourceDefinition = serde_yaml::from_value(v).unwrap();
+        let name = crd.metadata.name.clone().unwrap();
+        api.patch(&name, &PatchParams::apply("cinderblock-e2e").force(), &Patch::Apply(&crd)).await.unwrap();
+        names.push(name);
+    }
+    for name in names {
+        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
+            let api = api.clone();
+            let name = name.clone();
+            async move {
+                let c = api.get(&name).await.ok()?;
+                c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+use serde::Deserialize;
+
+fn pvc(name: &str, size: i64, data_source: Option<serde_json::Value>) -> PersistentVolumeClaim {
+    let mut spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "cinderblock",
+        "resources": {"requests": {"storage": size.to_string()}},
+    });
+    if let Some(ds) = data_source {
+        spec["dataSource"] = ds;
+    }
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+async fn bound_pv(pvcs: &Api<PersistentVolumeClaim>, pvs: &Api<PersistentVolume>, name: &str) -> PersistentVolume {
+    let pv_name = eventually(&format!("PVC {name} bound"), Duration::from_secs(90), || async {
+        let c = pvcs.get(name).await.ok()?;
+        (c.status.as_ref()?.phase.as_deref() == Some("Bound")).then(|| c.spec.unwrap().volume_name.unwrap())
+    })
+    .await;
+    pvs.get(&pv_name).await.unwrap()
+}
+
+fn pv_node(pv: &PersistentVolume) -> String {
+    let terms = &pv.spec.as_ref().unwrap().node_affinity.as_ref().unwrap().required.as_ref().unwrap().node_selector_terms;
+    for t in terms {
+        for e in t.match_expressions.clone().unwrap_or_default() {
+            if e.key == cinderblock::TOPOLOGY_NODE_KEY {
+                return e.values.unwrap()[0].clone();
+            }
+        }
+    }
+    panic!("PV has no node affinity on {}: {terms:?}", cinderblock::TOPOLOGY_NODE_KEY)
+}
+
+fn handle(pv: &PersistentVolume) -> String {
+    pv.spec.as_ref().unwrap().csi.as_ref().unwrap().volume_handle.clone()
+}
+
+fn images(pools: &[(String, PathBuf)]) -> Vec<String> {
+    let mut out = vec![];
+    for (node, pool) in pools {
+        for sub in ["volumes", "snapshots"] {
+            for f in std::fs::read_dir(pool.join(sub)).into_iter().flatten().flatten() {
+                if let Some(id) = f.file_name().to_string_lossy().strip_suffix(".img") {
+                    out.push(format!("{node}/{id}"));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_end_to_end() {
+    let (Ok(kubeconfig), Ok(bin)) = (std::env::var("CINDERBLOCK_TEST_KUBECONFIG"), std::env::var("CINDERBLOCK_K8S_BIN")) else {
+        eprintln!("SKIPPED: needs CINDERBLOCK_TEST_KUBECONFIG and CINDERBLOCK_K8S_BIN (scripts/test-all.sh sets them)");
+        return;
+    };
+    let bin = PathBuf::from(bin);
+    let crd_dir = PathBuf::from(std::env::var("CINDERBLOCK_K8S_CRDS").unwrap_or_else(|_| bin.parent().unwrap().join("crds").display().to_string()));
+    let cb = PathBuf::from(env!("CARGO_BIN_EXE_cinderblock"));
+    let dir = tempfile::Builder::new().prefix("cinderblock-e2e-").tempdir().unwrap();
+    let d = dir.path();
+    eprintln!("e2e work folder: {}", d.display());
+    let client = cinderblock::kube::client(Some(Path::new(&kubeconfig))).await.unwrap();
+    let kc = kubeconfig.as_str();
+
+    // CRDs: ours (exactly what `cinderblock crds` prints) and the snapshot ones.
+    apply_crds(&client, &cinderblock::kube::crds::all_yaml()).await;
+    let mut snapshot_crds = String::new();
+    for f in std::fs::read_dir(&crd_dir).unwrap_or_else(|e| panic!("{}: {e}", crd_dir.display())).flatten() {
+        snapshot_crds.push_str(&std::fs::read_to_string(f.path()).unwrap());
+        snapshot_crds.push_str("\n---\n");
+    }
+    apply_crds(&client, &snapshot_crds).await;
+
+    // The nodes, registered as kubelet would do it.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let csinodes: Api<CSINode> = Api::all(client.clone());
+    for (name, zone) in [("node-a", "zone-1"), ("node-b", "zone-2")] {
+        let node: Node = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name,
+                "labels": {"topology.kubernetes.io/zone": zone, cinderblock::TOPOLOGY_NODE_KEY: name, cinderblock::TOPOLOGY_ZONE_KEY: zone},
+                "annotations": {"csi.volume.kubernetes.io/nodeid": format!("{{\"{DRIVER}\":\"{name}\"}}")}}
+        }))
+        .unwrap();
+        let _ = nodes.create(&PostParams::default(), &node).await;
+        let csinode: CSINode = serde_json::from_value(json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": name},
+            "spec": {"drivers": [{"name": DRIVER, "nodeID": name,
+                "topologyKeys": [cinderblock::TOPOLOGY_NODE_KEY, cinderblock::TOPOLOGY_ZONE_KEY]}]}
+        }))
+        .unwrap();
+        let _ = csinodes.create(&PostParams::default(), &csinode).await;
+    }
+    let drivers: Api<CSIDriver> = Api::all(client.clone());
+    let driver: CSIDriver = serde_json::from_value(json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": {"name": DRIVER},
+        "spec": {"attachRequired": false, "podInfoOnMount": false, "volumeLifecycleModes": ["Persistent"], "storageCapacity": false}
+    }))
+    .unwrap();
+    let _ = drivers.create(&PostParams::default(), &driver).await;
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    let sc: StorageClass = serde_json::from_value(json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "cinderblock"},
+        "provisioner": DRIVER, "volumeBindingMode": "Immediate", "allowVolumeExpansion": true, "reclaimPolicy": "Delete",
+        "parameters": {"provisioning": "thin"}
+    }))
+    .unwrap();
+    let _ = classes.create(&PostParams::default(), &sc).await;
+    let vsc_ar = gvk_resource("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass", "volumesnapshotclasses");
+    let vsc_api: Api<DynamicObject> = Api::all_with(client.clone(), &vsc_ar);
+    let vsc = DynamicObject::new("cinderblock", &vsc_ar).data(json!({"driver": DRIVER, "deletionPolicy": "Delete"}));
+    let _ = vsc_api.create(&PostParams::default(), &vsc).await;
+
+    // cinderblock: two nodes with real pools, two controller replicas.
+    let mut pools = vec![];
+    let mut procs = vec![];
+    for name in ["node-a", "node-b"] {
+        let pool = d.join(name).join("pool");
+        pools.push((name.to_string(), pool.clone()));
+        let args: Vec<String> = [
+            "node", "--pool", pool.to_str().unwrap(), "--node-id", name, "--agent-listen", "127.0.0.1:0",
+            "--endpoint", &format!("unix://{}/{name}.sock", d.display()), "--allowed-root", d.to_str().unwrap(),
+            "--register", "--kubeconfig", kc, "--heartbeat-interval", "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        procs.push(Proc::start(d, name, &cb, &args, &[]));
+    }
+    let controller_args = |id: &str| -> Vec<String> {
+        [
+            "controller", "--endpoint", &format!("unix://{}/{id}.sock", d.display()), "--kubeconfig", kc,
+            "--leader-election", "--leader-election-namespace", "default", "--identity", id, "--lease-duration", "4",
+            "--heartbeat-timeout", "10", "--reconcile-interval", "2", "--stuck-grace", "30",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut ctrl_a = Proc::start(d, "ctrl-a", &cb, &controller_args("ctrl-a"), &[]);
+    // Let ctrl-a take the Lease first.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "default");
+    eventually("ctrl-a leads", Duration::from_secs(30), || async {
+        let l = leases.get("cinderblock-controller").await.ok()?;
+        (l.spec?.holder_identity.as_deref() == Some("ctrl-a")).then_some(())
+    })
+    .await;
+    let _ctrl_b = Proc::start(d, "ctrl-b", &cb, &controller_args("ctrl-b"), &[]);
+
+    let sidecar = |name: &str, sock: &str, extra: &[&str]| -> Proc {
+        let mut args: Vec<String> = vec![format!("--csi-address={}/{sock}.sock", d.display()), format!("--kubeconfig={kc}")];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let exe = name.split('@').next().unwrap();
+        Proc::start(d, &name.replace('@', "-"), &bin.join(exe), &args, &[("POD_NAMESPACE", "default"), ("NODE_NAME", "node-a")])
+    };
+    let prov_flags = ["--extra-create-metadata", "--leader-election", "--leader-election-namespace=default",
+        "--leader-election-lease-duration=4s", "--leader-election-renew-deadline=3s", "--leader-election-retry-period=1s",
+        "--retry-interval-start=1s", "--retry-interval-max=5s", "--timeout=60s"];
+    let mut prov_a = sidecar("csi-provisioner@a", "ctrl-a", &prov_flags);
+    let sc_proc = Proc::start(d, "snapshot-controller", &bin.join("snapshot-controller"), &[format!("--kubeconfig={kc}")], &[]);
+    let mut snapshotter = sidecar("csi-snapshotter", "ctrl-a", &["--timeout=60s"]);
+    let mut resizer = sidecar("csi-resizer", "ctrl-a", &["--timeout=60s"]);
+    let _ = (&sc_proc, &mut snapshotter, &mut resizer);
+
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let bvols: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&()));
+    let bsnaps: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<cinderblock::kube::crds::BlockSnapshot>(&()));
+    let snodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()));
+
+    // Both nodes registered, with the zone read from their Node objects.
+    for (name, zone) in [("node-a", "zone-1"), ("node-b", "zone-2")] {
+        eventually(&format!("StorageNode {name}"), Duration::from_secs(30), || async {
+            let n = snodes.get(name).await.ok()?;
+            (n.data["spec"]["zone"] == zone).then_some(())
+        })
+        .await;
+    }
+
+    // 1. A PVC binds to a PV with our handle and node affinity; the BlockVolume is Available there.
+    pvcs.create(&PostParams::default(), &pvc("data", 64 * MI, None)).await.unwrap();
+    let pv = bound_pv(&pvcs, &pvs, "data").await;
+    assert_eq!(pv.spec.as_ref().unwrap().csi.as_ref().unwrap().driver, DRIVER);
+    let vol = handle(&pv);
+    let node = pv_node(&pv);
+    let bv = bvols.get(&vol).await.unwrap();
+    assert_eq!(bv.data["status"]["phase"], "Available");
+    assert_eq!(bv.data["status"]["node"], node.as_str());
+    assert_eq!(bv.data["spec"]["metadata"]["csi.storage.k8s.io/pvc/name"], "data");
+
+    // 2. Snapshot, restore, clone.
+    let vs_ar = gvk_resource("snapshot.storage.k8s.io", "v1", "VolumeSnapshot", "volumesnapshots");
+    let vss: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &vs_ar);
+    let vs = DynamicObject::new("data-snap", &vs_ar)
+        .data(json!({"spec": {"volumeSnapshotClassName": "cinderblock", "source": {"persistentVolumeClaimName": "data"}}}));
+    vss.create(&PostParams::default(), &vs).await.unwrap();
+    eventually("VolumeSnapshot readyToUse", Duration::from_secs(90), || async {
+        let s = vss.get("data-snap").await.ok()?;
+        (s.data["status"]["readyToUse"] == true).then_some(())
+    })
+    .await;
+    let snaps = bsnaps.list(&ListParams::default()).await.unwrap();
+    assert_eq!(snaps.items.len(), 1);
+    assert_eq!(snaps.items[0].data["spec"]["node"], node.as_str());
+    let ds = |kind: &str, name: &str, group: Option<&str>| {
+        let mut v = json!({"kind": kind, "name": name});
+        if let Some(g) = group {
+            v["apiGroup"] = json!(g);
+        }
+        v
+    };
+    pvcs.create(&PostParams::default(), &pvc("restored", 64 * MI, Some(ds("VolumeSnapshot", "data-snap", Some("snapshot.storage.k8s.io"))))).await.unwrap();
+    pvcs.create(&PostParams::default(), &pvc("cloned", 64 * MI, Some(ds("PersistentVolumeClaim", "data", None)))).await.unwrap();
+    let restored = bound_pv(&pvcs, &pvs, "restored").await;
+    let cloned = bound_pv(&pvcs, &pvs, "cloned").await;
+    assert_eq!(pv_node(&restored), node, "a restore lands on the snapshot's node");
+    assert_eq!(pv_node(&cloned), node, "a clone lands on its source's node");
+
+    // 3. Larger than any pool: Pending, with an Event saying why.
+    pvcs.create(&PostParams::default(), &pvc("huge", 1 << 52, None)).await.unwrap();
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let why = eventually("an Event on PVC huge", Duration::from_secs(60), || async {
+        let list = events.list(&ListParams::default().fields("involvedObject.name=huge")).await.ok()?;
+        list.items.into_iter().filter_map(|e| e.message).find(|m| m.contains("no node can take"))
+    })
+    .await;
+    eprintln!("PVC huge: {why}");
+    let huge = pvcs.get("huge").await.unwrap();
+    assert_eq!(huge.status.unwrap().phase.as_deref(), Some("Pending"));
+
+    // 4. Resize grows the volume.
+    pvcs.patch("data", &PatchParams::default(), &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": (128 * MI).to_string()}}}})))
+        .await
+        .unwrap();
+    eventually("PV grown to 128Mi", Duration::from_secs(90), || async {
+        let pv = pvs.get(&pv.metadata.name.clone().unwrap()).await.ok()?;
+        let cap = pv.spec?.capacity?.get("storage")?.0.clone();
+        (cap == (128 * MI).to_string() || cap == "128Mi").then_some(())
+    })
+    .await;
+    let bv = bvols.get(&vol).await.unwrap();
+    assert_eq!(bv.data["spec"]["size_bytes"], 128 * MI);
+    let img = pools.iter().find(|(n, _)| *n == node).unwrap().1.join("volumes").join(format!("{vol}.img"));
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), (128 * MI) as u64);
+
+    // 5. Deleting the PVCs and the snapshot removes the images from the pools.
+    for name in ["restored", "cloned", "huge", "data"] {
+        pvcs.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    vss.delete("data-snap", &DeleteParams::default()).await.unwrap();
+    eventually("all images removed", Duration::from_secs(90), || async { images(&pools).is_empty().then_some(()) }).await;
+    eventually("all BlockVolumes removed", Duration::from_secs(30), || async {
+        bvols.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
+    })
+    .await;
+
+    // 6. The leader killed mid-provisioning: the standby finishes, no duplicate, no leak.
+    // A clone of a volume full of data is a slow copy on these (non-reflink) pools.
+    pvcs.create(&PostParams::default(), &pvc("source", 256 * MI, None)).await.unwrap();
+    let src_pv = bound_pv(&pvcs, &pvs, "source").await;
+    let src_img = pools.iter().find(|(n, _)| *n == pv_node(&src_pv)).unwrap().1.join("volumes").join(format!("{}.img", handle(&src_pv)));
+    common::write_pattern(&src_img, 0, (256 * MI) as usize, 7);
+    pvcs.create(&PostParams::default(), &pvc("failover", 256 * MI, Some(ds("PersistentVolumeClaim", "source", None)))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    ctrl_a.kill9();
+    prov_a.kill9();
+    snapshotter.kill9();
+    resizer.kill9();
+    // The standby's sidecar (in a cluster: the provisioner in the standby's pod).
+    let _prov_b = sidecar("csi-provisioner@b", "ctrl-b", &prov_flags);
+    let pv = bound_pv(&pvcs, &pvs, "failover").await;
+    let vol = handle(&pv);
+    let leader = leases.get("cinderblock-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+    assert_eq!(leader, "ctrl-b", "the standby must have taken over");
+    let named: Vec<_> = bvols
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|b| b.data["spec"]["metadata"]["csi.storage.k8s.io/pvc/name"] == "failover")
+        .collect();
+    assert_eq!(named.len(), 1, "exactly one BlockVolume for the PVC");
+    let imgs: Vec<String> = images(&pools).into_iter().filter(|i| !i.ends_with(&handle(&src_pv))).collect();
+    assert_eq!(imgs, vec![format!("{}/{vol}", pv_node(&pv))], "exactly one image for the clone, on the PV's node");
+    assert_eq!(common::checksum(&src_img), common::checksum(&pools.iter().find(|(n, _)| *n == pv_node(&pv)).unwrap().1.join("volumes").join(format!("{vol}.img"))));
+    pvcs.delete("failover", &DeleteParams::default()).await.unwrap();
+    pvcs.delete("source", &DeleteParams::default()).await.unwrap();
+    eventually("failover image removed", Duration::from_secs(60), || async { images(&pools).is_empty().then_some(()) }).await;
+    let _ = BTreeMap::<(), ()>::new();
+}
