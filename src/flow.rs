@@ -79,6 +79,7 @@ impl<C: Send> Flow<C> {
         for (i, task) in self.tasks.iter().enumerate() {
             if let Err(error) = task.execute(ctx).await {
                 tracing::warn!(flow = self.name, task = task.name(), error = %error, "task failed, reverting");
+                crate::metrics::METRICS.flow_reverts.get_or_create(&crate::metrics::FlowLabels { flow: self.name.to_string() }).inc();
                 let mut revert_errors = Vec::new();
                 for done in self.tasks[..i].iter().rev() {
                     if let Err(e) = done.revert(ctx, &error).await {

@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod flow;
 pub mod identity;
 pub mod kube;
+pub mod metrics;
 pub mod node;
 pub mod scheduler;
 pub mod server;

@@ -81,12 +81,18 @@ struct StandaloneArgs {
     /// Most volumes per node (scheduler filter and NodeGetInfo); 0 for no limit.
     #[arg(long, default_value_t = 0)]
     max_volumes: u32,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9820).
+    #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pool_opts: PoolOpts,
 }
 
 #[derive(clap::Args)]
 struct ControllerArgs {
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9820).
+    #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     /// CSI endpoint, a unix socket: unix:///path/to/csi.sock
     #[arg(long, env = "CSI_ENDPOINT")]
     endpoint: String,
@@ -200,9 +206,12 @@ struct NodeArgs {
     /// Address the controller uses to reach this agent (default: http://<--agent-listen>).
     #[arg(long, env = "CINDERBLOCK_AGENT_ADVERTISE")]
     agent_advertise: Option<String>,
-    /// Seconds between registrations.
+    /// Seconds between registrations (and pool metric updates).
     #[arg(long, default_value_t = 5.0)]
     heartbeat_interval: f64,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9821).
+    #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
     #[command(flatten)]
     pool_opts: PoolOpts,
 }
@@ -284,10 +293,10 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     let agent_addr = agent_listener.local_addr().map_err(|e| e.to_string())?;
     let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
 
-    let agent = tonic::transport::Server::builder()
+    let agent = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), args.node_id.clone())))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(agent_listener), server::shutdown_signal());
-    let csi = tonic::transport::Server::builder()
+    let csi = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(false, ready.clone())))
         .add_service(NodeServer::new(NodeService::new(NodeConfig {
             node_id: args.node_id.clone(),
@@ -297,7 +306,27 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             max_volumes: args.max_volumes,
         })))
         .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());
+    if let Some(addr) = args.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = cinderblock::metrics::serve(addr).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let mut zone = args.zone.clone();
+    if !args.register {
+        // Without registration, still keep the pool gauges current.
+        let (p, id) = (pool.clone(), args.node_id.clone());
+        let every = std::time::Duration::try_from_secs_f64(args.heartbeat_interval).map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            loop {
+                if let Ok(st) = p.status() {
+                    cinderblock::metrics::METRICS.set_pool(&id, st.capacity.total, st.capacity.free, st.capacity.provisioned);
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
     if args.register {
         let client = cinderblock::kube::client(args.kubeconfig.as_deref()).await?;
         if zone.is_empty() {
@@ -399,6 +428,7 @@ async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
         reconcile_interval: secs(a.reconcile_interval, "reconcile-interval")?,
         extra_allowed_roots: a.allowed_roots,
         max_volumes: a.max_volumes,
+        metrics_addr: a.metrics_addr,
     };
     cinderblock::standalone::run(cfg).await
 }
@@ -437,10 +467,17 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         manager = manager.with_leader(rx);
     }
     tokio::spawn(manager.clone().run_reconciler(secs(a.reconcile_interval, "reconcile-interval")?));
+    if let Some(addr) = a.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = cinderblock::metrics::serve(addr).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
     let ready = Arc::new(AtomicBool::new(true));
     info!(endpoint = %socket.display(), identity = %identity, leader_election = a.leader_election, "controller ready");
-    tonic::transport::Server::builder()
+    tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
         .add_service(ControllerServer::new(ControllerService::new(manager)))
         .serve_with_incoming_shutdown(incoming, server::shutdown_signal())

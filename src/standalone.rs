@@ -36,6 +36,7 @@ pub struct StandaloneConfig {
     pub reconcile_interval: Duration,
     pub extra_allowed_roots: Vec<PathBuf>,
     pub max_volumes: u32,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 pub fn node_name(i: u32) -> String {
@@ -74,7 +75,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         let pool = Arc::new(pool);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let agent = tonic::transport::Server::builder()
+        let agent = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
             .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), id.clone())))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server::shutdown_signal());
         tasks.spawn(async move { agent.await.map_err(|e| format!("agent server: {e}")) });
@@ -88,6 +89,9 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         }
     }
     let (pool, node_id, zone) = first_pool.expect("at least one node");
+    if let Some(addr) = cfg.metrics_addr {
+        tasks.spawn(crate::metrics::serve(addr));
+    }
     let manager = Manager::new(store.clone(), cfg.controller.clone());
     tokio::spawn(manager.clone().run_reconciler(cfg.reconcile_interval));
 
@@ -95,7 +99,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
     allowed_roots.extend(cfg.extra_allowed_roots.iter().cloned());
     let incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
     let ready = Arc::new(AtomicBool::new(true));
-    let csi = tonic::transport::Server::builder()
+    let csi = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
         .add_service(ControllerServer::new(ControllerService::new(manager)))
         .add_service(NodeServer::new(NodeService::new(NodeConfig {

@@ -431,6 +431,7 @@ impl Manager {
             self.volumes().await?.into_iter().map(|v| (v.id.clone(), v)).collect();
         let snapshots: BTreeMap<String, SnapshotRec> =
             self.snapshots().await?.into_iter().map(|s| (s.id.clone(), s)).collect();
+        record_phase_metrics(&volumes, &snapshots);
         for node in self.nodes().await? {
             if !self.node_is_healthy(&node) {
                 continue;
@@ -471,6 +472,19 @@ impl Manager {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e.message(), "reconciler pass failed"),
             }
+        }
+    }
+}
+
+fn record_phase_metrics(volumes: &BTreeMap<String, VolumeRec>, snapshots: &BTreeMap<String, SnapshotRec>) {
+    use crate::metrics::{RecordLabels, METRICS};
+    for (kind, phases) in [
+        ("volume", volumes.values().map(|v| v.phase).collect::<Vec<_>>()),
+        ("snapshot", snapshots.values().map(|s| s.phase).collect::<Vec<_>>()),
+    ] {
+        for phase in [Phase::Creating, Phase::Available, Phase::Deleting, Phase::Error] {
+            let n = phases.iter().filter(|p| **p == phase).count() as i64;
+            METRICS.records.get_or_create(&RecordLabels { kind: kind.into(), phase: format!("{phase:?}") }).set(n);
         }
     }
 }
@@ -642,6 +656,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                     ctx.save().await?;
                     let pinned = ctx.pinned.is_some();
                     if e.reschedulable && !pinned && ctx.rec.attempts.len() < max {
+                        crate::metrics::METRICS.reschedules.inc();
                         let note = format!("node {node} failed ({}); rescheduling", e.message);
                         ctx.m.event(&ctx.rec, true, "Rescheduling", note).await;
                     }

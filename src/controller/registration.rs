@@ -26,6 +26,7 @@ impl Registration {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        crate::metrics::METRICS.set_pool(&self.node_id, status.total_bytes, status.free_bytes, status.provisioned_bytes);
         let rec = pool_status_to_node(&self.node_id, &self.zone, &self.agent_address, self.max_volumes, &status);
         store::put_json(store, Kind::Node, &self.node_id, &rec).await.map_err(|e| e.to_string())?;
         Ok(())

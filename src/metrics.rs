@@ -1,0 +1,208 @@
+//! Prometheus metrics (OpenMetrics text on `/metrics`): CSI and agent calls
+//! by method and code with latency, flow reverts and reschedules, scheduler
+//! decision time, pool capacity per node, records by phase.
+//!
+//! One process-wide registry: metrics are the process's own state, not
+//! configuration, and every service of the process reports into it.
+
+use std::sync::LazyLock;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub service: String,
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub service: String,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub flow: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordLabels {
+    pub kind: String,
+    pub phase: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub call_seconds: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    pub flow_reverts: Family<FlowLabels, Counter>,
+    pub reschedules: Counter,
+    pub scheduler_seconds: Histogram,
+    pub pool_total_bytes: Family<PoolLabels, Gauge>,
+    pub pool_free_bytes: Family<PoolLabels, Gauge>,
+    pub pool_provisioned_bytes: Family<PoolLabels, Gauge>,
+    pub records: Family<RecordLabels, Gauge>,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("cinderblock");
+    let calls = Family::<CallLabels, Counter>::default();
+    registry.register("grpc_calls", "gRPC calls served, by service, method and status code", calls.clone());
+    let call_seconds = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+    registry.register("grpc_call_seconds", "Time to answer a gRPC call", call_seconds.clone());
+    let flow_reverts = Family::<FlowLabels, Counter>::default();
+    registry.register("flow_reverts", "Flows that failed and reverted their finished tasks", flow_reverts.clone());
+    let reschedules = Counter::default();
+    registry.register("reschedules", "Volume creations moved to another node after a node failed", reschedules.clone());
+    let scheduler_seconds = Histogram::new(exponential_buckets(0.000_001, 2.0, 22));
+    registry.register("scheduler_decision_seconds", "Time the scheduler takes to pick a node", scheduler_seconds.clone());
+    let pool_total_bytes = Family::<PoolLabels, Gauge>::default();
+    registry.register("pool_total_bytes", "Size of a node's pool filesystem", pool_total_bytes.clone());
+    let pool_free_bytes = Family::<PoolLabels, Gauge>::default();
+    registry.register("pool_free_bytes", "Free bytes in a node's pool", pool_free_bytes.clone());
+    let pool_provisioned_bytes = Family::<PoolLabels, Gauge>::default();
+    registry.register("pool_provisioned_bytes", "Sum of volume and snapshot sizes in a node's pool", pool_provisioned_bytes.clone());
+    let records = Family::<RecordLabels, Gauge>::default();
+    registry.register("records", "Volume and snapshot records by phase (controller)", records.clone());
+    Metrics {
+        registry,
+        calls,
+        call_seconds,
+        flow_reverts,
+        reschedules,
+        scheduler_seconds,
+        pool_total_bytes,
+        pool_free_bytes,
+        pool_provisioned_bytes,
+        records,
+    }
+});
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("metrics encode to a String");
+        out
+    }
+
+    pub fn observe_call(&self, path: &str, code: &str, started: Instant) {
+        // "/csi.v1.Controller/CreateVolume" -> ("csi.v1.Controller", "CreateVolume")
+        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let service = parts.next().unwrap_or_default().to_string();
+        let method = parts.next().unwrap_or_default().to_string();
+        self.calls.get_or_create(&CallLabels { service: service.clone(), method: method.clone(), code: code.to_string() }).inc();
+        self.call_seconds.get_or_create(&MethodLabels { service, method }).observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn set_pool(&self, node: &str, total: u64, free: u64, provisioned: u64) {
+        let l = PoolLabels { node: node.to_string() };
+        self.pool_total_bytes.get_or_create(&l).set(total as i64);
+        self.pool_free_bytes.get_or_create(&l).set(free as i64);
+        self.pool_provisioned_bytes.get_or_create(&l).set(provisioned as i64);
+    }
+}
+
+/// gRPC status code names as the spec writes them.
+pub fn code_name(code: &str) -> &'static str {
+    match code.parse::<i32>().map(tonic::Code::from) {
+        Ok(tonic::Code::Ok) => "OK",
+        Ok(tonic::Code::Cancelled) => "CANCELLED",
+        Ok(tonic::Code::Unknown) => "UNKNOWN",
+        Ok(tonic::Code::InvalidArgument) => "INVALID_ARGUMENT",
+        Ok(tonic::Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
+        Ok(tonic::Code::NotFound) => "NOT_FOUND",
+        Ok(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
+        Ok(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
+        Ok(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
+        Ok(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
+        Ok(tonic::Code::Aborted) => "ABORTED",
+        Ok(tonic::Code::OutOfRange) => "OUT_OF_RANGE",
+        Ok(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
+        Ok(tonic::Code::Internal) => "INTERNAL",
+        Ok(tonic::Code::Unavailable) => "UNAVAILABLE",
+        Ok(tonic::Code::DataLoss) => "DATA_LOSS",
+        Ok(tonic::Code::Unauthenticated) => "UNAUTHENTICATED",
+        Err(_) => "UNKNOWN",
+    }
+}
+
+/// A tower layer for tonic servers that counts every call by method and
+/// code and times it. Errors travel as trailers-only responses (the status
+/// in the headers); a response without grpc-status in its headers succeeded.
+#[derive(Clone, Default)]
+pub struct CallMetricsLayer;
+
+impl<S> tower::Layer<S> for CallMetricsLayer {
+    type Service = CallMetrics<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        CallMetrics { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct CallMetrics<S> {
+    inner: S,
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for CallMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let started = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await;
+            let code = match &res {
+                Ok(r) => r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map(code_name).unwrap_or("OK"),
+                Err(_) => "UNAVAILABLE",
+            };
+            METRICS.observe_call(&path, code, started);
+            res
+        })
+    }
+}
+
+/// Serve `/metrics` on `addr` until the process stops.
+pub async fn serve(addr: std::net::SocketAddr) -> Result<(), String> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(|| async {
+            (
+                [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                METRICS.encode(),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics cannot listen on {addr}: {e}"))?;
+    tracing::info!(%addr, "metrics on /metrics");
+    axum::serve(listener, app).with_graceful_shutdown(crate::server::shutdown_signal()).await.map_err(|e| format!("metrics server: {e}"))
+}
