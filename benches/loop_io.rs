@@ -73,6 +73,10 @@ fn fio(filename: &Path, size: u64, w: &Workload, runtime: u64) -> Figure {
     Figure { bytes_per_sec: side["bw_bytes"].as_f64().unwrap_or(0.0), iops: side["iops"].as_f64().unwrap_or(0.0) }
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
 fn median(mut v: Vec<Figure>) -> Figure {
     v.sort_by(|a, b| a.bytes_per_sec.total_cmp(&b.bytes_per_sec));
     v[v.len() / 2]
@@ -195,6 +199,7 @@ async fn main() {
         dio.trim(),
         target.display()
     );
+    println!("loop_io: {} CPUs, load average at the start: {}", std::thread::available_parallelism().map_or(0, |n| n.get()), loadavg());
     println!("loop_io: fio libaio, direct=1, {runtime} s per run (+1 s ramp), median of {rounds} runs, file and loop alternating");
 
     // Write every block once so reads hit real data on both sides.
@@ -233,6 +238,9 @@ async fn main() {
         );
     }
     println!();
+    // Random 4k I/O is CPU-bound on small machines: anything else running
+    // skews the loop side (which spends more CPU per I/O) the most.
+    println!("loop_io: load average at the end: {}", loadavg());
     println!(
         "loop_io: worst loop/file ratio {:.1}%: target (within 10%) {}",
         worst * 100.0,
