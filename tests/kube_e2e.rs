@@ -242,7 +242,7 @@ async fn kubernetes_end_to_end() {
         [
             "controller", "--endpoint", &format!("unix://{}/{id}.sock", d.display()), "--kubeconfig", kc,
             "--leader-election", "--leader-election-namespace", "default", "--identity", id, "--lease-duration", "4",
-            "--heartbeat-timeout", "10", "--reconcile-interval", "2", "--stuck-grace", "30",
+            "--heartbeat-timeout", "10", "--reconcile-interval", "2", "--stuck-grace", "8",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -360,7 +360,7 @@ async fn kubernetes_end_to_end() {
     }
     vss.delete("data-snap", &DeleteParams::default()).await.unwrap();
     eventually("all images removed", Duration::from_secs(90), || async { images(&pools).is_empty().then_some(()) }).await;
-    eventually("all BlockVolumes removed", Duration::from_secs(30), || async {
+    eventually("all BlockVolumes removed (failed ones expire)", Duration::from_secs(60), || async {
         bvols.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
     })
     .await;

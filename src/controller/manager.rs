@@ -427,6 +427,18 @@ impl Manager {
                 report.stuck_reverted.push(rec.id.clone());
             }
         }
+        // A record left in Error with nothing on any node is only a note of a
+        // failure; the CO retries CreateVolume while it still wants the
+        // volume (which makes a new record), so it expires after the grace.
+        for (rec, version) in store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)? {
+            if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
+                let _guard = self.inflight.acquire(&rec.id).await;
+                if self.store.delete(Kind::Volume, &rec.id, Some(version)).await.is_ok() {
+                    warn!(volume.id = %rec.id, volume.name = %rec.name, error = ?rec.error, "failed volume record expired");
+                    report.errors_expired.push(rec.id.clone());
+                }
+            }
+        }
         let volumes: BTreeMap<String, VolumeRec> =
             self.volumes().await?.into_iter().map(|v| (v.id.clone(), v)).collect();
         let snapshots: BTreeMap<String, SnapshotRec> =
@@ -492,6 +504,7 @@ fn record_phase_metrics(volumes: &BTreeMap<String, VolumeRec>, snapshots: &BTree
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct ReconcileReport {
     pub stuck_reverted: Vec<String>,
+    pub errors_expired: Vec<String>,
     pub orphans_deleted: Vec<String>,
 }
 
