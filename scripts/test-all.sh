@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every test of cinderblock, in layers: unit, integration (real gRPC, real
-# loop devices, mkfs and mounts: needs root), then conformance (csi-sanity).
+# loop devices, mkfs and mounts: needs root), conformance (csi-sanity), then
+# Kubernetes: the kube store and an end-to-end test on a real kube-apiserver
+# with the real CSI sidecars, and the Helm chart installed on one.
 # Installs what it needs; slow downloads and builds are cached under .tools/
 # (ignored by git). Usage: sudo scripts/test-all.sh
 set -euo pipefail
@@ -14,7 +16,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for tool in mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:util-linux blkid:util-linux fio:fio truncate:coreutils; do
+for tool in mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:util-linux blkid:util-linux fio:fio truncate:coreutils openssl:openssl; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -32,5 +34,28 @@ cargo test --locked --no-fail-fast -- --test-threads 4
 
 echo "== conformance (csi-sanity)"
 scripts/csi-sanity.sh
+
+echo "== real Kubernetes parts (built once from the Go module proxy, cached in .tools/k8s)"
+k8s_started=$(date +%s)
+scripts/k8s/build.sh all
+echo "   built or found in $(( $(date +%s) - k8s_started ))s"
+
+echo "== kube store and end to end on a real API server"
+bed=$(mktemp -d /tmp/cinderblock-testbed.XXXXXX)
+trap 'scripts/k8s/testbed.sh down "$bed" >/dev/null 2>&1 || true; rm -rf "$bed"' EXIT
+scripts/k8s/testbed.sh up "$bed"
+export CINDERBLOCK_TEST_KUBECONFIG=$bed/admin.kubeconfig
+export CINDERBLOCK_K8S_BIN=$root/.tools/k8s/bin
+export CINDERBLOCK_K8S_CRDS=$root/.tools/k8s/crds
+.tools/k8s/bin/kubectl --kubeconfig "$bed/admin.kubeconfig" apply --server-side -f deploy/crds/cinderblock.dev.yaml >/dev/null
+e2e_started=$(date +%s)
+cargo test --locked --test kube_store
+cargo test --locked --test kube_e2e -- --nocapture
+echo "   kube store and end to end in $(( $(date +%s) - e2e_started ))s"
+scripts/k8s/testbed.sh down "$bed"
+unset CINDERBLOCK_TEST_KUBECONFIG
+
+echo "== Helm chart: lint, render, install on a real API server, RBAC, uninstall"
+scripts/test-helm.sh
 
 echo "== all tests passed in $(( $(date +%s) - started ))s"
