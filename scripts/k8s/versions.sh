@@ -1,0 +1,30 @@
+# Pinned versions of the real Kubernetes parts the end-to-end test runs.
+# Sourced by build.sh and testbed.sh; bump a version here and build.sh
+# rebuilds just the binaries it feeds. Every one builds from the Go module
+# proxy (see build.sh).
+# shellcheck shell=bash disable=SC2034
+
+ETCD_VERSION=v3.6.16          # go.etcd.io/etcd/server/v3
+K8S_VERSION=v1.36.3           # k8s.io/kubernetes: kube-apiserver, kube-controller-manager, kubectl
+K8S_STAGING_VERSION=v0.36.3   # its k8s.io/* staging modules, released in lockstep
+PROVISIONER_VERSION=v6.4.0    # github.com/kubernetes-csi/external-provisioner/v6
+SNAPSHOTTER_VERSION=v8.7.0    # github.com/kubernetes-csi/external-snapshotter/v8 (and client/v8: CRDs)
+RESIZER_VERSION=v2.3.0        # github.com/kubernetes-csi/external-resizer/v2
+HELM_VERSION=v4.3.1           # helm.sh/helm/v4
+
+# k8s.io/* staging modules for the sidecars. Upstream pins them a patch
+# apart from the modules built before them (the provisioner at v0.36.1 with
+# k8s.io/kubernetes v1.36.3, the snapshotter at v0.37.0 beside the resizer's
+# v0.37.1), so each would compile its own copy of client-go and the API
+# types: about 4 minutes each on 2 cores. Moving them to the patch release
+# already built lets the Go build cache share that work. Empty: upstream's.
+PROVISIONER_K8S_STAGING=$K8S_STAGING_VERSION
+SNAPSHOTTER_K8S_STAGING=v0.37.1
+
+# Where binaries, CRDs and wrapper modules go; an ignored folder of the repo
+# unless K8S_TOOLS_DIR says otherwise (for example a folder that outlives a
+# fresh clone).
+k8s_repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+K8S_TOOLS_DIR=${K8S_TOOLS_DIR:-$k8s_repo_root/.tools/k8s}
+K8S_BIN=$K8S_TOOLS_DIR/bin
+K8S_CRDS=$K8S_TOOLS_DIR/crds
