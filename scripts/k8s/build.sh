@@ -10,22 +10,25 @@
 #         testbed (all but helm: what the end-to-end test needs), or
 #         all (the default: testbed, then helm).
 #
-# A binary is skipped when its stamp (.tools/k8s/stamps/NAME: module,
-# version, Go version, tags, ldflags) matches; bumping a version in
-# versions.sh rebuilds what it feeds. Builds run one at a time with
-# `go build -p 2` (set K8S_BUILD_P to change it); each prints its wall time.
+# A binary is skipped when its stamp (.tools/k8s/stamps/NAME) matches. The
+# stamp holds the modules and versions of its group, the Go version, the
+# tags and the ldflags, so bumping a version in versions.sh rebuilds what
+# that version feeds. Builds run one at a time with `go build -p 2` (set
+# K8S_BUILD_P to change it), and each prints its wall time.
 #
-# A module whose go.mod has replace directives (etcd, kubernetes, the
-# provisioner, the snapshotter) can't be built with `go install mod@version`,
-# because replace directives only apply in the main module. It is built from
-# a small wrapper module under .tools/k8s/src/ that requires it and repeats
-# its replace directives: a directive pointing at a version is copied as is;
-# one pointing at a folder of the same repository (kubernetes' staging/,
-# etcd's ../api, the snapshotter's ./client) is pointed at that module at
-# the version released with it ("lockstep" below); one pointing at
-# FORBIDDEN_DEPENDENCY (etcd's guard) is dropped. For the sidecars, the
-# k8s.io staging modules may then be moved to one patch release ("align",
-# see versions.sh) so that they share compiled packages.
+# Every group of binaries builds from a small wrapper module under
+# .tools/k8s/src/GROUP/. The wrapper requires the upstream modules and
+# repeats their replace directives, because `go install mod@version` ignores
+# them (replace only applies in the main module):
+#   - a directive that points at a version is copied as is;
+#   - one that points at a folder of the same repository (kubernetes'
+#     staging/, etcd's ../api, the snapshotter's ./client) is pointed at that
+#     module at the version released with it ("lockstep" below);
+#   - one that points at FORBIDDEN_DEPENDENCY (etcd's guard) is dropped.
+# The three sidecars share one wrapper: one dependency graph, so the Go build
+# cache compiles client-go and everything else they have in common once.
+# Their k8s.io staging modules are all set to SIDECARS_K8S_STAGING (see
+# versions.sh).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.sh
@@ -43,13 +46,14 @@ mkdir -p "$K8S_BIN" "$K8S_CRDS" "$stamps" "$srcs"
 
 log() { printf '%s\n' "$*" >&2; }
 
-# The go.mod of MODULE@VERSION (downloads the module zip too).
-module_field() { # module@version field -> value
+# A field of `go mod download -json MODULE@VERSION` (GoMod: its go.mod; Dir:
+# its files). Downloads the module.
+module_field() { # module@version field
   go mod download -json "$1" | sed -n "s/^[[:space:]]*\"$2\": \"\(.*\)\",\{0,1\}\$/\1/p"
 }
 
-# Prints `go mod edit` -replace arguments repeating the replace directives of
-# the go.mod at $1, with folder targets pointed at LOCKSTEP ($2).
+# Prints, one a line, `go mod edit` -replace arguments that repeat the
+# replace directives of the go.mod at $1, folder targets pointed at LOCKSTEP.
 replace_args() { # gomod lockstep
   awk -v lockstep="$2" '
     { sub(/\/\/.*/, "") }
@@ -73,7 +77,7 @@ replace_args() { # gomod lockstep
     }' "$1"
 }
 
-# The k8s.io staging modules: those kubernetes replaces with staging/ folders.
+# The k8s.io staging modules: those that kubernetes replaces with staging/ folders.
 staging_modules=()
 load_staging_modules() {
   [ ${#staging_modules[@]} -eq 0 ] || return 0
@@ -84,73 +88,113 @@ load_staging_modules() {
   [ ${#staging_modules[@]} -gt 0 ] || { log "no staging modules found in $gomod"; exit 1; }
 }
 
-# Creates (once per run) the wrapper module for MODULE@VERSION in $wdir.
+provisioner=github.com/kubernetes-csi/external-provisioner/v6
+snapshotter=github.com/kubernetes-csi/external-snapshotter/v8
+resizer=github.com/kubernetes-csi/external-resizer/v2
+
+# A group: its modules (MODULE@VERSION:LOCKSTEP), the packages it builds
+# (PACKAGE@VERSION), and the version its k8s.io staging modules are set to
+# (empty: as its go.mod says).
+group() { # name -> g_mods g_pkgs g_align
+  g_align=
+  case $1 in
+    etcd)
+      g_mods=("go.etcd.io/etcd/server/v3@$ETCD_VERSION:$ETCD_VERSION")
+      g_pkgs=("go.etcd.io/etcd/server/v3@$ETCD_VERSION") ;;
+    kubernetes)
+      g_mods=("k8s.io/kubernetes@$K8S_VERSION:$K8S_STAGING_VERSION")
+      g_pkgs=()
+      local c
+      for c in kube-apiserver kube-controller-manager kubectl; do g_pkgs+=("k8s.io/kubernetes/cmd/$c@$K8S_VERSION"); done ;;
+    sidecars)
+      g_mods=("$provisioner@$PROVISIONER_VERSION:" "$snapshotter@$SNAPSHOTTER_VERSION:$SNAPSHOTTER_VERSION"
+        "$resizer@$RESIZER_VERSION:")
+      g_pkgs=("$provisioner/cmd/csi-provisioner@$PROVISIONER_VERSION"
+        "$snapshotter/cmd/csi-snapshotter@$SNAPSHOTTER_VERSION"
+        "$snapshotter/cmd/snapshot-controller@$SNAPSHOTTER_VERSION"
+        "$resizer/cmd/csi-resizer@$RESIZER_VERSION")
+      g_align=$SIDECARS_K8S_STAGING ;;
+    helm)
+      g_mods=("helm.sh/helm/v4@$HELM_VERSION:")
+      g_pkgs=("helm.sh/helm/v4/cmd/helm@$HELM_VERSION") ;;
+    *) log "unknown group $1"; exit 2 ;;
+  esac
+}
+
+# Creates (once per run) the wrapper module of GROUP in $srcs/GROUP and
+# resolves the packages of the whole group at once, so that every binary of
+# the group builds from the same dependency graph.
 declare -A wrapper_ready=()
-wdir=
-wrapper() { # module version lockstep align
-  local module=$1 version=$2 lockstep=$3 align=$4 base
-  base=$(basename "$module")
-  [ "$base" = "v${version:1:1}" ] && base=$(basename "$(dirname "$module")")
-  local dir=$srcs/$base-$version
-  wdir=$dir
-  if [ -z "${wrapper_ready[$dir]:-}" ]; then
-    rm -rf "$dir"; mkdir -p "$dir"
-    (
-      cd "$dir"
-      go mod init cinderblock.test/k8s-tools >/dev/null 2>&1
-      local gomod
-      gomod=$(module_field "$module@$version" GoMod)
-      [ -n "$gomod" ] || { log "cannot download $module@$version"; exit 1; }
-      local args
-      mapfile -t args < <(replace_args "$gomod" "$lockstep")
-      local m aligned=
-      if [ -n "$align" ]; then
-        for m in "${staging_modules[@]}"; do args+=("-replace=$m=$m@$align"); done
-        aligned=", k8s.io staging modules at $align"
-      fi
-      go mod edit -require="$module@$version" ${args[@]+"${args[@]}"}
-      log "   wrapper $dir: require $module $version, replace directives of its go.mod$aligned"
-    )
-    wrapper_ready[$dir]=1
-  fi
+wrapper() { # group
+  local name=$1 dir=$srcs/$1
+  [ -z "${wrapper_ready[$name]:-}" ] || return 0
+  group "$name"
+  [ -z "$g_align" ] || load_staging_modules
+  rm -rf "$dir"; mkdir -p "$dir"
+  (
+    cd "$dir"
+    go mod init cinderblock.test/k8s-tools >/dev/null 2>&1
+    local spec mv lockstep gomod old line args=() requires=()
+    declare -A seen=()
+    for spec in "${g_mods[@]}"; do
+      mv=${spec%:*} lockstep=${spec##*:}
+      requires+=("-require=$mv")
+      gomod=$(module_field "$mv" GoMod)
+      [ -n "$gomod" ] || { log "cannot download $mv"; exit 1; }
+      while IFS= read -r line; do
+        old=${line#-replace=}; old=${old%%=*}
+        if [ -n "${seen[$old]:-}" ] && [ "${seen[$old]}" != "$line" ] &&
+          ! { [ -n "$g_align" ] && [[ " ${staging_modules[*]} " == *" ${old%@*} "* ]]; }; then
+          log "group $name: ${seen[$old]} and $line disagree"; exit 1
+        fi
+        seen[$old]=$line
+      done < <(replace_args "$gomod" "$lockstep")
+    done
+    for line in "${seen[@]}"; do args+=("$line"); done
+    local m
+    if [ -n "$g_align" ]; then
+      for m in "${staging_modules[@]}"; do args+=("-replace=$m=$m@$g_align"); done
+    fi
+    go mod edit "${requires[@]}" ${args[@]+"${args[@]}"}
+    if ! go get "${g_pkgs[@]}" >get.log 2>&1; then
+      tail -20 get.log >&2; log "go get ${g_pkgs[*]} failed"; exit 1
+    fi
+    log "   wrapper $dir: ${g_mods[*]%:*}${g_align:+; k8s.io staging modules at $g_align}"
+  )
+  wrapper_ready[$name]=1
 }
 
 built=() total_start=$(date +%s)
-# build NAME MODULE VERSION LOCKSTEP ALIGN PACKAGE TAGS LDFLAGS
-build() {
-  local name=$1 module=$2 version=$3 lockstep=$4 align=$5 pkg=$6 tags=$7 ldflags=$8
-  local stamp="$pkg@$version lockstep=$lockstep align=$align $go_version tags=$tags ldflags=$ldflags"
+build() { # name group package tags ldflags
+  local name=$1 grp=$2 pkg=$3 tags=$4 ldflags=$5
+  group "$grp"
+  local stamp="$pkg group=$grp ${g_mods[*]} align=$g_align $go_version tags=$tags ldflags=$ldflags"
   if [ -x "$K8S_BIN/$name" ] && [ "$(cat "$stamps/$name" 2>/dev/null)" = "$stamp" ]; then
-    log "== $name $version: already built"
+    log "== $name (${pkg##*@}): already built"
     return
   fi
-  log "== $name: $pkg@$version"
-  local start dir fetched
+  log "== $name: $pkg"
+  local start fetched end
   start=$(date +%s)
-  [ -z "$align" ] || load_staging_modules
-  wrapper "$module" "$version" "$lockstep" "$align"; dir=$wdir
-  if ! (cd "$dir" && go get "$pkg@$version" >"$dir/get.log" 2>&1); then
-    tail -20 "$dir/get.log" >&2; log "go get $pkg@$version failed"; exit 1
-  fi
+  wrapper "$grp"
   fetched=$(date +%s)
-  (cd "$dir" && go build -p "$build_p" -trimpath ${tags:+-tags "$tags"} -ldflags "$ldflags" \
-    -o "$K8S_BIN/$name.new" "$pkg")
+  (cd "$srcs/$grp" && go build -p "$build_p" -trimpath ${tags:+-tags "$tags"} -ldflags "$ldflags" \
+    -o "$K8S_BIN/$name.new" "${pkg%@*}")
   mv -f "$K8S_BIN/$name.new" "$K8S_BIN/$name"
   printf '%s\n' "$stamp" >"$stamps/$name"
-  local end; end=$(date +%s)
+  end=$(date +%s)
   log "   built $name in $((end - start))s (fetch $((fetched - start))s, compile and link $((end - fetched))s)"
   built+=("$name:$((end - start))s")
 }
 
 crds() {
-  local module=github.com/kubernetes-csi/external-snapshotter/client/v8
-  local stamp="$module@$SNAPSHOTTER_VERSION"
+  local stamp="github.com/kubernetes-csi/external-snapshotter/client/v8@$SNAPSHOTTER_VERSION"
   if [ "$(cat "$stamps/crds" 2>/dev/null)" = "$stamp" ] &&
     [ -f "$K8S_CRDS/snapshot.storage.k8s.io_volumesnapshots.yaml" ]; then
-    log "== crds $SNAPSHOTTER_VERSION: already copied"
+    log "== crds ($SNAPSHOTTER_VERSION): already copied"
     return
   fi
-  local dir
+  local dir kind
   dir=$(cd "$srcs" && module_field "$stamp" Dir)
   [ -n "$dir" ] || { log "cannot download $stamp"; exit 1; }
   rm -f "$K8S_CRDS"/*.yaml
@@ -162,9 +206,8 @@ crds() {
 }
 
 k8s_ldflags() {
-  local major=${K8S_VERSION#v}; major=${major%%.*}
-  local minor=${K8S_VERSION#v*.}; minor=${minor%%.*}
-  local flags="-s -w" pkg
+  local major=${K8S_VERSION#v} minor=${K8S_VERSION#v*.} flags="-s -w" pkg
+  major=${major%%.*} minor=${minor%%.*}
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     flags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
     flags+=" -X $pkg.gitTreeState=clean"
@@ -173,21 +216,17 @@ k8s_ldflags() {
 }
 
 one() {
-  local kube=k8s.io/kubernetes kube_tags=selinux,notest,grpcnotrace
   case $1 in
-    etcd) build etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "$ETCD_VERSION" "" \
-      go.etcd.io/etcd/server/v3 "" "-s -w" ;;
+    etcd) build etcd etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" "" "-s -w" ;;
     kube-apiserver | kube-controller-manager | kubectl)
-      build "$1" $kube "$K8S_VERSION" "$K8S_STAGING_VERSION" "" "$kube/cmd/$1" "$kube_tags" "$(k8s_ldflags)" ;;
-    csi-provisioner) build "$1" github.com/kubernetes-csi/external-provisioner/v6 "$PROVISIONER_VERSION" "" \
-      "$PROVISIONER_K8S_STAGING" \
-      github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner "" "-s -w -X main.version=$PROVISIONER_VERSION" ;;
-    csi-snapshotter | snapshot-controller) build "$1" github.com/kubernetes-csi/external-snapshotter/v8 \
-      "$SNAPSHOTTER_VERSION" "$SNAPSHOTTER_VERSION" "$SNAPSHOTTER_K8S_STAGING" \
-      "github.com/kubernetes-csi/external-snapshotter/v8/cmd/$1" "" "-s -w -X main.version=$SNAPSHOTTER_VERSION" ;;
-    csi-resizer) build "$1" github.com/kubernetes-csi/external-resizer/v2 "$RESIZER_VERSION" "" "" \
-      github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer "" "-s -w -X main.version=$RESIZER_VERSION" ;;
-    helm) build helm helm.sh/helm/v4 "$HELM_VERSION" "" "" helm.sh/helm/v4/cmd/helm "" \
+      build "$1" kubernetes "k8s.io/kubernetes/cmd/$1@$K8S_VERSION" selinux,notest,grpcnotrace "$(k8s_ldflags)" ;;
+    csi-provisioner)
+      build "$1" sidecars "$provisioner/cmd/$1@$PROVISIONER_VERSION" "" "-s -w -X main.version=$PROVISIONER_VERSION" ;;
+    csi-snapshotter | snapshot-controller)
+      build "$1" sidecars "$snapshotter/cmd/$1@$SNAPSHOTTER_VERSION" "" "-s -w -X main.version=$SNAPSHOTTER_VERSION" ;;
+    csi-resizer)
+      build "$1" sidecars "$resizer/cmd/$1@$RESIZER_VERSION" "" "-s -w -X main.version=$RESIZER_VERSION" ;;
+    helm) build helm helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION" "" \
       "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean" ;;
     crds) crds ;;
     *) log "unknown part: $1"; exit 2 ;;

@@ -266,7 +266,7 @@ sidecars() {
   # The group-snapshot CRDs aren't installed: switch that (GA, default-on)
   # feature off rather than have both snapshot parts probe for it.
   local nogroup=--feature-gates=CSIVolumeGroupSnapshot=false
-  local sup=("$0" _supervise)
+  local sup=("$here/testbed.sh" _supervise)
   [ "${K8S_SIDECAR_RESTART:-1}" = 1 ] || sup=()
   say "snapshot-controller"
   # shellcheck disable=SC2086

@@ -12,14 +12,12 @@ SNAPSHOTTER_VERSION=v8.7.0    # github.com/kubernetes-csi/external-snapshotter/v
 RESIZER_VERSION=v2.3.0        # github.com/kubernetes-csi/external-resizer/v2
 HELM_VERSION=v4.3.1           # helm.sh/helm/v4
 
-# k8s.io/* staging modules for the sidecars. Upstream pins them a patch
-# apart from the modules built before them (the provisioner at v0.36.1 with
-# k8s.io/kubernetes v1.36.3, the snapshotter at v0.37.0 beside the resizer's
-# v0.37.1), so each would compile its own copy of client-go and the API
-# types: about 4 minutes each on 2 cores. Moving them to the patch release
-# already built lets the Go build cache share that work. Empty: upstream's.
-PROVISIONER_K8S_STAGING=$K8S_STAGING_VERSION
-SNAPSHOTTER_K8S_STAGING=v0.37.1
+# The k8s.io/* staging modules of the three sidecars, which build from one
+# wrapper module (one dependency graph, compiled once). Upstream pins them
+# apart: the provisioner replaces them with v0.36.1 (though it requires
+# v0.37.0 and imports nothing from k8s.io/kubernetes), the snapshotter with
+# v0.37.0, the resizer requires v0.37.1. The newest of those serves all three.
+SIDECARS_K8S_STAGING=v0.37.1
 
 # Where binaries, CRDs and wrapper modules go; an ignored folder of the repo
 # unless K8S_TOOLS_DIR says otherwise (for example a folder that outlives a
