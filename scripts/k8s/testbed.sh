@@ -186,8 +186,21 @@ kcm_started() { # log
     [ "$(grep -c 'Caches are synced' "$1")" -ge 3 ]
 }
 
+# A port picked as free may be taken before etcd or the API server binds it:
+# then `up` tries again with new ports, up to three times.
 up() {
-  local dir; dir=$(abs_dir "$1")
+  local dir try
+  dir=$(abs_dir "$1")
+  for try in 1 2 3; do
+    if (up_once "$dir"); then return 0; fi
+    grep -qs 'address already in use' "$dir/etcd.log" "$dir/kube-apiserver.log" || exit 1
+    [ $try -lt 3 ] || exit 1
+    say "a port was taken meanwhile: again with new ports"
+  done
+}
+
+up_once() {
+  local dir=$1
   need_bin etcd kube-apiserver kube-controller-manager
   for n in etcd kube-apiserver kube-controller-manager; do
     running "$dir" "$n" && die "$n is already running in $dir: run 'testbed.sh down $dir' first"
