@@ -5,11 +5,13 @@
 //! and weighers are small named pieces applied as lists (`FILTERS`,
 //! `WEIGHERS`); the controller owns retries (the `tried` list) and I/O.
 //!
-//! One decision is a single pass over the nodes plus a sort of the survivors.
-//! Topology lists are resolved against the nodes once per request, because
-//! the external provisioner can send one entry per node in the cluster
-//! (non-strict topology), and matching every node against every entry would
-//! be quadratic.
+//! `schedule` ranks every node that can take the volume: one pass over the
+//! nodes, then a sort of the survivors. `schedule_best`, what the controller
+//! calls, wants the winner only: the same pass, then one more over the
+//! survivors instead of the sort. Topology lists are resolved against the
+//! nodes once per request, because the external provisioner can send one
+//! entry per node in the cluster (non-strict topology), and matching every
+//! node against every entry would be quadratic.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -153,28 +155,11 @@ pub fn matches(node: &NodeState, topology: &Segments) -> bool {
 
 /// Every node that passes all filters, best first; ties go to the smaller
 /// node ID. When none passes, why each node was turned away.
+///
+/// A caller that only wants the winner should use [`schedule_best`]: the
+/// same answer as this list's first entry, without the sort.
 pub fn schedule(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Vec<Candidate>, NoValidNode> {
-    let ctx = Context::new(nodes, req);
-
-    let mut tallies: [Tally; FILTERS.len()] = std::array::from_fn(|_| Tally::default());
-    let mut passing: Vec<Scored> = Vec::with_capacity(nodes.len());
-    'nodes: for (index, node) in nodes.iter().enumerate() {
-        for (filter, tally) in FILTERS.iter().zip(tallies.iter_mut()) {
-            if let Err(why) = (filter.check)(node, index, &ctx) {
-                tally.record(nodes, index, why);
-                continue 'nodes;
-            }
-        }
-        let raw = std::array::from_fn(|w| sane((WEIGHERS[w].raw)(node, index, &ctx)));
-        passing.push(Scored {
-            index: index as u32,
-            raw,
-        });
-    }
-
-    if passing.is_empty() {
-        return Err(explain(nodes, req, tallies));
-    }
+    let passing = filter_and_score(nodes, req)?;
 
     // Sort plain integer keys rather than the scored rows: 16 bytes a row,
     // and the node IDs are read only to break a tie.
@@ -193,6 +178,68 @@ pub fn schedule(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Vec<Candid
             weight: weight_of(key),
         })
         .collect())
+}
+
+/// The best node only: exactly `schedule(nodes, req)?[0]` (same filters,
+/// weights and tie-break, the same error when nothing fits), found in one
+/// pass over the weighed nodes instead of a sort, with one node ID copied.
+pub fn schedule_best(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Candidate, NoValidNode> {
+    let passing = filter_and_score(nodes, req)?;
+
+    // The smallest (sort key, node ID), as the ranking in `schedule` orders
+    // them; IDs are compared only when the keys tie.
+    let mut weights = weigh(&passing).zip(&passing);
+    let (w, s) = weights
+        .next()
+        .expect("filter_and_score returns at least one node");
+    let mut best = (descending(w), s.index as usize);
+    for (w, s) in weights {
+        let key = descending(w);
+        let index = s.index as usize;
+        if key < best.0 || (key == best.0 && nodes[index].id < nodes[best.1].id) {
+            best = (key, index);
+        }
+    }
+    Ok(Candidate {
+        node_id: nodes[best.1].id.clone(),
+        weight: weight_of(best.0),
+    })
+}
+
+/// Every node that passes all filters with its raw weigher figures, in
+/// `nodes` order and never empty; when none passes, why each node was
+/// turned away.
+fn filter_and_score(
+    nodes: &[NodeState],
+    req: &ScheduleRequest,
+) -> Result<Vec<Scored>, NoValidNode> {
+    let ctx = Context::new(nodes, req);
+
+    let mut tallies: [Tally; FILTERS.len()] = std::array::from_fn(|_| Tally::default());
+    let mut passing: Vec<Scored> = Vec::with_capacity(nodes.len());
+    'nodes: for (index, node) in nodes.iter().enumerate() {
+        for (filter, tally) in FILTERS.iter().zip(tallies.iter_mut()) {
+            if let Err(why) = (filter.check)(node, index, &ctx) {
+                // The tallies explain an empty result only: once a node
+                // has passed, finding each filter's example is waste.
+                if passing.is_empty() {
+                    tally.record(nodes, index, why);
+                }
+                continue 'nodes;
+            }
+        }
+        let raw = std::array::from_fn(|w| sane((WEIGHERS[w].raw)(node, index, &ctx)));
+        passing.push(Scored {
+            index: index as u32,
+            raw,
+        });
+    }
+
+    if passing.is_empty() {
+        Err(explain(nodes, req, tallies))
+    } else {
+        Ok(passing)
+    }
 }
 
 // ---------------------------------------------------------------- filters
@@ -256,8 +303,12 @@ fn pinned_node(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
     }
 }
 
-fn not_yet_tried(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
-    if ctx.req.tried.contains(&node.id) {
+fn not_yet_tried(node: &NodeState, at: usize, ctx: &Context) -> Result<(), Why> {
+    let tried = match &ctx.tried {
+        Some(places) => places.contains(&at),
+        None => ctx.req.tried.contains(&node.id),
+    };
+    if tried {
         Err(Why::Tried)
     } else {
         Ok(())
@@ -518,6 +569,9 @@ struct Context<'a> {
     req: &'a ScheduleRequest,
     requisite: TopologyIndex<'a>,
     preferred: TopologyIndex<'a>,
+    /// The places in `nodes` of the tried nodes, when the topology lists
+    /// already paid for the ID lookup; else the filter compares IDs.
+    tried: Option<Vec<usize>>,
 }
 
 impl<'a> Context<'a> {
@@ -525,10 +579,18 @@ impl<'a> Context<'a> {
         let mut ids = None;
         let requisite = TopologyIndex::new(&req.requisite, nodes, &mut ids);
         let preferred = TopologyIndex::new(&req.preferred, nodes, &mut ids);
+        let tried = ids.filter(|_| !req.tried.is_empty()).map(|mut ids| {
+            let mut places = Vec::new();
+            for id in &req.tried {
+                ids.each(id, None, |at| places.push(at));
+            }
+            places
+        });
         Context {
             req,
             requisite,
             preferred,
+            tried,
         }
     }
 }
@@ -571,9 +633,73 @@ type FastMap<K> = HashMap<K, u32, BuildHasherDefault<Fx>>;
 
 const NONE: u32 = u32::MAX;
 
-/// Node ID to place in `nodes`, built once per request and only when a
-/// topology list names nodes.
+/// Every node with a given ID, by place in `nodes`; made once per request
+/// and only when a topology list names nodes.
+///
+/// The store lists nodes in ID order, and the external provisioner sorts
+/// its topology terms (by their keys and values, the node key first, so by
+/// node ID) and sends the preferred list rotated to start at the selected
+/// node. A list with an entry per node therefore usually names the nodes
+/// in their order: each lookup first tries where the caller expects the ID
+/// (after the node of the entry before), one string comparison. A miss
+/// goes to a binary search while the IDs ascend and the misses are few,
+/// else to a hash map built on first need. Any order gives the same
+/// answer; only the cost differs.
 struct NodeIds<'n> {
+    nodes: &'n [NodeState],
+    /// Strictly ascending IDs: each ID is on one node, found by binary search.
+    ascending: bool,
+    /// Binary searches so far; past `SEARCHES` the list is not in node
+    /// order, and the map pays off.
+    searches: usize,
+    map: Option<IdMap<'n>>,
+}
+
+/// Misses looked up by binary search before the hash map is built, and
+/// wrong guesses in one list before it stops guessing.
+const SEARCHES: usize = 16;
+
+impl<'n> NodeIds<'n> {
+    fn new(nodes: &'n [NodeState]) -> Self {
+        NodeIds {
+            nodes,
+            ascending: nodes.windows(2).all(|w| w[0].id < w[1].id),
+            searches: 0,
+            map: None,
+        }
+    }
+
+    /// Calls `visit` with the place of every node whose ID is `id`, and
+    /// returns the last place visited. `guess` is where the caller expects
+    /// the ID; any value is correct, a good one is faster.
+    fn each(
+        &mut self,
+        id: &str,
+        guess: Option<usize>,
+        mut visit: impl FnMut(usize),
+    ) -> Option<usize> {
+        let nodes = self.nodes;
+        let unique = self.ascending || self.map.as_ref().is_some_and(IdMap::unique);
+        // With unique IDs, a node found at the guess is the only one.
+        let hit = |at: &usize| unique && nodes.get(*at).is_some_and(|n| n.id == id);
+        if let Some(at) = guess.filter(hit) {
+            visit(at);
+            return Some(at);
+        }
+        if self.ascending && self.map.is_none() && self.searches < SEARCHES {
+            self.searches += 1;
+            let at = nodes.binary_search_by(|n| n.id.as_str().cmp(id)).ok()?;
+            visit(at);
+            return Some(at);
+        }
+        self.map
+            .get_or_insert_with(|| IdMap::new(nodes))
+            .each(id, visit)
+    }
+}
+
+/// Node ID to place in `nodes`, for IDs in any order, repeated or not.
+struct IdMap<'n> {
     /// The last node with each ID.
     last: FastMap<&'n str>,
     /// The previous node with the same ID (NONE at the end); empty while the
@@ -581,7 +707,7 @@ struct NodeIds<'n> {
     previous: Vec<u32>,
 }
 
-impl<'n> NodeIds<'n> {
+impl<'n> IdMap<'n> {
     fn new(nodes: &'n [NodeState]) -> Self {
         let mut last = FastMap::with_capacity_and_hasher(nodes.len(), Default::default());
         let mut previous = Vec::new();
@@ -593,15 +719,23 @@ impl<'n> NodeIds<'n> {
                 previous[at] = before;
             }
         }
-        NodeIds { last, previous }
+        IdMap { last, previous }
     }
 
-    fn each(&self, id: &str, mut visit: impl FnMut(usize)) {
+    fn unique(&self) -> bool {
+        self.previous.is_empty()
+    }
+
+    /// The nodes with this ID, last first; returns the first node's place.
+    fn each(&self, id: &str, mut visit: impl FnMut(usize)) -> Option<usize> {
         let mut at = self.last.get(id).copied().unwrap_or(NONE);
+        let mut visited = None;
         while at != NONE {
             visit(at as usize);
+            visited = Some(at as usize);
             at = self.previous.get(at as usize).copied().unwrap_or(NONE);
         }
+        visited
     }
 }
 
@@ -627,20 +761,19 @@ impl<'a> TopologyIndex<'a> {
         ids: &mut Option<NodeIds<'n>>,
     ) -> Self {
         let mut index = TopologyIndex::default();
+        // Where the next entry naming a node most likely finds it: after the
+        // node of the entry before. None once the list has shown it is not
+        // in node order, so that a wrong guess does not cost a read per entry.
+        let mut guess = Some(0);
+        let mut misses = 0;
         for (position, segments) in list.iter().enumerate() {
             let position = position as u32;
-            let (mut node, mut zone) = (None, None);
-            let mut known = true;
-            for (key, value) in segments {
-                match key.as_str() {
-                    TOPOLOGY_NODE_KEY => node = Some(value.as_str()),
-                    TOPOLOGY_ZONE_KEY => zone = Some(value.as_str()),
-                    _ => known = false,
-                }
-            }
+            let Some((node, zone)) = known_keys(segments) else {
+                continue;
+            };
             // A node without a zone has no zone key, so an empty zone
             // value, like an unknown key, matches nothing.
-            if !known || zone == Some("") {
+            if zone == Some("") {
                 continue;
             }
             // Entries come in order: the first one to land is the best.
@@ -656,12 +789,22 @@ impl<'a> TopologyIndex<'a> {
                         index.by_node = vec![NONE; nodes.len()];
                     }
                     let by_node = &mut index.by_node;
-                    ids.get_or_insert_with(|| NodeIds::new(nodes))
-                        .each(id, |at| {
-                            if by_node[at] == NONE && zone.is_none_or(|z| z == nodes[at].zone) {
-                                by_node[at] = position;
-                            }
-                        });
+                    let ids = ids.get_or_insert_with(|| NodeIds::new(nodes));
+                    let found = ids.each(id, guess, |at| {
+                        if by_node[at] == NONE && zone.is_none_or(|z| z == nodes[at].zone) {
+                            by_node[at] = position;
+                        }
+                    });
+                    if guess.is_some() {
+                        if found != guess {
+                            misses += 1;
+                        }
+                        guess = match found {
+                            _ if misses >= SEARCHES => None,
+                            Some(at) if at + 1 < nodes.len() => Some(at + 1),
+                            _ => Some(0),
+                        };
+                    }
                 }
             }
         }
@@ -681,6 +824,20 @@ impl<'a> TopologyIndex<'a> {
         }
         (best != NONE).then_some(best)
     }
+}
+
+/// The node and zone values of one topology entry, None when it has a key
+/// the nodes do not report (it matches no node).
+fn known_keys(segments: &Segments) -> Option<(Option<&str>, Option<&str>)> {
+    let (mut node, mut zone) = (None, None);
+    for (key, value) in segments {
+        match key.as_str() {
+            TOPOLOGY_NODE_KEY => node = Some(value.as_str()),
+            TOPOLOGY_ZONE_KEY => zone = Some(value.as_str()),
+            _ => return None,
+        }
+    }
+    Some((node, zone))
 }
 
 #[cfg(test)]
@@ -1224,6 +1381,198 @@ mod tests {
         let got = schedule(&nodes, &r).unwrap();
         assert_eq!(got.len(), 200);
         assert_eq!(got[0].node_id, "node-117");
+    }
+
+    /// A fixed-seed generator for the randomized tests (SplitMix64).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+            items[self.below(items.len())]
+        }
+        fn chance(&mut self, percent: usize) -> bool {
+            self.below(100) < percent
+        }
+        fn shuffle<T>(&mut self, items: &mut [T]) {
+            for i in (1..items.len()).rev() {
+                items.swap(i, self.below(i + 1));
+            }
+        }
+    }
+
+    const ZONES: [&str; 4] = ["", "z1", "z2", "z3"];
+
+    /// Up to 60 nodes: half the time with ascending unique IDs (what the
+    /// store lists), else IDs in any order and sometimes repeated. Few
+    /// distinct figures, so that weights often tie.
+    fn random_nodes(rng: &mut Rng) -> Vec<NodeState> {
+        let count = rng.below(61);
+        let ascending = rng.chance(50);
+        (0..count)
+            .map(|i| {
+                let id = if ascending {
+                    format!("node-{i:03}")
+                } else {
+                    format!("n{}", rng.below(count + count / 4 + 1))
+                };
+                let free = rng.pick(&[0, 5, 20, 50, 50, 90]);
+                let mut n = node(&id, rng.pick(&ZONES), free);
+                n.capacity.provisioned += rng.pick(&[0, 10, 150]) * GB;
+                n.capacity.max_over_subscription_ratio = rng.pick(&[1.0, 1.0, 2.0, 0.5]);
+                n.capacity.reserved_percentage = rng.pick(&[0, 0, 10]);
+                n.volume_count = rng.pick(&[0, 0, 3, 10]);
+                n.max_volumes = rng.pick(&[0, 0, 10]);
+                n.last_heartbeat_ms = rng.pick(&[NOW - 1_000, NOW, NOW - 60_000, 0]);
+                n
+            })
+            .collect()
+    }
+
+    /// A node ID: usually one of the nodes', sometimes one no node has.
+    fn random_id(rng: &mut Rng, nodes: &[NodeState]) -> String {
+        if nodes.is_empty() || rng.chance(10) {
+            format!("ghost-{}", rng.below(3))
+        } else {
+            nodes[rng.below(nodes.len())].id.clone()
+        }
+    }
+
+    /// One entry of any kind: empty, node, zone (some no node is in, and
+    /// the empty zone), node and zone (agreeing or not), an unknown key, or
+    /// a node's own topology.
+    fn random_entry(rng: &mut Rng, nodes: &[NodeState]) -> Segments {
+        match rng.below(6) {
+            0 => Segments::new(),
+            1 => on_node(&random_id(rng, nodes)),
+            2 => zone(rng.pick(&["z1", "z2", "z3", "z4", ""])),
+            3 => {
+                let mut entry = zone(rng.pick(&ZONES));
+                entry.insert(TOPOLOGY_NODE_KEY.to_string(), random_id(rng, nodes));
+                entry
+            }
+            4 => {
+                let mut entry = on_node(&random_id(rng, nodes));
+                entry.insert(
+                    "topology.kubernetes.io/region".to_string(),
+                    "r1".to_string(),
+                );
+                entry
+            }
+            _ => match nodes.len() {
+                0 => Segments::new(),
+                count => node_segments(&nodes[rng.below(count)]),
+            },
+        }
+    }
+
+    /// Empty, a few mixed entries, or an entry per node as the external
+    /// provisioner sends it: in node order, rotated, shuffled, or with
+    /// entries missing and others mixed in.
+    fn random_list(rng: &mut Rng, nodes: &[NodeState]) -> Vec<Segments> {
+        let mut per_node: Vec<Segments> = nodes.iter().map(node_segments).collect();
+        match rng.below(6) {
+            0 => Vec::new(),
+            1 => (0..rng.below(12))
+                .map(|_| random_entry(rng, nodes))
+                .collect(),
+            2 => per_node,
+            3 => {
+                per_node.rotate_left(rng.below(nodes.len().max(1)));
+                per_node
+            }
+            4 => {
+                rng.shuffle(&mut per_node);
+                per_node
+            }
+            _ => {
+                per_node.retain(|_| rng.chance(80));
+                for _ in 0..rng.below(6) {
+                    let at = rng.below(per_node.len() + 1);
+                    per_node.insert(at, random_entry(rng, nodes));
+                }
+                per_node
+            }
+        }
+    }
+
+    fn random_request(rng: &mut Rng, nodes: &[NodeState]) -> ScheduleRequest {
+        ScheduleRequest {
+            size_bytes: rng.pick(&[1, 10, 30, 60]) * GB,
+            provisioning: rng.pick(&[Provisioning::Thin, Provisioning::Thick]),
+            requisite: random_list(rng, nodes),
+            preferred: random_list(rng, nodes),
+            pinned_node: rng.chance(10).then(|| random_id(rng, nodes)),
+            tried: (0..rng.pick(&[0, 0, 1, 3]))
+                .map(|_| random_id(rng, nodes))
+                .collect(),
+            placement: rng.pick(&[Placement::Spread, Placement::Stack]),
+            heartbeat_timeout_ms: rng.pick(&[30_000, 0]),
+            ..req(0)
+        }
+    }
+
+    #[test]
+    fn schedule_best_is_the_head_of_schedule() {
+        let mut rng = Rng(0x5eed);
+        let (mut chosen, mut tied, mut refused) = (0, 0, 0);
+        for case in 0..5000 {
+            let nodes = random_nodes(&mut rng);
+            let r = random_request(&mut rng, &nodes);
+            match (schedule(&nodes, &r), schedule_best(&nodes, &r)) {
+                (Ok(all), Ok(best)) => {
+                    assert_eq!(best, all[0], "case {case}: {nodes:?} {r:?}");
+                    chosen += 1;
+                    if all.len() > 1 && all[1].weight == best.weight {
+                        tied += 1;
+                    }
+                }
+                (Err(all), Err(best)) => {
+                    assert_eq!(best, all, "case {case}: {nodes:?} {r:?}");
+                    refused += 1;
+                }
+                (all, best) => panic!("case {case}: schedule {all:?}, schedule_best {best:?}"),
+            }
+        }
+        // Both outcomes, and a best that only the ID picks, many times over.
+        assert!(
+            chosen > 1000 && tied > 200 && refused > 500,
+            "{chosen} chosen ({tied} tied), {refused} refused"
+        );
+    }
+
+    #[test]
+    fn the_topology_index_agrees_with_matches_on_random_lists() {
+        let mut rng = Rng(0x70b0);
+        for case in 0..3000 {
+            let nodes = random_nodes(&mut rng);
+            let lists = [random_list(&mut rng, &nodes), random_list(&mut rng, &nodes)];
+            // Two lists share the node lookup, as in a request.
+            let mut ids = None;
+            let indexes = lists
+                .each_ref()
+                .map(|list| TopologyIndex::new(list, &nodes, &mut ids));
+            for (list, index) in lists.iter().zip(&indexes) {
+                for (at, n) in nodes.iter().enumerate() {
+                    let linear = list.iter().position(|s| matches(n, s)).map(|p| p as u32);
+                    assert_eq!(
+                        index.first_match(n, at),
+                        linear,
+                        "case {case}: {} in {list:?}",
+                        n.id
+                    );
+                }
+            }
+        }
     }
 
     #[test]

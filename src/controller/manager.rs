@@ -637,8 +637,8 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                         now_ms: now_ms(),
                         heartbeat_timeout_ms: ctx.m.config.heartbeat_timeout.as_millis() as i64,
                     };
-                    match scheduler::schedule(&states, &req) {
-                        Ok(c) => c[0].node_id.clone(),
+                    match scheduler::schedule_best(&states, &req) {
+                        Ok(best) => best.node_id,
                         Err(no) => {
                             let mut msg = no.to_string();
                             for a in &ctx.rec.attempts {
