@@ -303,12 +303,8 @@ fn pinned_node(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
     }
 }
 
-fn not_yet_tried(node: &NodeState, at: usize, ctx: &Context) -> Result<(), Why> {
-    let tried = match &ctx.tried {
-        Some(places) => places.contains(&at),
-        None => ctx.req.tried.contains(&node.id),
-    };
-    if tried {
+fn not_yet_tried(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
+    if ctx.req.tried.contains(&node.id) {
         Err(Why::Tried)
     } else {
         Ok(())
@@ -569,9 +565,6 @@ struct Context<'a> {
     req: &'a ScheduleRequest,
     requisite: TopologyIndex<'a>,
     preferred: TopologyIndex<'a>,
-    /// The places in `nodes` of the tried nodes, when the topology lists
-    /// already paid for the ID lookup; else the filter compares IDs.
-    tried: Option<Vec<usize>>,
 }
 
 impl<'a> Context<'a> {
@@ -579,18 +572,10 @@ impl<'a> Context<'a> {
         let mut ids = None;
         let requisite = TopologyIndex::new(&req.requisite, nodes, &mut ids);
         let preferred = TopologyIndex::new(&req.preferred, nodes, &mut ids);
-        let tried = ids.filter(|_| !req.tried.is_empty()).map(|mut ids| {
-            let mut places = Vec::new();
-            for id in &req.tried {
-                ids.each(id, None, |at| places.push(at));
-            }
-            places
-        });
         Context {
             req,
             requisite,
             preferred,
-            tried,
         }
     }
 }
