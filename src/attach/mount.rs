@@ -335,7 +335,18 @@ pub fn remount_bind(target: &Path, readonly: bool) -> Result<()> {
 /// Unmount `target`. Not mounted, or not there at all, is fine. Returns
 /// whether something was unmounted (call again for stacked mounts).
 pub fn unmount(target: &Path) -> Result<bool> {
-    match rustix::mount::unmount(target, UnmountFlags::empty()) {
+    // A reader that has just closed its last file (or a probe such as
+    // blkid or udev) can hold the mount for a moment: retry EBUSY briefly
+    // before reporting it.
+    let mut result = rustix::mount::unmount(target, UnmountFlags::empty());
+    for _ in 0..20 {
+        if result != Err(Errno::BUSY) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        result = rustix::mount::unmount(target, UnmountFlags::empty());
+    }
+    match result {
         Ok(()) => {
             tracing::info!(target = %target.display(), "unmounted");
             Ok(true)
