@@ -307,11 +307,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         })))
         .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());
     if let Some(addr) = args.metrics_addr {
-        tokio::spawn(async move {
-            if let Err(e) = cinderblock::metrics::serve(addr).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
+        spawn_metrics(addr);
     }
     let mut zone = args.zone.clone();
     if !args.register {
@@ -410,9 +406,7 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
 }
 
 async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
-    let secs = |s: f64, what: &str| {
-        std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} must be a positive number of seconds"))
-    };
+    let secs = seconds;
     let cfg = cinderblock::standalone::StandaloneConfig {
         data_dir: a.data_dir,
         nodes: a.nodes,
@@ -436,9 +430,7 @@ async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
 async fn run_controller(a: ControllerArgs) -> Result<(), String> {
     use cinderblock::controller::{ControllerConfig, ControllerService, Manager};
     use cinderblock::csi::controller_server::ControllerServer;
-    let secs = |s: f64, what: &str| {
-        std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} must be a positive number of seconds"))
-    };
+    let secs = seconds;
     let socket = server::unix_endpoint_path(&a.endpoint)?;
     let client = cinderblock::kube::client(a.kubeconfig.as_deref()).await?;
     let identity = a.identity.clone().unwrap_or_else(|| {
@@ -468,11 +460,7 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
     }
     tokio::spawn(manager.clone().run_reconciler(secs(a.reconcile_interval, "reconcile-interval")?));
     if let Some(addr) = a.metrics_addr {
-        tokio::spawn(async move {
-            if let Err(e) = cinderblock::metrics::serve(addr).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
+        spawn_metrics(addr);
     }
     let incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
     let ready = Arc::new(AtomicBool::new(true));
@@ -485,4 +473,16 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         .map_err(|e| format!("CSI server: {e}"))?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+fn seconds(s: f64, flag: &str) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(s).map_err(|_| format!("--{flag} must be a positive number of seconds"))
+}
+
+fn spawn_metrics(addr: SocketAddr) {
+    tokio::spawn(async move {
+        if let Err(e) = cinderblock::metrics::serve(addr).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
 }

@@ -402,7 +402,8 @@ impl Manager {
         }
         let grace = self.config.stuck_grace.as_millis() as i64;
         let now = now_ms();
-        for (rec, _) in store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)? {
+        let listed = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
+        for (rec, _) in &listed {
             if rec.phase == Phase::Creating && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
                 let _guard = self.inflight.acquire(&rec.id).await;
                 let Some((mut rec, version)) = self.volume(&rec.id).await? else { continue };
@@ -430,7 +431,7 @@ impl Manager {
         // A record left in Error with nothing on any node is only a note of a
         // failure; the CO retries CreateVolume while it still wants the
         // volume (which makes a new record), so it expires after the grace.
-        for (rec, version) in store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)? {
+        for (rec, version) in listed {
             if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
                 let _guard = self.inflight.acquire(&rec.id).await;
                 if self.store.delete(Kind::Volume, &rec.id, Some(version)).await.is_ok() {
