@@ -74,7 +74,7 @@ say "cinderblock crds"
 bin=${CINDERBLOCK_BIN:-}
 if [ -z "$bin" ]; then
   cargo build --quiet --locked --bin cinderblock
-  bin=target/debug/cinderblock
+  bin=${CARGO_TARGET_DIR:-target}/debug/cinderblock
 fi
 "$bin" crds >"$tmp/crds.yaml"
 check "deploy/crds/cinderblock.dev.yaml equals \`cinderblock crds\`" cmp "$tmp/crds.yaml" deploy/crds/cinderblock.dev.yaml
