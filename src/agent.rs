@@ -1,5 +1,10 @@
 //! The node agent: the volume manager served over gRPC (proto/agent.proto).
 //! Each call runs on a blocking thread; the pool serializes calls per ID.
+//! Served only over mutual TLS to the controller (`crate::tls`); every call
+//! checks that the connection's certificate named the controller, and every
+//! call that changes data passes the fence (`fence.rs`).
+
+pub mod fence;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,17 +14,53 @@ use tracing::warn;
 
 use crate::agent_proto as pb;
 use crate::agent_proto::volume_manager_server::VolumeManager;
+use crate::tls::{Peer, PeerInfo};
 use crate::volume::pool::CreateVolume;
-use crate::volume::{Pool, Provisioning, SnapshotRecord, VolumeError, VolumeRecord, VolumeSource};
+use crate::volume::{ImageKind, Orphan, Pool, Provisioning, SnapshotRecord, State, VolumeError, VolumeRecord, VolumeSource};
+
+use fence::Fence;
 
 pub struct AgentService {
     pool: Arc<Pool>,
     node_id: String,
+    fence: Arc<Fence>,
 }
 
 impl AgentService {
-    pub fn new(pool: Arc<Pool>, node_id: String) -> Self {
-        AgentService { pool, node_id }
+    pub fn new(pool: Arc<Pool>, node_id: String, fence: Arc<Fence>) -> Self {
+        AgentService { pool, node_id, fence }
+    }
+
+    fn identity(&self) -> Option<pb::AgentIdentity> {
+        Some(pb::AgentIdentity {
+            node_id: self.node_id.clone(),
+            pool_uuid: self.pool.uuid().to_string(),
+            fencing_token: self.fence.highest(),
+        })
+    }
+
+    /// Only the controller may call, and only over a verified connection.
+    fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
+        match request.extensions().get::<PeerInfo>() {
+            Some(p) if p.peers.contains(&Peer::Controller) => Ok(()),
+            Some(p) => Err(Status::permission_denied(format!(
+                "the agent API answers the controller only; this certificate names {:?}",
+                p.peers
+            ))),
+            None => Err(Status::permission_denied("the agent API answers only over mutual TLS with the controller's certificate")),
+        }
+    }
+
+    /// Authorize, then pass the fence; the guard is held while `f` runs.
+    async fn run_fenced<R, T, F>(&self, request: &Request<R>, method: &'static str, f: F) -> Result<Response<T>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pool) -> Result<T, VolumeError> + Send + 'static,
+    {
+        Self::authorize(request)?;
+        let token = fence::token_of(request)?;
+        let _admitted = self.fence.admit(token).await?;
+        self.run(method, f).await
     }
 
     async fn run<T, F>(&self, method: &'static str, f: F) -> Result<Response<T>, Status>
@@ -57,11 +98,26 @@ pub fn provisioning_to_pb(p: Provisioning) -> pb::Provisioning {
     }
 }
 
+fn state_to_pb(s: State) -> pb::ImageState {
+    match s {
+        State::Creating => pb::ImageState::Creating,
+        State::Available => pb::ImageState::Available,
+        State::Deleting => pb::ImageState::Deleting,
+    }
+}
+
+fn age_ms(created_at_ms: i64) -> u64 {
+    (crate::volume::records::now_ms() - created_at_ms).max(0) as u64
+}
+
 fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
     let image = pool.volume_image(&v.id);
     pb::Volume {
         allocated_bytes: pool.allocated_bytes(&image),
         image_path: image.display().to_string(),
+        state: state_to_pb(v.state) as i32,
+        age_ms: age_ms(v.created_at_ms),
+        problem: String::new(),
         volume_id: v.id,
         size_bytes: v.size_bytes,
         provisioning: provisioning_to_pb(v.provisioning) as i32,
@@ -77,6 +133,8 @@ fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
 fn snapshot_to_pb(pool: &Pool, s: SnapshotRecord) -> pb::Snapshot {
     pb::Snapshot {
         allocated_bytes: pool.allocated_bytes(&pool.snapshot_image(&s.id)),
+        state: state_to_pb(s.state) as i32,
+        age_ms: age_ms(s.created_at_ms),
         snapshot_id: s.id,
         source_volume_id: s.source_volume_id,
         size_bytes: s.size_bytes,
@@ -85,8 +143,21 @@ fn snapshot_to_pb(pool: &Pool, s: SnapshotRecord) -> pb::Snapshot {
     }
 }
 
+fn orphan_to_pb(o: Orphan) -> pb::Orphan {
+    pb::Orphan {
+        name: o.name,
+        kind: o.kind,
+        id: o.id,
+        reason: o.reason,
+        age_ms: o.age_ms,
+        size_bytes: o.size_bytes,
+        allocated_bytes: o.allocated_bytes,
+    }
+}
+
 pub fn status_to_pb(node_id: &str, pool: &Pool) -> Result<pb::PoolStatus, VolumeError> {
     let st = pool.status()?;
+    let orphans = pool.list_orphans().unwrap_or_default();
     Ok(pb::PoolStatus {
         node_id: node_id.to_string(),
         total_bytes: st.capacity.total,
@@ -100,6 +171,10 @@ pub fn status_to_pb(node_id: &str, pool: &Pool) -> Result<pb::PoolStatus, Volume
         max_thin_volume_bytes: st.capacity.max_volume(Provisioning::Thin),
         max_thick_volume_bytes: st.capacity.max_volume(Provisioning::Thick),
         filesystem: st.filesystem,
+        pool_uuid: pool.uuid().to_string(),
+        broken_count: 0,
+        orphan_count: orphans.len() as u32,
+        orphan_bytes: orphans.iter().map(|o| o.allocated_bytes).sum(),
     })
 }
 
@@ -109,8 +184,9 @@ impl VolumeManager for AgentService {
         &self,
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
-        let r = request.into_inner();
-        self.run("CreateVolume", move |pool| {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.run_fenced(&request, "CreateVolume", move |pool| {
             let req = CreateVolume {
                 id: r.volume_id,
                 size_bytes: r.size_bytes,
@@ -122,7 +198,7 @@ impl VolumeManager for AgentService {
                 metadata: r.metadata.into_iter().collect::<BTreeMap<_, _>>(),
             };
             let v = pool.create_volume(req)?;
-            Ok(pb::CreateVolumeResponse { volume: Some(volume_to_pb(pool, v)) })
+            Ok(pb::CreateVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
         })
         .await
     }
@@ -131,8 +207,9 @@ impl VolumeManager for AgentService {
         &self,
         request: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        let id = request.into_inner().volume_id;
-        self.run("DeleteVolume", move |pool| pool.delete_volume(&id).map(|_| pb::DeleteVolumeResponse {}))
+        let identity = self.identity();
+        let id = request.get_ref().volume_id.clone();
+        self.run_fenced(&request, "DeleteVolume", move |pool| pool.delete_volume(&id).map(|_| pb::DeleteVolumeResponse { identity }))
             .await
     }
 
@@ -140,10 +217,11 @@ impl VolumeManager for AgentService {
         &self,
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
-        let r = request.into_inner();
-        self.run("CreateSnapshot", move |pool| {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.run_fenced(&request, "CreateSnapshot", move |pool| {
             let s = pool.create_snapshot(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect())?;
-            Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)) })
+            Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)), identity })
         })
         .await
     }
@@ -152,28 +230,34 @@ impl VolumeManager for AgentService {
         &self,
         request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        let id = request.into_inner().snapshot_id;
-        self.run("DeleteSnapshot", move |pool| pool.delete_snapshot(&id).map(|_| pb::DeleteSnapshotResponse {}))
-            .await
+        let identity = self.identity();
+        let id = request.get_ref().snapshot_id.clone();
+        self.run_fenced(&request, "DeleteSnapshot", move |pool| {
+            pool.delete_snapshot(&id).map(|_| pb::DeleteSnapshotResponse { identity })
+        })
+        .await
     }
 
     async fn expand_volume(
         &self,
         request: Request<pb::ExpandVolumeRequest>,
     ) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
-        let r = request.into_inner();
-        self.run("ExpandVolume", move |pool| {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.run_fenced(&request, "ExpandVolume", move |pool| {
             let v = pool.expand_volume(&r.volume_id, r.size_bytes)?;
-            Ok(pb::ExpandVolumeResponse { volume: Some(volume_to_pb(pool, v)) })
+            Ok(pb::ExpandVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
         })
         .await
     }
 
     async fn get_volume(&self, request: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
         let id = request.into_inner().volume_id;
         self.run("GetVolume", move |pool| {
             let v = pool.get_volume(&id)?;
-            Ok(pb::GetVolumeResponse { volume: Some(volume_to_pb(pool, v)) })
+            Ok(pb::GetVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
         })
         .await
     }
@@ -182,21 +266,25 @@ impl VolumeManager for AgentService {
         &self,
         request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
         let id = request.into_inner().snapshot_id;
         self.run("GetSnapshot", move |pool| {
             let s = pool.get_snapshot(&id)?;
-            Ok(pb::GetSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)) })
+            Ok(pb::GetSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)), identity })
         })
         .await
     }
 
     async fn list_volumes(
         &self,
-        _request: Request<pb::ListVolumesRequest>,
+        request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
         self.run("ListVolumes", move |pool| {
             let volumes = pool.list_volumes().into_iter().map(|v| volume_to_pb(pool, v)).collect();
-            Ok(pb::ListVolumesResponse { volumes })
+            Ok(pb::ListVolumesResponse { volumes, identity })
         })
         .await
     }
@@ -205,21 +293,87 @@ impl VolumeManager for AgentService {
         &self,
         request: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
         let source = request.into_inner().source_volume_id;
         self.run("ListSnapshots", move |pool| {
             let filter = (!source.is_empty()).then_some(source.as_str());
             let snapshots = pool.list_snapshots(filter).into_iter().map(|s| snapshot_to_pb(pool, s)).collect();
-            Ok(pb::ListSnapshotsResponse { snapshots })
+            Ok(pb::ListSnapshotsResponse { snapshots, identity })
         })
         .await
     }
 
     async fn get_pool_status(
         &self,
-        _request: Request<pb::GetPoolStatusRequest>,
+        request: Request<pb::GetPoolStatusRequest>,
     ) -> Result<Response<pb::GetPoolStatusResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
         let node_id = self.node_id.clone();
-        self.run("GetPoolStatus", move |pool| Ok(pb::GetPoolStatusResponse { status: Some(status_to_pb(&node_id, pool)?) }))
+        self.run("GetPoolStatus", move |pool| Ok(pb::GetPoolStatusResponse { status: Some(status_to_pb(&node_id, pool)?), identity }))
             .await
+    }
+
+    async fn fence(&self, request: Request<pb::FenceRequest>) -> Result<Response<pb::FenceResponse>, Status> {
+        Self::authorize(&request)?;
+        let token = fence::token_of(&request)?;
+        drop(self.fence.admit(token).await?);
+        Ok(Response::new(pb::FenceResponse { identity: self.identity() }))
+    }
+
+    async fn quarantine_volume(
+        &self,
+        request: Request<pb::QuarantineRequest>,
+    ) -> Result<Response<pb::QuarantineResponse>, Status> {
+        self.quarantine(request, ImageKind::Volume).await
+    }
+
+    async fn quarantine_snapshot(
+        &self,
+        request: Request<pb::QuarantineRequest>,
+    ) -> Result<Response<pb::QuarantineResponse>, Status> {
+        self.quarantine(request, ImageKind::Snapshot).await
+    }
+
+    async fn list_orphans(
+        &self,
+        request: Request<pb::ListOrphansRequest>,
+    ) -> Result<Response<pb::ListOrphansResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
+        self.run("ListOrphans", move |pool| {
+            Ok(pb::ListOrphansResponse { orphans: pool.list_orphans()?.into_iter().map(orphan_to_pb).collect(), identity })
+        })
+        .await
+    }
+
+    async fn purge_orphans(
+        &self,
+        request: Request<pb::PurgeOrphansRequest>,
+    ) -> Result<Response<pb::PurgeOrphansResponse>, Status> {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.run_fenced(&request, "PurgeOrphans", move |pool| {
+            let purged = pool.purge_orphans(r.older_than_ms, r.dry_run)?;
+            Ok(pb::PurgeOrphansResponse { purged: purged.into_iter().map(orphan_to_pb).collect(), identity })
+        })
+        .await
+    }
+}
+
+impl AgentService {
+    async fn quarantine(
+        &self,
+        request: Request<pb::QuarantineRequest>,
+        kind: ImageKind,
+    ) -> Result<Response<pb::QuarantineResponse>, Status> {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.run_fenced(&request, "Quarantine", move |pool| {
+            let orphan = pool.quarantine(kind, &r.id, &r.reason, r.min_age_ms)?;
+            Ok(pb::QuarantineResponse { moved: orphan.is_some(), orphan: orphan.unwrap_or_default(), identity })
+        })
+        .await
     }
 }

@@ -12,14 +12,22 @@ pub struct TaskError {
     /// True when the failure belongs to the node tried (full, down, broken
     /// pool), so the request may be rescheduled elsewhere.
     pub reschedulable: bool,
+    /// True when the outcome is not known yet (a node that may still be
+    /// working, or cannot be asked): nothing is reverted, the state stays as
+    /// it is for a retry or the reconciler to finish.
+    pub pending: bool,
 }
 
 impl TaskError {
     pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
-        TaskError { code, message: message.into(), reschedulable: false }
+        TaskError { code, message: message.into(), reschedulable: false, pending: false }
     }
     pub fn reschedulable(mut self) -> Self {
         self.reschedulable = true;
+        self
+    }
+    pub fn pending(mut self) -> Self {
+        self.pending = true;
         self
     }
 }
@@ -78,6 +86,10 @@ impl<C: Send> Flow<C> {
     pub async fn run(&self, ctx: &mut C) -> Result<(), FlowFailure> {
         for (i, task) in self.tasks.iter().enumerate() {
             if let Err(error) = task.execute(ctx).await {
+                if error.pending {
+                    tracing::warn!(flow = self.name, task = task.name(), error = %error, "outcome not known yet; left as it is for a retry");
+                    return Err(FlowFailure { flow: self.name, task: task.name(), error, revert_errors: vec![] });
+                }
                 tracing::warn!(flow = self.name, task = task.name(), error = %error, "task failed, reverting");
                 crate::metrics::METRICS.flow_reverts.get_or_create(&crate::metrics::FlowLabels { flow: self.name.to_string() }).inc();
                 let mut revert_errors = Vec::new();

@@ -17,6 +17,7 @@ pub mod scheduler;
 pub mod server;
 pub mod standalone;
 pub mod store;
+pub mod tls;
 pub mod volume;
 
 /// The CSI driver name (GetPluginInfo, StorageClass provisioner).

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tracing::info;
 
+use cinderblock::agent::fence::Fence;
 use cinderblock::agent::AgentService;
 use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
 use cinderblock::csi::identity_server::IdentityServer;
@@ -44,6 +45,11 @@ enum Command {
     Controller(ControllerArgs),
     /// Print the CustomResourceDefinitions (YAML) the cluster mode needs.
     Crds,
+    /// Certificates for mutual TLS without a cluster (the controller makes
+    /// and signs them itself in a cluster): a CA, and certificate folders for
+    /// the controller and for nodes.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Measure and print figures (not a test: nothing is asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -123,6 +129,31 @@ struct ControllerArgs {
     /// Seconds a record may sit in Creating, or an image without a record, before the reconciler acts.
     #[arg(long, default_value_t = 120.0)]
     stuck_grace: f64,
+    /// Deadline in seconds of one call to a node agent; a call past it is
+    /// followed by asking the node what it did.
+    #[arg(long, default_value_t = 120.0)]
+    agent_timeout: f64,
+    /// The controller's certificate folder (ca.crt, tls.crt, tls.key) for
+    /// calling node agents over mutual TLS; read again when files change.
+    #[arg(long, env = "CINDERBLOCK_TLS_DIR")]
+    tls_dir: PathBuf,
+    /// Keep the cluster CA in this Secret (in --leader-election-namespace),
+    /// created at first start when missing; then the controller issues its
+    /// own certificate into --tls-dir, publishes the CA certificate in a
+    /// ConfigMap of the same name, and signs the nodes' certificate requests.
+    /// Leave empty when certificates come from elsewhere (cert-manager).
+    #[arg(long, env = "CINDERBLOCK_TLS_CA_SECRET", default_value = "")]
+    tls_ca_secret: String,
+    /// The service account the node plugins run as (system:serviceaccount:NS:NAME):
+    /// only its certificate requests are signed, each for the node its token is bound to.
+    #[arg(long, env = "CINDERBLOCK_NODE_SERVICE_ACCOUNT", default_value = "")]
+    node_service_account: String,
+    /// Reconciler circuit breaker: hold a node's pass that would quarantine more than this many images.
+    #[arg(long, default_value_t = 5)]
+    orphan_breaker_count: usize,
+    /// Reconciler circuit breaker: ...or more than this share (percent) of a node's images.
+    #[arg(long, default_value_t = 10)]
+    orphan_breaker_percent: u32,
 }
 
 #[derive(clap::Args)]
@@ -135,6 +166,35 @@ struct CtlArgs {
     output: String,
     #[command(subcommand)]
     command: cinderblock::ctl::CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Make a new CA in DIR (ca.crt, and ca.key readable by the owner only).
+    InitCa {
+        /// Folder for the CA.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate folder (ca.crt, tls.crt, tls.key) for the
+    /// controller or for one node, signed by the CA in --ca-dir.
+    Issue {
+        /// Folder holding ca.crt and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// For the controller (client certificate for the agent API).
+        #[arg(long, conflicts_with = "node")]
+        controller: bool,
+        /// For this node ID (agent API server, and NBD client).
+        #[arg(long)]
+        node: Option<String>,
+        /// Where to write the folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -209,6 +269,25 @@ struct NodeArgs {
     /// Seconds between registrations (and pool metric updates).
     #[arg(long, default_value_t = 5.0)]
     heartbeat_interval: f64,
+    /// Certificate folder of this node (ca.crt, tls.crt, tls.key): the agent
+    /// API serves mutual TLS only, to the controller's certificate; files
+    /// replaced on disk are used without a restart.
+    #[arg(long, env = "CINDERBLOCK_TLS_DIR")]
+    tls_dir: PathBuf,
+    /// Obtain and renew this node's certificate from the controller through
+    /// a Kubernetes CertificateSigningRequest (needs --register's API access).
+    #[arg(long, default_value_t = false)]
+    tls_bootstrap: bool,
+    /// ConfigMap (in --tls-namespace) where the controller publishes the cluster CA.
+    #[arg(long, default_value = "cinderblock-ca")]
+    tls_ca_configmap: String,
+    /// Namespace of the CA ConfigMap.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    tls_namespace: String,
+    /// Delete quarantined images (orphaned/) older than this many seconds, by
+    /// this node's clock; 0 keeps them until an operator purges them.
+    #[arg(long, env = "CINDERBLOCK_ORPHAN_RETENTION", default_value_t = 0.0)]
+    orphan_retention: f64,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9821).
     #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
@@ -264,6 +343,7 @@ async fn main() -> std::process::ExitCode {
             print!("{}", cinderblock::kube::crds::all_yaml());
             Ok(())
         }
+        Command::Tls(t) => run_tls(t),
         Command::Ctl(a) => cinderblock::ctl::run(&a.endpoint, a.output == "json", a.command).await,
     };
     match result {
@@ -276,8 +356,28 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run_node(args: NodeArgs) -> Result<(), String> {
+    use cinderblock::tls::{self, PeerRule, ServerTls, TlsDir};
     cinderblock::volume::validate_id("node id", &args.node_id).map_err(|e| e.to_string())?;
+    tls::node_dns_name(&args.node_id).map_err(|e| e.to_string())?;
     let socket = server::unix_endpoint_path(&args.endpoint)?;
+    let kube = if args.register || args.tls_bootstrap {
+        Some(cinderblock::kube::client(args.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
+    if args.tls_bootstrap {
+        let client = kube.as_ref().expect("client made above");
+        cinderblock::kube::certs::bootstrap_node(client, &args.node_id, &args.tls_dir, &args.tls_namespace, &args.tls_ca_configmap).await?;
+        tokio::spawn(cinderblock::kube::certs::renew_node_forever(
+            client.clone(),
+            args.node_id.clone(),
+            args.tls_dir.clone(),
+            args.tls_namespace.clone(),
+            args.tls_ca_configmap.clone(),
+            std::time::Duration::from_secs(3600),
+        ));
+    }
+    let tls_dir = TlsDir::open(&args.tls_dir).map_err(|e| format!("certificate folder {}: {e}", args.tls_dir.display()))?;
     let pool_dir = args.pool.clone();
     let config = args.pool_opts.config();
     let (pool, _report) = tokio::task::spawn_blocking(move || Pool::open(&pool_dir, config))
@@ -285,6 +385,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("opening pool {}: {e}", args.pool.display()))?;
     let pool = Arc::new(pool);
+    let fence = Arc::new(Fence::open(pool.root()).map_err(|e| format!("fencing state: {e}"))?);
     let ready = Arc::new(AtomicBool::new(true));
 
     let agent_listener = tokio::net::TcpListener::bind(args.agent_listen)
@@ -293,9 +394,10 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     let agent_addr = agent_listener.local_addr().map_err(|e| e.to_string())?;
     let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
 
+    let agent_incoming = tls::serve_incoming(agent_listener, ServerTls::new(tls_dir, PeerRule::Controller, vec![b"h2".to_vec()]));
     let agent = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
-        .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), args.node_id.clone())))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(agent_listener), server::shutdown_signal());
+        .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), args.node_id.clone(), fence)))
+        .serve_with_incoming_shutdown(agent_incoming, server::shutdown_signal());
     let csi = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(false, ready.clone())))
         .add_service(NodeServer::new(NodeService::new(NodeConfig {
@@ -308,6 +410,22 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());
     if let Some(addr) = args.metrics_addr {
         spawn_metrics(addr);
+    }
+    if args.orphan_retention > 0.0 {
+        let retention = seconds(args.orphan_retention, "orphan-retention")?;
+        let p = pool.clone();
+        tokio::spawn(async move {
+            loop {
+                let p2 = p.clone();
+                let ms = retention.as_millis() as u64;
+                match tokio::task::spawn_blocking(move || p2.purge_orphans(ms, false)).await {
+                    Ok(Ok(purged)) if !purged.is_empty() => info!(count = purged.len(), "orphan retention: purged quarantined images"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "orphan retention pass failed"),
+                    _ => {}
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+            }
+        });
     }
     let mut zone = args.zone.clone();
     if !args.register {
@@ -323,8 +441,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             }
         });
     }
-    if args.register {
-        let client = cinderblock::kube::client(args.kubeconfig.as_deref()).await?;
+    if let (true, Some(client)) = (args.register, kube) {
         if zone.is_empty() {
             zone = cinderblock::kube::node_zone(&client, &args.node_id).await?.unwrap_or_default();
         }
@@ -332,7 +449,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         let reg = cinderblock::controller::registration::Registration {
             node_id: args.node_id.clone(),
             zone: zone.clone(),
-            agent_address: args.agent_advertise.clone().unwrap_or_else(|| format!("http://{agent_addr}")),
+            agent_address: args.agent_advertise.clone().unwrap_or_else(|| format!("https://{agent_addr}")),
             max_volumes: args.max_volumes.max(0) as u32,
         };
         reg.report(&*store, &pool).await.map_err(|e| format!("registering node {}: {e}", args.node_id))?;
@@ -437,26 +554,59 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
         format!("{host}-{}", std::process::id())
     });
+    // Certificates: our own CA in a Secret, or files from elsewhere.
+    let ca = if a.tls_ca_secret.is_empty() {
+        None
+    } else {
+        let ns = &a.leader_election_namespace;
+        let ca = cinderblock::kube::certs::ensure_ca(&client, ns, &a.tls_ca_secret).await?;
+        cinderblock::kube::certs::publish_ca(&client, ns, &a.tls_ca_secret, ca.cert_pem()).await?;
+        cinderblock::kube::certs::ensure_controller_certificate(&ca, &a.tls_dir)?;
+        Some(Arc::new(ca))
+    };
+    let tls_dir = cinderblock::tls::TlsDir::open(&a.tls_dir).map_err(|e| format!("certificate folder {}: {e}", a.tls_dir.display()))?;
     let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client.clone()));
     let config = ControllerConfig {
         heartbeat_timeout: secs(a.heartbeat_timeout, "heartbeat-timeout")?,
         stuck_grace: secs(a.stuck_grace, "stuck-grace")?,
+        agent_timeout: secs(a.agent_timeout, "agent-timeout")?,
+        orphan_breaker_count: a.orphan_breaker_count,
+        orphan_breaker_percent: a.orphan_breaker_percent,
         ..Default::default()
     };
     let events = Arc::new(cinderblock::kube::events::PvcEvents::new(client.clone(), identity.clone()));
-    let mut manager = Manager::new(store, config).with_events(events);
+    let mut manager = Manager::new(store, config, tls_dir).with_events(events);
     if a.leader_election {
-        let rx = cinderblock::kube::leader::campaign(
-            client.clone(),
-            cinderblock::kube::leader::LeaderConfig {
-                namespace: a.leader_election_namespace.clone(),
-                lease_name: a.leader_election_lease.clone(),
-                identity: identity.clone(),
-                lease_duration: secs(a.lease_duration, "lease-duration")?,
-                renew_every: secs(a.lease_duration / 3.0, "lease-duration")?,
-            },
+        let cfg = cinderblock::kube::leader::LeaderConfig::with_lease(
+            a.leader_election_namespace.clone(),
+            a.leader_election_lease.clone(),
+            identity.clone(),
+            secs(a.lease_duration, "lease-duration")?,
         );
-        manager = manager.with_leader(rx);
+        cfg.validate()?;
+        manager = manager.with_leader(cinderblock::kube::leader::campaign(client.clone(), cfg));
+        manager.fence_nodes_on_each_term();
+    }
+    if let Some(ca) = ca {
+        if a.node_service_account.is_empty() {
+            return Err("--tls-ca-secret needs --node-service-account (system:serviceaccount:NAMESPACE:NAME of the node plugins)".into());
+        }
+        let (m, client, sa) = (manager.clone(), client.clone(), a.node_service_account.clone());
+        let dir = a.tls_dir.clone();
+        tokio::spawn(async move {
+            // Only the leader signs; every replica keeps its own certificate fresh.
+            loop {
+                if let Err(e) = cinderblock::kube::certs::ensure_controller_certificate(&ca, &dir) {
+                    tracing::warn!(error = %e, "renewing the controller's certificate failed");
+                }
+                if m.is_leader() {
+                    let signer = cinderblock::kube::certs::sign_node_requests(client.clone(), ca.clone(), sa.clone(), std::time::Duration::from_secs(1));
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(60), signer).await;
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            }
+        });
     }
     tokio::spawn(manager.clone().run_reconciler(secs(a.reconcile_interval, "reconcile-interval")?));
     if let Some(addr) = a.metrics_addr {
@@ -473,6 +623,31 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         .map_err(|e| format!("CSI server: {e}"))?;
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+fn run_tls(cmd: TlsCommand) -> Result<(), String> {
+    use cinderblock::tls::{Authority, Peer};
+    match cmd {
+        TlsCommand::InitCa { dir } => {
+            if dir.join("ca.key").exists() {
+                return Err(format!("{} already holds a CA; remove it first to make a new one", dir.display()));
+            }
+            Authority::generate("cinderblock CA").and_then(|ca| ca.save(&dir)).map_err(|e| e.to_string())?;
+            println!("CA written to {}", dir.display());
+            Ok(())
+        }
+        TlsCommand::Issue { ca_dir, controller, node, out, days } => {
+            let peer = match (controller, node) {
+                (true, None) => Peer::Controller,
+                (false, Some(n)) => Peer::Node(n),
+                _ => return Err("say who the certificate is for: --controller or --node NODE_ID".into()),
+            };
+            let ca = Authority::load(&ca_dir).map_err(|e| e.to_string())?;
+            ca.issue_into(&peer, std::time::Duration::from_secs(days * 86400), &out).map_err(|e| e.to_string())?;
+            println!("certificate for {peer} written to {}", out.display());
+            Ok(())
+        }
+    }
 }
 
 fn seconds(s: f64, flag: &str) -> Result<std::time::Duration, String> {

@@ -59,6 +59,14 @@ pub struct Metrics {
     pub pool_free_bytes: Family<PoolLabels, Gauge>,
     pub pool_provisioned_bytes: Family<PoolLabels, Gauge>,
     pub records: Family<RecordLabels, Gauge>,
+    /// 1 while a node's agent answered as another node or pool.
+    pub node_mismatched: Family<PoolLabels, Gauge>,
+    /// Images on a node that no record places there (last reconciler pass).
+    pub orphan_candidates: Family<PoolLabels, Gauge>,
+    /// Reconciler passes the circuit breaker held, per node.
+    pub breaker_held: Family<PoolLabels, Counter>,
+    /// Images in a node's orphaned/ folder.
+    pub pool_orphans: Family<PoolLabels, Gauge>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -81,6 +89,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("pool_provisioned_bytes", "Sum of volume and snapshot sizes in a node's pool", pool_provisioned_bytes.clone());
     let records = Family::<RecordLabels, Gauge>::default();
     registry.register("records", "Volume and snapshot records by phase (controller)", records.clone());
+    let node_mismatched = Family::<PoolLabels, Gauge>::default();
+    registry.register("node_mismatched", "1 while a node's agent answered as another node or pool; nothing is written there", node_mismatched.clone());
+    let orphan_candidates = Family::<PoolLabels, Gauge>::default();
+    registry.register("reconciler_orphan_candidates", "Images on a node that no record places there, at the last reconciler pass", orphan_candidates.clone());
+    let breaker_held = Family::<PoolLabels, Counter>::default();
+    registry.register("reconciler_breaker_held", "Reconciler passes on a node that the circuit breaker held (too many images without a record)", breaker_held.clone());
+    let pool_orphans = Family::<PoolLabels, Gauge>::default();
+    registry.register("pool_orphans", "Images kept in a node's orphaned/ folder", pool_orphans.clone());
     Metrics {
         registry,
         calls,
@@ -92,6 +108,10 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         pool_free_bytes,
         pool_provisioned_bytes,
         records,
+        node_mismatched,
+        orphan_candidates,
+        breaker_held,
+        pool_orphans,
     }
 });
 

@@ -1,16 +1,17 @@
 //! `cinderblock standalone`: a controller and N nodes in one process on one
 //! machine, each node with its own pool folder and zone, embedded store.
 //! The nodes' agents still listen on loopback TCP and the controller still
-//! reaches them over gRPC, exactly as across machines.
+//! reaches them over gRPC with mutual TLS, exactly as across machines: a CA
+//! and the certificates are made under `<data-dir>/tls/` at first start.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
+use crate::agent::fence::Fence;
 use crate::agent::AgentService;
 use crate::agent_proto::volume_manager_server::VolumeManagerServer;
 use crate::controller::registration::Registration;
@@ -23,6 +24,7 @@ use crate::node::{NodeConfig, NodeService};
 use crate::server;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::Store;
+use crate::tls::{self, Peer, PeerRule, ServerTls, TlsDir};
 use crate::volume::{Pool, PoolConfig};
 
 pub struct StandaloneConfig {
@@ -61,10 +63,15 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
     let store: Arc<dyn Store> = Arc::new(
         EmbeddedStore::open(&data_dir.join("store.redb")).map_err(|e| format!("opening the store: {e}"))?,
     );
+    let tls_dir = data_dir.join("tls");
+    let mut peers = vec![Peer::Controller];
+    peers.extend((1..=cfg.nodes).map(|i| Peer::Node(node_name(i))));
+    tls::authority::ensure_local_pki(&tls_dir, &peers).map_err(|e| format!("making certificates in {}: {e}", tls_dir.display()))?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut first_pool = None;
     for i in 1..=cfg.nodes {
         let id = node_name(i);
+        let node_tls = TlsDir::open(&tls::authority::local_peer_dir(&tls_dir, &Peer::Node(id.clone()))).map_err(|e| e.to_string())?;
         let zone = zone_name(i, cfg.zones);
         let dir = data_dir.join(&id).join("pool");
         let pc = cfg.pool.clone();
@@ -73,13 +80,15 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("opening the pool of {id}: {e}"))?;
         let pool = Arc::new(pool);
+        let fence = Arc::new(Fence::open(pool.root()).map_err(|e| format!("fencing state of {id}: {e}"))?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let incoming = tls::serve_incoming(listener, ServerTls::new(node_tls, PeerRule::Controller, vec![b"h2".to_vec()]));
         let agent = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
-            .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), id.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server::shutdown_signal());
+            .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), id.clone(), fence)))
+            .serve_with_incoming_shutdown(incoming, server::shutdown_signal());
         tasks.spawn(async move { agent.await.map_err(|e| format!("agent server: {e}")) });
-        let reg = Registration { node_id: id.clone(), zone: zone.clone(), agent_address: format!("http://{addr}"), max_volumes: cfg.max_volumes };
+        let reg = Registration { node_id: id.clone(), zone: zone.clone(), agent_address: format!("https://{addr}"), max_volumes: cfg.max_volumes };
         reg.report(&*store, &pool).await?;
         let (s, p, every) = (store.clone(), pool.clone(), cfg.heartbeat_interval);
         tokio::spawn(reg.run(s, p, every));
@@ -92,7 +101,8 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
     if let Some(addr) = cfg.metrics_addr {
         tasks.spawn(crate::metrics::serve(addr));
     }
-    let manager = Manager::new(store.clone(), cfg.controller.clone());
+    let controller_tls = TlsDir::open(&tls::authority::local_peer_dir(&tls_dir, &Peer::Controller)).map_err(|e| e.to_string())?;
+    let manager = Manager::new(store.clone(), cfg.controller.clone(), controller_tls);
     tokio::spawn(manager.clone().run_reconciler(cfg.reconcile_interval));
 
     let mut allowed_roots = vec![data_dir.clone()];

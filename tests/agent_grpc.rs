@@ -9,15 +9,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use cinderblock::agent_proto as pb;
-use cinderblock::agent_proto::volume_manager_client::VolumeManagerClient;
 use common::*;
 use rand::Rng;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
 
-async fn client(node: &NodeProcess) -> VolumeManagerClient<tonic::transport::Channel> {
-    VolumeManagerClient::connect(node.agent.clone()).await.expect("connecting to the agent")
+async fn client(node: &NodeProcess) -> AgentClient {
+    node.client().await
 }
 
 fn create(id: &str, size: u64, source: Option<pb::create_volume_request::Source>) -> pb::CreateVolumeRequest {
@@ -128,7 +127,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(&mut self, mut c: VolumeManagerClient<tonic::transport::Channel>) {
+    async fn run(&mut self, mut c: AgentClient) {
         loop {
             let (kind, name, op) = {
                 let mut rng = rand::rng();

@@ -334,7 +334,7 @@ async fn controller_killed_mid_flow_leaves_no_duplicate_and_no_leak() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconciler_resolves_stuck_records_and_orphaned_images() {
+async fn reconciler_resolves_stuck_records_and_quarantines_orphaned_images() {
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = (0..16).map(|i| format!("pvc-stuck-{i}")).collect();
     {
@@ -372,8 +372,16 @@ async fn reconciler_resolves_stuck_records_and_orphaned_images() {
         .map(|e| e.volume.unwrap().volume_id)
         .collect();
     let on_disk: BTreeSet<String> = s.images().into_iter().map(|i| i.split('/').nth(1).unwrap().to_string()).collect();
-    assert_eq!(on_disk, available, "images on disk must be exactly the Available volumes");
+    assert_eq!(on_disk, available, "images in the pools must be exactly the Available volumes");
+    // The stray image was quarantined, not deleted: whole, with a note of why.
     assert!(!on_disk.contains("vol-stray"));
+    let orphaned: Vec<String> =
+        std::fs::read_dir(dir.path().join("node-2/pool/orphaned")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let image = orphaned.iter().find(|f| f.ends_with("-vol-stray.img")).unwrap_or_else(|| panic!("vol-stray not quarantined: {orphaned:?}"));
+    assert_eq!(std::fs::read(dir.path().join("node-2/pool/orphaned").join(image)).unwrap(), vec![0u8; 4096]);
+    let note = orphaned.iter().find(|f| f.ends_with("-vol-stray.note.json")).expect("a note beside the quarantined image");
+    let note = std::fs::read_to_string(dir.path().join("node-2/pool/orphaned").join(note)).unwrap();
+    assert!(note.contains("no record placed this image"), "{note}");
     for n in &names {
         let v = c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: volume_id_for(n) }).await;
         if let Ok(v) = v {

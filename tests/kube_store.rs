@@ -63,6 +63,11 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             reflink: false,
             filesystem: carrier,
             heartbeat_ms: 1,
+            pool_uuid: String::new(),
+            mismatch: None,
+            orphan_count: 0,
+            orphan_bytes: 0,
+            broken_count: 0,
         }),
         Kind::Export => serde_json::to_vec(&ExportRec {
             id: id.into(),

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cinderblock::agent_proto as pb;
-use cinderblock::agent_proto::volume_manager_client::VolumeManagerClient;
 use cinderblock::attach::loopdev::{self, LoopDevice};
 use cinderblock::attach::mount::{self, MountInfo};
 use cinderblock::csi;
@@ -76,8 +75,8 @@ impl Env {
         }
     }
 
-    async fn agent(&self) -> VolumeManagerClient<Channel> {
-        VolumeManagerClient::connect(self.node.as_ref().unwrap().agent.clone()).await.expect("connecting to the agent")
+    async fn agent(&self) -> AgentClient {
+        self.node.as_ref().unwrap().client().await
     }
 
     /// The CSI socket is bound just after the agent port: retry briefly.
@@ -242,7 +241,7 @@ fn expand_req(id: &str, path: &Path, staging: &Path, required: u64) -> csi::Node
 }
 
 async fn create_volume(
-    agent: &mut VolumeManagerClient<Channel>,
+    agent: &mut AgentClient,
     id: &str,
     size: u64,
     source: Option<pb::create_volume_request::Source>,

@@ -1,22 +1,25 @@
-//! The controller's domain: Cinder's create-volume flow (record, schedule,
-//! create on the chosen node, revert and reschedule on failure), snapshots,
-//! deletion and expansion. The CSI layer (controller/service.rs) only maps
-//! requests and answers onto this.
+//! The controller's domain, shared by its flows: the store, the node agents,
+//! leadership and fencing, and what the controller tells people. The flows
+//! live beside it: `create.rs` (Cinder's create-volume flow), `snapshot.rs`,
+//! `delete.rs`, `expand.rs`, and the reconciler (`reconciler.rs`). The CSI
+//! layer (`service.rs`) only maps requests and answers onto these.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tonic::{Code, Status};
-use tracing::{info, warn};
+use tracing::warn;
 
-use super::agents::Agents;
+use super::agents::{Agents, MismatchSink, NodeAgent};
 use super::inflight::Inflight;
 use super::records::*;
-use crate::agent_proto as pb;
-use crate::flow::{Flow, FlowFailure, Task, TaskError};
-use crate::scheduler::{self, Placement, ScheduleRequest, Segments};
+use crate::flow::TaskError;
+use crate::scheduler::{Placement, Segments};
 use crate::store::{self, Kind, Store, StoreError};
+use crate::tls::TlsDir;
 use crate::volume::Provisioning;
 
 #[derive(Debug, Clone)]
@@ -25,10 +28,17 @@ pub struct ControllerConfig {
     pub heartbeat_timeout: Duration,
     /// Cinder's scheduler_max_attempts.
     pub max_attempts: usize,
-    /// Records stuck in Creating longer than this (and not being worked on) are resolved.
+    /// Records stuck in Creating longer than this (and not being worked on)
+    /// are resolved; images without a record younger than this are left alone.
     pub stuck_grace: Duration,
-    /// Per-call timeout towards node agents.
+    /// Per-call deadline towards node agents. A call that exceeds it is
+    /// followed by asking the node what it did, before anything else.
     pub agent_timeout: Duration,
+    /// The reconciler's circuit breaker: a pass that would quarantine more
+    /// than this many of a node's images, or more than `orphan_breaker_percent`
+    /// of them, quarantines none and raises an alarm instead.
+    pub orphan_breaker_count: usize,
+    pub orphan_breaker_percent: u32,
 }
 
 impl Default for ControllerConfig {
@@ -38,6 +48,8 @@ impl Default for ControllerConfig {
             max_attempts: 3,
             stuck_grace: Duration::from_secs(120),
             agent_timeout: Duration::from_secs(120),
+            orphan_breaker_count: 5,
+            orphan_breaker_percent: 10,
         }
     }
 }
@@ -57,11 +69,21 @@ pub struct CreateVolumeSpec {
     pub fingerprint: String,
 }
 
-/// Where the controller tells people what it decided (Kubernetes Events on
-/// the PVC in a cluster; nothing in standalone).
+/// Whether this replica leads, and its fencing token (the Lease's
+/// transition count when it won it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Leadership {
+    pub leading: bool,
+    pub token: u64,
+}
+
+/// Where the controller tells people what it decided (Kubernetes Events in
+/// a cluster; nothing in standalone).
 #[tonic::async_trait]
 pub trait EventSink: Send + Sync {
     async fn volume_event(&self, volume: &VolumeRec, warning: bool, reason: &str, note: String);
+    /// An event about a node (its StorageNode in a cluster).
+    async fn node_event(&self, _node: &str, _warning: bool, _reason: &str, _note: String) {}
 }
 
 #[derive(Clone)]
@@ -69,25 +91,31 @@ pub struct Manager {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) agents: Arc<Agents>,
     pub(crate) config: ControllerConfig,
-    inflight: Arc<Inflight>,
-    events: Option<Arc<dyn EventSink>>,
-    /// With leader election: true while this replica leads. Without: None.
-    leader: Option<tokio::sync::watch::Receiver<bool>>,
+    pub(crate) inflight: Arc<Inflight>,
+    pub(crate) events: Option<Arc<dyn EventSink>>,
+    /// With leader election: this replica's leadership. Without: None.
+    leader: Option<watch::Receiver<Leadership>>,
 }
 
 pub fn store_status(e: StoreError) -> Status {
     Status::from(e)
 }
 
-fn task_err(e: StoreError) -> TaskError {
+pub(crate) fn task_err(e: StoreError) -> TaskError {
     let s = Status::from(e);
     TaskError::new(s.code(), s.message().to_string())
 }
 
+pub(crate) fn status_task(s: Status) -> TaskError {
+    TaskError::new(s.code(), s.message().to_string())
+}
+
 impl Manager {
-    pub fn new(store: Arc<dyn Store>, config: ControllerConfig) -> Self {
+    /// `tls`: the controller's certificate folder (its client certificate
+    /// and the cluster CA) for calling node agents.
+    pub fn new(store: Arc<dyn Store>, config: ControllerConfig, tls: Arc<TlsDir>) -> Self {
         Manager {
-            agents: Arc::new(Agents::new(config.agent_timeout)),
+            agents: Arc::new(Agents::new(config.agent_timeout, tls)),
             store,
             config,
             inflight: Arc::new(Inflight::default()),
@@ -101,29 +129,96 @@ impl Manager {
         self
     }
 
-    pub fn with_leader(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+    pub fn with_leader(mut self, leader: watch::Receiver<Leadership>) -> Self {
         self.leader = Some(leader);
         self
     }
 
+    /// On every new term, raise the fencing token on every node's agent
+    /// before (or while) the new leader acts, so a deposed leader's late
+    /// calls are refused even on nodes the new leader has not touched yet.
+    pub fn fence_nodes_on_each_term(&self) {
+        let Some(mut rx) = self.leader.clone() else { return };
+        let m = self.clone();
+        tokio::spawn(async move {
+            let mut fenced: Option<u64> = None;
+            loop {
+                let l = *rx.borrow_and_update();
+                if l.leading && fenced != Some(l.token) {
+                    fenced = Some(l.token);
+                    m.fence_all().await;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn fence_all(&self) {
+        let Ok(nodes) = self.nodes().await else { return };
+        let calls = nodes.into_iter().filter(|n| n.mismatch.is_none()).map(|n| {
+            let m = self.clone();
+            async move {
+                let id = n.id.clone();
+                let Ok(mut agent) = m.agent_of(n) else { return };
+                match tokio::time::timeout(Duration::from_secs(10), agent.fence(crate::agent_proto::FenceRequest {})).await {
+                    Ok(Ok(r)) => tracing::info!(node = %id, token = r.identity.map(|i| i.fencing_token).unwrap_or(0), "node fenced for this term"),
+                    Ok(Err(e)) => warn!(node = %id, error = %e.message(), "could not fence the node (its next call from us will)"),
+                    Err(_) => warn!(node = %id, "fencing the node timed out (its next call from us will)"),
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
     pub fn is_leader(&self) -> bool {
-        self.leader.as_ref().is_none_or(|l| *l.borrow())
+        self.leader.as_ref().is_none_or(|l| l.borrow().leading)
+    }
+
+    /// The fencing token for calls that change data, while this replica leads.
+    pub fn fencing_token(&self) -> Option<u64> {
+        match &self.leader {
+            None => Some(0),
+            Some(l) => {
+                let l = *l.borrow();
+                l.leading.then_some(l.token)
+            }
+        }
     }
 
     /// Only the leader changes records; a standby waits a little (a
     /// takeover may be under way), then asks the caller to retry.
     pub async fn wait_leader(&self) -> Result<(), Status> {
         let Some(mut rx) = self.leader.clone() else { return Ok(()) };
-        let wait = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| *l)).await;
+        let wait = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| l.leading)).await;
         match wait {
             Ok(Ok(_)) => Ok(()),
             _ => Err(Status::unavailable("this controller replica is not the leader; retry (the leader answers)")),
         }
     }
 
-    async fn event(&self, volume: &VolumeRec, warning: bool, reason: &str, note: String) {
+    /// Run an operation in its own task: it runs to its end (done, or
+    /// reverted) even when the CSI call that started it is cancelled by the
+    /// caller's timeout. A retry waits for it on the record's key and then
+    /// sees what it left.
+    pub(crate) async fn detached<T, F>(&self, op: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, Status>> + Send + 'static,
+    {
+        tokio::spawn(op).await.map_err(|e| Status::internal(format!("controller operation failed: {e}")))?
+    }
+
+    pub(crate) async fn event(&self, volume: &VolumeRec, warning: bool, reason: &str, note: String) {
         if let Some(e) = &self.events {
             e.volume_event(volume, warning, reason, note).await;
+        }
+    }
+
+    pub(crate) async fn node_event(&self, node: &str, warning: bool, reason: &str, note: String) {
+        if let Some(e) = &self.events {
+            e.node_event(node, warning, reason, note).await;
         }
     }
 
@@ -137,6 +232,9 @@ impl Manager {
     pub async fn snapshot(&self, id: &str) -> Result<Option<(SnapshotRec, u64)>, Status> {
         store::get_json(&*self.store, Kind::Snapshot, id).await.map_err(store_status)
     }
+    pub async fn node(&self, id: &str) -> Result<Option<(NodeRec, u64)>, Status> {
+        store::get_json(&*self.store, Kind::Node, id).await.map_err(store_status)
+    }
     pub async fn nodes(&self) -> Result<Vec<NodeRec>, Status> {
         Ok(store::list_json::<NodeRec>(&*self.store, Kind::Node).await.map_err(store_status)?.into_iter().map(|(n, _)| n).collect())
     }
@@ -148,606 +246,59 @@ impl Manager {
     }
 
     pub fn node_is_healthy(&self, n: &NodeRec) -> bool {
-        now_ms() - n.heartbeat_ms <= self.config.heartbeat_timeout.as_millis() as i64
+        n.mismatch.is_none() && now_ms() - n.heartbeat_ms <= self.config.heartbeat_timeout.as_millis() as i64
     }
 
-    async fn agent_for(&self, node_id: &str) -> Result<crate::controller::agents::AgentClient, TaskError> {
-        let node: Option<(NodeRec, u64)> = store::get_json(&*self.store, Kind::Node, node_id).await.map_err(task_err)?;
-        let node = node.ok_or_else(|| {
+    /// The agent of a node, as its record names it. A mismatched node is
+    /// refused: nothing is written there until an operator resolves it.
+    pub(crate) fn agent_of(&self, node: NodeRec) -> Result<NodeAgent, Status> {
+        if let Some(m) = &node.mismatch {
+            return Err(Status::failed_precondition(format!(
+                "{} on node {}: {m}; nothing is written there until an operator resolves it (docs/security.md)",
+                super::agents::MISMATCH,
+                node.id
+            )));
+        }
+        let client = self.agents.client(&node)?;
+        let sink: Arc<dyn MismatchSink> = Arc::new(self.clone());
+        Ok(NodeAgent::new(node, client, self.fencing_token(), sink))
+    }
+
+    pub(crate) async fn agent_for(&self, node_id: &str) -> Result<NodeAgent, TaskError> {
+        let node = self.node(node_id).await.map_err(status_task)?.map(|(n, _)| n).ok_or_else(|| {
             TaskError::new(Code::Unavailable, format!("node {node_id} is not registered")).reschedulable()
         })?;
-        self.agents.client(&node.0.agent_address).map_err(|s| TaskError::new(s.code(), s.message()))
+        self.agent_of(node).map_err(status_task)
     }
 
-    // ------------------------------------------------------------ create volume
-
-    pub async fn create_volume(&self, spec: CreateVolumeSpec) -> Result<VolumeRec, Status> {
-        self.wait_leader().await?;
-        let id = volume_id_for(&spec.name);
-        let _guard = self.inflight.acquire(&id).await;
-        let existing: Option<(VolumeRec, u64)> = self.volume(&id).await?;
-        let (rec, version) = match existing {
-            Some((rec, _)) if rec.fingerprint != spec.fingerprint => {
-                return Err(Status::already_exists(format!(
-                    "volume name {:?} is taken by a volume with other arguments ({}); pick another name or repeat the original request",
-                    spec.name, rec.fingerprint
-                )));
+    /// Record that `node`'s agent answered as another node or pool: the
+    /// node's record says so (the scheduler and reconciler skip it), with a
+    /// Warning event and a metric.
+    pub(crate) async fn mark_mismatch(&self, node_id: &str, reason: String) {
+        crate::metrics::METRICS.node_mismatched.get_or_create(&crate::metrics::PoolLabels { node: node_id.to_string() }).set(1);
+        for _ in 0..5 {
+            let Ok(Some((mut rec, version))) = self.node(node_id).await else { return };
+            if rec.mismatch.as_deref() == Some(reason.as_str()) {
+                return;
             }
-            Some((rec, _)) if rec.phase == Phase::Available => return Ok(rec),
-            Some((rec, _)) if rec.phase == Phase::Deleting => {
-                return Err(Status::aborted(format!("volume {:?} is being deleted; retry when it is gone", spec.name)));
-            }
-            // Creating (a crashed or earlier attempt) or Error (retry): run the flow again.
-            Some((rec, version)) => (rec, version),
-            None => {
-                let now = now_ms();
-                let rec = VolumeRec {
-                    id: id.clone(),
-                    name: spec.name.clone(),
-                    size_bytes: spec.size_bytes,
-                    node: None,
-                    phase: Phase::Creating,
-                    source: spec.source.clone(),
-                    provisioning: spec.provisioning,
-                    parameters: spec.parameters.clone(),
-                    fingerprint: spec.fingerprint.clone(),
-                    accessible_topology: vec![],
-                    attempts: vec![],
-                    error: None,
-                    metadata: spec.metadata.clone(),
-                    created_ms: now,
-                    updated_ms: now,
-                };
-                (rec, 0)
-            }
-        };
-        let mut ctx = CreateCtx { m: self.clone(), spec, rec, version, pinned: None, source_metadata: BTreeMap::new() };
-        let flow = Flow::new("create_volume").then(RecordVolume).then(ScheduleAndCreate).then(MarkAvailable);
-        match flow.run(&mut ctx).await {
-            Ok(()) => Ok(ctx.rec),
-            Err(f) => {
-                let reason = if f.error.code == Code::ResourceExhausted { "NoNodeFits" } else { "ProvisioningFailed" };
-                self.event(&ctx.rec, true, reason, f.to_string()).await;
-                Err(flow_status(&f))
-            }
-        }
-    }
-
-    // ------------------------------------------------------------ delete volume
-
-    pub async fn delete_volume(&self, id: &str) -> Result<(), Status> {
-        self.wait_leader().await?;
-        let _guard = self.inflight.acquire(id).await;
-        let Some((mut rec, version)) = self.volume(id).await? else {
-            return Ok(());
-        };
-        if rec.phase != Phase::Deleting {
-            rec.phase = Phase::Deleting;
-            rec.updated_ms = now_ms();
-            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
-        }
-        if let Some(node) = &rec.node {
-            let mut agent = self.agent_for(node).await.map_err(|e| Status::unavailable(e.message))?;
-            agent
-                .delete_volume(pb::DeleteVolumeRequest { volume_id: id.to_string() })
-                .await
-                .map_err(|s| Status::new(Code::Unavailable, format!("node {node} could not delete volume {id}: {}; retry", s.message())))?;
-        }
-        let (_, version) = self.volume(id).await?.ok_or_else(|| Status::aborted("volume vanished during delete"))?;
-        self.store.delete(Kind::Volume, id, Some(version)).await.map_err(store_status)?;
-        info!(volume.id = %id, volume.name = %rec.name, "volume deleted");
-        Ok(())
-    }
-
-    // ------------------------------------------------------------ snapshots
-
-    pub async fn create_snapshot(
-        &self,
-        name: &str,
-        source_volume_id: &str,
-        parameters: BTreeMap<String, String>,
-    ) -> Result<SnapshotRec, Status> {
-        let id = snapshot_id_for(name);
-        self.wait_leader().await?;
-        let _guard = self.inflight.acquire(&id).await;
-        if let Some((rec, version)) = self.snapshot(&id).await? {
-            if rec.source_volume_id != source_volume_id {
-                return Err(Status::already_exists(format!(
-                    "snapshot name {name:?} is taken by a snapshot of volume {}; pick another name",
-                    rec.source_volume_id
-                )));
-            }
-            match rec.phase {
-                Phase::Available => return Ok(rec),
-                Phase::Deleting => return Err(Status::aborted(format!("snapshot {name:?} is being deleted; retry"))),
-                _ => {
-                    // Creating after a crash, or Error: retry on the same node.
-                    return self.run_snapshot(rec, version).await;
-                }
-            }
-        }
-        let volume = self
-            .volume(source_volume_id)
-            .await?
-            .map(|(v, _)| v)
-            .ok_or_else(|| Status::not_found(format!("source volume {source_volume_id} does not exist")))?;
-        let (Phase::Available, Some(node)) = (volume.phase, volume.node.clone()) else {
-            return Err(Status::failed_precondition(format!(
-                "source volume {source_volume_id} is {:?}, not Available; wait for it or pick another",
-                volume.phase
-            )));
-        };
-        let mut metadata = volume.metadata.clone();
-        metadata.extend(parameters.into_iter().filter(|(k, _)| k.starts_with("csi.storage.k8s.io/volumesnapshot")));
-        let rec = SnapshotRec {
-            id: id.clone(),
-            name: name.to_string(),
-            source_volume_id: source_volume_id.to_string(),
-            node,
-            size_bytes: volume.size_bytes,
-            phase: Phase::Creating,
-            error: None,
-            metadata,
-            created_ms: now_ms(),
-        };
-        let version = store::create_json(&*self.store, Kind::Snapshot, &id, &rec).await.map_err(store_status)?;
-        self.run_snapshot(rec, version).await
-    }
-
-    async fn run_snapshot(&self, mut rec: SnapshotRec, mut version: u64) -> Result<SnapshotRec, Status> {
-        let result = async {
-            let mut agent = self.agent_for(&rec.node).await?;
-            agent
-                .create_snapshot(pb::CreateSnapshotRequest {
-                    snapshot_id: rec.id.clone(),
-                    source_volume_id: rec.source_volume_id.clone(),
-                    metadata: rec.metadata.clone().into_iter().collect(),
-                })
-                .await
-                .map_err(|s| TaskError::new(s.code(), format!("node {}: {}", rec.node, s.message())))
-        }
-        .await;
-        match result {
-            Ok(resp) => {
-                if let Some(s) = resp.into_inner().snapshot {
-                    rec.size_bytes = s.size_bytes;
-                    rec.created_ms = s.created_at_ms;
-                }
-                rec.phase = Phase::Available;
-                rec.error = None;
-                store::update_json(&*self.store, Kind::Snapshot, &rec.id, &rec, version).await.map_err(store_status)?;
-                info!(snapshot.id = %rec.id, volume.id = %rec.source_volume_id, node = %rec.node, "snapshot ready");
-                Ok(rec)
-            }
-            Err(e) => {
-                // Revert: nothing half-made stays on the node; the record says why.
-                if let Ok(mut agent) = self.agent_for(&rec.node).await {
-                    let _ = agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: rec.id.clone() }).await;
-                }
-                rec.phase = Phase::Error;
-                rec.error = Some(e.message.clone());
-                if let Ok(v) = store::update_json(&*self.store, Kind::Snapshot, &rec.id, &rec, version).await {
-                    version = v;
-                }
-                let _ = version;
-                warn!(snapshot.id = %rec.id, error = %e.message, "snapshot failed");
-                let code = match e.code {
-                    Code::NotFound => Code::NotFound,
-                    Code::ResourceExhausted => Code::ResourceExhausted,
-                    Code::Unavailable => Code::Unavailable,
-                    _ => Code::Internal,
-                };
-                Err(Status::new(code, format!("snapshot {} failed: {}", rec.name, e.message)))
-            }
-        }
-    }
-
-    pub async fn delete_snapshot(&self, id: &str) -> Result<(), Status> {
-        self.wait_leader().await?;
-        let _guard = self.inflight.acquire(id).await;
-        let Some((mut rec, version)) = self.snapshot(id).await? else {
-            return Ok(());
-        };
-        if rec.phase != Phase::Deleting {
-            rec.phase = Phase::Deleting;
-            store::update_json(&*self.store, Kind::Snapshot, id, &rec, version).await.map_err(store_status)?;
-        }
-        let mut agent = self.agent_for(&rec.node).await.map_err(|e| Status::unavailable(e.message))?;
-        agent
-            .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: id.to_string() })
-            .await
-            .map_err(|s| Status::unavailable(format!("node {} could not delete snapshot {id}: {}; retry", rec.node, s.message())))?;
-        self.store.delete(Kind::Snapshot, id, None).await.map_err(store_status)?;
-        info!(snapshot.id = %id, "snapshot deleted");
-        Ok(())
-    }
-
-    // ------------------------------------------------------------ expand
-
-    pub async fn expand_volume(&self, id: &str, size: u64) -> Result<VolumeRec, Status> {
-        self.wait_leader().await?;
-        let _guard = self.inflight.acquire(id).await;
-        let (mut rec, version) = self.volume(id).await?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
-        let (Phase::Available, Some(node)) = (rec.phase, rec.node.clone()) else {
-            return Err(Status::failed_precondition(format!("volume {id} is {:?}; only an Available volume can grow", rec.phase)));
-        };
-        if size <= rec.size_bytes {
-            return Ok(rec);
-        }
-        let mut agent = self.agent_for(&node).await.map_err(|e| Status::unavailable(e.message))?;
-        let v = agent
-            .expand_volume(pb::ExpandVolumeRequest { volume_id: id.to_string(), size_bytes: size })
-            .await
-            .map_err(|s| Status::new(s.code(), format!("node {node}: {}", s.message())))?
-            .into_inner()
-            .volume
-            .ok_or_else(|| Status::internal("agent answered without a volume"))?;
-        rec.size_bytes = v.size_bytes;
-        rec.updated_ms = now_ms();
-        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
-        info!(volume.id = %id, size = rec.size_bytes, "volume expanded");
-        Ok(rec)
-    }
-
-    // ------------------------------------------------------------ reconciler
-
-    /// One pass of the reconciler: records stuck in Creating for longer than
-    /// the grace period (a controller crash) are reverted to Error with their
-    /// node cleaned; images on a node that no record owns, older than the
-    /// grace period, are deleted. Everything it does is logged.
-    pub async fn reconcile_once(&self) -> Result<ReconcileReport, Status> {
-        let mut report = ReconcileReport::default();
-        if !self.is_leader() {
-            return Ok(report);
-        }
-        let grace = self.config.stuck_grace.as_millis() as i64;
-        let now = now_ms();
-        let listed = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
-        for (rec, _) in &listed {
-            if rec.phase == Phase::Creating && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
-                let _guard = self.inflight.acquire(&rec.id).await;
-                let Some((mut rec, version)) = self.volume(&rec.id).await? else { continue };
-                if rec.phase != Phase::Creating {
-                    continue;
-                }
-                if let Some(node) = rec.node.clone() {
-                    if let Ok(mut agent) = self.agent_for(&node).await {
-                        if agent.delete_volume(pb::DeleteVolumeRequest { volume_id: rec.id.clone() }).await.is_err() {
-                            continue; // try again next pass
-                        }
-                    } else {
-                        continue;
-                    }
-                }
-                warn!(volume.id = %rec.id, volume.name = %rec.name, "volume stuck in Creating: reverted to Error");
-                rec.phase = Phase::Error;
-                rec.node = None;
-                rec.error = Some("creation was interrupted (controller restart); a retry of CreateVolume starts it again".into());
-                rec.updated_ms = now_ms();
-                store::update_json(&*self.store, Kind::Volume, &rec.id, &rec, version).await.map_err(store_status)?;
-                report.stuck_reverted.push(rec.id.clone());
-            }
-        }
-        // A record left in Error with nothing on any node is only a note of a
-        // failure; the CO retries CreateVolume while it still wants the
-        // volume (which makes a new record), so it expires after the grace.
-        for (rec, version) in listed {
-            if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
-                let _guard = self.inflight.acquire(&rec.id).await;
-                if self.store.delete(Kind::Volume, &rec.id, Some(version)).await.is_ok() {
-                    warn!(volume.id = %rec.id, volume.name = %rec.name, error = ?rec.error, "failed volume record expired");
-                    report.errors_expired.push(rec.id.clone());
-                }
-            }
-        }
-        let volumes: BTreeMap<String, VolumeRec> =
-            self.volumes().await?.into_iter().map(|v| (v.id.clone(), v)).collect();
-        let snapshots: BTreeMap<String, SnapshotRec> =
-            self.snapshots().await?.into_iter().map(|s| (s.id.clone(), s)).collect();
-        record_phase_metrics(&volumes, &snapshots);
-        for node in self.nodes().await? {
-            if !self.node_is_healthy(&node) {
-                continue;
-            }
-            let Ok(mut agent) = self.agents.client(&node.agent_address) else { continue };
-            let Ok(listed) = agent.list_volumes(pb::ListVolumesRequest {}).await else { continue };
-            for v in listed.into_inner().volumes {
-                let owned = volumes.get(&v.volume_id).is_some_and(|r| r.node.as_deref() == Some(node.id.as_str()));
-                if owned || self.inflight.busy(&v.volume_id) || now - v.created_at_ms <= grace {
-                    continue;
-                }
-                warn!(node = %node.id, volume.id = %v.volume_id, "image without a record on this node: deleting");
-                if agent.delete_volume(pb::DeleteVolumeRequest { volume_id: v.volume_id.clone() }).await.is_ok() {
-                    report.orphans_deleted.push(format!("{}/{}", node.id, v.volume_id));
-                }
-            }
-            let Ok(listed) = agent.list_snapshots(pb::ListSnapshotsRequest::default()).await else { continue };
-            for s in listed.into_inner().snapshots {
-                let owned = snapshots.get(&s.snapshot_id).is_some_and(|r| r.node == node.id);
-                if owned || self.inflight.busy(&s.snapshot_id) || now - s.created_at_ms <= grace {
-                    continue;
-                }
-                warn!(node = %node.id, snapshot.id = %s.snapshot_id, "snapshot image without a record: deleting");
-                if agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: s.snapshot_id.clone() }).await.is_ok() {
-                    report.orphans_deleted.push(format!("{}/{}", node.id, s.snapshot_id));
-                }
-            }
-        }
-        Ok(report)
-    }
-
-    /// Run `reconcile_once` every `every` until the process stops.
-    pub async fn run_reconciler(self, every: Duration) {
-        loop {
-            tokio::time::sleep(every).await;
-            match self.reconcile_once().await {
-                Ok(r) if r != ReconcileReport::default() => info!(?r, "reconciler acted"),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e.message(), "reconciler pass failed"),
-            }
-        }
-    }
-}
-
-fn record_phase_metrics(volumes: &BTreeMap<String, VolumeRec>, snapshots: &BTreeMap<String, SnapshotRec>) {
-    use crate::metrics::{RecordLabels, METRICS};
-    for (kind, phases) in [
-        ("volume", volumes.values().map(|v| v.phase).collect::<Vec<_>>()),
-        ("snapshot", snapshots.values().map(|s| s.phase).collect::<Vec<_>>()),
-    ] {
-        for phase in [Phase::Creating, Phase::Available, Phase::Deleting, Phase::Error] {
-            let n = phases.iter().filter(|p| **p == phase).count() as i64;
-            METRICS.records.get_or_create(&RecordLabels { kind: kind.into(), phase: format!("{phase:?}") }).set(n);
-        }
-    }
-}
-
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct ReconcileReport {
-    pub stuck_reverted: Vec<String>,
-    pub errors_expired: Vec<String>,
-    pub orphans_deleted: Vec<String>,
-}
-
-fn flow_status(f: &FlowFailure) -> Status {
-    Status::new(f.error.code, f.to_string())
-}
-
-// ---------------------------------------------------------------- the flow
-
-struct CreateCtx {
-    m: Manager,
-    spec: CreateVolumeSpec,
-    rec: VolumeRec,
-    version: u64,
-    pinned: Option<String>,
-    source_metadata: BTreeMap<String, String>,
-}
-
-impl CreateCtx {
-    async fn save(&mut self) -> Result<(), TaskError> {
-        self.rec.updated_ms = now_ms();
-        self.version = store::update_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec, self.version)
-            .await
-            .map_err(task_err)?;
-        Ok(())
-    }
-}
-
-/// Write the record `Creating` (keyed by the name's ID); on failure of a
-/// later task, record `Error` with every attempt's reason.
-struct RecordVolume;
-
-#[tonic::async_trait]
-impl Task<CreateCtx> for RecordVolume {
-    fn name(&self) -> &'static str {
-        "record"
-    }
-    async fn execute(&self, ctx: &mut CreateCtx) -> Result<(), TaskError> {
-        // The source decides the node (a reflink needs the same filesystem).
-        match &ctx.spec.source {
-            Some(SourceRef::Snapshot(s)) => {
-                let (snap, _) = ctx.m.snapshot(s).await.map_err(|e| TaskError::new(e.code(), e.message()))?.ok_or_else(|| {
-                    TaskError::new(Code::NotFound, format!("source snapshot {s} does not exist"))
-                })?;
-                if snap.phase != Phase::Available {
-                    return Err(TaskError::new(Code::FailedPrecondition, format!("source snapshot {s} is {:?}, not ready", snap.phase)));
-                }
-                if ctx.spec.size_bytes < snap.size_bytes {
-                    return Err(TaskError::new(
-                        Code::OutOfRange,
-                        format!("{} bytes is smaller than snapshot {s} ({} bytes)", ctx.spec.size_bytes, snap.size_bytes),
-                    ));
-                }
-                ctx.pinned = Some(snap.node.clone());
-                ctx.source_metadata = snap.metadata.clone();
-            }
-            Some(SourceRef::Volume(v)) => {
-                let (vol, _) = ctx.m.volume(v).await.map_err(|e| TaskError::new(e.code(), e.message()))?.ok_or_else(|| {
-                    TaskError::new(Code::NotFound, format!("source volume {v} does not exist"))
-                })?;
-                let (Phase::Available, Some(node)) = (vol.phase, vol.node.clone()) else {
-                    return Err(TaskError::new(Code::FailedPrecondition, format!("source volume {v} is {:?}, not Available", vol.phase)));
-                };
-                if ctx.spec.size_bytes < vol.size_bytes {
-                    return Err(TaskError::new(
-                        Code::OutOfRange,
-                        format!("{} bytes is smaller than volume {v} ({} bytes)", ctx.spec.size_bytes, vol.size_bytes),
-                    ));
-                }
-                ctx.pinned = Some(node);
-                ctx.source_metadata = vol.metadata.clone();
-            }
-            None => {}
-        }
-        for (k, v) in ctx.source_metadata.clone() {
-            ctx.rec.metadata.entry(k).or_insert(v);
-        }
-        if ctx.version == 0 {
-            match store::create_json(&*ctx.m.store, Kind::Volume, &ctx.rec.id, &ctx.rec).await {
-                Ok(v) => ctx.version = v,
-                Err(StoreError::AlreadyExists { .. }) => {
-                    return Err(TaskError::new(Code::Aborted, "another controller is creating this volume; retry"));
-                }
-                Err(e) => return Err(task_err(e)),
-            }
-        } else {
-            ctx.rec.phase = Phase::Creating;
-            ctx.rec.error = None;
-            ctx.rec.attempts.clear();
-            ctx.save().await?;
-        }
-        Ok(())
-    }
-    async fn revert(&self, ctx: &mut CreateCtx, cause: &TaskError) -> Result<(), TaskError> {
-        ctx.rec.phase = Phase::Error;
-        ctx.rec.node = None;
-        ctx.rec.error = Some(cause.message.clone());
-        ctx.save().await
-    }
-}
-
-/// Schedule, call the chosen node; on a node's failure clean up there,
-/// exclude it and try again, at most `max_attempts` times.
-struct ScheduleAndCreate;
-
-#[tonic::async_trait]
-impl Task<CreateCtx> for ScheduleAndCreate {
-    fn name(&self) -> &'static str {
-        "schedule_and_create"
-    }
-    async fn execute(&self, ctx: &mut CreateCtx) -> Result<(), TaskError> {
-        let max = ctx.m.config.max_attempts.max(1);
-        // A record resumed after a crash may already name its node: go there
-        // first (the agent's create is idempotent), so nothing is duplicated.
-        let mut resume = ctx.rec.node.clone();
-        loop {
-            let node = match resume.take() {
-                Some(n) => n,
-                None => {
-                    let nodes = ctx.m.nodes().await.map_err(|e| TaskError::new(e.code(), e.message()))?;
-                    let states: Vec<_> = nodes.iter().map(NodeRec::state).collect();
-                    let req = ScheduleRequest {
-                        size_bytes: ctx.spec.size_bytes,
-                        provisioning: ctx.spec.provisioning,
-                        requisite: ctx.spec.requisite.clone(),
-                        preferred: ctx.spec.preferred.clone(),
-                        pinned_node: ctx.pinned.clone(),
-                        tried: ctx.rec.attempts.iter().map(|a| a.node.clone()).collect(),
-                        placement: ctx.spec.placement,
-                        now_ms: now_ms(),
-                        heartbeat_timeout_ms: ctx.m.config.heartbeat_timeout.as_millis() as i64,
-                    };
-                    match scheduler::schedule_best(&states, &req) {
-                        Ok(best) => best.node_id,
-                        Err(no) => {
-                            let mut msg = no.to_string();
-                            for a in &ctx.rec.attempts {
-                                msg.push_str(&format!("; attempt on {} failed: {}", a.node, a.error));
-                            }
-                            return Err(TaskError::new(Code::ResourceExhausted, msg));
-                        }
-                    }
-                }
-            };
-            ctx.rec.node = Some(node.clone());
-            ctx.save().await?; // the choice is durable before the node acts
-            info!(volume.id = %ctx.rec.id, node = %node, attempt = ctx.rec.attempts.len() + 1, "scheduled");
-            let note = format!("scheduled on node {node} (attempt {})", ctx.rec.attempts.len() + 1);
-            ctx.m.event(&ctx.rec, false, "Scheduled", note).await;
-            match create_on(ctx, &node).await {
-                Ok(v) => {
-                    ctx.rec.size_bytes = v.size_bytes;
-                    return Ok(());
-                }
+            rec.mismatch = Some(reason.clone());
+            match store::update_json(&*self.store, Kind::Node, node_id, &rec, version).await {
+                Ok(_) => break,
+                Err(StoreError::Conflict { .. }) => continue,
                 Err(e) => {
-                    warn!(volume.id = %ctx.rec.id, node = %node, error = %e.message, "create on node failed; cleaning up there");
-                    if let Ok(mut agent) = ctx.m.agent_for(&node).await {
-                        let _ = agent.delete_volume(pb::DeleteVolumeRequest { volume_id: ctx.rec.id.clone() }).await;
-                    }
-                    ctx.rec.attempts.push(Attempt { node: node.clone(), error: format!("{:?}: {}", e.code, e.message), at_ms: now_ms() });
-                    ctx.rec.node = None;
-                    ctx.save().await?;
-                    let pinned = ctx.pinned.is_some();
-                    if e.reschedulable && !pinned && ctx.rec.attempts.len() < max {
-                        crate::metrics::METRICS.reschedules.inc();
-                        let note = format!("node {node} failed ({}); rescheduling", e.message);
-                        ctx.m.event(&ctx.rec, true, "Rescheduling", note).await;
-                    }
-                    if !e.reschedulable || pinned || ctx.rec.attempts.len() >= max {
-                        let reasons: Vec<String> = ctx.rec.attempts.iter().map(|a| format!("{}: {}", a.node, a.error)).collect();
-                        let code = if e.reschedulable && !pinned { Code::Internal } else { e.code };
-                        return Err(TaskError::new(
-                            code,
-                            format!("volume could not be created after {} attempt(s): {}", ctx.rec.attempts.len(), reasons.join("; ")),
-                        ));
-                    }
+                    warn!(node = %node_id, error = %e, "could not mark the node mismatched");
+                    return;
                 }
             }
         }
-    }
-    async fn revert(&self, ctx: &mut CreateCtx, _cause: &TaskError) -> Result<(), TaskError> {
-        if let Some(node) = ctx.rec.node.clone() {
-            let mut agent = ctx.m.agent_for(&node).await?;
-            agent
-                .delete_volume(pb::DeleteVolumeRequest { volume_id: ctx.rec.id.clone() })
-                .await
-                .map_err(|s| TaskError::new(s.code(), format!("cleanup on {node}: {}", s.message())))?;
-        }
-        Ok(())
+        warn!(node = %node_id, reason = %reason, "node marked mismatched: nothing is written there until an operator resolves it");
+        self.node_event(node_id, true, "AgentMismatch", format!("{reason}; the controller writes nothing on this node until an operator resolves it")).await;
     }
 }
 
-async fn create_on(ctx: &CreateCtx, node: &str) -> Result<pb::Volume, TaskError> {
-    let mut agent = ctx.m.agent_for(node).await?;
-    let source = match &ctx.spec.source {
-        Some(SourceRef::Snapshot(s)) => Some(pb::create_volume_request::Source::SnapshotId(s.clone())),
-        Some(SourceRef::Volume(v)) => Some(pb::create_volume_request::Source::SourceVolumeId(v.clone())),
-        None => None,
-    };
-    let req = pb::CreateVolumeRequest {
-        volume_id: ctx.rec.id.clone(),
-        size_bytes: ctx.spec.size_bytes,
-        provisioning: crate::agent::provisioning_to_pb(ctx.spec.provisioning) as i32,
-        source,
-        metadata: ctx.rec.metadata.clone().into_iter().collect(),
-    };
-    match agent.create_volume(req).await {
-        Ok(r) => r.into_inner().volume.ok_or_else(|| TaskError::new(Code::Internal, "agent answered without a volume")),
-        Err(s) => {
-            let e = TaskError::new(s.code(), format!("node {node}: {}", s.message()));
-            // The node's own trouble (down, full, broken pool): another node may do.
-            Err(match s.code() {
-                Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::ResourceExhausted | Code::Unknown | Code::Cancelled => {
-                    e.reschedulable()
-                }
-                _ => e,
-            })
-        }
-    }
-}
-
-/// Mark the record Available with where it can be reached from.
-struct MarkAvailable;
-
-#[tonic::async_trait]
-impl Task<CreateCtx> for MarkAvailable {
-    fn name(&self) -> &'static str {
-        "mark_available"
-    }
-    async fn execute(&self, ctx: &mut CreateCtx) -> Result<(), TaskError> {
-        let node = ctx.rec.node.clone().unwrap_or_default();
-        let zone = store::get_json::<NodeRec>(&*ctx.m.store, Kind::Node, &node).await.map_err(task_err)?.map(|(n, _)| n.zone).unwrap_or_default();
-        let mut segments = Segments::new();
-        segments.insert(crate::TOPOLOGY_NODE_KEY.to_string(), node.clone());
-        if !zone.is_empty() {
-            segments.insert(crate::TOPOLOGY_ZONE_KEY.to_string(), zone);
-        }
-        ctx.rec.accessible_topology = vec![segments];
-        ctx.rec.phase = Phase::Available;
-        ctx.rec.error = None;
-        ctx.save().await?;
-        info!(volume.id = %ctx.rec.id, volume.name = %ctx.rec.name, node = %node, size = ctx.rec.size_bytes, "volume available");
-        Ok(())
+impl MismatchSink for Manager {
+    fn mismatch(&self, node: &NodeRec, reason: String) {
+        let (m, id) = (self.clone(), node.id.clone());
+        tokio::spawn(async move { m.mark_mismatch(&id, reason).await });
     }
 }

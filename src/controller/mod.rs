@@ -2,11 +2,17 @@
 //! Controller service, node registration and the reconciler.
 
 pub mod agents;
+mod create;
+mod delete;
+mod expand;
 pub mod inflight;
 pub mod manager;
+pub mod reconciler;
 pub mod records;
 pub mod registration;
 pub mod service;
+mod snapshot;
 
-pub use manager::{ControllerConfig, Manager};
+pub use manager::{ControllerConfig, Leadership, Manager};
+pub use reconciler::ReconcileReport;
 pub use service::ControllerService;

@@ -78,6 +78,22 @@ pub struct NodeRec {
     pub reflink: bool,
     pub filesystem: String,
     pub heartbeat_ms: i64,
+    /// The pool's identity, written when the pool was created. The
+    /// controller acts on an agent's answer only when it names this pool.
+    #[serde(default)]
+    pub pool_uuid: String,
+    /// Set when the node's agent answered as another node or pool: nothing
+    /// is scheduled or written there until an operator resolves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mismatch: Option<String>,
+    /// Images in the node's orphaned/ folder, and what they hold.
+    #[serde(default)]
+    pub orphan_count: u32,
+    #[serde(default)]
+    pub orphan_bytes: u64,
+    /// Images the pool found damaged when it opened.
+    #[serde(default)]
+    pub broken_count: u32,
 }
 
 impl NodeRec {
@@ -146,5 +162,10 @@ pub fn pool_status_to_node(
         reflink: s.reflink,
         filesystem: s.filesystem.clone(),
         heartbeat_ms: now_ms(),
+        pool_uuid: s.pool_uuid.clone(),
+        mismatch: None,
+        orphan_count: s.orphan_count,
+        orphan_bytes: s.orphan_bytes,
+        broken_count: s.broken_count,
     }
 }

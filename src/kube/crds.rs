@@ -75,6 +75,8 @@ pub struct BlockSnapshotSpec {
     printcolumn = r#"{"name":"Free","type":"integer","jsonPath":".spec.capacity.free"}"#,
     printcolumn = r#"{"name":"Provisioned","type":"integer","jsonPath":".spec.capacity.provisioned"}"#,
     printcolumn = r#"{"name":"Volumes","type":"integer","jsonPath":".spec.volume_count"}"#,
+    printcolumn = r#"{"name":"Orphans","type":"integer","jsonPath":".spec.orphan_count"}"#,
+    printcolumn = r#"{"name":"Mismatch","type":"string","jsonPath":".spec.mismatch","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct StorageNodeSpec {

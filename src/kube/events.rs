@@ -1,6 +1,7 @@
 //! Kubernetes Events on the PVC a volume was made for (its name and
 //! namespace arrive as csi.storage.k8s.io/pvc/* parameters when the
-//! provisioner runs with --extra-create-metadata).
+//! provisioner runs with --extra-create-metadata), and on StorageNodes
+//! (identity mismatches, the reconciler's quarantine and circuit breaker).
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -28,15 +29,19 @@ impl PvcEvents {
             namespace: Some(namespace.clone()),
             ..Default::default()
         };
+        self.send(&reference, warning, reason, "Provisioning", note).await;
+    }
+
+    async fn send(&self, reference: &ObjectReference, warning: bool, reason: &str, action: &str, note: String) {
         let ev = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
-            action: "Provisioning".into(),
+            action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
-            tracing::warn!(error = %e, pvc = %name, "could not record an event");
+        if let Err(e) = self.recorder.publish(&ev, reference).await {
+            tracing::warn!(error = %e, object = ?reference.name, "could not record an event");
         }
     }
 }
@@ -45,5 +50,15 @@ impl PvcEvents {
 impl crate::controller::manager::EventSink for PvcEvents {
     async fn volume_event(&self, volume: &crate::controller::records::VolumeRec, warning: bool, reason: &str, note: String) {
         self.publish(&volume.metadata, warning, reason, format!("volume {}: {note}", volume.id)).await;
+    }
+
+    async fn node_event(&self, node: &str, warning: bool, reason: &str, note: String) {
+        let reference = ObjectReference {
+            api_version: Some(format!("{}/{}", super::crds::GROUP, super::crds::VERSION)),
+            kind: Some("StorageNode".into()),
+            name: Some(node.to_string()),
+            ..Default::default()
+        };
+        self.send(&reference, warning, reason, "Reconciling", note).await;
     }
 }

@@ -2,6 +2,7 @@
 //! a Lease, Events on PVCs, node topology from the Node object.
 
 pub mod crds;
+pub mod certs;
 pub mod events;
 pub mod leader;
 pub mod store;

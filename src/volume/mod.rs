@@ -6,12 +6,14 @@ pub mod copy;
 pub mod error;
 pub mod identity;
 pub mod locks;
+pub mod orphans;
 pub mod pool;
 pub mod records;
 
 pub use capacity::{PoolCapacity, Provisioning, Shortfall};
 pub use error::VolumeError;
 pub use pool::{Pool, PoolConfig, PoolStatus};
+pub use orphans::{ImageKind, Orphan};
 pub use records::{SnapshotRecord, State, VolumeRecord, VolumeSource};
 
 /// IDs become file names, so they are held to a strict alphabet: letters,

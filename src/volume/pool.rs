@@ -61,18 +61,18 @@ pub struct PoolStatus {
 }
 
 #[derive(Default)]
-struct Index {
-    volumes: BTreeMap<String, VolumeRecord>,
-    snapshots: BTreeMap<String, SnapshotRecord>,
+pub(super) struct Index {
+    pub(super) volumes: BTreeMap<String, VolumeRecord>,
+    pub(super) snapshots: BTreeMap<String, SnapshotRecord>,
 }
 
 pub struct Pool {
-    root: PathBuf,
+    pub(super) root: PathBuf,
     uuid: String,
     config: PoolConfig,
     reflink: bool,
     filesystem: String,
-    locks: KeyedLocks,
+    pub(super) locks: KeyedLocks,
     index: Mutex<Index>,
     /// Held across "check capacity, then record Creating" so two concurrent
     /// creates cannot both take the last free bytes.
@@ -90,25 +90,25 @@ pub struct ReconcileReport {
 }
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     Volume,
     Snapshot,
 }
 
 impl Kind {
-    fn dir(self) -> &'static str {
+    pub(super) fn dir(self) -> &'static str {
         match self {
             Kind::Volume => "volumes",
             Kind::Snapshot => "snapshots",
         }
     }
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Kind::Volume => "volume",
             Kind::Snapshot => "snapshot",
         }
     }
-    fn lock_key(self, id: &str) -> String {
+    pub(super) fn lock_key(self, id: &str) -> String {
         format!("{}/{id}", self.dir())
     }
 }
@@ -189,11 +189,11 @@ impl Pool {
         &self.config
     }
 
-    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+    pub(super) fn index(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn path(&self, kind: Kind, id: &str, ext: &str) -> PathBuf {
+    pub(super) fn path(&self, kind: Kind, id: &str, ext: &str) -> PathBuf {
         // Only ever called with validated IDs.
         self.root.join(kind.dir()).join(format!("{id}.{ext}"))
     }

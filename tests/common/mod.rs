@@ -142,18 +142,68 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A CA and certificates for a controller and one node, made once in
+/// `<dir>/tls` (kept across restarts of the node): the controller's and
+/// the node's certificate folders.
+pub fn test_pki(dir: &Path, node_id: &str) -> (PathBuf, PathBuf) {
+    use cinderblock::tls::{authority, Peer};
+    let tls = dir.join("tls");
+    let peers = [Peer::Controller, Peer::Node(node_id.to_string())];
+    authority::ensure_local_pki(&tls, &peers).expect("making test certificates");
+    (authority::local_peer_dir(&tls, &peers[0]), authority::local_peer_dir(&tls, &peers[1]))
+}
+
+/// Puts a fencing token on every call, as the controller does.
+#[derive(Clone)]
+pub struct FencingToken(pub u64);
+
+impl tonic::service::Interceptor for FencingToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        cinderblock::agent::fence::attach(&mut req, self.0);
+        Ok(req)
+    }
+}
+
+pub type AgentClient = cinderblock::agent_proto::volume_manager_client::VolumeManagerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, FencingToken>,
+>;
+
+/// A client for the agent at `address` (https://host:port) that presents
+/// the certificate in `client_tls` and accepts only `node_id`'s.
+pub async fn agent_client(address: &str, node_id: &str, client_tls: &Path, token: u64) -> AgentClient {
+    use cinderblock::tls::{AgentConnector, Peer, TlsDir};
+    let dir = TlsDir::open(client_tls).expect("client certificates");
+    let connector = AgentConnector::new(dir, &Peer::Node(node_id.to_string()), vec![b"h2".to_vec()]).unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(address.to_string())
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("connecting to the agent");
+    cinderblock::agent_proto::volume_manager_client::VolumeManagerClient::with_interceptor(channel, FencingToken(token))
+}
+
 /// A real `cinderblock node` process; killed on drop.
 pub struct NodeProcess {
     pub child: Child,
     pub agent: String,
     pub endpoint: String,
+    pub node_id: String,
+    /// The controller's certificate folder, for calling this agent.
+    pub controller_tls: PathBuf,
 }
 
 impl NodeProcess {
+    /// A client that calls this agent as the controller does (fencing token 0).
+    pub async fn client(&self) -> AgentClient {
+        agent_client(&self.agent, &self.node_id, &self.controller_tls, 0).await
+    }
+
     pub fn start(pool: &Path, sock: &Path, node_id: &str, extra: &[&str]) -> NodeProcess {
         let port = free_port();
+        let (controller_tls, node_tls) = test_pki(pool.parent().unwrap(), node_id);
         let mut child = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
             .args(["node", "--pool", pool.to_str().unwrap(), "--node-id", node_id])
+            .args(["--tls-dir", node_tls.to_str().unwrap()])
             .args(["--agent-listen", &format!("127.0.0.1:{port}")])
             .args(["--endpoint", &format!("unix://{}", sock.display())])
             .args(extra)
@@ -162,7 +212,7 @@ impl NodeProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting cinderblock node");
-        let agent = format!("http://127.0.0.1:{port}");
+        let agent = format!("https://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
@@ -173,7 +223,7 @@ impl NodeProcess {
             assert!(Instant::now() < deadline, "node did not start listening");
             std::thread::sleep(Duration::from_millis(5));
         }
-        NodeProcess { child, agent, endpoint: format!("unix://{}", sock.display()) }
+        NodeProcess { child, agent, endpoint: format!("unix://{}", sock.display()), node_id: node_id.to_string(), controller_tls }
     }
 
     pub fn kill9(&mut self) {

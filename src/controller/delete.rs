@@ -1,0 +1,42 @@
+//! Deleting a volume: the record goes `Deleting` first (it still owns its
+//! image while the node deletes it), then the node deletes the image, then
+//! the record goes. A failure leaves `Deleting` for the CO's retry.
+
+use tonic::{Code, Status};
+use tracing::info;
+
+use super::manager::{store_status, Manager};
+use super::records::*;
+use crate::agent_proto as pb;
+use crate::store::{self, Kind};
+
+impl Manager {
+    pub async fn delete_volume(&self, id: &str) -> Result<(), Status> {
+        self.wait_leader().await?;
+        let (m, id) = (self.clone(), id.to_string());
+        self.detached(async move { m.delete_volume_now(&id).await }).await
+    }
+
+    async fn delete_volume_now(&self, id: &str) -> Result<(), Status> {
+        let _guard = self.inflight.acquire(id).await;
+        let Some((mut rec, version)) = self.volume(id).await? else {
+            return Ok(());
+        };
+        if rec.phase != Phase::Deleting {
+            rec.phase = Phase::Deleting;
+            rec.updated_ms = now_ms();
+            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+        }
+        if let Some(node) = &rec.node {
+            let mut agent = self.agent_for(node).await.map_err(|e| Status::new(e.code, e.message))?;
+            agent.delete_volume(pb::DeleteVolumeRequest { volume_id: id.to_string() }).await.map_err(|s| {
+                let code = if s.code() == Code::FailedPrecondition { Code::FailedPrecondition } else { Code::Unavailable };
+                Status::new(code, format!("node {node} could not delete volume {id}: {}; retry", s.message()))
+            })?;
+        }
+        let (_, version) = self.volume(id).await?.ok_or_else(|| Status::aborted("volume vanished during delete"))?;
+        self.store.delete(Kind::Volume, id, Some(version)).await.map_err(store_status)?;
+        info!(volume.id = %id, volume.name = %rec.name, "volume deleted");
+        Ok(())
+    }
+}

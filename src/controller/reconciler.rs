@@ -1,0 +1,253 @@
+//! The reconciler: finishes what interruptions left half-done, and never
+//! destroys data.
+//!
+//! - A record stuck in `Creating` is resolved by asking its node: the image
+//!   is there and whole → the record is finished (`Available`); the node
+//!   has nothing → `Error` (nothing to clean); still being made or node
+//!   unreachable → left for the next pass.
+//! - An image on a node that no record places there (any phase, `Deleting`
+//!   included) and that is older than the grace period by the node's own
+//!   clock is moved to the node's `orphaned/` folder with a note, never
+//!   deleted. A circuit breaker holds the whole node's pass when it would
+//!   quarantine more than a few images or a share of them (a store emptied
+//!   or restored from an old backup, a renamed node): it then moves nothing
+//!   and raises a Warning event and a metric for a person to look at.
+//! - Mismatched and silent nodes are skipped entirely.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tracing::{info, warn};
+
+use super::create::topology_of;
+use super::manager::{store_status, Manager};
+use super::records::*;
+use crate::agent_proto as pb;
+use crate::metrics::{PoolLabels, METRICS};
+use crate::store::{self, Kind};
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ReconcileReport {
+    /// Creating records whose image the node had whole: now Available.
+    pub stuck_finished: Vec<String>,
+    /// Creating records whose node had nothing: now Error.
+    pub stuck_failed: Vec<String>,
+    pub errors_expired: Vec<String>,
+    /// `node/id` of images moved to orphaned/.
+    pub quarantined: Vec<String>,
+    /// Nodes whose pass the circuit breaker held, with how many images it would have moved.
+    pub breaker_held: Vec<(String, usize)>,
+}
+
+impl Manager {
+    /// One pass of the reconciler (leader only). Everything it does is logged.
+    pub async fn reconcile_once(&self) -> Result<ReconcileReport, Status> {
+        let mut report = ReconcileReport::default();
+        if !self.is_leader() {
+            return Ok(report);
+        }
+        let grace = self.config.stuck_grace.as_millis() as i64;
+        let now = now_ms();
+        let listed = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
+        for (rec, _) in &listed {
+            if rec.phase == Phase::Creating && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
+                self.resolve_stuck_volume(&rec.id, &mut report).await?;
+            }
+        }
+        for (rec, version) in &listed {
+            // A record left in Error with nothing on any node is only a note
+            // of a failure; the CO retries CreateVolume while it still wants
+            // the volume (which makes a new record), so it expires.
+            if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
+                let _guard = self.inflight.acquire(&rec.id).await;
+                if self.store.delete(Kind::Volume, &rec.id, Some(*version)).await.is_ok() {
+                    warn!(volume.id = %rec.id, volume.name = %rec.name, error = ?rec.error, "failed volume record expired");
+                    report.errors_expired.push(rec.id.clone());
+                }
+            }
+        }
+        let snapshots = store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await.map_err(store_status)?;
+        for (s, _) in &snapshots {
+            if s.phase == Phase::Creating && now - s.created_ms > grace && !self.inflight.busy(&s.id) {
+                self.resolve_stuck_snapshot(&s.id, &mut report).await?;
+            }
+        }
+
+        // What the records place on each node, in every phase.
+        let volumes = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
+        let snapshots = store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await.map_err(store_status)?;
+        record_phase_metrics(volumes.iter().map(|(v, _)| v.phase), snapshots.iter().map(|(s, _)| s.phase));
+        let mut owned: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (v, _) in &volumes {
+            if let Some(n) = &v.node {
+                owned.entry(n.clone()).or_default().insert(v.id.clone());
+            }
+        }
+        for (s, _) in &snapshots {
+            owned.entry(s.node.clone()).or_default().insert(s.id.clone());
+        }
+        let empty = BTreeSet::new();
+        for node in self.nodes().await? {
+            if !self.node_is_healthy(&node) {
+                continue;
+            }
+            let mine = owned.get(&node.id).unwrap_or(&empty);
+            self.quarantine_pass(&node, mine, &mut report).await;
+        }
+        Ok(report)
+    }
+
+    async fn resolve_stuck_volume(&self, id: &str, report: &mut ReconcileReport) -> Result<(), Status> {
+        let _guard = self.inflight.acquire(id).await;
+        let Some((mut rec, version)) = self.volume(id).await? else { return Ok(()) };
+        if rec.phase != Phase::Creating {
+            return Ok(());
+        }
+        if let Some(node) = rec.node.clone() {
+            let Ok(mut agent) = self.agent_for(&node).await else { return Ok(()) };
+            match agent.get_volume(pb::GetVolumeRequest { volume_id: id.to_string() }).await {
+                Ok(r) => {
+                    let v = r.volume.unwrap_or_default();
+                    if v.state != pb::ImageState::Available as i32 {
+                        return Ok(()); // still being made: next pass
+                    }
+                    // The node finished what the interrupted flow asked for.
+                    let zone = self.node(&node).await?.map(|(n, _)| n.zone).unwrap_or_default();
+                    rec.size_bytes = v.size_bytes;
+                    rec.accessible_topology = vec![topology_of(&node, &zone)];
+                    rec.phase = Phase::Available;
+                    rec.error = None;
+                    rec.updated_ms = now_ms();
+                    store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+                    info!(volume.id = %id, node = %node, "interrupted creation finished: the node had made the volume");
+                    report.stuck_finished.push(id.to_string());
+                    return Ok(());
+                }
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(_) => return Ok(()), // cannot ask now: next pass
+            }
+        }
+        warn!(volume.id = %id, volume.name = %rec.name, "volume stuck in Creating with nothing on its node: Error");
+        rec.phase = Phase::Error;
+        rec.node = None;
+        rec.error = Some("creation was interrupted before the node made the volume; a retry of CreateVolume starts it again".into());
+        rec.updated_ms = now_ms();
+        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+        report.stuck_failed.push(id.to_string());
+        Ok(())
+    }
+
+    async fn resolve_stuck_snapshot(&self, id: &str, report: &mut ReconcileReport) -> Result<(), Status> {
+        let _guard = self.inflight.acquire(id).await;
+        let Some((mut rec, version)) = self.snapshot(id).await? else { return Ok(()) };
+        if rec.phase != Phase::Creating {
+            return Ok(());
+        }
+        let Ok(mut agent) = self.agent_for(&rec.node).await else { return Ok(()) };
+        match agent.get_snapshot(pb::GetSnapshotRequest { snapshot_id: id.to_string() }).await {
+            Ok(r) => {
+                let s = r.snapshot.unwrap_or_default();
+                if s.state != pb::ImageState::Available as i32 {
+                    return Ok(());
+                }
+                rec.phase = Phase::Available;
+                rec.size_bytes = s.size_bytes;
+                rec.error = None;
+                report.stuck_finished.push(id.to_string());
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                rec.phase = Phase::Error;
+                rec.error = Some("snapshot was interrupted before the node made it; a retry of CreateSnapshot starts it again".into());
+                report.stuck_failed.push(id.to_string());
+            }
+            Err(_) => return Ok(()),
+        }
+        store::update_json(&*self.store, Kind::Snapshot, id, &rec, version).await.map_err(store_status)?;
+        Ok(())
+    }
+
+    /// Quarantine the images on `node` that no record places there, unless
+    /// that would be more than the breaker allows.
+    async fn quarantine_pass(&self, node: &NodeRec, owned: &BTreeSet<String>, report: &mut ReconcileReport) {
+        let Ok(mut agent) = self.agent_of(node.clone()) else { return };
+        let Ok(vols) = agent.list_volumes(pb::ListVolumesRequest {}).await else { return };
+        let Ok(snaps) = agent.list_snapshots(pb::ListSnapshotsRequest::default()).await else { return };
+        let grace = self.config.stuck_grace.as_millis() as u64;
+        let available = pb::ImageState::Available as i32;
+        let mut images: Vec<(bool, String, u64, i32)> = vols.volumes.into_iter().map(|v| (true, v.volume_id, v.age_ms, v.state)).collect();
+        images.extend(snaps.snapshots.into_iter().map(|s| (false, s.snapshot_id, s.age_ms, s.state)));
+        let total = images.len();
+        let candidates: Vec<(bool, String)> = images
+            .into_iter()
+            .filter(|(_, id, age, state)| *state == available && *age > grace && !owned.contains(id) && !self.inflight.busy(id))
+            .map(|(is_volume, id, _, _)| (is_volume, id))
+            .collect();
+        let labels = PoolLabels { node: node.id.clone() };
+        METRICS.orphan_candidates.get_or_create(&labels).set(candidates.len() as i64);
+        if candidates.is_empty() {
+            return;
+        }
+        let n = candidates.len();
+        let share_exceeded = n > 1 && (n as u64) * 100 > (total as u64) * u64::from(self.config.orphan_breaker_percent);
+        if n > self.config.orphan_breaker_count || share_exceeded {
+            METRICS.breaker_held.get_or_create(&labels).inc();
+            let note = format!(
+                "{n} of the {total} images on node {} have no record placing them there; quarantining that many at once \
+                 looks like a lost or restored store, a renamed node or a reused agent address, so nothing was moved. \
+                 Check the records (kubectl get blockvolumes,blocksnapshots) before anything else; \
+                 images: {}",
+                node.id,
+                candidates.iter().map(|(_, id)| id.as_str()).take(20).collect::<Vec<_>>().join(", ")
+            );
+            warn!(node = %node.id, candidates = n, total, "reconciler circuit breaker held: nothing quarantined");
+            self.node_event(&node.id, true, "QuarantineHeld", note).await;
+            report.breaker_held.push((node.id.clone(), n));
+            return;
+        }
+        let mut moved_here = 0;
+        for (is_volume, id) in candidates {
+            let req = pb::QuarantineRequest {
+                id: id.clone(),
+                reason: format!("no record placed this image on node {} (reconciler, after more than {} s)", node.id, grace / 1000),
+                min_age_ms: grace,
+            };
+            let moved = if is_volume { agent.quarantine_volume(req).await } else { agent.quarantine_snapshot(req).await };
+            match moved {
+                Ok(r) if r.moved => {
+                    warn!(node = %node.id, id = %id, orphan = %r.orphan, "image without a record quarantined in orphaned/");
+                    report.quarantined.push(format!("{}/{id}", node.id));
+                    moved_here += 1;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(node = %node.id, id = %id, error = %e.message(), "could not quarantine an image"),
+            }
+        }
+        if moved_here > 0 {
+            let note = format!("{moved_here} image(s) without a record moved to orphaned/ (purge: cinderblock ctl node purge-orphans)");
+            self.node_event(&node.id, true, "ImagesQuarantined", note).await;
+        }
+    }
+
+    /// Run `reconcile_once` every `every` until the process stops.
+    pub async fn run_reconciler(self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.reconcile_once().await {
+                Ok(r) if r != ReconcileReport::default() => info!(?r, "reconciler acted"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e.message(), "reconciler pass failed"),
+            }
+        }
+    }
+}
+
+fn record_phase_metrics(volumes: impl Iterator<Item = Phase>, snapshots: impl Iterator<Item = Phase>) {
+    use crate::metrics::RecordLabels;
+    for (kind, phases) in [("volume", volumes.collect::<Vec<_>>()), ("snapshot", snapshots.collect::<Vec<_>>())] {
+        for phase in [Phase::Creating, Phase::Available, Phase::Deleting, Phase::Error] {
+            let n = phases.iter().filter(|p| **p == phase).count() as i64;
+            METRICS.records.get_or_create(&RecordLabels { kind: kind.into(), phase: format!("{phase:?}") }).set(n);
+        }
+    }
+}
