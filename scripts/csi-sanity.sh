@@ -42,21 +42,41 @@ run() { # name access-type provisioning
   local rc=$?
   set -e
   kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null || true
-  python3 - "$dir/junit.xml" "$name" "$(( $(date +%s) - started ))" <<'PY'
+  # Every skip must be one we expect (scripts/csi-sanity-skips.txt says
+  # why each is there): a new skip is a failure, never a quiet pass.
+  set +e
+  python3 - "$dir/junit.xml" "$name" "$(( $(date +%s) - started ))" "$root/scripts/csi-sanity-skips.txt" <<'PY'
 import sys, xml.etree.ElementTree as ET
-path, name, secs = sys.argv[1:4]
+path, name, secs, skips_file = sys.argv[1:5]
 try:
     root = ET.parse(path).getroot()
 except Exception as e:
-    print(f"csi-sanity {name}: no report ({e})"); sys.exit(0)
-cases = root.iter("testcase")
-p = f = s = 0
-for c in cases:
-    if c.find("skipped") is not None: s += 1
+    print(f"csi-sanity {name}: no report ({e})"); sys.exit(1)
+expected = set()
+for line in open(skips_file):
+    line = line.strip()
+    if line and not line.startswith("#"):
+        runs, _, case = line.partition(" ")
+        if runs == "*" or name in runs.split(","):
+            expected.add(case.strip())
+p = f = 0
+skipped = set()
+for c in root.iter("testcase"):
+    if c.find("skipped") is not None: skipped.add(" ".join(c.get("name", "").split()))
     elif c.find("failure") is not None or c.find("error") is not None: f += 1
     else: p += 1
-print(f"csi-sanity {name}: {p} passed, {f} failed, {s} skipped ({secs}s)")
+print(f"csi-sanity {name}: {p} passed, {f} failed, {len(skipped)} skipped ({secs}s)")
+new = sorted(skipped - expected)
+gone = sorted(expected - skipped)
+for case in new:
+    print(f"   NEW SKIP (not in scripts/csi-sanity-skips.txt): {case}")
+for case in gone:
+    print(f"   no longer skipped (remove from scripts/csi-sanity-skips.txt): {case}")
+sys.exit(1 if new else 0)
 PY
+  local skips_ok=$?
+  set -e
+  [ $skips_ok -eq 0 ] || failed=1
   if [ $rc -ne 0 ]; then
     failed=1
     echo "   csi-sanity $name failed; see $dir/csi-sanity.log and $dir/standalone.log"

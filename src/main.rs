@@ -144,6 +144,12 @@ struct ControllerArgs {
     /// Leave empty when certificates come from elsewhere (cert-manager).
     #[arg(long, env = "CINDERBLOCK_TLS_CA_SECRET", default_value = "")]
     tls_ca_secret: String,
+    /// The CA Secret is made by someone else (cert-manager): wait for it, never make one.
+    #[arg(long, default_value_t = false)]
+    tls_ca_external: bool,
+    /// Namespace of the CA Secret and ConfigMap.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    tls_namespace: String,
     /// The service account the node plugins run as (system:serviceaccount:NS:NAME):
     /// only its certificate requests are signed, each for the node its token is bound to.
     #[arg(long, env = "CINDERBLOCK_NODE_SERVICE_ACCOUNT", default_value = "")]
@@ -558,8 +564,8 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
     let ca = if a.tls_ca_secret.is_empty() {
         None
     } else {
-        let ns = &a.leader_election_namespace;
-        let ca = cinderblock::kube::certs::ensure_ca(&client, ns, &a.tls_ca_secret).await?;
+        let ns = &a.tls_namespace;
+        let ca = cinderblock::kube::certs::ensure_ca(&client, ns, &a.tls_ca_secret, a.tls_ca_external).await?;
         cinderblock::kube::certs::publish_ca(&client, ns, &a.tls_ca_secret, ca.cert_pem()).await?;
         cinderblock::kube::certs::ensure_controller_certificate(&ca, &a.tls_dir)?;
         Some(Arc::new(ca))

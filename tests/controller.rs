@@ -303,6 +303,7 @@ async fn controller_killed_mid_flow_leaves_no_duplicate_and_no_leak() {
     let dir = tempfile::tempdir().unwrap();
     let names: Vec<String> = (0..24).map(|i| format!("pvc-crash-{i}")).collect();
     for round in 0..5 {
+        let round_start = cinderblock::controller::records::now_ms();
         let mut s = Standalone::start(dir.path(), 3, 1, &[]);
         let c = client(&s).await;
         let mut tasks = vec![];
@@ -311,11 +312,32 @@ async fn controller_killed_mid_flow_leaves_no_duplicate_and_no_leak() {
             let r = with_params(req(n, 64 * MIB), &[("provisioning", "thick")]);
             tasks.push(tokio::spawn(async move { c.create_volume(r).await }));
         }
-        tokio::time::sleep(Duration::from_millis(20 + 15 * round)).await;
-        s.kill9();
-        for t in tasks {
-            let _ = t.await;
+        // Kill once flows are under way (the log says a node was chosen),
+        // a little later each round.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !s.log_text().contains("scheduled") {
+            assert!(std::time::Instant::now() < deadline, "no flow started");
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        tokio::time::sleep(Duration::from_millis(5 * round)).await;
+        s.kill9();
+        let mut cut = 0;
+        for t in tasks {
+            if t.await.unwrap().is_err() {
+                cut += 1;
+            }
+        }
+        // The kill must have landed inside flows: calls cut short, and
+        // records the next start finds still Creating.
+        assert!(cut > 0, "round {round}: every create had finished before the kill");
+        let store = cinderblock::store::EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+        let recs: Vec<(cinderblock::controller::records::VolumeRec, u64)> =
+            cinderblock::store::list_json(&store, cinderblock::store::Kind::Volume).await.unwrap();
+        let creating = recs
+            .iter()
+            .filter(|(v, _)| v.phase == cinderblock::controller::records::Phase::Creating && v.updated_ms >= round_start)
+            .count();
+        assert!(creating > 0, "round {round}: no flow of this round was interrupted ({} records)", recs.len());
     }
     // After the last restart the CO retries everything, as the provisioner does.
     let s = Standalone::start(dir.path(), 3, 1, &[]);
@@ -331,6 +353,42 @@ async fn controller_killed_mid_flow_leaves_no_duplicate_and_no_leak() {
         c.delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.unwrap();
     }
     assert!(s.images().is_empty(), "leaked: {:?}", s.images());
+}
+
+/// CreateVolume calls whose caller gives up (the sidecar's timeout) at
+/// random points: each flow still runs to its end, a retry returns the
+/// volume, and nothing leaks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_creates_run_to_their_end_and_never_leak() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start(dir.path(), 2, 1, &[]);
+    let c = client(&s).await;
+    let names: Vec<String> = (0..50).map(|i| format!("pvc-cancel-{i}")).collect();
+    let mut cancelled = 0;
+    for n in &names {
+        let mut c = c.clone();
+        let r = with_params(req(n, 48 * MIB), &[("provisioning", "thick")]);
+        let wait = Duration::from_millis(rand::random_range(0..60));
+        if tokio::time::timeout(wait, c.create_volume(r)).await.is_err() {
+            cancelled += 1;
+        }
+    }
+    assert!(cancelled >= 25, "only {cancelled} of 50 calls were cut short; the test proves little");
+    // The CO retries each: the answer is the volume, made once.
+    let mut c = c.clone();
+    let mut ids = BTreeSet::new();
+    for n in &names {
+        let v = create(&mut c, with_params(req(n, 48 * MIB), &[("provisioning", "thick")])).await;
+        ids.insert(v.volume_id);
+    }
+    assert_eq!(ids.len(), names.len());
+    let images: BTreeSet<String> = s.images().into_iter().map(|i| i.split('/').nth(1).unwrap().to_string()).collect();
+    assert_eq!(images, ids, "images must be exactly the volumes the retries returned");
+    for id in &ids {
+        c.delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.unwrap();
+    }
+    assert!(s.images().is_empty(), "leaked: {:?}", s.images());
+    eprintln!("{cancelled} of 50 creates cancelled by their caller; every retry found its volume; nothing leaked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

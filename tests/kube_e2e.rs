@@ -161,7 +161,7 @@ fn images(pools: &[(String, PathBuf)]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_end_to_end() {
     let (Ok(kubeconfig), Ok(bin)) = (std::env::var("CINDERBLOCK_TEST_KUBECONFIG"), std::env::var("CINDERBLOCK_K8S_BIN")) else {
-        eprintln!("SKIPPED: needs CINDERBLOCK_TEST_KUBECONFIG and CINDERBLOCK_K8S_BIN (scripts/test-all.sh sets them)");
+        common::cannot_run("kubernetes_end_to_end", "needs CINDERBLOCK_TEST_KUBECONFIG and CINDERBLOCK_K8S_BIN (scripts/test-all.sh sets them)");
         return;
     };
     let bin = PathBuf::from(bin);

@@ -8,6 +8,8 @@
 //! otherwise fixed valid record of each kind, so the suite checks exactly
 //! the kube store's versions, compare-and-set, lists and deletes.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use cinderblock::controller::records::{ExportRec, NodeRec, Phase, SnapshotRec, VolumeRec};
@@ -131,7 +133,7 @@ impl<S: Store> Store for Carrier<S> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_store_passes_the_behaviour_suite() {
     let Ok(path) = std::env::var("CINDERBLOCK_TEST_KUBECONFIG") else {
-        eprintln!("SKIPPED: set CINDERBLOCK_TEST_KUBECONFIG to a test bed's admin kubeconfig (scripts/test-all.sh does)");
+        common::cannot_run("kube_store", "set CINDERBLOCK_TEST_KUBECONFIG to a test bed's admin kubeconfig (scripts/test-all.sh does)");
         return;
     };
     let client = cinderblock::kube::client(Some(std::path::Path::new(&path))).await.unwrap();

@@ -40,19 +40,31 @@ fn err(what: &str, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
 }
 
-/// The CA from its Secret, made and stored when the Secret does not exist.
-/// Two replicas starting at once agree: the loser of the create reads the winner's.
-pub async fn ensure_ca(client: &Client, namespace: &str, name: &str) -> Result<Authority, String> {
+/// The CA from its Secret, made and stored when the Secret does not exist
+/// (unless `external`: then made by someone else, cert-manager say, and
+/// waited for). Two replicas starting at once agree: the loser of the
+/// create reads the winner's. Both our layout (ca.crt, ca.key) and
+/// cert-manager's (tls.crt, tls.key) are read.
+pub async fn ensure_ca(client: &Client, namespace: &str, name: &str, external: bool) -> Result<Authority, String> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    for _ in 0..3 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
         if let Some(s) = api.get_opt(name).await.map_err(|e| err("reading the CA Secret", e))? {
             let data = s.data.unwrap_or_default();
-            let get = |k: &str| {
-                data.get(k)
+            let get = |keys: [&str; 2]| {
+                keys.iter()
+                    .find_map(|k| data.get(*k))
                     .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                    .ok_or_else(|| format!("Secret {namespace}/{name} has no {k}; delete it to have a new CA made, or fill it"))
+                    .ok_or_else(|| format!("Secret {namespace}/{name} has no {}; delete it to have a new CA made, or fill it", keys[0]))
             };
-            return Authority::from_pem(&get(CA_CERT_KEY)?, &get(CA_KEY_KEY)?).map_err(|e| e.to_string());
+            return Authority::from_pem(&get([CA_CERT_KEY, "tls.crt"])?, &get([CA_KEY_KEY, "tls.key"])?).map_err(|e| e.to_string());
+        }
+        if external {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("the CA Secret {namespace}/{name} did not appear within 5 minutes; is cert-manager issuing it?"));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            continue;
         }
         let ca = Authority::generate("cinderblock cluster CA").map_err(|e| e.to_string())?;
         let secret = Secret {
@@ -76,7 +88,6 @@ pub async fn ensure_ca(client: &Client, namespace: &str, name: &str) -> Result<A
             Err(e) => return Err(err("storing the CA Secret", e)),
         }
     }
-    Err(format!("the CA Secret {namespace}/{name} keeps changing; retry"))
 }
 
 /// Publish the CA certificate (not its key) for the nodes.

@@ -12,16 +12,47 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Storage tests need root (loop devices, mkfs, mount). Without it they say
-/// so loudly and pass, so `cargo test` stays usable for unit work; CI runs as root.
+/// True when running in CI (`CI=true`), where nothing may be skipped.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A test that cannot run here: under `CI=true` that is a failure, never a
+/// pass; elsewhere it says so loudly and returns, so `cargo test` stays
+/// usable for unit work on a laptop.
+pub fn cannot_run(test: &str, why: &str) {
+    if in_ci() {
+        panic!("{test} cannot run: {why} (CI=true: a test that cannot run fails)");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// Storage tests need root (loop devices, mkfs, mount).
 #[macro_export]
 macro_rules! require_root {
     () => {
         if !common::is_root() {
-            eprintln!("SKIPPED {}: needs root for loop devices and mounts", module_path!());
+            common::cannot_run(module_path!(), "needs root for loop devices and mounts");
             return;
         }
     };
+}
+
+/// Tests that run a tool (mkfs.xfs, fio, ...) need it on PATH.
+#[macro_export]
+macro_rules! require_tools {
+    ($($tool:expr),+) => {
+        for tool in [$($tool),+] {
+            if !common::have_tool(tool) {
+                common::cannot_run(module_path!(), &format!("needs {tool} on PATH (scripts/test-all.sh installs it)"));
+                return;
+            }
+        }
+    };
+}
+
+pub fn have_tool(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 pub fn run(cmd: &str, args: &[&str]) {

@@ -12,6 +12,8 @@ Names. Objects are named after the release ("cinderblock-controller"), or
 
 {{- define "cinderblock.controllerName" -}}{{ include "cinderblock.fullname" . }}-controller{{- end -}}
 {{- define "cinderblock.nodeName" -}}{{ include "cinderblock.fullname" . }}-node{{- end -}}
+{{/* The cluster CA's Secret, and the ConfigMap that publishes its certificate. */}}
+{{- define "cinderblock.caName" -}}{{ .Values.tls.caSecret | default (printf "%s-ca" (include "cinderblock.fullname" .)) }}{{- end -}}
 
 {{- define "cinderblock.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
@@ -68,6 +70,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if .Values.metrics.enabled }}{{ $ports = append $ports .Values.metrics.nodePort }}{{ end -}}
 {{- if ne (len $ports) (len (uniq $ports)) -}}
 {{- fail "node: agentPort, healthPort, registrarHealthPort and metrics.nodePort must differ" -}}
+{{- end -}}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name (the issuer that signs the CA)" -}}
 {{- end -}}
 {{- if and .Values.metrics.enabled (eq (int .Values.metrics.controllerPort) (int .Values.controller.healthPort)) -}}
 {{- fail "metrics.controllerPort and controller.healthPort must differ" -}}
