@@ -223,6 +223,7 @@ pub async fn serve(addr: std::net::SocketAddr) -> Result<(), String> {
         }),
     );
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics cannot listen on {addr}: {e}"))?;
-    tracing::info!(%addr, "metrics on /metrics");
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!("metrics on http://{bound}/metrics");
     axum::serve(listener, app).with_graceful_shutdown(crate::server::shutdown_signal()).await.map_err(|e| format!("metrics server: {e}"))
 }

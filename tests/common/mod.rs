@@ -364,3 +364,14 @@ impl Drop for Standalone {
 pub async fn csi_channel(endpoint: &str) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.expect("connecting to the CSI endpoint")
 }
+
+/// A plain HTTP/1.1 GET on loopback: the body (panics on anything but 200).
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
