@@ -269,3 +269,52 @@ fn a_read_only_pool_fails_cleanly() {
     // The failed create left nothing that blocks a retry.
     pool.create_volume(blank("vol-after", MIB)).unwrap();
 }
+
+#[test]
+fn a_pool_keeps_its_uuid_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+    let uuid = pool.uuid().to_string();
+    uuid::Uuid::parse_str(&uuid).expect("a UUID");
+    pool.create_volume(blank("vol-1", MIB)).unwrap();
+    drop(pool);
+    let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+    assert_eq!(pool.uuid(), uuid);
+    // Another pool is another UUID.
+    let other = tempfile::tempdir().unwrap();
+    assert_ne!(Pool::open(other.path(), PoolConfig::default()).unwrap().0.uuid(), uuid);
+}
+
+#[test]
+fn a_pool_made_before_pool_records_gets_a_uuid_and_keeps_its_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+        pool.create_volume(blank("vol-old", MIB)).unwrap();
+    }
+    // What a milestone-1 pool looks like: no pool.json.
+    std::fs::remove_file(dir.path().join("pool.json")).unwrap();
+    let (pool, report) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+    assert_eq!(report, Default::default());
+    assert!(uuid::Uuid::parse_str(pool.uuid()).is_ok());
+    assert_eq!(pool.list_volumes().len(), 1);
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("pool.json")).unwrap()).unwrap();
+    assert_eq!(written["uuid"], pool.uuid());
+}
+
+#[test]
+fn an_unreadable_pool_record_stops_the_open_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+        pool.create_volume(blank("vol-1", MIB)).unwrap();
+    }
+    std::fs::write(dir.path().join("pool.json"), b"{\"uuid\": \"3b5").unwrap();
+    // Leftovers a normal open would tidy, to see that it did not run.
+    write_file(&dir.path().join("volumes/vol-1.json.tmp"), b"torn");
+    let before = tree(dir.path());
+    let err = Pool::open(dir.path(), PoolConfig::default()).err().expect("open must fail");
+    assert!(matches!(err, VolumeError::BadPoolRecord { .. }), "{err}");
+    assert!(err.to_string().contains("pool.json") && err.to_string().contains("nothing was changed"), "{err}");
+    assert_eq!(tree(dir.path()), before);
+}

@@ -18,6 +18,8 @@ pub enum VolumeError {
     OutOfRange { requested: u64, reason: String },
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: io::Error },
+    #[error("the pool record {path} is unusable ({reason}); the pool was not opened and nothing was changed: restore the file from a backup, or move the pool folder aside if it is not this node's")]
+    BadPoolRecord { path: std::path::PathBuf, reason: String },
 }
 
 impl VolumeError {
@@ -36,6 +38,7 @@ impl From<VolumeError> for tonic::Status {
             VolumeError::Conflict { .. } => Code::AlreadyExists,
             VolumeError::Capacity { .. } => Code::ResourceExhausted,
             VolumeError::OutOfRange { .. } => Code::OutOfRange,
+            VolumeError::BadPoolRecord { .. } => Code::FailedPrecondition,
             // A read-only or full pool is a condition of this node, which the
             // controller treats as "try another node".
             VolumeError::Io { source, .. } => match source.raw_os_error() {

@@ -5,6 +5,7 @@
 //! <pool>/volumes/<id>.img   <id>.json   (<id>.img.partial while being made)
 //! <pool>/snapshots/<id>.img <id>.json   (images read-only)
 //! <pool>/orphaned/          images found without a record, kept for a person
+//! <pool>/pool.json           the pool's identity (its UUID)
 //! ```
 //!
 //! Order of writes, so a crash at any instant is recoverable: the record is
@@ -24,6 +25,7 @@ use tracing::{info, warn};
 use super::capacity::{PoolCapacity, Provisioning};
 use super::copy::{self, CopyMethod};
 use super::error::VolumeError;
+use super::identity;
 use super::locks::KeyedLocks;
 use super::records::{self, SnapshotRecord, State, VolumeRecord, VolumeSource};
 use super::{validate_id, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES};
@@ -66,6 +68,7 @@ struct Index {
 
 pub struct Pool {
     root: PathBuf,
+    uuid: String,
     config: PoolConfig,
     reflink: bool,
     filesystem: String,
@@ -133,6 +136,10 @@ impl Pool {
                 reason: format!("{} must be between 0 and 100", config.reserved_percentage),
             });
         }
+        // Read before anything is created: an unusable record stops here
+        // with the folder untouched.
+        let record = identity::read(root)?;
+        let adopted = record.is_none() && root.join("volumes").is_dir();
         for d in ["volumes", "snapshots", "orphaned"] {
             std::fs::create_dir_all(root.join(d))
                 .map_err(VolumeError::io(format!("creating pool folder {}", root.join(d).display())))?;
@@ -144,8 +151,13 @@ impl Pool {
             && copy::probe_reflink(&root.join("volumes"))
                 .map_err(VolumeError::io(format!("probing reflink support in {}", root.display())))?;
         let filesystem = filesystem_name(&root);
+        let record = match record {
+            Some(r) => r,
+            None => identity::create(&root, adopted)?,
+        };
         let pool = Pool {
             root,
+            uuid: record.uuid,
             config,
             reflink,
             filesystem,
@@ -158,12 +170,17 @@ impl Pool {
             let index = pool.index();
             (index.volumes.len(), index.snapshots.len())
         };
-        info!(pool = %pool.root.display(), reflink = pool.reflink, filesystem = %pool.filesystem, volumes, snapshots, "pool open");
+        info!(pool = %pool.root.display(), pool.uuid = %pool.uuid, reflink = pool.reflink, filesystem = %pool.filesystem, volumes, snapshots, "pool open");
         Ok((pool, report))
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+    /// The pool's UUID, given when it was first created and kept in
+    /// `pool.json`; the same across restarts.
+    pub fn uuid(&self) -> &str {
+        &self.uuid
     }
     pub fn reflink(&self) -> bool {
         self.reflink
