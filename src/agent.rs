@@ -1,5 +1,7 @@
 //! The node agent: the volume manager served over gRPC (proto/agent.proto).
-//! Each call runs on a blocking thread; the pool serializes calls per ID.
+//! Each call runs on the agent's own worker threads (`volume::workers`);
+//! heavy ones (copies, thick allocations) wait for a turn first; the pool
+//! serializes calls per ID.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,16 +12,47 @@ use tracing::warn;
 use crate::agent_proto as pb;
 use crate::agent_proto::volume_manager_server::VolumeManager;
 use crate::volume::pool::CreateVolume;
+use crate::volume::workers::{HeavyGate, WorkLimits, Workers};
 use crate::volume::{Pool, Provisioning, SnapshotRecord, VolumeError, VolumeRecord, VolumeSource};
 
 pub struct AgentService {
     pool: Arc<Pool>,
     node_id: String,
+    workers: Arc<Workers>,
+    heavy: Arc<HeavyGate>,
 }
 
 impl AgentService {
     pub fn new(pool: Arc<Pool>, node_id: String) -> Self {
-        AgentService { pool, node_id }
+        Self::with_limits(pool, node_id, WorkLimits::default())
+    }
+
+    pub fn with_limits(pool: Arc<Pool>, node_id: String, limits: WorkLimits) -> Self {
+        let workers = Workers::new("agent-worker", limits.threads).expect("starting the agent's worker threads");
+        let heavy = HeavyGate::new(limits.heavy, limits.heavy_wait);
+        AgentService { pool, node_id, workers: Arc::new(workers), heavy: Arc::new(heavy) }
+    }
+
+    /// `run` for a call that may copy or allocate a whole volume: it waits
+    /// for its turn first (RESOURCE_EXHAUSTED when that takes too long), and
+    /// holds the turn until the work ends, even if the caller goes away.
+    async fn run_heavy<T, F>(&self, method: &'static str, heavy: bool, f: F) -> Result<Response<T>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Pool) -> Result<T, VolumeError> + Send + 'static,
+    {
+        if !heavy {
+            return self.run(method, f).await;
+        }
+        let turn = self.heavy.enter().await.map_err(|busy| {
+            warn!(method, %busy, "agent call refused");
+            Status::resource_exhausted(busy.to_string())
+        })?;
+        self.run(method, move |pool| {
+            let _turn = turn;
+            f(pool)
+        })
+        .await
     }
 
     async fn run<T, F>(&self, method: &'static str, f: F) -> Result<Response<T>, Status>
@@ -28,9 +61,11 @@ impl AgentService {
         F: FnOnce(&Pool) -> Result<T, VolumeError> + Send + 'static,
     {
         let pool = self.pool.clone();
-        let out = tokio::task::spawn_blocking(move || f(&pool))
+        let out = self
+            .workers
+            .run(move || f(&pool))
             .await
-            .map_err(|e| Status::internal(format!("{method} worker failed: {e}")))?;
+            .map_err(|e| Status::internal(format!("{method} failed inside the agent: {e}")))?;
         match out {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
@@ -110,7 +145,8 @@ impl VolumeManager for AgentService {
         request: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let r = request.into_inner();
-        self.run("CreateVolume", move |pool| {
+        let heavy = r.provisioning == pb::Provisioning::Thick as i32 || (r.source.is_some() && !self.pool.reflink());
+        self.run_heavy("CreateVolume", heavy, move |pool| {
             let req = CreateVolume {
                 id: r.volume_id,
                 size_bytes: r.size_bytes,
@@ -141,7 +177,7 @@ impl VolumeManager for AgentService {
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let r = request.into_inner();
-        self.run("CreateSnapshot", move |pool| {
+        self.run_heavy("CreateSnapshot", !self.pool.reflink(), move |pool| {
             let s = pool.create_snapshot(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect())?;
             Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)) })
         })
@@ -162,7 +198,8 @@ impl VolumeManager for AgentService {
         request: Request<pb::ExpandVolumeRequest>,
     ) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
         let r = request.into_inner();
-        self.run("ExpandVolume", move |pool| {
+        let heavy = self.pool.get_volume(&r.volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
+        self.run_heavy("ExpandVolume", heavy, move |pool| {
             let v = pool.expand_volume(&r.volume_id, r.size_bytes)?;
             Ok(pb::ExpandVolumeResponse { volume: Some(volume_to_pb(pool, v)) })
         })

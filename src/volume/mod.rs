@@ -8,6 +8,7 @@ pub mod identity;
 pub mod locks;
 pub mod pool;
 pub mod records;
+pub mod workers;
 
 pub use capacity::{PoolCapacity, Provisioning, Shortfall};
 pub use error::VolumeError;
