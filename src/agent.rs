@@ -1,5 +1,7 @@
 //! The node agent: the volume manager served over gRPC (proto/agent.proto).
-//! Each call runs on a blocking thread; the pool serializes calls per ID.
+//! Each call runs on the agent's own worker threads (`volume::workers`);
+//! heavy ones (copies, thick allocations) wait for a turn first; the pool
+//! serializes calls per ID.
 //! Served only over mutual TLS to the controller (`crate::tls`); every call
 //! checks that the connection's certificate named the controller, and every
 //! call that changes data passes the fence (`fence.rs`).
@@ -16,6 +18,7 @@ use crate::agent_proto as pb;
 use crate::agent_proto::volume_manager_server::VolumeManager;
 use crate::tls::{Peer, PeerInfo};
 use crate::volume::pool::CreateVolume;
+use crate::volume::workers::{HeavyGate, WorkLimits, Workers};
 use crate::volume::{ImageKind, Orphan, Pool, Provisioning, SnapshotRecord, State, VolumeError, VolumeRecord, VolumeSource};
 
 use fence::Fence;
@@ -24,11 +27,19 @@ pub struct AgentService {
     pool: Arc<Pool>,
     node_id: String,
     fence: Arc<Fence>,
+    workers: Arc<Workers>,
+    heavy: Arc<HeavyGate>,
 }
 
 impl AgentService {
     pub fn new(pool: Arc<Pool>, node_id: String, fence: Arc<Fence>) -> Self {
-        AgentService { pool, node_id, fence }
+        Self::with_limits(pool, node_id, fence, WorkLimits::default())
+    }
+
+    pub fn with_limits(pool: Arc<Pool>, node_id: String, fence: Arc<Fence>, limits: WorkLimits) -> Self {
+        let workers = Workers::new("agent-worker", limits.threads).expect("starting the agent's worker threads");
+        let heavy = HeavyGate::new(limits.heavy, limits.heavy_wait);
+        AgentService { pool, node_id, fence, workers: Arc::new(workers), heavy: Arc::new(heavy) }
     }
 
     fn identity(&self) -> Option<pb::AgentIdentity> {
@@ -51,16 +62,32 @@ impl AgentService {
         }
     }
 
-    /// Authorize, then pass the fence; the guard is held while `f` runs.
-    async fn run_fenced<R, T, F>(&self, request: &Request<R>, method: &'static str, f: F) -> Result<Response<T>, Status>
+    /// A call that changes data: authorize; a call that may copy or
+    /// allocate a whole volume (`heavy`) waits for its turn first
+    /// (RESOURCE_EXHAUSTED when that takes too long) and holds it until the
+    /// work ends, even if the caller goes away; then the fence, whose guard
+    /// is held while `f` runs.
+    async fn run_fenced<R, T, F>(&self, request: &Request<R>, method: &'static str, heavy: bool, f: F) -> Result<Response<T>, Status>
     where
         T: Send + 'static,
         F: FnOnce(&Pool) -> Result<T, VolumeError> + Send + 'static,
     {
         Self::authorize(request)?;
         let token = fence::token_of(request)?;
+        let turn = if heavy {
+            Some(self.heavy.enter().await.map_err(|busy| {
+                warn!(method, %busy, "agent call refused");
+                Status::resource_exhausted(busy.to_string())
+            })?)
+        } else {
+            None
+        };
         let _admitted = self.fence.admit(token).await?;
-        self.run(method, f).await
+        self.run(method, move |pool| {
+            let _turn = turn;
+            f(pool)
+        })
+        .await
     }
 
     async fn run<T, F>(&self, method: &'static str, f: F) -> Result<Response<T>, Status>
@@ -69,9 +96,11 @@ impl AgentService {
         F: FnOnce(&Pool) -> Result<T, VolumeError> + Send + 'static,
     {
         let pool = self.pool.clone();
-        let out = tokio::task::spawn_blocking(move || f(&pool))
+        let out = self
+            .workers
+            .run(move || f(&pool))
             .await
-            .map_err(|e| Status::internal(format!("{method} worker failed: {e}")))?;
+            .map_err(|e| Status::internal(format!("{method} failed inside the agent: {e}")))?;
         match out {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
@@ -172,7 +201,7 @@ pub fn status_to_pb(node_id: &str, pool: &Pool) -> Result<pb::PoolStatus, Volume
         max_thick_volume_bytes: st.capacity.max_volume(Provisioning::Thick),
         filesystem: st.filesystem,
         pool_uuid: pool.uuid().to_string(),
-        broken_count: 0,
+        broken_count: pool.broken().len() as u32,
         orphan_count: orphans.len() as u32,
         orphan_bytes: orphans.iter().map(|o| o.allocated_bytes).sum(),
     })
@@ -186,7 +215,8 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        self.run_fenced(&request, "CreateVolume", move |pool| {
+        let heavy = r.provisioning == pb::Provisioning::Thick as i32 || (r.source.is_some() && !self.pool.reflink());
+        self.run_fenced(&request, "CreateVolume", heavy, move |pool| {
             let req = CreateVolume {
                 id: r.volume_id,
                 size_bytes: r.size_bytes,
@@ -209,7 +239,7 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let identity = self.identity();
         let id = request.get_ref().volume_id.clone();
-        self.run_fenced(&request, "DeleteVolume", move |pool| pool.delete_volume(&id).map(|_| pb::DeleteVolumeResponse { identity }))
+        self.run_fenced(&request, "DeleteVolume", false, move |pool| pool.delete_volume(&id).map(|_| pb::DeleteVolumeResponse { identity }))
             .await
     }
 
@@ -219,7 +249,7 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        self.run_fenced(&request, "CreateSnapshot", move |pool| {
+        self.run_fenced(&request, "CreateSnapshot", !self.pool.reflink(), move |pool| {
             let s = pool.create_snapshot(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect())?;
             Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)), identity })
         })
@@ -232,7 +262,7 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let identity = self.identity();
         let id = request.get_ref().snapshot_id.clone();
-        self.run_fenced(&request, "DeleteSnapshot", move |pool| {
+        self.run_fenced(&request, "DeleteSnapshot", false, move |pool| {
             pool.delete_snapshot(&id).map(|_| pb::DeleteSnapshotResponse { identity })
         })
         .await
@@ -244,7 +274,8 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        self.run_fenced(&request, "ExpandVolume", move |pool| {
+        let heavy = self.pool.get_volume(&r.volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
+        self.run_fenced(&request, "ExpandVolume", heavy, move |pool| {
             let v = pool.expand_volume(&r.volume_id, r.size_bytes)?;
             Ok(pb::ExpandVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
         })
@@ -283,7 +314,14 @@ impl VolumeManager for AgentService {
         Self::authorize(&request)?;
         let identity = self.identity();
         self.run("ListVolumes", move |pool| {
-            let volumes = pool.list_volumes().into_iter().map(|v| volume_to_pb(pool, v)).collect();
+            let mut volumes: Vec<pb::Volume> = pool.list_volumes().into_iter().map(|v| volume_to_pb(pool, v)).collect();
+            // Broken volumes are listed too, so nothing on the node is invisible.
+            volumes.extend(pool.broken().into_iter().filter(|b| b.kind == "volume").map(|b| pb::Volume {
+                volume_id: b.id,
+                state: pb::ImageState::Broken as i32,
+                problem: b.reason,
+                ..Default::default()
+            }));
             Ok(pb::ListVolumesResponse { volumes, identity })
         })
         .await
@@ -354,7 +392,7 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::PurgeOrphansResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        self.run_fenced(&request, "PurgeOrphans", move |pool| {
+        self.run_fenced(&request, "PurgeOrphans", false, move |pool| {
             let purged = pool.purge_orphans(r.older_than_ms, r.dry_run)?;
             Ok(pb::PurgeOrphansResponse { purged: purged.into_iter().map(orphan_to_pb).collect(), identity })
         })
@@ -370,7 +408,7 @@ impl AgentService {
     ) -> Result<Response<pb::QuarantineResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        self.run_fenced(&request, "Quarantine", move |pool| {
+        self.run_fenced(&request, "Quarantine", false, move |pool| {
             let orphan = pool.quarantine(kind, &r.id, &r.reason, r.min_age_ms)?;
             Ok(pb::QuarantineResponse { moved: orphan.is_some(), orphan: orphan.unwrap_or_default(), identity })
         })

@@ -111,6 +111,37 @@ async fn pool_status_reports_capacity_and_counts() {
     assert!(s.max_thick_volume_bytes <= s.free_bytes);
 }
 
+/// One volume whose record is torn and one whose image is gone: the node
+/// plugin still starts, serves the others, and says what is wrong with those two.
+#[tokio::test]
+async fn a_node_with_broken_volumes_starts_and_serves_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let sock = dir.path().join("csi.sock");
+    {
+        let node = NodeProcess::start(&pool, &sock, "node-1", &[]);
+        let mut c = client(&node).await;
+        for id in ["vol-good", "vol-torn", "vol-lost"] {
+            c.create_volume(create(id, MIB, None)).await.unwrap();
+        }
+    }
+    std::fs::write(pool.join("volumes/vol-torn.json"), b"{\"id\": ").unwrap();
+    std::fs::remove_file(pool.join("volumes/vol-lost.img")).unwrap();
+
+    let node = NodeProcess::start(&pool, &sock, "node-1", &[]);
+    let mut c = client(&node).await;
+    let listed = c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;
+    assert_eq!(listed.iter().map(|v| v.volume_id.as_str()).collect::<Vec<_>>(), ["vol-good"]);
+    c.create_volume(create("vol-new", MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-good".into()))))
+        .await
+        .unwrap();
+    for (id, says) in [("vol-torn", "cannot be read"), ("vol-lost", "missing")] {
+        let e = c.get_volume(pb::GetVolumeRequest { volume_id: id.into() }).await.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{id}: {}", e.message());
+        assert!(e.message().contains("broken") && e.message().contains(says), "{id}: {}", e.message());
+    }
+}
+
 /// What the test knows of one ID: present, absent, or in flight when the
 /// node was killed (either is acceptable after restart).
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -132,7 +163,7 @@ impl Worker {
             let (kind, name, op) = {
                 let mut rng = rand::rng();
                 let n = rng.random_range(0..6);
-                let kind = rng.random_range(0..10);
+                let kind = rng.random_range(0..11);
                 (kind, n, rng.random_range(0..3))
             };
             let vol = format!("vol-w{}-{}", self.id, name);
@@ -151,7 +182,9 @@ impl Worker {
                         continue;
                     }
                     self.volumes.insert(vol.clone(), Known::Unsure);
-                    match c.create_volume(create(&vol, 2 * MIB, source)).await {
+                    // Sources grow up to 4 MiB (below); a copy is never smaller.
+                    let size = if source.is_some() { 4 * MIB } else { 2 * MIB };
+                    match c.create_volume(create(&vol, size, source)).await {
                         Ok(_) => {
                             self.volumes.insert(vol, Known::Present);
                         }
@@ -183,6 +216,15 @@ impl Worker {
                         Err(_) => return,
                     }
                 }
+                10 => {
+                    let Some(v) = present_vol else { continue };
+                    let size = (2 + u64::from(op as u8)) * MIB;
+                    match c.expand_volume(pb::ExpandVolumeRequest { volume_id: v.clone(), size_bytes: size }).await {
+                        Ok(r) => assert!(r.into_inner().volume.unwrap().size_bytes >= size, "expand {v}"),
+                        Err(e) if e.code() == Code::Unavailable || e.code() == Code::Unknown || e.code() == Code::Cancelled => return,
+                        Err(e) => panic!("expand {v}: {e}"),
+                    }
+                }
                 _ => {
                     self.snapshots.insert(snap.clone(), Known::Unsure);
                     match c.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: snap.clone() }).await {
@@ -208,6 +250,10 @@ fn assert_pool_consistent(pool: &Path, round: usize) -> (Vec<String>, Vec<String
                     .unwrap_or_else(|e| panic!("round {round}: torn record {sub}/{f}: {e}"));
                 assert_eq!(rec["state"], "Available", "round {round}: {sub}/{f} left {}", rec["state"]);
                 assert!(files.contains(&format!("{id}.img")), "round {round}: record without image {sub}/{f}");
+                // An expansion is finished or undone: record and image agree.
+                assert!(rec.get("expanding_to").is_none(), "round {round}: {sub}/{f} still expanding");
+                let len = std::fs::metadata(pool.join(sub).join(format!("{id}.img"))).unwrap().len();
+                assert_eq!(rec["size_bytes"], len, "round {round}: {sub}/{f} and its image disagree on the size");
                 out.push(id.to_string());
             } else if let Some(id) = f.strip_suffix(".img") {
                 assert!(files.contains(&format!("{id}.json")), "round {round}: image without record {sub}/{f}");

@@ -44,6 +44,12 @@ struct Env {
 
 impl Env {
     fn new(extra: &[&str]) -> Env {
+        Env::with_pool(None, extra)
+    }
+
+    /// With the pool at `pool` (e.g. on a filesystem made for the test)
+    /// instead of in the test's folder.
+    fn with_pool(pool: Option<&Path>, extra: &[&str]) -> Env {
         let dir = tempfile::Builder::new().prefix("cb-node-").tempdir().unwrap();
         let root = dir.path().canonicalize().unwrap();
         let kubelet = root.join("kubelet");
@@ -51,7 +57,7 @@ impl Env {
         std::fs::create_dir_all(kubelet.join("pods")).unwrap();
         let mut env = Env {
             node: None,
-            pool: root.join("pool"),
+            pool: pool.map(Path::to_path_buf).unwrap_or_else(|| root.join("pool")),
             sock: root.join("csi.sock"),
             kubelet,
             root,
@@ -106,7 +112,11 @@ impl Env {
 
     /// Loop devices bound to any file under this test's folder.
     fn loops(&self) -> Vec<LoopDevice> {
-        loops_under(&self.root)
+        let mut loops = loops_under(&self.root);
+        if !self.pool.starts_with(&self.root) {
+            loops.extend(loops_under(&self.pool));
+        }
+        loops
     }
 
     fn assert_clean(&self, what: &str) {
@@ -1042,4 +1052,82 @@ async fn concurrent_calls_on_one_volume_are_aborted_not_raced() {
     c2.node_stage_volume(stage_req("vol-c", &staging, Some(xfs()))).await.unwrap();
     c2.node_unstage_volume(unstage_req("vol-c", &staging)).await.unwrap();
     env.assert_clean("after unstage");
+}
+
+/// The scenario: a thick volume in use on a small pool; growing it
+/// fails for lack of space; it stays usable at its old size with its data;
+/// the node plugin restarts and serves; once space is freed, a retry grows it.
+#[tokio::test]
+async fn thick_expansion_out_of_space_keeps_the_volume_and_survives_a_restart() {
+    require_root!();
+    let fs = TestFs::new("xfs-noreflink", "320M");
+    let mut env = Env::with_pool(Some(&fs.mount.join("pool")), &[]);
+    let (mut agent, mut c) = (env.agent().await, env.csi().await);
+    agent
+        .create_volume(pb::CreateVolumeRequest {
+            volume_id: "vol-t".into(),
+            size_bytes: 64 * MIB,
+            provisioning: pb::Provisioning::Thick as i32,
+            source: None,
+            metadata: Default::default(),
+        })
+        .await
+        .unwrap();
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-t", ext4()).await;
+    let bytes = data(8 * MIB as usize, 11);
+    write_synced(&target.join("before.bin"), &bytes);
+
+    // Leave the pool a little space; ask for exactly what it reports free:
+    // the pool admits it, the filesystem cannot allocate it.
+    let filler = fs.mount.join("filler");
+    {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::create(&filler).unwrap();
+        let st = rustix::fs::statvfs(&fs.mount).unwrap();
+        let take = (st.f_bavail * st.f_frsize - 24 * MIB) as i64;
+        assert_eq!(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, take) }, 0);
+        f.sync_all().unwrap();
+    }
+    let status = agent.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap();
+    let wanted = 64 * MIB + status.free_bytes;
+    let expand = pb::ExpandVolumeRequest { volume_id: "vol-t".into(), size_bytes: wanted };
+    let e = expect_code("expansion without space", agent.expand_volume(expand.clone()).await, Code::ResourceExhausted);
+    assert!(e.message().contains("stays at"), "{}", e.message());
+
+    let check_usable = |env: &Env, round: &str, len: u64| {
+        assert_eq!(std::fs::metadata(env.image("vol-t")).unwrap().len(), len, "{round}");
+        assert_eq!(std::fs::read(target.join("before.bin")).unwrap(), bytes, "{round}: data changed");
+        write_synced(&target.join(format!("{round}.txt")), round.as_bytes());
+    };
+    let size = |v: pb::GetVolumeResponse| v.volume.unwrap().size_bytes;
+    assert_eq!(size(agent.get_volume(pb::GetVolumeRequest { volume_id: "vol-t".into() }).await.unwrap().into_inner()), 64 * MIB);
+    check_usable(&env, "after-failure", 64 * MIB);
+    // A retry tries again rather than answering OK for a size it never reached.
+    expect_code("retry without space", agent.expand_volume(expand.clone()).await, Code::ResourceExhausted);
+
+    drop((agent, c));
+    env.kill9();
+    env.start();
+    let (mut agent, mut c) = (env.agent().await, env.csi().await);
+    let v = agent.get_volume(pb::GetVolumeRequest { volume_id: "vol-t".into() }).await.unwrap().into_inner();
+    assert_eq!(size(v), 64 * MIB);
+    let stats = c.node_get_volume_stats(stats_req("vol-t", &target)).await.unwrap().into_inner();
+    assert!(!stats.volume_condition.unwrap().abnormal);
+    check_usable(&env, "after-restart", 64 * MIB);
+
+    std::fs::remove_file(&filler).unwrap();
+    let grown = agent.expand_volume(expand).await.unwrap().into_inner().volume.unwrap().size_bytes;
+    assert_eq!(grown, wanted.div_ceil(4096) * 4096);
+    assert_eq!(std::fs::metadata(env.image("vol-t")).unwrap().len(), grown);
+    let result = c.node_expand_volume(expand_req("vol-t", &target, &staging, grown)).await;
+    let device = mount_at(&staging).unwrap().source;
+    assert_eq!(loopdev::size_bytes(Path::new(&device)).unwrap(), grown, "the loop device did not grow");
+    match result {
+        Ok(r) => assert_eq!(r.into_inner().capacity_bytes, grown as i64),
+        // Online ext4 resize needs CAP_SYS_RESOURCE, which this host may lack.
+        Err(e) => assert!(e.message().contains("CAP_SYS_RESOURCE"), "{}", e.message()),
+    }
+    check_usable(&env, "after-growth", grown);
+    unpublish_and_unstage(&mut c, "vol-t", &staging, &target).await;
+    env.assert_clean("after the expansion test");
 }

@@ -227,6 +227,7 @@ fn reconcile_finishes_or_removes_half_made_records() {
         metadata: BTreeMap::new(),
         created_at_ms: 0,
         state,
+        expanding_to: None,
     };
     // Crashed before the image was renamed into place: rolled back.
     write_record(&vols.join("vol-half.json"), &rec("vol-half", State::Creating)).unwrap();
@@ -317,4 +318,205 @@ fn an_unreadable_pool_record_stops_the_open_and_changes_nothing() {
     assert!(matches!(err, VolumeError::BadPoolRecord { .. }), "{err}");
     assert!(err.to_string().contains("pool.json") && err.to_string().contains("nothing was changed"), "{err}");
     assert_eq!(tree(dir.path()), before);
+}
+
+// ------------------------------------------------------------ expansion
+
+fn record_on_disk(pool_dir: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(pool_dir.join("volumes").join(format!("{id}.json"))).unwrap()).unwrap()
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let st = rustix::fs::statvfs(path).unwrap();
+    st.f_bavail * st.f_frsize
+}
+
+/// Take all but `leave` bytes of the filesystem holding `dir`, for real.
+fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("filler");
+    let f = std::fs::File::create(&path).unwrap();
+    let take = free_bytes(dir).saturating_sub(leave);
+    assert_eq!(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, take as i64) }, 0, "filling {}", dir.display());
+    f.sync_all().unwrap();
+    path
+}
+
+#[test]
+fn thick_expansion_without_space_fails_keeps_the_volume_and_a_retry_grows() {
+    require_root!();
+    let fs = TestFs::new("xfs-noreflink", "320M");
+    let pool_dir = fs.mount.join("pool");
+    let (pool, _) = Pool::open(&pool_dir, PoolConfig::default()).unwrap();
+    let thick = CreateVolume { provisioning: Provisioning::Thick, ..blank("vol-thick", 32 * MIB) };
+    pool.create_volume(thick).unwrap();
+    let img = pool.volume_image("vol-thick");
+    write_pattern(&img, 0, 32 * MIB as usize, 5);
+    let data = checksum(&img);
+
+    // The pool says the bytes are free; the filesystem cannot give them
+    // (it needs a few more for its own bookkeeping): the grow itself fails.
+    let filler = fill(&fs.mount, 24 * MIB);
+    let free = pool.status().unwrap().capacity.free;
+    let err = pool.expand_volume("vol-thick", 32 * MIB + free).unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
+    for _ in 0..2 {
+        assert_eq!(pool.get_volume("vol-thick").unwrap().size_bytes, 32 * MIB);
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 32 * MIB);
+        assert_eq!(checksum(&img), data);
+        assert!(record_on_disk(&pool_dir, "vol-thick").get("expanding_to").is_none());
+        // A retry grows again, it does not answer OK for a size it never reached.
+        let err = pool.expand_volume("vol-thick", 32 * MIB + free).unwrap_err();
+        assert!(err.to_string().contains("stays at 33554432 bytes"), "{err}");
+    }
+    drop(pool);
+    let (pool, report) = Pool::open(&pool_dir, PoolConfig::default()).unwrap();
+    assert_eq!(report, Default::default());
+    assert_eq!(pool.get_volume("vol-thick").unwrap().size_bytes, 32 * MIB);
+
+    std::fs::remove_file(filler).unwrap();
+    let grown = pool.expand_volume("vol-thick", 32 * MIB + free).unwrap();
+    assert_eq!(grown.size_bytes, (32 * MIB + free).div_ceil(4096) * 4096);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), grown.size_bytes);
+    assert!(allocated(&img) >= grown.size_bytes, "a thick volume is allocated in full");
+    assert_eq!(record_on_disk(&pool_dir, "vol-thick")["size_bytes"], grown.size_bytes);
+    use std::os::unix::fs::FileExt;
+    let mut first = vec![0u8; 32 * MIB as usize];
+    std::fs::File::open(&img).unwrap().read_exact_at(&mut first, 0).unwrap();
+    let expected: Vec<u8> = (0..32 * MIB as usize).map(|i| (i as u8).wrapping_mul(31).wrapping_add(5)).collect();
+    assert!(first == expected, "the data before the expansion changed");
+}
+
+#[test]
+fn expansion_beyond_what_the_filesystem_can_hold_is_out_of_range_and_changes_nothing() {
+    require_root!();
+    let fs = TestFs::new("ext4", "128M");
+    let pool_dir = fs.mount.join("pool");
+    // A ratio that lets a thin volume be promised far past ext4's 16 TiB files.
+    let cfg = PoolConfig { max_over_subscription_ratio: 1e6, ..PoolConfig::default() };
+    let (pool, _) = Pool::open(&pool_dir, cfg.clone()).unwrap();
+    pool.create_volume(blank("vol-1", MIB)).unwrap();
+    write_pattern(&pool.volume_image("vol-1"), 0, MIB as usize, 8);
+    let before = tree(&pool_dir);
+    let err = pool.expand_volume("vol-1", 17 << 40).unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::OutOfRange);
+    assert_eq!(tree(&pool_dir), before);
+    assert_eq!(pool.status().unwrap().capacity.provisioned, MIB, "a failed expansion holds no capacity");
+    assert_eq!(pool.expand_volume("vol-1", 2 * MIB).unwrap().size_bytes, 2 * MIB);
+    assert_eq!(std::fs::metadata(pool.volume_image("vol-1")).unwrap().len(), 2 * MIB);
+}
+
+#[test]
+fn an_interrupted_expansion_is_finished_or_undone_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+        for id in ["vol-grown", "vol-not-grown", "vol-half-grown", "vol-old-style"] {
+            pool.create_volume(blank(id, 4 * MIB)).unwrap();
+            write_pattern(&pool.volume_image(id), 0, 4 * MIB as usize, 3);
+        }
+    }
+    let vols = dir.path().join("volumes");
+    let set = |id: &str, size: u64, expanding_to: Option<u64>, image_len: u64| {
+        let path = vols.join(format!("{id}.json"));
+        let mut r: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        r["size_bytes"] = size.into();
+        if let Some(t) = expanding_to {
+            r["expanding_to"] = t.into();
+        }
+        std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
+        std::fs::OpenOptions::new().write(true).open(vols.join(format!("{id}.img"))).unwrap().set_len(image_len).unwrap();
+    };
+    // Killed after the grow, before the record took the new size.
+    set("vol-grown", 4 * MIB, Some(8 * MIB), 8 * MIB);
+    // Killed after the intent, before the grow.
+    set("vol-not-grown", 4 * MIB, Some(8 * MIB), 4 * MIB);
+    // Killed in the middle of a thick allocation.
+    set("vol-half-grown", 4 * MIB, Some(8 * MIB), 6 * MIB);
+    // An older version's order: the record grew first.
+    set("vol-old-style", 8 * MIB, None, 4 * MIB);
+
+    let (pool, report) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+    assert_eq!(report.finished, vec!["volumes/vol-grown", "volumes/vol-old-style"]);
+    assert_eq!(report.rolled_back, vec!["volumes/vol-half-grown", "volumes/vol-not-grown"]);
+    assert!(report.broken.is_empty(), "{report:?}");
+    for (id, size) in [("vol-grown", 8 * MIB), ("vol-not-grown", 4 * MIB), ("vol-half-grown", 4 * MIB), ("vol-old-style", 8 * MIB)] {
+        assert_eq!(pool.get_volume(id).unwrap().size_bytes, size, "{id}");
+        assert_eq!(std::fs::metadata(pool.volume_image(id)).unwrap().len(), size, "{id}");
+        let on_disk = record_on_disk(dir.path(), id);
+        assert_eq!(on_disk["size_bytes"], size, "{id}");
+        assert!(on_disk.get("expanding_to").is_none(), "{id}: {on_disk}");
+    }
+}
+
+#[test]
+fn a_broken_volume_is_marked_and_the_rest_of_the_pool_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+        for id in ["vol-good", "vol-torn", "vol-lost"] {
+            pool.create_volume(blank(id, MIB)).unwrap();
+        }
+        pool.create_snapshot("snap-good", "vol-good", BTreeMap::new()).unwrap();
+    }
+    let vols = dir.path().join("volumes");
+    std::fs::write(vols.join("vol-torn.json"), b"{\"id\": \"vol-to").unwrap();
+    std::fs::remove_file(vols.join("vol-lost.img")).unwrap();
+    let before = tree(dir.path());
+
+    let (pool, report) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+    assert_eq!(report.broken, vec!["volumes/vol-lost", "volumes/vol-torn"]);
+    assert!(report.orphaned.is_empty(), "the torn record's image is not an orphan: {report:?}");
+    assert_eq!(tree(dir.path()), before, "broken volumes are left exactly as they were");
+    let broken = pool.broken();
+    assert_eq!(broken.len(), 2);
+    assert!(broken.iter().any(|b| b.id == "vol-lost" && b.kind == "volume" && b.reason.contains("image") && b.reason.contains("missing")), "{broken:?}");
+    assert!(broken.iter().any(|b| b.id == "vol-torn" && b.reason.contains("cannot be read")), "{broken:?}");
+
+    // The others work as usual.
+    assert_eq!(pool.list_volumes().iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), vec!["vol-good"]);
+    pool.create_volume(from("vol-new", MIB, VolumeSource::Snapshot("snap-good".into()))).unwrap();
+    pool.expand_volume("vol-good", 2 * MIB).unwrap();
+
+    // A broken volume answers with its reason and is never overwritten.
+    let err = pool.get_volume("vol-torn").unwrap_err();
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::FailedPrecondition);
+    let err = pool.create_volume(blank("vol-torn", MIB)).unwrap_err();
+    assert!(matches!(err, VolumeError::Broken { .. }), "{err}");
+    assert!(matches!(pool.create_snapshot("snap-x", "vol-lost", BTreeMap::new()), Err(VolumeError::Broken { .. })));
+    assert!(matches!(pool.expand_volume("vol-lost", 2 * MIB), Err(VolumeError::Broken { .. })));
+
+    // Deleting it keeps its files, in orphaned/.
+    let torn_image = checksum(&vols.join("vol-torn.img"));
+    pool.delete_volume("vol-torn").unwrap();
+    pool.delete_volume("vol-torn").unwrap();
+    assert!(!vols.join("vol-torn.img").exists() && !vols.join("vol-torn.json").exists());
+    let kept: Vec<_> = tree(&dir.path().join("orphaned")).into_iter().collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(kept.iter().any(|(name, (_, sum))| name.ends_with("vol-torn.img") && *sum == torn_image), "{kept:?}");
+    assert_eq!(pool.broken().len(), 1);
+    pool.create_volume(blank("vol-torn", MIB)).unwrap();
+}
+
+#[test]
+fn an_old_style_expansion_that_cannot_be_finished_marks_only_that_volume_broken() {
+    require_root!();
+    let fs = TestFs::new("ext4", "128M");
+    let pool_dir = fs.mount.join("pool");
+    {
+        let (pool, _) = Pool::open(&pool_dir, PoolConfig::default()).unwrap();
+        pool.create_volume(blank("vol-ok", MIB)).unwrap();
+        pool.create_volume(blank("vol-big", MIB)).unwrap();
+    }
+    // The record of an older version says 17 TiB; ext4 cannot grow a file so far.
+    let path = pool_dir.join("volumes/vol-big.json");
+    let mut r: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    r["size_bytes"] = (17u64 << 40).into();
+    std::fs::write(&path, serde_json::to_vec(&r).unwrap()).unwrap();
+    let (pool, report) = Pool::open(&pool_dir, PoolConfig::default()).unwrap();
+    assert_eq!(report.broken, vec!["volumes/vol-big"]);
+    let reason = &pool.broken()[0].reason;
+    assert!(reason.contains("growing the image failed") && reason.contains("File too large"), "{reason}");
+    assert_eq!(std::fs::metadata(pool_dir.join("volumes/vol-big.img")).unwrap().len(), MIB);
+    assert!(pool.get_volume("vol-ok").is_ok());
 }

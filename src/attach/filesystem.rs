@@ -4,6 +4,9 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
 
 use super::{AttachError, Result};
 
@@ -42,29 +45,81 @@ impl std::fmt::Display for Filesystem {
 /// Keep error messages a readable size even if a tool is chatty.
 const MAX_STDERR: usize = 4096;
 
+/// How long each tool may take before it is killed. Generous: they are
+/// quick on a healthy disk (mkfs is lazy, resizes are online), so running
+/// into these means a hung device, and the call should fail rather than
+/// hold the volume forever.
+const BLKID_TIMEOUT: Duration = Duration::from_secs(60);
+const MKFS_TIMEOUT: Duration = Duration::from_secs(300);
+const GROW_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Run a tool without a shell; its output is captured, never inherited.
-async fn run(program: &'static str, package: &'static str, args: &[&OsStr]) -> Result<Output> {
-    tokio::process::Command::new(program)
+/// Killed when it runs longer than `limit` (or when the caller gives up).
+async fn run(
+    program: &'static str,
+    package: &'static str,
+    args: &[&OsStr],
+    subject: &Path,
+    limit: Duration,
+) -> Result<Output> {
+    let mut child = tokio::process::Command::new(program)
         .args(args)
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
-        .await
+        .kill_on_drop(true)
+        .spawn()
         .map_err(|error| AttachError::CommandSpawn {
             program,
             package,
             error,
+        })?;
+    // Read both pipes while waiting, so a chatty tool cannot block on a
+    // full pipe, and so what it said before a timeout is kept.
+    let collect = |pipe: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut out).await;
+            }
+            out
         })
+    };
+    let stdout = collect(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = collect(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = match tokio::time::timeout(limit, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            let said = tokio::time::timeout(Duration::from_secs(2), stderr)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default();
+            return Err(AttachError::CommandTimedOut {
+                program,
+                path: subject.to_path_buf(),
+                seconds: limit.as_secs_f64(),
+                stderr: tidy(&said),
+            });
+        }
+    };
+    let status = status.map_err(|error| AttachError::CommandSpawn {
+        program,
+        package,
+        error,
+    })?;
+    Ok(Output {
+        status,
+        stdout: stdout.await.unwrap_or_default(),
+        stderr: stderr.await.unwrap_or_default(),
+    })
 }
 
-fn failed(program: &'static str, path: &Path, output: &Output) -> AttachError {
-    let text = if output.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
-        &output.stderr
-    } else {
-        &output.stdout
-    };
+/// A tool's output made fit for an error message.
+fn tidy(text: &[u8]) -> String {
     let mut stderr = String::from_utf8_lossy(text).trim().to_owned();
     if stderr.len() > MAX_STDERR {
         let mut cut = MAX_STDERR;
@@ -77,6 +132,16 @@ fn failed(program: &'static str, path: &Path, output: &Output) -> AttachError {
     if stderr.is_empty() {
         stderr = "no output".into();
     }
+    stderr
+}
+
+fn failed(program: &'static str, path: &Path, output: &Output) -> AttachError {
+    let text = if output.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+        &output.stderr
+    } else {
+        &output.stdout
+    };
+    let stderr = tidy(text);
     let hint = if stderr.contains("Permission denied to resize") {
         // EXT4_IOC_RESIZE_FS needs CAP_SYS_RESOURCE, not just root.
         "; the node plugin needs CAP_SYS_RESOURCE to grow a mounted ext4 (run it privileged)"
@@ -97,8 +162,9 @@ async fn run_checked(
     package: &'static str,
     args: &[&OsStr],
     subject: &Path,
+    limit: Duration,
 ) -> Result<Output> {
-    let output = run(program, package, args).await?;
+    let output = run(program, package, args, subject, limit).await?;
     if output.status.success() {
         Ok(output)
     } else {
@@ -128,7 +194,7 @@ pub async fn probe(device: &Path) -> Result<Option<String>> {
         OsStr::new("export"),
         device.as_os_str(),
     ];
-    let output = run("blkid", "util-linux", &args).await?;
+    let output = run("blkid", "util-linux", &args, device, BLKID_TIMEOUT).await?;
     match output.status.code() {
         Some(0) => {}
         Some(2) => return Ok(None),
@@ -158,7 +224,7 @@ pub async fn format(device: &Path, fs_type: &str, extra: &[String]) -> Result<()
     let mut args: Vec<&OsStr> = base.iter().map(OsStr::new).collect();
     args.extend(extra.iter().map(OsStr::new));
     args.push(device.as_os_str());
-    run_checked(program, package_of(fs), &args, device).await?;
+    run_checked(program, package_of(fs), &args, device, MKFS_TIMEOUT).await?;
     tracing::info!(device = %device.display(), fs_type = fs.as_str(), "formatted");
     Ok(())
 }
@@ -177,7 +243,7 @@ pub async fn grow(device: &Path, fs_type: &str, mount_point: &Path) -> Result<()
     let fs = Filesystem::parse(fs_type)?;
     match fs {
         Filesystem::Ext4 => {
-            run_checked("resize2fs", package_of(fs), &[device.as_os_str()], device).await?;
+            run_checked("resize2fs", package_of(fs), &[device.as_os_str()], device, GROW_TIMEOUT).await?;
         }
         Filesystem::Xfs => {
             run_checked(
@@ -185,6 +251,7 @@ pub async fn grow(device: &Path, fs_type: &str, mount_point: &Path) -> Result<()
                 package_of(fs),
                 &[OsStr::new("-d"), mount_point.as_os_str()],
                 mount_point,
+                GROW_TIMEOUT,
             )
             .await?;
         }
@@ -263,10 +330,27 @@ mod tests {
 
     #[tokio::test]
     async fn missing_tool_says_what_to_install() {
-        let err = run("cinderblock-no-such-tool", "some-package", &[])
+        let err = run("cinderblock-no-such-tool", "some-package", &[], Path::new("/dev/x"), BLKID_TIMEOUT)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("install some-package"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_tool_that_hangs_is_killed_and_its_stderr_kept() {
+        let pid_file = tempfile::NamedTempFile::new().unwrap();
+        let script = format!("echo $$ > {}; echo 'waiting for the device' >&2; exec sleep 30", pid_file.path().display());
+        let args = [OsStr::new("-c"), OsStr::new(&script)];
+        let started = std::time::Instant::now();
+        let err = run("sh", "dash", &args, Path::new("/dev/loop99"), Duration::from_millis(300)).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let msg = err.to_string();
+        assert!(matches!(err, AttachError::CommandTimedOut { .. }), "{msg}");
+        assert!(msg.contains("sh on /dev/loop99") && msg.contains("0.3 s") && msg.contains("waiting for the device"), "{msg}");
+        // The tool is gone, not left running.
+        let pid: i32 = std::fs::read_to_string(pid_file.path()).unwrap().trim().parse().unwrap();
+        let alive = rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid).unwrap()).is_ok();
+        assert!(!alive, "process {pid} still runs");
     }
 
     #[test]

@@ -130,6 +130,14 @@ pub enum AttachError {
         hint: &'static str,
     },
 
+    #[error("{program} on {path} did not finish within {seconds} s and was stopped (it said: {stderr}); the device may be hung: check the node's kernel log")]
+    CommandTimedOut {
+        program: &'static str,
+        path: PathBuf,
+        seconds: f64,
+        stderr: String,
+    },
+
     #[error("cannot read filesystem statistics of {path}: {error}")]
     Statvfs { path: PathBuf, error: io::Error },
 }

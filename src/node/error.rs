@@ -109,6 +109,10 @@ impl From<VolumeError> for NodeError {
         match e {
             VolumeError::NotFound { id, .. } => NodeError::VolumeNotFound { id },
             VolumeError::Invalid { what, reason } => NodeError::Invalid { what, reason },
+            VolumeError::Broken { id, reason, .. } => NodeError::Unusable {
+                id,
+                detail: format!("it is broken on this node ({reason}); its files are left for a person to repair"),
+            },
             other => NodeError::Internal { detail: other.to_string() },
         }
     }

@@ -9,6 +9,7 @@ pub mod locks;
 pub mod orphans;
 pub mod pool;
 pub mod records;
+pub mod workers;
 
 pub use capacity::{PoolCapacity, Provisioning, Shortfall};
 pub use error::VolumeError;

@@ -64,6 +64,19 @@ pub struct PoolStatus {
 pub(super) struct Index {
     pub(super) volumes: BTreeMap<String, VolumeRecord>,
     pub(super) snapshots: BTreeMap<String, SnapshotRecord>,
+    /// Keyed like the locks: `volumes/<id>`, `snapshots/<id>`.
+    broken: BTreeMap<String, Broken>,
+}
+
+/// A volume or snapshot the pool found on disk but cannot serve (its record
+/// cannot be read, its image is missing, its size cannot be settled). Its
+/// files are left exactly as they were; the rest of the pool is served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Broken {
+    /// "volume" or "snapshot".
+    pub kind: &'static str,
+    pub id: String,
+    pub reason: String,
 }
 
 pub struct Pool {
@@ -86,7 +99,54 @@ pub struct ReconcileReport {
     pub rolled_back: Vec<String>,
     pub deleted: Vec<String>,
     pub orphaned: Vec<String>,
-    pub missing_images: Vec<String>,
+    /// Volumes and snapshots left as they are and marked broken.
+    pub broken: Vec<String>,
+}
+
+/// What the start-up reconcile did with one record.
+enum Outcome {
+    Kept,
+    Finished,
+    RolledBack,
+    Deleted,
+}
+
+enum Entry {
+    Volume(VolumeRecord),
+    Snapshot(SnapshotRecord),
+}
+
+impl Entry {
+    fn state(&self) -> State {
+        match self {
+            Entry::Volume(v) => v.state,
+            Entry::Snapshot(s) => s.state,
+        }
+    }
+    fn id(&self) -> &str {
+        match self {
+            Entry::Volume(v) => &v.id,
+            Entry::Snapshot(s) => &s.id,
+        }
+    }
+    fn with_state(self, state: State) -> Entry {
+        match self {
+            Entry::Volume(mut v) => {
+                v.state = state;
+                Entry::Volume(v)
+            }
+            Entry::Snapshot(mut s) => {
+                s.state = state;
+                Entry::Snapshot(s)
+            }
+        }
+    }
+    fn write(&self, path: &Path) -> std::io::Result<()> {
+        match self {
+            Entry::Volume(v) => records::write_record(path, v),
+            Entry::Snapshot(s) => records::write_record(path, s),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -208,8 +268,11 @@ impl Pool {
     // ---------------------------------------------------------------- reconcile
 
     /// Bring the folder to a consistent state and load the index: finish or
-    /// undo half-made records, finish deletions, move images that have no
-    /// record to `orphaned/`, and drop stray temporary files.
+    /// undo half-made records and expansions, finish deletions, move images
+    /// that have no record to `orphaned/`, and drop stray temporary files.
+    /// A volume or snapshot that cannot be brought back is marked broken,
+    /// with the reason, and left as it is: one bad volume never stops the
+    /// pool from serving the others.
     fn reconcile(&self) -> Result<ReconcileReport, VolumeError> {
         let mut report = ReconcileReport::default();
         let mut index = Index::default();
@@ -232,60 +295,41 @@ impl Pool {
                 }
             }
             for (id, rec_path) in &records {
-                let image = self.path(kind, id, "img");
-                let partial = self.path(kind, id, "img.partial");
-                let state = match kind {
-                    Kind::Volume => records::read_record::<VolumeRecord>(rec_path).map(|r| (r.state, Some(r), None)),
-                    Kind::Snapshot => records::read_record::<SnapshotRecord>(rec_path).map(|r| (r.state, None, Some(r))),
-                };
-                let (state, vol, snap) = match state {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Cannot happen with atomic writes; keep the evidence.
-                        warn!(record = %rec_path.display(), error = %e, "unreadable record moved to orphaned/");
-                        self.move_to_orphaned(rec_path)?;
-                        report.orphaned.push(id.clone());
-                        continue;
-                    }
-                };
-                let key = format!("{}/{id}", kind.dir());
-                match state {
-                    State::Creating if image.exists() => {
-                        // The image was complete and durable before its rename.
-                        self.set_state(kind, rec_path, vol.clone(), snap.clone(), State::Available)?;
-                        report.finished.push(key);
-                        let (v, s) = with_state(vol, snap, State::Available);
-                        insert(&mut index, v, s);
-                    }
-                    State::Creating => {
-                        records::remove_if_exists(&partial).map_err(VolumeError::io("removing partial image"))?;
-                        records::remove_if_exists(rec_path).map_err(VolumeError::io("removing record"))?;
-                        report.rolled_back.push(key);
-                    }
-                    State::Deleting => {
-                        records::remove_if_exists(&image).map_err(VolumeError::io("removing image"))?;
-                        records::remove_if_exists(&partial).map_err(VolumeError::io("removing partial image"))?;
-                        records::remove_if_exists(rec_path).map_err(VolumeError::io("removing record"))?;
-                        report.deleted.push(key);
-                    }
-                    State::Available => {
-                        if !image.exists() {
-                            warn!(record = %rec_path.display(), "record without image: kept, reported as missing");
-                            report.missing_images.push(key);
-                        } else if let Some(v) = &vol {
-                            // An expansion records the new size first, then grows the file.
-                            self.grow_file(&image, v.size_bytes, v.provisioning)?;
+                let key = kind.lock_key(id);
+                match self.reconcile_one(kind, id, rec_path) {
+                    Ok((entry, outcome)) => {
+                        match outcome {
+                            Outcome::Kept => {}
+                            Outcome::Finished => report.finished.push(key),
+                            Outcome::RolledBack => report.rolled_back.push(key),
+                            Outcome::Deleted => report.deleted.push(key),
                         }
-                        records::remove_if_exists(&partial).map_err(VolumeError::io("removing partial image"))?;
-                        insert(&mut index, vol, snap);
+                        match entry {
+                            Some(Entry::Volume(v)) => {
+                                index.volumes.insert(v.id.clone(), v);
+                            }
+                            Some(Entry::Snapshot(s)) => {
+                                index.snapshots.insert(s.id.clone(), s);
+                            }
+                            None => {}
+                        }
+                    }
+                    Err(reason) => {
+                        warn!(kind = kind.name(), id = %id, %reason, "marked broken; its files are left as they are");
+                        report.broken.push(key.clone());
+                        index.broken.insert(key, Broken { kind: kind.name(), id: id.clone(), reason });
                     }
                 }
             }
             for (id, image) in images {
                 if !records.contains_key(&id) {
-                    warn!(image = %image.display(), "image without a record moved to orphaned/");
-                    self.move_to_orphaned(&image)?;
-                    report.orphaned.push(format!("{}/{id}", kind.dir()));
+                    match self.move_to_orphaned(&image) {
+                        Ok(()) => {
+                            warn!(image = %image.display(), "image without a record moved to orphaned/");
+                            report.orphaned.push(kind.lock_key(&id));
+                        }
+                        Err(e) => warn!(image = %image.display(), error = %e, "image without a record could not be moved to orphaned/; left in place"),
+                    }
                 }
             }
             for path in stray {
@@ -293,58 +337,114 @@ impl Pool {
                 let owner = name.split('.').next().unwrap_or_default().to_string();
                 let live_partial = name.ends_with(".img.partial") && records.contains_key(&owner);
                 if !live_partial && path.is_file() {
-                    records::remove_if_exists(&path).map_err(VolumeError::io("removing stray file"))?;
+                    if let Err(e) = records::remove_if_exists(&path) {
+                        warn!(file = %path.display(), error = %e, "could not remove a stray file");
+                    }
                 }
             }
-            records::sync_dir(&dir).map_err(VolumeError::io("syncing pool folder"))?;
+            records::sync_dir(&dir).map_err(VolumeError::io(format!("syncing {}", dir.display())))?;
         }
         *self.index() = index;
         if report != ReconcileReport::default() {
             info!(?report, "pool reconciled");
         }
-        return Ok(report);
+        Ok(report)
+    }
 
-        fn with_state(
-            v: Option<VolumeRecord>,
-            s: Option<SnapshotRecord>,
-            st: State,
-        ) -> (Option<VolumeRecord>, Option<SnapshotRecord>) {
-            (v.map(|mut r| {
-                r.state = st;
-                r
-            }), s.map(|mut r| {
-                r.state = st;
-                r
-            }))
+    /// Settle one record found at start-up. `Err` is the reason the volume
+    /// or snapshot is broken.
+    fn reconcile_one(&self, kind: Kind, id: &str, rec_path: &Path) -> Result<(Option<Entry>, Outcome), String> {
+        let image = self.path(kind, id, "img");
+        let partial = self.path(kind, id, "img.partial");
+        let entry = match kind {
+            Kind::Volume => records::read_record::<VolumeRecord>(rec_path).map(Entry::Volume),
+            Kind::Snapshot => records::read_record::<SnapshotRecord>(rec_path).map(Entry::Snapshot),
         }
-        fn insert(index: &mut Index, v: Option<VolumeRecord>, s: Option<SnapshotRecord>) {
-            if let Some(v) = v {
-                index.volumes.insert(v.id.clone(), v);
+        .map_err(|e| format!("its record {} cannot be read: {e}", rec_path.display()))?;
+        if entry.id() != id {
+            return Err(format!("its record {} names another ID, {:?}", rec_path.display(), entry.id()));
+        }
+        let failed = |what: &str, path: &Path| {
+            let what = format!("{what} {}", path.display());
+            move |e: std::io::Error| format!("{what} failed: {e}")
+        };
+        let image_exists = image.try_exists().map_err(failed("looking for", &image))?;
+        match entry.state() {
+            State::Creating if image_exists => {
+                // The image was complete and durable before its rename.
+                let entry = entry.with_state(State::Available);
+                entry.write(rec_path).map_err(failed("writing", rec_path))?;
+                Ok((Some(entry), Outcome::Finished))
             }
-            if let Some(s) = s {
-                index.snapshots.insert(s.id.clone(), s);
+            State::Creating => {
+                records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
+                records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
+                Ok((None, Outcome::RolledBack))
+            }
+            State::Deleting => {
+                records::remove_if_exists(&image).map_err(failed("removing", &image))?;
+                records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
+                records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
+                Ok((None, Outcome::Deleted))
+            }
+            State::Available if !image_exists => Err(format!("its image {} is missing", image.display())),
+            State::Available => {
+                records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
+                match entry {
+                    Entry::Volume(v) => {
+                        let (v, outcome) = self.settle_size(v).map_err(|e| e.to_string())?;
+                        Ok((Some(Entry::Volume(v)), outcome))
+                    }
+                    snapshot => Ok((Some(snapshot), Outcome::Kept)),
+                }
             }
         }
     }
 
-    fn set_state(
-        &self,
-        _kind: Kind,
-        path: &Path,
-        vol: Option<VolumeRecord>,
-        snap: Option<SnapshotRecord>,
-        state: State,
-    ) -> Result<(), VolumeError> {
-        let r = if let Some(mut v) = vol {
-            v.state = state;
-            records::write_record(path, &v)
-        } else if let Some(mut s) = snap {
-            s.state = state;
-            records::write_record(path, &s)
-        } else {
-            Ok(())
+    /// Make a volume's record and image agree on its size. An expansion
+    /// writes its intent (`expanding_to`) first, grows the image, then
+    /// records the new size, so: an image that reached the new size finishes
+    /// the expansion; one that did not is cut back to the old size, which
+    /// is all anyone was ever told the volume has.
+    fn settle_size(&self, mut v: VolumeRecord) -> Result<(VolumeRecord, Outcome), VolumeError> {
+        let image = self.volume_image(&v.id);
+        let rec_path = self.path(Kind::Volume, &v.id, "json");
+        let len = std::fs::metadata(&image).map_err(VolumeError::io(format!("inspecting {}", image.display())))?.len();
+        let outcome = match v.expanding_to {
+            Some(target) if len >= target => {
+                v.size_bytes = target;
+                Outcome::Finished
+            }
+            Some(_) => {
+                shrink_to(&image, v.size_bytes)
+                    .map_err(VolumeError::io(format!("cutting {} back to {} bytes", image.display(), v.size_bytes)))?;
+                Outcome::RolledBack
+            }
+            None if len < v.size_bytes => {
+                // Records of older versions hold the new size before the
+                // image grows, and say nothing of the old one.
+                self.grow_file(&image, v.size_bytes, v.provisioning).map_err(|e| VolumeError::Io {
+                    context: format!(
+                        "its record says {} bytes but its image has {len}, and growing the image failed; free space in the pool, then restart the node plugin",
+                        v.size_bytes
+                    ),
+                    source: match e {
+                        VolumeError::Io { source, .. } => source,
+                        other => std::io::Error::other(other.to_string()),
+                    },
+                })?;
+                Outcome::Finished
+            }
+            None => return Ok((v, Outcome::Kept)),
         };
-        r.map_err(VolumeError::io(format!("writing record {}", path.display())))
+        if let Some(target) = v.expanding_to.take() {
+            records::write_record(&rec_path, &v).map_err(VolumeError::io(format!("writing {}", rec_path.display())))?;
+            match outcome {
+                Outcome::Finished => info!(volume.id = %v.id, size = target, "finished an interrupted expansion"),
+                _ => warn!(volume.id = %v.id, size = v.size_bytes, wanted = target, "an interrupted expansion was undone; the volume keeps its old size"),
+            }
+        }
+        Ok((v, outcome))
     }
 
     fn move_to_orphaned(&self, path: &Path) -> Result<(), VolumeError> {
@@ -359,13 +459,48 @@ impl Pool {
         let len = f.metadata().map_err(VolumeError::io("reading image size"))?.len();
         if len < size {
             if provisioning == Provisioning::Thick {
-                copy::allocate(&f, size).map_err(VolumeError::io("allocating image space"))?;
+                copy::allocate(&f, size).map_err(VolumeError::io(format!("allocating {size} bytes for {}", image.display())))?;
             } else {
-                f.set_len(size).map_err(VolumeError::io("growing image"))?;
+                f.set_len(size).map_err(VolumeError::io(format!("growing {} to {size} bytes", image.display())))?;
             }
             f.sync_all().map_err(VolumeError::io("syncing image"))?;
         }
         Ok(())
+    }
+
+    // ---------------------------------------------------------------- broken
+
+    /// Volumes and snapshots found on disk that the pool cannot serve, with
+    /// the reason each is broken (for the node's report and for people).
+    pub fn broken(&self) -> Vec<Broken> {
+        self.index().broken.values().cloned().collect()
+    }
+
+    fn refuse_broken(&self, kind: Kind, id: &str) -> Result<(), VolumeError> {
+        match self.index().broken.get(&kind.lock_key(id)) {
+            Some(b) => Err(VolumeError::Broken { kind: b.kind, id: b.id.clone(), reason: b.reason.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Deleting a broken volume or snapshot moves its files to `orphaned/`
+    /// (nothing the pool cannot read is destroyed by it). `false` when `id`
+    /// is not broken.
+    fn set_aside_broken(&self, kind: Kind, id: &str) -> Result<bool, VolumeError> {
+        let key = kind.lock_key(id);
+        if !self.index().broken.contains_key(&key) {
+            return Ok(false);
+        }
+        for ext in ["img", "img.partial", "json"] {
+            let path = self.path(kind, id, ext);
+            if path.try_exists().map_err(VolumeError::io(format!("looking for {}", path.display())))? {
+                self.move_to_orphaned(&path)?;
+            }
+        }
+        records::sync_dir(&self.root.join(kind.dir())).map_err(VolumeError::io("syncing pool folder"))?;
+        self.index().broken.remove(&key);
+        warn!(kind = kind.name(), id, "broken and deleted: its files were moved to orphaned/");
+        Ok(true)
     }
 
     // ---------------------------------------------------------------- capacity
@@ -374,7 +509,8 @@ impl Pool {
         let st = rustix::fs::statvfs(&self.root)
             .map_err(|e| VolumeError::Io { context: format!("statvfs {}", self.root.display()), source: e.into() })?;
         let index = self.index();
-        let provisioned: u64 = index.volumes.values().map(|v| v.size_bytes).sum::<u64>()
+        // An expansion under way holds its new size.
+        let provisioned: u64 = index.volumes.values().map(|v| v.size_bytes.max(v.expanding_to.unwrap_or(0))).sum::<u64>()
             + index.snapshots.values().map(|s| s.size_bytes).sum::<u64>();
         Ok(PoolStatus {
             capacity: PoolCapacity {
@@ -412,6 +548,7 @@ impl Pool {
 
     pub fn get_volume(&self, id: &str) -> Result<VolumeRecord, VolumeError> {
         validate_id("volume id", id)?;
+        self.refuse_broken(Kind::Volume, id)?;
         self.index()
             .volumes
             .get(id)
@@ -452,6 +589,12 @@ impl Pool {
             None => {}
         }
         let _guard = self.locks.lock(&keys);
+        self.refuse_broken(Kind::Volume, &req.id)?;
+        match &req.source {
+            Some(VolumeSource::Snapshot(s)) => self.refuse_broken(Kind::Snapshot, s)?,
+            Some(VolumeSource::Volume(v)) => self.refuse_broken(Kind::Volume, v)?,
+            None => {}
+        }
 
         if let Some(existing) = self.index().volumes.get(&req.id).cloned() {
             let same = existing.size_bytes == size
@@ -511,6 +654,7 @@ impl Pool {
             metadata: req.metadata.clone(),
             created_at_ms: records::now_ms(),
             state: State::Creating,
+            expanding_to: None,
         };
         let rec_path = self.path(Kind::Volume, &req.id, "json");
         {
@@ -620,6 +764,9 @@ impl Pool {
     }
 
     fn delete(&self, kind: Kind, id: &str) -> Result<(), VolumeError> {
+        if self.set_aside_broken(kind, id)? {
+            return Ok(());
+        }
         let rec_path = self.path(kind, id, "json");
         let known = match kind {
             Kind::Volume => self.index().volumes.get(id).cloned().map(|mut v| {
@@ -654,6 +801,11 @@ impl Pool {
         Ok(())
     }
 
+    /// Grow a volume, in an order a crash cannot tear: the record first
+    /// notes the intent (`expanding_to`, the size unchanged), then the image
+    /// grows, then the record takes the new size. A grow that fails (no
+    /// space for a thick volume, a size the filesystem cannot hold) is
+    /// undone, the volume keeps its old size, and a retry grows again.
     pub fn expand_volume(&self, id: &str, new_size: u64) -> Result<VolumeRecord, VolumeError> {
         validate_id("volume id", id)?;
         if new_size == 0 {
@@ -666,23 +818,57 @@ impl Pool {
             });
         }
         let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
-        let current = self.get_volume(id)?;
+        let mut current = self.get_volume(id)?;
+        let image = self.volume_image(id);
+        let rec_path = self.path(Kind::Volume, id, "json");
+        // A leftover intent (its undo failed) or an image smaller than its
+        // record: settle first, so an answer always matches the image.
+        let len = std::fs::metadata(&image).map_err(VolumeError::io(format!("inspecting {}", image.display())))?.len();
+        if current.expanding_to.is_some() || len < current.size_bytes {
+            current = self.settle_size(current)?.0;
+            self.index().volumes.insert(id.to_string(), current.clone());
+        }
         let size = new_size.div_ceil(SIZE_ALIGN) * SIZE_ALIGN;
         if size <= current.size_bytes {
             return Ok(current);
         }
-        let mut grown = current.clone();
-        grown.size_bytes = size;
+        let old = current.size_bytes;
+        let mut intent = current.clone();
+        intent.expanding_to = Some(size);
         {
             let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-            self.admit(size - current.size_bytes, current.provisioning)?;
-            // Record first: a crash before the file grows is finished on start.
-            records::write_record(&self.path(Kind::Volume, id, "json"), &grown)
-                .map_err(VolumeError::io("writing volume record"))?;
-            self.index().volumes.insert(id.to_string(), grown.clone());
+            let needed = match current.provisioning {
+                Provisioning::Thin => size - old,
+                // Whatever of the image is not allocated yet must be.
+                Provisioning::Thick => size - old.min(self.allocated_bytes(&image)),
+            };
+            self.admit(needed, current.provisioning)?;
+            records::write_record(&rec_path, &intent).map_err(VolumeError::io("writing volume record"))?;
+            self.index().volumes.insert(id.to_string(), intent.clone());
         }
-        self.grow_file(&self.volume_image(id), size, current.provisioning)?;
-        info!(volume.id = %id, from = current.size_bytes, to = size, "volume expanded");
+        if let Err(e) = self.grow_file(&image, size, current.provisioning) {
+            let undone = shrink_to(&image, old).and_then(|()| records::write_record(&rec_path, &current));
+            match undone {
+                Ok(()) => {
+                    self.index().volumes.insert(id.to_string(), current.clone());
+                }
+                // The intent stays; the next call or start settles it.
+                Err(u) => warn!(volume.id = %id, error = %u, "could not undo a failed expansion yet"),
+            }
+            warn!(volume.id = %id, from = old, to = size, error = %e, "expansion failed; the volume keeps its size");
+            return Err(match e {
+                VolumeError::Io { context, source } => VolumeError::Io {
+                    context: format!("volume {id:?} stays at {old} bytes: {context}"),
+                    source,
+                },
+                other => other,
+            });
+        }
+        let mut grown = current;
+        grown.size_bytes = size;
+        records::write_record(&rec_path, &grown).map_err(VolumeError::io("writing volume record"))?;
+        self.index().volumes.insert(id.to_string(), grown.clone());
+        info!(volume.id = %id, from = old, to = size, "volume expanded");
         Ok(grown)
     }
 
@@ -690,6 +876,7 @@ impl Pool {
 
     pub fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord, VolumeError> {
         validate_id("snapshot id", id)?;
+        self.refuse_broken(Kind::Snapshot, id)?;
         self.index()
             .snapshots
             .get(id)
@@ -716,6 +903,8 @@ impl Pool {
         validate_id("source volume id", source_volume_id)?;
         validate_metadata(&metadata)?;
         let _guard = self.locks.lock(&[Kind::Snapshot.lock_key(id), Kind::Volume.lock_key(source_volume_id)]);
+        self.refuse_broken(Kind::Snapshot, id)?;
+        self.refuse_broken(Kind::Volume, source_volume_id)?;
         if let Some(existing) = self.index().snapshots.get(id).cloned() {
             if existing.source_volume_id == source_volume_id {
                 return Ok(existing);
@@ -813,4 +1002,15 @@ fn filesystem_name(path: &Path) -> String {
         }
     }
     best.map(|(_, f)| f).unwrap_or_else(|| "unknown".into())
+}
+
+/// Cut `image` back to `size` bytes when a grow left it longer; the bytes
+/// past `size` were never part of the volume anyone used.
+fn shrink_to(image: &Path, size: u64) -> std::io::Result<()> {
+    let f = File::options().write(true).open(image)?;
+    if f.metadata()?.len() > size {
+        f.set_len(size)?;
+        f.sync_all()?;
+    }
+    Ok(())
 }

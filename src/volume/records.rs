@@ -36,6 +36,10 @@ pub struct VolumeRecord {
     pub metadata: BTreeMap<String, String>,
     pub created_at_ms: i64,
     pub state: State,
+    /// Set while an expansion is under way: the image is being grown to
+    /// this size and `size_bytes` is still the size the volume has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expanding_to: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
