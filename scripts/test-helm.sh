@@ -305,9 +305,9 @@ say "RBAC (SubjectAccessReviews)"
 # the service account (user system:serviceaccount:NS:SA and its groups).
 # Columns: account (cinderblock-<who>), allowed?, verbs,
 # resource[.group][/subresource], namespace ("-": cluster-scoped, or every
-# namespace).
+# namespace), and optionally one object's name.
 sar_items=() sar_want=() sar_what=()
-while read -r who want verbs res where; do
+while read -r who want verbs res where name; do
   [[ -z $who || $who == \#* ]] && continue
   sa=cinderblock-$who sub= group=
   [[ $res == */* ]] && { sub=${res#*/}; res=${res%%/*}; }
@@ -315,10 +315,10 @@ while read -r who want verbs res where; do
   [ "$where" != - ] || where=
   IFS=, read -ra vs <<<"$verbs"
   for v in "${vs[@]}"; do
-    sar_items+=("$(printf '{"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview","spec":{"user":"system:serviceaccount:%s:%s","groups":["system:serviceaccounts","system:serviceaccounts:%s","system:authenticated"],"resourceAttributes":{"verb":"%s","group":"%s","resource":"%s","subresource":"%s","namespace":"%s"}}}' \
-      "$ns" "$sa" "$ns" "$v" "$group" "$res" "$sub" "$where")")
+    sar_items+=("$(printf '{"apiVersion":"authorization.k8s.io/v1","kind":"SubjectAccessReview","spec":{"user":"system:serviceaccount:%s:%s","groups":["system:serviceaccounts","system:serviceaccounts:%s","system:authenticated"],"resourceAttributes":{"verb":"%s","group":"%s","resource":"%s","subresource":"%s","namespace":"%s","name":"%s"}}}' \
+      "$ns" "$sa" "$ns" "$v" "$group" "$res" "$sub" "$where" "${name:-}")")
     sar_want+=("$([ "$want" = yes ] && echo true || echo false)")
-    sar_what+=("$sa $([ "$want" = yes ] && echo can || echo "can NOT") $v $res${group:+.$group}${sub:+/$sub}${where:+ in $where}")
+    sar_what+=("$sa $([ "$want" = yes ] && echo can || echo "can NOT") $v $res${group:+.$group}${sub:+/$sub}${name:+ $name}${where:+ in $where}")
   done
 done <<RULES
 # cinderblock controller: its records and their status, its Lease, Events on PVCs (in their namespace).
@@ -355,6 +355,17 @@ controller yes update,patch volumesnapshotcontents.snapshot.storage.k8s.io/statu
 controller yes patch persistentvolumeclaims/status -
 controller yes get,list,watch pods -
 controller yes get,list,watch volumeattributesclasses.storage.k8s.io -
+# The cluster CA (a Secret it may create, read by name only) and signing node certificates.
+controller yes create secrets $ns
+controller yes create configmaps $ns
+controller yes get,list,watch certificatesigningrequests.certificates.k8s.io -
+controller yes update,patch certificatesigningrequests.certificates.k8s.io/approval -
+controller yes update,patch certificatesigningrequests.certificates.k8s.io/status -
+controller yes get secrets $ns cinderblock-ca
+controller yes get,patch configmaps $ns cinderblock-ca
+controller yes approve,sign signers.certificates.k8s.io - cinderblock.dev/agent
+controller no approve,sign signers.certificates.k8s.io - kubernetes.io/kube-apiserver-client
+controller no get secrets $ns some-other-secret
 # Not the controller's: secrets, pods, nodes, RBAC; namespaced rights outside its namespace.
 controller no get,list secrets -
 controller no get secrets $ns
@@ -364,11 +375,14 @@ controller no delete persistentvolumeclaims -
 controller no create clusterrolebindings.rbac.authorization.k8s.io -
 controller no create volumesnapshotcontents.snapshot.storage.k8s.io -
 controller no create leases.coordination.k8s.io kube-system
+controller no create secrets kube-system
+controller no delete certificatesigningrequests.certificates.k8s.io -
 controller no create csistoragecapacities.storage.k8s.io kube-system
 # node plugin: its StorageNode record and status, its Node's zone label.
 node yes get,list,create,update storagenodes.cinderblock.dev -
 node yes patch storagenodes.cinderblock.dev/status -
 node yes get nodes -
+node yes create,get,delete certificatesigningrequests.certificates.k8s.io -
 # ...and nothing else.
 node no delete storagenodes.cinderblock.dev -
 node no get,list blockvolumes.cinderblock.dev -
@@ -377,6 +391,12 @@ node no list,patch nodes -
 node no get secrets $ns
 node no create events default
 node no create leases.coordination.k8s.io $ns
+node no list certificatesigningrequests.certificates.k8s.io -
+node no update certificatesigningrequests.certificates.k8s.io/approval -
+node no update certificatesigningrequests.certificates.k8s.io/status -
+node no get configmaps $ns
+node yes get configmaps $ns cinderblock-ca
+node no approve,sign signers.certificates.k8s.io - cinderblock.dev/agent
 RULES
 sar_list="{\"apiVersion\":\"v1\",\"kind\":\"List\",\"items\":[$(IFS=,; echo "${sar_items[*]}")]}"
 mapfile -t sar_got < <(k create -f - -o jsonpath='{.status.allowed}{"\n"}' <<<"$sar_list")

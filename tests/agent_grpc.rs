@@ -131,7 +131,16 @@ async fn a_node_with_broken_volumes_starts_and_serves_the_rest() {
     let node = NodeProcess::start(&pool, &sock, "node-1", &[]);
     let mut c = client(&node).await;
     let listed = c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;
-    assert_eq!(listed.iter().map(|v| v.volume_id.as_str()).collect::<Vec<_>>(), ["vol-good"]);
+    let state = |id: &str| listed.iter().find(|v| v.volume_id == id).map(|v| (v.state, v.problem.clone()));
+    assert_eq!(state("vol-good").map(|s| s.0), Some(pb::ImageState::Available as i32));
+    // The broken ones are listed as broken, with why, so nothing on the node is invisible.
+    for (id, says) in [("vol-torn", "cannot be read"), ("vol-lost", "missing")] {
+        let (st, problem) = state(id).unwrap_or_else(|| panic!("{id} not listed"));
+        assert_eq!(st, pb::ImageState::Broken as i32, "{id}");
+        assert!(problem.contains(says), "{id}: {problem}");
+    }
+    let status = c.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap();
+    assert_eq!(status.broken_count, 2);
     c.create_volume(create("vol-new", MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-good".into()))))
         .await
         .unwrap();

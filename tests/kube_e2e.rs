@@ -222,7 +222,13 @@ async fn kubernetes_end_to_end() {
     let vsc = DynamicObject::new("cinderblock", &vsc_ar).data(json!({"driver": DRIVER, "deletionPolicy": "Delete"}));
     let _ = vsc_api.create(&PostParams::default(), &vsc).await;
 
-    // cinderblock: two nodes with real pools, two controller replicas.
+    // cinderblock: two nodes with real pools, two controller replicas, with
+    // certificates from a CA made here (tests/kube_trust.rs covers the
+    // cluster's own CA and certificate requests).
+    let pki = d.join("tls");
+    let peers = [cinderblock::tls::Peer::Controller, cinderblock::tls::Peer::Node("node-a".into()), cinderblock::tls::Peer::Node("node-b".into())];
+    cinderblock::tls::authority::ensure_local_pki(&pki, &peers).unwrap();
+    let tls_of = |p: &cinderblock::tls::Peer| cinderblock::tls::authority::local_peer_dir(&pki, p).display().to_string();
     let mut pools = vec![];
     let mut procs = vec![];
     for name in ["node-a", "node-b"] {
@@ -232,6 +238,7 @@ async fn kubernetes_end_to_end() {
             "node", "--pool", pool.to_str().unwrap(), "--node-id", name, "--agent-listen", "127.0.0.1:0",
             "--endpoint", &format!("unix://{}/{name}.sock", d.display()), "--allowed-root", d.to_str().unwrap(),
             "--register", "--kubeconfig", kc, "--heartbeat-interval", "1",
+            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Node(name.to_string())),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -243,6 +250,7 @@ async fn kubernetes_end_to_end() {
             "controller", "--endpoint", &format!("unix://{}/{id}.sock", d.display()), "--kubeconfig", kc,
             "--leader-election", "--leader-election-namespace", "default", "--identity", id, "--lease-duration", "4",
             "--heartbeat-timeout", "10", "--reconcile-interval", "2", "--stuck-grace", "8",
+            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Controller),
         ]
         .iter()
         .map(|s| s.to_string())

@@ -218,6 +218,15 @@ async fn trust_on_a_real_api_server() {
     eprintln!("trust test work folder: {}", d.display());
     let client = cinderblock::kube::client(Some(&admin)).await.unwrap();
     apply_crds(&client).await;
+    // Start from no records (an earlier test on this bed registered its own nodes).
+    for ar in [
+        ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()),
+        ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&()),
+        ApiResource::erase::<cinderblock::kube::crds::BlockSnapshot>(&()),
+    ] {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        api.delete_collection(&DeleteParams::default(), &ListParams::default()).await.unwrap();
+    }
 
     // The chart's objects for the node plugins and the policy, as rendered in deploy/.
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -283,7 +292,10 @@ async fn trust_on_a_real_api_server() {
             snodes.get(n).await.ok().map(|_| ())
         })
         .await;
-        let cert = std::fs::read(d.join(format!("{n}-tls/tls.crt"))).unwrap();
+        let cert = eventually(&format!("{n}'s certificate"), Duration::from_secs(30), || async {
+            std::fs::read(d.join(format!("{n}-tls/tls.crt"))).ok()
+        })
+        .await;
         let der = rustls_pki_types::pem::PemObject::from_pem_slice(&cert).map(|c: rustls_pki_types::CertificateDer<'static>| c).unwrap();
         assert_eq!(cinderblock::tls::peers_of(&der), vec![cinderblock::tls::Peer::Node(n.to_string())], "{n}'s certificate");
     }
@@ -291,8 +303,10 @@ async fn trust_on_a_real_api_server() {
     // 1. The policy: node-a's credentials cannot change node-b's record; its own, yes; the controller's (admin) can.
     let node_a = cinderblock::kube::client(Some(&node_kcs["node-a"])).await.unwrap();
     let as_a: Api<DynamicObject> = Api::all_with(node_a.clone(), &ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()));
-    let patch = |addr: &str| Patch::Merge(json!({"spec": {"agent_address": addr}}));
-    let denied = as_a.patch("node-b", &PatchParams::default(), &patch("https://10.9.9.9:1")).await.expect_err("node-a changed node-b's record");
+    // An update (what RBAC allows the node plugin) of node-b's record with another agent address.
+    let mut b_rec = as_a.get("node-b").await.expect("node plugins may read StorageNodes");
+    b_rec.data["spec"]["agent_address"] = json!("https://10.9.9.9:1");
+    let denied = as_a.replace("node-b", &PostParams::default(), &b_rec).await.expect_err("node-a changed node-b's record");
     match denied {
         kube::Error::Api(s) => {
             assert_eq!(s.code, 403, "{s:?}");
@@ -301,9 +315,9 @@ async fn trust_on_a_real_api_server() {
         e => panic!("expected 403, got {e}"),
     }
     as_a.delete("node-b", &DeleteParams::default()).await.expect_err("node-a deleted node-b's record");
-    as_a.patch("node-a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"checked": "yes"}}})))
-        .await
-        .expect("node-a may change its own record");
+    let mut a_rec = as_a.get("node-a").await.unwrap();
+    a_rec.metadata.labels = Some([("checked".to_string(), "yes".to_string())].into());
+    as_a.replace("node-a", &PostParams::default(), &a_rec).await.expect("node-a may change its own record");
     snodes
         .patch("node-b", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"checked": "yes"}}})))
         .await
