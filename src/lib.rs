@@ -18,6 +18,7 @@ pub mod server;
 pub mod standalone;
 pub mod store;
 pub mod tls;
+pub mod units;
 pub mod volume;
 
 /// The CSI driver name (GetPluginInfo, StorageClass provisioner).
