@@ -1,6 +1,8 @@
 //! cinderblock: a CSI driver for node-local block volumes with a
 //! Cinder-style control plane. See docs/design.md.
 
+pub mod admin;
+pub mod admin_proto;
 pub mod agent;
 pub mod bench;
 pub mod controller;
