@@ -645,6 +645,28 @@ mod tests {
     }
 
     #[test]
+    fn every_argument_and_command_has_help() {
+        use clap::Args;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.get_help().is_none() && !matches!(a.get_id().as_str(), "help" | "version") {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = CtlArgs::augment_args(clap::Command::new("ctl"));
+        let mut missing = vec![];
+        walk(&cmd, "ctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
     fn times_print_as_utc_dates() {
         assert_eq!(time_of(0), "1970-01-01 00:00:00Z");
         assert_eq!(time_of(1_700_000_000_000), "2023-11-14 22:13:20Z");
