@@ -15,6 +15,7 @@ pub mod identity;
 pub mod kube;
 pub mod metrics;
 pub mod node;
+pub mod pool_placement;
 pub mod scheduler;
 pub mod server;
 pub mod standalone;

@@ -287,6 +287,10 @@ struct NodeArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9821).
     #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Refuse to start when the pool is on the filesystem of / or of the first
+    /// --allowed-root (the kubelet's folder): a full pool would fill that disk.
+    #[arg(long, env = "CINDERBLOCK_REFUSE_SYSTEM_FILESYSTEM")]
+    refuse_system_filesystem: bool,
     #[command(flatten)]
     pool_opts: PoolOpts,
 }
@@ -361,6 +365,10 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     tls::node_dns_name(&args.node_id).map_err(|e| e.to_string())?;
     let socket = server::unix_endpoint_path(&args.endpoint)?;
     server::refuse_if_live(&socket)?;
+    if args.refuse_system_filesystem {
+        let system: Vec<&std::path::Path> = std::iter::once(std::path::Path::new("/")).chain(args.allowed_roots.first().map(|p| p.as_path())).collect();
+        cinderblock::pool_placement::refuse_system_filesystem(&args.pool, &system)?;
+    }
     let kube = if args.register || args.tls_bootstrap {
         Some(cinderblock::kube::client(args.kubeconfig.as_deref()).await?)
     } else {
