@@ -19,6 +19,7 @@ fn a_pool_on_the_system_filesystem_is_refused_and_a_dedicated_one_starts() {
         .args(["node", "--refuse-system-filesystem", "--node-id", "n1", "--pool", pool.to_str().unwrap()])
         .args(["--allowed-root", kubelet.to_str().unwrap(), "--agent-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--endpoint", &format!("unix://{}", dir.path().join("csi.sock").display())])
+        .args(["--tls-dir", dir.path().join("tls").to_str().unwrap()]) // checked after the pool's place
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

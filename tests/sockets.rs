@@ -47,6 +47,7 @@ async fn a_second_standalone_on_a_live_endpoint_is_refused_and_the_first_keeps_s
     let out = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
         .args(["node", "--pool", dir.path().join("pool").to_str().unwrap(), "--node-id", "n1"])
         .args(["--agent-listen", &format!("127.0.0.1:{}", free_port()), "--endpoint", &first.endpoint])
+        .args(["--tls-dir", dir.path().join("tls").to_str().unwrap()]) // checked after the endpoint
         .output()
         .unwrap();
     assert!(!out.status.success());
