@@ -1,7 +1,7 @@
 //! Compiles the wire schemas with protox (pure Rust), so building needs no protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto", "proto/agent.proto"];
+    let protos = ["proto/csi.proto", "proto/agent.proto", "proto/admin.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -97,6 +97,9 @@ say "helm template"
 check "helm template (default values)" sh -c "'$helm' template $release $chart -n $ns >'$tmp/default.yaml'"
 check "helm template ($all_options)" \
   sh -c "'$helm' template $release $chart -n $ns-all --values $all_options >'$tmp/all-options.yaml'"
+check "default values: the node refuses a pool on the system filesystem" grep -q -- '- --refuse-system-filesystem' "$tmp/default.yaml"
+check "node.pool.allowSystemFilesystem=true drops --refuse-system-filesystem" \
+  sh -c "! grep -q -- --refuse-system-filesystem '$tmp/all-options.yaml'"
 
 # Every value the chart has (every path of values.yaml and of the schema;
 # list items count as one; maps of Kubernetes fields such as resources or
@@ -285,7 +288,8 @@ check "/dev mounted from the host" field $ds '{.spec.template.spec.volumes[?(@.n
 check "pool folder from the host" field $ds '{.spec.template.spec.volumes[?(@.name=="pool")].hostPath.path}' \
   /var/lib/cinderblock/pool $ns
 for a in node --register --node-id='$(NODE_NAME)' --pool=/var/lib/cinderblock/pool --agent-listen=0.0.0.0:9810 \
-  --agent-advertise='http://$(POD_IP):9810' --allowed-root=/var/lib/kubelet --metrics-addr=0.0.0.0:9821; do
+  --agent-advertise='http://$(POD_IP):9810' --allowed-root=/var/lib/kubelet --metrics-addr=0.0.0.0:9821 \
+  --reserved-percentage=5 --refuse-system-filesystem; do
   check "node arg $a" has $ds "$node_c.args[*]}" "$a" $ns
 done
 check "registrar registers the plugin socket" has $ds \

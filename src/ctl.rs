@@ -1,30 +1,56 @@
-//! `cinderblock ctl`: a CSI client for people. Tables by default, JSON for scripts.
+//! `cinderblock ctl`: a client for people. Volumes and snapshots go through
+//! CSI, exactly as Kubernetes calls them; names, phases, nodes and pools come
+//! from the admin API (`proto/admin.proto`) on the same socket. Tables by
+//! default, JSON with `-o json`. Volumes and snapshots are named by ID or by
+//! name everywhere.
 
 use std::collections::HashMap;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
 
+use crate::admin_proto as admin;
+use crate::admin_proto::admin_client::AdminClient;
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
+use crate::units::{format_bytes, parse_size};
+
+/// Smallest size `ctl` asks for: the controller rounds every size up to a whole MiB.
+const MIN_SIZE: u64 = 1 << 20;
+
+#[derive(clap::Args)]
+pub struct CtlArgs {
+    /// Socket of a cinderblock standalone or controller, unix:///path/to/csi.sock
+    #[arg(long, env = "CSI_ENDPOINT", global = true)]
+    pub endpoint: Option<String>,
+    /// Output: table for people, json for scripts.
+    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"], global = true)]
+    pub output: String,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
 
 #[derive(clap::Subcommand)]
 pub enum CtlCommand {
     /// Volumes: create, list, get, delete, expand.
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// Snapshots: create, list, delete.
+    /// Snapshots: create, list, get, delete.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
-    /// Largest volume that fits now (GetCapacity), optionally in one zone or node.
+    /// Nodes: their pools, capacity, health and zone.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// The largest volume that fits now (CSI GetCapacity), optionally in one zone or on one node.
     Capacity {
-        /// StorageClass-style parameters, k=v (e.g. provisioning=thick).
-        #[arg(long = "param", value_parser = parse_kv)]
+        /// StorageClass-style parameters, k=v (e.g. provisioning=thick); repeatable.
+        #[arg(long = "param", value_name = "K=V", value_parser = parse_kv)]
         params: Vec<(String, String)>,
-        /// Only nodes of this zone.
+        /// Only nodes of this zone (see `ctl node list`).
         #[arg(long)]
         zone: Option<String>,
-        /// Only this node.
+        /// Only this node (see `ctl node list`).
         #[arg(long)]
         node: Option<String>,
     },
@@ -32,110 +58,163 @@ pub enum CtlCommand {
 
 #[derive(clap::Subcommand)]
 pub enum VolumeCmd {
-    /// Create a volume (blank, from a snapshot, or as a clone).
+    /// Create a volume: blank, restored from a snapshot, or a clone of a volume.
     Create {
-        /// The volume's name (the idempotency key: the same name is the same volume).
+        /// The volume's name. The same name is the same volume: repeating a
+        /// create (after a crash, say) never makes a second one.
         name: String,
-        /// Size, e.g. 10Gi, 512Mi, or bytes. A restore or clone defaults to its source's size.
-        #[arg(long, value_parser = parse_size)]
+        /// Size with a unit: 10Gi, 1.5Gi, 512Mi (at least 1Mi; rounded up to
+        /// a whole MiB). Plain numbers are refused: write 4096B for bytes.
+        /// [default: 1Gi; a restore or clone: its source's size]
+        #[arg(long, value_parser = parse_volume_size)]
         size: Option<u64>,
-        /// Restore from this snapshot ID.
-        #[arg(long, conflicts_with = "clone")]
+        /// Restore this snapshot (its name or ID). The volume lands on the snapshot's node.
+        #[arg(long, value_name = "SNAPSHOT", conflicts_with = "clone")]
         from_snapshot: Option<String>,
-        /// Clone this volume ID.
-        #[arg(long)]
+        /// Clone this volume (its name or ID). The clone lands on the source's node.
+        #[arg(long, value_name = "VOLUME")]
         clone: Option<String>,
-        /// Parameters as a StorageClass gives them: provisioning=thin|thick, placement=spread|stack.
-        #[arg(long = "param", value_parser = parse_kv)]
+        /// StorageClass parameters, k=v: provisioning=thin|thick, placement=spread|stack; repeatable.
+        #[arg(long = "param", value_name = "K=V", value_parser = parse_kv)]
         params: Vec<(String, String)>,
-        /// Request a raw block volume instead of a filesystem one.
+        /// Ask for a raw block volume instead of one to be formatted and mounted.
         #[arg(long)]
         block: bool,
     },
-    /// List volumes.
-    List,
-    /// Show one volume (ControllerGetVolume).
-    Get { id: String },
-    /// Delete a volume (gone already is fine).
-    Delete { id: String },
-    /// Grow a volume.
+    /// List volumes. Without --all, only Available ones.
+    List {
+        /// Also volumes being created, being deleted, or whose creation failed (phase Error).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one volume: phase, node, size, source, snapshots, and why it failed if it did.
+    Get {
+        /// The volume's name or ID.
+        volume: String,
+    },
+    /// Delete a volume and its data. Its snapshots and the volumes cloned or
+    /// restored from it stay: they are independent copies, and are deleted
+    /// on their own.
+    Delete {
+        /// The volume's name or ID.
+        volume: String,
+    },
+    /// Grow a volume (volumes never shrink). A mounted filesystem grows the next time its node stages it.
     Expand {
-        id: String,
-        #[arg(long, value_parser = parse_size)]
+        /// The volume's name or ID.
+        volume: String,
+        /// The new size, with a unit (e.g. 20Gi); not below the current size.
+        #[arg(long, value_parser = parse_volume_size)]
         size: u64,
     },
 }
 
 #[derive(clap::Subcommand)]
 pub enum SnapshotCmd {
-    /// Snapshot a volume.
+    /// Snapshot a volume (instant where the pool's filesystem shares blocks: XFS with reflink, btrfs).
     Create {
-        /// The snapshot's name (the idempotency key).
+        /// The snapshot's name; the same name is the same snapshot.
         name: String,
-        /// ID of the volume to snapshot.
+        /// The volume to snapshot (its name or ID).
         #[arg(long)]
         volume: String,
     },
-    /// List snapshots, optionally of one volume.
+    /// List snapshots. Without --all, only ready ones.
     List {
+        /// Only snapshots of this volume (its name or ID).
         #[arg(long)]
         volume: Option<String>,
+        /// Also snapshots being made, being deleted, or failed.
+        #[arg(long)]
+        all: bool,
     },
-    /// Delete a snapshot (gone already is fine).
-    Delete { id: String },
+    /// Show one snapshot.
+    Get {
+        /// The snapshot's name or ID.
+        snapshot: String,
+    },
+    /// Delete a snapshot. Volumes restored from it stay.
+    Delete {
+        /// The snapshot's name or ID.
+        snapshot: String,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum NodeCmd {
+    /// Every node with its zone, health, pool size, free and promised space, and the largest volume it takes now.
+    List,
 }
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not k=v"))
 }
 
-/// "10Gi", "512Mi", "4Ki", "1G", "1M", or plain bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 10Gi, 512Mi or 1048576"))?;
-    let mult: u64 = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use Ki, Mi, Gi, Ti (or K, M, G, T)")),
+/// A volume size: with a unit, at least 1 MiB.
+pub fn parse_volume_size(s: &str) -> Result<u64, String> {
+    if s.trim().parse::<f64>().is_ok_and(|n| n == 0.0) {
+        return Err("a volume needs a size; the smallest is 1Mi".into());
+    }
+    let n = parse_size(s)?;
+    if n == 0 {
+        return Err("a volume needs a size; the smallest is 1Mi".into());
+    }
+    if n < MIN_SIZE {
+        return Err(format!("{s} is below the smallest volume, 1Mi (sizes are whole MiB)"));
+    }
+    Ok(n)
+}
+
+/// The failure of one command, as the user reads it.
+fn status_msg(s: &tonic::Status) -> String {
+    let code = match s.code() {
+        Code::NotFound => "not found",
+        Code::InvalidArgument => "invalid",
+        Code::AlreadyExists => "already exists",
+        Code::ResourceExhausted => "no room",
+        Code::OutOfRange => "out of range",
+        Code::FailedPrecondition => "not now",
+        Code::Unavailable => "unavailable",
+        Code::Aborted => "busy, retry",
+        _ => "failed",
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    format!("{code}: {}", s.message())
 }
 
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+/// The call may have reached the controller and may have finished there:
+/// the connection broke, or the answer did not come in time.
+fn outcome_unknown(s: &tonic::Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal)
+        && (s.message().contains("transport") || s.message().contains("connection") || s.message().contains("broken pipe") || s.code() == Code::DeadlineExceeded || s.code() == Code::Cancelled)
 }
 
-async fn connect(endpoint: &str) -> Result<Channel, String> {
-    crate::server::unix_endpoint_path(endpoint)?;
-    Endpoint::from_shared(endpoint.to_string())
+/// What to say when a create's answer was lost: the volume may or may not exist.
+pub fn create_interrupted(kind: &str, name: &str, s: &tonic::Status) -> String {
+    format!(
+        "the connection to cinderblock broke while creating {kind} {name:?} ({}). The {kind} may or may not exist: \
+         check with `cinderblock ctl {kind} get {name}` once cinderblock answers again. Running the same create \
+         again is safe: the name makes it idempotent, so it finishes or returns the one {kind}.",
+        s.message()
+    )
+}
+
+struct Clients {
+    csi: ControllerClient<Channel>,
+    admin: AdminClient<Channel>,
+}
+
+async fn connect(endpoint: Option<&str>) -> Result<Clients, String> {
+    let endpoint = endpoint.ok_or("say where cinderblock listens: --endpoint unix:///path/to/csi.sock (or set CSI_ENDPOINT)")?;
+    let path = crate::server::unix_endpoint_path(endpoint)?;
+    if !path.exists() {
+        return Err(format!("no socket at {}; is cinderblock running with --endpoint {endpoint}?", path.display()));
+    }
+    let channel = Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| e.to_string())?
         .connect()
         .await
-        .map_err(|e| format!("cannot reach {endpoint}: {e}; is cinderblock running there?"))
-}
-
-fn status_msg(s: tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+        .map_err(|e| format!("cannot reach {endpoint}: {e}; is cinderblock running there?"))?;
+    Ok(Clients { csi: ControllerClient::new(channel.clone()), admin: AdminClient::new(channel) })
 }
 
 fn capability(block: bool) -> csi::VolumeCapability {
@@ -151,209 +230,400 @@ fn capability(block: bool) -> csi::VolumeCapability {
     }
 }
 
-fn volume_json(v: &csi::Volume) -> serde_json::Value {
-    let source = v.content_source.as_ref().and_then(|s| s.r#type.as_ref()).map(|t| match t {
-        csi::volume_content_source::Type::Snapshot(s) => json!({"snapshot": s.snapshot_id}),
-        csi::volume_content_source::Type::Volume(v) => json!({"volume": v.volume_id}),
-    });
+fn phase_name(p: i32) -> &'static str {
+    match admin::Phase::try_from(p) {
+        Ok(admin::Phase::Creating) => "Creating",
+        Ok(admin::Phase::Available) => "Available",
+        Ok(admin::Phase::Deleting) => "Deleting",
+        Ok(admin::Phase::Error) => "Error",
+        _ => "Unknown",
+    }
+}
+
+fn time_of(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn volume_json(v: &admin::Volume, names: &HashMap<String, String>) -> Value {
+    let source = if !v.source_snapshot_id.is_empty() {
+        json!({"snapshot": v.source_snapshot_id, "name": names.get(&v.source_snapshot_id)})
+    } else if !v.source_volume_id.is_empty() {
+        json!({"volume": v.source_volume_id, "name": names.get(&v.source_volume_id)})
+    } else {
+        Value::Null
+    };
     json!({
-        "id": v.volume_id,
-        "capacity_bytes": v.capacity_bytes,
-        "node": v.volume_context.get("cinderblock.dev/node"),
-        "provisioning": v.volume_context.get("cinderblock.dev/provisioning"),
+        "name": v.name,
+        "id": v.id,
+        "phase": phase_name(v.phase),
+        "size_bytes": v.size_bytes,
+        "size": format_bytes(v.size_bytes),
+        "node": (!v.node.is_empty()).then_some(&v.node),
+        "zone": (!v.zone.is_empty()).then_some(&v.zone),
+        "provisioning": v.provisioning,
         "source": source,
-        "topology": v.accessible_topology.iter().map(|t| &t.segments).collect::<Vec<_>>(),
+        "error": (!v.error.is_empty()).then_some(&v.error),
+        "attempts": v.attempts.iter().map(|a| json!({"node": a.node, "error": a.error})).collect::<Vec<_>>(),
+        "metadata": v.metadata,
+        "created": time_of(v.created_ms),
     })
 }
 
-fn snapshot_json(s: &csi::Snapshot) -> serde_json::Value {
+fn snapshot_json(s: &admin::Snapshot) -> Value {
     json!({
-        "id": s.snapshot_id,
-        "source_volume_id": s.source_volume_id,
+        "name": s.name,
+        "id": s.id,
+        "phase": phase_name(s.phase),
+        "ready": s.phase == admin::Phase::Available as i32,
+        "volume_id": s.source_volume_id,
+        "volume_name": (!s.source_volume_name.is_empty()).then_some(&s.source_volume_name),
         "size_bytes": s.size_bytes,
-        "ready_to_use": s.ready_to_use,
-        "created_unix": s.creation_time.as_ref().map(|t| t.seconds),
+        "size": format_bytes(s.size_bytes),
+        "node": s.node,
+        "error": (!s.error.is_empty()).then_some(&s.error),
+        "created": time_of(s.created_ms),
     })
+}
+
+fn node_json(n: &admin::Node) -> Value {
+    let p = n.pool.clone().unwrap_or_default();
+    json!({
+        "id": n.id,
+        "zone": (!n.zone.is_empty()).then_some(&n.zone),
+        "healthy": n.healthy,
+        "heartbeat_age_ms": n.heartbeat_age_ms,
+        "total_bytes": p.total_bytes,
+        "free_bytes": p.free_bytes,
+        "provisioned_bytes": p.provisioned_bytes,
+        "max_over_subscription_ratio": p.max_over_subscription_ratio,
+        "reserved_percentage": p.reserved_percentage,
+        "max_thin_volume_bytes": p.max_thin_volume_bytes,
+        "max_thick_volume_bytes": p.max_thick_volume_bytes,
+        "volumes": n.volume_count,
+        "max_volumes": n.max_volumes,
+        "snapshots": n.snapshot_count,
+        "filesystem": p.filesystem,
+        "reflink": p.reflink,
+    })
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
+            widths[i] = widths[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let line = |cells: &[String]| {
         cells.iter().enumerate().map(|(i, c)| format!("{:<w$}", c, w = widths[i])).collect::<Vec<_>>().join("  ").trim_end().to_string()
     };
-    println!("{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    println!("{}", line(&headers.iter().map(|h| h.to_string()).collect::<Vec<_>>()));
     for r in rows {
-        println!("{}", line(r.clone()));
+        println!("{}", line(r));
     }
 }
 
-fn volume_row(v: &serde_json::Value) -> Vec<String> {
-    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+const VOLUME_HEADERS: [&str; 7] = ["NAME", "ID", "PHASE", "SIZE", "NODE", "PROVISIONING", "SOURCE"];
+fn volume_row(v: &Value) -> Vec<String> {
     let source = match &v["source"] {
-        serde_json::Value::Object(m) => m.iter().map(|(k, v)| format!("{k}:{}", v.as_str().unwrap_or(""))).collect(),
-        _ => "-".to_string(),
+        Value::Object(m) => {
+            let kind = if m.contains_key("snapshot") { "snapshot" } else { "volume" };
+            let shown = m.get("name").and_then(|n| n.as_str()).or_else(|| m.get(kind).and_then(|i| i.as_str())).unwrap_or("");
+            format!("{kind} {shown}")
+        }
+        _ => "-".into(),
     };
-    vec![s("id"), human(v["capacity_bytes"].as_u64().unwrap_or(0)), s("node"), s("provisioning"), source]
+    vec![s(v, "name"), s(v, "id"), s(v, "phase"), s(v, "size"), s(v, "node"), s(v, "provisioning"), source]
 }
 
-fn snapshot_row(s: &serde_json::Value) -> Vec<String> {
+const SNAPSHOT_HEADERS: [&str; 7] = ["NAME", "ID", "PHASE", "VOLUME", "SIZE", "NODE", "CREATED"];
+fn snapshot_row(v: &Value) -> Vec<String> {
+    let volume = v["volume_name"].as_str().map(str::to_string).unwrap_or_else(|| s(v, "volume_id"));
+    vec![s(v, "name"), s(v, "id"), s(v, "phase"), volume, s(v, "size"), s(v, "node"), s(v, "created")]
+}
+
+const NODE_HEADERS: [&str; 10] =
+    ["NODE", "ZONE", "HEALTH", "POOL", "FREE", "PROMISED", "OVERCOMMIT", "RESERVE", "VOLUMES", "LARGEST THIN/THICK"];
+fn node_row(n: &Value) -> Vec<String> {
+    let b = |k: &str| format_bytes(n[k].as_u64().unwrap_or(0));
+    let health = if n["healthy"].as_bool() == Some(true) {
+        "ok".to_string()
+    } else {
+        format!("silent {}s", n["heartbeat_age_ms"].as_i64().unwrap_or(0) / 1000)
+    };
+    let volumes = match n["max_volumes"].as_u64() {
+        Some(0) | None => s(n, "volumes"),
+        Some(m) => format!("{}/{m}", s(n, "volumes")),
+    };
     vec![
-        s["id"].as_str().unwrap_or("").to_string(),
-        s["source_volume_id"].as_str().unwrap_or("").to_string(),
-        human(s["size_bytes"].as_u64().unwrap_or(0)),
-        s["ready_to_use"].to_string(),
+        s(n, "id"),
+        s(n, "zone"),
+        health,
+        format!("{} {}", b("total_bytes"), s(n, "filesystem")),
+        b("free_bytes"),
+        b("provisioned_bytes"),
+        format!("{}x", n["max_over_subscription_ratio"].as_f64().unwrap_or(0.0)),
+        format!("{}%", s(n, "reserved_percentage")),
+        volumes,
+        format!("{} / {}", b("max_thin_volume_bytes"), b("max_thick_volume_bytes")),
     ]
 }
 
-const VOLUME_HEADERS: [&str; 5] = ["ID", "SIZE", "NODE", "PROVISIONING", "SOURCE"];
-const SNAPSHOT_HEADERS: [&str; 4] = ["ID", "VOLUME", "SIZE", "READY"];
+struct Out {
+    json: bool,
+}
 
-pub async fn run(endpoint: &str, json_out: bool, cmd: CtlCommand) -> Result<(), String> {
-    let mut c = ControllerClient::new(connect(endpoint).await?);
-    let out = |value: serde_json::Value, table: &dyn Fn(&serde_json::Value)| {
-        if json_out {
-            println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+impl Out {
+    fn show(&self, value: &Value, table: impl FnOnce(&Value)) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
         } else {
-            table(&value);
+            table(value);
         }
-    };
-    match cmd {
+    }
+}
+
+impl Clients {
+    async fn volume(&mut self, r: &str) -> Result<admin::GetVolumeResponse, String> {
+        match self.admin.get_volume(admin::GetVolumeRequest { volume: r.to_string() }).await {
+            Ok(v) => Ok(v.into_inner()),
+            Err(e) if e.code() == Code::NotFound => Err(format!("no such volume {r:?}; `cinderblock ctl volume list --all` lists them")),
+            Err(e) => Err(status_msg(&e)),
+        }
+    }
+
+    async fn snapshot(&mut self, r: &str) -> Result<admin::Snapshot, String> {
+        match self.admin.get_snapshot(admin::GetSnapshotRequest { snapshot: r.to_string() }).await {
+            Ok(v) => v.into_inner().snapshot.ok_or_else(|| "the answer held no snapshot".into()),
+            Err(e) if e.code() == Code::NotFound => Err(format!("no such snapshot {r:?}; `cinderblock ctl snapshot list --all` lists them")),
+            Err(e) => Err(status_msg(&e)),
+        }
+    }
+
+    /// ID → name of every volume and snapshot, to show sources by name.
+    async fn names(&mut self) -> Result<HashMap<String, String>, String> {
+        let vols = self.admin.list_volumes(admin::ListVolumesRequest::default()).await.map_err(|e| status_msg(&e))?.into_inner();
+        let snaps = self.admin.list_snapshots(admin::ListSnapshotsRequest::default()).await.map_err(|e| status_msg(&e))?.into_inner();
+        Ok(vols.volumes.into_iter().map(|v| (v.id, v.name)).chain(snaps.snapshots.into_iter().map(|s| (s.id, s.name))).collect())
+    }
+
+    async fn nodes(&mut self) -> Result<Vec<admin::Node>, String> {
+        Ok(self.admin.list_nodes(admin::ListNodesRequest {}).await.map_err(|e| status_msg(&e))?.into_inner().nodes)
+    }
+}
+
+pub async fn run(args: CtlArgs) -> Result<(), String> {
+    let out = Out { json: args.output == "json" };
+    let mut c = connect(args.endpoint.as_deref()).await?;
+    match args.command {
         CtlCommand::Volume(VolumeCmd::Create { name, size, from_snapshot, clone, params, block }) => {
             let source = match (from_snapshot, clone) {
-                (Some(s), _) => Some(csi::VolumeContentSource {
-                    r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: s })),
-                }),
-                (None, Some(v)) => Some(csi::VolumeContentSource {
-                    r#type: Some(csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: v })),
-                }),
+                (Some(snap), _) => {
+                    let id = c.snapshot(&snap).await?.id;
+                    Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: id }))
+                }
+                (None, Some(vol)) => {
+                    let id = c.volume(&vol).await?.volume.unwrap_or_default().id;
+                    Some(csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: id }))
+                }
                 _ => None,
             };
-            let r = c
-                .create_volume(csi::CreateVolumeRequest {
-                    name,
-                    capacity_range: size.map(|s| csi::CapacityRange { required_bytes: s as i64, limit_bytes: 0 }),
-                    volume_capabilities: vec![capability(block)],
-                    parameters: params.into_iter().collect::<HashMap<_, _>>(),
-                    volume_content_source: source,
-                    ..Default::default()
-                })
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            let v = volume_json(&r.volume.unwrap_or_default());
-            out(v, &|v| print_table(&VOLUME_HEADERS, &[volume_row(v)]));
-        }
-        CtlCommand::Volume(VolumeCmd::List) => {
-            let mut all = vec![];
-            let mut token = String::new();
-            loop {
-                let r = c
-                    .list_volumes(csi::ListVolumesRequest { max_entries: 100, starting_token: token.clone() })
-                    .await
-                    .map_err(status_msg)?
-                    .into_inner();
-                all.extend(r.entries.iter().filter_map(|e| e.volume.as_ref()).map(volume_json));
-                if r.next_token.is_empty() {
-                    break;
-                }
-                token = r.next_token;
+            let req = csi::CreateVolumeRequest {
+                name: name.clone(),
+                capacity_range: size.map(|s| csi::CapacityRange { required_bytes: s as i64, limit_bytes: 0 }),
+                volume_capabilities: vec![capability(block)],
+                parameters: params.into_iter().collect::<HashMap<_, _>>(),
+                volume_content_source: source.map(|t| csi::VolumeContentSource { r#type: Some(t) }),
+                ..Default::default()
+            };
+            match c.csi.create_volume(req).await {
+                Ok(_) => {}
+                Err(e) if outcome_unknown(&e) => return Err(create_interrupted("volume", &name, &e)),
+                Err(e) => return Err(format!("volume {name:?} was not created: {}", status_msg(&e))),
             }
-            out(json!(all), &|v| {
-                let rows: Vec<_> = v.as_array().map(|a| a.iter().map(volume_row).collect()).unwrap_or_default();
-                print_table(&VOLUME_HEADERS, &rows)
-            });
+            let v = c.volume(&name).await?.volume.unwrap_or_default();
+            let names = c.names().await?;
+            out.show(&volume_json(&v, &names), |v| print_table(&VOLUME_HEADERS, &[volume_row(v)]));
         }
-        CtlCommand::Volume(VolumeCmd::Get { id }) => {
-            let r = c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: id }).await.map_err(status_msg)?.into_inner();
-            let mut v = volume_json(&r.volume.unwrap_or_default());
-            if let Some(cond) = r.status.and_then(|s| s.volume_condition) {
-                v["condition"] = json!({"abnormal": cond.abnormal, "message": cond.message});
-            }
-            out(v, &|v| {
+        CtlCommand::Volume(VolumeCmd::List { all }) => {
+            let phases = if all { vec![] } else { vec![admin::Phase::Available as i32] };
+            let r = c.admin.list_volumes(admin::ListVolumesRequest { phases }).await.map_err(|e| status_msg(&e))?.into_inner();
+            let names = c.names().await?;
+            let list: Vec<Value> = r.volumes.iter().map(|v| volume_json(v, &names)).collect();
+            out.show(&json!(list), |_| print_table(&VOLUME_HEADERS, &list.iter().map(volume_row).collect::<Vec<_>>()));
+        }
+        CtlCommand::Volume(VolumeCmd::Get { volume }) => {
+            let r = c.volume(&volume).await?;
+            let names = c.names().await?;
+            let mut v = volume_json(&r.volume.unwrap_or_default(), &names);
+            v["snapshots"] = json!(r.snapshot_ids.iter().map(|id| json!({"id": id, "name": names.get(id)})).collect::<Vec<_>>());
+            out.show(&v, |v| {
                 print_table(&VOLUME_HEADERS, &[volume_row(v)]);
-                if let Some(m) = v["condition"]["message"].as_str() {
-                    println!("condition: {m}");
+                if let Some(z) = v["zone"].as_str() {
+                    println!("zone: {z}");
+                }
+                for snap in v["snapshots"].as_array().into_iter().flatten() {
+                    println!("snapshot: {} ({})", snap["name"].as_str().unwrap_or("?"), s(snap, "id"));
+                }
+                if let Some(e) = v["error"].as_str() {
+                    println!("error: {e}");
+                }
+                for a in v["attempts"].as_array().into_iter().flatten() {
+                    println!("attempt on {}: {}", s(a, "node"), s(a, "error"));
                 }
             });
         }
-        CtlCommand::Volume(VolumeCmd::Delete { id }) => {
-            c.delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.map_err(status_msg)?;
-            out(json!({"deleted": id}), &|_| println!("volume {id} deleted"));
+        CtlCommand::Volume(VolumeCmd::Delete { volume }) => {
+            let r = match c.admin.get_volume(admin::GetVolumeRequest { volume: volume.clone() }).await {
+                Ok(r) => r.into_inner(),
+                Err(e) if e.code() == Code::NotFound => return Err(format!("no such volume {volume:?}; nothing to delete")),
+                Err(e) => return Err(status_msg(&e)),
+            };
+            let v = r.volume.unwrap_or_default();
+            c.csi
+                .delete_volume(csi::DeleteVolumeRequest { volume_id: v.id.clone(), ..Default::default() })
+                .await
+                .map_err(|e| format!("volume {} ({}) was not deleted: {}", v.name, v.id, status_msg(&e)))?;
+            let kept = r.snapshot_ids.len();
+            out.show(&json!({"deleted": {"name": v.name, "id": v.id}, "snapshots_kept": r.snapshot_ids}), |_| {
+                println!("volume {} ({}) deleted", v.name, v.id);
+                if kept > 0 {
+                    println!("its {kept} snapshot(s) stay: they are independent copies (`cinderblock ctl snapshot list --volume {}`)", v.id);
+                }
+            });
         }
-        CtlCommand::Volume(VolumeCmd::Expand { id, size }) => {
+        CtlCommand::Volume(VolumeCmd::Expand { volume, size }) => {
+            let v = c.volume(&volume).await?.volume.unwrap_or_default();
+            if size < v.size_bytes {
+                return Err(format!(
+                    "volume {} is {}; {} would shrink it, and volumes only grow",
+                    v.name,
+                    format_bytes(v.size_bytes),
+                    format_bytes(size)
+                ));
+            }
+            if size.div_ceil(MIN_SIZE) * MIN_SIZE == v.size_bytes {
+                out.show(&json!({"name": v.name, "id": v.id, "size_bytes": v.size_bytes, "size": format_bytes(v.size_bytes)}), |_| {
+                    println!("volume {} is {} already; nothing to do", v.name, format_bytes(v.size_bytes))
+                });
+                return Ok(());
+            }
             let r = c
+                .csi
                 .controller_expand_volume(csi::ControllerExpandVolumeRequest {
-                    volume_id: id.clone(),
+                    volume_id: v.id.clone(),
                     capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
                     ..Default::default()
                 })
                 .await
-                .map_err(status_msg)?
+                .map_err(|e| format!("volume {} stays {}: growing it to {} failed: {}", v.name, format_bytes(v.size_bytes), format_bytes(size), status_msg(&e)))?
                 .into_inner();
-            out(json!({"id": id, "capacity_bytes": r.capacity_bytes}), &|_| println!("volume {id} is now {}", human(r.capacity_bytes as u64)));
-        }
-        CtlCommand::Snapshot(SnapshotCmd::Create { name, volume }) => {
-            let r = c
-                .create_snapshot(csi::CreateSnapshotRequest { source_volume_id: volume, name, ..Default::default() })
-                .await
-                .map_err(status_msg)?
-                .into_inner();
-            let s = snapshot_json(&r.snapshot.unwrap_or_default());
-            out(s, &|s| print_table(&SNAPSHOT_HEADERS, &[snapshot_row(s)]));
-        }
-        CtlCommand::Snapshot(SnapshotCmd::List { volume }) => {
-            let mut all = vec![];
-            let mut token = String::new();
-            loop {
-                let r = c
-                    .list_snapshots(csi::ListSnapshotsRequest {
-                        max_entries: 100,
-                        starting_token: token.clone(),
-                        source_volume_id: volume.clone().unwrap_or_default(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(status_msg)?
-                    .into_inner();
-                all.extend(r.entries.iter().filter_map(|e| e.snapshot.as_ref()).map(snapshot_json));
-                if r.next_token.is_empty() {
-                    break;
-                }
-                token = r.next_token;
-            }
-            out(json!(all), &|v| {
-                let rows: Vec<_> = v.as_array().map(|a| a.iter().map(snapshot_row).collect()).unwrap_or_default();
-                print_table(&SNAPSHOT_HEADERS, &rows)
+            let now = r.capacity_bytes as u64;
+            out.show(&json!({"name": v.name, "id": v.id, "size_bytes": now, "size": format_bytes(now)}), |_| {
+                println!("volume {} grew from {} to {}", v.name, format_bytes(v.size_bytes), format_bytes(now))
             });
         }
-        CtlCommand::Snapshot(SnapshotCmd::Delete { id }) => {
-            c.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: id.clone(), ..Default::default() }).await.map_err(status_msg)?;
-            out(json!({"deleted": id}), &|_| println!("snapshot {id} deleted"));
+        CtlCommand::Snapshot(SnapshotCmd::Create { name, volume }) => {
+            let v = c.volume(&volume).await?.volume.unwrap_or_default();
+            match c.csi.create_snapshot(csi::CreateSnapshotRequest { source_volume_id: v.id, name: name.clone(), ..Default::default() }).await {
+                Ok(_) => {}
+                Err(e) if outcome_unknown(&e) => return Err(create_interrupted("snapshot", &name, &e)),
+                Err(e) => return Err(format!("snapshot {name:?} was not created: {}", status_msg(&e))),
+            }
+            let snap = snapshot_json(&c.snapshot(&name).await?);
+            out.show(&snap, |s| print_table(&SNAPSHOT_HEADERS, &[snapshot_row(s)]));
+        }
+        CtlCommand::Snapshot(SnapshotCmd::List { volume, all }) => {
+            let volume = match volume {
+                Some(v) => c.volume(&v).await.map(|r| r.volume.unwrap_or_default().id).unwrap_or(v),
+                None => String::new(),
+            };
+            let phases = if all { vec![] } else { vec![admin::Phase::Available as i32] };
+            let r = c.admin.list_snapshots(admin::ListSnapshotsRequest { phases, volume }).await.map_err(|e| status_msg(&e))?.into_inner();
+            let list: Vec<Value> = r.snapshots.iter().map(snapshot_json).collect();
+            out.show(&json!(list), |_| print_table(&SNAPSHOT_HEADERS, &list.iter().map(snapshot_row).collect::<Vec<_>>()));
+        }
+        CtlCommand::Snapshot(SnapshotCmd::Get { snapshot }) => {
+            let snap = snapshot_json(&c.snapshot(&snapshot).await?);
+            out.show(&snap, |s| {
+                print_table(&SNAPSHOT_HEADERS, &[snapshot_row(s)]);
+                if let Some(e) = s["error"].as_str() {
+                    println!("error: {e}");
+                }
+            });
+        }
+        CtlCommand::Snapshot(SnapshotCmd::Delete { snapshot }) => {
+            let snap = match c.admin.get_snapshot(admin::GetSnapshotRequest { snapshot: snapshot.clone() }).await {
+                Ok(r) => r.into_inner().snapshot.unwrap_or_default(),
+                Err(e) if e.code() == Code::NotFound => return Err(format!("no such snapshot {snapshot:?}; nothing to delete")),
+                Err(e) => return Err(status_msg(&e)),
+            };
+            c.csi
+                .delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: snap.id.clone(), ..Default::default() })
+                .await
+                .map_err(|e| format!("snapshot {} ({}) was not deleted: {}", snap.name, snap.id, status_msg(&e)))?;
+            out.show(&json!({"deleted": {"name": snap.name, "id": snap.id}}), |_| println!("snapshot {} ({}) deleted", snap.name, snap.id));
+        }
+        CtlCommand::Node(NodeCmd::List) => {
+            let list: Vec<Value> = c.nodes().await?.iter().map(node_json).collect();
+            out.show(&json!(list), |_| {
+                print_table(&NODE_HEADERS, &list.iter().map(node_row).collect::<Vec<_>>());
+                if list.is_empty() {
+                    println!("no node has registered yet");
+                }
+            });
         }
         CtlCommand::Capacity { params, zone, node } => {
+            let nodes = c.nodes().await?;
             let mut segments = HashMap::new();
             if let Some(z) = zone {
+                if !nodes.iter().any(|n| n.zone == z) {
+                    let mut zones: Vec<&str> = nodes.iter().map(|n| n.zone.as_str()).filter(|z| !z.is_empty()).collect();
+                    zones.sort();
+                    zones.dedup();
+                    return Err(format!("no node is in zone {z:?}; zones: {}", if zones.is_empty() { "none".into() } else { zones.join(", ") }));
+                }
                 segments.insert(crate::TOPOLOGY_ZONE_KEY.to_string(), z);
             }
             if let Some(n) = node {
+                if !nodes.iter().any(|x| x.id == n) {
+                    return Err(format!("no node is called {n:?}; `cinderblock ctl node list` lists them"));
+                }
                 segments.insert(crate::TOPOLOGY_NODE_KEY.to_string(), n);
             }
             let r = c
+                .csi
                 .get_capacity(csi::GetCapacityRequest {
                     parameters: params.into_iter().collect(),
                     accessible_topology: (!segments.is_empty()).then_some(csi::Topology { segments }),
                     ..Default::default()
                 })
                 .await
-                .map_err(status_msg)?
+                .map_err(|e| status_msg(&e))?
                 .into_inner();
-            out(json!({"available_capacity": r.available_capacity, "maximum_volume_size": r.maximum_volume_size}), &|_| {
-                println!("largest volume that fits now: {}", human(r.available_capacity as u64))
+            let bytes = r.available_capacity.max(0) as u64;
+            out.show(&json!({"available_bytes": bytes, "available": format_bytes(bytes), "maximum_volume_size": r.maximum_volume_size}), |_| {
+                println!("largest volume that fits now: {}", format_bytes(bytes))
             });
         }
     }
@@ -363,14 +633,52 @@ pub async fn run(endpoint: &str, json_out: bool, cmd: CtlCommand) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
     #[test]
-    fn sizes_parse_like_kubernetes_quantities() {
-        assert_eq!(parse_size("10Gi").unwrap(), 10 << 30);
-        assert_eq!(parse_size("512Mi").unwrap(), 512 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1_000_000_000);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("1Qi").is_err());
-        assert!(parse_size("99999999999Ti").is_err());
+    fn volume_sizes_need_a_unit_and_at_least_a_mib() {
+        assert!(parse_volume_size("0").unwrap_err().contains("smallest is 1Mi"));
+        assert!(parse_volume_size("0Gi").unwrap_err().contains("smallest is 1Mi"));
+        assert!(parse_volume_size("1").unwrap_err().contains("no unit"));
+        assert!(parse_volume_size("4096B").unwrap_err().contains("below the smallest volume"));
+        assert_eq!(parse_volume_size("1.5Gi").unwrap(), 3 << 29);
+        assert_eq!(parse_volume_size("1Mi").unwrap(), 1 << 20);
+    }
+
+    #[test]
+    fn every_argument_and_command_has_help() {
+        use clap::Args;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.get_help().is_none() && !matches!(a.get_id().as_str(), "help" | "version") {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = CtlArgs::augment_args(clap::Command::new("ctl"));
+        let mut missing = vec![];
+        walk(&cmd, "ctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    #[test]
+    fn times_print_as_utc_dates() {
+        assert_eq!(time_of(0), "1970-01-01 00:00:00Z");
+        assert_eq!(time_of(1_700_000_000_000), "2023-11-14 22:13:20Z");
+        assert_eq!(time_of(951_782_400_000), "2000-02-29 00:00:00Z");
+    }
+
+    #[test]
+    fn a_broken_connection_during_create_says_the_volume_may_exist() {
+        let s = tonic::Status::unknown("transport error");
+        assert!(outcome_unknown(&s));
+        let m = create_interrupted("volume", "data", &s);
+        assert!(m.contains("may or may not exist") && m.contains("cinderblock ctl volume get data"), "{m}");
+        assert!(!outcome_unknown(&tonic::Status::resource_exhausted("no node can take it")));
     }
 }

@@ -1,6 +1,8 @@
 //! cinderblock: a CSI driver for node-local block volumes with a
 //! Cinder-style control plane. See docs/design.md.
 
+pub mod admin;
+pub mod admin_proto;
 pub mod agent;
 pub mod bench;
 pub mod controller;
@@ -13,11 +15,13 @@ pub mod identity;
 pub mod kube;
 pub mod metrics;
 pub mod node;
+pub mod pool_placement;
 pub mod scheduler;
 pub mod server;
 pub mod standalone;
 pub mod store;
 pub mod tls;
+pub mod units;
 pub mod volume;
 
 /// The CSI driver name (GetPluginInfo, StorageClass provisioner).

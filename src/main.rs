@@ -18,11 +18,15 @@ use cinderblock::node::{NodeConfig, NodeService};
 use cinderblock::server;
 use cinderblock::volume::{Pool, PoolConfig};
 
+/// Said once in the help of the commands that log, instead of a global flag in every subcommand's help.
+const LOG_HELP: &str = "Logging: --log-format text|json (env CINDERBLOCK_LOG_FORMAT, default text) to stderr, \
+coloured only when stderr is a terminal; RUST_LOG sets the level (default info).";
+
 #[derive(Parser)]
-#[command(name = "cinderblock", version, about = "CSI driver for node-local block volumes with a Cinder-style control plane")]
+#[command(name = "cinderblock", version, about = "CSI driver for node-local block volumes with a Cinder-style control plane", after_help = LOG_HELP)]
 struct Cli {
-    /// Log format: text for people, json for log collectors.
-    #[arg(long, env = "CINDERBLOCK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true)]
+    /// Log format: text for people, json for log collectors. Accepted before or after the subcommand.
+    #[arg(long, env = "CINDERBLOCK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"], global = true, hide = true)]
     log_format: String,
     #[command(subcommand)]
     command: Command,
@@ -32,16 +36,20 @@ struct Cli {
 enum Command {
     /// Run the node plugin: the volume manager of this node's pool (agent API
     /// on TCP) and CSI Identity on a unix socket.
+    #[command(after_help = LOG_HELP)]
     Node(NodeArgs),
     /// Run a controller and N nodes in one process on this machine (embedded
     /// store, one pool folder per node): for trying cinderblock out, for demos
     /// and for conformance tests. Serves Identity, Controller and node 1's Node
     /// service on the endpoint.
+    #[command(after_help = LOG_HELP)]
     Standalone(StandaloneArgs),
-    /// A CSI client for people: volumes, snapshots, capacity.
-    Ctl(CtlArgs),
+    /// A client for people: volumes and snapshots by name, nodes and their
+    /// pools, capacity. Talks to the socket of a standalone or controller.
+    Ctl(cinderblock::ctl::CtlArgs),
     /// Run the cluster controller: CSI Identity + Controller on a unix socket,
     /// records in the cinderblock.dev custom resources, leader election on a Lease.
+    #[command(after_help = LOG_HELP)]
     Controller(ControllerArgs),
     /// Print the CustomResourceDefinitions (YAML) the cluster mode needs.
     Crds,
@@ -160,18 +168,6 @@ struct ControllerArgs {
     /// Reconciler circuit breaker: ...or more than this share (percent) of a node's images.
     #[arg(long, default_value_t = 10)]
     orphan_breaker_percent: u32,
-}
-
-#[derive(clap::Args)]
-struct CtlArgs {
-    /// CSI endpoint of a controller (standalone or cluster), unix:///path/to/csi.sock
-    #[arg(long, env = "CSI_ENDPOINT")]
-    endpoint: String,
-    /// Output: table for people, json for scripts.
-    #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
-    output: String,
-    #[command(subcommand)]
-    command: cinderblock::ctl::CtlCommand,
 }
 
 #[derive(Subcommand)]
@@ -297,6 +293,10 @@ struct NodeArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9821).
     #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Refuse to start when the pool is on the filesystem of / or of the first
+    /// --allowed-root (the kubelet's folder): a full pool would fill that disk.
+    #[arg(long, env = "CINDERBLOCK_REFUSE_SYSTEM_FILESYSTEM")]
+    refuse_system_filesystem: bool,
     #[command(flatten)]
     pool_opts: PoolOpts,
 }
@@ -328,7 +328,11 @@ impl PoolOpts {
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
         builder.json().init();
     } else {
@@ -350,7 +354,7 @@ async fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Tls(t) => run_tls(t),
-        Command::Ctl(a) => cinderblock::ctl::run(&a.endpoint, a.output == "json", a.command).await,
+        Command::Ctl(a) => cinderblock::ctl::run(a).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -366,6 +370,11 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     cinderblock::volume::validate_id("node id", &args.node_id).map_err(|e| e.to_string())?;
     tls::node_dns_name(&args.node_id).map_err(|e| e.to_string())?;
     let socket = server::unix_endpoint_path(&args.endpoint)?;
+    server::refuse_if_live(&socket)?;
+    if args.refuse_system_filesystem {
+        let system: Vec<&std::path::Path> = std::iter::once(std::path::Path::new("/")).chain(args.allowed_roots.first().map(|p| p.as_path())).collect();
+        cinderblock::pool_placement::refuse_system_filesystem(&args.pool, &system)?;
+    }
     let kube = if args.register || args.tls_bootstrap {
         Some(cinderblock::kube::client(args.kubeconfig.as_deref()).await?)
     } else {
@@ -464,7 +473,6 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     }
     info!(node.id = %args.node_id, zone = %zone, agent = %agent_addr, endpoint = %socket.display(), "node ready");
     let (a, c) = tokio::join!(agent, csi);
-    let _ = std::fs::remove_file(&socket);
     a.map_err(|e| format!("agent server: {e}"))?;
     c.map_err(|e| format!("CSI server: {e}"))?;
     info!("node stopped");
@@ -623,11 +631,11 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
     info!(endpoint = %socket.display(), identity = %identity, leader_election = a.leader_election, "controller ready");
     tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
-        .add_service(ControllerServer::new(ControllerService::new(manager)))
+        .add_service(ControllerServer::new(ControllerService::new(manager.clone())))
+        .add_service(cinderblock::admin::AdminService::server(manager))
         .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
         .await
         .map_err(|e| format!("CSI server: {e}"))?;
-    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::units::format_bytes;
 use crate::volume::{PoolCapacity, Provisioning, Shortfall};
 use crate::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
 
@@ -73,16 +74,22 @@ pub struct Candidate {
     pub weight: f64,
 }
 
-/// Why nothing fits: count per filter and one example reason each, for the user.
+/// Why nothing fits: per filter, how many nodes it turned away and why, for the user.
 ///
-/// `rejections` holds `(filter name, nodes rejected, example reason)`, the
-/// largest group first; the example names its node (the smallest node ID of
-/// the group, so the message is stable).
+/// `rejections` holds `(filter name, nodes rejected, reasons)`, the largest
+/// group first; the reasons each name their node, the smallest node IDs of
+/// the group first (so the message is stable), at most `LISTED` of them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NoValidNode {
     pub considered: usize,
-    pub rejections: Vec<(&'static str, usize, String)>,
+    /// What was asked, for the message.
+    pub size_bytes: u64,
+    pub provisioning: Provisioning,
+    pub rejections: Vec<(&'static str, usize, Vec<String>)>,
 }
+
+/// Reasons listed per filter in the message; the rest are counted.
+pub const LISTED: usize = 10;
 
 impl NoValidNode {
     /// True when every rejection was capacity or volume-limit: the cluster is
@@ -105,14 +112,22 @@ impl std::fmt::Display for NoValidNode {
                 "no node can take the volume: no nodes have registered; check that the cinderblock node plugin runs and reaches the controller"
             );
         }
-        let plural = if self.considered == 1 { "" } else { "s" };
         write!(
             f,
-            "no node can take the volume: {} node{plural} considered",
-            self.considered
+            "no node can take a {} {} volume. Of {} node{}, ",
+            format_bytes(self.size_bytes),
+            self.provisioning.as_str(),
+            self.considered,
+            if self.considered == 1 { "" } else { "s" }
         )?;
-        for (name, count, example) in &self.rejections {
-            write!(f, "; {name}: {count} ({example})")?;
+        for (i, (name, count, reasons)) in self.rejections.iter().enumerate() {
+            let says = FILTERS.iter().find(|flt| flt.name == *name).map_or(*name, |flt| if *count == 1 { flt.one } else { flt.many });
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{count} {says} ({}", reasons.join("; "))?;
+            if *count > reasons.len() {
+                write!(f, "; and {} more", count - reasons.len())?;
+            }
+            write!(f, ")")?;
         }
         let mut hints = self.rejections.iter().filter_map(|(name, _, _)| {
             FILTERS
@@ -251,9 +266,12 @@ const HEALTHY: &str = "healthy";
 const VOLUME_LIMIT: &str = "volume-limit";
 const CAPACITY: &str = "capacity";
 
-/// One filter: a name for the user, a check, and what to do about it.
+/// One filter: a name, a check, what it says of the nodes it turns away
+/// (one, many), and what to do about it.
 struct Filter {
     name: &'static str,
+    one: &'static str,
+    many: &'static str,
     /// The node, its place in `nodes`, the request.
     check: fn(&NodeState, usize, &Context) -> Result<(), Why>,
     hint: &'static str,
@@ -266,31 +284,43 @@ struct Filter {
 const FILTERS: [Filter; 6] = [
     Filter {
         name: AFFINITY,
+        one: "is not the source's node",
+        many: "are not the source's node",
         check: pinned_node,
         hint: "the source volume's node must have room; free space there",
     },
     Filter {
         name: TRIED,
+        one: "was tried already",
+        many: "were tried already",
         check: not_yet_tried,
         hint: "earlier attempts failed on the tried nodes; see the volume's events for why",
     },
     Filter {
         name: TOPOLOGY,
+        one: "is outside the allowed topology",
+        many: "are outside the allowed topology",
         check: in_requisite_topology,
         hint: "check the StorageClass allowedTopologies and the nodes' zone labels",
     },
     Filter {
         name: HEALTHY,
+        one: "is not reporting",
+        many: "are not reporting",
         check: healthy,
         hint: "check that the cinderblock node plugin runs on the stale nodes",
     },
     Filter {
         name: VOLUME_LIMIT,
+        one: "is at its volume limit",
+        many: "are at their volume limit",
         check: below_volume_limit,
         hint: "delete unused volumes or raise the nodes' volume limit",
     },
     Filter {
         name: CAPACITY,
+        one: "has too little room",
+        many: "have too little room",
         check: has_room,
         hint: "free space in a pool, add a node, or request a smaller volume",
     },
@@ -363,7 +393,7 @@ impl Why {
                 "{id}: the source lives on {}, and the volume must be made there",
                 req.pinned_node.as_deref().unwrap_or("another node")
             ),
-            Why::Tried => format!("{id}: already tried for this volume"),
+            Why::Tried => format!("{id}: an attempt there failed already"),
             Why::OutsideRequisite => {
                 let zone = if node.zone.is_empty() {
                     "no zone".to_string()
@@ -379,7 +409,7 @@ impl Why {
                     format!("{id}: no heartbeat yet")
                 } else {
                     format!(
-                        "{id}: heartbeat {} old, timeout {}",
+                        "{id}: last heartbeat {} ago, the limit is {}",
                         seconds(*age_ms),
                         seconds(req.heartbeat_timeout_ms)
                     )
@@ -389,12 +419,35 @@ impl Why {
                 "{id}: holds {} volumes, its limit is {}",
                 node.volume_count, node.max_volumes
             ),
-            Why::NoRoom(shortfall) => format!(
-                "{id} cannot take {} bytes ({}): {shortfall}",
-                req.size_bytes,
-                req.provisioning.as_str()
-            ),
+            Why::NoRoom(shortfall) => no_room(node, req, shortfall),
         }
+    }
+}
+
+/// A capacity shortfall in GiB and plain words: how much fits, and why.
+fn no_room(node: &NodeState, req: &ScheduleRequest, shortfall: &Shortfall) -> String {
+    let c = &node.capacity;
+    let id = &node.id;
+    let fits = format_bytes(c.max_volume(req.provisioning));
+    let usable = format_bytes(c.free.saturating_sub(c.reserved()));
+    let reserve = if c.reserved_percentage > 0 {
+        format!(" after keeping {}% in reserve", c.reserved_percentage)
+    } else {
+        String::new()
+    };
+    // Over-committed thin volumes are bounded twice (Cinder's formula): by
+    // the ratio over the pool's size, and by the ratio over what is free;
+    // say both. At a ratio of 1 that is simply what is free.
+    let thin = req.provisioning == Provisioning::Thin && c.max_over_subscription_ratio > 1.0;
+    match shortfall {
+        Shortfall::NoCapacity => format!("{id}: its pool reports no space at all; is the pool's filesystem there?"),
+        _ if thin => format!(
+            "{id}: room for {fits} at most: {usable} free{reserve}, and thin volumes may add up to {} times its {} pool ({})",
+            c.max_over_subscription_ratio,
+            format_bytes(c.total),
+            if c.provisioned == 0 { "none promised yet".to_string() } else { format!("{} promised already", format_bytes(c.provisioned)) }
+        ),
+        _ => format!("{id}: {usable} free{reserve}"),
     }
 }
 
@@ -406,19 +459,25 @@ fn seconds(ms: i64) -> String {
     }
 }
 
-/// Rejections by one filter: how many, and the example with the smallest node ID.
+/// Rejections by one filter: how many, and the `LISTED` with the smallest node IDs.
 #[derive(Default)]
 struct Tally {
     count: usize,
-    example: Option<(usize, Why)>,
+    examples: Vec<(usize, Why)>,
 }
 
 impl Tally {
     fn record(&mut self, nodes: &[NodeState], index: usize, why: Why) {
         self.count += 1;
-        match &self.example {
-            Some((held, _)) if nodes[*held].id <= nodes[index].id => {}
-            _ => self.example = Some((index, why)),
+        if self.examples.len() < LISTED {
+            self.examples.push((index, why));
+            return;
+        }
+        let largest = (0..self.examples.len())
+            .max_by(|a, b| nodes[self.examples[*a].0].id.cmp(&nodes[self.examples[*b].0].id))
+            .expect("LISTED > 0");
+        if nodes[index].id < nodes[self.examples[largest].0].id {
+            self.examples[largest] = (index, why);
         }
     }
 }
@@ -428,18 +487,22 @@ fn explain(
     req: &ScheduleRequest,
     tallies: [Tally; FILTERS.len()],
 ) -> NoValidNode {
-    let mut rejections: Vec<(&'static str, usize, String)> = FILTERS
+    let mut rejections: Vec<(&'static str, usize, Vec<String>)> = FILTERS
         .iter()
         .zip(tallies)
-        .filter_map(|(filter, tally)| {
-            let (index, why) = tally.example?;
-            Some((filter.name, tally.count, why.describe(&nodes[index], req)))
+        .filter(|(_, tally)| tally.count > 0)
+        .map(|(filter, mut tally)| {
+            tally.examples.sort_by(|a, b| nodes[a.0].id.cmp(&nodes[b.0].id));
+            let reasons = tally.examples.iter().map(|(index, why)| why.describe(&nodes[*index], req)).collect();
+            (filter.name, tally.count, reasons)
         })
         .collect();
     // Stable: equal counts keep filter order.
     rejections.sort_by_key(|r| std::cmp::Reverse(r.1));
     NoValidNode {
         considered: nodes.len(),
+        size_bytes: req.size_bytes,
+        provisioning: req.provisioning,
         rejections,
     }
 }
@@ -875,11 +938,11 @@ mod tests {
         candidates.iter().map(|c| c.node_id.as_str()).collect()
     }
 
-    /// The single rejection group of a failed schedule.
+    /// The single rejection group of a failed schedule, with its first reason.
     fn only_rejection(err: &NoValidNode) -> (&'static str, usize, &str) {
         assert_eq!(err.rejections.len(), 1, "{err}");
-        let (name, count, example) = &err.rejections[0];
-        (name, *count, example.as_str())
+        let (name, count, reasons) = &err.rejections[0];
+        (name, *count, reasons[0].as_str())
     }
 
     #[test]
@@ -892,7 +955,7 @@ mod tests {
         let err = schedule(&[stale], &req(1)).unwrap_err();
         assert_eq!(
             only_rejection(&err),
-            (HEALTHY, 1, "node-c: heartbeat 40s old, timeout 30s")
+            (HEALTHY, 1, "node-c: last heartbeat 40s ago, the limit is 30s")
         );
         assert!(!err.only_capacity());
     }
@@ -983,15 +1046,11 @@ mod tests {
         let err = schedule(&nodes, &r).unwrap_err();
         let (name, count, example) = only_rejection(&err);
         assert_eq!((name, count), (CAPACITY, 2));
-        assert!(
-            example.starts_with("node-a cannot take 32212254720 bytes (thick): "),
-            "{example}"
-        );
-        assert!(
-            example.contains("only 5368709120 bytes usable"),
-            "{example}"
-        );
+        assert_eq!(example, "node-a: 5.0 GiB free");
+        assert_eq!(err.rejections[0].2[1], "node-b: 20.0 GiB free");
         assert!(err.only_capacity());
+        let text = err.to_string();
+        assert!(text.starts_with("no node can take a 30.0 GiB thick volume. Of 2 nodes, 2 have too little room (node-a: 5.0 GiB free; node-b: 20.0 GiB free)"), "{text}");
     }
 
     #[test]
@@ -1028,10 +1087,10 @@ mod tests {
         assert_eq!(err.rejections[0].0, AFFINITY);
         assert_eq!(
             err.rejections[0].2,
-            "node-a: the source lives on node-b, and the volume must be made there"
+            ["node-a: the source lives on node-b, and the volume must be made there"]
         );
         assert_eq!(err.rejections[1].0, CAPACITY);
-        assert!(err.rejections[1].2.starts_with("node-b cannot take"));
+        assert_eq!(err.rejections[1].2, ["node-b: 10.0 GiB free"]);
         assert!(!err.only_capacity());
     }
 
@@ -1055,7 +1114,7 @@ mod tests {
         let err = schedule(&nodes, &r).unwrap_err();
         assert_eq!(
             only_rejection(&err),
-            (TRIED, 3, "node-a: already tried for this volume")
+            (TRIED, 3, "node-a: an attempt there failed already")
         );
     }
 
@@ -1242,6 +1301,8 @@ mod tests {
             err,
             NoValidNode {
                 considered: 0,
+                size_bytes: GB,
+                provisioning: Provisioning::Thin,
                 rejections: vec![]
             }
         );
@@ -1253,26 +1314,43 @@ mod tests {
     }
 
     #[test]
-    fn the_message_counts_each_filter_largest_first_and_says_what_next() {
+    fn the_message_lists_every_nodes_reason_in_plain_words_and_says_what_next() {
         let mut stale = node("node-c", "", 50);
         stale.last_heartbeat_ms = NOW - 40_000;
-        let nodes = [node("node-b", "", 1), stale, node("node-a", "", 2)];
-        let err = schedule(&nodes, &req(10)).unwrap_err();
+        let mut thin = node("node-b", "", 1);
+        thin.capacity.max_over_subscription_ratio = 20.0;
+        thin.capacity.reserved_percentage = 0;
+        let nodes = [thin, stale, node("node-a", "", 2)];
+        let err = schedule(&nodes, &req(100 * 1024)).unwrap_err();
         let text = err.to_string();
         assert!(
-            text.starts_with("no node can take the volume: 3 nodes considered; capacity: 2 (node-a cannot take 10737418240 bytes (thin): "),
+            text.starts_with("no node can take a 100.0 TiB thin volume. Of 3 nodes, 2 have too little room (node-a: 2.0 GiB free; node-b: room for 20.0 GiB at most: 1.0 GiB free, and thin volumes may add up to 20 times its 100.0 GiB pool (99.0 GiB promised already)), "),
             "{text}"
         );
         assert!(
             text.contains(
-                "; healthy: 1 (node-c: heartbeat 40s old, timeout 30s). Next: free space"
+                ", 1 is not reporting (node-c: last heartbeat 40s ago, the limit is 30s). Next: free space"
             ),
             "{text}"
         );
+        assert!(!text.contains("bytes"), "{text}");
         assert!(
             text.ends_with("check that the cinderblock node plugin runs on the stale nodes"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_large_cluster_lists_the_first_nodes_and_counts_the_rest() {
+        let nodes: Vec<NodeState> = (0..25).rev().map(|i| node(&format!("node-{i:02}"), "", 1)).collect();
+        let r = ScheduleRequest { provisioning: Provisioning::Thick, ..req(10) };
+        let err = schedule(&nodes, &r).unwrap_err();
+        let (_, count, reasons) = &err.rejections[0];
+        assert_eq!(*count, 25);
+        assert_eq!(reasons.len(), LISTED);
+        assert_eq!(reasons[0], "node-00: 1.0 GiB free");
+        assert_eq!(reasons[LISTED - 1], "node-09: 1.0 GiB free");
+        assert!(err.to_string().contains("node-09: 1.0 GiB free; and 15 more)"), "{err}");
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         return Err("--nodes must be at least 1".into());
     }
     let socket = server::unix_endpoint_path(&cfg.endpoint)?;
+    server::refuse_if_live(&socket)?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
     let data_dir = cfg.data_dir.canonicalize().map_err(|e| e.to_string())?;
     let store: Arc<dyn Store> = Arc::new(
@@ -111,7 +112,8 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
     let ready = Arc::new(AtomicBool::new(true));
     let csi = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
-        .add_service(ControllerServer::new(ControllerService::new(manager)))
+        .add_service(ControllerServer::new(ControllerService::new(manager.clone())))
+        .add_service(crate::admin::AdminService::server(manager))
         .add_service(NodeServer::new(NodeService::new(NodeConfig {
             node_id,
             zone,
@@ -128,7 +130,6 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
             result = Err(e);
         }
     }
-    let _ = std::fs::remove_file(&socket);
     info!("cinderblock standalone stopped");
     result
 }
