@@ -1,7 +1,8 @@
 //! The admin API (`proto/admin.proto`): what `cinderblock ctl` shows people
 //! beyond CSI: nodes and pools, records in every phase with names and
-//! errors, lookups by name. Read-only over the controller's `Manager`; a
-//! new operator action is a new method here and in the proto.
+//! errors, lookups by name, and the nodes' quarantined images (listed, and
+//! purged only on an operator's request). Over the controller's `Manager`;
+//! a new operator action is a new method here and in the proto.
 
 use tonic::{Request, Response, Status};
 
@@ -195,5 +196,30 @@ impl pb::admin_server::Admin for AdminService {
             .ok_or_else(|| Status::not_found(format!("no snapshot has the ID or name {:?}", r.snapshot)))?;
         let name = self.manager.volume(&s.source_volume_id).await?.map(|(v, _)| v.name).unwrap_or_default();
         Ok(Response::new(pb::GetSnapshotResponse { snapshot: Some(snapshot_to_pb(&s, name)) }))
+    }
+
+    async fn list_orphans(&self, r: Request<pb::ListOrphansRequest>) -> Result<Response<pb::ListOrphansResponse>, Status> {
+        let node = r.into_inner().node;
+        let orphans = self.manager.list_orphans(&node).await?.into_iter().map(orphan_to_pb).collect();
+        Ok(Response::new(pb::ListOrphansResponse { orphans }))
+    }
+
+    async fn purge_orphans(&self, r: Request<pb::PurgeOrphansRequest>) -> Result<Response<pb::PurgeOrphansResponse>, Status> {
+        let r = r.into_inner();
+        let older = std::time::Duration::from_secs(r.older_than_seconds);
+        let purged = self.manager.purge_orphans(&r.node, older, r.dry_run).await?.into_iter().map(orphan_to_pb).collect();
+        Ok(Response::new(pb::PurgeOrphansResponse { purged }))
+    }
+}
+
+fn orphan_to_pb(o: crate::agent_proto::Orphan) -> pb::Orphan {
+    pb::Orphan {
+        name: o.name,
+        kind: o.kind,
+        id: o.id,
+        reason: o.reason,
+        age_seconds: o.age_ms / 1000,
+        size_bytes: o.size_bytes,
+        allocated_bytes: o.allocated_bytes,
     }
 }

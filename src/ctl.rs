@@ -144,6 +144,65 @@ pub enum SnapshotCmd {
 pub enum NodeCmd {
     /// Every node with its zone, health, pool size, free and promised space, and the largest volume it takes now.
     List,
+    /// Images quarantined in a node's orphaned/ folder: what the reconciler
+    /// found without a record (never deleted automatically), with why and how old.
+    Orphans {
+        /// The node (see `ctl node list`).
+        node: String,
+    },
+    /// Delete a node's quarantined images older than --older-than (by the
+    /// node's own clock). Check `ctl node orphans NODE` first: this is the one
+    /// command that deletes data nobody holds a record of.
+    PurgeOrphans {
+        /// The node (see `ctl node list`).
+        node: String,
+        /// Only images quarantined at least this long ago: 7d, 12h, 30m, 0 (all).
+        #[arg(long, value_parser = parse_age)]
+        older_than: u64,
+        /// Only show what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// An age: a number with a unit (s, m, h, d), or 0. In seconds.
+pub fn parse_age(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(0);
+    }
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("{s:?} needs a unit: 7d, 12h, 30m or 90s"))?);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not an age like 7d, 12h, 30m or 90s"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    Ok(n * mult)
+}
+
+fn orphan_json(o: &admin::Orphan) -> Value {
+    json!({"name": o.name, "kind": o.kind, "id": o.id, "reason": o.reason, "age_seconds": o.age_seconds,
+           "size_bytes": o.size_bytes, "allocated_bytes": o.allocated_bytes})
+}
+
+fn print_orphans(list: &[admin::Orphan]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|o| vec![o.kind.clone(), o.id.clone(), format_age(o.age_seconds), format_bytes(o.allocated_bytes), o.reason.clone()])
+        .collect();
+    print_table(&["KIND", "ID", "AGE", "HOLDS", "WHY"], &rows);
+}
+
+fn format_age(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -590,6 +649,35 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                 print_table(&NODE_HEADERS, &list.iter().map(node_row).collect::<Vec<_>>());
                 if list.is_empty() {
                     println!("no node has registered yet");
+                }
+            });
+        }
+        CtlCommand::Node(NodeCmd::Orphans { node }) => {
+            let list = c.admin.list_orphans(admin::ListOrphansRequest { node: node.clone() }).await.map_err(|e| status_msg(&e))?.into_inner().orphans;
+            out.show(&json!(list.iter().map(orphan_json).collect::<Vec<_>>()), |_| {
+                if list.is_empty() {
+                    println!("node {node} keeps no quarantined images");
+                } else {
+                    print_orphans(&list);
+                }
+            });
+        }
+        CtlCommand::Node(NodeCmd::PurgeOrphans { node, older_than, dry_run }) => {
+            let purged = c
+                .admin
+                .purge_orphans(admin::PurgeOrphansRequest { node: node.clone(), older_than_seconds: older_than, dry_run })
+                .await
+                .map_err(|e| status_msg(&e))?
+                .into_inner()
+                .purged;
+            out.show(&json!({"dry_run": dry_run, "purged": purged.iter().map(orphan_json).collect::<Vec<_>>()}), |_| {
+                let bytes: u64 = purged.iter().map(|o| o.allocated_bytes).sum();
+                if purged.is_empty() {
+                    println!("nothing on node {node} is older than {}", format_age(older_than));
+                } else {
+                    print_orphans(&purged);
+                    let verb = if dry_run { "would delete" } else { "deleted" };
+                    println!("{verb} {} quarantined image(s) holding {} on node {node}", purged.len(), format_bytes(bytes));
                 }
             });
         }

@@ -98,6 +98,10 @@ struct StandaloneArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9820).
     #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Deadline in seconds of one call to a node agent; a call past it is
+    /// followed by asking the node what it did.
+    #[arg(long, default_value_t = 120.0)]
+    agent_timeout: f64,
     #[command(flatten)]
     pool_opts: PoolOpts,
 }
@@ -547,6 +551,7 @@ async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
         controller: cinderblock::controller::ControllerConfig {
             heartbeat_timeout: secs(a.heartbeat_timeout, "heartbeat-timeout")?,
             stuck_grace: secs(a.stuck_grace, "stuck-grace")?,
+            agent_timeout: secs(a.agent_timeout, "agent-timeout")?,
             ..Default::default()
         },
         heartbeat_interval: secs(a.heartbeat_interval, "heartbeat-interval")?,

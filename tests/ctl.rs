@@ -249,3 +249,45 @@ async fn a_create_cut_by_a_crash_says_the_volume_may_exist_and_how_to_check() {
     assert!(ctl(&s.endpoint, &["volume", "create", "cut", "--size", "64Mi"]).ok);
     assert!(ctl(&s.endpoint, &["volume", "get", "cut"]).stdout.contains("Available"));
 }
+
+/// An image the records do not know is quarantined by the reconciler, shown
+/// by `ctl node orphans`, and deleted only by `ctl node purge-orphans`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_images_are_listed_and_purged_only_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    // A volume on node-1 that no record names (a store restored from an old backup, say).
+    let stray = dir.path().join("node-1/pool/volumes");
+    std::fs::create_dir_all(&stray).unwrap();
+    write_file(&stray.join("vol-stray.json"), br#"{"id":"vol-stray","size_bytes":8192,"provisioning":"thin","source":null,"metadata":{},"created_at_ms":0,"state":"Available"}"#);
+    write_file(&stray.join("vol-stray.img"), &[7u8; 8192]);
+    let s = Standalone::start(dir.path(), 2, 1, &["--stuck-grace", "0.5", "--reconcile-interval", "0.5"]);
+    let e = s.endpoint.as_str();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let l = json(e, &["node", "orphans", "node-1", "-o", "json"]);
+        if !l.as_array().unwrap().is_empty() {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "the stray image was not quarantined");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(listed[0]["id"], "vol-stray");
+    assert!(listed[0]["reason"].as_str().unwrap().contains("no record"), "{listed}");
+    let table = ctl(e, &["node", "orphans", "node-1"]);
+    assert!(table.ok && table.stdout.contains("vol-stray") && table.stdout.contains("WHY"), "{}", table.stdout);
+    let kept = || std::fs::read_dir(dir.path().join("node-1/pool/orphaned")).unwrap().count();
+    assert_eq!(kept(), 3, "image, record and note are kept");
+
+    let young = ctl(e, &["node", "purge-orphans", "node-1", "--older-than", "7d"]);
+    assert!(young.ok && young.stdout.contains("nothing on node node-1 is older than 7d"), "{}", young.stdout);
+    let dry = ctl(e, &["node", "purge-orphans", "node-1", "--older-than", "0", "--dry-run"]);
+    assert!(dry.ok && dry.stdout.contains("would delete 1"), "{}", dry.stdout);
+    assert_eq!(kept(), 3, "a dry run deleted something");
+    let bad = ctl(e, &["node", "purge-orphans", "node-1", "--older-than", "7"]);
+    assert!(!bad.ok && bad.stderr.contains("needs a unit"), "{}", bad.stderr);
+    let gone = ctl(e, &["node", "purge-orphans", "nobody", "--older-than", "0"]);
+    assert!(!gone.ok && gone.stderr.contains("no node is called"), "{}", gone.stderr);
+    let done = ctl(e, &["node", "purge-orphans", "node-1", "--older-than", "0"]);
+    assert!(done.ok && done.stdout.contains("deleted 1"), "{}", done.stdout);
+    assert_eq!(kept(), 0);
+}

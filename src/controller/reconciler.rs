@@ -229,6 +229,31 @@ impl Manager {
         }
     }
 
+    /// A node's quarantined images.
+    pub async fn list_orphans(&self, node: &str) -> Result<Vec<pb::Orphan>, Status> {
+        let (rec, _) = self.node(node).await?.ok_or_else(|| Status::not_found(format!("no node is called {node:?}")))?;
+        let mut agent = self.agent_of(rec)?;
+        Ok(agent.list_orphans(pb::ListOrphansRequest {}).await?.orphans)
+    }
+
+    /// Delete a node's quarantined images older than `older_than` (node
+    /// clock): an operator's request, the leader carries it out.
+    pub async fn purge_orphans(&self, node: &str, older_than: Duration, dry_run: bool) -> Result<Vec<pb::Orphan>, Status> {
+        self.wait_leader().await?;
+        let (rec, _) = self.node(node).await?.ok_or_else(|| Status::not_found(format!("no node is called {node:?}")))?;
+        let mut agent = self.agent_of(rec)?;
+        let purged = agent
+            .purge_orphans(pb::PurgeOrphansRequest { older_than_ms: older_than.as_millis() as u64, dry_run })
+            .await?
+            .purged;
+        if !dry_run && !purged.is_empty() {
+            let bytes: u64 = purged.iter().map(|o| o.allocated_bytes).sum();
+            warn!(node, count = purged.len(), bytes, "quarantined images purged on an operator's request");
+            self.node_event(node, false, "OrphansPurged", format!("{} quarantined image(s), {bytes} bytes, purged on request", purged.len())).await;
+        }
+        Ok(purged)
+    }
+
     /// Run `reconcile_once` every `every` until the process stops.
     pub async fn run_reconciler(self, every: Duration) {
         loop {
