@@ -59,6 +59,8 @@ pub struct Metrics {
     pub pool_free_bytes: Family<PoolLabels, Gauge>,
     pub pool_provisioned_bytes: Family<PoolLabels, Gauge>,
     pub records: Family<RecordLabels, Gauge>,
+    /// The NBD server's per-export series (`crate::export::metrics`).
+    pub export: crate::export::metrics::ExportMetrics,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -81,6 +83,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("pool_provisioned_bytes", "Sum of volume and snapshot sizes in a node's pool", pool_provisioned_bytes.clone());
     let records = Family::<RecordLabels, Gauge>::default();
     registry.register("records", "Volume and snapshot records by phase (controller)", records.clone());
+    let export = crate::export::metrics::ExportMetrics::register(&mut registry);
     Metrics {
         registry,
         calls,
@@ -92,6 +95,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         pool_free_bytes,
         pool_provisioned_bytes,
         records,
+        export,
     }
 });
 
