@@ -47,6 +47,9 @@ enum Command {
     /// Measure and print figures (not a test: nothing is asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// NBD export and attach on their own (serve an image, attach an export).
+    #[command(subcommand)]
+    Nbd(cinderblock::attach::nbd::cli::NbdCommand),
 }
 
 #[derive(clap::Args)]
@@ -265,6 +268,7 @@ async fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Ctl(a) => cinderblock::ctl::run(&a.endpoint, a.output == "json", a.command).await,
+        Command::Nbd(c) => cinderblock::attach::nbd::cli::run(c).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
