@@ -6,6 +6,7 @@
 //! checks that the connection's certificate named the controller, and every
 //! call that changes data passes the fence (`fence.rs`).
 
+pub mod exports;
 pub mod fence;
 
 use std::collections::BTreeMap;
@@ -29,9 +30,23 @@ pub struct AgentService {
     fence: Arc<Fence>,
     workers: Arc<Workers>,
     heavy: Arc<HeavyGate>,
+    /// The node's NBD exports; None when this node serves none.
+    exports: Option<Arc<exports::Exports>>,
 }
 
 impl AgentService {
+    /// Serve NBD exports of this pool through `exports`.
+    pub fn with_exports(mut self, exports: Arc<exports::Exports>) -> Self {
+        self.exports = Some(exports);
+        self
+    }
+
+    fn exports(&self) -> Result<Arc<exports::Exports>, Status> {
+        self.exports.clone().ok_or_else(|| {
+            Status::failed_precondition(format!("node {} serves no NBD exports (started without --nbd-listen)", self.node_id))
+        })
+    }
+
     pub fn new(pool: Arc<Pool>, node_id: String, fence: Arc<Fence>) -> Self {
         Self::with_limits(pool, node_id, fence, WorkLimits::default())
     }
@@ -39,7 +54,7 @@ impl AgentService {
     pub fn with_limits(pool: Arc<Pool>, node_id: String, fence: Arc<Fence>, limits: WorkLimits) -> Self {
         let workers = Workers::new("agent-worker", limits.threads).expect("starting the agent's worker threads");
         let heavy = HeavyGate::new(limits.heavy, limits.heavy_wait);
-        AgentService { pool, node_id, fence, workers: Arc::new(workers), heavy: Arc::new(heavy) }
+        AgentService { pool, node_id, fence, workers: Arc::new(workers), heavy: Arc::new(heavy), exports: None }
     }
 
     fn identity(&self) -> Option<pb::AgentIdentity> {
@@ -239,6 +254,15 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let identity = self.identity();
         let id = request.get_ref().volume_id.clone();
+        if let Some(ex) = &self.exports {
+            let consumers = ex.consumers_of(&id);
+            if !consumers.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} is exported to node(s) {}; unpublish it first",
+                    consumers.join(", ")
+                )));
+            }
+        }
         self.run_fenced(&request, "DeleteVolume", false, move |pool| pool.delete_volume(&id).map(|_| pb::DeleteVolumeResponse { identity }))
             .await
     }
@@ -275,11 +299,16 @@ impl VolumeManager for AgentService {
         let identity = self.identity();
         let r = request.get_ref().clone();
         let heavy = self.pool.get_volume(&r.volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
-        self.run_fenced(&request, "ExpandVolume", heavy, move |pool| {
-            let v = pool.expand_volume(&r.volume_id, r.size_bytes)?;
-            Ok(pb::ExpandVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
-        })
-        .await
+        let grown = self
+            .run_fenced(&request, "ExpandVolume", heavy, move |pool| {
+                let v = pool.expand_volume(&r.volume_id, r.size_bytes)?;
+                Ok(pb::ExpandVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
+            })
+            .await?;
+        if let Some(ex) = &self.exports {
+            ex.refresh(&request.get_ref().volume_id);
+        }
+        Ok(grown)
     }
 
     async fn get_volume(&self, request: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
@@ -386,6 +415,31 @@ impl VolumeManager for AgentService {
         .await
     }
 
+    async fn create_export(&self, request: Request<pb::CreateExportRequest>) -> Result<Response<pb::CreateExportResponse>, Status> {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.export_call(&request, move |ex| {
+            Ok(pb::CreateExportResponse { export: Some(ex.create(&r.volume_id, &r.consumer_node, r.read_only)?), identity })
+        })
+        .await
+    }
+
+    async fn delete_export(&self, request: Request<pb::DeleteExportRequest>) -> Result<Response<pb::DeleteExportResponse>, Status> {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.export_call(&request, move |ex| {
+            ex.delete(&r.volume_id, &r.consumer_node, r.force)?;
+            Ok(pb::DeleteExportResponse { identity })
+        })
+        .await
+    }
+
+    async fn list_exports(&self, request: Request<pb::ListExportsRequest>) -> Result<Response<pb::ListExportsResponse>, Status> {
+        Self::authorize(&request)?;
+        let exports = self.exports.as_ref().map(|e| e.list()).unwrap_or_default();
+        Ok(Response::new(pb::ListExportsResponse { exports, identity: self.identity() }))
+    }
+
     async fn purge_orphans(
         &self,
         request: Request<pb::PurgeOrphansRequest>,
@@ -401,6 +455,17 @@ impl VolumeManager for AgentService {
 }
 
 impl AgentService {
+    async fn export_call<R, T, F>(&self, request: &Request<R>, f: F) -> Result<Response<T>, Status>
+    where
+        F: FnOnce(&exports::Exports) -> Result<T, Status>,
+    {
+        Self::authorize(request)?;
+        let token = fence::token_of(request)?;
+        let _admitted = self.fence.admit(token).await?;
+        let ex = self.exports()?;
+        f(&ex).map(Response::new).inspect_err(|s| warn!(code = ?s.code(), message = s.message(), "export call failed"))
+    }
+
     async fn quarantine(
         &self,
         request: Request<pb::QuarantineRequest>,

@@ -61,6 +61,9 @@ enum Command {
     /// Measure and print figures (not a test: nothing is asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// NBD export and attach on their own (serve an image, attach an export).
+    #[command(subcommand)]
+    Nbd(cinderblock::attach::nbd::cli::NbdCommand),
 }
 
 #[derive(clap::Args)]
@@ -290,6 +293,14 @@ struct NodeArgs {
     /// Namespace of the CA ConfigMap.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     tls_namespace: String,
+    /// Serve this pool's volumes over NBD on this TCP address to other nodes
+    /// of their zone (remote attach); only over TLS, only to the node each
+    /// export names. Unset: this node exports nothing.
+    #[arg(long, env = "CINDERBLOCK_NBD_LISTEN")]
+    nbd_listen: Option<SocketAddr>,
+    /// host:port other nodes reach the NBD server at (default: --nbd-listen's).
+    #[arg(long, env = "CINDERBLOCK_NBD_ADVERTISE")]
+    nbd_advertise: Option<String>,
     /// Delete quarantined images (orphaned/) older than this many seconds, by
     /// this node's clock; 0 keeps them until an operator purges them.
     #[arg(long, env = "CINDERBLOCK_ORPHAN_RETENTION", default_value_t = 0.0)]
@@ -359,6 +370,7 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Tls(t) => run_tls(t),
         Command::Ctl(a) => cinderblock::ctl::run(a).await,
+        Command::Nbd(c) => cinderblock::attach::nbd::cli::run(c).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -413,9 +425,19 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     let agent_addr = agent_listener.local_addr().map_err(|e| e.to_string())?;
     let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
 
+    let mut agent_service = AgentService::new(pool.clone(), args.node_id.clone(), fence);
+    if let Some(listen) = args.nbd_listen {
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("NBD server cannot listen on {listen}: {e}"))?;
+        let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        let address = args.nbd_advertise.clone().unwrap_or_else(|| bound.to_string());
+        let exports = cinderblock::export::serve_pool(pool.clone(), tls_dir.clone(), listener, address.clone())
+            .map_err(|e| format!("NBD exports of {}: {e}", args.pool.display()))?;
+        info!(nbd = %bound, advertised = %address, "NBD server ready");
+        agent_service = agent_service.with_exports(exports);
+    }
     let agent_incoming = tls::serve_incoming(agent_listener, ServerTls::new(tls_dir, PeerRule::Controller, vec![b"h2".to_vec()]));
     let agent = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
-        .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), args.node_id.clone(), fence)))
+        .add_service(VolumeManagerServer::new(agent_service))
         .serve_with_incoming_shutdown(agent_incoming, server::shutdown_signal());
     let csi = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(false, ready.clone())))

@@ -84,9 +84,12 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         let fence = Arc::new(Fence::open(pool.root()).map_err(|e| format!("fencing state of {id}: {e}"))?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+        let nbd_addr = nbd.local_addr().map_err(|e| e.to_string())?.to_string();
+        let exports = crate::export::serve_pool(pool.clone(), node_tls.clone(), nbd, nbd_addr).map_err(|e| format!("NBD exports of {id}: {e}"))?;
         let incoming = tls::serve_incoming(listener, ServerTls::new(node_tls, PeerRule::Controller, vec![b"h2".to_vec()]));
         let agent = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
-            .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), id.clone(), fence)))
+            .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), id.clone(), fence).with_exports(exports)))
             .serve_with_incoming_shutdown(incoming, server::shutdown_signal());
         tasks.spawn(async move { agent.await.map_err(|e| format!("agent server: {e}")) });
         let reg = Registration { node_id: id.clone(), zone: zone.clone(), agent_address: format!("https://{addr}"), max_volumes: cfg.max_volumes };
