@@ -11,6 +11,7 @@
 //! xfs_growfs) are run with `tokio::process`.
 
 pub mod filesystem;
+pub mod freeze;
 pub mod loopdev;
 pub mod mount;
 
@@ -138,6 +139,16 @@ pub enum AttachError {
         stderr: String,
     },
 
+    #[error("{op} on {target} failed: {error}")]
+    Freeze {
+        op: &'static str,
+        target: PathBuf,
+        error: io::Error,
+    },
+
+    #[error("the filesystem at {target} was thawed before its copy was done ({reason}); the copy may not be clean: retry")]
+    ThawedEarly { target: PathBuf, reason: String },
+
     #[error("cannot read filesystem statistics of {path}: {error}")]
     Statvfs { path: PathBuf, error: io::Error },
 }
@@ -158,6 +169,7 @@ impl AttachError {
             | Remount { error, .. }
             | Unmount { error, .. }
             | CommandSpawn { error, .. }
+            | Freeze { error, .. }
             | Statvfs { error, .. } => Some(error),
             _ => None,
         }

@@ -21,6 +21,7 @@
 
 mod capability;
 mod error;
+mod freeze;
 mod host;
 mod inflight;
 mod paths;
@@ -71,6 +72,8 @@ struct Node {
 
 impl NodeService {
     pub fn new(config: NodeConfig) -> Self {
+        // Snapshots of volumes staged here are cut with their filesystem frozen.
+        config.pool.set_freezer(Arc::new(freeze::MountedFilesystems));
         let roots = AllowedRoots::new(config.allowed_roots.clone());
         NodeService { node: Arc::new(Node { config, roots, inflight: InFlight::default() }) }
     }
