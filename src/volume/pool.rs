@@ -678,7 +678,7 @@ impl Pool {
             self.index().volumes.insert(req.id.clone(), record.clone());
         }
 
-        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), false, false);
+        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref());
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
@@ -700,6 +700,11 @@ impl Pool {
 
     /// Make `<id>.img` under its partial name, fill it, make it durable and
     /// rename it into place. Returns how the content was produced.
+    ///
+    /// A snapshot is read-only, and its source's filesystem is frozen while
+    /// it is copied. A thick image owns every block: one made by reflink is
+    /// unshared, so writing to it (or, for a snapshot of a thick volume, to
+    /// its source) never needs space the pool no longer has.
     fn make_image(
         &self,
         kind: Kind,
@@ -707,9 +712,8 @@ impl Pool {
         size: u64,
         provisioning: Provisioning,
         source: Option<&Path>,
-        read_only: bool,
-        freeze_source: bool,
     ) -> Result<Option<CopyMethod>, VolumeError> {
+        let snapshot = matches!(kind, Kind::Snapshot);
         let partial = self.path(kind, id, "img.partial");
         let image = self.path(kind, id, "img");
         let f = File::options()
@@ -722,7 +726,7 @@ impl Pool {
         let mut method = None;
         if let Some(src) = source {
             let s = File::open(src).map_err(VolumeError::io(format!("opening source {}", src.display())))?;
-            let frozen = if freeze_source { self.freeze(src, &s)? } else { None };
+            let frozen = if snapshot { self.freeze(src, &s)? } else { None };
             let started = Instant::now();
             let copied = copy::clone_into(&s, &f, self.reflink)
                 .map_err(VolumeError::io(format!("copying {} to {}", src.display(), partial.display())));
@@ -732,7 +736,12 @@ impl Pool {
                 tracing::info!(image = %src.display(), frozen_ms = started.elapsed().as_millis() as u64, "source filesystem was frozen for the copy");
                 held.map_err(|reason| VolumeError::Freeze { volume: file_id(src), reason })?;
             }
-            method = Some(copied?);
+            let copied = copied?;
+            if copied == CopyMethod::Reflink && provisioning == Provisioning::Thick {
+                let what = format!("giving {} blocks of its own", partial.display());
+                copy::own_blocks(&s, &f).map_err(VolumeError::io(what))?;
+            }
+            method = Some(copied);
         }
         let len = f.metadata().map_err(VolumeError::io("reading image size"))?.len();
         if len < size {
@@ -741,7 +750,7 @@ impl Pool {
         if provisioning == Provisioning::Thick {
             copy::allocate(&f, size).map_err(VolumeError::io("allocating thick image"))?;
         }
-        if read_only {
+        if snapshot {
             f.set_permissions(std::fs::Permissions::from_mode(0o444))
                 .map_err(VolumeError::io("making snapshot read-only"))?;
         }
@@ -965,8 +974,9 @@ impl Pool {
         let rec_path = self.path(Kind::Snapshot, id, "json");
         {
             let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.reflink {
-                // A copied snapshot takes real space: as much as the source uses.
+            if !self.reflink || volume.provisioning == Provisioning::Thick {
+                // A copied snapshot takes real space: as much as the source
+                // uses. So does one of a thick volume, which is unshared.
                 let used = File::open(self.volume_image(source_volume_id))
                     .and_then(|f| copy::allocated_bytes(&f))
                     .map_err(VolumeError::io("reading source volume"))?;
@@ -976,7 +986,7 @@ impl Pool {
             self.index().snapshots.insert(id.to_string(), record.clone());
         }
         let src = self.volume_image(source_volume_id);
-        let made = self.make_image(Kind::Snapshot, id, volume.size_bytes, Provisioning::Thin, Some(&src), true, true);
+        let made = self.make_image(Kind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src));
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
