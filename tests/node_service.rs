@@ -39,6 +39,9 @@ struct Env {
     kubelet: PathBuf,
     sock: PathBuf,
     extra: Vec<String>,
+    /// The kubelet folder is an extra allowed root (`--allowed-root`), or,
+    /// when false, the node gets only what `--kubelet-dir` allows.
+    whole_kubelet_allowed: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -62,14 +65,25 @@ impl Env {
             kubelet,
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            whole_kubelet_allowed: true,
             _dir: dir,
         };
         env.start();
         env
     }
 
+    /// As a node in a cluster: the kubelet folder's own roots only.
+    fn kubelet_only() -> Env {
+        let mut env = Env::with_pool(None, &[]);
+        env.kill9();
+        env.whole_kubelet_allowed = false;
+        env.start();
+        env
+    }
+
     fn start(&mut self) {
-        let mut args = vec!["--allowed-root".to_string(), self.kubelet.display().to_string()];
+        let allow = if self.whole_kubelet_allowed { "--allowed-root" } else { "--kubelet-dir" };
+        let mut args = vec![allow.to_string(), self.kubelet.display().to_string()];
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.node = Some(NodeProcess::start(&self.pool, &self.sock, "node-1", &args));
@@ -1116,6 +1130,15 @@ async fn thick_expansion_out_of_space_keeps_the_volume_and_survives_a_restart() 
     check_usable(&env, "after-restart", 64 * MIB);
 
     std::fs::remove_file(&filler).unwrap();
+    // XFS frees a deleted file's blocks in the background: wait until the
+    // pool sees the space, as an operator's retry would.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap().free_bytes
+        < wanted
+    {
+        assert!(Instant::now() < deadline, "the freed space never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let grown = agent.expand_volume(expand).await.unwrap().into_inner().volume.unwrap().size_bytes;
     assert_eq!(grown, wanted.div_ceil(4096) * 4096);
     assert_eq!(std::fs::metadata(env.image("vol-t")).unwrap().len(), grown);
@@ -1246,4 +1269,45 @@ async fn snapshots_of_a_volume_in_use_are_clean_when_copied() {
     // The test folder's filesystem: no reflink here, so each snapshot copies
     // with the filesystem frozen.
     snapshots_of_a_volume_in_use(None, 10).await;
+}
+
+/// In a cluster the node may stage and publish only in the kubelet's CSI
+/// plugin folder and pod folders, never through a symbolic link.
+#[tokio::test]
+async fn only_the_kubelet_csi_and_pod_folders_and_no_links() {
+    require_root!();
+    let env = Env::kubelet_only();
+    let (mut agent, mut c) = (env.agent().await, env.csi().await);
+    create_volume(&mut agent, "vol-k", 64 * MIB, None).await;
+    let staging = env.k("plugins/kubernetes.io/csi/cinderblock.dev/abc/globalmount");
+    let target = env.k("pods/uid-1/volumes/kubernetes.io~csi/pv-1/mount");
+    std::fs::create_dir_all(env.k("plugins/kubernetes.io/csi")).unwrap();
+    std::fs::create_dir_all(env.k("pki")).unwrap();
+    let before = folders(&env.kubelet);
+    for (what, path) in [
+        ("a kubelet folder that is no CSI folder", env.k("pki/vol-k")),
+        ("the kubelet folder's staging/", env.k("staging/vol-k")),
+        ("outside the kubelet folder", env.root.join("elsewhere/vol-k")),
+    ] {
+        let e = expect_code(what, c.node_stage_volume(stage_req("vol-k", &path, Some(ext4()))).await, Code::InvalidArgument);
+        assert!(e.message().contains("not below an allowed root"), "{what}: {}", e.message());
+    }
+    assert_eq!(folders(&env.kubelet), before, "a refused call created folders");
+    // A link inside the pod folders, to a place inside them: still refused.
+    std::fs::create_dir_all(env.k("pods/uid-2")).unwrap();
+    std::os::unix::fs::symlink(env.k("pods/uid-1"), env.k("pods/uid-link")).unwrap();
+    let linked = env.k("pods/uid-link/volumes/kubernetes.io~csi/pv-1/mount");
+    c.node_stage_volume(stage_req("vol-k", &staging, Some(ext4()))).await.unwrap();
+    let e = expect_code(
+        "a target through a link",
+        c.node_publish_volume(publish_req("vol-k", &staging, &linked, ext4(), false)).await,
+        Code::InvalidArgument,
+    );
+    assert!(e.message().contains("symbolic link"), "{}", e.message());
+    std::fs::remove_file(env.k("pods/uid-link")).unwrap();
+    assert!(!env.k("pods/uid-1").exists(), "a refused call created folders");
+    c.node_publish_volume(publish_req("vol-k", &staging, &target, ext4(), false)).await.unwrap();
+    write_synced(&target.join("hello"), b"in a pod");
+    unpublish_and_unstage(&mut c, "vol-k", &staging, &target).await;
+    env.assert_clean("after the kubelet-only test");
 }

@@ -375,6 +375,12 @@ fn thick_expansion_without_space_fails_keeps_the_volume_and_a_retry_grows() {
     assert_eq!(pool.get_volume("vol-thick").unwrap().size_bytes, 32 * MIB);
 
     std::fs::remove_file(filler).unwrap();
+    // XFS frees a deleted file's blocks in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pool.status().unwrap().capacity.free < 32 * MIB + free {
+        assert!(std::time::Instant::now() < deadline, "the freed space never showed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let grown = pool.expand_volume("vol-thick", 32 * MIB + free).unwrap();
     assert_eq!(grown.size_bytes, (32 * MIB + free).div_ceil(4096) * 4096);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), grown.size_bytes);

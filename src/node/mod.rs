@@ -42,6 +42,7 @@ use crate::csi::node_service_capability::rpc::Type as Rpc;
 use crate::volume::{validate_id, Pool};
 
 pub use error::NodeError;
+pub use paths::kubelet_roots;
 use inflight::InFlight;
 use paths::AllowedRoots;
 
