@@ -1259,6 +1259,7 @@ async fn snapshots_of_a_volume_in_use(pool: Option<&Path>, count: usize) {
 #[tokio::test]
 async fn snapshots_of_a_volume_in_use_are_clean_with_reflink() {
     require_root!();
+    require_tools!("mkfs.xfs", "dumpe2fs");
     let fs = TestFs::new("xfs-reflink", "512M");
     snapshots_of_a_volume_in_use(Some(&fs.mount.join("pool")), 50).await;
 }
@@ -1266,6 +1267,7 @@ async fn snapshots_of_a_volume_in_use_are_clean_with_reflink() {
 #[tokio::test]
 async fn snapshots_of_a_volume_in_use_are_clean_when_copied() {
     require_root!();
+    require_tools!("mkfs.xfs", "dumpe2fs");
     // The test folder's filesystem: no reflink here, so each snapshot copies
     // with the filesystem frozen.
     snapshots_of_a_volume_in_use(None, 10).await;
