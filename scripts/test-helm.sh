@@ -288,7 +288,7 @@ check "/dev mounted from the host" field $ds '{.spec.template.spec.volumes[?(@.n
 check "pool folder from the host" field $ds '{.spec.template.spec.volumes[?(@.name=="pool")].hostPath.path}' \
   /var/lib/cinderblock/pool $ns
 for a in node --register --node-id='$(NODE_NAME)' --pool=/var/lib/cinderblock/pool --agent-listen=0.0.0.0:9810 \
-  --agent-advertise='http://$(POD_IP):9810' --allowed-root=/var/lib/kubelet --metrics-addr=0.0.0.0:9821 \
+  --agent-advertise='http://$(POD_IP):9810' --kubelet-dir=/var/lib/kubelet --metrics-addr=0.0.0.0:9821 \
   --reserved-percentage=5 --refuse-system-filesystem; do
   check "node arg $a" has $ds "$node_c.args[*]}" "$a" $ns
 done

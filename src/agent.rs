@@ -273,7 +273,8 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        self.run_fenced(&request, "CreateSnapshot", !self.pool.reflink(), move |pool| {
+        let thick = self.pool.get_volume(&r.source_volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
+        self.run_fenced(&request, "CreateSnapshot", thick || !self.pool.reflink(), move |pool| {
             let s = pool.create_snapshot(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect())?;
             Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)), identity })
         })

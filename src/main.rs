@@ -260,8 +260,13 @@ struct NodeArgs {
     /// CSI endpoint, a unix socket: unix:///path/to/csi.sock
     #[arg(long, env = "CSI_ENDPOINT")]
     endpoint: String,
-    /// Folders under which staging and target paths may lie (repeatable).
-    #[arg(long = "allowed-root", env = "CINDERBLOCK_ALLOWED_ROOTS", value_delimiter = ',', default_value = "/var/lib/kubelet")]
+    /// The kubelet's root folder (its --root-dir). Staging and target paths
+    /// may lie in its pods/ and plugins/kubernetes.io/csi/ folders only.
+    #[arg(long, env = "CINDERBLOCK_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
+    /// More folders where staging and target paths may lie (repeatable; for
+    /// tests and setups without a kubelet).
+    #[arg(long = "allowed-root", env = "CINDERBLOCK_ALLOWED_ROOTS", value_delimiter = ',')]
     allowed_roots: Vec<PathBuf>,
     /// Most volumes this node attaches at once (NodeGetInfo); 0 for no limit.
     #[arg(long, env = "CINDERBLOCK_MAX_VOLUMES", default_value_t = 0)]
@@ -308,8 +313,8 @@ struct NodeArgs {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 0.0.0.0:9821).
     #[arg(long, env = "CINDERBLOCK_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
-    /// Refuse to start when the pool is on the filesystem of / or of the first
-    /// --allowed-root (the kubelet's folder): a full pool would fill that disk.
+    /// Refuse to start when the pool is on the filesystem of / or of
+    /// --kubelet-dir: a full pool would fill that disk.
     #[arg(long, env = "CINDERBLOCK_REFUSE_SYSTEM_FILESYSTEM")]
     refuse_system_filesystem: bool,
     #[command(flatten)]
@@ -388,7 +393,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     let socket = server::unix_endpoint_path(&args.endpoint)?;
     server::refuse_if_live(&socket)?;
     if args.refuse_system_filesystem {
-        let system: Vec<&std::path::Path> = std::iter::once(std::path::Path::new("/")).chain(args.allowed_roots.first().map(|p| p.as_path())).collect();
+        let system: Vec<&std::path::Path> = vec![std::path::Path::new("/"), args.kubelet_dir.as_path()];
         cinderblock::pool_placement::refuse_system_filesystem(&args.pool, &system)?;
     }
     let kube = if args.register || args.tls_bootstrap {
@@ -445,7 +450,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             node_id: args.node_id.clone(),
             zone: args.zone.clone(),
             pool: pool.clone(),
-            allowed_roots: args.allowed_roots.clone(),
+            allowed_roots: cinderblock::node::kubelet_roots(&args.kubelet_dir).into_iter().chain(args.allowed_roots.clone()).collect(),
             max_volumes: args.max_volumes,
         })))
         .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());

@@ -39,6 +39,9 @@ struct Env {
     kubelet: PathBuf,
     sock: PathBuf,
     extra: Vec<String>,
+    /// The kubelet folder is an extra allowed root (`--allowed-root`), or,
+    /// when false, the node gets only what `--kubelet-dir` allows.
+    whole_kubelet_allowed: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -62,14 +65,25 @@ impl Env {
             kubelet,
             root,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            whole_kubelet_allowed: true,
             _dir: dir,
         };
         env.start();
         env
     }
 
+    /// As a node in a cluster: the kubelet folder's own roots only.
+    fn kubelet_only() -> Env {
+        let mut env = Env::with_pool(None, &[]);
+        env.kill9();
+        env.whole_kubelet_allowed = false;
+        env.start();
+        env
+    }
+
     fn start(&mut self) {
-        let mut args = vec!["--allowed-root".to_string(), self.kubelet.display().to_string()];
+        let allow = if self.whole_kubelet_allowed { "--allowed-root" } else { "--kubelet-dir" };
+        let mut args = vec![allow.to_string(), self.kubelet.display().to_string()];
         args.extend(self.extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.node = Some(NodeProcess::start(&self.pool, &self.sock, "node-1", &args));
@@ -1116,6 +1130,15 @@ async fn thick_expansion_out_of_space_keeps_the_volume_and_survives_a_restart() 
     check_usable(&env, "after-restart", 64 * MIB);
 
     std::fs::remove_file(&filler).unwrap();
+    // XFS frees a deleted file's blocks in the background: wait until the
+    // pool sees the space, as an operator's retry would.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap().free_bytes
+        < wanted
+    {
+        assert!(Instant::now() < deadline, "the freed space never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let grown = agent.expand_volume(expand).await.unwrap().into_inner().volume.unwrap().size_bytes;
     assert_eq!(grown, wanted.div_ceil(4096) * 4096);
     assert_eq!(std::fs::metadata(env.image("vol-t")).unwrap().len(), grown);
@@ -1130,4 +1153,163 @@ async fn thick_expansion_out_of_space_keeps_the_volume_and_survives_a_restart() 
     check_usable(&env, "after-growth", grown);
     unpublish_and_unstage(&mut c, "vol-t", &staging, &target).await;
     env.assert_clean("after the expansion test");
+}
+
+// ------------------------------------------------------- consistent snapshots
+
+const RECORD: usize = 1024;
+
+/// Record `seq`: its number, bytes that follow from it, and a checksum.
+fn record(seq: u64) -> Vec<u8> {
+    let mut r = seq.to_le_bytes().to_vec();
+    r.extend(data(RECORD - 16, seq));
+    let sum = fnv(&r);
+    r.extend(sum.to_le_bytes());
+    r
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// How many whole, valid records `bytes` holds, in order from 0; an error
+/// for anything else (a torn or foreign record, a gap).
+fn clean_prefix(bytes: &[u8]) -> Result<u64, String> {
+    if bytes.len() % RECORD != 0 {
+        return Err(format!("{} bytes is not a whole number of records", bytes.len()));
+    }
+    for (i, r) in bytes.chunks(RECORD).enumerate() {
+        let seq = u64::from_le_bytes(r[..8].try_into().unwrap());
+        let sum = u64::from_le_bytes(r[RECORD - 8..].try_into().unwrap());
+        if seq != i as u64 || sum != fnv(&r[..RECORD - 8]) {
+            return Err(format!("record {i} is torn or out of order (it says {seq})"));
+        }
+    }
+    Ok((bytes.len() / RECORD) as u64)
+}
+
+/// A writer appends checksummed records to a file on a staged ext4 volume
+/// while `count` snapshots are taken through the agent. Each snapshot must
+/// be a clean filesystem (no journal to replay: dumpe2fs shows no
+/// needs_recovery, and a read-only device mounts) holding a clean prefix
+/// of the records.
+async fn snapshots_of_a_volume_in_use(pool: Option<&Path>, count: usize) {
+    let env = Env::with_pool(pool, &[]);
+    let (mut agent, mut c) = (env.agent().await, env.csi().await);
+    create_volume(&mut agent, "vol-busy", 64 * MIB, None).await;
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-busy", ext4()).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), target.join("records.log"));
+        std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+            let mut seq = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && seq < 24 * 1024 {
+                f.write_all(&record(seq)).unwrap(); // one write(2) per record
+                seq += 1;
+                if seq % 8 == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            seq
+        })
+    };
+    for i in 0..count {
+        agent
+            .create_snapshot(pb::CreateSnapshotRequest {
+                snapshot_id: format!("snap-{i}"),
+                source_volume_id: "vol-busy".into(),
+                metadata: Default::default(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("snapshot {i}: {e}"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+
+    let check = env.root.join("check");
+    std::fs::create_dir(&check).unwrap();
+    let mut seen = vec![];
+    for i in 0..count {
+        let image = env.pool.join("snapshots").join(format!("snap-{i}.img"));
+        let out = std::process::Command::new("dumpe2fs").arg("-h").arg(&image).output().unwrap();
+        let header = String::from_utf8_lossy(&out.stdout);
+        let features = header.lines().find(|l| l.starts_with("Filesystem features:")).unwrap_or_default();
+        assert!(!features.contains("needs_recovery"), "snapshot {i} has a journal to replay: {features}");
+        assert!(header.lines().any(|l| l.starts_with("Filesystem state:") && l.ends_with(" clean")), "snapshot {i}:\n{header}");
+        // ext4 refuses a read-only device whose journal needs replaying.
+        let dev = loopdev::attach(&image, loopdev::AttachOptions::for_filesystem(true)).unwrap();
+        mount::mount_fs(&dev.device.path, &check, "ext4", &[], true).unwrap_or_else(|e| panic!("snapshot {i}: {e}"));
+        drop(dev);
+        let bytes = std::fs::read(check.join("records.log")).unwrap_or_default();
+        mount::unmount(&check).unwrap();
+        let n = clean_prefix(&bytes).unwrap_or_else(|e| panic!("snapshot {i}: {e}"));
+        seen.push(n);
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "snapshots went back in time: {seen:?}");
+    let distinct: std::collections::BTreeSet<_> = seen.iter().collect();
+    assert!(distinct.len() > count / 5, "the writer hardly moved between snapshots: {seen:?} ({written} written)");
+    eprintln!("{count} snapshots, records in each: {seen:?}; {written} written in all");
+    unpublish_and_unstage(&mut c, "vol-busy", &staging, &target).await;
+    env.assert_clean("after the snapshot test");
+}
+
+#[tokio::test]
+async fn snapshots_of_a_volume_in_use_are_clean_with_reflink() {
+    require_root!();
+    require_tools!("mkfs.xfs", "dumpe2fs");
+    let fs = TestFs::new("xfs-reflink", "512M");
+    snapshots_of_a_volume_in_use(Some(&fs.mount.join("pool")), 50).await;
+}
+
+#[tokio::test]
+async fn snapshots_of_a_volume_in_use_are_clean_when_copied() {
+    require_root!();
+    require_tools!("mkfs.xfs", "dumpe2fs");
+    // The test folder's filesystem: no reflink here, so each snapshot copies
+    // with the filesystem frozen.
+    snapshots_of_a_volume_in_use(None, 10).await;
+}
+
+/// In a cluster the node may stage and publish only in the kubelet's CSI
+/// plugin folder and pod folders, never through a symbolic link.
+#[tokio::test]
+async fn only_the_kubelet_csi_and_pod_folders_and_no_links() {
+    require_root!();
+    let env = Env::kubelet_only();
+    let (mut agent, mut c) = (env.agent().await, env.csi().await);
+    create_volume(&mut agent, "vol-k", 64 * MIB, None).await;
+    let staging = env.k("plugins/kubernetes.io/csi/cinderblock.dev/abc/globalmount");
+    let target = env.k("pods/uid-1/volumes/kubernetes.io~csi/pv-1/mount");
+    std::fs::create_dir_all(env.k("plugins/kubernetes.io/csi")).unwrap();
+    std::fs::create_dir_all(env.k("pki")).unwrap();
+    let before = folders(&env.kubelet);
+    for (what, path) in [
+        ("a kubelet folder that is no CSI folder", env.k("pki/vol-k")),
+        ("the kubelet folder's staging/", env.k("staging/vol-k")),
+        ("outside the kubelet folder", env.root.join("elsewhere/vol-k")),
+    ] {
+        let e = expect_code(what, c.node_stage_volume(stage_req("vol-k", &path, Some(ext4()))).await, Code::InvalidArgument);
+        assert!(e.message().contains("not below an allowed root"), "{what}: {}", e.message());
+    }
+    assert_eq!(folders(&env.kubelet), before, "a refused call created folders");
+    // A link inside the pod folders, to a place inside them: still refused.
+    std::fs::create_dir_all(env.k("pods/uid-2")).unwrap();
+    std::os::unix::fs::symlink(env.k("pods/uid-1"), env.k("pods/uid-link")).unwrap();
+    let linked = env.k("pods/uid-link/volumes/kubernetes.io~csi/pv-1/mount");
+    c.node_stage_volume(stage_req("vol-k", &staging, Some(ext4()))).await.unwrap();
+    let e = expect_code(
+        "a target through a link",
+        c.node_publish_volume(publish_req("vol-k", &staging, &linked, ext4(), false)).await,
+        Code::InvalidArgument,
+    );
+    assert!(e.message().contains("symbolic link"), "{}", e.message());
+    std::fs::remove_file(env.k("pods/uid-link")).unwrap();
+    assert!(!env.k("pods/uid-1").exists(), "a refused call created folders");
+    c.node_publish_volume(publish_req("vol-k", &staging, &target, ext4(), false)).await.unwrap();
+    write_synced(&target.join("hello"), b"in a pod");
+    unpublish_and_unstage(&mut c, "vol-k", &staging, &target).await;
+    env.assert_clean("after the kubelet-only test");
 }

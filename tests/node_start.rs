@@ -17,7 +17,7 @@ fn a_pool_on_the_system_filesystem_is_refused_and_a_dedicated_one_starts() {
     let pool = dir.path().join("pool");
     let out = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
         .args(["node", "--refuse-system-filesystem", "--node-id", "n1", "--pool", pool.to_str().unwrap()])
-        .args(["--allowed-root", kubelet.to_str().unwrap(), "--agent-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--kubelet-dir", kubelet.to_str().unwrap(), "--agent-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--endpoint", &format!("unix://{}", dir.path().join("csi.sock").display())])
         .args(["--tls-dir", dir.path().join("tls").to_str().unwrap()]) // checked after the pool's place
         .output()
@@ -30,7 +30,7 @@ fn a_pool_on_the_system_filesystem_is_refused_and_a_dedicated_one_starts() {
     // The same, with the pool on a filesystem of its own: it starts.
     let fs = TestFs::new("ext4", "64M");
     let pool = fs.mount.join("pool");
-    let node = NodeProcess::start(&pool, &dir.path().join("csi.sock"), "n1", &["--refuse-system-filesystem", "--allowed-root", kubelet.to_str().unwrap()]);
+    let node = NodeProcess::start(&pool, &dir.path().join("csi.sock"), "n1", &["--refuse-system-filesystem", "--kubelet-dir", kubelet.to_str().unwrap()]);
     assert!(pool.join("volumes").is_dir(), "the pool was opened");
     drop(node);
 }

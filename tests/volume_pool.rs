@@ -375,6 +375,12 @@ fn thick_expansion_without_space_fails_keeps_the_volume_and_a_retry_grows() {
     assert_eq!(pool.get_volume("vol-thick").unwrap().size_bytes, 32 * MIB);
 
     std::fs::remove_file(filler).unwrap();
+    // XFS frees a deleted file's blocks in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pool.status().unwrap().capacity.free < 32 * MIB + free {
+        assert!(std::time::Instant::now() < deadline, "the freed space never showed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let grown = pool.expand_volume("vol-thick", 32 * MIB + free).unwrap();
     assert_eq!(grown.size_bytes, (32 * MIB + free).div_ceil(4096) * 4096);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), grown.size_bytes);
@@ -519,4 +525,62 @@ fn an_old_style_expansion_that_cannot_be_finished_marks_only_that_volume_broken(
     assert!(reason.contains("growing the image failed") && reason.contains("File too large"), "{reason}");
     assert_eq!(std::fs::metadata(pool_dir.join("volumes/vol-big.img")).unwrap().len(), MIB);
     assert!(pool.get_volume("vol-ok").is_ok());
+}
+
+// ------------------------------------------------------------ thick clones
+
+/// Take every free byte of the filesystem holding `dir`, 1 MiB at a time.
+fn fill_completely(dir: &Path) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("filler");
+    let f = std::fs::File::create(&path).unwrap();
+    let mut len: i64 = 0;
+    for chunk in [MIB as i64, 4096] {
+        while unsafe { libc::fallocate(f.as_raw_fd(), 0, len, chunk) } == 0 {
+            len += chunk;
+        }
+    }
+    f.sync_all().unwrap();
+    path
+}
+
+#[test]
+fn thick_copies_by_reflink_own_their_blocks_and_take_a_full_overwrite_on_a_full_pool() {
+    require_root!();
+    let fs = TestFs::new("xfs-reflink", "768M");
+    let pool_dir = fs.mount.join("pool");
+    let (pool, _) = Pool::open(&pool_dir, PoolConfig::default()).unwrap();
+    assert!(pool.reflink());
+    const SIZE: u64 = 96 * MIB;
+    let thick = |id: &str| CreateVolume { provisioning: Provisioning::Thick, ..blank(id, SIZE) };
+    pool.create_volume(thick("vol-src")).unwrap();
+    write_pattern(&pool.volume_image("vol-src"), 0, SIZE as usize, 1);
+    let original = checksum(&pool.volume_image("vol-src"));
+    let free = || pool.status().unwrap().capacity.free;
+
+    // Each thick copy takes its full size from the pool, as admission
+    // counted it: it shares nothing with its source.
+    let mut before = free();
+    pool.create_volume(CreateVolume { source: Some(VolumeSource::Volume("vol-src".into())), ..thick("vol-clone") }).unwrap();
+    assert!(before - free() >= SIZE - MIB, "the thick clone took {} bytes", before - free());
+    before = free();
+    pool.create_snapshot("snap-src", "vol-src", BTreeMap::new()).unwrap();
+    assert!(before - free() >= SIZE - MIB, "the snapshot of a thick volume took {} bytes", before - free());
+    before = free();
+    pool.create_volume(CreateVolume { source: Some(VolumeSource::Snapshot("snap-src".into())), ..thick("vol-restored") })
+        .unwrap();
+    assert!(before - free() >= SIZE - MIB, "the thick restore took {} bytes", before - free());
+    for id in ["vol-clone", "vol-restored"] {
+        assert_eq!(checksum(&pool.volume_image(id)), original, "{id}");
+        assert!(allocated(&pool.volume_image(id)) >= SIZE, "{id}");
+    }
+    assert_eq!(pool.status().unwrap().capacity.provisioned, 4 * SIZE);
+
+    // Nothing left; a full overwrite of every thick volume still succeeds.
+    let _filler = fill_completely(&fs.mount);
+    assert!(free() < MIB, "the pool still has {} bytes free", free());
+    for (seed, id) in ["vol-src", "vol-clone", "vol-restored"].into_iter().enumerate() {
+        write_pattern(&pool.volume_image(id), 0, SIZE as usize, 100 + seed as u8);
+    }
+    assert_eq!(checksum(&pool.snapshot_image("snap-src")), original, "the snapshot changed");
 }

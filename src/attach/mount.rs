@@ -3,6 +3,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
@@ -247,6 +248,55 @@ pub fn parse_mount_options(options: &[String], readonly: bool) -> Result<MountOp
     })
 }
 
+/// A path held open (`O_PATH`) since it was checked. Mounting on
+/// `/proc/self/fd/N` lands on exactly what was opened, whatever has
+/// happened to the path meanwhile (a symlink swapped in, a folder renamed):
+/// nothing is looked up again.
+#[derive(Debug)]
+pub struct Pinned {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Pinned {
+    /// `fd` must be open on `path` (which is only used in messages).
+    pub fn new(fd: OwnedFd, path: PathBuf) -> Pinned {
+        Pinned { fd, path }
+    }
+
+    /// Pin a path the caller trusts, such as a device node under /dev.
+    pub fn trusted(path: &Path) -> Result<Pinned> {
+        let fd = rustix::fs::open(path, rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+            .map_err(|e| AttachError::OpenDevice { device: path.to_path_buf(), error: e.into() })?;
+        Ok(Pinned::new(fd, path.to_path_buf()))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The name through which the kernel reaches the opened file itself.
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+impl AsFd for Pinned {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// Refuse when something is mounted on the pinned `target` already.
+fn refuse_if_mounted_pinned(target: &Pinned) -> Result<()> {
+    refuse_if_mounted(&target.proc_path()).map_err(|e| match e {
+        AttachError::AlreadyMounted { source_name, fs_type, .. } => {
+            AttachError::AlreadyMounted { target: target.path.clone(), source_name, fs_type }
+        }
+        other => other,
+    })
+}
+
 /// Mount the filesystem on `device` at `target` (which must exist).
 ///
 /// Refuses when something is mounted at `target` already, so a retried call
@@ -258,11 +308,36 @@ pub fn mount_fs(
     options: &[String],
     readonly: bool,
 ) -> Result<()> {
-    let opts = parse_mount_options(options, readonly)?;
+    parse_mount_options(options, readonly)?;
     refuse_if_mounted(target)?;
+    mount_fs_unchecked(device, target, target, fs_type, options, readonly)
+}
+
+/// [`mount_fs`] on a pinned mount point.
+pub fn mount_fs_on(
+    device: &Path,
+    target: &Pinned,
+    fs_type: &str,
+    options: &[String],
+    readonly: bool,
+) -> Result<()> {
+    parse_mount_options(options, readonly)?;
+    refuse_if_mounted_pinned(target)?;
+    mount_fs_unchecked(device, &target.proc_path(), &target.path, fs_type, options, readonly)
+}
+
+fn mount_fs_unchecked(
+    device: &Path,
+    at: &Path,
+    target: &Path,
+    fs_type: &str,
+    options: &[String],
+    readonly: bool,
+) -> Result<()> {
+    let opts = parse_mount_options(options, readonly)?;
     let data = CString::new(opts.data.clone()).expect("NUL bytes were refused above");
     let data = (!opts.data.is_empty()).then_some(data.as_c_str());
-    rustix::mount::mount(device, target, fs_type, opts.flags, data).map_err(|e| {
+    rustix::mount::mount(device, at, fs_type, opts.flags, data).map_err(|e| {
         AttachError::Mount {
             device: device.to_path_buf(),
             target: target.to_path_buf(),
@@ -306,13 +381,54 @@ pub fn bind_mount(source: &Path, target: &Path, readonly: bool) -> Result<()> {
     Ok(())
 }
 
+/// [`bind_mount`] from a pinned `source` onto a pinned `target`: the new
+/// mount is made detached (`open_tree`), made read-only when asked, and
+/// only then attached (`move_mount`), so no path is looked up on the way.
+pub fn bind_mount_on(source: &Pinned, target: &Pinned, readonly: bool) -> Result<()> {
+    use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+    refuse_if_mounted_pinned(target)?;
+    let failed = |e: rustix::io::Errno| AttachError::BindMount {
+        source_path: source.path.clone(),
+        target: target.path.clone(),
+        error: e.into(),
+    };
+    let tree = rustix::mount::open_tree(
+        source,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(failed)?;
+    rustix::mount::move_mount(
+        &tree,
+        "",
+        target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(failed)?;
+    // `tree` now names the new mount itself.
+    let mounted = Pinned::new(tree, target.path.clone());
+    if readonly {
+        if let Err(e) = remount_bind_at(&mounted.proc_path(), &target.path, true) {
+            let _ = rustix::mount::unmount(mounted.proc_path(), UnmountFlags::empty());
+            return Err(e);
+        }
+    }
+    tracing::info!(source = %source.path.display(), target = %target.path.display(), readonly, "bind-mounted");
+    Ok(())
+}
+
 /// Flip a bind mount between read-only and read-write. Only the mount at
 /// `target` changes, not the filesystem under it nor its other mounts.
 pub fn remount_bind(target: &Path, readonly: bool) -> Result<()> {
+    remount_bind_at(target, target, readonly)
+}
+
+fn remount_bind_at(at: &Path, target: &Path, readonly: bool) -> Result<()> {
     // A bind remount replaces the per-mount flags: carry over the ones that
     // are already set so going read-only does not drop nosuid/nodev/noexec.
     let mut flags = MountFlags::BIND;
-    if let Some(m) = find_by_target(target)? {
+    if let Some(m) = find_by_target(at)? {
         for o in &m.mount_options {
             match o.as_str() {
                 "nosuid" => flags |= MountFlags::NOSUID,
@@ -325,7 +441,7 @@ pub fn remount_bind(target: &Path, readonly: bool) -> Result<()> {
     if readonly {
         flags |= MountFlags::RDONLY;
     }
-    rustix::mount::mount_remount(target, flags, "").map_err(|e| AttachError::Remount {
+    rustix::mount::mount_remount(at, flags, "").map_err(|e| AttachError::Remount {
         target: target.to_path_buf(),
         mode: if readonly { "read-only" } else { "read-write" },
         error: e.into(),
@@ -335,16 +451,31 @@ pub fn remount_bind(target: &Path, readonly: bool) -> Result<()> {
 /// Unmount `target`. Not mounted, or not there at all, is fine. Returns
 /// whether something was unmounted (call again for stacked mounts).
 pub fn unmount(target: &Path) -> Result<bool> {
+    unmount_at(target, target)
+}
+
+/// [`unmount`] of the mount at `name` in the pinned folder `parent`: only
+/// that last name is looked up, and a symbolic link there is not followed.
+/// (A descriptor on the mount itself would keep it busy.)
+pub fn unmount_in(parent: &Pinned, name: &std::ffi::OsStr) -> Result<bool> {
+    unmount_with(&parent.proc_path().join(name), &parent.path.join(name), UnmountFlags::NOFOLLOW)
+}
+
+fn unmount_at(at: &Path, target: &Path) -> Result<bool> {
+    unmount_with(at, target, UnmountFlags::empty())
+}
+
+fn unmount_with(at: &Path, target: &Path, flags: UnmountFlags) -> Result<bool> {
     // A reader that has just closed its last file (or a probe such as
     // blkid or udev) can hold the mount for a moment: retry EBUSY briefly
     // before reporting it.
-    let mut result = rustix::mount::unmount(target, UnmountFlags::empty());
+    let mut result = rustix::mount::unmount(at, flags);
     for _ in 0..20 {
         if result != Err(Errno::BUSY) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
-        result = rustix::mount::unmount(target, UnmountFlags::empty());
+        result = rustix::mount::unmount(at, flags);
     }
     match result {
         Ok(()) => {
@@ -621,5 +752,49 @@ mod tests {
         assert!(unmount(&target).unwrap());
         // No autoclear: still attached after the bind mount is gone.
         assert!(loopdev::find_by_backing_file(&image).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_pinned_target_is_mounted_on_even_if_its_path_is_swapped() {
+        if !running_as_root("a_pinned_target_is_mounted_on_even_if_its_path_is_swapped") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let source = dir.path().join("source");
+        let target = dir.path().join("target");
+        let elsewhere = dir.path().join("elsewhere");
+        for d in [&source, &target, &elsewhere] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(source.join("marker"), b"source").unwrap();
+        let src = Pinned::new(
+            rustix::fs::open(&source, rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).unwrap(),
+            source.clone(),
+        );
+        let at = Pinned::new(
+            rustix::fs::open(&target, rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).unwrap(),
+            target.clone(),
+        );
+        // After the check: the folder is moved away and a link put in its place.
+        let moved = dir.path().join("moved");
+        std::fs::rename(&target, &moved).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+        cleanup.mounted(&moved);
+        bind_mount_on(&src, &at, true).unwrap();
+        assert!(find_by_target(&elsewhere).unwrap().is_none(), "the mount followed the link");
+        let m = find_by_target(&moved).unwrap().expect("mounted on the folder that was pinned");
+        assert!(m.is_read_only());
+        assert_eq!(std::fs::read(moved.join("marker")).unwrap(), b"source");
+        // Unmounting by a pinned folder and a name does not follow a link
+        // put at that name.
+        let parent = Pinned::new(
+            rustix::fs::open(dir.path(), rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty()).unwrap(),
+            dir.path().to_path_buf(),
+        );
+        assert!(!unmount_in(&parent, std::ffi::OsStr::new("target")).unwrap(), "nothing is mounted at the link");
+        assert!(find_by_target(&moved).unwrap().is_some());
+        assert!(unmount_in(&parent, std::ffi::OsStr::new("moved")).unwrap());
+        assert!(find_by_target(&moved).unwrap().is_none());
     }
 }

@@ -28,6 +28,9 @@ pub enum NodeError {
     )]
     VolumeNotFound { id: String },
 
+    #[error("{path} was checked, but cannot be reached as checked: {detail}")]
+    PathChanged { path: PathBuf, detail: String },
+
     #[error("volume {id:?} is not staged or published at {path}: {detail}")]
     NotAtPath { id: String, path: PathBuf, detail: String },
 
@@ -84,7 +87,9 @@ impl NodeError {
     pub fn code(&self) -> Code {
         use NodeError::*;
         match self {
-            Missing { .. } | InvalidPath { .. } | InvalidCapability { .. } | Invalid { .. } => Code::InvalidArgument,
+            Missing { .. } | InvalidPath { .. } | InvalidCapability { .. } | Invalid { .. } | PathChanged { .. } => {
+                Code::InvalidArgument
+            }
             VolumeNotFound { .. } | NotAtPath { .. } => Code::NotFound,
             StagedOtherwise { .. } | PublishedOtherwise { .. } | Occupied { .. } => Code::AlreadyExists,
             NotStaged { .. } | StagingPathMissing | InUse { .. } | Unusable { .. } | Foreign { .. } => {

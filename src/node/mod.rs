@@ -21,6 +21,7 @@
 
 mod capability;
 mod error;
+mod freeze;
 mod host;
 mod inflight;
 mod paths;
@@ -41,6 +42,7 @@ use crate::csi::node_service_capability::rpc::Type as Rpc;
 use crate::volume::{validate_id, Pool};
 
 pub use error::NodeError;
+pub use paths::kubelet_roots;
 use inflight::InFlight;
 use paths::AllowedRoots;
 
@@ -71,6 +73,8 @@ struct Node {
 
 impl NodeService {
     pub fn new(config: NodeConfig) -> Self {
+        // Snapshots of volumes staged here are cut with their filesystem frozen.
+        config.pool.set_freezer(Arc::new(freeze::MountedFilesystems));
         let roots = AllowedRoots::new(config.allowed_roots.clone());
         NodeService { node: Arc::new(Node { config, roots, inflight: InFlight::default() }) }
     }

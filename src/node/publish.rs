@@ -7,14 +7,14 @@ use std::time::Duration;
 use tracing::info;
 
 use crate::attach::loopdev::{self, AttachOptions};
-use crate::attach::mount::{self, mount_table};
+use crate::attach::mount::{self, mount_table, Pinned};
 use crate::attach::MountInfo;
 use crate::csi;
 
 use super::capability::{self, Access};
 use super::error::NodeError;
 use super::host::{is_node_bind, list, loop_of_mount, mount_at, mounts_of, mounts_of_image, wait_unbound, LoopInfo};
-use super::paths::CreatedDirs;
+use super::paths::{AllowedRoots, CreatedDirs};
 use super::stage::{block_marker, describe, must_be_folder_if_present, unmount_ours, CreatedFile};
 use super::{blocking, check_id, Node};
 
@@ -49,9 +49,10 @@ impl Node {
             read_only: req.readonly || cap.read_only,
             single_writer: cap.single_writer(),
         };
+        let roots = self.roots.clone();
         match cap.access {
-            Access::Block => blocking(move || publish_block(&p)).await,
-            Access::Mount { .. } => blocking(move || publish_filesystem(&p)).await,
+            Access::Block => blocking(move || publish_block(&roots, &p)).await,
+            Access::Mount { .. } => blocking(move || publish_filesystem(&roots, &p)).await,
         }
     }
 
@@ -62,7 +63,8 @@ impl Node {
         // By path, as for unstage: a retried unpublish of a volume deleted
         // since is still OK.
         let image = self.config.pool.volume_image(&id);
-        blocking(move || unpublish(&id, &image, &target)).await
+        let roots = self.roots.clone();
+        blocking(move || unpublish(&roots, &id, &image, &target)).await
     }
 }
 
@@ -107,7 +109,7 @@ fn refuse_other_kind_at_target(table: &[MountInfo], p: &Publish, want_block: boo
     }
 }
 
-fn publish_filesystem(p: &Publish) -> Result<(), NodeError> {
+fn publish_filesystem(roots: &AllowedRoots, p: &Publish) -> Result<(), NodeError> {
     let table = mount_table()?;
     refuse_other_kind_at_target(&table, p, false)?;
     let not_staged = |detail: String| NodeError::NotStaged { id: p.id.clone(), path: p.staging.clone(), detail };
@@ -146,14 +148,14 @@ fn publish_filesystem(p: &Publish) -> Result<(), NodeError> {
     refuse_second_target(p, others)?;
     must_be_folder_if_present("target_path", &p.target)?;
     let mut created = CreatedDirs::default();
-    created.create(&p.target).map_err(NodeError::io(format!("creating target folder {}", p.target.display())))?;
-    mount::bind_mount(&p.staging, &p.target, p.read_only)?;
+    roots.create_dirs(&p.target, &mut created)?;
+    mount::bind_mount_on(&roots.open(&p.staging)?, &roots.open(&p.target)?, p.read_only)?;
     created.keep();
     info!(volume.id = %p.id, target = %p.target.display(), read_only = p.read_only, "published");
     Ok(())
 }
 
-fn publish_block(p: &Publish) -> Result<(), NodeError> {
+fn publish_block(roots: &AllowedRoots, p: &Publish) -> Result<(), NodeError> {
     let table = mount_table()?;
     refuse_other_kind_at_target(&table, p, true)?;
     let marker = block_marker(&p.staging, &p.id);
@@ -199,9 +201,9 @@ fn publish_block(p: &Publish) -> Result<(), NodeError> {
     }
     let mut created = CreatedDirs::default();
     if let Some(parent) = p.target.parent() {
-        created.create(parent).map_err(NodeError::io(format!("creating folder {}", parent.display())))?;
+        roots.create_dirs(parent, &mut created)?;
     }
-    let file = CreatedFile::create("target_path", &p.target)?;
+    let file = CreatedFile::create(roots, "target_path", &p.target)?;
     // A read-only bind of a device node does not stop writes through it, so
     // a read-only target gets a device of its own that the kernel keeps
     // read-only. It is detached at unpublish, when nothing uses it.
@@ -210,11 +212,14 @@ fn publish_block(p: &Publish) -> Result<(), NodeError> {
     } else {
         (staged.device(), false)
     };
-    if let Err(e) = mount::bind_mount(&device.path, &p.target, p.read_only) {
+    let bound = roots
+        .open(&p.target)
+        .and_then(|at| Ok(mount::bind_mount_on(&Pinned::trusted(&device.path)?, &at, p.read_only)?));
+    if let Err(e) = bound {
         if dedicated {
             let _ = loopdev::detach(&device);
         }
-        return Err(e.into());
+        return Err(e);
     }
     file.keep();
     created.keep();
@@ -222,7 +227,7 @@ fn publish_block(p: &Publish) -> Result<(), NodeError> {
     Ok(())
 }
 
-fn unpublish(id: &str, image: &Path, target: &Path) -> Result<(), NodeError> {
+fn unpublish(roots: &AllowedRoots, id: &str, image: &Path, target: &Path) -> Result<(), NodeError> {
     let meta = match std::fs::symlink_metadata(target) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -246,7 +251,7 @@ fn unpublish(id: &str, image: &Path, target: &Path) -> Result<(), NodeError> {
             });
         }
         let bound_node = is_node_bind(m);
-        unmount_ours(target, ours)?;
+        unmount_ours(roots, target, ours)?;
         // The read-only device of a raw block target: detach it once
         // nothing uses it (the staged device stays, bound at the staging).
         if let Some(dev) = dev.filter(|_| bound_node) {
@@ -258,10 +263,8 @@ fn unpublish(id: &str, image: &Path, target: &Path) -> Result<(), NodeError> {
             }
         }
     }
-    let removed = if meta.is_dir() { std::fs::remove_dir(target) } else { std::fs::remove_file(target) };
-    match removed {
+    match roots.remove(target, meta.is_dir()) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
             return Err(NodeError::io(format!(
                 "removing target {} (it is no longer a mount; if it is a non-empty folder something wrote into it while unmounted)",

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tracing::info;
 
 use crate::attach::loopdev::{self, AttachOptions, LoopHandle};
-use crate::attach::mount::{self, mount_table};
+use crate::attach::mount::{self, mount_table, Pinned};
 use crate::attach::{filesystem, Filesystem, MountInfo};
 use crate::csi;
 use crate::volume::State;
@@ -14,7 +14,7 @@ use crate::volume::State;
 use super::capability::{self, Access};
 use super::error::NodeError;
 use super::host::{detach_unused, list, loop_of_mount, mount_at, mounts_of, mounts_of_image};
-use super::paths::CreatedDirs;
+use super::paths::{AllowedRoots, CreatedDirs};
 use super::{blocking, check_id, Node};
 
 impl Node {
@@ -33,9 +33,10 @@ impl Node {
         }
         let image = self.config.pool.volume_image(&id);
         let read_only = cap.read_only;
+        let roots = self.roots.clone();
         match cap.access {
-            Access::Block => blocking(move || stage_block(&id, &image, &staging, read_only)).await,
-            Access::Mount { fs, flags } => stage_filesystem(id, image, staging, fs, flags, read_only).await,
+            Access::Block => blocking(move || stage_block(&roots, &id, &image, &staging, read_only)).await,
+            Access::Mount { fs, flags } => stage_filesystem(roots, id, image, staging, fs, flags, read_only).await,
         }
     }
 
@@ -46,7 +47,8 @@ impl Node {
         // By path, not by record: a volume deleted while staged is still
         // cleaned up, and a retried unstage of a deleted volume is OK.
         let image = self.config.pool.volume_image(&id);
-        blocking(move || unstage(&id, &image, &staging)).await
+        let roots = self.roots.clone();
+        blocking(move || unstage(&roots, &id, &image, &staging)).await
     }
 }
 
@@ -94,6 +96,7 @@ fn refuse_if_in_use(table: &[MountInfo], id: &str, image: &Path) -> Result<(), N
 /// Inspect, clean up what a crash left, and attach; then probe, format if
 /// blank, and mount.
 async fn stage_filesystem(
+    roots: AllowedRoots,
     id: String,
     image: PathBuf,
     staging: PathBuf,
@@ -102,7 +105,7 @@ async fn stage_filesystem(
     read_only: bool,
 ) -> Result<(), NodeError> {
     let prepared = {
-        let (id, image, staging) = (id.clone(), image.clone(), staging.clone());
+        let (id, image, staging, roots) = (id.clone(), image.clone(), staging.clone(), roots.clone());
         blocking(move || -> Result<Option<(LoopHandle, CreatedDirs)>, NodeError> {
             let table = mount_table()?;
             if let Some(m) = mount_at(&table, &staging) {
@@ -123,9 +126,7 @@ async fn stage_filesystem(
             refuse_if_in_use(&table, &id, &image)?;
             detach_unused(&id, &image)?;
             let mut created = CreatedDirs::default();
-            created
-                .create(&staging)
-                .map_err(NodeError::io(format!("creating staging folder {}", staging.display())))?;
+            roots.create_dirs(&staging, &mut created)?;
             let handle = loopdev::attach(&image, AttachOptions::for_filesystem(read_only))?;
             Ok(Some((handle, created)))
         })
@@ -176,7 +177,10 @@ async fn stage_filesystem(
         if fs == Filesystem::Xfs && !flags.iter().flat_map(|f| f.split(',')).any(|o| o.trim() == "nouuid") {
             flags.push("nouuid".into());
         }
-        mount::mount_fs(&device, &staging, fs.as_str(), &flags, read_only)?;
+        // On the folder as it was checked and made, not on whatever the
+        // path names now.
+        let at = roots.open(&staging)?;
+        mount::mount_fs_on(&device, &at, fs.as_str(), &flags, read_only)?;
         drop(handle);
         created.keep();
         info!(volume.id = %id, device = %device.display(), staging = %staging.display(), fs_type = %fs, read_only, "staged");
@@ -212,24 +216,15 @@ fn already_staged_filesystem(
 /// Removes a file this call created unless the call succeeds.
 pub(super) struct CreatedFile {
     path: Option<PathBuf>,
+    roots: AllowedRoots,
 }
 
 impl CreatedFile {
-    /// Create `path` as an empty file; an existing file is reused (and left
-    /// alone on failure), anything else is refused.
-    pub(super) fn create(field: &'static str, path: &Path) -> Result<Self, NodeError> {
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(path) {
-            Ok(_) => Ok(CreatedFile { path: Some(path.to_path_buf()) }),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match std::fs::symlink_metadata(path) {
-                Ok(m) if m.is_file() => Ok(CreatedFile { path: None }),
-                _ => Err(NodeError::InvalidPath {
-                    field,
-                    path: path.display().to_string(),
-                    reason: "it exists and is not a regular file".into(),
-                }),
-            },
-            Err(e) => Err(NodeError::io(format!("creating {}", path.display()))(e)),
-        }
+    /// Create `path` (checked) as an empty file; an existing file is reused
+    /// (and left alone on failure), anything else is refused.
+    pub(super) fn create(roots: &AllowedRoots, field: &'static str, path: &Path) -> Result<Self, NodeError> {
+        let made = roots.create_file(field, path)?;
+        Ok(CreatedFile { path: made.then(|| path.to_path_buf()), roots: roots.clone() })
     }
 
     pub(super) fn keep(mut self) {
@@ -240,12 +235,12 @@ impl CreatedFile {
 impl Drop for CreatedFile {
     fn drop(&mut self) {
         if let Some(p) = self.path.take() {
-            let _ = std::fs::remove_file(p);
+            let _ = self.roots.remove(&p, false);
         }
     }
 }
 
-fn stage_block(id: &str, image: &Path, staging: &Path, read_only: bool) -> Result<(), NodeError> {
+fn stage_block(roots: &AllowedRoots, id: &str, image: &Path, staging: &Path, read_only: bool) -> Result<(), NodeError> {
     let table = mount_table()?;
     let marker = block_marker(staging, id);
     if let Some(m) = mount_at(&table, &marker) {
@@ -278,12 +273,13 @@ fn stage_block(id: &str, image: &Path, staging: &Path, read_only: bool) -> Resul
     refuse_if_in_use(&table, id, image)?;
     detach_unused(id, image)?;
     let mut created = CreatedDirs::default();
-    created.create(staging).map_err(NodeError::io(format!("creating staging folder {}", staging.display())))?;
-    let marker_file = CreatedFile::create("staging_target_path", &marker)?;
+    roots.create_dirs(staging, &mut created)?;
+    let marker_file = CreatedFile::create(roots, "staging_target_path", &marker)?;
     let dev = loopdev::attach(image, AttachOptions::for_block(read_only))?.release();
-    if let Err(e) = mount::bind_mount(&dev.path, &marker, false) {
+    let bound = roots.open(&marker).and_then(|at| Ok(mount::bind_mount_on(&Pinned::trusted(&dev.path)?, &at, false)?));
+    if let Err(e) = bound {
         let _ = loopdev::detach(&dev);
-        return Err(e.into());
+        return Err(e);
     }
     marker_file.keep();
     created.keep();
@@ -292,13 +288,19 @@ fn stage_block(id: &str, image: &Path, staging: &Path, read_only: bool) -> Resul
 }
 
 /// Unmount `path` while the top mount there passes `ours` (stacked mounts
-/// from an earlier bug or crash included).
-pub(super) fn unmount_ours(path: &Path, ours: impl Fn(&MountInfo) -> Result<bool, NodeError>) -> Result<(), NodeError> {
+/// from an earlier bug or crash included). Each unmount goes through the
+/// folder opened beneath its root, and does not follow a link at the name.
+pub(super) fn unmount_ours(
+    roots: &AllowedRoots,
+    path: &Path,
+    ours: impl Fn(&MountInfo) -> Result<bool, NodeError>,
+) -> Result<(), NodeError> {
     for _ in 0..8 {
         let table = mount_table()?;
         match mount_at(&table, path) {
             Some(m) if ours(m)? => {
-                mount::unmount(path)?;
+                let (parent, name) = roots.open_parent_pinned(path)?;
+                mount::unmount_in(&parent, name)?;
             }
             _ => return Ok(()),
         }
@@ -306,7 +308,7 @@ pub(super) fn unmount_ours(path: &Path, ours: impl Fn(&MountInfo) -> Result<bool
     Ok(())
 }
 
-fn unstage(id: &str, image: &Path, staging: &Path) -> Result<(), NodeError> {
+fn unstage(roots: &AllowedRoots, id: &str, image: &Path, staging: &Path) -> Result<(), NodeError> {
     let table = mount_table()?;
     let marker = block_marker(staging, id);
     let still_published = |others: Vec<PathBuf>| NodeError::InUse {
@@ -327,11 +329,11 @@ fn unstage(id: &str, image: &Path, staging: &Path) -> Result<(), NodeError> {
         if !others.is_empty() {
             return Err(still_published(others));
         }
-        unmount_ours(&marker, |m| Ok(loop_of_mount(m)?.is_none_or(|d| d.backs(image))))?;
+        unmount_ours(roots, &marker, |m| Ok(loop_of_mount(m)?.is_none_or(|d| d.backs(image))))?;
     }
     match std::fs::symlink_metadata(&marker) {
         Ok(m) if m.is_file() => {
-            std::fs::remove_file(&marker).map_err(NodeError::io(format!("removing {}", marker.display())))?
+            roots.remove(&marker, false).map_err(NodeError::io(format!("removing {}", marker.display())))?
         }
         _ => {}
     }
@@ -347,7 +349,7 @@ fn unstage(id: &str, image: &Path, staging: &Path) -> Result<(), NodeError> {
                 if !others.is_empty() {
                     return Err(still_published(others));
                 }
-                unmount_ours(staging, |m| Ok(loop_of_mount(m)?.is_some_and(|d| d.backs(image))))?;
+                unmount_ours(roots, staging, |m| Ok(loop_of_mount(m)?.is_some_and(|d| d.backs(image))))?;
             }
             _ => {
                 return Err(NodeError::Foreign { id: id.to_string(), path: staging.to_path_buf(), detail: describe(m) })

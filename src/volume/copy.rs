@@ -51,6 +51,10 @@ fn reflink_unsupported(e: &io::Error) -> bool {
 /// Copy only the data segments of `src` (found with SEEK_DATA/SEEK_HOLE),
 /// so holes in the source stay holes in the target.
 pub fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
+    sparse_copy_with(src, dst, copy_range)
+}
+
+fn sparse_copy_with(src: &File, dst: &File, copy: fn(&File, &File, i64, i64) -> io::Result<()>) -> io::Result<()> {
     let len = src.metadata()?.len();
     dst.set_len(len)?;
     let mut pos: i64 = 0;
@@ -61,7 +65,7 @@ pub fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
             Err(e) => return Err(e),
         };
         let hole = seek(src, data, libc::SEEK_HOLE)?;
-        copy_range(src, dst, data, hole - data)?;
+        copy(src, dst, data, hole - data)?;
         pos = hole;
     }
     Ok(())
@@ -153,5 +157,22 @@ pub fn allocate(f: &File, len: u64) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Make `dst`, just reflinked from `src`, own all its blocks, so that
+/// neither file's writes ever need space for a copy-on-write: the shared
+/// extents are unshared (FALLOC_FL_UNSHARE_RANGE), or, where the filesystem
+/// cannot (btrfs), `dst` is rewritten by reading and writing (btrfs would
+/// answer copy_file_range with another reflink).
+pub fn own_blocks(src: &File, dst: &File) -> io::Result<()> {
+    let len = dst.metadata()?.len();
+    match rustix::fs::fallocate(dst, rustix::fs::FallocateFlags::UNSHARE_RANGE, 0, len) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e, rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            dst.set_len(0)?;
+            sparse_copy_with(src, dst, copy_range_by_hand)
+        }
+        Err(e) => Err(e.into()),
     }
 }

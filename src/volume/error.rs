@@ -18,6 +18,8 @@ pub enum VolumeError {
     OutOfRange { requested: u64, reason: String },
     #[error("{context}: {source}")]
     Io { context: String, #[source] source: io::Error },
+    #[error("snapshot of volume {volume:?} not taken: {reason}")]
+    Freeze { volume: String, reason: String },
     #[error("{kind} {id:?} is broken on this node: {reason}; its files are left as they are for a person to repair (deleting it moves them to orphaned/)")]
     Broken { kind: &'static str, id: String, reason: String },
     #[error("the pool record {path} is unusable ({reason}); the pool was not opened and nothing was changed: restore the file from a backup, or move the pool folder aside if it is not this node's")]
@@ -41,6 +43,8 @@ impl From<VolumeError> for tonic::Status {
             VolumeError::Capacity { .. } => Code::ResourceExhausted,
             VolumeError::OutOfRange { .. } => Code::OutOfRange,
             VolumeError::BadPoolRecord { .. } | VolumeError::Broken { .. } => Code::FailedPrecondition,
+            // Freezing the volume's filesystem failed or did not hold: worth a retry.
+            VolumeError::Freeze { .. } => Code::Aborted,
             // A read-only or full pool is a condition of this node, which the
             // controller treats as "try another node".
             VolumeError::Io { source, .. } => match source.raw_os_error() {

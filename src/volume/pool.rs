@@ -18,13 +18,15 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
 use super::capacity::{PoolCapacity, Provisioning};
 use super::copy::{self, CopyMethod};
 use super::error::VolumeError;
+use super::freeze::Freezer;
 use super::identity;
 use super::locks::KeyedLocks;
 use super::records::{self, SnapshotRecord, State, VolumeRecord, VolumeSource};
@@ -90,6 +92,9 @@ pub struct Pool {
     /// Held across "check capacity, then record Creating" so two concurrent
     /// creates cannot both take the last free bytes.
     admission: Mutex<()>,
+    /// Installed by the node process; freezes a source volume's filesystem
+    /// while its snapshot is cut.
+    freezer: std::sync::RwLock<Option<Arc<dyn Freezer>>>,
 }
 
 /// What a reconcile found and did, for the log and for tests.
@@ -224,6 +229,7 @@ impl Pool {
             locks: KeyedLocks::default(),
             index: Mutex::new(Index::default()),
             admission: Mutex::new(()),
+            freezer: std::sync::RwLock::new(None),
         };
         let report = pool.reconcile()?;
         let (volumes, snapshots) = {
@@ -247,6 +253,12 @@ impl Pool {
     }
     pub fn config(&self) -> &PoolConfig {
         &self.config
+    }
+
+    /// Have snapshots freeze the filesystem mounted from their source
+    /// volume's image (the node process installs this; see `volume::freeze`).
+    pub fn set_freezer(&self, freezer: Arc<dyn Freezer>) {
+        *self.freezer.write().unwrap_or_else(|p| p.into_inner()) = Some(freezer);
     }
 
     pub(super) fn index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -677,7 +689,7 @@ impl Pool {
             self.index().volumes.insert(req.id.clone(), record.clone());
         }
 
-        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), false);
+        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref());
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
@@ -699,6 +711,11 @@ impl Pool {
 
     /// Make `<id>.img` under its partial name, fill it, make it durable and
     /// rename it into place. Returns how the content was produced.
+    ///
+    /// A snapshot is read-only, and its source's filesystem is frozen while
+    /// it is copied. A thick image owns every block: one made by reflink is
+    /// unshared, so writing to it (or, for a snapshot of a thick volume, to
+    /// its source) never needs space the pool no longer has.
     fn make_image(
         &self,
         kind: Kind,
@@ -706,8 +723,8 @@ impl Pool {
         size: u64,
         provisioning: Provisioning,
         source: Option<&Path>,
-        read_only: bool,
     ) -> Result<Option<CopyMethod>, VolumeError> {
+        let snapshot = matches!(kind, Kind::Snapshot);
         let partial = self.path(kind, id, "img.partial");
         let image = self.path(kind, id, "img");
         let f = File::options()
@@ -720,10 +737,22 @@ impl Pool {
         let mut method = None;
         if let Some(src) = source {
             let s = File::open(src).map_err(VolumeError::io(format!("opening source {}", src.display())))?;
-            method = Some(
-                copy::clone_into(&s, &f, self.reflink)
-                    .map_err(VolumeError::io(format!("copying {} to {}", src.display(), partial.display())))?,
-            );
+            let frozen = if snapshot { self.freeze(src, &s)? } else { None };
+            let started = Instant::now();
+            let copied = copy::clone_into(&s, &f, self.reflink)
+                .map_err(VolumeError::io(format!("copying {} to {}", src.display(), partial.display())));
+            if let Some(frozen) = frozen {
+                // Thawed before anything else, whatever the copy did.
+                let held = frozen.thaw();
+                tracing::info!(image = %src.display(), frozen_ms = started.elapsed().as_millis() as u64, "source filesystem was frozen for the copy");
+                held.map_err(|reason| VolumeError::Freeze { volume: file_id(src), reason })?;
+            }
+            let copied = copied?;
+            if copied == CopyMethod::Reflink && provisioning == Provisioning::Thick {
+                let what = format!("giving {} blocks of its own", partial.display());
+                copy::own_blocks(&s, &f).map_err(VolumeError::io(what))?;
+            }
+            method = Some(copied);
         }
         let len = f.metadata().map_err(VolumeError::io("reading image size"))?.len();
         if len < size {
@@ -732,7 +761,7 @@ impl Pool {
         if provisioning == Provisioning::Thick {
             copy::allocate(&f, size).map_err(VolumeError::io("allocating thick image"))?;
         }
-        if read_only {
+        if snapshot {
             f.set_permissions(std::fs::Permissions::from_mode(0o444))
                 .map_err(VolumeError::io("making snapshot read-only"))?;
         }
@@ -741,6 +770,21 @@ impl Pool {
         std::fs::rename(&partial, &image).map_err(VolumeError::io(format!("renaming {}", partial.display())))?;
         records::sync_dir(&self.root.join(kind.dir())).map_err(VolumeError::io("syncing pool folder"))?;
         Ok(method)
+    }
+
+    /// Freeze the filesystem mounted from `image`, if any, through the
+    /// node's freezer. The time limit leaves room for a copy where there is
+    /// no reflink (at a slow 20 MiB/s).
+    fn freeze(&self, image: &Path, opened: &File) -> Result<Option<Box<dyn super::freeze::Thaw>>, VolumeError> {
+        let Some(freezer) = self.freezer.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(None);
+        };
+        let copy_time = if self.reflink { 0 } else { copy::allocated_bytes(opened).unwrap_or(0) / (20 << 20) };
+        let max = Duration::from_secs(30 + copy_time);
+        freezer.freeze(image, max).map_err(|reason| VolumeError::Freeze {
+            volume: file_id(image),
+            reason: format!("freezing its filesystem failed: {reason}"),
+        })
     }
 
     /// Undo a failed create as far as possible; whatever remains is a
@@ -941,8 +985,9 @@ impl Pool {
         let rec_path = self.path(Kind::Snapshot, id, "json");
         {
             let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.reflink {
-                // A copied snapshot takes real space: as much as the source uses.
+            if !self.reflink || volume.provisioning == Provisioning::Thick {
+                // A copied snapshot takes real space: as much as the source
+                // uses. So does one of a thick volume, which is unshared.
                 let used = File::open(self.volume_image(source_volume_id))
                     .and_then(|f| copy::allocated_bytes(&f))
                     .map_err(VolumeError::io("reading source volume"))?;
@@ -952,7 +997,7 @@ impl Pool {
             self.index().snapshots.insert(id.to_string(), record.clone());
         }
         let src = self.volume_image(source_volume_id);
-        let made = self.make_image(Kind::Snapshot, id, volume.size_bytes, Provisioning::Thin, Some(&src), true);
+        let made = self.make_image(Kind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src));
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
@@ -1024,4 +1069,9 @@ fn shrink_to(image: &Path, size: u64) -> std::io::Result<()> {
         f.sync_all()?;
     }
     Ok(())
+}
+
+/// The ID an image path names (`<id>.img`), for messages.
+fn file_id(image: &Path) -> String {
+    image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
