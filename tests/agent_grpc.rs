@@ -92,8 +92,11 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
 #[tokio::test]
 async fn pool_status_reports_capacity_and_counts() {
+    require_root!();
+    // A filesystem of its own: the figures must not depend on the host's disk.
+    let fs = TestFs::new("ext4", "256M");
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(&dir.path().join("pool"), &dir.path().join("csi.sock"), "node-1", &["--reserved-percentage", "5"]);
+    let node = NodeProcess::start(&fs.mount.join("pool"), &dir.path().join("csi.sock"), "node-1", &["--reserved-percentage", "5"]);
     let mut c = client(&node).await;
     c.create_volume(create("vol-1", 10 * MIB, None)).await.unwrap();
     c.create_volume(create("vol-2", 6 * MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-1".into()))))
