@@ -42,6 +42,7 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             metadata: BTreeMap::new(),
             created_ms: 1,
             updated_ms: 1,
+            accessibility: Default::default(),
         }),
         Kind::Snapshot => serde_json::to_vec(&SnapshotRec {
             id: id.into(),
@@ -79,6 +80,8 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             address: String::new(),
             export_name: carrier,
             phase: Phase::Creating,
+            owner_node: String::new(),
+            read_only: false,
         }),
     };
     v.unwrap()

@@ -143,6 +143,7 @@ impl Cluster {
                 parameters: BTreeMap::new(),
                 metadata: BTreeMap::new(),
                 fingerprint: format!("{name}/4MiB"),
+                accessibility: Default::default(),
             })
             .await
     }

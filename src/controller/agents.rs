@@ -140,6 +140,9 @@ impl NodeAgent {
     mutating!(quarantine_snapshot, pb::QuarantineRequest, pb::QuarantineResponse);
     mutating!(purge_orphans, pb::PurgeOrphansRequest, pb::PurgeOrphansResponse);
     mutating!(fence, pb::FenceRequest, pb::FenceResponse);
+    mutating!(create_export, pb::CreateExportRequest, pb::CreateExportResponse);
+    mutating!(delete_export, pb::DeleteExportRequest, pb::DeleteExportResponse);
+    reading!(list_exports, pb::ListExportsRequest, pb::ListExportsResponse);
     reading!(get_volume, pb::GetVolumeRequest, pb::GetVolumeResponse);
     reading!(get_snapshot, pb::GetSnapshotRequest, pb::GetSnapshotResponse);
     reading!(list_volumes, pb::ListVolumesRequest, pb::ListVolumesResponse);

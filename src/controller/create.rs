@@ -64,6 +64,7 @@ impl Manager {
                     metadata: spec.metadata.clone(),
                     created_ms: now,
                     updated_ms: now,
+                    accessibility: spec.accessibility,
                 };
                 (rec, 0)
             }
@@ -386,13 +387,22 @@ impl Task<CreateCtx> for MarkAvailable {
     async fn execute(&self, ctx: &mut CreateCtx) -> Result<(), TaskError> {
         let node = ctx.rec.node.clone().unwrap_or_default();
         let zone = ctx.m.node(&node).await.map_err(status_task)?.map(|(n, _)| n.zone).unwrap_or_default();
-        ctx.rec.accessible_topology = vec![topology_of(&node, &zone)];
+        ctx.rec.accessible_topology = vec![accessible_from(&node, &zone, ctx.rec.accessibility)];
         ctx.rec.phase = Phase::Available;
         ctx.rec.error = None;
         ctx.save().await?;
         info!(volume.id = %ctx.rec.id, volume.name = %ctx.rec.name, node = %node, size = ctx.rec.size_bytes, "volume available");
         Ok(())
     }
+}
+
+/// Where a volume can be used from: its node, or its node's whole zone
+/// (remote attach over NBD); a node without a zone keeps node access.
+pub(crate) fn accessible_from(node: &str, zone: &str, accessibility: Accessibility) -> Segments {
+    if accessibility == Accessibility::Zone && !zone.is_empty() {
+        return Segments::from([(crate::TOPOLOGY_ZONE_KEY.to_string(), zone.to_string())]);
+    }
+    topology_of(node, zone)
 }
 
 pub(crate) fn topology_of(node: &str, zone: &str) -> Segments {

@@ -22,6 +22,13 @@ impl Manager {
         let Some((mut rec, version)) = self.volume(id).await? else {
             return Ok(());
         };
+        let published: Vec<String> = self.publications(id).await?.into_iter().map(|e| e.node_id).collect();
+        if !published.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is published to node(s) {}; unpublish it first",
+                published.join(", ")
+            )));
+        }
         if rec.phase != Phase::Deleting {
             rec.phase = Phase::Deleting;
             rec.updated_ms = now_ms();

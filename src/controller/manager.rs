@@ -67,6 +67,7 @@ pub struct CreateVolumeSpec {
     pub parameters: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
     pub fingerprint: String,
+    pub accessibility: Accessibility,
 }
 
 /// Whether this replica leads, and its fencing token (the Lease's

@@ -7,6 +7,7 @@ mod delete;
 mod expand;
 pub mod inflight;
 pub mod manager;
+pub mod publish;
 pub mod reconciler;
 pub mod records;
 pub mod registration;

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
-use super::create::topology_of;
+use super::create::accessible_from;
 use super::manager::{store_status, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
@@ -115,7 +115,7 @@ impl Manager {
                     // The node finished what the interrupted flow asked for.
                     let zone = self.node(&node).await?.map(|(n, _)| n.zone).unwrap_or_default();
                     rec.size_bytes = v.size_bytes;
-                    rec.accessible_topology = vec![topology_of(&node, &zone)];
+                    rec.accessible_topology = vec![accessible_from(&node, &zone, rec.accessibility)];
                     rec.phase = Phase::Available;
                     rec.error = None;
                     rec.updated_ms = now_ms();

@@ -50,6 +50,31 @@ pub struct VolumeRec {
     pub metadata: BTreeMap<String, String>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// From which nodes a pod may use the volume (StorageClass parameter
+    /// `accessibility`): its own node, or any node of its zone over NBD.
+    #[serde(default)]
+    pub accessibility: Accessibility,
+}
+
+/// StorageClass parameter `accessibility`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Accessibility {
+    /// Only on the node whose pool holds it (a loop device on the image).
+    #[default]
+    Node,
+    /// On any node of that node's zone: remote nodes attach it over NBD.
+    Zone,
+}
+
+impl Accessibility {
+    pub fn parse(s: &str) -> Option<Accessibility> {
+        match s {
+            "node" => Some(Accessibility::Node),
+            "zone" => Some(Accessibility::Zone),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -110,16 +135,31 @@ impl NodeRec {
     }
 }
 
-/// A volume exported by its owner to another node (remote attach, next milestone).
+/// A volume published to a node (ControllerPublishVolume): on its own node
+/// (`protocol` "local"), or exported by its owner over NBD to another node
+/// (Cinder's export). Keyed by `export_id_for(volume, node)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ExportRec {
     pub id: String,
     pub volume_id: String,
+    /// The consuming node.
     pub node_id: String,
+    /// "local" or "nbd".
     pub protocol: String,
+    /// NBD: host:port of the owner's NBD server.
     pub address: String,
+    /// NBD: the export's name (it opens nothing without the consumer's certificate).
     pub export_name: String,
     pub phase: Phase,
+    /// The node whose pool holds the volume.
+    #[serde(default)]
+    pub owner_node: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+pub fn export_id_for(volume_id: &str, node_id: &str) -> String {
+    format!("exp-{}", uuid::Uuid::new_v5(&NAMESPACE, format!("export/{volume_id}/{node_id}").as_bytes()))
 }
 
 pub fn now_ms() -> i64 {

@@ -6,7 +6,8 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use super::manager::{CreateVolumeSpec, Manager};
-use super::records::{Phase, SnapshotRec, SourceRef, VolumeRec};
+use super::publish::Publish;
+use super::records::{Accessibility, Phase, SnapshotRec, SourceRef, VolumeRec};
 use crate::csi;
 use crate::csi::volume_capability::access_mode::Mode;
 use crate::scheduler::{Placement, Segments};
@@ -91,12 +92,19 @@ pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<(), String> 
 struct Params {
     provisioning: Provisioning,
     placement: Placement,
+    accessibility: Accessibility,
     own: BTreeMap<String, String>,
     metadata: BTreeMap<String, String>,
 }
 
 fn parse_parameters(p: &std::collections::HashMap<String, String>) -> Result<Params, Status> {
-    let mut out = Params { provisioning: Provisioning::Thin, placement: Placement::Spread, own: BTreeMap::new(), metadata: BTreeMap::new() };
+    let mut out = Params {
+        provisioning: Provisioning::Thin,
+        placement: Placement::Spread,
+        accessibility: Accessibility::Node,
+        own: BTreeMap::new(),
+        metadata: BTreeMap::new(),
+    };
     for (k, v) in p {
         if k.starts_with(K8S_PREFIX) {
             out.metadata.insert(k.clone(), v.clone());
@@ -114,9 +122,13 @@ fn parse_parameters(p: &std::collections::HashMap<String, String>) -> Result<Par
                     _ => return Err(invalid(format!("parameter placement={v:?}: use spread or stack"))),
                 }
             }
+            "accessibility" => {
+                out.accessibility = Accessibility::parse(v)
+                    .ok_or_else(|| invalid(format!("parameter accessibility={v:?}: use node (its own node) or zone (any node of its zone, over NBD)")))?
+            }
             _ => {
                 return Err(invalid(format!(
-                    "unknown parameter {k:?}; cinderblock understands provisioning and placement"
+                    "unknown parameter {k:?}; cinderblock understands provisioning, placement and accessibility"
                 )))
             }
         }
@@ -244,11 +256,21 @@ impl ControllerService {
             None => DEFAULT_VOLUME_BYTES,
         };
         let size = pick_size(r.capacity_range.as_ref(), default)?;
-        let (requisite, preferred) = r
+        let (mut requisite, mut preferred) = r
             .accessibility_requirements
             .as_ref()
             .map(|t| (topology_list(&t.requisite), topology_list(&t.preferred)))
             .unwrap_or_default();
+        if params.accessibility == Accessibility::Zone {
+            // A zone volume may live on any pool of the requested zones (its
+            // pod's node comes first, through the preferred list).
+            for seg in requisite.iter_mut().chain(preferred.iter_mut()) {
+                if seg.contains_key(crate::TOPOLOGY_ZONE_KEY) {
+                    seg.remove(crate::TOPOLOGY_NODE_KEY);
+                }
+            }
+            requisite.dedup();
+        }
         let fingerprint = format!(
             "size={size} provisioning={} source={} parameters={:?}",
             params.provisioning.as_str(),
@@ -270,6 +292,7 @@ impl ControllerService {
             parameters: params.own,
             metadata: params.metadata,
             fingerprint,
+            accessibility: params.accessibility,
         };
         let v = self.manager.create_volume(spec).await?;
         Ok(csi::CreateVolumeResponse { volume: Some(to_csi_volume(&v)) })
@@ -303,16 +326,44 @@ impl csi::controller_server::Controller for ControllerService {
 
     async fn controller_publish_volume(
         &self,
-        _request: Request<csi::ControllerPublishVolumeRequest>,
+        request: Request<csi::ControllerPublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("ControllerPublishVolume is not offered: volumes attach on their own node"))
+        let r = request.into_inner();
+        let result = async {
+            require("volume_id", &r.volume_id)?;
+            require("node_id", &r.node_id)?;
+            let cap = r.volume_capability.as_ref().ok_or_else(|| invalid("volume_capability is required"))?;
+            check_capabilities(std::slice::from_ref(cap)).map_err(invalid)?;
+            let vol = self.known_volume(&r.volume_id).await?;
+            let single_node = cap.access_mode.as_ref().is_some_and(|m| {
+                matches!(Mode::try_from(m.mode), Ok(Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter))
+            });
+            let read_only = r.readonly || cap.access_mode.as_ref().is_some_and(|m| m.mode == Mode::SingleNodeReaderOnly as i32);
+            let context = self
+                .manager
+                .publish_volume(Publish { volume_id: vol.id, node_id: r.node_id.clone(), read_only, single_node })
+                .await?;
+            Ok(csi::ControllerPublishVolumeResponse { publish_context: context.into_iter().collect() })
+        }
+        .await;
+        logged("ControllerPublishVolume", result)
     }
 
     async fn controller_unpublish_volume(
         &self,
-        _request: Request<csi::ControllerUnpublishVolumeRequest>,
+        request: Request<csi::ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<csi::ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented("ControllerUnpublishVolume is not offered: volumes attach on their own node"))
+        let r = request.into_inner();
+        let result = async {
+            require("volume_id", &r.volume_id)?;
+            // An unknown volume is unpublished everywhere already (the spec's OK).
+            if is_our_id("vol-", &r.volume_id) {
+                self.manager.unpublish_volume(&r.volume_id, &r.node_id).await?;
+            }
+            Ok(csi::ControllerUnpublishVolumeResponse {})
+        }
+        .await;
+        logged("ControllerUnpublishVolume", result)
     }
 
     async fn validate_volume_capabilities(
@@ -409,6 +460,8 @@ impl csi::controller_server::Controller for ControllerService {
             T::VolumeCondition,
             T::GetSnapshot,
             T::SingleNodeMultiWriter,
+            T::PublishUnpublishVolume,
+            T::PublishReadonly,
         ];
         Ok(Response::new(csi::ControllerGetCapabilitiesResponse {
             capabilities: caps
@@ -525,7 +578,10 @@ impl csi::controller_server::Controller for ControllerService {
             };
             Ok(csi::ControllerGetVolumeResponse {
                 volume: Some(to_csi_volume(&v)),
-                status: Some(csi::controller_get_volume_response::VolumeStatus { published_node_ids: vec![], volume_condition: Some(condition) }),
+                status: Some(csi::controller_get_volume_response::VolumeStatus {
+                    published_node_ids: self.manager.publications(&v.id).await?.into_iter().map(|e| e.node_id).collect(),
+                    volume_condition: Some(condition),
+                }),
             })
         }
         .await;

@@ -1,0 +1,183 @@
+//! Publishing a volume to a node (CSI ControllerPublish/Unpublish; Cinder's
+//! `create_export` + `initialize_connection`): on its own node nothing is
+//! exported and `publish_context` says so; on another node of its zone (a
+//! volume with `accessibility: zone`) the owner's agent exports it over NBD
+//! to that node only, and `publish_context` carries where and what. Each
+//! publication is a record (`ExportRec`, the BlockExport resource), written
+//! before the owner acts, so a controller restart finds it, and removed
+//! only after the owner stopped serving.
+
+use std::collections::BTreeMap;
+
+use tonic::{Code, Status};
+use tracing::info;
+
+use super::manager::{store_status, Manager};
+use super::records::*;
+use crate::agent_proto as pb;
+use crate::attach::nbd::{CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_TRANSPORT, TRANSPORT_NBD};
+use crate::store::{self, Kind};
+
+/// `publish_context` transport value for a volume used on its own node.
+pub const TRANSPORT_LOCAL: &str = "local";
+
+/// What ControllerPublishVolume asks.
+#[derive(Debug, Clone)]
+pub struct Publish {
+    pub volume_id: String,
+    pub node_id: String,
+    pub read_only: bool,
+    /// A single-node access mode: the volume may be published to one node at a time.
+    pub single_node: bool,
+}
+
+fn context_of(rec: &ExportRec) -> BTreeMap<String, String> {
+    let mut c = BTreeMap::new();
+    if rec.protocol == TRANSPORT_NBD {
+        c.insert(CONTEXT_TRANSPORT.to_string(), TRANSPORT_NBD.to_string());
+        c.insert(CONTEXT_ADDRESS.to_string(), rec.address.clone());
+        c.insert(CONTEXT_EXPORT.to_string(), rec.export_name.clone());
+    } else {
+        c.insert(CONTEXT_TRANSPORT.to_string(), TRANSPORT_LOCAL.to_string());
+    }
+    c
+}
+
+impl Manager {
+    /// Every publication of a volume.
+    pub async fn publications(&self, volume_id: &str) -> Result<Vec<ExportRec>, Status> {
+        Ok(store::list_json::<ExportRec>(&*self.store, Kind::Export)
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .filter(|e| e.volume_id == volume_id)
+            .collect())
+    }
+
+    pub async fn publish_volume(&self, p: Publish) -> Result<BTreeMap<String, String>, Status> {
+        self.wait_leader().await?;
+        let m = self.clone();
+        self.detached(async move { m.publish_now(p).await }).await
+    }
+
+    async fn publish_now(&self, p: Publish) -> Result<BTreeMap<String, String>, Status> {
+        let _guard = self.inflight.acquire(&p.volume_id).await;
+        let (vol, _) = self.volume(&p.volume_id).await?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", p.volume_id)))?;
+        let (Phase::Available, Some(owner)) = (vol.phase, vol.node.clone()) else {
+            return Err(Status::failed_precondition(format!("volume {} is {:?}; only an Available volume can be published", vol.id, vol.phase)));
+        };
+        let (consumer, _) = self.node(&p.node_id).await?.ok_or_else(|| Status::not_found(format!("node {} does not exist (no StorageNode)", p.node_id)))?;
+        let id = export_id_for(&p.volume_id, &p.node_id);
+        let others: Vec<ExportRec> = self.publications(&p.volume_id).await?.into_iter().filter(|e| e.node_id != p.node_id).collect();
+        if p.single_node {
+            if let Some(o) = others.first() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is published to node {} already, and its access mode allows one node at a time",
+                    vol.id, o.node_id
+                )));
+            }
+        }
+        if let Some((rec, version)) = store::get_json::<ExportRec>(&*self.store, Kind::Export, &id).await.map_err(store_status)? {
+            if rec.read_only != p.read_only {
+                return Err(Status::already_exists(format!(
+                    "volume {} is published to node {} {} already; unpublish it first",
+                    vol.id,
+                    p.node_id,
+                    if rec.read_only { "read-only" } else { "read-write" }
+                )));
+            }
+            if rec.phase == Phase::Available {
+                return Ok(context_of(&rec));
+            }
+            // Creating (interrupted) or Deleting: finish the export below.
+            return self.export(rec, version).await;
+        }
+        if p.node_id != owner {
+            let owner_zone = self.node(&owner).await?.map(|(n, _)| n.zone).unwrap_or_default();
+            let reachable = vol.accessibility == Accessibility::Zone && !owner_zone.is_empty() && consumer.zone == owner_zone;
+            if !reachable {
+                let why = match vol.accessibility {
+                    Accessibility::Node => format!("its StorageClass gives it accessibility: node, so only node {owner} can use it"),
+                    Accessibility::Zone => format!("it is accessible from zone {owner_zone:?} only, and node {} is in zone {:?}", p.node_id, consumer.zone),
+                };
+                return Err(Status::failed_precondition(format!("volume {} cannot be published to node {}: {why}", vol.id, p.node_id)));
+            }
+        }
+        let rec = ExportRec {
+            id: id.clone(),
+            volume_id: vol.id.clone(),
+            node_id: p.node_id.clone(),
+            protocol: if p.node_id == owner { TRANSPORT_LOCAL.into() } else { TRANSPORT_NBD.into() },
+            address: String::new(),
+            export_name: String::new(),
+            phase: if p.node_id == owner { Phase::Available } else { Phase::Creating },
+            owner_node: owner.clone(),
+            read_only: p.read_only,
+        };
+        // The record first: a controller restart then knows an export may exist.
+        let version = store::create_json(&*self.store, Kind::Export, &id, &rec).await.map_err(store_status)?;
+        if rec.protocol == TRANSPORT_LOCAL {
+            info!(volume.id = %vol.id, node = %p.node_id, "volume published on its own node");
+            return Ok(context_of(&rec));
+        }
+        self.export(rec, version).await
+    }
+
+    /// Have the owner export the volume to the consumer and record where.
+    async fn export(&self, mut rec: ExportRec, version: u64) -> Result<BTreeMap<String, String>, Status> {
+        if rec.protocol == TRANSPORT_LOCAL {
+            rec.phase = Phase::Available;
+            store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
+            return Ok(context_of(&rec));
+        }
+        let mut agent = self.agent_for(&rec.owner_node).await.map_err(|e| Status::new(e.code, e.message))?;
+        let made = agent
+            .create_export(pb::CreateExportRequest { volume_id: rec.volume_id.clone(), consumer_node: rec.node_id.clone(), read_only: rec.read_only })
+            .await
+            .map_err(|s| Status::new(s.code(), format!("node {} could not export volume {}: {}", rec.owner_node, rec.volume_id, s.message())))?
+            .export
+            .ok_or_else(|| Status::internal("the agent answered without an export"))?;
+        rec.address = made.address;
+        rec.export_name = made.export_name;
+        rec.phase = Phase::Available;
+        store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
+        info!(volume.id = %rec.volume_id, owner = %rec.owner_node, consumer = %rec.node_id, address = %rec.address, "volume exported over NBD");
+        Ok(context_of(&rec))
+    }
+
+    pub async fn unpublish_volume(&self, volume_id: &str, node_id: &str) -> Result<(), Status> {
+        self.wait_leader().await?;
+        let (m, v, n) = (self.clone(), volume_id.to_string(), node_id.to_string());
+        self.detached(async move { m.unpublish_now(&v, &n).await }).await
+    }
+
+    async fn unpublish_now(&self, volume_id: &str, node_id: &str) -> Result<(), Status> {
+        let _guard = self.inflight.acquire(volume_id).await;
+        let targets: Vec<(ExportRec, u64)> = if node_id.is_empty() {
+            // No node: unpublish everywhere (CSI allows it).
+            store::list_json::<ExportRec>(&*self.store, Kind::Export).await.map_err(store_status)?.into_iter().filter(|(e, _)| e.volume_id == volume_id).collect()
+        } else {
+            store::get_json::<ExportRec>(&*self.store, Kind::Export, &export_id_for(volume_id, node_id)).await.map_err(store_status)?.into_iter().collect()
+        };
+        for (mut rec, mut version) in targets {
+            if rec.phase != Phase::Deleting {
+                rec.phase = Phase::Deleting;
+                version = store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
+            }
+            if rec.protocol == TRANSPORT_NBD {
+                let mut agent = self.agent_for(&rec.owner_node).await.map_err(|e| Status::new(e.code, e.message))?;
+                agent
+                    .delete_export(pb::DeleteExportRequest { volume_id: rec.volume_id.clone(), consumer_node: rec.node_id.clone(), force: false })
+                    .await
+                    .map_err(|s| {
+                        let code = if s.code() == Code::FailedPrecondition { Code::FailedPrecondition } else { Code::Unavailable };
+                        Status::new(code, format!("node {} still serves volume {} to node {}: {}; retry", rec.owner_node, rec.volume_id, rec.node_id, s.message()))
+                    })?;
+            }
+            self.store.delete(Kind::Export, &rec.id, Some(version)).await.map_err(store_status)?;
+            info!(volume.id = %rec.volume_id, node = %rec.node_id, protocol = %rec.protocol, "volume unpublished");
+        }
+        Ok(())
+    }
+}
