@@ -26,8 +26,10 @@
 #   10.0.0.1). `run` enters the hub's namespace, where the kubeconfig's
 #   server, https://127.0.0.1:PORT, answers.
 # - Each node runs its containerd, kubelet and kube-proxy in its network
-#   namespace and a mount namespace of its own (a slave of the machine's:
-#   nothing mounted inside leaks out), in which DIR/NODE/root/{var/lib,
+#   namespace, a PID namespace of its own (so a hostPID pod sees the node's
+#   processes and its PID 1, the node's, not the machine's), and a mount
+#   namespace of its own (a slave of the machine's: nothing mounted inside
+#   leaks out), in which DIR/NODE/root/{var/lib,
 #   var/log,run} are bound over /var/lib, /var/log and /run (made shared,
 #   for the Bidirectional mounts of a CSI node plugin). So the kubelet's
 #   folder is /var/lib/kubelet and cinderblock's pool /var/lib/cinderblock/pool
@@ -49,7 +51,7 @@
 # Debian packages it needs (versions.sh DEBIAN_PARTS): runc,
 # containernetworking-plugins, iptables, conntrack; xfsprogs for the pools.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=k8s/versions.sh
 . "$here/k8s/versions.sh"
 
@@ -251,25 +253,37 @@ start_holder() { # dir node
     mkfs.xfs -q -f -m reflink=1 "$dir/$n/pool.img"
     pool="mkdir -p /var/lib/cinderblock/pool; mount -o loop '$dir/$n/pool.img' /var/lib/cinderblock/pool;"
   fi
-  CINDERBLOCK_CLUSTER=$dir nsenter --net="/run/netns/$ns" unshare --mount --propagation slave -- sh -c "
+  CINDERBLOCK_CLUSTER=$dir nsenter --net="/run/netns/$ns" \
+    unshare --mount --propagation slave --pid --fork --mount-proc -- sh -c "
     set -e
     for d in var/lib var/log run; do mount --bind '$r/'\$d /\$d; mount --make-rshared /\$d; done
     $pool
     $binds
     touch '$dir/$n/ns-ready'
-    exec sleep infinity" </dev/null >>"$dir/logs/$n/holder.log" 2>&1 &
-  local pid=$!
-  state_set "$dir" "HOLDER_$n" "$pid"
-  local i
+    exec '$dir/bin/pause'" </dev/null >>"$dir/logs/$n/holder.log" 2>&1 &
+  local upid=$! i pid=''
   for i in $(seq 100); do [ -f "$dir/$n/ns-ready" ] && break; sleep 0.1; done
-  [ -f "$dir/$n/ns-ready" ] || { cat "$dir/logs/$n/holder.log" >&2; die "$n: mount namespace not ready"; }
+  [ -f "$dir/$n/ns-ready" ] || { cat "$dir/logs/$n/holder.log" >&2; die "$n: namespaces not ready"; }
+  pid=$(child_of "$upid")
+  [ -n "$pid" ] || die "$n: no process in the new namespaces"
+  state_set "$dir" "HOLDER_$n" "$pid"
+}
+
+# The child of PID (nsenter and unshare fork into a new PID namespace).
+child_of() { # pid
+  local i c
+  for i in $(seq 50); do
+    c=$(cat "/proc/$1/task/$1/children" 2>/dev/null | awk '{print $1}')
+    [ -n "$c" ] && { echo "$c"; return; }
+    sleep 0.1
+  done
 }
 
 in_node() { # dir node cmd...
   local dir=$1 n=$2 pid; shift 2
   pid=$(state_get "$dir" "HOLDER_$n")
   ours "$pid" "$dir" || die "$n is not running in $dir"
-  nsenter -t "$pid" -m -n -- "$@"
+  nsenter -t "$pid" -m -n -p -- "$@"
 }
 
 # Starts CMD in NODE's namespaces in the background, logging to
@@ -277,9 +291,11 @@ in_node() { # dir node cmd...
 start_in_node() { # dir node name cmd...
   local dir=$1 n=$2 name=$3 pid; shift 3
   pid=$(state_get "$dir" "HOLDER_$n")
-  CINDERBLOCK_CLUSTER=$dir PATH="$K8S_BIN:$PATH" nsenter -t "$pid" -m -n -- "$@" \
+  CINDERBLOCK_CLUSTER=$dir PATH="$K8S_BIN:$PATH" nsenter -t "$pid" -m -n -p -- "$@" \
     </dev/null >>"$dir/logs/$n/$name.log" 2>&1 &
-  state_set "$dir" "PID_${n}_$name" $!
+  local child; child=$(child_of $!)
+  [ -n "$child" ] || die "$n: $name did not start"
+  state_set "$dir" "PID_${n}_$name" "$child"
 }
 
 wait_until() { # seconds what cmd...
@@ -435,6 +451,11 @@ up() {
   # Clean up whatever was made if any step below fails.
   trap 'status=$?; if [ $status != 0 ]; then printf "cluster.sh: up failed; logs in %s/logs\n" "$dir" >&2; down "$dir" >/dev/null 2>&1 || true; fi' EXIT
 
+  # PID 1 of each node's PID namespace: reaps orphans (daemonized shims),
+  # and its end ends everything else in the node.
+  mkdir -p "$dir/bin"
+  cc -static -Os -o "$dir/bin/pause" "$here/k8s/images/pause.c"
+
   say "network namespaces $tag-{hub,node-a,node-b}"
   setup_network "$dir"
   local hub; hub=$(netns "$dir" hub)
@@ -469,7 +490,8 @@ up() {
     start_in_node "$dir" "$n" containerd "$K8S_BIN/containerd" --config "$dir/$n/containerd.toml"
   done
   for n in "${NODES[@]}"; do
-    wait_until 60 "containerd of $n" in_node "$dir" "$n" "$K8S_BIN/ctr" --address /run/containerd/containerd.sock version ||
+    wait_until 60 "containerd of $n" in_node "$dir" "$n" "$K8S_BIN/ctr" --address /run/containerd/containerd.sock version \
+      2>>"$dir/logs/$n/ctr.log" ||
       { tail -30 "$dir/logs/$n/containerd.log" >&2; die "$n: containerd did not start"; }
   done
   if [ -n "${CLUSTER_IMAGES:-}" ]; then
@@ -503,9 +525,10 @@ import_images() { # dir tar...
   local dir=$1 n t; shift
   for n in "${NODES[@]}"; do
     for t in "$@"; do
+      t=$(realpath "$t")
       in_node "$dir" "$n" "$K8S_BIN/ctr" --address /run/containerd/containerd.sock -n k8s.io \
-        images import --snapshotter overlayfs "$t" >/dev/null ||
-        die "$n: ctr images import $t failed"
+        images import --snapshotter overlayfs "$t" >/dev/null 2>>"$dir/logs/$n/ctr.log" ||
+        { tail -5 "$dir/logs/$n/ctr.log" >&2; die "$n: ctr images import $t failed"; }
     done
   done
   say "imported $# images into ${NODES[*]}"
@@ -536,20 +559,20 @@ down() {
       pid=$(state_get "$dir" "PID_${n}_$key"); [ -z "$pid" ] || stop_pid "$dir" "$pid" 10
     done
   done
-  # Containers: the shims carry our environment; what they ran sits in our cgroups.
   for n in "${NODES[@]}"; do
     pid=$(state_get "$dir" "PID_${n}_containerd"); [ -z "$pid" ] || stop_pid "$dir" "$pid" 10
   done
-  local p
-  for p in $(pgrep -f containerd-shim-runc-v2 2>/dev/null || true); do stop_pid "$dir" "$p" 5; done
-  remove_cgroups "$dir"
+  # The end of a node's PID 1 ends every process left in its PID namespace
+  # (shims, containers); what might remain is in the cgroups made here.
   for n in "${NODES[@]}"; do
     pid=$(state_get "$dir" "HOLDER_$n"); [ -z "$pid" ] || stop_pid "$dir" "$pid" 5
   done
+  remove_cgroups "$dir"
+  local p
   # The control plane (and the scheduler it started).
   [ ! -d "$dir/control" ] || "$here/k8s/testbed.sh" down "$dir/control" >/dev/null 2>&1 || true
   # Anything else of ours still running (a sidecar loop, an exec).
-  for p in $(pgrep -x 'sleep|kubelet|containerd|kube-proxy|nsenter|unshare' 2>/dev/null || true); do
+  for p in $(pgrep -x 'pause|kubelet|containerd|kube-proxy|nsenter|unshare' 2>/dev/null || true); do
     stop_pid "$dir" "$p" 2
   done
   # With their last process gone the node mount namespaces are gone, and
@@ -584,6 +607,8 @@ status() {
   [ ! -f "$dir/cluster.env" ] || run "$dir" kubectl get nodes,pods -A -o wide || true
 }
 
+# Sourced (by a test that wants its functions): define, don't run.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 case ${1:-} in
   up) [ $# -eq 2 ] || die "usage: cluster.sh up DIR"; up "$2" ;;
   down) [ $# -eq 2 ] || die "usage: cluster.sh down DIR"; down "$2" ;;
