@@ -325,6 +325,10 @@ state = "/run/containerd"
 [grpc]
   address = "/run/containerd/containerd.sock"
 
+# Its default, /opt/containerd, is the machine's: keep it in the node.
+[plugins.'io.containerd.internal.v1.opt']
+  path = "/var/lib/containerd-opt"
+
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = "overlayfs"
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
@@ -405,6 +409,8 @@ imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 rotateCertificates: false
 nodeStatusUpdateFrequency: 5s
+# Its default, under /usr/libexec, is the machine's.
+volumePluginDir: /var/lib/kubelet/volume-plugins
 EOF
 
   cat >"$cfg/kube-proxy.yaml" <<EOF
@@ -449,7 +455,8 @@ up() {
   tag=cb$(od -An -N3 -tx1 /dev/urandom | tr -d ' \n')
   state_set "$dir" TAG "$tag"
   # Clean up whatever was made if any step below fails.
-  trap 'status=$?; if [ $status != 0 ]; then printf "cluster.sh: up failed; logs in %s/logs\n" "$dir" >&2; down "$dir" >/dev/null 2>&1 || true; fi' EXIT
+  # shellcheck disable=SC2064
+  trap "status=\$?; if [ \$status != 0 ]; then printf 'cluster.sh: up failed; logs in %s/logs\n' '$dir' >&2; down '$dir' >/dev/null 2>&1 || true; fi" EXIT
 
   # PID 1 of each node's PID namespace: reaps orphans (daemonized shims),
   # and its end ends everything else in the node.

@@ -78,7 +78,16 @@ start_one() { # dir name cmd...
   local dir=$1 name=$2; shift 2
   running "$dir" "$name" && die "$name is already running in $dir (pid $(cat "$dir/$name.pid"))"
   CINDERBLOCK_TESTBED=$dir "$@" </dev/null >>"$dir/$name.log" 2>&1 &
-  echo $! >"$dir/$name.pid"
+  local pid=$!
+  echo $pid >"$dir/$name.pid"
+  # Until the child has exec'd, its environment is still the shell's (no
+  # CINDERBLOCK_TESTBED): wait for that, so that `running` doesn't take a
+  # slow start on a loaded machine for an exit.
+  local i
+  for i in $(seq 100); do
+    ours "$pid" "$dir" || ! kill -0 "$pid" 2>/dev/null && break
+    sleep 0.05
+  done
 }
 
 # Runs CMD again a second after each exit, as kubelet would restart a
@@ -261,7 +270,7 @@ up_once() {
     --kubeconfig="$dir/admin.kubeconfig" --leader-elect=false \
     --use-service-account-credentials=false \
     --controllers="$controllers" \
-    --secure-port=0 --pvclaimbinder-sync-period=1s ${K8S_KCM_ARGS:-}
+    --secure-port=0 --pvclaimbinder-sync-period=1s --flex-volume-plugin-dir="$dir/flexvolume" ${K8S_KCM_ARGS:-}
   wait_for "$dir" kube-controller-manager 60 "start of its three controllers" kcm_started "$dir/kube-controller-manager.log"
 
   cat >"$dir/testbed.env" <<EOF
