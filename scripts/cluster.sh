@@ -541,16 +541,38 @@ import_images() { # dir tar...
   say "imported $# images into ${NODES[*]}"
 }
 
-# Loop devices whose backing file lies under DIR (same device and inode).
+# Loop devices of this cluster, the outermost first. The first ring: those
+# whose backing file lies under DIR (same device and inode: the pools, or
+# volumes in a pool that is a plain folder). Then, until nothing is added,
+# those backed by a file in a file system on one of ours (volumes in a
+# node's pool) or by the device node of one of ours (the kubelet holds each
+# raw block volume's device with a loop device of its own).
 our_loops() { # dir
-  local dir=$1 dev ino maj_min name
-  losetup --list --noheadings -O NAME,BACK-INO,BACK-MAJ:MIN 2>/dev/null | while read -r name ino maj_min; do
+  local dir=$1 name ino maj_min f dev
+  local -a rows=() found=() keys=()
+  mapfile -t rows < <(losetup --list --noheadings -O NAME,BACK-INO,BACK-MAJ:MIN 2>/dev/null)
+  for row in "${rows[@]}"; do
+    read -r name ino maj_min <<<"$row"
     [ -n "$ino" ] || continue
-    if find "$dir" -xdev -inum "$ino" -print -quit 2>/dev/null | grep -q .; then
-      dev=$(stat -c '%Hd:%Ld' "$(find "$dir" -xdev -inum "$ino" -print -quit)")
-      [ "$dev" = "$maj_min" ] && echo "$name"
-    fi
+    f=$(find "$dir" -xdev -inum "$ino" -print -quit 2>/dev/null)
+    [ -n "$f" ] && [ "$(stat -c '%Hd:%Ld' "$f")" = "$maj_min" ] && found+=("$name")
   done
+  local added=1
+  while [ $added = 1 ]; do
+    added=0 keys=()
+    for name in "${found[@]}"; do
+      keys+=("dev=$(cat "/sys/block/${name#/dev/}/dev" 2>/dev/null)")
+      keys+=("node=$(stat -c '%i %Hd:%Ld' "$name" 2>/dev/null)")
+    done
+    for row in "${rows[@]}"; do
+      read -r name ino maj_min <<<"$row"
+      [[ " ${found[*]} " == *" $name "* ]] && continue
+      dev="dev=$maj_min" f="node=$ino $maj_min"
+      if printf '%s\n' "${keys[@]}" | grep -qxF -e "$dev" -e "$f"; then found+=("$name"); added=1; fi
+    done
+  done
+  local i
+  for ((i = ${#found[@]} - 1; i >= 0; i--)); do echo "${found[$i]}"; done
 }
 
 down() {

@@ -41,8 +41,10 @@ same "Dockerfile: ENTRYPOINT runs the binary it copies" "$df_entry" "[\"$df_dest
 fs_src=src/attach/filesystem.rs
 code=$(sed '/#\[cfg(test)\]/,$d' "$fs_src")
 mapfile -t tools < <(grep -Pzo '(?:run(?:_checked)?\(\s*|\(\s*)"\K[a-z][a-z0-9_.]*(?=",)' <<<"$code" | tr '\0' '\n' | sort -u)
+# Packages: the second argument of run("tool", "package", ...), and what
+# package_of() maps each file system to.
 mapfile -t tool_pkgs < <({ grep -Pzo 'run\(\s*"[a-z0-9_.]+",\s*"\K[a-z0-9.-]+(?=")' <<<"$code";
-  grep -Pzo 'Filesystem::\w+\s*=>\s*"\K[a-z0-9.-]+(?=",)' <<<"$code"; } | tr '\0' '\n' | grep -v '^mkfs\.' | sort -u)
+  sed -n '/fn package_of/,/^}/p' <<<"$code" | grep -Pzo '=>\s*"\K[a-z0-9.-]+(?=")'; } | tr '\0' '\n' | sort -u)
 [ ${#tools[@]} -ge 4 ] || { echo "test-image: found only '${tools[*]}' as tools in $fs_src" >&2; exit 1; }
 echo "tools the node plugin runs ($fs_src): ${tools[*]}; their packages: ${tool_pkgs[*]}"
 for p in "${tool_pkgs[@]}"; do

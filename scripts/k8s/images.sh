@@ -178,15 +178,17 @@ static_image() { # name binary
   local name=$1 bin=$2 ref
   ref=$(image_ref "$name")
   [ -x "$bin" ] || die "$bin is missing: run scripts/k8s/build.sh $name"
-  local inputs="$ref $(sha "$bin")"
+  local inputs="$ref $(sha "$bin") user=root"
   if fresh "$name" "$inputs"; then log "== $name image ($ref): up to date"; return; fi
   log "== $name image $ref"
   local tmp; tmp=$(mktemp -d)
   mkdir -p "$tmp/l"
   install -m 0755 "$bin" "$tmp/l/$name"
   layer_tar "$tmp/l" "$tmp/l.tar"
-  # The sidecars run as a non-root user in the chart; 65532 as upstream's.
-  oci_image "$out/$name.tar" "$ref" "[\"/$name\"]" '[]' 65532 "$tmp/l.tar"
+  # No USER, as upstream's images (distroless static): root unless the pod
+  # says otherwise (the controller pod runs as 65532; the node pod's
+  # registrar must write the kubelet's plugins_registry).
+  oci_image "$out/$name.tar" "$ref" "[\"/$name\"]" '[]' '' "$tmp/l.tar"
   rm -rf "$tmp"
   stamp "$name" "$inputs"
 }
