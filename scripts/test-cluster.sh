@@ -435,7 +435,7 @@ while :; do
   [ -n "$left" ] && [ $SECONDS -lt $gone_deadline ] || break
   sleep 1
 done
-check "nothing of the release left in its namespace" sh -c "[ -z '$(echo "$left" | tr '\n' ' ')' ] || { echo left: $left; false; }"
+if [ -z "$left" ]; then pass; else fail "nothing of the release left in its namespace (left: $(printf '%s' "$left" | tr '\n' ' '))"; fi
 for o in csidriver/cinderblock.dev storageclass/cinderblock storageclass/cinderblock-xfs \
   storageclass/cinderblock-thick volumesnapshotclass/cinderblock clusterrole/cinderblock-node; do
   check "$o is gone" sh -c "! scripts/cluster.sh run '$dir' kubectl get $o >/dev/null 2>&1"
