@@ -53,7 +53,7 @@ status=0
 scripts/cluster.sh run "$CLUSTER_DIR" "$K8S_BIN/ginkgo" --procs="$procs" --timeout="${E2E_TIMEOUT:-4h}" \
   --focus="$full_focus" ${skip:+--skip="$skip"} --json-report=report.json --output-dir="$out" \
   --no-color --silence-skips "$K8S_BIN/e2e.test" -- \
-  --kubeconfig="$CLUSTER_DIR/control/admin.kubeconfig" --provider=local \
+  --kubeconfig="$CLUSTER_DIR/control/admin.kubeconfig" --provider=local --repo-root="$root" \
   --storage.testdriver="$driver" --report-dir="$out" --dump-logs-on-failure=false \
   --node-os-distro=debian --allowed-not-ready-nodes=0 \
   >"$out/e2e.log" 2>&1 || status=$?

@@ -193,7 +193,8 @@ k get storagenodes -o wide
 for n in node-a node-b; do
   check "StorageNode $n: pool on xfs with reflink" field "storagenode/$n" '{.spec.filesystem}/{.spec.reflink}' xfs/true
   ip=$(k -n cinderblock get pods -l app.kubernetes.io/component=node --field-selector spec.nodeName=$n -o jsonpath='{.items[0].status.podIP}')
-  check "StorageNode $n: agent at its node plugin pod's address" field "storagenode/$n" '{.spec.agent_address}' "http://$ip:9810"
+  # https: the agent answers only the controller's certificate (mutual TLS).
+  check "StorageNode $n: agent at its node plugin pod's address, over TLS" field "storagenode/$n" '{.spec.agent_address}' "https://$ip:9810"
 done
 check "StorageNode capacities differ as the pools do (node-a ${cap_a:-?} < node-b ${cap_b:-?})" \
   sh -c "[ -n '$cap_a' ] && [ -n '$cap_b' ] && [ '$cap_a' -lt '$cap_b' ]"
