@@ -6,9 +6,16 @@
 #
 # Usage: scripts/k8s/build.sh [NAME...]
 #   NAME: etcd kube-apiserver kube-controller-manager kubectl csi-provisioner
-#         csi-snapshotter snapshot-controller csi-resizer crds helm, or
-#         testbed (all but helm: what the end-to-end test needs), or
-#         all (the default: testbed, then helm).
+#         csi-snapshotter snapshot-controller csi-resizer crds helm
+#         kube-scheduler kubelet kube-proxy e2e.test containerd
+#         containerd-shim-runc-v2 ctr csi-attacher csi-node-driver-registrar
+#         livenessprobe agnhost ginkgo, or
+#         testbed (what the kubelet-less end-to-end test needs), or
+#         cluster (testbed, helm and what scripts/cluster.sh adds: the
+#         scheduler, kubelet, kube-proxy, containerd, the node sidecars;
+#         not e2e.test), or
+#         e2e (e2e.test, agnhost: its test image, ginkgo: its runner), or
+#         all (the default: cluster and e2e).
 #
 # A binary is skipped when its stamp (.tools/k8s/stamps/NAME) matches. The
 # stamp holds the modules and versions of its group, the Go version, the
@@ -25,10 +32,14 @@
 #     staging/, etcd's ../api, the snapshotter's ./client) is pointed at that
 #     module at the version released with it ("lockstep" below);
 #   - one that points at FORBIDDEN_DEPENDENCY (etcd's guard) is dropped.
-# The three sidecars share one wrapper: one dependency graph, so the Go build
+# The sidecars share one wrapper: one dependency graph, so the Go build
 # cache compiles client-go and everything else they have in common once.
 # Their k8s.io staging modules are all set to SIDECARS_K8S_STAGING (see
-# versions.sh).
+# versions.sh). The same wrapper builds our csi-node-driver-registrar and
+# livenessprobe (scripts/k8s/node-sidecars/: the proxy serves neither
+# upstream module); the kubernetes wrapper builds e2e.test from
+# scripts/k8s/e2e/ (`go test -c`). Such local folders are copied into the
+# wrapper, and their content is part of the stamp.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.sh
@@ -91,12 +102,15 @@ load_staging_modules() {
 provisioner=github.com/kubernetes-csi/external-provisioner/v6
 snapshotter=github.com/kubernetes-csi/external-snapshotter/v8
 resizer=github.com/kubernetes-csi/external-resizer/v2
+attacher=github.com/kubernetes-csi/external-attacher/v4
+containerd=github.com/containerd/containerd/v2
 
 # A group: its modules (MODULE@VERSION:LOCKSTEP), the packages it builds
-# (PACKAGE@VERSION), and the version its k8s.io staging modules are set to
-# (empty: as its go.mod says).
-group() { # name -> g_mods g_pkgs g_align
-  g_align=
+# (PACKAGE@VERSION), the version its k8s.io staging modules are set to
+# (empty: as its go.mod says), and folders of this repository copied into
+# the wrapper (FOLDER:NAME, built as ./NAME).
+group() { # name -> g_mods g_pkgs g_align g_local
+  g_align= g_local=()
   case $1 in
     etcd)
       g_mods=("go.etcd.io/etcd/server/v3@$ETCD_VERSION:$ETCD_VERSION")
@@ -105,15 +119,29 @@ group() { # name -> g_mods g_pkgs g_align
       g_mods=("k8s.io/kubernetes@$K8S_VERSION:$K8S_STAGING_VERSION")
       g_pkgs=()
       local c
-      for c in kube-apiserver kube-controller-manager kubectl; do g_pkgs+=("k8s.io/kubernetes/cmd/$c@$K8S_VERSION"); done ;;
+      for c in kube-apiserver kube-controller-manager kubectl kube-scheduler kubelet kube-proxy; do
+        g_pkgs+=("k8s.io/kubernetes/cmd/$c@$K8S_VERSION")
+      done
+      g_pkgs+=("k8s.io/kubernetes/test/e2e@$K8S_VERSION" "k8s.io/kubernetes/test/e2e/storage/external@$K8S_VERSION"
+        "k8s.io/kubernetes/test/images/agnhost@$K8S_VERSION")
+      g_local=("$here/e2e:e2e") ;;
     sidecars)
       g_mods=("$provisioner@$PROVISIONER_VERSION:" "$snapshotter@$SNAPSHOTTER_VERSION:$SNAPSHOTTER_VERSION"
-        "$resizer@$RESIZER_VERSION:")
+        "$resizer@$RESIZER_VERSION:" "$attacher@$ATTACHER_VERSION:" "k8s.io/kubelet@$SIDECARS_K8S_STAGING:")
       g_pkgs=("$provisioner/cmd/csi-provisioner@$PROVISIONER_VERSION"
         "$snapshotter/cmd/csi-snapshotter@$SNAPSHOTTER_VERSION"
         "$snapshotter/cmd/snapshot-controller@$SNAPSHOTTER_VERSION"
-        "$resizer/cmd/csi-resizer@$RESIZER_VERSION")
+        "$resizer/cmd/csi-resizer@$RESIZER_VERSION"
+        "$attacher/cmd/csi-attacher@$ATTACHER_VERSION"
+        "k8s.io/kubelet/pkg/apis/pluginregistration/v1@$SIDECARS_K8S_STAGING")
+      g_local=("$here/node-sidecars/csi-node-driver-registrar:csi-node-driver-registrar"
+        "$here/node-sidecars/livenessprobe:livenessprobe")
       g_align=$SIDECARS_K8S_STAGING ;;
+    containerd)
+      g_mods=("$containerd@$CONTAINERD_VERSION:")
+      g_pkgs=()
+      local c
+      for c in containerd containerd-shim-runc-v2 ctr; do g_pkgs+=("$containerd/cmd/$c@$CONTAINERD_VERSION"); done ;;
     helm)
       g_mods=("helm.sh/helm/v4@$HELM_VERSION:")
       g_pkgs=("helm.sh/helm/v4/cmd/helm@$HELM_VERSION") ;;
@@ -156,6 +184,8 @@ wrapper() { # group
       for m in "${staging_modules[@]}"; do args+=("-replace=$m=$m@$g_align"); done
     fi
     go mod edit "${requires[@]}" ${args[@]+"${args[@]}"}
+    local l
+    for l in ${g_local[@]+"${g_local[@]}"}; do cp -r "${l%%:*}" "./${l##*:}"; done
     if ! go get "${g_pkgs[@]}" >get.log 2>&1; then
       tail -20 get.log >&2; log "go get ${g_pkgs[*]} failed"; exit 1
     fi
@@ -164,11 +194,22 @@ wrapper() { # group
   wrapper_ready[$name]=1
 }
 
+# A digest of the files of the group's local folders.
+local_digest() {
+  [ ${#g_local[@]} -gt 0 ] || return 0
+  local l
+  for l in "${g_local[@]}"; do (cd "${l%%:*}" && find . -type f -print0 | sort -z | xargs -0 sha256sum); done |
+    sha256sum | cut -c1-16
+}
+
 built=() total_start=$(date +%s)
-build() { # name group package tags ldflags
-  local name=$1 grp=$2 pkg=$3 tags=$4 ldflags=$5
+# PACKAGE is PATH@VERSION, or ./NAME for a local folder of the group. With
+# MODE test the binary is a test binary (`go test -c`).
+build() { # name group package tags ldflags [mode]
+  local name=$1 grp=$2 pkg=$3 tags=$4 ldflags=$5 mode=${6:-}
   group "$grp"
   local stamp="$pkg group=$grp ${g_mods[*]} align=$g_align $go_version tags=$tags ldflags=$ldflags"
+  [[ $pkg != ./* ]] || stamp+=" local=$(local_digest)"
   if [ -x "$K8S_BIN/$name" ] && [ "$(cat "$stamps/$name" 2>/dev/null)" = "$stamp" ]; then
     log "== $name (${pkg##*@}): already built"
     return
@@ -178,7 +219,9 @@ build() { # name group package tags ldflags
   start=$(date +%s)
   wrapper "$grp"
   fetched=$(date +%s)
-  (cd "$srcs/$grp" && go build -p "$build_p" -trimpath ${tags:+-tags "$tags"} -ldflags "$ldflags" \
+  local gocmd=(build)
+  [ "$mode" != test ] || gocmd=(test -c)
+  (cd "$srcs/$grp" && go "${gocmd[@]}" -p "$build_p" -trimpath ${tags:+-tags "$tags"} -ldflags "$ldflags" \
     -o "$K8S_BIN/$name.new" "${pkg%@*}")
   mv -f "$K8S_BIN/$name.new" "$K8S_BIN/$name"
   printf '%s\n' "$stamp" >"$stamps/$name"
@@ -218,8 +261,20 @@ k8s_ldflags() {
 one() {
   case $1 in
     etcd) build etcd etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION" "" "-s -w" ;;
-    kube-apiserver | kube-controller-manager | kubectl)
+    kube-apiserver | kube-controller-manager | kubectl | kube-scheduler | kubelet | kube-proxy)
       build "$1" kubernetes "k8s.io/kubernetes/cmd/$1@$K8S_VERSION" selinux,notest,grpcnotrace "$(k8s_ldflags)" ;;
+    e2e.test) build "$1" kubernetes ./e2e selinux "$(k8s_ldflags)" test ;;
+    agnhost) build "$1" kubernetes "k8s.io/kubernetes/test/images/agnhost@$K8S_VERSION" "" "-s -w" ;;
+    # The ginkgo runner (parallel e2e.test processes), at the version the
+    # kubernetes module requires.
+    ginkgo) build "$1" kubernetes "github.com/onsi/ginkgo/v2/ginkgo@$K8S_VERSION" "" "-s -w" ;;
+    csi-attacher)
+      build "$1" sidecars "$attacher/cmd/$1@$ATTACHER_VERSION" "" "-s -w -X main.version=$ATTACHER_VERSION" ;;
+    csi-node-driver-registrar | livenessprobe)
+      build "$1" sidecars "./$1" "" "-s -w -X main.version=$NODE_SIDECARS_VERSION" ;;
+    containerd | containerd-shim-runc-v2 | ctr)
+      build "$1" containerd "$containerd/cmd/$1@$CONTAINERD_VERSION" no_btrfs,no_devmapper,no_zfs \
+        "-s -w -X $containerd/version.Version=$CONTAINERD_VERSION -X $containerd/version.Revision=module-proxy" ;;
     csi-provisioner)
       build "$1" sidecars "$provisioner/cmd/$1@$PROVISIONER_VERSION" "" "-s -w -X main.version=$PROVISIONER_VERSION" ;;
     csi-snapshotter | snapshot-controller)
@@ -236,10 +291,14 @@ one() {
 command -v go >/dev/null || { log "build.sh: needs Go (go1.26 or newer)"; exit 1; }
 testbed=(etcd kube-apiserver kube-controller-manager kubectl csi-provisioner csi-snapshotter
   snapshot-controller csi-resizer crds)
+cluster=("${testbed[@]}" helm kube-scheduler kubelet kube-proxy containerd containerd-shim-runc-v2 ctr
+  csi-attacher csi-node-driver-registrar livenessprobe)
 parts=()
 for arg in "${@:-all}"; do
   case $arg in
-    all) parts+=("${testbed[@]}" helm) ;;
+    all) parts+=("${cluster[@]}" e2e.test agnhost ginkgo) ;;
+    e2e) parts+=(e2e.test agnhost ginkgo) ;;
+    cluster) parts+=("${cluster[@]}") ;;
     testbed) parts+=("${testbed[@]}") ;;
     *) parts+=("$arg") ;;
   esac

@@ -22,6 +22,15 @@
 # pki/, etcd/, NAME.pid and NAME.log. A part that doesn't become ready makes
 # `up` stop what it started, print the end of its log and exit non-zero.
 #
+# For a bed whose API server other network namespaces reach (scripts/cluster.sh
+# runs `up` inside a namespace of its own): K8S_BIND_ADDRESS (default
+# 127.0.0.1), K8S_ADVERTISE_ADDRESS (default the bind address; also added to
+# the serving certificate), K8S_APISERVER_ARGS and K8S_KCM_ARGS (appended;
+# a repeated flag overrides the default, but a list flag appends),
+# K8S_AUTHORIZATION_MODE (default RBAC), K8S_DISABLE_ADMISSION_PLUGINS
+# (default ServiceAccount; empty for none), K8S_KCM_CONTROLLERS (default the
+# PV binder and the two protection controllers; "*" for all).
+#
 # Extra flags for the sidecars: PROVISIONER_ARGS, SNAPSHOTTER_ARGS,
 # RESIZER_ARGS, SNAPSHOT_CONTROLLER_ARGS (split on spaces). Each sidecar
 # runs under a loop that restarts it a second after it exits, as kubelet
@@ -69,7 +78,16 @@ start_one() { # dir name cmd...
   local dir=$1 name=$2; shift 2
   running "$dir" "$name" && die "$name is already running in $dir (pid $(cat "$dir/$name.pid"))"
   CINDERBLOCK_TESTBED=$dir "$@" </dev/null >>"$dir/$name.log" 2>&1 &
-  echo $! >"$dir/$name.pid"
+  local pid=$!
+  echo $pid >"$dir/$name.pid"
+  # Until the child has exec'd, its environment is still the shell's (no
+  # CINDERBLOCK_TESTBED): wait for that, so that `running` doesn't take a
+  # slow start on a loaded machine for an exit.
+  local i
+  for i in $(seq 100); do
+    ours "$pid" "$dir" || ! kill -0 "$pid" 2>/dev/null && break
+    sleep 0.05
+  done
 }
 
 # Runs CMD again a second after each exit, as kubelet would restart a
@@ -145,8 +163,10 @@ make_pki() { # pki
       -set_serial "0x$(openssl rand -hex 8)" -days $days -extfile "$pki/$1.ext" -out "$pki/$1.crt" 2>/dev/null
     rm -f "$pki/$1.csr" "$pki/$1.ext"
   }
+  local extra_san=
+  [ -z "${K8S_ADVERTISE_ADDRESS:-}" ] || extra_san=",IP:$K8S_ADVERTISE_ADDRESS"
   issue apiserver "/CN=kube-apiserver" \
-    "subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.0.0.1
+    "subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.0.0.1$extra_san
 extendedKeyUsage=serverAuth"
   issue admin "/O=system:masters/CN=admin" "extendedKeyUsage=clientAuth"
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -212,6 +232,9 @@ up_once() {
   peer_port=$(free_port); taken_ports[$peer_port]=1
   api_port=$(free_port)
   local etcd_url=http://127.0.0.1:$etcd_port api_url=https://127.0.0.1:$api_port pki=$dir/pki
+  local bind=${K8S_BIND_ADDRESS:-127.0.0.1}
+  local advertise=${K8S_ADVERTISE_ADDRESS:-$bind}
+  local controllers=${K8S_KCM_CONTROLLERS:-persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller}
 
   say "etcd on $etcd_url"
   local etcd_args=(--name=testbed --data-dir="$dir/etcd"
@@ -226,26 +249,28 @@ up_once() {
   wait_for "$dir" etcd 30 "health on $etcd_url" sh -c "curl -sf '$etcd_url/health' | grep -q '\"health\":\"true\"'"
 
   say "kube-apiserver on $api_url"
+  # shellcheck disable=SC2086
   start_one "$dir" kube-apiserver "$K8S_BIN/kube-apiserver" \
     --etcd-servers="$etcd_url" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
+    --bind-address="$bind" --advertise-address="$advertise" --secure-port="$api_port" \
     --cert-dir="$pki" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" \
     --service-cluster-ip-range=10.0.0.0/24 \
     --service-account-issuer="$api_url" \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
-    --authorization-mode=RBAC --allow-privileged=true \
-    --disable-admission-plugins=ServiceAccount \
-    --endpoint-reconciler-type=none
+    --authorization-mode="${K8S_AUTHORIZATION_MODE:-RBAC}" --allow-privileged=true \
+    --disable-admission-plugins="${K8S_DISABLE_ADMISSION_PLUGINS-ServiceAccount}" \
+    --endpoint-reconciler-type=none ${K8S_APISERVER_ARGS:-}
   wait_for "$dir" kube-apiserver 120 "/readyz" curl -sf --cacert "$pki/ca.crt" \
     --cert "$pki/admin.crt" --key "$pki/admin.key" "$api_url/readyz"
 
-  say "kube-controller-manager (PV binder, PV and PVC protection)"
+  say "kube-controller-manager (controllers: $controllers)"
+  # shellcheck disable=SC2086
   start_one "$dir" kube-controller-manager "$K8S_BIN/kube-controller-manager" \
     --kubeconfig="$dir/admin.kubeconfig" --leader-elect=false \
     --use-service-account-credentials=false \
-    --controllers=persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller \
-    --secure-port=0 --pvclaimbinder-sync-period=1s
+    --controllers="$controllers" \
+    --secure-port=0 --pvclaimbinder-sync-period=1s --flex-volume-plugin-dir="$dir/flexvolume" ${K8S_KCM_ARGS:-}
   wait_for "$dir" kube-controller-manager 60 "start of its three controllers" kcm_started "$dir/kube-controller-manager.log"
 
   cat >"$dir/testbed.env" <<EOF

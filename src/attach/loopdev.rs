@@ -465,12 +465,48 @@ fn loop_numbers() -> Result<Vec<u32>> {
     Ok(numbers)
 }
 
+/// The device and inode of the file loop device `number` is bound to
+/// (LOOP_GET_STATUS64), `None` when it is not bound.
+///
+/// The path sysfs shows depends on the mount namespace the device was bound
+/// from: once that namespace is gone (the node plugin's container
+/// restarted), the path is relative to the file system's root, e.g.
+/// `/volumes/vol-x.img` instead of `/var/lib/cinderblock/pool/volumes/vol-x.img`.
+/// The identity does not change.
+fn backing_identity(number: u32) -> Result<Option<(u64, u64)>> {
+    let path = PathBuf::from(format!("/dev/loop{number}"));
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENXIO)) => return Ok(None),
+        Err(error) => return Err(AttachError::OpenDevice { device: path, error }),
+    };
+    // SAFETY: LOOP_GET_STATUS64 fills a struct loop_info64.
+    match unsafe { ioctl::ioctl(&file, Getter::<LOOP_GET_STATUS64, LoopInfo64>::new()) } {
+        Ok(info) => Ok(Some((info.lo_device, info.lo_inode))),
+        Err(Errno::NXIO) => Ok(None),
+        Err(e) => Err(AttachError::LoopIoctl { op: "LOOP_GET_STATUS64", device: path, error: e.into() }),
+    }
+}
+
+/// Whether loop device `number` is bound to the existing file `file` (same
+/// device and inode), whatever path sysfs shows for it.
+pub fn is_bound_to(number: u32, file: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(AttachError::OpenBackingFile { path: file.to_path_buf(), error }),
+    };
+    Ok(backing_identity(number)? == Some((meta.dev(), meta.ino())))
+}
+
 /// The loop device (lowest number first) backed by `backing_file`.
 ///
-/// When the file still exists, only a device bound to that very path
-/// matches; one still bound to an older, deleted file of the same name does
-/// not. When the file is gone, a device bound to the deleted file matches, so
-/// it can be found and detached.
+/// When the file still exists, only a device bound to that very file
+/// matches (by path, or by device and inode when the path sysfs shows was
+/// bound from another mount namespace); one still bound to an older,
+/// deleted file of the same name does not. When the file is gone, a device
+/// bound to the deleted file matches, so it can be found and detached.
 pub fn find_by_backing_file(backing_file: &Path) -> Result<Option<LoopDevice>> {
     let (wanted, wanted_deleted) = match backing_file.canonicalize() {
         Ok(p) => (p, false),
@@ -498,6 +534,9 @@ pub fn find_by_backing_file(backing_file: &Path) -> Result<Option<LoopDevice>> {
             continue;
         };
         if path == wanted && deleted == wanted_deleted {
+            return Ok(Some(LoopDevice::new(number, path)));
+        }
+        if !wanted_deleted && !deleted && path != wanted && is_bound_to(number, &wanted)? {
             return Ok(Some(LoopDevice::new(number, path)));
         }
     }

@@ -47,7 +47,9 @@ impl LoopInfo {
 
     /// Bound to `image` (also when the image has since been deleted).
     pub fn backs(&self, image: &Path) -> bool {
-        self.backing == image
+        // The sysfs path, or (bound from a mount namespace that is gone, by
+        // a plugin container since restarted) the same device and inode.
+        self.backing == image || (!self.deleted && loopdev::is_bound_to(self.number, image).unwrap_or(false))
     }
 
     pub fn describe(&self) -> String {
