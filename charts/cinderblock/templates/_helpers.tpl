@@ -66,10 +66,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if gt $defaults 1 -}}
 {{- fail "storageClasses: at most one class may set isDefaultClass: true" -}}
 {{- end -}}
-{{- $ports := list .Values.node.agentPort .Values.node.healthPort .Values.node.registrarHealthPort -}}
+{{- $ports := list .Values.node.agentPort .Values.node.nbdPort .Values.node.healthPort .Values.node.registrarHealthPort -}}
 {{- if .Values.metrics.enabled }}{{ $ports = append $ports .Values.metrics.nodePort }}{{ end -}}
 {{- if ne (len $ports) (len (uniq $ports)) -}}
-{{- fail "node: agentPort, healthPort, registrarHealthPort and metrics.nodePort must differ" -}}
+{{- fail "node: agentPort, nbdPort, healthPort, registrarHealthPort and metrics.nodePort must differ" -}}
 {{- end -}}
 {{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) -}}
 {{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name (the issuer that signs the CA)" -}}
