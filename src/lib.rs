@@ -10,6 +10,7 @@ pub mod agent_proto;
 pub mod attach;
 pub mod csi;
 pub mod ctl;
+pub mod export;
 pub mod flow;
 pub mod identity;
 pub mod kube;

@@ -67,6 +67,8 @@ pub struct Metrics {
     pub breaker_held: Family<PoolLabels, Counter>,
     /// Images in a node's orphaned/ folder.
     pub pool_orphans: Family<PoolLabels, Gauge>,
+    /// The NBD server's per-export series (`crate::export::metrics`).
+    pub export: crate::export::metrics::ExportMetrics,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -97,6 +99,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("reconciler_breaker_held", "Reconciler passes on a node that the circuit breaker held (too many images without a record)", breaker_held.clone());
     let pool_orphans = Family::<PoolLabels, Gauge>::default();
     registry.register("pool_orphans", "Images kept in a node's orphaned/ folder", pool_orphans.clone());
+    let export = crate::export::metrics::ExportMetrics::register(&mut registry);
     Metrics {
         registry,
         calls,
@@ -112,6 +115,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         orphan_candidates,
         breaker_held,
         pool_orphans,
+        export,
     }
 });
 

@@ -12,6 +12,7 @@
 
 pub mod filesystem;
 pub mod loopdev;
+pub mod nbd;
 pub mod mount;
 
 use std::io;
