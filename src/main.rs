@@ -61,6 +61,9 @@ enum Command {
     /// Measure and print figures (not a test: nothing is asserted).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// NBD export and attach on their own (serve an image, attach an export).
+    #[command(subcommand)]
+    Nbd(cinderblock::attach::nbd::cli::NbdCommand),
 }
 
 #[derive(clap::Args)]
@@ -359,6 +362,7 @@ async fn main() -> std::process::ExitCode {
         }
         Command::Tls(t) => run_tls(t),
         Command::Ctl(a) => cinderblock::ctl::run(a).await,
+        Command::Nbd(c) => cinderblock::attach::nbd::cli::run(c).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -30,8 +30,9 @@ pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const FLAG_SEND_DF: u16 = 1 << 7;
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
-pub const FLAG_SEND_CACHE: u16 = 1 << 9;
-pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 10;
+pub const FLAG_SEND_RESIZE: u16 = 1 << 9;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -41,8 +42,8 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_LIST_META_CONTEXT: u32 = 10;
-pub const OPT_SET_META_CONTEXT: u32 = 11;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option replies.
 pub const REP_ACK: u32 = 1;
