@@ -252,7 +252,14 @@ fn session(st: State, export: Arc<Export>, name: &str) -> Session {
 fn lookup(shared: &Shared, st: &State, name: &str) -> Lookup {
     let tls_required = shared.tls.is_some() && !st.tls_done;
     match shared.get(name) {
-        Some(e) if allowed(shared, &e, &st.peer, st.tls_peer.as_ref()) => Lookup::Found(e),
+        Some(e) if allowed(shared, &e, &st.peer, st.tls_peer.as_ref()) => {
+            // A volume expanded by the volume manager: new connections see
+            // the new size (the image only ever grows).
+            if let Ok(len) = e.image.len() {
+                e.size.fetch_max(len, std::sync::atomic::Ordering::AcqRel);
+            }
+            Lookup::Found(e)
+        }
         Some(_) if tls_required => Lookup::Refused(REP_ERR_TLS_REQD, "this export needs TLS".into()),
         Some(e) => {
             info!(peer = %st.peer, volume = %e.volume, tls = st.tls_done, "NBD peer refused: not the node this export is for");

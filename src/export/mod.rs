@@ -15,6 +15,8 @@ pub mod image;
 pub mod metrics;
 pub mod proto;
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod transmission;
 

@@ -157,6 +157,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(tls: Option<TlsSetup>, limits: Limits) -> TestServer {
+        TestServer::start_on(SocketAddr::new(LOOPBACK, 0), tls, limits)
+    }
+
+    /// On a given address (a restarted server takes its predecessor's).
+    pub fn start_on(bind: SocketAddr, tls: Option<TlsSetup>, limits: Limits) -> TestServer {
         let server = ExportServer::new(tls, limits);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -164,7 +169,7 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind((LOOPBACK, 0)).await.unwrap();
+                let listener = bind_retrying(bind).await;
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
                 s.serve(listener, async move {
                     let _ = stop_rx.await;
@@ -179,7 +184,10 @@ impl TestServer {
 
     /// Export `image` to `node`, also in plain text from loopback when `plain`.
     pub fn export(&self, image: &Path, node: &str, plain: bool) -> ExportName {
-        let name = ExportName::random();
+        self.export_named(image, ExportName::random(), node, plain)
+    }
+
+    pub fn export_named(&self, image: &Path, name: ExportName, node: &str, plain: bool) -> ExportName {
         self.server
             .add(ExportSpec {
                 name,
@@ -198,6 +206,20 @@ impl TestServer {
 
     pub fn uri(&self, name: &ExportName) -> String {
         format!("nbd://127.0.0.1:{}/{}", self.addr.port(), name)
+    }
+}
+
+async fn bind_retrying(addr: SocketAddr) -> tokio::net::TcpListener {
+    let started = std::time::Instant::now();
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                eprintln!("binding {addr}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("cannot bind {addr}: {e}"),
+        }
     }
 }
 

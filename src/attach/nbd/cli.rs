@@ -14,6 +14,63 @@ use crate::export::{Access, ExportName, ExportServer, ExportSpec, ImageSource, L
 pub enum NbdCommand {
     /// Serve one image over NBD until interrupted; prints the export name.
     Serve(ServeArgs),
+    /// Attach an export as a local block device and print its path. The
+    /// kernel engine returns at once (or, with --supervise, stays to
+    /// reconfigure the device when the server comes back); the FUSE engine
+    /// serves in the foreground until interrupted, then detaches.
+    Attach(AttachArgs),
+    /// Disconnect kernel nbd device N.
+    Detach {
+        #[arg(long)]
+        index: u32,
+    },
+    /// Give kernel nbd device N new connections and the export's current size.
+    Reconfigure {
+        #[arg(long)]
+        index: u32,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        export: String,
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+    },
+    /// Tell kernel nbd device N the export's current size (it grew).
+    Resize {
+        #[arg(long)]
+        index: u32,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        export: String,
+    },
+    /// List kernel nbd devices and whether each is connected.
+    Status,
+}
+
+#[derive(clap::Args)]
+pub struct AttachArgs {
+    /// host:port of the NBD server.
+    #[arg(long)]
+    pub address: String,
+    /// Export name.
+    #[arg(long)]
+    pub export: String,
+    /// kernel or fuse.
+    #[arg(long, default_value = "kernel", value_parser = ["kernel", "fuse"])]
+    pub engine: String,
+    /// TCP connections (kernel engine).
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Seconds the kernel device waits for new connections after losing them.
+    #[arg(long, default_value_t = 120)]
+    pub dead_connection_timeout: u64,
+    /// Kernel engine: stay and reconfigure the device when its connections die.
+    #[arg(long)]
+    pub supervise: bool,
+    /// FUSE engine: folder for the FUSE mount.
+    #[arg(long, default_value = "/run/cinderblock/nbd")]
+    pub state_dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -48,8 +105,75 @@ pub struct ServeArgs {
 }
 
 pub async fn run(command: NbdCommand) -> Result<(), String> {
+    use super::kernel;
     match command {
         NbdCommand::Serve(a) => serve(a).await,
+        NbdCommand::Attach(a) => attach(a).await,
+        NbdCommand::Detach { index } => kernel::disconnect(index).await.map_err(|e| e.to_string()),
+        NbdCommand::Reconfigure { index, address, export, connections } => {
+            let opts = kernel::KernelOptions { connections, ..Default::default() };
+            let size = kernel::reconfigure(index, &address, &export, &opts, &export).await.map_err(|e| e.to_string())?;
+            println!("/dev/nbd{index} {size}");
+            Ok(())
+        }
+        NbdCommand::Resize { index, address, export } => {
+            let size = kernel::resize(index, &address, &export, &export).await.map_err(|e| e.to_string())?;
+            println!("/dev/nbd{index} {size}");
+            Ok(())
+        }
+        NbdCommand::Status => {
+            for (index, connected) in kernel::status().await.map_err(|e| e.to_string())? {
+                println!("/dev/nbd{index} {}", if connected { "connected" } else { "free" });
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn attach(a: AttachArgs) -> Result<(), String> {
+    use super::kernel;
+    if a.engine == "fuse" {
+        let target = super::Target { address: a.address, export: a.export, tls: None };
+        let att = super::fuse::FuseAttachment::attach(target, &a.state_dir, Default::default(), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        println!("{}", att.device.path.display());
+        crate::server::shutdown_signal().await;
+        return att.detach().await.map_err(|e| e.to_string());
+    }
+    let opts = kernel::KernelOptions {
+        connections: a.connections,
+        dead_connection_timeout: std::time::Duration::from_secs(a.dead_connection_timeout),
+        ..Default::default()
+    };
+    // Listen before connecting so no notification is missed.
+    let watcher = if a.supervise { Some(kernel::LinkDeadWatcher::open().map_err(|e| e.to_string())?) } else { None };
+    let dev = kernel::connect(&a.address, &a.export, &opts, &a.export).await.map_err(|e| e.to_string())?;
+    println!("{}", dev.path.display());
+    let Some(watcher) = watcher else { return Ok(()) };
+    let watcher = std::sync::Arc::new(watcher);
+    loop {
+        let w = watcher.clone();
+        let next = tokio::task::spawn_blocking(move || w.next(std::time::Duration::from_secs(1)));
+        let dead = tokio::select! {
+            _ = crate::server::shutdown_signal() => return Ok(()),
+            r = next => r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?,
+        };
+        if dead != Some(dev.index) {
+            continue;
+        }
+        tracing::warn!(device = dev.index, "NBD connection lost; reconnecting");
+        let started = std::time::Instant::now();
+        loop {
+            match kernel::reconfigure(dev.index, &a.address, &a.export, &opts, &a.export).await {
+                Ok(_) => break,
+                Err(e) if started.elapsed() < opts.dead_connection_timeout => {
+                    tracing::warn!(error = %e, "reconnect failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(format!("/dev/nbd{} lost its server: {e}", dev.index)),
+            }
+        }
     }
 }
 
