@@ -16,7 +16,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need=()
-for tool in mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:util-linux blkid:util-linux fio:fio truncate:coreutils openssl:openssl; do
+for tool in mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:util-linux blkid:util-linux fio:fio truncate:coreutils openssl:openssl \
+    nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin qemu-nbd:qemu-utils qemu-img:qemu-utils qemu-io:qemu-utils; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -25,6 +26,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 modprobe loop 2>/dev/null || true
+modprobe fuse 2>/dev/null || true
 
 echo "== build"
 cargo build --all-targets --locked
@@ -43,6 +45,11 @@ cargo test --locked --no-fail-fast --lib --bins "${targets[@]}" -- --test-thread
 
 echo "== tests cannot pass vacuously (no root, a missing tool: they fail)"
 scripts/check-honest-tests.sh
+
+echo "== kernel NBD engine in a qemu guest with Debian's kernel (guest cached in .tools/vm)"
+vm_started=$(date +%s)
+scripts/vm/nbd-kernel-test.sh
+echo "   kernel NBD test in $(( $(date +%s) - vm_started ))s"
 
 echo "== conformance (csi-sanity)"
 scripts/csi-sanity.sh
