@@ -135,4 +135,39 @@ fn main() {
         let (l, o, q) = (median(l), median(o), median(q));
         println!("{:<22} {:>12.0} {:>12.0} {:>12.0} {:>9.0}% {:>9.0}%", w.name, l, o, q, 100.0 * o / l, 100.0 * o / q);
     }
+
+    if !rustix::process::geteuid().is_root() {
+        println!("(FUSE-engine figures need root: loop devices and a FUSE mount)");
+        return;
+    }
+    // The whole userspace attach path against a loop device on the image.
+    use cinderblock::attach::loopdev::{self, AttachOptions};
+    use cinderblock::attach::nbd::fuse::FuseAttachment;
+    let local_loop = loopdev::attach(&image, AttachOptions::for_block(false)).expect("loop device");
+    // Detached on every way out, a failed fio run included.
+    struct Detach(loopdev::LoopDevice);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = loopdev::detach(&self.0);
+        }
+    }
+    let local_loop = Detach(local_loop.release());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let fuse = rt.block_on(FuseAttachment::attach(ours.target(&name, None), state.path(), Default::default(), false)).expect("FUSE attach");
+    let dev = |p: &Path| vec!["--ioengine=libaio".to_string(), "--direct=1".into(), format!("--filename={}", p.display())];
+    let loop_t = dev(&local_loop.0.path);
+    let fuse_t = dev(&fuse.device.path);
+    println!("{:<22} {:>12} {:>12} {:>10}", "workload (IOPS)", "loop", "FUSE+NBD", "FUSE/loop");
+    for w in WORKLOADS {
+        let (mut l, mut f) = (vec![], vec![]);
+        for _ in 0..rounds {
+            l.push(fio(&loop_t, size_mib, w, runtime));
+            f.push(fio(&fuse_t, size_mib, w, runtime));
+        }
+        let (l, f) = (median(l), median(f));
+        println!("{:<22} {:>12.0} {:>12.0} {:>9.0}%", w.name, l, f, 100.0 * f / l);
+    }
+    rt.block_on(fuse.detach()).expect("FUSE detach");
+    drop(local_loop);
 }

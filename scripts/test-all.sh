@@ -20,10 +20,12 @@ fi
 need=()
 # The kubelet cluster's parts from Debian: runc, the CNI plugins, iptables and
 # conntrack (kube-proxy), busybox (test images), mmdebstrap (the image's root
-# file system), python3 (JSON of images and e2e reports).
+# file system), python3 (JSON of images and e2e reports); real NBD peers for
+# the interop tests (nbdkit, libnbd-bin, qemu-utils).
 for tool in mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:util-linux blkid:util-linux fio:fio truncate:coreutils openssl:openssl \
   runc:runc /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack \
-  /bin/busybox:busybox-static mmdebstrap:mmdebstrap python3:python3; do
+  /bin/busybox:busybox-static mmdebstrap:mmdebstrap python3:python3 \
+  nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin qemu-nbd:qemu-utils qemu-img:qemu-utils qemu-io:qemu-utils; do
   command -v "${tool%%:*}" >/dev/null || [ -x "${tool%%:*}" ] || need+=("${tool##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -32,6 +34,7 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 modprobe loop 2>/dev/null || true
+modprobe fuse 2>/dev/null || true
 
 echo "== build"
 cargo build --all-targets --locked
@@ -50,6 +53,11 @@ cargo test --locked --no-fail-fast --lib --bins "${targets[@]}" -- --test-thread
 
 echo "== tests cannot pass vacuously (no root, a missing tool: they fail)"
 scripts/check-honest-tests.sh
+
+echo "== kernel NBD engine in a qemu guest with Debian's kernel (guest cached in .tools/vm)"
+vm_started=$(date +%s)
+scripts/vm/nbd-kernel-test.sh
+echo "   kernel NBD test in $(( $(date +%s) - vm_started ))s"
 
 echo "== conformance (csi-sanity)"
 scripts/csi-sanity.sh

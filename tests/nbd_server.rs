@@ -334,3 +334,41 @@ fn removing_an_export_closes_its_connections_and_counts_show_in_metrics() {
         assert!(!cinderblock::metrics::METRICS.encode().contains(&volume));
     });
 }
+
+#[test]
+fn a_pool_volume_is_served_through_the_handle_the_volume_manager_opens() {
+    use cinderblock::export::{Access, ExportName, ExportSpec, ImageSource};
+    use cinderblock::volume::pool::CreateVolume;
+    use cinderblock::volume::{Pool, PoolConfig, Provisioning};
+    let dir = tempfile::Builder::new().prefix("cinderblock-nbd-pool-").tempdir_in("/var/tmp").unwrap();
+    let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+    pool.create_volume(CreateVolume {
+        id: "vol-exported".into(),
+        size_bytes: 4 * MIB,
+        provisioning: Provisioning::Thin,
+        source: None,
+        metadata: Default::default(),
+    })
+    .unwrap();
+    assert!(pool.open_volume_image("../etc").is_err(), "IDs that could leave the pool are refused");
+    assert!(pool.open_volume_image("vol-missing").is_err());
+    let srv = TestServer::start(None, Limits::default());
+    let name = ExportName::random();
+    srv.server
+        .add(ExportSpec {
+            name,
+            volume: "vol-exported".into(),
+            image: ImageSource::File(pool.open_volume_image("vol-exported").unwrap()),
+            read_only: false,
+            access: Access { node: "node-b".into(), plain_from: vec![LOOPBACK] },
+        })
+        .unwrap();
+    runtime().block_on(async {
+        let c = Client::connect(&srv.target(&name, None), T).await.unwrap();
+        assert_eq!(c.info().size, 4 * MIB);
+        c.write(MIB, b"through the handle", true).await.unwrap();
+        c.disconnect().await.unwrap();
+    });
+    let img = std::fs::read(pool.volume_image("vol-exported")).unwrap();
+    assert_eq!(&img[MIB as usize..MIB as usize + 18], b"through the handle");
+}

@@ -80,7 +80,13 @@ impl Exports {
 
     fn serve(&self, rec: &ExportRecord) -> Result<(), Status> {
         let name = ExportName::parse(&rec.export_name).ok_or_else(|| Status::internal("an export record holds a malformed name"))?;
-        let file = self.pool.open_image(&rec.volume_id, rec.read_only).map_err(Status::from)?;
+        let file = if rec.read_only {
+            // Read-only exports are served read-only (the server never writes them).
+            self.pool.get_volume(&rec.volume_id).map_err(Status::from)?;
+            std::fs::File::open(self.pool.volume_image(&rec.volume_id)).map_err(|e| Status::internal(format!("opening volume {}: {e}", rec.volume_id)))?
+        } else {
+            self.pool.open_volume_image(&rec.volume_id).map_err(Status::from)?
+        };
         let spec = ExportSpec {
             name,
             volume: rec.volume_id.clone(),

@@ -568,17 +568,6 @@ impl Pool {
             .ok_or_else(|| VolumeError::NotFound { kind: "volume", id: id.to_string() })
     }
 
-    /// An open handle on an Available volume's image, for the NBD export
-    /// (the export server never builds a path of its own).
-    pub fn open_image(&self, id: &str, read_only: bool) -> Result<File, VolumeError> {
-        let v = self.get_volume(id)?;
-        if v.state != State::Available {
-            return Err(VolumeError::NotFound { kind: "volume", id: id.to_string() });
-        }
-        let image = self.volume_image(id);
-        File::options().read(true).write(!read_only).open(&image).map_err(VolumeError::io(format!("opening {}", image.display())))
-    }
-
     pub fn list_volumes(&self) -> Vec<VolumeRecord> {
         self.index().volumes.values().cloned().collect()
     }

@@ -116,18 +116,23 @@ pub async fn handshake_plain_tcp(tcp: TcpStream, export: &str) -> Result<(TcpStr
 
 async fn negotiate(mut s: Box<dyn Stream>, target: &Target, structured: bool) -> Result<(Box<dyn Stream>, ExportInfo), NbdError> {
     greet(&mut s).await?;
-    if let Some(tls) = &target.tls {
-        send_option(&mut s, OPT_STARTTLS, &[]).await?;
-        let (reply, payload) = read_option_reply(&mut s, OPT_STARTTLS).await?;
-        if reply != REP_ACK {
-            return Err(refused(OPT_STARTTLS, reply, &payload));
-        }
-        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-        let tls_stream = connector.connect(tls.server_name.clone(), s).await.map_err(|e| NbdError::Tls(e.to_string()))?;
-        s = Box::new(tls_stream);
-    }
+    let mut s = start_tls(s, target).await?;
     let info = options(&mut s, target, structured).await?;
     Ok((s, info))
+}
+
+/// STARTTLS as the first option when the target asks for TLS; no TLS, no
+/// session (a refusal is an error, never a silent plain-text fallback).
+async fn start_tls(mut s: Box<dyn Stream>, target: &Target) -> Result<Box<dyn Stream>, NbdError> {
+    let Some(tls) = &target.tls else { return Ok(s) };
+    send_option(&mut s, OPT_STARTTLS, &[]).await?;
+    let (reply, payload) = read_option_reply(&mut s, OPT_STARTTLS).await?;
+    if reply != REP_ACK {
+        return Err(refused(OPT_STARTTLS, reply, &payload));
+    }
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let tls_stream = connector.connect(tls.server_name.clone(), s).await.map_err(|e| NbdError::Tls(e.to_string()))?;
+    Ok(Box::new(tls_stream))
 }
 
 async fn negotiate_on<S: Stream>(s: &mut S, target: &Target, structured: bool) -> Result<ExportInfo, NbdError> {
@@ -257,15 +262,7 @@ pub async fn list_exports(target: &Target) -> Result<Vec<String>, NbdError> {
         .map_err(|error| NbdError::Connect { address: target.address.clone(), error })?;
     let mut s: Box<dyn Stream> = Box::new(tcp);
     greet(&mut s).await?;
-    if let Some(tls) = &target.tls {
-        send_option(&mut s, OPT_STARTTLS, &[]).await?;
-        let (reply, payload) = read_option_reply(&mut s, OPT_STARTTLS).await?;
-        if reply != REP_ACK {
-            return Err(refused(OPT_STARTTLS, reply, &payload));
-        }
-        let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-        s = Box::new(connector.connect(tls.server_name.clone(), s).await.map_err(|e| NbdError::Tls(e.to_string()))?);
-    }
+    let mut s = start_tls(s, target).await?;
     send_option(&mut s, OPT_LIST, &[]).await?;
     let mut names = Vec::new();
     loop {

@@ -126,16 +126,10 @@ pub async fn connect(address: &str, export: &str, opts: &KernelOptions, identifi
     put_u64(&mut attrs, NBD_ATTR_CLIENT_FLAGS, NBD_CFLAG_DESTROY_ON_DISCONNECT);
     put_str(&mut attrs, NBD_ATTR_BACKEND_IDENTIFIER, identifier);
     put_sockets(&mut attrs, &fds);
-    let reply = tokio::task::spawn_blocking(move || {
-        let nl = Genl::open()?;
-        let family = nl.family("nbd")?;
-        nl.request(family, NBD_CMD_CONNECT, &attrs, "CONNECT")
-    })
-    .await
-    .expect("netlink task")?;
+    let reply = nbd_request(NBD_CMD_CONNECT, attrs, "CONNECT").await?;
     // The kernel holds its own references to the sockets now.
     drop(fds);
-    let index = find_attr(&reply, NBD_ATTR_INDEX).map(|v| u32::from_ne_bytes(v[..4].try_into().unwrap()));
+    let index = find_attr(&reply, NBD_ATTR_INDEX).and_then(u32_of);
     let index = index.ok_or_else(|| KernelError::Netlink(io::Error::other("CONNECT reply without a device index")))?;
     info!(device = index, size = info.size, connections = opts.connections, "NBD export connected to the kernel driver");
     Ok(KernelDevice { index, path: PathBuf::from(format!("/dev/nbd{index}")), size: info.size })
@@ -150,13 +144,7 @@ pub async fn reconfigure(index: u32, address: &str, export: &str, opts: &KernelO
     put_u64(&mut attrs, NBD_ATTR_SIZE_BYTES, info.size);
     put_str(&mut attrs, NBD_ATTR_BACKEND_IDENTIFIER, identifier);
     put_sockets(&mut attrs, &fds);
-    tokio::task::spawn_blocking(move || {
-        let nl = Genl::open()?;
-        let family = nl.family("nbd")?;
-        nl.request(family, NBD_CMD_RECONFIGURE, &attrs, "RECONFIGURE")
-    })
-    .await
-    .expect("netlink task")?;
+    nbd_request(NBD_CMD_RECONFIGURE, attrs, "RECONFIGURE").await?;
     drop(fds);
     info!(device = index, size = info.size, "NBD device reconfigured with new connections");
     Ok(info.size)
@@ -171,13 +159,7 @@ pub async fn resize(index: u32, address: &str, export: &str, identifier: &str) -
     put_u32(&mut attrs, NBD_ATTR_INDEX, index);
     put_u64(&mut attrs, NBD_ATTR_SIZE_BYTES, info.size);
     put_str(&mut attrs, NBD_ATTR_BACKEND_IDENTIFIER, identifier);
-    tokio::task::spawn_blocking(move || {
-        let nl = Genl::open()?;
-        let family = nl.family("nbd")?;
-        nl.request(family, NBD_CMD_RECONFIGURE, &attrs, "RECONFIGURE")
-    })
-    .await
-    .expect("netlink task")?;
+    nbd_request(NBD_CMD_RECONFIGURE, attrs, "RECONFIGURE").await?;
     info!(device = index, size = info.size, "NBD device resized");
     Ok(info.size)
 }
@@ -186,10 +168,15 @@ pub async fn resize(index: u32, address: &str, export: &str, identifier: &str) -
 pub async fn disconnect(index: u32) -> Result<(), KernelError> {
     let mut attrs = Vec::new();
     put_u32(&mut attrs, NBD_ATTR_INDEX, index);
+    nbd_request(NBD_CMD_DISCONNECT, attrs, "DISCONNECT").await.map(drop)
+}
+
+/// One request to the nbd family, on the blocking pool.
+async fn nbd_request(cmd: u8, attrs: Vec<u8>, what: &'static str) -> Result<Vec<u8>, KernelError> {
     tokio::task::spawn_blocking(move || {
         let nl = Genl::open()?;
         let family = nl.family("nbd")?;
-        nl.request(family, NBD_CMD_DISCONNECT, &attrs, "DISCONNECT").map(drop)
+        nl.request(family, cmd, &attrs, what)
     })
     .await
     .expect("netlink task")
@@ -197,27 +184,23 @@ pub async fn disconnect(index: u32) -> Result<(), KernelError> {
 
 /// Indexes of nbd devices and whether each is connected.
 pub async fn status() -> Result<Vec<(u32, bool)>, KernelError> {
-    tokio::task::spawn_blocking(move || {
-        let nl = Genl::open()?;
-        let family = nl.family("nbd")?;
-        let reply = nl.request(family, NBD_CMD_STATUS, &[], "STATUS")?;
+    let reply = nbd_request(NBD_CMD_STATUS, Vec::new(), "STATUS").await?;
+    {
         let mut out = Vec::new();
         if let Some(list) = find_attr(&reply, NBD_ATTR_DEVICE_LIST) {
             for (t, item) in attrs(list) {
                 if t != NBD_DEVICE_ITEM {
                     continue;
                 }
-                let idx = find_attr(item, NBD_DEVICE_INDEX).map(|v| u32::from_ne_bytes(v[..4].try_into().unwrap()));
-                let conn = find_attr(item, NBD_DEVICE_CONNECTED).map(|v| v[0] != 0).unwrap_or(false);
+                let idx = find_attr(item, NBD_DEVICE_INDEX).and_then(u32_of);
+                let conn = find_attr(item, NBD_DEVICE_CONNECTED).and_then(|v| v.first()).is_some_and(|&b| b != 0);
                 if let Some(i) = idx {
                     out.push((i, conn));
                 }
             }
         }
         Ok(out)
-    })
-    .await
-    .expect("netlink task")
+    }
 }
 
 /// The driver's "nbd_mc_group" notifications: which device lost a
@@ -239,7 +222,7 @@ impl LinkDeadWatcher {
         let group = attrs(groups).into_iter().find_map(|(_, g)| {
             let name = find_attr(g, CTRL_ATTR_MCAST_GRP_NAME)?;
             (name.strip_suffix(b"\0").unwrap_or(name) == b"nbd_mc_group")
-                .then(|| find_attr(g, CTRL_ATTR_MCAST_GRP_ID).map(|v| u32::from_ne_bytes(v[..4].try_into().unwrap())))
+                .then(|| find_attr(g, CTRL_ATTR_MCAST_GRP_ID).and_then(u32_of))
                 .flatten()
         });
         let group = group.ok_or_else(|| KernelError::Netlink(io::Error::other("the nbd family has no nbd_mc_group")))?;
@@ -280,7 +263,7 @@ impl LinkDeadWatcher {
         if msg.len() < 20 || msg[16] != NBD_CMD_LINK_DEAD {
             return Ok(None);
         }
-        Ok(find_attr(&msg[20..], NBD_ATTR_INDEX).map(|v| u32::from_ne_bytes(v[..4].try_into().unwrap())))
+        Ok(find_attr(&msg[20..], NBD_ATTR_INDEX).and_then(u32_of))
     }
 }
 
@@ -333,6 +316,10 @@ fn attrs(mut buf: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
+fn u32_of(v: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?))
+}
+
 fn find_attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
     attrs(buf).into_iter().find(|(k, _)| *k == kind).map(|(_, v)| v)
 }
@@ -369,7 +356,7 @@ impl Genl {
         put_str(&mut a, CTRL_ATTR_FAMILY_NAME, name);
         match self.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, &a, "GETFAMILY") {
             Ok(reply) => find_attr(&reply, CTRL_ATTR_FAMILY_ID)
-                .map(|v| u16::from_ne_bytes([v[0], v[1]]))
+                .and_then(|v| Some(u16::from_ne_bytes(v.get(..2)?.try_into().ok()?)))
                 .ok_or_else(|| KernelError::Netlink(io::Error::other("family reply without an ID"))),
             Err(KernelError::Refused { error, .. }) if error.raw_os_error() == Some(libc::ENOENT) => Err(KernelError::NoDriver),
             Err(e) => Err(e),
@@ -426,7 +413,7 @@ impl Genl {
                 let body = &rest[16..mlen];
                 match mtype {
                     NLMSG_ERROR => {
-                        let code = i32::from_ne_bytes(body[0..4].try_into().unwrap());
+                        let code = u32_of(body).map(|c| c as i32).ok_or_else(|| KernelError::Netlink(io::Error::other("short netlink error message")))?;
                         if code == 0 {
                             return Ok(reply);
                         }
