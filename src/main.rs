@@ -303,6 +303,9 @@ struct NodeArgs {
     /// export names. Unset: this node exports nothing.
     #[arg(long, env = "CINDERBLOCK_NBD_LISTEN")]
     nbd_listen: Option<SocketAddr>,
+    /// Where remote volumes are attached (FUSE engine mounts, one folder per volume).
+    #[arg(long, env = "CINDERBLOCK_ATTACH_STATE_DIR", default_value = "/run/cinderblock/attach")]
+    attach_state_dir: PathBuf,
     /// host:port other nodes reach the NBD server at (default: --nbd-listen's).
     #[arg(long, env = "CINDERBLOCK_NBD_ADVERTISE")]
     nbd_advertise: Option<String>,
@@ -430,6 +433,11 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     let agent_addr = agent_listener.local_addr().map_err(|e| e.to_string())?;
     let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
 
+    // Volumes of other nodes attach here over NBD (kernel engine where the
+    // nbd module answers, FUSE otherwise).
+    let engine = Arc::new(cinderblock::attach::nbd::Engine::detect(&args.attach_state_dir).await);
+    info!(engine = engine.name(), "remote attach engine");
+    let remote = cinderblock::node::remote::RemoteConfig { engine: engine.clone(), tls: tls_dir.clone(), state_root: args.attach_state_dir.clone() };
     let mut agent_service = AgentService::new(pool.clone(), args.node_id.clone(), fence);
     if let Some(listen) = args.nbd_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("NBD server cannot listen on {listen}: {e}"))?;
@@ -452,6 +460,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             pool: pool.clone(),
             allowed_roots: cinderblock::node::kubelet_roots(&args.kubelet_dir).into_iter().chain(args.allowed_roots.clone()).collect(),
             max_volumes: args.max_volumes,
+            remote: Some(remote),
         })))
         .serve_with_incoming_shutdown(csi_incoming, server::shutdown_signal());
     if let Some(addr) = args.metrics_addr {

@@ -102,6 +102,13 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         }
     }
     let (pool, node_id, zone) = first_pool.expect("at least one node");
+    // Node 1's Node service attaches the other nodes' volumes over NBD.
+    let attach_root = data_dir.join(&node_id).join("attach");
+    let remote = crate::node::remote::RemoteConfig {
+        engine: Arc::new(crate::attach::nbd::Engine::detect(&attach_root).await),
+        tls: TlsDir::open(&tls::authority::local_peer_dir(&tls_dir, &Peer::Node(node_id.clone()))).map_err(|e| e.to_string())?,
+        state_root: attach_root,
+    };
     if let Some(addr) = cfg.metrics_addr {
         tasks.spawn(crate::metrics::serve(addr));
     }
@@ -123,6 +130,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
             pool,
             allowed_roots,
             max_volumes: cfg.max_volumes as i64,
+            remote: Some(remote),
         })))
         .serve_with_incoming_shutdown(incoming, server::shutdown_signal());
     tasks.spawn(async move { csi.await.map_err(|e| format!("CSI server: {e}")) });

@@ -484,6 +484,9 @@ fn backing_identity(number: u32) -> Result<Option<(u64, u64)>> {
     match unsafe { ioctl::ioctl(&file, Getter::<LOOP_GET_STATUS64, LoopInfo64>::new()) } {
         Ok(info) => Ok(Some((info.lo_device, info.lo_inode))),
         Err(Errno::NXIO) => Ok(None),
+        // Bound to a file whose FUSE server is gone (a remote attachment of
+        // a node plugin that died): not bound to any file that exists.
+        Err(Errno::NOTCONN) => Ok(None),
         Err(e) => Err(AttachError::LoopIoctl { op: "LOOP_GET_STATUS64", device: path, error: e.into() }),
     }
 }

@@ -15,7 +15,7 @@ use tracing::info;
 use super::manager::{store_status, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
-use crate::attach::nbd::{CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_TRANSPORT, TRANSPORT_NBD};
+use crate::attach::nbd::{CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TRANSPORT, TRANSPORT_NBD};
 use crate::store::{self, Kind};
 
 /// `publish_context` transport value for a volume used on its own node.
@@ -37,6 +37,7 @@ fn context_of(rec: &ExportRec) -> BTreeMap<String, String> {
         c.insert(CONTEXT_TRANSPORT.to_string(), TRANSPORT_NBD.to_string());
         c.insert(CONTEXT_ADDRESS.to_string(), rec.address.clone());
         c.insert(CONTEXT_EXPORT.to_string(), rec.export_name.clone());
+        c.insert(CONTEXT_OWNER.to_string(), rec.owner_node.clone());
     } else {
         c.insert(CONTEXT_TRANSPORT.to_string(), TRANSPORT_LOCAL.to_string());
     }

@@ -26,6 +26,7 @@ mod host;
 mod inflight;
 mod paths;
 mod publish;
+pub mod remote;
 mod stage;
 mod usage;
 
@@ -58,6 +59,8 @@ pub struct NodeConfig {
     pub allowed_roots: Vec<PathBuf>,
     /// NodeGetInfo max_volumes_per_node; 0 for no limit.
     pub max_volumes: i64,
+    /// How volumes of other nodes are attached here (None: only local ones).
+    pub remote: Option<remote::RemoteConfig>,
 }
 
 pub struct NodeService {
@@ -69,6 +72,7 @@ struct Node {
     config: NodeConfig,
     roots: AllowedRoots,
     inflight: InFlight,
+    remote: Option<remote::Remote>,
 }
 
 impl NodeService {
@@ -76,7 +80,8 @@ impl NodeService {
         // Snapshots of volumes staged here are cut with their filesystem frozen.
         config.pool.set_freezer(Arc::new(freeze::MountedFilesystems));
         let roots = AllowedRoots::new(config.allowed_roots.clone());
-        NodeService { node: Arc::new(Node { config, roots, inflight: InFlight::default() }) }
+        let remote = config.remote.clone().map(remote::Remote::new);
+        NodeService { node: Arc::new(Node { config, roots, inflight: InFlight::default(), remote }) }
     }
 
     /// Run one call as its own task, so that a caller giving up (a dropped

@@ -38,9 +38,12 @@ impl Node {
         }
         let staging = self.roots.check("staging_target_path", &req.staging_target_path)?;
         let _guard = self.inflight.try_begin(&id)?;
-        self.config.pool.get_volume(&id)?;
+        let (image, known) = self.image_of(&id, &staging).await?;
+        if !known {
+            return Err(NodeError::VolumeNotFound { id });
+        }
         let p = Publish {
-            image: self.config.pool.volume_image(&id),
+            image,
             id,
             staging,
             target,
@@ -62,7 +65,7 @@ impl Node {
         let _guard = self.inflight.try_begin(&id)?;
         // By path, as for unstage: a retried unpublish of a volume deleted
         // since is still OK.
-        let image = self.config.pool.volume_image(&id);
+        let (image, _) = self.image_of(&id, &target).await?;
         let roots = self.roots.clone();
         blocking(move || unpublish(&roots, &id, &image, &target)).await
     }

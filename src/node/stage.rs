@@ -15,6 +15,7 @@ use super::capability::{self, Access};
 use super::error::NodeError;
 use super::host::{detach_unused, list, loop_of_mount, mount_at, mounts_of, mounts_of_image};
 use super::paths::{AllowedRoots, CreatedDirs};
+use super::remote::remote_target;
 use super::{blocking, check_id, Node};
 
 impl Node {
@@ -24,20 +25,40 @@ impl Node {
         must_be_folder_if_present("staging_target_path", &staging)?;
         let cap = capability::parse(req.volume_capability.as_ref())?;
         let _guard = self.inflight.try_begin(&id)?;
-        let record = self.config.pool.get_volume(&id)?;
-        if record.state != State::Available {
-            return Err(NodeError::Unusable {
-                id,
-                detail: format!("is {:?} in the pool; wait until it is Available", record.state),
-            });
-        }
-        let image = self.config.pool.volume_image(&id);
         let read_only = cap.read_only;
+        // A volume of another node: its NBD export, attached here, is the
+        // image; everything after that is the same as for a local volume.
+        let (image, attached_now) = match remote_target(&req.publish_context)? {
+            Some(target) => {
+                let remote = self.remote.as_ref().ok_or_else(|| NodeError::Unusable {
+                    id: id.clone(),
+                    detail: "lives on another node, and this node plugin attaches no remote volumes (it has no certificate folder for NBD)".into(),
+                })?;
+                remote.attach(&id, &target, read_only).await?
+            }
+            None => {
+                let record = self.config.pool.get_volume(&id)?;
+                if record.state != State::Available {
+                    return Err(NodeError::Unusable {
+                        id,
+                        detail: format!("is {:?} in the pool; wait until it is Available", record.state),
+                    });
+                }
+                (self.config.pool.volume_image(&id), false)
+            }
+        };
         let roots = self.roots.clone();
-        match cap.access {
-            Access::Block => blocking(move || stage_block(&roots, &id, &image, &staging, read_only)).await,
-            Access::Mount { fs, flags } => stage_filesystem(roots, id, image, staging, fs, flags, read_only).await,
+        let vid = id.clone();
+        let result = match cap.access {
+            Access::Block => blocking(move || stage_block(&roots, &vid, &image, &staging, read_only)).await,
+            Access::Mount { fs, flags } => stage_filesystem(roots, vid, image, staging, fs, flags, read_only).await,
+        };
+        if result.is_err() && attached_now {
+            if let Some(r) = &self.remote {
+                r.release(&id).await;
+            }
         }
+        result
     }
 
     pub(super) async fn unstage(&self, req: csi::NodeUnstageVolumeRequest) -> Result<(), NodeError> {
@@ -45,11 +66,73 @@ impl Node {
         let staging = self.roots.check("staging_target_path", &req.staging_target_path)?;
         let _guard = self.inflight.try_begin(&id)?;
         // By path, not by record: a volume deleted while staged is still
-        // cleaned up, and a retried unstage of a deleted volume is OK.
-        let image = self.config.pool.volume_image(&id);
+        // cleaned up, and a retried unstage of a deleted volume is OK. A
+        // remote volume's image is its attachment's backing path: the one
+        // this process holds, or the one its staging mount shows.
+        let mut image = self.config.pool.volume_image(&id);
+        let mut remote = false;
+        if let Some(r) = &self.remote {
+            if let Some(b) = r.backing_of(&id).await {
+                (image, remote) = (b, true);
+            } else {
+                let (s, vid) = (staging.clone(), id.clone());
+                if let Some(b) = blocking(move || staged_backing(&s, &vid)).await? {
+                    if r.is_remote_backing(&b) {
+                        (image, remote) = (b, true);
+                    }
+                }
+            }
+        }
         let roots = self.roots.clone();
-        blocking(move || unstage(&roots, &id, &image, &staging)).await
+        let vid = id.clone();
+        blocking(move || unstage(&roots, &vid, &image, &staging)).await?;
+        if remote {
+            if let Some(r) = &self.remote {
+                r.release(&id).await;
+            }
+        }
+        Ok(())
     }
+}
+
+impl Node {
+    /// The image a volume is attached from on this host, and whether the
+    /// volume is known here: its pool image when the pool holds it; for a
+    /// remote volume its attachment's backing path (held by this process,
+    /// or seen in the loop device mounted at `at`, a staging or target
+    /// path). An unknown volume gets its pool image path (cleanups by path
+    /// of a volume deleted meanwhile still work).
+    pub(super) async fn image_of(&self, id: &str, at: &Path) -> Result<(PathBuf, bool), NodeError> {
+        if self.config.pool.get_volume(id).is_ok() {
+            return Ok((self.config.pool.volume_image(id), true));
+        }
+        if let Some(r) = &self.remote {
+            if let Some(b) = r.backing_of(id).await {
+                return Ok((b, true));
+            }
+            let (p, vid) = (at.to_path_buf(), id.to_string());
+            if let Some(b) = blocking(move || staged_backing(&p, &vid)).await? {
+                if r.is_remote_backing(&b) {
+                    return Ok((b, false));
+                }
+            }
+        }
+        Ok((self.config.pool.volume_image(id), false))
+    }
+}
+
+/// The backing file of the loop device mounted at `at` (a filesystem or a
+/// raw block device's marker below it), if any.
+fn staged_backing(staging: &Path, id: &str) -> Result<Option<PathBuf>, NodeError> {
+    let table = mount_table()?;
+    for at in [staging.to_path_buf(), block_marker(staging, id)] {
+        if let Some(m) = mount_at(&table, &at) {
+            if let Some(dev) = loop_of_mount(m)? {
+                return Ok(Some(dev.backing));
+            }
+        }
+    }
+    Ok(None)
 }
 
 pub(super) fn must_be_folder_if_present(field: &'static str, path: &Path) -> Result<(), NodeError> {

@@ -174,8 +174,7 @@ impl Node {
         }
         // Not required: a volume deleted from the pool while in use is
         // still reported, as abnormal.
-        let known = self.config.pool.get_volume(&id).is_ok();
-        let image = self.config.pool.volume_image(&id);
+        let (image, known) = self.image_of(&id, &path).await?;
         let (found, problem, usage) = {
             let (id, path, image) = (id.clone(), path.clone(), image.clone());
             blocking(move || {
@@ -240,6 +239,12 @@ impl Node {
             None => (0, 0),
         };
         let _guard = self.inflight.try_begin(&id)?;
+        if self.config.pool.get_volume(&id).is_err() && self.image_of(&id, &path).await?.1 {
+            return Err(NodeError::Unusable {
+                id,
+                detail: "is attached from another node over NBD; its new size shows here when it is staged again (online growth of remote volumes is not supported yet)".into(),
+            });
+        }
         let record = self.config.pool.get_volume(&id)?;
         if required > record.size_bytes {
             return Err(NodeError::CapacityRange {

@@ -251,26 +251,29 @@ pub enum FuseError {
     Folder { path: PathBuf, error: std::io::Error },
 }
 
-/// An attached export: the FUSE mount, the loop device on its file, and the
-/// client serving both. Detach with [`FuseAttachment::detach`]; dropping it
-/// unmounts too, which fails the device's I/O.
-pub struct FuseAttachment {
-    pub device: LoopDevice,
+/// An export served as one file through FUSE (`<state_dir>/fuse/disk`),
+/// without a loop device yet: the node's stage code loop-attaches it like
+/// a local image, so staging, idempotency checks and unstaging are the same
+/// code for local and remote volumes. Unmount with [`FuseFile::unmount`];
+/// dropping it unmounts too, which fails the I/O of whatever still uses it.
+pub struct FuseFile {
     pub file: PathBuf,
     pub client: Arc<ResilientClient>,
+    pub size: u64,
+    pub read_only: bool,
     mountpoint: PathBuf,
     session: Option<fuser::BackgroundSession>,
 }
 
-impl FuseAttachment {
-    /// Connect to `target` and attach it. `state_dir` holds the FUSE mount
-    /// (`<state_dir>/fuse/disk`); one attachment per folder.
-    pub async fn attach(target: Target, state_dir: &Path, policy: ReconnectPolicy, read_only: bool) -> Result<FuseAttachment, FuseError> {
+impl FuseFile {
+    /// Connect to `target` and serve it as a file under `state_dir`.
+    pub async fn mount(target: Target, state_dir: &Path, policy: ReconnectPolicy, read_only: bool) -> Result<FuseFile, FuseError> {
         let client = Arc::new(ResilientClient::connect(target, policy).await?);
         let info = client.info();
         let mountpoint = state_dir.join("fuse");
         std::fs::create_dir_all(&mountpoint).map_err(|error| FuseError::Folder { path: mountpoint.clone(), error })?;
-        let fs = NbdFile { client: client.clone(), rt: Handle::current(), size: info.size, read_only: read_only || info.read_only() };
+        let read_only = read_only || info.read_only();
+        let fs = NbdFile { client: client.clone(), rt: Handle::current(), size: info.size, read_only };
         let mut config = fuser::Config::default();
         config.mount_options = vec![
             MountOption::FSName("cinderblock-nbd".into()),
@@ -287,36 +290,64 @@ impl FuseAttachment {
             .expect("mount task")
             .map_err(|error| FuseError::Mount { path: mountpoint.clone(), error })?;
         let file = mountpoint.join(DISK_FILE);
-        let opts = AttachOptions::for_block(read_only || info.read_only());
-        let f = file.clone();
-        let handle = match tokio::task::spawn_blocking(move || loopdev::attach(&f, opts)).await.expect("attach task") {
-            Ok(h) => h,
-            Err(e) => {
-                drop(session);
-                return Err(e.into());
-            }
-        };
-        info!(device = %handle.device.path.display(), size = info.size, direct_io = handle.direct_io, "NBD export attached through FUSE");
-        Ok(FuseAttachment { device: handle.release(), file, client, mountpoint, session: Some(session) })
+        info!(file = %file.display(), size = info.size, "NBD export served as a FUSE file");
+        Ok(FuseFile { file, client, size: info.size, read_only, mountpoint, session: Some(session) })
     }
 
-    /// Detach the loop device, flush, disconnect and unmount.
-    pub async fn detach(mut self) -> Result<(), FuseError> {
-        let dev = self.device.clone();
-        tokio::task::spawn_blocking(move || loopdev::detach(&dev)).await.expect("detach task")?;
+    /// Flush, disconnect and unmount (nothing may use the file any more).
+    pub async fn unmount(mut self) {
         if let Err(e) = self.client.disconnect().await {
             warn!(error = %e, "NBD disconnect failed; unmounting anyway");
         }
         let session = self.session.take();
         tokio::task::spawn_blocking(move || drop(session)).await.expect("unmount task");
         let _ = std::fs::remove_dir(&self.mountpoint);
+    }
+}
+
+/// An attached export: a [`FuseFile`] and the loop device on it, for tools
+/// and tests that want a block device straight away. Detach with
+/// [`FuseAttachment::detach`]; dropping it unmounts too, which fails the
+/// device's I/O.
+pub struct FuseAttachment {
+    pub device: LoopDevice,
+    pub file: PathBuf,
+    pub client: Arc<ResilientClient>,
+    inner: Option<FuseFile>,
+}
+
+impl FuseAttachment {
+    /// Connect to `target` and attach it. `state_dir` holds the FUSE mount
+    /// (`<state_dir>/fuse/disk`); one attachment per folder.
+    pub async fn attach(target: Target, state_dir: &Path, policy: ReconnectPolicy, read_only: bool) -> Result<FuseAttachment, FuseError> {
+        let inner = FuseFile::mount(target, state_dir, policy, read_only).await?;
+        let opts = AttachOptions::for_block(inner.read_only);
+        let f = inner.file.clone();
+        let handle = match tokio::task::spawn_blocking(move || loopdev::attach(&f, opts)).await.expect("attach task") {
+            Ok(h) => h,
+            Err(e) => {
+                inner.unmount().await;
+                return Err(e.into());
+            }
+        };
+        info!(device = %handle.device.path.display(), size = inner.size, direct_io = handle.direct_io, "NBD export attached through FUSE");
+        Ok(FuseAttachment { device: handle.release(), file: inner.file.clone(), client: inner.client.clone(), inner: Some(inner) })
+    }
+
+    /// Detach the loop device, flush, disconnect and unmount.
+    pub async fn detach(mut self) -> Result<(), FuseError> {
+        let dev = self.device.clone();
+        tokio::task::spawn_blocking(move || loopdev::detach(&dev)).await.expect("detach task")?;
+        if let Some(inner) = self.inner.take() {
+            inner.unmount().await;
+        }
         Ok(())
     }
 }
 
 impl Drop for FuseAttachment {
     fn drop(&mut self) {
-        if self.session.is_some() {
+        if self.inner.is_some() {
             let _ = loopdev::detach(&self.device);
         }
     }

@@ -25,6 +25,8 @@ pub use client::{Client, ClientTls, ExportInfo, NbdError, Target};
 pub const CONTEXT_TRANSPORT: &str = "cinderblock.dev/transport";
 pub const CONTEXT_ADDRESS: &str = "cinderblock.dev/nbd-address";
 pub const CONTEXT_EXPORT: &str = "cinderblock.dev/nbd-export";
+/// The node that serves the export: its certificate must name that node.
+pub const CONTEXT_OWNER: &str = "cinderblock.dev/nbd-owner";
 /// The value of `CONTEXT_TRANSPORT` for NBD.
 pub const TRANSPORT_NBD: &str = "nbd";
 

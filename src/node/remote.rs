@@ -1,0 +1,179 @@
+//! Volumes whose image lives on another node (os-brick's `connect_volume`):
+//! the publish context names the owner's NBD export; the attach engine makes
+//! it a local *backing path*, and staging then loop-attaches that path
+//! exactly as it attaches a local image. So idempotency, the mount-table
+//! checks and unstaging are one code path for local and remote volumes.
+//!
+//! - FUSE engine (this machine's kernel has no nbd module): our NBD client
+//!   behind a one-file FUSE filesystem at `<state>/<volume>/fuse/disk`.
+//! - Kernel engine: `/dev/nbdN` (a loop device on it keeps staging uniform).
+//!
+//! The attachment lives in this process: the node plugin keeps it while the
+//! volume is staged and lets it go at unstage. After a restart of the node
+//! plugin a FUSE attachment is gone (its I/O fails; docs/nbd.md), and
+//! unstage still cleans up what is left by the paths it predicts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::attach::nbd::fuse::FuseFile;
+use crate::attach::nbd::{kernel, ClientTls, Engine, Target, CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TRANSPORT, TRANSPORT_NBD};
+use crate::tls::{AgentConnector, Peer, TlsDir};
+
+use super::error::NodeError;
+
+/// How this node attaches remote volumes.
+#[derive(Clone)]
+pub struct RemoteConfig {
+    pub engine: Arc<Engine>,
+    /// This node's certificate folder: its certificate opens the owner's export.
+    pub tls: Arc<TlsDir>,
+    /// Where FUSE attachments are mounted (`<state>/<volume>/fuse/disk`).
+    pub state_root: PathBuf,
+}
+
+enum Backing {
+    Fuse(FuseFile),
+    Kernel { index: u32, path: PathBuf },
+}
+
+impl Backing {
+    fn path(&self) -> &Path {
+        match self {
+            Backing::Fuse(f) => &f.file,
+            Backing::Kernel { path, .. } => path,
+        }
+    }
+}
+
+/// Which export a staged remote volume uses, and the attachment serving it.
+struct Attached {
+    export: String,
+    backing: Backing,
+}
+
+/// What a publish context says about where a volume is.
+pub struct RemoteTarget {
+    pub address: String,
+    pub export: String,
+    pub owner: String,
+}
+
+/// `Some` when the publish context names an NBD export (a remote volume).
+pub fn remote_target(context: &HashMap<String, String>) -> Result<Option<RemoteTarget>, NodeError> {
+    match context.get(CONTEXT_TRANSPORT).map(String::as_str) {
+        Some(TRANSPORT_NBD) => {}
+        None | Some("local") => return Ok(None),
+        Some(other) => return Err(NodeError::Invalid { what: "publish_context", reason: format!("unknown transport {other:?}") }),
+    }
+    let get = |k: &str| {
+        context.get(k).filter(|v| !v.is_empty()).cloned().ok_or_else(|| NodeError::Invalid {
+            what: "publish_context",
+            reason: format!("an NBD publication needs {k}; was the volume published by this driver's controller?"),
+        })
+    };
+    Ok(Some(RemoteTarget { address: get(CONTEXT_ADDRESS)?, export: get(CONTEXT_EXPORT)?, owner: get(CONTEXT_OWNER)? }))
+}
+
+pub struct Remote {
+    config: RemoteConfig,
+    attached: Mutex<HashMap<String, Attached>>,
+}
+
+impl Remote {
+    pub fn new(config: RemoteConfig) -> Remote {
+        Remote { config, attached: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.config.engine.name()
+    }
+
+    /// Where a FUSE attachment of `volume` serves its file.
+    pub fn fuse_file_of(&self, volume: &str) -> PathBuf {
+        self.config.state_root.join(volume).join("fuse").join("disk")
+    }
+
+    /// True when `backing` (a loop device's backing file) is one of ours.
+    pub fn is_remote_backing(&self, backing: &Path) -> bool {
+        backing.starts_with(&self.config.state_root) || backing.to_string_lossy().starts_with("/dev/nbd")
+    }
+
+    /// The backing path of `volume`, attaching it first when needed. The
+    /// bool says whether this call attached it (then a failing stage lets
+    /// it go again).
+    pub async fn attach(&self, volume: &str, t: &RemoteTarget, read_only: bool) -> Result<(PathBuf, bool), NodeError> {
+        let mut attached = self.attached.lock().await;
+        if let Some(a) = attached.get(volume) {
+            if a.export == t.export {
+                return Ok((a.backing.path().to_path_buf(), false));
+            }
+            return Err(NodeError::InUse {
+                id: volume.to_string(),
+                detail: "is attached here from another export; unstage it first".into(),
+            });
+        }
+        let connector = AgentConnector::new(self.config.tls.clone(), &Peer::Node(t.owner.clone()), vec![])
+            .map_err(|e| NodeError::Invalid { what: "publish_context", reason: e.to_string() })?;
+        let config = connector.config().map_err(|e| NodeError::Internal { detail: format!("TLS for NBD: {e}") })?;
+        let server_name = rustls::pki_types::ServerName::try_from(
+            crate::tls::node_dns_name(&t.owner).map_err(|e| NodeError::Invalid { what: "publish_context", reason: e.to_string() })?,
+        )
+        .map_err(|e| NodeError::Internal { detail: e.to_string() })?;
+        let backing = match &*self.config.engine {
+            Engine::Fuse { policy, .. } => {
+                let target = Target { address: t.address.clone(), export: t.export.clone(), tls: Some(ClientTls { config, server_name }) };
+                let dir = self.config.state_root.join(volume);
+                let f = FuseFile::mount(target, &dir, policy.clone(), read_only)
+                    .await
+                    .map_err(|e| NodeError::Internal { detail: format!("attaching volume {volume} from {}: {e}", t.address) })?;
+                Backing::Fuse(f)
+            }
+            Engine::Kernel(opts) => {
+                // The kernel carries no TLS session (docs/nbd.md): plain
+                // text, which the export allows from this node's address only.
+                warn!(volume, owner = %t.owner, "kernel NBD engine: the data path to the owner is plain text");
+                let dev = kernel::connect(&t.address, &t.export, opts, volume)
+                    .await
+                    .map_err(|e| NodeError::Internal { detail: format!("attaching volume {volume} from {}: {e}", t.address) })?;
+                Backing::Kernel { index: dev.index, path: dev.path.clone() }
+            }
+        };
+        let path = backing.path().to_path_buf();
+        info!(volume, owner = %t.owner, address = %t.address, engine = self.engine_name(), backing = %path.display(), "remote volume attached");
+        attached.insert(volume.to_string(), Attached { export: t.export.clone(), backing });
+        Ok((path, true))
+    }
+
+    /// The backing path of a volume attached by this process, if any.
+    pub async fn backing_of(&self, volume: &str) -> Option<PathBuf> {
+        self.attached.lock().await.get(volume).map(|a| a.backing.path().to_path_buf())
+    }
+
+    /// Let `volume`'s attachment go (nothing may use it any more). Also
+    /// cleans a FUSE mount left by an earlier process.
+    pub async fn release(&self, volume: &str) {
+        let a = self.attached.lock().await.remove(volume);
+        match a.map(|a| a.backing) {
+            Some(Backing::Fuse(f)) => f.unmount().await,
+            Some(Backing::Kernel { index, .. }) => {
+                if let Err(e) = kernel::disconnect(index).await {
+                    warn!(volume, index, error = %e, "could not disconnect the nbd device");
+                }
+            }
+            None => {
+                // A FUSE mount whose server (an earlier node plugin) is gone.
+                let mountpoint = self.config.state_root.join(volume).join("fuse");
+                if std::fs::symlink_metadata(&mountpoint).is_ok() {
+                    let _ = rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH);
+                    let _ = std::fs::remove_dir(&mountpoint);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(self.config.state_root.join(volume));
+    }
+}
