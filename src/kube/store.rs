@@ -16,11 +16,12 @@ pub const VERSION_ANNOTATION: &str = "cinderblock.dev/record-version";
 
 pub struct KubeStore {
     client: Client,
+    changes: crate::store::Feed,
 }
 
 impl KubeStore {
     pub fn new(client: Client) -> Self {
-        KubeStore { client }
+        KubeStore { client, changes: Default::default() }
     }
 
     fn resource(kind: Kind) -> ApiResource {
@@ -88,6 +89,27 @@ impl Store for KubeStore {
             Some(obj) => Ok(Some(versioned(&obj)?)),
             None => Ok(None),
         }
+    }
+
+    async fn list_page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let all = self.list(kind).await?;
+        Ok(all.into_iter().filter(|(id, _)| after.is_none_or(|a| id.as_str() > a)).take(limit).collect())
+    }
+
+    fn changes(&self) -> tokio::sync::broadcast::Receiver<(u64, crate::store::Change)> {
+        self.changes.subscribe()
+    }
+
+    fn change_seq(&self) -> u64 {
+        self.changes.seq()
+    }
+
+    async fn renew_liveness(&self, _node: &str) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    async fn liveness(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(vec![])
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<(String, Versioned)>, StoreError> {
