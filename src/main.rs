@@ -492,12 +492,12 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             zone = cinderblock::kube::node_zone(&client, &args.node_id).await?.unwrap_or_default();
         }
         let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client));
-        let reg = cinderblock::controller::registration::Registration {
-            node_id: args.node_id.clone(),
-            zone: zone.clone(),
-            agent_address: args.agent_advertise.clone().unwrap_or_else(|| format!("https://{agent_addr}")),
-            max_volumes: args.max_volumes.max(0) as u32,
-        };
+        let mut reg = cinderblock::controller::registration::Registration::new(
+            args.node_id.clone(),
+            zone.clone(),
+            args.agent_advertise.clone().unwrap_or_else(|| format!("https://{agent_addr}")),
+            args.max_volumes.max(0) as u32,
+        );
         reg.report(&*store, &pool).await.map_err(|e| format!("registering node {}: {e}", args.node_id))?;
         let every = std::time::Duration::try_from_secs_f64(args.heartbeat_interval).map_err(|e| e.to_string())?;
         tokio::spawn(reg.run(store, pool.clone(), every));

@@ -69,7 +69,7 @@ impl InNode {
     }
 
     async fn register(&self, store: &dyn Store) {
-        let reg = Registration { node_id: self.id.clone(), zone: "zone-1".into(), agent_address: self.address(), max_volumes: 0 };
+        let mut reg = Registration::new(self.id.clone(), "zone-1".into(), self.address(), 0);
         reg.report(store, &self.pool).await.expect("registration");
     }
 

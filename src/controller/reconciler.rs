@@ -14,7 +14,7 @@
 //!   and raises a Warning event and a metric for a person to look at.
 //! - Mismatched and silent nodes are skipped entirely.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tonic::{Code, Status};
@@ -42,6 +42,10 @@ pub struct ReconcileReport {
 
 impl Manager {
     /// One pass of the reconciler (leader only). Everything it does is logged.
+    ///
+    /// The records are read once, a page at a time, keeping only what the
+    /// pass needs (IDs per node, the few stuck or expired records): its
+    /// memory does not grow with the records' size, only with their number.
     pub async fn reconcile_once(&self) -> Result<ReconcileReport, Status> {
         let mut report = ReconcileReport::default();
         if !self.is_leader() {
@@ -49,45 +53,64 @@ impl Manager {
         }
         let grace = self.config.stuck_grace.as_millis() as i64;
         let now = now_ms();
-        let listed = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
-        for (rec, _) in &listed {
-            if rec.phase == Phase::Creating && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
-                self.resolve_stuck_volume(&rec.id, &mut report).await?;
+        // What the records place on each node, in every phase.
+        let mut owned: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut stuck_volumes = Vec::new();
+        let mut expired = Vec::new();
+        let mut phases = PhaseCounts::default();
+        store::for_each_json::<VolumeRec>(&*self.store, Kind::Volume, |rec, version| {
+            phases.volume(rec.phase);
+            if rec.phase == Phase::Creating && now - rec.updated_ms > grace {
+                stuck_volumes.push(rec.id.clone());
             }
-        }
-        for (rec, version) in &listed {
             // A record left in Error with nothing on any node is only a note
             // of a failure; the CO retries CreateVolume while it still wants
             // the volume (which makes a new record), so it expires.
-            if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
-                let _guard = self.inflight.acquire(&rec.id).await;
-                if self.store.delete(Kind::Volume, &rec.id, Some(*version)).await.is_ok() {
-                    warn!(volume.id = %rec.id, volume.name = %rec.name, error = ?rec.error, "failed volume record expired");
-                    report.errors_expired.push(rec.id.clone());
-                }
+            if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace {
+                expired.push((rec.id.clone(), rec.name.clone(), rec.error.clone(), version));
+            }
+            if let Some(n) = rec.node {
+                owned.entry(n).or_default().insert(rec.id);
+            }
+        })
+        .await
+        .map_err(store_status)?;
+        let mut stuck_snapshots = Vec::new();
+        store::for_each_json::<SnapshotRec>(&*self.store, Kind::Snapshot, |s, _| {
+            phases.snapshot(s.phase);
+            if s.phase == Phase::Creating && now - s.created_ms > grace {
+                stuck_snapshots.push(s.id.clone());
+            }
+            owned.entry(s.node).or_default().insert(s.id);
+        })
+        .await
+        .map_err(store_status)?;
+        phases.publish();
+
+        // A stuck record stays owned by its node whatever it resolves to:
+        // it becomes Available there, or Error because the node has nothing.
+        for id in stuck_volumes {
+            if !self.inflight.busy(&id) {
+                self.resolve_stuck_volume(&id, &mut report).await?;
             }
         }
-        let snapshots = store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await.map_err(store_status)?;
-        for (s, _) in &snapshots {
-            if s.phase == Phase::Creating && now - s.created_ms > grace && !self.inflight.busy(&s.id) {
-                self.resolve_stuck_snapshot(&s.id, &mut report).await?;
+        for (id, name, error, version) in expired {
+            if self.inflight.busy(&id) {
+                continue;
+            }
+            let _guard = self.inflight.acquire(&id).await;
+            if self.store.delete(Kind::Volume, &id, Some(version)).await.is_ok() {
+                warn!(volume.id = %id, volume.name = %name, error = ?error, "failed volume record expired");
+                report.errors_expired.push(id);
+            }
+        }
+        for id in stuck_snapshots {
+            if !self.inflight.busy(&id) {
+                self.resolve_stuck_snapshot(&id, &mut report).await?;
             }
         }
 
-        // What the records place on each node, in every phase.
-        let volumes = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
-        let snapshots = store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await.map_err(store_status)?;
-        record_phase_metrics(volumes.iter().map(|(v, _)| v.phase), snapshots.iter().map(|(s, _)| s.phase));
-        let mut owned: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for (v, _) in &volumes {
-            if let Some(n) = &v.node {
-                owned.entry(n.clone()).or_default().insert(v.id.clone());
-            }
-        }
-        for (s, _) in &snapshots {
-            owned.entry(s.node.clone()).or_default().insert(s.id.clone());
-        }
-        let empty = BTreeSet::new();
+        let empty = HashSet::new();
         for node in self.nodes().await? {
             if !self.node_is_healthy(&node) {
                 continue;
@@ -113,7 +136,7 @@ impl Manager {
                         return Ok(()); // still being made: next pass
                     }
                     // The node finished what the interrupted flow asked for.
-                    let zone = self.node(&node).await?.map(|(n, _)| n.zone).unwrap_or_default();
+                    let zone = self.node_in_view(&node).await?.map(|n| n.zone).unwrap_or_default();
                     rec.size_bytes = v.size_bytes;
                     rec.accessible_topology = vec![accessible_from(&node, &zone, rec.accessibility)];
                     rec.phase = Phase::Available;
@@ -169,7 +192,7 @@ impl Manager {
 
     /// Quarantine the images on `node` that no record places there, unless
     /// that would be more than the breaker allows.
-    async fn quarantine_pass(&self, node: &NodeRec, owned: &BTreeSet<String>, report: &mut ReconcileReport) {
+    async fn quarantine_pass(&self, node: &NodeRec, owned: &HashSet<String>, report: &mut ReconcileReport) {
         let Ok(mut agent) = self.agent_of(node.clone()) else { return };
         let Ok(vols) = agent.list_volumes(pb::ListVolumesRequest {}).await else { return };
         let Ok(snaps) = agent.list_snapshots(pb::ListSnapshotsRequest::default()).await else { return };
@@ -267,12 +290,28 @@ impl Manager {
     }
 }
 
-fn record_phase_metrics(volumes: impl Iterator<Item = Phase>, snapshots: impl Iterator<Item = Phase>) {
-    use crate::metrics::RecordLabels;
-    for (kind, phases) in [("volume", volumes.collect::<Vec<_>>()), ("snapshot", snapshots.collect::<Vec<_>>())] {
-        for phase in [Phase::Creating, Phase::Available, Phase::Deleting, Phase::Error] {
-            let n = phases.iter().filter(|p| **p == phase).count() as i64;
-            METRICS.records.get_or_create(&RecordLabels { kind: kind.into(), phase: format!("{phase:?}") }).set(n);
+/// Records by kind and phase, counted during the pass, for the metrics.
+#[derive(Default)]
+struct PhaseCounts {
+    volumes: [i64; 4],
+    snapshots: [i64; 4],
+}
+
+const PHASES: [Phase; 4] = [Phase::Creating, Phase::Available, Phase::Deleting, Phase::Error];
+
+impl PhaseCounts {
+    fn volume(&mut self, p: Phase) {
+        self.volumes[PHASES.iter().position(|x| *x == p).unwrap_or(0)] += 1;
+    }
+    fn snapshot(&mut self, p: Phase) {
+        self.snapshots[PHASES.iter().position(|x| *x == p).unwrap_or(0)] += 1;
+    }
+    fn publish(&self) {
+        use crate::metrics::RecordLabels;
+        for (kind, counts) in [("volume", &self.volumes), ("snapshot", &self.snapshots)] {
+            for (phase, n) in PHASES.iter().zip(counts) {
+                METRICS.records.get_or_create(&RecordLabels { kind: kind.into(), phase: format!("{phase:?}") }).set(*n);
+            }
         }
     }
 }
