@@ -126,6 +126,9 @@ struct ControllerArgs {
     /// Namespace of the leader election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     leader_election_namespace: String,
+    /// Namespace of the nodes' liveness Leases (cinderblock-node-NODE), as the node plugins are told.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    node_lease_namespace: String,
     /// Name of the Lease.
     #[arg(long, default_value = "cinderblock-controller")]
     leader_election_lease: String,
@@ -306,6 +309,9 @@ struct NodeArgs {
     /// host:port other nodes reach the NBD server at (default: --nbd-listen's).
     #[arg(long, env = "CINDERBLOCK_NBD_ADVERTISE")]
     nbd_advertise: Option<String>,
+    /// Namespace of this node's liveness Lease (cinderblock-node-NODE), renewed every --heartbeat-interval.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    node_lease_namespace: String,
     /// Delete quarantined images (orphaned/) older than this many seconds, by
     /// this node's clock; 0 keeps them until an operator purges them.
     #[arg(long, env = "CINDERBLOCK_ORPHAN_RETENTION", default_value_t = 0.0)]
@@ -491,7 +497,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         if zone.is_empty() {
             zone = cinderblock::kube::node_zone(&client, &args.node_id).await?.unwrap_or_default();
         }
-        let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client));
+        let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::with_lease_namespace(client, &args.node_lease_namespace));
         let mut reg = cinderblock::controller::registration::Registration::new(
             args.node_id.clone(),
             zone.clone(),
@@ -611,7 +617,11 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         Some(Arc::new(ca))
     };
     let tls_dir = cinderblock::tls::TlsDir::open(&a.tls_dir).map_err(|e| format!("certificate folder {}: {e}", a.tls_dir.display()))?;
-    let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client.clone()));
+    // Every record is listed once and then watched: reads come from memory.
+    let store = cinderblock::kube::KubeStore::watching(client.clone(), &a.node_lease_namespace, std::time::Duration::from_secs(300))
+        .await
+        .map_err(|e| e.to_string())?;
+    let store: Arc<dyn cinderblock::store::Store> = Arc::new(store);
     let config = ControllerConfig {
         heartbeat_timeout: secs(a.heartbeat_timeout, "heartbeat-timeout")?,
         stuck_grace: secs(a.stuck_grace, "stuck-grace")?,

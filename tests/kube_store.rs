@@ -156,6 +156,8 @@ async fn kube_store_passes_the_behaviour_suite() {
         return;
     };
     let client = cinderblock::kube::client(Some(std::path::Path::new(&path))).await.unwrap();
-    let store = Carrier(cinderblock::kube::KubeStore::new(client));
+    // The controller's store: caches filled by watches, writes to the API server.
+    let watching = cinderblock::kube::KubeStore::watching(client, "default", std::time::Duration::from_secs(60)).await.unwrap();
+    let store = Carrier(watching);
     cinderblock::store::conformance::behaviour_suite(&store).await;
 }
