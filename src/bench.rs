@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::volume::pool::CreateVolume;
-use crate::volume::{Pool, PoolConfig, Provisioning, VolumeSource};
+use cinderblock::volume::pool::CreateVolume;
+use cinderblock::volume::{Pool, PoolConfig, Provisioning, VolumeSource};
 
 pub struct PoolBenchResult {
     pub data_bytes: u64,
@@ -112,10 +112,18 @@ pub fn percentile(v: &[Duration], p: f64) -> Duration {
     s[i]
 }
 
+/// The 1-minute load average, to print beside figures taken on a shared machine.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(0.0)
+}
+
 /// CreateVolume end to end through a running endpoint (standalone): `count`
 /// distinct volumes at the given concurrency, timed per call; then deleted.
-pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, tag: &str) -> Result<CreateBenchRow, String> {
-    use crate::csi;
+pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, tag: &str, size: u64) -> Result<CreateBenchRow, String> {
+    use cinderblock::csi;
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| e.to_string())?
         .connect()
@@ -141,7 +149,7 @@ pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, ta
                 let r = c
                     .create_volume(csi::CreateVolumeRequest {
                         name: format!("bench-{tag}-{i}"),
-                        capacity_range: Some(csi::CapacityRange { required_bytes: 64 << 20, limit_bytes: 0 }),
+                        capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
                         volume_capabilities: vec![csi::VolumeCapability {
                             access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
                             access_mode: Some(csi::volume_capability::AccessMode {
@@ -166,9 +174,18 @@ pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, ta
         ids.extend(i);
     }
     let elapsed = start.elapsed();
-    let mut c = client.clone();
-    for id in ids {
-        let _ = c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await;
+    // Deleted the same way, so the next level starts from an empty driver.
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(ids));
+    let mut deleters = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.min(16) {
+        let (mut c, ids) = (client.clone(), ids.clone());
+        deleters.spawn(async move {
+            loop {
+                let Some(id) = ids.lock().unwrap_or_else(|p| p.into_inner()).pop() else { return };
+                let _ = c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await;
+            }
+        });
     }
+    while deleters.join_next().await.is_some() {}
     Ok(CreateBenchRow { concurrency, count, elapsed, p50: percentile(&lat, 0.5), p99: percentile(&lat, 0.99) })
 }

@@ -8,6 +8,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tracing::info;
 
+// The binary's own parts: a client for people and the benchmarks (not the library's).
+mod bench;
+mod ctl;
+
 use cinderblock::agent::fence::Fence;
 use cinderblock::agent::AgentService;
 use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
@@ -46,7 +50,7 @@ enum Command {
     Standalone(StandaloneArgs),
     /// A client for people: volumes and snapshots by name, nodes and their
     /// pools, capacity. Talks to the socket of a standalone or controller.
-    Ctl(cinderblock::ctl::CtlArgs),
+    Ctl(ctl::CtlArgs),
     /// Run the cluster controller: CSI Identity + Controller on a unix socket,
     /// records in the cinderblock.dev custom resources, leader election on a Lease.
     #[command(after_help = LOG_HELP)]
@@ -229,13 +233,14 @@ enum BenchCommand {
         no_reflink: bool,
     },
     /// CreateVolume end to end: throughput and p50/p99 latency at each
-    /// concurrency, through a standalone started for the purpose.
+    /// concurrency, through a standalone started for the purpose, or any
+    /// CSI controller at --endpoint (another driver, to compare).
     Create {
         /// Concurrency levels.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
         concurrency: Vec<usize>,
-        /// Volumes created per level.
-        #[arg(long, default_value_t = 256)]
+        /// Volumes created per level (at least 4 per concurrent caller are made).
+        #[arg(long, default_value_t = 1024)]
         count: usize,
         /// Nodes of the standalone.
         #[arg(long, default_value_t = 3)]
@@ -243,6 +248,18 @@ enum BenchCommand {
         /// Data folder (a temporary one by default).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Measure this CSI endpoint (unix:///path) instead of starting a standalone.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Name for this driver in the output.
+        #[arg(long, default_value = "cinderblock")]
+        label: String,
+        /// Print comma-separated rows (label,concurrency,volumes,per_second,p50_ms,p99_ms,load) instead of a table.
+        #[arg(long)]
+        csv: bool,
+        /// Bytes per volume.
+        #[arg(long, default_value_t = 64 << 20)]
+        size: u64,
     },
 }
 
@@ -380,7 +397,7 @@ async fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Tls(t) => run_tls(t),
-        Command::Ctl(a) => cinderblock::ctl::run(a).await,
+        Command::Ctl(a) => ctl::run(a).await,
         Command::Nbd(c) => cinderblock::attach::nbd::cli::run(c).await,
     };
     match result {
@@ -518,35 +535,56 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
 
 async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
     match cmd {
-        BenchCommand::Create { concurrency, count, nodes, data_dir } => {
+        BenchCommand::Create { concurrency, count, nodes, data_dir, endpoint, label, csv, size } => {
             let tmp = std::env::temp_dir().join(format!("cinderblock-bench-create-{}", std::process::id()));
             let dir = data_dir.unwrap_or_else(|| tmp.clone());
-            let sock = dir.join("csi.sock");
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let mut child = tokio::process::Command::new(exe)
-                .args(["standalone", "--data-dir"]).arg(&dir)
-                .args(["--nodes", &nodes.to_string(), "--endpoint"]).arg(format!("unix://{}", sock.display()))
-                .env("RUST_LOG", "warn")
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let mut child = None;
+            let endpoint = match endpoint {
+                Some(e) => e,
+                None => {
+                    let sock = dir.join("csi.sock");
+                    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                    child = Some(
+                        tokio::process::Command::new(exe)
+                            .args(["standalone", "--data-dir"]).arg(&dir)
+                            .args(["--nodes", &nodes.to_string(), "--endpoint"]).arg(format!("unix://{}", sock.display()))
+                            .env("RUST_LOG", "warn")
+                            .kill_on_drop(true)
+                            .spawn()
+                            .map_err(|e| e.to_string())?,
+                    );
+                    format!("unix://{}", sock.display())
+                }
+            };
+            let sock = server::unix_endpoint_path(&endpoint)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             while tokio::net::UnixStream::connect(&sock).await.is_err() {
                 if std::time::Instant::now() > deadline {
-                    return Err("standalone did not start".into());
+                    return Err(format!("nothing answers on {endpoint}"));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            println!("{:>11} {:>7} {:>12} {:>10} {:>10}", "concurrency", "volumes", "volumes/s", "p50 ms", "p99 ms");
-            for c in concurrency {
-                let r = cinderblock::bench::create_volumes(&format!("unix://{}", sock.display()), c, count, &format!("c{c}")).await?;
-                println!(
-                    "{:>11} {:>7} {:>12.1} {:>10.2} {:>10.2}",
-                    r.concurrency, r.count, r.count as f64 / r.elapsed.as_secs_f64(),
-                    cinderblock::bench::ms(r.p50), cinderblock::bench::ms(r.p99)
-                );
+            if !csv {
+                println!("{label}: {count} volumes of {} per level", cinderblock::units::format_bytes(size));
+                println!("{:>11} {:>7} {:>12} {:>10} {:>10} {:>6}", "concurrency", "volumes", "volumes/s", "p50 ms", "p99 ms", "load");
             }
-            let _ = child.kill().await;
+            for c in concurrency {
+                let n = count.max(c * 4);
+                let r = bench::create_volumes(&endpoint, c, n, &format!("{label}-c{c}"), size).await?;
+                let load = bench::load_average();
+                let rate = r.count as f64 / r.elapsed.as_secs_f64();
+                if csv {
+                    println!("{label},{},{},{rate:.1},{:.2},{:.2},{load:.1}", r.concurrency, r.count, bench::ms(r.p50), bench::ms(r.p99));
+                } else {
+                    println!(
+                        "{:>11} {:>7} {:>12.1} {:>10.2} {:>10.2} {:>6.1}",
+                        r.concurrency, r.count, rate, bench::ms(r.p50), bench::ms(r.p99), load
+                    );
+                }
+            }
+            if let Some(mut child) = child {
+                let _ = child.kill().await;
+            }
             if dir == tmp {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
@@ -556,12 +594,12 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
             println!("{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}", "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max");
             for gib in sizes_gib {
                 let dir = pool.clone();
-                let r = tokio::task::spawn_blocking(move || cinderblock::bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
+                let r = tokio::task::spawn_blocking(move || bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
                     .await
                     .map_err(|e| e.to_string())??;
                 let fs = cinderblock::volume::Pool::open(&pool, PoolConfig::default()).map(|(p, _)| p.status().map(|s| s.filesystem).unwrap_or_default()).unwrap_or_default();
                 let max = |v: &[std::time::Duration]| v.iter().max().copied().unwrap_or_default();
-                use cinderblock::bench::{median, ms};
+                use bench::{median, ms};
                 println!(
                     "{:<10} {:>6}Gi {:>10} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms",
                     fs, r.data_bytes >> 30, if r.reflink { "reflink" } else { "copy" },
