@@ -261,6 +261,29 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64 << 20)]
         size: u64,
     },
+    /// Many volumes in the embedded store: fills a standalone with
+    /// --volumes volumes (through CSI), then prints its memory (RSS), the
+    /// time a restart takes to answer again, and ListVolumes page times.
+    Scale {
+        /// Volumes to hold (made if the data folder has fewer).
+        #[arg(long, default_value_t = 100_000)]
+        volumes: usize,
+        /// Data folder, kept between runs (filling 100k takes minutes).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Start-up of the controller's store on a real API server: makes
+    /// --objects BlockVolume objects (if fewer exist), then times filling
+    /// the watch caches from nothing, as a controller does when it starts.
+    KubeStart {
+        /// Kubeconfig of the cluster (a test bed: scripts/k8s/testbed.sh).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        objects: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -590,6 +613,8 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
             }
             Ok(())
         }
+        BenchCommand::Scale { volumes, data_dir, concurrency } => bench_scale(volumes, data_dir, concurrency).await,
+        BenchCommand::KubeStart { kubeconfig, objects } => bench::kube_start(&kubeconfig, objects).await,
         BenchCommand::Pool { pool, sizes_gib, runs, no_reflink } => {
             println!("{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}", "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max");
             for gib in sizes_gib {
@@ -609,6 +634,70 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// See `BenchCommand::Scale`.
+async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize) -> Result<(), String> {
+    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
+    let data_dir = data_dir.canonicalize().map_err(|e| e.to_string())?;
+    let sock = data_dir.join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let start = || {
+        let _ = std::fs::remove_file(&sock);
+        tokio::process::Command::new(&exe)
+            .args(["standalone", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--nodes", "3", "--endpoint", &endpoint, "--reconcile-interval", "3600"])
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| e.to_string())
+    };
+    // Ready: the socket answers a first page of ListVolumes.
+    let ready = |t0: std::time::Instant| {
+        let endpoint = endpoint.clone();
+        async move {
+            loop {
+                if bench::walk_pages(&endpoint, 1, 1).await.is_ok() {
+                    return Ok::<_, String>(t0.elapsed());
+                }
+                if t0.elapsed() > std::time::Duration::from_secs(600) {
+                    return Err("the standalone did not answer within 10 minutes".to_string());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let mut child = start()?;
+    ready(std::time::Instant::now()).await?;
+    println!("filling to {volumes} volumes ({concurrency} at a time; existing ones answer at once)");
+    let took = bench::fill_volumes(&endpoint, volumes, concurrency).await?;
+    println!("{volumes} volumes in place after {:.1} s (load {:.1})", took.as_secs_f64(), bench::load_average());
+    // Let the reports and a reconciler-free steady state settle, then measure.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let pid = child.id().unwrap_or(0);
+    let (seen, _) = bench::walk_pages(&endpoint, 1000, usize::MAX).await?;
+    let rss = bench::rss_bytes(pid);
+    println!("volumes listed: {seen}");
+    println!("RSS of the standalone (controller + 3 nodes' pools) after a full listing: {:.1} MiB (load {:.1})", rss as f64 / (1 << 20) as f64, bench::load_average());
+    let _ = child.kill().await;
+    let t0 = std::time::Instant::now();
+    let mut child = start()?;
+    let restart = ready(t0).await?;
+    println!("restart to ready (process start to the first ListVolumes answer): {:.2} s (load {:.1})", restart.as_secs_f64(), bench::load_average());
+    let (_, times) = bench::walk_pages(&endpoint, 100, 300).await?;
+    println!(
+        "ListVolumes, pages of 100: {} pages, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (load {:.1})",
+        times.len(),
+        bench::ms(bench::percentile(&times, 0.5)),
+        bench::ms(bench::percentile(&times, 0.99)),
+        bench::ms(times.iter().max().copied().unwrap_or_default()),
+        bench::load_average()
+    );
+    println!("RSS after restart and 300 pages: {:.1} MiB", bench::rss_bytes(child.id().unwrap_or(0)) as f64 / (1 << 20) as f64);
+    let _ = child.kill().await;
+    Ok(())
 }
 
 async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
