@@ -16,7 +16,7 @@
 //! mismatched nodes are left out entirely.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
@@ -126,12 +126,16 @@ impl NodeView {
     pub fn follow(store: Arc<dyn Store>, settle_timeout: Duration) -> NodeView {
         let view = NodeView::new(settle_timeout);
         let v = view.clone();
+        // Weak: the view does not keep the store (and its file) open once
+        // everyone else has let go of it.
+        let store = Arc::downgrade(&store);
         tokio::spawn(async move { v.run(store).await });
         view
     }
 
-    async fn run(self, store: Arc<dyn Store>) {
+    async fn run(self, weak: Weak<dyn Store>) {
         loop {
+            let Some(store) = weak.upgrade() else { return };
             let mut feed = store.changes();
             // Every change up to `base` was committed before the read below
             // starts, so the read holds it; later ones are applied in order.
@@ -144,6 +148,7 @@ impl NodeView {
                     continue;
                 }
             }
+            drop(store);
             self.inner.applied.send_if_modified(|a| {
                 let moved = *a < base;
                 *a = (*a).max(base);
