@@ -323,6 +323,7 @@ pub async fn kube_start(kubeconfig: &Path, objects: usize) -> Result<(), String>
                         provisioning: Default::default(),
                         parameters: Default::default(),
                         fingerprint: "bench".into(),
+                        accessibility: Default::default(),
                         accessible_topology: vec![],
                         attempts: vec![],
                         error: None,
