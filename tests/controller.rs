@@ -396,7 +396,9 @@ async fn cancelled_creates_run_to_their_end_and_never_leak() {
     for n in &names {
         let mut c = c.clone();
         let r = with_params(req(n, 48 * MIB), &[("provisioning", "thick")]);
-        let wait = Duration::from_millis(rand::random_range(0..60));
+        // Within a create's usual time (a few ms since group commit), so
+        // that most calls are cut short at some point of their flow.
+        let wait = Duration::from_millis(rand::random_range(0..15));
         if tokio::time::timeout(wait, c.create_volume(r)).await.is_err() {
             cancelled += 1;
         }
