@@ -175,4 +175,12 @@ async fn api_requests_per_create_and_per_heartbeat() {
     assert!(leases >= beats / 2.0, "the nodes renewed their leases only {leases} times in {beats} heartbeats");
     assert!(node_records <= NODES.len() as f64, "idle nodes wrote their records {node_records} times in {BEAT_SECONDS} s");
     drop(procs);
+    // Leave the bed as found: the next test (or suite) may want it empty.
+    for ar in [
+        ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()),
+        ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&()),
+    ] {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        api.delete_collection(&DeleteParams::default(), &ListParams::default()).await.unwrap();
+    }
 }
