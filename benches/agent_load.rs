@@ -17,7 +17,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cinderblock::agent_proto as pb;
-use cinderblock::bench::{ms, percentile};
 use cinderblock::csi;
 use cinderblock::csi::identity_client::IdentityClient;
 use cinderblock::csi::node_client::NodeClient;
@@ -161,4 +160,17 @@ async fn main() {
         .map(|i| pb::CreateVolumeRequest { volume_id: format!("vol-thin-{i}"), size_bytes: size, ..Default::default() })
         .collect();
     round(&node, &format!("{creates} thin volumes of {} MiB", size / MIB), thin).await;
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile(v: &[std::time::Duration], p: f64) -> std::time::Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
 }

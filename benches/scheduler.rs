@@ -3,16 +3,23 @@
 //! `cargo bench --bench scheduler [-- FILTER]`. Plain `Instant` timing, no
 //! framework: each size runs a few warm-up decisions, then times each
 //! decision on its own and prints the median and p99, for `schedule` (the
-//! ranked list) and `schedule_best` (the winner only, what the controller
-//! calls). With FILTER, only the requests whose name contains it run (for
-//! a profiler).
+//! ranked list) and `schedule_best` (the winner only) on a node list in ID
+//! order, and for what the controller calls: a placement through the node
+//! view (which keeps its nodes sorted whatever order they registered in,
+//! and reserves the size), with the nodes registered in ID order and
+//! shuffled, and `schedule_best` on the shuffled list itself for contrast.
+//! With FILTER, only the requests whose name contains it run (for a
+//! profiler).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use cinderblock::controller::records::NodeRec;
 use cinderblock::scheduler::{
-    node_segments, schedule, schedule_best, NodeState, Placement, ScheduleRequest, Segments,
+    node_segments, schedule, schedule_best, NodeState, NodeView, Placement, ScheduleRequest,
+    Segments,
 };
+use cinderblock::store::{Change, Kind, Versioned};
 use cinderblock::volume::{PoolCapacity, Provisioning};
 use cinderblock::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
 
@@ -190,6 +197,43 @@ fn read_lists(req: &ScheduleRequest) -> usize {
         .sum()
 }
 
+/// A node view filled with `nodes` in the given order, as registrations
+/// would fill it.
+fn view_of(nodes: &[NodeState]) -> NodeView {
+    let view = NodeView::new(Duration::from_secs(60));
+    for n in nodes {
+        let rec = NodeRec {
+            id: n.id.clone(),
+            zone: n.zone.clone(),
+            agent_address: String::new(),
+            capacity: n.capacity,
+            volume_count: n.volume_count,
+            snapshot_count: 0,
+            max_volumes: n.max_volumes,
+            reflink: n.reflink,
+            filesystem: String::new(),
+            heartbeat_ms: n.last_heartbeat_ms,
+            pool_uuid: String::new(),
+            mismatch: None,
+            orphan_count: 0,
+            orphan_bytes: 0,
+            broken_count: 0,
+        };
+        let value = serde_json::to_vec(&rec).unwrap();
+        view.apply(Change::Record { kind: Kind::Node, id: n.id.clone(), value: Some(Versioned { version: 1, value }) });
+    }
+    view
+}
+
+fn shuffled(nodes: &[NodeState]) -> Vec<NodeState> {
+    let mut out = nodes.to_vec();
+    let mut rng = SplitMix(0x5eed ^ nodes.len() as u64);
+    for i in (1..out.len()).rev() {
+        out.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    out
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; the first other argument filters.
     let filter = std::env::args()
@@ -229,6 +273,17 @@ fn main() {
                 micros(best_median),
                 micros(best_p99)
             );
+            // Through the node view (place, then give the reservation
+            // back), registered in ID order and shuffled; and the plain
+            // function on the shuffled list.
+            let mixed = shuffled(&nodes);
+            for (order, view) in [("in ID order", view_of(&nodes)), ("shuffled", view_of(&mixed))] {
+                let (median, p99) = time(runs, || view.place("vol-bench", black_box(&req)).ok().map(|r| r.node_id.clone()));
+                let label = format!("  view, {order}");
+                println!("{size:>7}  {label:<24} {:>8} {runs:>6}  {:>11} {:>11}  {:>11} {:>11}", "-", "", "", micros(median), micros(p99));
+            }
+            let (median, p99) = time(runs, || schedule_best(black_box(&mixed), black_box(&req)).ok());
+            println!("{size:>7}  {:<24} {:>8} {runs:>6}  {:>11} {:>11}  {:>11} {:>11}", "  list shuffled", "-", "", "", micros(median), micros(p99));
             if name == PER_NODE {
                 let (median, p99) = time(runs, || read_lists(black_box(&req)));
                 let name = "  (reading them alone)";

@@ -84,6 +84,7 @@ export CINDERBLOCK_K8S_CRDS=$root/.tools/k8s/crds
 .tools/k8s/bin/kubectl --kubeconfig "$bed/admin.kubeconfig" apply --server-side -f deploy/crds/cinderblock.dev.yaml >/dev/null
 e2e_started=$(date +%s)
 cargo test --locked --test kube_store
+cargo test --locked --test kube_requests -- --nocapture
 cargo test --locked --test kube_e2e -- --nocapture
 cargo test --locked --test kube_trust -- --nocapture
 echo "   kube store, end to end and trust in $(( $(date +%s) - e2e_started ))s"

@@ -331,16 +331,14 @@ while read -r who want verbs res where name; do
     sar_what+=("$sa $([ "$want" = yes ] && echo can || echo "can NOT") $v $res${group:+.$group}${sub:+/$sub}${name:+ $name}${where:+ in $where}")
   done
 done <<RULES
-# cinderblock controller: its records and their status, its Lease, Events on PVCs (in their namespace).
-controller yes get,list,create,update,delete blockvolumes.cinderblock.dev -
-controller yes get,list,create,update,delete blocksnapshots.cinderblock.dev -
-controller yes get,list,create,update,delete storagenodes.cinderblock.dev -
-controller yes get,list,create,update,delete blockexports.cinderblock.dev -
-controller yes patch blockvolumes.cinderblock.dev/status -
-controller yes patch blocksnapshots.cinderblock.dev/status -
-controller yes patch storagenodes.cinderblock.dev/status -
-controller yes patch blockexports.cinderblock.dev/status -
+# cinderblock controller: its records (watched), its Lease, the nodes' Leases, Events on PVCs (in their namespace).
+controller yes get,list,watch,create,update,delete blockvolumes.cinderblock.dev -
+controller yes get,list,watch,create,update,delete blocksnapshots.cinderblock.dev -
+controller yes get,list,watch,create,update,delete storagenodes.cinderblock.dev -
+controller yes get,list,watch,create,update,delete blockexports.cinderblock.dev -
+controller no patch blockvolumes.cinderblock.dev/status -
 controller yes get,create,update leases.coordination.k8s.io $ns
+controller yes list,watch,patch leases.coordination.k8s.io $ns
 controller yes create,patch events.events.k8s.io default
 controller yes create,patch events default
 # csi-provisioner, with capacity tracking and leader election.
@@ -391,9 +389,10 @@ controller no create leases.coordination.k8s.io kube-system
 controller no create secrets kube-system
 controller no delete certificatesigningrequests.certificates.k8s.io -
 controller no create csistoragecapacities.storage.k8s.io kube-system
-# node plugin: its StorageNode record and status, its Node's zone label.
+# node plugin: its StorageNode record, its liveness Lease, its Node's zone label.
 node yes get,list,create,update storagenodes.cinderblock.dev -
-node yes patch storagenodes.cinderblock.dev/status -
+node no patch storagenodes.cinderblock.dev/status -
+node yes get,create,patch leases.coordination.k8s.io $ns
 node yes get nodes -
 node yes create,get,delete certificatesigningrequests.certificates.k8s.io -
 # ...and nothing else.
@@ -403,7 +402,8 @@ node no delete,create persistentvolumes -
 node no list,patch nodes -
 node no get secrets $ns
 node no create events default
-node no create leases.coordination.k8s.io $ns
+node no delete,list leases.coordination.k8s.io $ns
+node no create leases.coordination.k8s.io kube-system
 node no list certificatesigningrequests.certificates.k8s.io -
 node no update certificatesigningrequests.certificates.k8s.io/approval -
 node no update certificatesigningrequests.certificates.k8s.io/status -
@@ -421,9 +421,9 @@ for i in "${!sar_want[@]}"; do
   fi
 done
 # The same question through kubectl's impersonation path, as a person would ask it.
-check "kubectl auth can-i --as=...:cinderblock-node patch storagenodes/status" \
+check "kubectl auth can-i --as=...:cinderblock-node patch leases" \
   k auth can-i --quiet --as="system:serviceaccount:$ns:cinderblock-node" \
-  patch storagenodes.cinderblock.dev --subresource=status
+  patch leases.coordination.k8s.io -n "$ns"
 refuse "kubectl auth can-i --as=...:cinderblock-node delete persistentvolumes" \
   k auth can-i --quiet --as="system:serviceaccount:$ns:cinderblock-node" delete persistentvolumes
 

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::volume::pool::CreateVolume;
-use crate::volume::{Pool, PoolConfig, Provisioning, VolumeSource};
+use cinderblock::volume::pool::CreateVolume;
+use cinderblock::volume::{Pool, PoolConfig, Provisioning, VolumeSource};
 
 pub struct PoolBenchResult {
     pub data_bytes: u64,
@@ -112,10 +112,18 @@ pub fn percentile(v: &[Duration], p: f64) -> Duration {
     s[i]
 }
 
+/// The 1-minute load average, to print beside figures taken on a shared machine.
+pub fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse().ok()))
+        .unwrap_or(0.0)
+}
+
 /// CreateVolume end to end through a running endpoint (standalone): `count`
 /// distinct volumes at the given concurrency, timed per call; then deleted.
-pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, tag: &str) -> Result<CreateBenchRow, String> {
-    use crate::csi;
+pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, tag: &str, size: u64) -> Result<CreateBenchRow, String> {
+    use cinderblock::csi;
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| e.to_string())?
         .connect()
@@ -141,7 +149,7 @@ pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, ta
                 let r = c
                     .create_volume(csi::CreateVolumeRequest {
                         name: format!("bench-{tag}-{i}"),
-                        capacity_range: Some(csi::CapacityRange { required_bytes: 64 << 20, limit_bytes: 0 }),
+                        capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
                         volume_capabilities: vec![csi::VolumeCapability {
                             access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
                             access_mode: Some(csi::volume_capability::AccessMode {
@@ -166,9 +174,184 @@ pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, ta
         ids.extend(i);
     }
     let elapsed = start.elapsed();
-    let mut c = client.clone();
-    for id in ids {
-        let _ = c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await;
+    // Deleted the same way, so the next level starts from an empty driver.
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(ids));
+    let mut deleters = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.min(16) {
+        let (mut c, ids) = (client.clone(), ids.clone());
+        deleters.spawn(async move {
+            loop {
+                let Some(id) = ids.lock().unwrap_or_else(|p| p.into_inner()).pop() else { return };
+                let _ = c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await;
+            }
+        });
     }
+    while deleters.join_next().await.is_some() {}
     Ok(CreateBenchRow { concurrency, count, elapsed, p50: percentile(&lat, 0.5), p99: percentile(&lat, 0.99) })
+}
+
+/// The resident memory of process `pid`, in bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb << 10)
+}
+
+/// Creates `count` volumes named `scale-<i>` (existing ones answer at once:
+/// CreateVolume is idempotent), `concurrency` at a time, printing progress.
+pub async fn fill_volumes(endpoint: &str, count: usize, concurrency: usize) -> Result<Duration, String> {
+    use cinderblock::csi;
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
+    let client = csi::controller_client::ControllerClient::new(channel);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (mut c, next) = (client.clone(), next.clone());
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= count {
+                    return Ok::<_, String>(());
+                }
+                if i % 10_000 == 0 && i > 0 {
+                    eprintln!("  {i} volumes, {:.0}/s", i as f64 / start.elapsed().as_secs_f64());
+                }
+                c.create_volume(csi::CreateVolumeRequest {
+                    name: format!("scale-{i}"),
+                    capacity_range: Some(csi::CapacityRange { required_bytes: 1 << 20, limit_bytes: 0 }),
+                    volume_capabilities: vec![csi::VolumeCapability {
+                        access_type: Some(csi::volume_capability::AccessType::Block(Default::default())),
+                        access_mode: Some(csi::volume_capability::AccessMode {
+                            mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+                        }),
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| format!("CreateVolume scale-{i}: {}", s.message()))?;
+            }
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r.map_err(|e| e.to_string())??;
+    }
+    Ok(start.elapsed())
+}
+
+/// Walks ListVolumes in pages of `page`, timing each call; returns the
+/// number of volumes seen and each page's time.
+pub async fn walk_pages(endpoint: &str, page: i32, most: usize) -> Result<(usize, Vec<Duration>), String> {
+    use cinderblock::csi;
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
+    let mut c = csi::controller_client::ControllerClient::new(channel);
+    let (mut token, mut seen, mut times) = (String::new(), 0, vec![]);
+    while times.len() < most {
+        let t = Instant::now();
+        let r = c
+            .list_volumes(csi::ListVolumesRequest { max_entries: page, starting_token: token })
+            .await
+            .map_err(|s| format!("ListVolumes: {}", s.message()))?
+            .into_inner();
+        times.push(t.elapsed());
+        seen += r.entries.len();
+        token = r.next_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    Ok((seen, times))
+}
+
+/// See `bench kube-start`: makes BlockVolume objects up to `objects`, then
+/// times a watching store's start (every kind listed into its cache).
+pub async fn kube_start(kubeconfig: &Path, objects: usize) -> Result<(), String> {
+    use cinderblock::controller::records::{Phase, VolumeRec};
+    use cinderblock::store::{self, Kind, Store};
+    let client = cinderblock::kube::client(Some(kubeconfig)).await?;
+    let direct = std::sync::Arc::new(cinderblock::kube::KubeStore::new(client.clone()));
+    let have = {
+        let api: kube::Api<kube::core::DynamicObject> =
+            kube::Api::all_with(client.clone(), &kube::core::ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&()));
+        let mut n = 0;
+        let mut lp = kube::api::ListParams::default().limit(500);
+        loop {
+            let page = api.list_metadata(&lp).await.map_err(|e| e.to_string())?;
+            n += page.items.len();
+            match page.metadata.continue_ {
+                Some(c) if !c.is_empty() => lp = lp.continue_token(&c),
+                _ => break,
+            }
+        }
+        n
+    };
+    if have < objects {
+        println!("making {} BlockVolume objects ({have} exist)", objects - have);
+        let started = Instant::now();
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(have));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..32 {
+            let (s, next) = (direct.clone(), next.clone());
+            workers.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= objects {
+                        return Ok::<_, String>(());
+                    }
+                    let name = format!("kube-start-{i}");
+                    let id = cinderblock::controller::records::volume_id_for(&name);
+                    let rec = VolumeRec {
+                        id: id.clone(),
+                        name,
+                        size_bytes: 1 << 30,
+                        node: Some(format!("node-{}", i % 100)),
+                        phase: Phase::Available,
+                        source: None,
+                        provisioning: Default::default(),
+                        parameters: Default::default(),
+                        fingerprint: "bench".into(),
+                        accessibility: Default::default(),
+                        accessible_topology: vec![],
+                        attempts: vec![],
+                        error: None,
+                        metadata: [("csi.storage.k8s.io/pvc/name".to_string(), format!("claim-{i}"))].into(),
+                        created_ms: 1,
+                        updated_ms: 1,
+                    };
+                    match store::create_json(&*s, Kind::Volume, &id, &rec).await {
+                        Ok(_) | Err(cinderblock::store::StoreError::AlreadyExists { .. }) => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+            });
+        }
+        while let Some(r) = workers.join_next().await {
+            r.map_err(|e| e.to_string())??;
+        }
+        println!("made in {:.1} s", started.elapsed().as_secs_f64());
+    }
+    let t0 = Instant::now();
+    let store = cinderblock::kube::KubeStore::watching(client, "default", Duration::from_secs(600)).await.map_err(|e| e.to_string())?;
+    let took = t0.elapsed();
+    let n = store.list_page(Kind::Volume, None, usize::MAX).await.map_err(|e| e.to_string())?.len();
+    println!(
+        "kube store start with {n} BlockVolume objects: caches filled in {:.2} s (load {:.1}); RSS of this process {:.1} MiB",
+        took.as_secs_f64(),
+        load_average(),
+        rss_bytes(std::process::id()) as f64 / (1 << 20) as f64
+    );
+    Ok(())
 }

@@ -10,11 +10,11 @@ use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-use crate::admin_proto as admin;
-use crate::admin_proto::admin_client::AdminClient;
-use crate::csi;
-use crate::csi::controller_client::ControllerClient;
-use crate::units::{format_bytes, parse_size};
+use cinderblock::admin_proto as admin;
+use cinderblock::admin_proto::admin_client::AdminClient;
+use cinderblock::csi;
+use cinderblock::csi::controller_client::ControllerClient;
+use cinderblock::units::{format_bytes, parse_size};
 
 /// Smallest size `ctl` asks for: the controller rounds every size up to a whole MiB.
 const MIN_SIZE: u64 = 1 << 20;
@@ -264,7 +264,7 @@ struct Clients {
 
 async fn connect(endpoint: Option<&str>) -> Result<Clients, String> {
     let endpoint = endpoint.ok_or("say where cinderblock listens: --endpoint unix:///path/to/csi.sock (or set CSI_ENDPOINT)")?;
-    let path = crate::server::unix_endpoint_path(endpoint)?;
+    let path = cinderblock::server::unix_endpoint_path(endpoint)?;
     if !path.exists() {
         return Err(format!("no socket at {}; is cinderblock running with --endpoint {endpoint}?", path.display()));
     }
@@ -691,13 +691,13 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                     zones.dedup();
                     return Err(format!("no node is in zone {z:?}; zones: {}", if zones.is_empty() { "none".into() } else { zones.join(", ") }));
                 }
-                segments.insert(crate::TOPOLOGY_ZONE_KEY.to_string(), z);
+                segments.insert(cinderblock::TOPOLOGY_ZONE_KEY.to_string(), z);
             }
             if let Some(n) = node {
                 if !nodes.iter().any(|x| x.id == n) {
                     return Err(format!("no node is called {n:?}; `cinderblock ctl node list` lists them"));
                 }
-                segments.insert(crate::TOPOLOGY_NODE_KEY.to_string(), n);
+                segments.insert(cinderblock::TOPOLOGY_NODE_KEY.to_string(), n);
             }
             let r = c
                 .csi

@@ -4,12 +4,10 @@
 pub mod admin;
 pub mod admin_proto;
 pub mod agent;
-pub mod bench;
 pub mod controller;
 pub mod agent_proto;
 pub mod attach;
 pub mod csi;
-pub mod ctl;
 pub mod export;
 pub mod flow;
 pub mod identity;

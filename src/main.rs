@@ -8,6 +8,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use tracing::info;
 
+// The binary's own parts: a client for people and the benchmarks (not the library's).
+mod bench;
+mod ctl;
+
 use cinderblock::agent::fence::Fence;
 use cinderblock::agent::AgentService;
 use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
@@ -46,7 +50,7 @@ enum Command {
     Standalone(StandaloneArgs),
     /// A client for people: volumes and snapshots by name, nodes and their
     /// pools, capacity. Talks to the socket of a standalone or controller.
-    Ctl(cinderblock::ctl::CtlArgs),
+    Ctl(ctl::CtlArgs),
     /// Run the cluster controller: CSI Identity + Controller on a unix socket,
     /// records in the cinderblock.dev custom resources, leader election on a Lease.
     #[command(after_help = LOG_HELP)]
@@ -126,6 +130,9 @@ struct ControllerArgs {
     /// Namespace of the leader election Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
     leader_election_namespace: String,
+    /// Namespace of the nodes' liveness Leases (cinderblock-node-NODE), as the node plugins are told.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    node_lease_namespace: String,
     /// Name of the Lease.
     #[arg(long, default_value = "cinderblock-controller")]
     leader_election_lease: String,
@@ -226,13 +233,14 @@ enum BenchCommand {
         no_reflink: bool,
     },
     /// CreateVolume end to end: throughput and p50/p99 latency at each
-    /// concurrency, through a standalone started for the purpose.
+    /// concurrency, through a standalone started for the purpose, or any
+    /// CSI controller at --endpoint (another driver, to compare).
     Create {
         /// Concurrency levels.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
         concurrency: Vec<usize>,
-        /// Volumes created per level.
-        #[arg(long, default_value_t = 256)]
+        /// Volumes created per level (at least 4 per concurrent caller are made).
+        #[arg(long, default_value_t = 1024)]
         count: usize,
         /// Nodes of the standalone.
         #[arg(long, default_value_t = 3)]
@@ -240,6 +248,41 @@ enum BenchCommand {
         /// Data folder (a temporary one by default).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Measure this CSI endpoint (unix:///path) instead of starting a standalone.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Name for this driver in the output.
+        #[arg(long, default_value = "cinderblock")]
+        label: String,
+        /// Print comma-separated rows (label,concurrency,volumes,per_second,p50_ms,p99_ms,load) instead of a table.
+        #[arg(long)]
+        csv: bool,
+        /// Bytes per volume.
+        #[arg(long, default_value_t = 64 << 20)]
+        size: u64,
+    },
+    /// Many volumes in the embedded store: fills a standalone with
+    /// --volumes volumes (through CSI), then prints its memory (RSS), the
+    /// time a restart takes to answer again, and ListVolumes page times.
+    Scale {
+        /// Volumes to hold (made if the data folder has fewer).
+        #[arg(long, default_value_t = 100_000)]
+        volumes: usize,
+        /// Data folder, kept between runs (filling 100k takes minutes).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Start-up of the controller's store on a real API server: makes
+    /// --objects BlockVolume objects (if fewer exist), then times filling
+    /// the watch caches from nothing, as a controller does when it starts.
+    KubeStart {
+        /// Kubeconfig of the cluster (a test bed: scripts/k8s/testbed.sh).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        objects: usize,
     },
 }
 
@@ -309,6 +352,9 @@ struct NodeArgs {
     /// host:port other nodes reach the NBD server at (default: --nbd-listen's).
     #[arg(long, env = "CINDERBLOCK_NBD_ADVERTISE")]
     nbd_advertise: Option<String>,
+    /// Namespace of this node's liveness Lease (cinderblock-node-NODE), renewed every --heartbeat-interval.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    node_lease_namespace: String,
     /// Delete quarantined images (orphaned/) older than this many seconds, by
     /// this node's clock; 0 keeps them until an operator purges them.
     #[arg(long, env = "CINDERBLOCK_ORPHAN_RETENTION", default_value_t = 0.0)]
@@ -377,7 +423,7 @@ async fn main() -> std::process::ExitCode {
             Ok(())
         }
         Command::Tls(t) => run_tls(t),
-        Command::Ctl(a) => cinderblock::ctl::run(a).await,
+        Command::Ctl(a) => ctl::run(a).await,
         Command::Nbd(c) => cinderblock::attach::nbd::cli::run(c).await,
     };
     match result {
@@ -500,13 +546,13 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         if zone.is_empty() {
             zone = cinderblock::kube::node_zone(&client, &args.node_id).await?.unwrap_or_default();
         }
-        let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client));
-        let reg = cinderblock::controller::registration::Registration {
-            node_id: args.node_id.clone(),
-            zone: zone.clone(),
-            agent_address: args.agent_advertise.clone().unwrap_or_else(|| format!("https://{agent_addr}")),
-            max_volumes: args.max_volumes.max(0) as u32,
-        };
+        let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::with_lease_namespace(client, &args.node_lease_namespace));
+        let mut reg = cinderblock::controller::registration::Registration::new(
+            args.node_id.clone(),
+            zone.clone(),
+            args.agent_advertise.clone().unwrap_or_else(|| format!("https://{agent_addr}")),
+            args.max_volumes.max(0) as u32,
+        );
         reg.report(&*store, &pool).await.map_err(|e| format!("registering node {}: {e}", args.node_id))?;
         let every = std::time::Duration::try_from_secs_f64(args.heartbeat_interval).map_err(|e| e.to_string())?;
         tokio::spawn(reg.run(store, pool.clone(), every));
@@ -521,50 +567,73 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
 
 async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
     match cmd {
-        BenchCommand::Create { concurrency, count, nodes, data_dir } => {
+        BenchCommand::Create { concurrency, count, nodes, data_dir, endpoint, label, csv, size } => {
             let tmp = std::env::temp_dir().join(format!("cinderblock-bench-create-{}", std::process::id()));
             let dir = data_dir.unwrap_or_else(|| tmp.clone());
-            let sock = dir.join("csi.sock");
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let mut child = tokio::process::Command::new(exe)
-                .args(["standalone", "--data-dir"]).arg(&dir)
-                .args(["--nodes", &nodes.to_string(), "--endpoint"]).arg(format!("unix://{}", sock.display()))
-                .env("RUST_LOG", "warn")
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| e.to_string())?;
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let mut child = None;
+            let endpoint = match endpoint {
+                Some(e) => e,
+                None => {
+                    let sock = dir.join("csi.sock");
+                    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                    child = Some(
+                        tokio::process::Command::new(exe)
+                            .args(["standalone", "--data-dir"]).arg(&dir)
+                            .args(["--nodes", &nodes.to_string(), "--endpoint"]).arg(format!("unix://{}", sock.display()))
+                            .env("RUST_LOG", "warn")
+                            .kill_on_drop(true)
+                            .spawn()
+                            .map_err(|e| e.to_string())?,
+                    );
+                    format!("unix://{}", sock.display())
+                }
+            };
+            let sock = server::unix_endpoint_path(&endpoint)?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             while tokio::net::UnixStream::connect(&sock).await.is_err() {
                 if std::time::Instant::now() > deadline {
-                    return Err("standalone did not start".into());
+                    return Err(format!("nothing answers on {endpoint}"));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            println!("{:>11} {:>7} {:>12} {:>10} {:>10}", "concurrency", "volumes", "volumes/s", "p50 ms", "p99 ms");
-            for c in concurrency {
-                let r = cinderblock::bench::create_volumes(&format!("unix://{}", sock.display()), c, count, &format!("c{c}")).await?;
-                println!(
-                    "{:>11} {:>7} {:>12.1} {:>10.2} {:>10.2}",
-                    r.concurrency, r.count, r.count as f64 / r.elapsed.as_secs_f64(),
-                    cinderblock::bench::ms(r.p50), cinderblock::bench::ms(r.p99)
-                );
+            if !csv {
+                println!("{label}: {count} volumes of {} per level", cinderblock::units::format_bytes(size));
+                println!("{:>11} {:>7} {:>12} {:>10} {:>10} {:>6}", "concurrency", "volumes", "volumes/s", "p50 ms", "p99 ms", "load");
             }
-            let _ = child.kill().await;
+            for c in concurrency {
+                let n = count.max(c * 4);
+                let r = bench::create_volumes(&endpoint, c, n, &format!("{label}-c{c}"), size).await?;
+                let load = bench::load_average();
+                let rate = r.count as f64 / r.elapsed.as_secs_f64();
+                if csv {
+                    println!("{label},{},{},{rate:.1},{:.2},{:.2},{load:.1}", r.concurrency, r.count, bench::ms(r.p50), bench::ms(r.p99));
+                } else {
+                    println!(
+                        "{:>11} {:>7} {:>12.1} {:>10.2} {:>10.2} {:>6.1}",
+                        r.concurrency, r.count, rate, bench::ms(r.p50), bench::ms(r.p99), load
+                    );
+                }
+            }
+            if let Some(mut child) = child {
+                let _ = child.kill().await;
+            }
             if dir == tmp {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
             Ok(())
         }
+        BenchCommand::Scale { volumes, data_dir, concurrency } => bench_scale(volumes, data_dir, concurrency).await,
+        BenchCommand::KubeStart { kubeconfig, objects } => bench::kube_start(&kubeconfig, objects).await,
         BenchCommand::Pool { pool, sizes_gib, runs, no_reflink } => {
             println!("{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}", "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max");
             for gib in sizes_gib {
                 let dir = pool.clone();
-                let r = tokio::task::spawn_blocking(move || cinderblock::bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
+                let r = tokio::task::spawn_blocking(move || bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
                     .await
                     .map_err(|e| e.to_string())??;
                 let fs = cinderblock::volume::Pool::open(&pool, PoolConfig::default()).map(|(p, _)| p.status().map(|s| s.filesystem).unwrap_or_default()).unwrap_or_default();
                 let max = |v: &[std::time::Duration]| v.iter().max().copied().unwrap_or_default();
-                use cinderblock::bench::{median, ms};
+                use bench::{median, ms};
                 println!(
                     "{:<10} {:>6}Gi {:>10} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms",
                     fs, r.data_bytes >> 30, if r.reflink { "reflink" } else { "copy" },
@@ -574,6 +643,70 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// See `BenchCommand::Scale`.
+async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize) -> Result<(), String> {
+    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
+    let data_dir = data_dir.canonicalize().map_err(|e| e.to_string())?;
+    let sock = data_dir.join("csi.sock");
+    let endpoint = format!("unix://{}", sock.display());
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let start = || {
+        let _ = std::fs::remove_file(&sock);
+        tokio::process::Command::new(&exe)
+            .args(["standalone", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--nodes", "3", "--endpoint", &endpoint, "--reconcile-interval", "3600"])
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| e.to_string())
+    };
+    // Ready: the socket answers a first page of ListVolumes.
+    let ready = |t0: std::time::Instant| {
+        let endpoint = endpoint.clone();
+        async move {
+            loop {
+                if bench::walk_pages(&endpoint, 1, 1).await.is_ok() {
+                    return Ok::<_, String>(t0.elapsed());
+                }
+                if t0.elapsed() > std::time::Duration::from_secs(600) {
+                    return Err("the standalone did not answer within 10 minutes".to_string());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let mut child = start()?;
+    ready(std::time::Instant::now()).await?;
+    println!("filling to {volumes} volumes ({concurrency} at a time; existing ones answer at once)");
+    let took = bench::fill_volumes(&endpoint, volumes, concurrency).await?;
+    println!("{volumes} volumes in place after {:.1} s (load {:.1})", took.as_secs_f64(), bench::load_average());
+    // Let the reports and a reconciler-free steady state settle, then measure.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let pid = child.id().unwrap_or(0);
+    let (seen, _) = bench::walk_pages(&endpoint, 1000, usize::MAX).await?;
+    let rss = bench::rss_bytes(pid);
+    println!("volumes listed: {seen}");
+    println!("RSS of the standalone (controller + 3 nodes' pools) after a full listing: {:.1} MiB (load {:.1})", rss as f64 / (1 << 20) as f64, bench::load_average());
+    let _ = child.kill().await;
+    let t0 = std::time::Instant::now();
+    let mut child = start()?;
+    let restart = ready(t0).await?;
+    println!("restart to ready (process start to the first ListVolumes answer): {:.2} s (load {:.1})", restart.as_secs_f64(), bench::load_average());
+    let (_, times) = bench::walk_pages(&endpoint, 100, 300).await?;
+    println!(
+        "ListVolumes, pages of 100: {} pages, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (load {:.1})",
+        times.len(),
+        bench::ms(bench::percentile(&times, 0.5)),
+        bench::ms(bench::percentile(&times, 0.99)),
+        bench::ms(times.iter().max().copied().unwrap_or_default()),
+        bench::load_average()
+    );
+    println!("RSS after restart and 300 pages: {:.1} MiB", bench::rss_bytes(child.id().unwrap_or(0)) as f64 / (1 << 20) as f64);
+    let _ = child.kill().await;
+    Ok(())
 }
 
 async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
@@ -620,7 +753,11 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         Some(Arc::new(ca))
     };
     let tls_dir = cinderblock::tls::TlsDir::open(&a.tls_dir).map_err(|e| format!("certificate folder {}: {e}", a.tls_dir.display()))?;
-    let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::new(client.clone()));
+    // Every record is listed once and then watched: reads come from memory.
+    let store = cinderblock::kube::KubeStore::watching(client.clone(), &a.node_lease_namespace, std::time::Duration::from_secs(300))
+        .await
+        .map_err(|e| e.to_string())?;
+    let store: Arc<dyn cinderblock::store::Store> = Arc::new(store);
     let config = ControllerConfig {
         heartbeat_timeout: secs(a.heartbeat_timeout, "heartbeat-timeout")?,
         stuck_grace: secs(a.stuck_grace, "stuck-grace")?,

@@ -69,6 +69,14 @@ pub struct Metrics {
     pub pool_orphans: Family<PoolLabels, Gauge>,
     /// The NBD server's per-export series (`crate::export::metrics`).
     pub export: crate::export::metrics::ExportMetrics,
+    /// Durable transactions of the embedded store, and the writes they
+    /// carried (group commit: writes / commits is the batch size).
+    pub store_commits: Counter,
+    pub store_writes: Counter,
+    /// Folder fsyncs a pool asked for, and those it really made (the rest
+    /// rode on a sync that started after them).
+    pub folder_sync_requests: Counter,
+    pub folder_syncs: Counter,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -100,8 +108,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let pool_orphans = Family::<PoolLabels, Gauge>::default();
     registry.register("pool_orphans", "Images kept in a node's orphaned/ folder", pool_orphans.clone());
     let export = crate::export::metrics::ExportMetrics::register(&mut registry);
+    let store_commits = Counter::default();
+    registry.register("store_commits", "Durable write transactions of the embedded store", store_commits.clone());
+    let store_writes = Counter::default();
+    registry.register("store_writes", "Writes committed by the embedded store (several share a transaction)", store_writes.clone());
+    let folder_sync_requests = Counter::default();
+    registry.register("pool_folder_sync_requests", "Folder fsyncs the pools asked for", folder_sync_requests.clone());
+    let folder_syncs = Counter::default();
+    registry.register("pool_folder_syncs", "Folder fsyncs the pools made (one covers every request made before it started)", folder_syncs.clone());
     Metrics {
         registry,
+        store_commits,
+        store_writes,
+        folder_sync_requests,
+        folder_syncs,
         calls,
         call_seconds,
         flow_reverts,

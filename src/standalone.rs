@@ -92,7 +92,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
             .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), id.clone(), fence).with_exports(exports)))
             .serve_with_incoming_shutdown(incoming, server::shutdown_signal());
         tasks.spawn(async move { agent.await.map_err(|e| format!("agent server: {e}")) });
-        let reg = Registration { node_id: id.clone(), zone: zone.clone(), agent_address: format!("https://{addr}"), max_volumes: cfg.max_volumes };
+        let mut reg = Registration::new(id.clone(), zone.clone(), format!("https://{addr}"), cfg.max_volumes);
         reg.report(&*store, &pool).await?;
         let (s, p, every) = (store.clone(), pool.clone(), cfg.heartbeat_interval);
         tokio::spawn(reg.run(s, p, every));

@@ -193,7 +193,13 @@ async fn global_flags_go_anywhere_and_output_is_by_name() {
 fn logs_written_to_a_file_have_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let s = Standalone::start(dir.path(), 1, 1, &[]); // stderr goes to a file
-    let log = s.log_text();
+    // The socket answers a moment before the ready line is written.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut log = s.log_text();
+    while !log.contains("cinderblock standalone ready") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        log = s.log_text();
+    }
     assert!(log.contains("cinderblock standalone ready"), "{log}");
     assert!(!log.contains('\u{1b}'), "escape codes in a log file: {log:?}");
 }

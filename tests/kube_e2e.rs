@@ -303,8 +303,8 @@ async fn kubernetes_end_to_end() {
     let vol = handle(&pv);
     let node = pv_node(&pv);
     let bv = bvols.get(&vol).await.unwrap();
-    assert_eq!(bv.data["status"]["phase"], "Available");
-    assert_eq!(bv.data["status"]["node"], node.as_str());
+    assert_eq!(bv.data["spec"]["phase"], "Available");
+    assert_eq!(bv.data["spec"]["node"], node.as_str());
     assert_eq!(bv.data["spec"]["metadata"]["csi.storage.k8s.io/pvc/name"], "data");
 
     // 2. Snapshot, restore, clone.

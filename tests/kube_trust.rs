@@ -253,6 +253,7 @@ async fn trust_on_a_real_api_server() {
             "--lease-duration", "4", "--heartbeat-timeout", "10", "--reconcile-interval", "1", "--stuck-grace", "2",
             "--tls-dir", &format!("{}/{id}-tls", d.display()), "--tls-namespace", NS, "--tls-ca-secret", "cinderblock-ca",
             "--node-service-account", &format!("system:serviceaccount:{NS}:{NODE_SA}"), "--metrics-addr", "127.0.0.1:0",
+            "--node-lease-namespace", NS,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -280,6 +281,7 @@ async fn trust_on_a_real_api_server() {
             "--endpoint", &format!("unix://{}/{n}.sock", d.display()), "--allowed-root", d.to_str().unwrap(),
             "--register", "--kubeconfig", kc.to_str().unwrap(), "--heartbeat-interval", "1",
             "--tls-dir", &format!("{}/{n}-tls", d.display()), "--tls-bootstrap", "--tls-namespace", NS, "--tls-ca-configmap", "cinderblock-ca",
+            "--node-lease-namespace", NS,
         ]
         .iter()
         .map(|s| s.to_string())

@@ -69,7 +69,7 @@ impl InNode {
     }
 
     async fn register(&self, store: &dyn Store) {
-        let reg = Registration { node_id: self.id.clone(), zone: "zone-1".into(), agent_address: self.address(), max_volumes: 0 };
+        let mut reg = Registration::new(self.id.clone(), "zone-1".into(), self.address(), 0);
         reg.report(store, &self.pool).await.expect("registration");
     }
 
@@ -401,6 +401,44 @@ async fn an_emptied_store_loses_nothing_and_holds_the_breaker() {
     }
 }
 
+/// A store emptied one object at a time (as `kubectl delete --all` does,
+/// seen through a watch as a stream of deletions) never looks like a
+/// trickle of single strays: every image that lost its record within the
+/// grace period counts against the breaker together.
+#[tokio::test]
+async fn records_deleted_one_by_one_between_passes_still_hold_the_breaker() {
+    let grace = Duration::from_secs(2);
+    let c = Cluster::start(&["node-1"], grace).await;
+    let mut ids = vec![];
+    for i in 0..12 {
+        ids.push(c.create(&format!("pvc-{i}"), None).await.unwrap().id);
+    }
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    let before = images_of(&c.nodes[0].pool_dir);
+    for id in &ids {
+        c.store.delete(Kind::Volume, id, None).await.unwrap();
+        let r = c.manager.reconcile_once().await.unwrap();
+        assert!(r.quarantined.is_empty(), "quarantined while the records were going: {r:?}");
+    }
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    let r = c.manager.reconcile_once().await.unwrap();
+    assert!(r.quarantined.is_empty(), "{r:?}");
+    assert_eq!(r.breaker_held, vec![("node-1".to_string(), 12)]);
+    assert_eq!(images_of(&c.nodes[0].pool_dir), before, "an image moved or changed");
+}
+
+fn images_of(pool: &std::path::Path) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = std::fs::read_dir(pool.join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), checksum(&p)))
+        .collect();
+    out.sort();
+    out
+}
+
 #[tokio::test]
 async fn a_single_stray_image_is_quarantined_whole_and_purged_only_on_request() {
     let c = Cluster::start(&["node-1"], Duration::from_millis(200)).await;
@@ -413,6 +451,11 @@ async fn a_single_stray_image_is_quarantined_whole_and_purged_only_on_request() 
     write_pattern(&image, 4096, 10_000, 7);
     let content = checksum(&image);
     c.store.delete(Kind::Volume, &victim, None).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Old enough, but only just seen without a record: it waits a grace period.
+    let first = c.manager.reconcile_once().await.unwrap();
+    assert!(first.quarantined.is_empty(), "moved on the pass that first saw it: {first:?}");
+    assert!(checksum(&image) == content);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let report = c.manager.reconcile_once().await.unwrap();
     assert_eq!(report.quarantined, vec![format!("node-1/{victim}")]);

@@ -19,7 +19,7 @@ use super::manager::{status_task, task_err, CreateVolumeSpec, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::flow::{Flow, FlowFailure, Task, TaskError};
-use crate::scheduler::{self, ScheduleRequest, Segments};
+use crate::scheduler::{Reservation, ScheduleRequest, Segments};
 use crate::store::{self, Kind, StoreError};
 
 impl Manager {
@@ -69,7 +69,7 @@ impl Manager {
                 (rec, 0)
             }
         };
-        let mut ctx = CreateCtx { m: self.clone(), spec, rec, version, pinned: None, source_metadata: BTreeMap::new() };
+        let mut ctx = CreateCtx { m: self.clone(), spec, rec, version, pinned: None, source_metadata: BTreeMap::new(), reservation: None };
         let flow = Flow::new("create_volume").then(RecordVolume).then(ScheduleAndCreate).then(MarkAvailable);
         match flow.run(&mut ctx).await {
             Ok(()) => Ok(ctx.rec),
@@ -80,6 +80,16 @@ impl Manager {
                 }
                 Err(flow_status(&f))
             }
+        }
+    }
+}
+
+impl CreateCtx {
+    /// The volume exists on its node: the view keeps the reservation until
+    /// the node's next report counts it.
+    fn settle(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            r.settle();
         }
     }
 }
@@ -95,11 +105,27 @@ struct CreateCtx {
     version: u64,
     pinned: Option<String>,
     source_metadata: BTreeMap<String, String>,
+    /// What the node view holds for this volume on the node it was placed on.
+    reservation: Option<Reservation>,
 }
 
 impl CreateCtx {
+    /// Writes the record: the first write creates it (version 0: not yet
+    /// stored), later ones compare-and-set.
     async fn save(&mut self) -> Result<(), TaskError> {
         self.rec.updated_ms = now_ms();
+        if self.version == 0 {
+            return match store::create_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec).await {
+                Ok(v) => {
+                    self.version = v;
+                    Ok(())
+                }
+                Err(StoreError::AlreadyExists { .. }) => {
+                    Err(TaskError::new(Code::Aborted, "another controller is creating this volume; retry"))
+                }
+                Err(e) => Err(task_err(e)),
+            };
+        }
         self.version = store::update_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec, self.version)
             .await
             .map_err(task_err)?;
@@ -107,7 +133,9 @@ impl CreateCtx {
     }
 }
 
-/// Write the record `Creating` (keyed by the name's ID); on failure of a
+/// Check the source and make the record `Creating` (keyed by the name's
+/// ID); a new record is first written together with the node it is placed
+/// on (one write, not two), an existing one is reset now. On failure of a
 /// later task, record `Error` with every attempt's reason.
 struct RecordVolume;
 
@@ -156,15 +184,7 @@ impl Task<CreateCtx> for RecordVolume {
         for (k, v) in ctx.source_metadata.clone() {
             ctx.rec.metadata.entry(k).or_insert(v);
         }
-        if ctx.version == 0 {
-            match store::create_json(&*ctx.m.store, Kind::Volume, &ctx.rec.id, &ctx.rec).await {
-                Ok(v) => ctx.version = v,
-                Err(StoreError::AlreadyExists { .. }) => {
-                    return Err(TaskError::new(Code::Aborted, "another controller is creating this volume; retry"));
-                }
-                Err(e) => return Err(task_err(e)),
-            }
-        } else {
+        if ctx.version != 0 {
             ctx.rec.phase = Phase::Creating;
             ctx.rec.error = None;
             // An interrupted attempt's node stays: the flow goes there first.
@@ -176,6 +196,7 @@ impl Task<CreateCtx> for RecordVolume {
         Ok(())
     }
     async fn revert(&self, ctx: &mut CreateCtx, cause: &TaskError) -> Result<(), TaskError> {
+        ctx.reservation = None;
         ctx.rec.phase = Phase::Error;
         ctx.rec.node = None;
         ctx.rec.error = Some(cause.message.clone());
@@ -242,8 +263,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             let node = match resume.take() {
                 Some(n) => n,
                 None => {
-                    let nodes = ctx.m.nodes().await.map_err(status_task)?;
-                    let states: Vec<_> = nodes.iter().filter(|n| n.mismatch.is_none()).map(NodeRec::state).collect();
+                    ctx.m.view_ready().await.map_err(status_task)?;
                     let req = ScheduleRequest {
                         size_bytes: ctx.spec.size_bytes,
                         provisioning: ctx.spec.provisioning,
@@ -255,8 +275,14 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                         now_ms: now_ms(),
                         heartbeat_timeout_ms: ctx.m.config.heartbeat_timeout.as_millis() as i64,
                     };
-                    match scheduler::schedule_best(&states, &req) {
-                        Ok(best) => best.node_id,
+                    // The view leaves mismatched nodes out, and reserves
+                    // the size on the chosen node at once.
+                    match ctx.m.view.place(&ctx.rec.id, &req) {
+                        Ok(placed) => {
+                            let node = placed.node_id.clone();
+                            ctx.reservation = Some(placed);
+                            node
+                        }
                         Err(no) => {
                             let mut msg = no.to_string();
                             for a in &ctx.rec.attempts {
@@ -275,6 +301,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             let failure = match create_on(ctx, &node).await {
                 Ok(v) => {
                     ctx.rec.size_bytes = v.size_bytes;
+                    ctx.settle();
                     return Ok(());
                 }
                 Err(s) if crate::tls::client::never_sent(&s) => {
@@ -288,6 +315,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                     match ask_node(&ctx.m, &node, &ctx.rec.id, ctx.m.config.agent_timeout).await {
                         Asked::Created(v) => {
                             ctx.rec.size_bytes = v.size_bytes;
+                            ctx.settle();
                             return Ok(());
                         }
                         Asked::Absent => {
@@ -328,6 +356,8 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                     }
                 }
             };
+            // That node's reservation goes; the next placement makes its own.
+            ctx.reservation = None;
             ctx.rec.attempts.push(Attempt { node: node.clone(), error: format!("{:?}: {}", failure.code, failure.message), at_ms: now_ms() });
             ctx.rec.node = None;
             ctx.save().await?;
@@ -386,7 +416,7 @@ impl Task<CreateCtx> for MarkAvailable {
     }
     async fn execute(&self, ctx: &mut CreateCtx) -> Result<(), TaskError> {
         let node = ctx.rec.node.clone().unwrap_or_default();
-        let zone = ctx.m.node(&node).await.map_err(status_task)?.map(|(n, _)| n.zone).unwrap_or_default();
+        let zone = ctx.m.node_in_view(&node).await.map_err(status_task)?.map(|n| n.zone).unwrap_or_default();
         ctx.rec.accessible_topology = vec![accessible_from(&node, &zone, ctx.rec.accessibility)];
         ctx.rec.phase = Phase::Available;
         ctx.rec.error = None;

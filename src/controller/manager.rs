@@ -17,7 +17,7 @@ use super::agents::{Agents, MismatchSink, NodeAgent};
 use super::inflight::Inflight;
 use super::records::*;
 use crate::flow::TaskError;
-use crate::scheduler::{Placement, Segments};
+use crate::scheduler::{NodeView, Placement, Segments};
 use crate::store::{self, Kind, Store, StoreError};
 use crate::tls::TlsDir;
 use crate::volume::Provisioning;
@@ -94,9 +94,19 @@ pub struct Manager {
     pub(crate) config: ControllerConfig,
     pub(crate) inflight: Arc<Inflight>,
     pub(crate) events: Option<Arc<dyn EventSink>>,
+    /// Every node in memory, kept current from the store's changes; the
+    /// scheduler places volumes on it (with reservations).
+    pub(crate) view: NodeView,
+    /// Images the reconciler found without a record, per node, with when it
+    /// first saw each (see reconciler.rs: an image is quarantined only after
+    /// it has been a candidate for the grace period).
+    pub(crate) orphan_candidates: Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<String, std::time::Instant>>>>,
     /// With leader election: this replica's leadership. Without: None.
     leader: Option<watch::Receiver<Leadership>>,
 }
+
+/// How long a caller waits for the node view's first read of the store.
+const VIEW_PATIENCE: Duration = Duration::from_secs(30);
 
 pub fn store_status(e: StoreError) -> Status {
     Status::from(e)
@@ -117,9 +127,11 @@ impl Manager {
     pub fn new(store: Arc<dyn Store>, config: ControllerConfig, tls: Arc<TlsDir>) -> Self {
         Manager {
             agents: Arc::new(Agents::new(config.agent_timeout, tls)),
+            view: NodeView::follow(store.clone(), config.heartbeat_timeout),
             store,
             config,
             inflight: Arc::new(Inflight::default()),
+            orphan_candidates: Default::default(),
             events: None,
             leader: None,
         }
@@ -233,11 +245,44 @@ impl Manager {
     pub async fn snapshot(&self, id: &str) -> Result<Option<(SnapshotRec, u64)>, Status> {
         store::get_json(&*self.store, Kind::Snapshot, id).await.map_err(store_status)
     }
+    /// A node's record as stored, with its version (to change it).
     pub async fn node(&self, id: &str) -> Result<Option<(NodeRec, u64)>, Status> {
         store::get_json(&*self.store, Kind::Node, id).await.map_err(store_status)
     }
+    /// Every node as the node view has it (no store read), with its latest
+    /// liveness as the heartbeat.
     pub async fn nodes(&self) -> Result<Vec<NodeRec>, Status> {
-        Ok(store::list_json::<NodeRec>(&*self.store, Kind::Node).await.map_err(store_status)?.into_iter().map(|(n, _)| n).collect())
+        self.view_ready().await?;
+        Ok(self.view.nodes())
+    }
+    /// One node as the node view has it.
+    pub async fn node_in_view(&self, id: &str) -> Result<Option<NodeRec>, Status> {
+        self.view_ready().await?;
+        Ok(self.view.node(id))
+    }
+    pub(crate) async fn view_ready(&self) -> Result<(), Status> {
+        if self.view.caught_up(self.store.change_seq(), VIEW_PATIENCE).await {
+            Ok(())
+        } else {
+            Err(Status::unavailable("the controller has not read the nodes from its store yet; retry"))
+        }
+    }
+    /// The largest volume the scheduler would place now, on a node inside
+    /// `topology` when given (GetCapacity).
+    pub async fn largest_volume(&self, provisioning: Provisioning, topology: Option<Segments>) -> Result<u64, Status> {
+        self.view_ready().await?;
+        let req = crate::scheduler::ScheduleRequest {
+            provisioning,
+            requisite: topology.into_iter().collect(),
+            now_ms: now_ms(),
+            heartbeat_timeout_ms: self.config.heartbeat_timeout.as_millis() as i64,
+            ..Default::default()
+        };
+        Ok(self.view.largest_volume(&req))
+    }
+
+    pub fn view(&self) -> &NodeView {
+        &self.view
     }
     pub async fn volumes(&self) -> Result<Vec<VolumeRec>, Status> {
         Ok(store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?.into_iter().map(|(v, _)| v).collect())
@@ -266,7 +311,7 @@ impl Manager {
     }
 
     pub(crate) async fn agent_for(&self, node_id: &str) -> Result<NodeAgent, TaskError> {
-        let node = self.node(node_id).await.map_err(status_task)?.map(|(n, _)| n).ok_or_else(|| {
+        let node = self.node_in_view(node_id).await.map_err(status_task)?.ok_or_else(|| {
             TaskError::new(Code::Unavailable, format!("node {node_id} is not registered")).reschedulable()
         })?;
         self.agent_of(node).map_err(status_task)

@@ -6,6 +6,7 @@ mod create;
 mod delete;
 mod expand;
 pub mod inflight;
+pub mod listing;
 pub mod manager;
 pub mod publish;
 pub mod reconciler;

@@ -8,13 +8,18 @@
 //! - An image on a node that no record places there (any phase, `Deleting`
 //!   included) and that is older than the grace period by the node's own
 //!   clock is moved to the node's `orphaned/` folder with a note, never
-//!   deleted. A circuit breaker holds the whole node's pass when it would
-//!   quarantine more than a few images or a share of them (a store emptied
-//!   or restored from an old backup, a renamed node): it then moves nothing
-//!   and raises a Warning event and a metric for a person to look at.
+//!   deleted. An image must also have been seen without a record by this
+//!   controller for the grace period, pass after pass, before it moves: a
+//!   store being emptied one object at a time (a `kubectl delete --all`
+//!   arrives as a stream of watch events) is thus seen whole, not as a
+//!   trickle of single orphans. A circuit breaker holds the whole node's
+//!   pass when the candidates (ripe or not) are more than a few images or
+//!   a share of them (a store emptied or restored from an old backup, a
+//!   renamed node): it then moves nothing and raises a Warning event and a
+//!   metric for a person to look at.
 //! - Mismatched and silent nodes are skipped entirely.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use tonic::{Code, Status};
@@ -42,52 +47,77 @@ pub struct ReconcileReport {
 
 impl Manager {
     /// One pass of the reconciler (leader only). Everything it does is logged.
+    ///
+    /// The records are read once, a page at a time, keeping only what the
+    /// pass needs (IDs per node, the few stuck or expired records): its
+    /// memory does not grow with the records' size, only with their number.
     pub async fn reconcile_once(&self) -> Result<ReconcileReport, Status> {
         let mut report = ReconcileReport::default();
         if !self.is_leader() {
+            // A later term starts its watch afresh.
+            self.orphan_candidates.lock().unwrap().clear();
             return Ok(report);
         }
         let grace = self.config.stuck_grace.as_millis() as i64;
         let now = now_ms();
-        let listed = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
-        for (rec, _) in &listed {
-            if rec.phase == Phase::Creating && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
-                self.resolve_stuck_volume(&rec.id, &mut report).await?;
+        // What the records place on each node, in every phase.
+        let mut owned: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut stuck_volumes = Vec::new();
+        let mut expired = Vec::new();
+        let mut phases = PhaseCounts::default();
+        store::for_each_json::<VolumeRec>(&*self.store, Kind::Volume, |rec, version| {
+            phases.volume(rec.phase);
+            if rec.phase == Phase::Creating && now - rec.updated_ms > grace {
+                stuck_volumes.push(rec.id.clone());
             }
-        }
-        for (rec, version) in &listed {
             // A record left in Error with nothing on any node is only a note
             // of a failure; the CO retries CreateVolume while it still wants
             // the volume (which makes a new record), so it expires.
-            if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace && !self.inflight.busy(&rec.id) {
-                let _guard = self.inflight.acquire(&rec.id).await;
-                if self.store.delete(Kind::Volume, &rec.id, Some(*version)).await.is_ok() {
-                    warn!(volume.id = %rec.id, volume.name = %rec.name, error = ?rec.error, "failed volume record expired");
-                    report.errors_expired.push(rec.id.clone());
-                }
+            if rec.phase == Phase::Error && rec.node.is_none() && now - rec.updated_ms > grace {
+                expired.push((rec.id.clone(), rec.name.clone(), rec.error.clone(), version));
+            }
+            if let Some(n) = rec.node {
+                owned.entry(n).or_default().insert(rec.id);
+            }
+        })
+        .await
+        .map_err(store_status)?;
+        let mut stuck_snapshots = Vec::new();
+        store::for_each_json::<SnapshotRec>(&*self.store, Kind::Snapshot, |s, _| {
+            phases.snapshot(s.phase);
+            if s.phase == Phase::Creating && now - s.created_ms > grace {
+                stuck_snapshots.push(s.id.clone());
+            }
+            owned.entry(s.node).or_default().insert(s.id);
+        })
+        .await
+        .map_err(store_status)?;
+        phases.publish();
+
+        // A stuck record stays owned by its node whatever it resolves to:
+        // it becomes Available there, or Error because the node has nothing.
+        for id in stuck_volumes {
+            if !self.inflight.busy(&id) {
+                self.resolve_stuck_volume(&id, &mut report).await?;
             }
         }
-        let snapshots = store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await.map_err(store_status)?;
-        for (s, _) in &snapshots {
-            if s.phase == Phase::Creating && now - s.created_ms > grace && !self.inflight.busy(&s.id) {
-                self.resolve_stuck_snapshot(&s.id, &mut report).await?;
+        for (id, name, error, version) in expired {
+            if self.inflight.busy(&id) {
+                continue;
+            }
+            let _guard = self.inflight.acquire(&id).await;
+            if self.store.delete(Kind::Volume, &id, Some(version)).await.is_ok() {
+                warn!(volume.id = %id, volume.name = %name, error = ?error, "failed volume record expired");
+                report.errors_expired.push(id);
+            }
+        }
+        for id in stuck_snapshots {
+            if !self.inflight.busy(&id) {
+                self.resolve_stuck_snapshot(&id, &mut report).await?;
             }
         }
 
-        // What the records place on each node, in every phase.
-        let volumes = store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?;
-        let snapshots = store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await.map_err(store_status)?;
-        record_phase_metrics(volumes.iter().map(|(v, _)| v.phase), snapshots.iter().map(|(s, _)| s.phase));
-        let mut owned: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for (v, _) in &volumes {
-            if let Some(n) = &v.node {
-                owned.entry(n.clone()).or_default().insert(v.id.clone());
-            }
-        }
-        for (s, _) in &snapshots {
-            owned.entry(s.node.clone()).or_default().insert(s.id.clone());
-        }
-        let empty = BTreeSet::new();
+        let empty = HashSet::new();
         for node in self.nodes().await? {
             if !self.node_is_healthy(&node) {
                 continue;
@@ -113,7 +143,7 @@ impl Manager {
                         return Ok(()); // still being made: next pass
                     }
                     // The node finished what the interrupted flow asked for.
-                    let zone = self.node(&node).await?.map(|(n, _)| n.zone).unwrap_or_default();
+                    let zone = self.node_in_view(&node).await?.map(|n| n.zone).unwrap_or_default();
                     rec.size_bytes = v.size_bytes;
                     rec.accessible_topology = vec![accessible_from(&node, &zone, rec.accessibility)];
                     rec.phase = Phase::Available;
@@ -169,7 +199,7 @@ impl Manager {
 
     /// Quarantine the images on `node` that no record places there, unless
     /// that would be more than the breaker allows.
-    async fn quarantine_pass(&self, node: &NodeRec, owned: &BTreeSet<String>, report: &mut ReconcileReport) {
+    async fn quarantine_pass(&self, node: &NodeRec, owned: &HashSet<String>, report: &mut ReconcileReport) {
         let Ok(mut agent) = self.agent_of(node.clone()) else { return };
         let Ok(vols) = agent.list_volumes(pb::ListVolumesRequest {}).await else { return };
         let Ok(snaps) = agent.list_snapshots(pb::ListSnapshotsRequest::default()).await else { return };
@@ -185,6 +215,19 @@ impl Manager {
             .collect();
         let labels = PoolLabels { node: node.id.clone() };
         METRICS.orphan_candidates.get_or_create(&labels).set(candidates.len() as i64);
+        // When this controller first saw each candidate without a record;
+        // an image that got a record again (or went) is forgotten.
+        let ripe: HashSet<String> = {
+            let mut seen = self.orphan_candidates.lock().unwrap();
+            let first_seen = seen.entry(node.id.clone()).or_default();
+            let now = std::time::Instant::now();
+            first_seen.retain(|id, _| candidates.iter().any(|(_, c)| c == id));
+            for (_, id) in &candidates {
+                first_seen.entry(id.clone()).or_insert(now);
+            }
+            let patience = self.config.stuck_grace;
+            first_seen.iter().filter(|(_, t)| now.duration_since(**t) >= patience).map(|(id, _)| id.clone()).collect()
+        };
         if candidates.is_empty() {
             return;
         }
@@ -206,7 +249,7 @@ impl Manager {
             return;
         }
         let mut moved_here = 0;
-        for (is_volume, id) in candidates {
+        for (is_volume, id) in candidates.into_iter().filter(|(_, id)| ripe.contains(id)) {
             let req = pb::QuarantineRequest {
                 id: id.clone(),
                 reason: format!("no record placed this image on node {} (reconciler, after more than {} s)", node.id, grace / 1000),
@@ -267,12 +310,28 @@ impl Manager {
     }
 }
 
-fn record_phase_metrics(volumes: impl Iterator<Item = Phase>, snapshots: impl Iterator<Item = Phase>) {
-    use crate::metrics::RecordLabels;
-    for (kind, phases) in [("volume", volumes.collect::<Vec<_>>()), ("snapshot", snapshots.collect::<Vec<_>>())] {
-        for phase in [Phase::Creating, Phase::Available, Phase::Deleting, Phase::Error] {
-            let n = phases.iter().filter(|p| **p == phase).count() as i64;
-            METRICS.records.get_or_create(&RecordLabels { kind: kind.into(), phase: format!("{phase:?}") }).set(n);
+/// Records by kind and phase, counted during the pass, for the metrics.
+#[derive(Default)]
+struct PhaseCounts {
+    volumes: [i64; 4],
+    snapshots: [i64; 4],
+}
+
+const PHASES: [Phase; 4] = [Phase::Creating, Phase::Available, Phase::Deleting, Phase::Error];
+
+impl PhaseCounts {
+    fn volume(&mut self, p: Phase) {
+        self.volumes[PHASES.iter().position(|x| *x == p).unwrap_or(0)] += 1;
+    }
+    fn snapshot(&mut self, p: Phase) {
+        self.snapshots[PHASES.iter().position(|x| *x == p).unwrap_or(0)] += 1;
+    }
+    fn publish(&self) {
+        use crate::metrics::RecordLabels;
+        for (kind, counts) in [("volume", &self.volumes), ("snapshot", &self.snapshots)] {
+            for (phase, n) in PHASES.iter().zip(counts) {
+                METRICS.records.get_or_create(&RecordLabels { kind: kind.into(), phase: format!("{phase:?}") }).set(*n);
+            }
         }
     }
 }

@@ -207,26 +207,6 @@ fn to_csi_snapshot(s: &SnapshotRec) -> csi::Snapshot {
     }
 }
 
-/// Offset tokens: "" is the start; anything that is not an offset within the
-/// list is ABORTED, as the spec asks.
-fn paginate<T: Clone>(items: &[T], max_entries: i32, token: &str) -> Result<(Vec<T>, String), Status> {
-    if max_entries < 0 {
-        return Err(invalid("max_entries must not be negative"));
-    }
-    let start = if token.is_empty() {
-        0
-    } else {
-        token
-            .parse::<usize>()
-            .ok()
-            .filter(|s| *s <= items.len())
-            .ok_or_else(|| Status::aborted(format!("starting_token {token:?} is not valid; list again from the start")))?
-    };
-    let end = if max_entries == 0 { items.len() } else { (start + max_entries as usize).min(items.len()) };
-    let next = if end < items.len() { end.to_string() } else { String::new() };
-    Ok((items[start..end].to_vec(), next))
-}
-
 impl ControllerService {
     async fn do_create_volume(&self, r: csi::CreateVolumeRequest) -> Result<csi::CreateVolumeResponse, Status> {
         require("name", &r.name)?;
@@ -397,11 +377,11 @@ impl csi::controller_server::Controller for ControllerService {
     async fn list_volumes(&self, request: Request<csi::ListVolumesRequest>) -> Result<Response<csi::ListVolumesResponse>, Status> {
         let r = request.into_inner();
         let result = async {
-            let all: Vec<VolumeRec> =
-                self.manager.volumes().await?.into_iter().filter(|v| v.phase == Phase::Available).collect();
-            let (page, next_token) = paginate(&all, r.max_entries, &r.starting_token)?;
+            let page = self.manager.volume_page(r.max_entries, &r.starting_token).await?;
+            let next_token = page.next_token;
             Ok(csi::ListVolumesResponse {
                 entries: page
+                    .items
                     .iter()
                     .map(|v| csi::list_volumes_response::Entry { volume: Some(to_csi_volume(v)), status: None })
                     .collect(),
@@ -424,18 +404,7 @@ impl csi::controller_server::Controller for ControllerService {
             }
             let params = parse_parameters(&r.parameters)?;
             let topology: Option<Segments> = r.accessible_topology.as_ref().map(|t| t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-            let mut best = 0u64;
-            for n in self.manager.nodes().await? {
-                if !self.manager.node_is_healthy(&n) {
-                    continue;
-                }
-                if let Some(t) = &topology {
-                    if !crate::scheduler::matches(&n.state(), t) {
-                        continue;
-                    }
-                }
-                best = best.max(n.capacity.max_volume(params.provisioning));
-            }
+            let best = self.manager.largest_volume(params.provisioning, topology).await?;
             let best = best.min(i64::MAX as u64) as i64;
             Ok(csi::GetCapacityResponse { available_capacity: best, maximum_volume_size: Some(best), minimum_volume_size: Some(4096) })
         }
@@ -510,19 +479,18 @@ impl csi::controller_server::Controller for ControllerService {
     async fn list_snapshots(&self, request: Request<csi::ListSnapshotsRequest>) -> Result<Response<csi::ListSnapshotsResponse>, Status> {
         let r = request.into_inner();
         let result = async {
-            let all: Vec<SnapshotRec> = self
-                .manager
-                .snapshots()
-                .await?
-                .into_iter()
-                .filter(|s| s.phase == Phase::Available)
-                .filter(|s| r.snapshot_id.is_empty() || s.id == r.snapshot_id)
-                .filter(|s| r.source_volume_id.is_empty() || s.source_volume_id == r.source_volume_id)
-                .collect();
-            let (page, next_token) = paginate(&all, r.max_entries, &r.starting_token)?;
+            if !r.snapshot_id.is_empty() {
+                // One snapshot by ID: no paging (an unknown ID is an empty list).
+                let s = if is_our_id("snap-", &r.snapshot_id) { self.manager.snapshot(&r.snapshot_id).await? } else { None };
+                let s = s.map(|(s, _)| s).filter(|s| s.phase == Phase::Available);
+                let s = s.filter(|s| r.source_volume_id.is_empty() || s.source_volume_id == r.source_volume_id);
+                let entries = s.iter().map(|s| csi::list_snapshots_response::Entry { snapshot: Some(to_csi_snapshot(s)) }).collect();
+                return Ok(csi::ListSnapshotsResponse { entries, next_token: String::new() });
+            }
+            let page = self.manager.snapshot_page(r.max_entries, &r.starting_token, &r.source_volume_id).await?;
             Ok(csi::ListSnapshotsResponse {
-                entries: page.iter().map(|s| csi::list_snapshots_response::Entry { snapshot: Some(to_csi_snapshot(s)) }).collect(),
-                next_token,
+                entries: page.items.iter().map(|s| csi::list_snapshots_response::Entry { snapshot: Some(to_csi_snapshot(s)) }).collect(),
+                next_token: page.next_token,
             })
         }
         .await;
@@ -610,16 +578,4 @@ mod tests {
         assert_eq!(pick_size(Some(&r(-1, 0)), 0).unwrap_err().code(), tonic::Code::InvalidArgument);
         assert_eq!(pick_size(Some(&r(10, 5)), 0).unwrap_err().code(), tonic::Code::InvalidArgument);
         assert_eq!(pick_size(Some(&r(4097, 4100)), 0).unwrap_err().code(), tonic::Code::OutOfRange);
-    }
-
-    #[test]
-    fn pagination_walks_the_list_and_refuses_bad_tokens() {
-        let items: Vec<u32> = (0..5).collect();
-        let (p, t) = paginate(&items, 2, "").unwrap();
-        assert_eq!((p, t.as_str()), (vec![0, 1], "2"));
-        let (p, t) = paginate(&items, 2, "4").unwrap();
-        assert_eq!((p, t.as_str()), (vec![4], ""));
-        assert_eq!(paginate(&items, 2, "nope").unwrap_err().code(), tonic::Code::Aborted);
-        assert_eq!(paginate(&items, 2, "6").unwrap_err().code(), tonic::Code::Aborted);
-    }
-}
+    }}

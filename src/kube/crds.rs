@@ -1,7 +1,9 @@
 //! The custom resources that hold the controller's records in a cluster,
 //! in group `cinderblock.dev`: what Cinder's database would show, for
 //! `kubectl get blockvolumes`. The spec is the record itself (generated from
-//! the Rust record types); the status mirrors phase and node for people.
+//! the Rust record types); the printer columns read phase and node from it.
+//! There is no status: one write per change, never a second request to
+//! mirror the record into a status.
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -12,17 +14,6 @@ use crate::controller::records::{ExportRec, NodeRec, SnapshotRec, VolumeRec};
 pub const GROUP: &str = "cinderblock.dev";
 pub const VERSION: &str = "v1alpha1";
 
-/// Shown by `kubectl get`: where the record is in its life.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
-pub struct RecordStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
-
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, JsonSchema)]
 #[kube(
     group = "cinderblock.dev",
@@ -30,10 +21,9 @@ pub struct RecordStatus {
     kind = "BlockVolume",
     plural = "blockvolumes",
     shortname = "bvol",
-    status = "RecordStatus",
     printcolumn = r#"{"name":"Volume Name","type":"string","jsonPath":".spec.name"}"#,
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".spec.phase"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
     printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.size_bytes"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -49,11 +39,10 @@ pub struct BlockVolumeSpec {
     kind = "BlockSnapshot",
     plural = "blocksnapshots",
     shortname = "bsnap",
-    status = "RecordStatus",
     printcolumn = r#"{"name":"Snapshot Name","type":"string","jsonPath":".spec.name"}"#,
     printcolumn = r#"{"name":"Volume","type":"string","jsonPath":".spec.source_volume_id"}"#,
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".spec.phase"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
     printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.size_bytes"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -69,7 +58,6 @@ pub struct BlockSnapshotSpec {
     kind = "StorageNode",
     plural = "storagenodes",
     shortname = "snode",
-    status = "RecordStatus",
     printcolumn = r#"{"name":"Zone","type":"string","jsonPath":".spec.zone"}"#,
     printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".spec.capacity.total"}"#,
     printcolumn = r#"{"name":"Free","type":"integer","jsonPath":".spec.capacity.free"}"#,
@@ -91,10 +79,9 @@ pub struct StorageNodeSpec {
     kind = "BlockExport",
     plural = "blockexports",
     shortname = "bexp",
-    status = "RecordStatus",
     printcolumn = r#"{"name":"Volume","type":"string","jsonPath":".spec.volume_id"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node_id"}"#,
-    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".spec.phase"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct BlockExportSpec {

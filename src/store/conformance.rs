@@ -10,7 +10,8 @@ use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    create_json, get_json, list_json, put_json, update_json, Kind, Store, StoreError, Versioned,
+    create_json, get_json, list_json, put_json, update_json, Change, Kind, Store, StoreError,
+    Versioned,
 };
 
 fn v(version: u64, value: &[u8]) -> Versioned {
@@ -42,6 +43,9 @@ pub async fn behaviour_suite(store: &dyn Store) {
     concurrent_updates_one_wins(store).await;
     concurrent_creates_one_wins(store).await;
     json_helpers(store).await;
+    pages_by_key(store).await;
+    the_feed_tells_every_write(store).await;
+    liveness_is_kept_apart_from_records(store).await;
 }
 
 async fn create_then_get(s: &dyn Store) {
@@ -435,6 +439,111 @@ async fn json_helpers(s: &dyn Store) {
         &["vol-json-a", "vol-json-b", "vol-json-bad"],
     )
     .await;
+}
+
+async fn pages_by_key(s: &dyn Store) {
+    let ids = ["vol-p1", "vol-p2", "vol-p3", "vol-p4", "vol-p5"];
+    for id in ids.iter().rev() {
+        s.create(Kind::Volume, id, id.as_bytes().to_vec()).await.unwrap();
+    }
+    let page = |after: Option<&'static str>, limit| async move {
+        s.list_page(Kind::Volume, after, limit)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, v)| {
+                assert_eq!(v.value, id.as_bytes(), "{id} carries its value");
+                id
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(page(None, 2).await, ["vol-p1", "vol-p2"]);
+    assert_eq!(page(Some("vol-p2"), 2).await, ["vol-p3", "vol-p4"]);
+    assert_eq!(page(Some("vol-p4"), 2).await, ["vol-p5"]);
+    assert_eq!(page(Some("vol-p5"), 2).await, Vec::<String>::new());
+    // A key that is not (or no longer) there still places the page.
+    assert_eq!(page(Some("vol-p25"), 10).await, ["vol-p3", "vol-p4", "vol-p5"]);
+    assert_eq!(page(None, 100).await, ids);
+    assert_eq!(s.list_page(Kind::Snapshot, None, 10).await.unwrap(), vec![]);
+    cleanup(s, Kind::Volume, &ids).await;
+}
+
+/// Waits for the change feed to show `want` for `id`, skipping others.
+async fn feed_shows(
+    feed: &mut tokio::sync::broadcast::Receiver<(u64, Change)>,
+    last_seq: &mut u64,
+    id: &str,
+    want: Option<u64>,
+) {
+    let wait = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let (seq, change) = feed.recv().await.expect("the feed stays open");
+            assert!(seq > *last_seq, "changes are numbered in order: {seq} after {last_seq}");
+            *last_seq = seq;
+            if let Change::Record { kind: Kind::Volume, id: got, value } = change {
+                if got == id && value.as_ref().map(|v| v.version) == want {
+                    return;
+                }
+            }
+        }
+    });
+    wait.await
+        .unwrap_or_else(|_| panic!("the change feed never showed {id} at version {want:?}"));
+}
+
+async fn the_feed_tells_every_write(s: &dyn Store) {
+    let mut feed = s.changes();
+    let before = s.change_seq();
+    let mut seen = 0;
+    s.create(Kind::Volume, "vol-feed", b"one".to_vec()).await.unwrap();
+    feed_shows(&mut feed, &mut seen, "vol-feed", Some(1)).await;
+    s.update(Kind::Volume, "vol-feed", b"two".to_vec(), 1).await.unwrap();
+    feed_shows(&mut feed, &mut seen, "vol-feed", Some(2)).await;
+    s.delete(Kind::Volume, "vol-feed", None).await.unwrap();
+    feed_shows(&mut feed, &mut seen, "vol-feed", None).await;
+    assert!(s.change_seq() > before, "the feed's number moves on with each change");
+    assert!(s.change_seq() >= seen, "change_seq is the last change sent");
+    // A refused write changes nothing, so it tells nothing.
+    let seq = s.change_seq();
+    assert!(s.update(Kind::Volume, "vol-feed", b"x".to_vec(), 1).await.is_err());
+    assert_eq!(s.change_seq(), seq);
+}
+
+async fn liveness_is_kept_apart_from_records(s: &dyn Store) {
+    // No record yet: the store asks the node to register (a watching
+    // store learns of the renewal first, so the answer may take a moment).
+    let mut asked = false;
+    for _ in 0..300 {
+        asked = s.renew_liveness("node-live").await.unwrap();
+        if asked {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(asked, "a node without a record is asked for one");
+    let live = || async {
+        for _ in 0..300 {
+            if s.liveness().await.unwrap().iter().any(|(n, at)| n == "node-live" && *at > 0) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(live().await, "liveness shows the renewal");
+    assert_eq!(s.list(Kind::Node).await.unwrap(), vec![], "liveness writes no node record");
+    s.create(Kind::Node, "node-live", b"rec".to_vec()).await.unwrap();
+    // The record may take a moment to reach a watching store's answer.
+    let mut asked = true;
+    for _ in 0..300 {
+        asked = s.renew_liveness("node-live").await.unwrap();
+        if !asked {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!asked, "a node with a record is not asked for it again");
+    cleanup(s, Kind::Node, &["node-live"]).await;
 }
 
 /// Removes what a check made, so that each check starts from an empty store.

@@ -7,6 +7,12 @@
 //! JSON. `embedded` (redb, one file) is the default; a Kubernetes
 //! custom-resource store implements the same trait and must pass
 //! `conformance::behaviour_suite`.
+//!
+//! Besides the records, a store carries two things the controller's node
+//! view needs: a feed of the changes it commits (`changes`), and node
+//! liveness (`renew_liveness`), kept apart from the node records so that a
+//! heartbeat costs one small write (a Lease in a cluster) and a node's
+//! record is written only when what it reports changes.
 
 pub mod conformance;
 pub mod embedded;
@@ -17,6 +23,7 @@ pub use embedded::EmbeddedStore;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::broadcast;
 
 /// The kinds of record; each is its own table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +37,10 @@ pub enum Kind {
 impl Kind {
     /// Every kind, for implementations that set up one table per kind.
     const ALL: [Kind; 4] = [Kind::Volume, Kind::Snapshot, Kind::Node, Kind::Export];
+
+    pub fn all() -> [Kind; 4] {
+        Kind::ALL
+    }
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -85,11 +96,79 @@ impl From<StoreError> for tonic::Status {
     }
 }
 
+/// One change a store committed, in commit order, for whoever keeps a view
+/// of the records (the controller's node view).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// A record was written (`Some`) or deleted (`None`).
+    Record { kind: Kind, id: String, value: Option<Versioned> },
+    /// A node said it is alive; `at_ms` by this process's clock, when the
+    /// store saw it.
+    Alive { node: String, at_ms: i64 },
+}
+
+/// How many changes a slow reader may fall behind before it is told to
+/// read everything again (`broadcast::error::RecvError::Lagged`).
+pub const CHANGE_BACKLOG: usize = 8192;
+
+/// A store's change feed: each change numbered (1, 2, 3...) in the order it
+/// was sent, so a reader can tell a caller "everything up to N is in".
+pub struct Feed {
+    tx: broadcast::Sender<(u64, Change)>,
+    seq: std::sync::Mutex<u64>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed { tx: broadcast::channel(CHANGE_BACKLOG).0, seq: std::sync::Mutex::new(0) }
+    }
+}
+
+impl Feed {
+    pub fn send(&self, change: Change) {
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        *seq += 1;
+        // Nobody may be listening; that is fine.
+        let _ = self.tx.send((*seq, change));
+    }
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Change)> {
+        self.tx.subscribe()
+    }
+    /// The number of the last change sent.
+    pub fn seq(&self) -> u64 {
+        *self.seq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Records per page when a store walks a whole kind.
+pub const PAGE: usize = 500;
+
 #[tonic::async_trait]
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, kind: Kind, id: &str) -> Result<Option<Versioned>, StoreError>;
-    /// All records of a kind, ordered by id.
-    async fn list(&self, kind: Kind) -> Result<Vec<(String, Versioned)>, StoreError>;
+    /// All records of a kind, ordered by id. For kinds that can be large
+    /// (volumes, snapshots), walk them with `list_page` instead.
+    async fn list(&self, kind: Kind) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let mut out = Vec::new();
+        loop {
+            let after = out.last().map(|(id, _): &(String, Versioned)| id.clone());
+            let page = self.list_page(kind, after.as_deref(), PAGE).await?;
+            let done = page.len() < PAGE;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+    /// At most `limit` records of a kind whose ids come after `after` (all
+    /// when None), ordered by id: a page whose cost does not grow with the
+    /// number of records.
+    async fn list_page(
+        &self,
+        kind: Kind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError>;
     /// Insert; fails with AlreadyExists (carrying the existing value) if the id is taken. Returns version 1.
     async fn create(&self, kind: Kind, id: &str, value: Vec<u8>) -> Result<u64, StoreError>;
     /// Replace only if the stored version equals `expected`; returns the new version.
@@ -104,6 +183,20 @@ pub trait Store: Send + Sync + 'static {
     async fn put(&self, kind: Kind, id: &str, value: Vec<u8>) -> Result<u64, StoreError>;
     /// Remove; with Some(v) only if the version matches (Conflict otherwise); a missing id is Ok.
     async fn delete(&self, kind: Kind, id: &str, expected: Option<u64>) -> Result<(), StoreError>;
+    /// Every change committed from now on: this store's own writes, and
+    /// (for a store shared with other processes) what it watches of theirs.
+    fn changes(&self) -> broadcast::Receiver<(u64, Change)>;
+    /// The number of the last change sent on the feed: a reader that has
+    /// applied it has seen every write this store answered before.
+    fn change_seq(&self) -> u64;
+    /// Node `node` is alive now: one small write (nothing on disk for the
+    /// embedded store, whose nodes live in the same process; a Lease in a
+    /// cluster). True when the store holds no record of the node (an
+    /// operator deleted it to resolve a mismatch): the node writes its
+    /// record again.
+    async fn renew_liveness(&self, node: &str) -> Result<bool, StoreError>;
+    /// When each node last said it is alive, by this process's clock (ms).
+    async fn liveness(&self) -> Result<Vec<(String, i64)>, StoreError>;
 }
 
 fn decode<T: DeserializeOwned>(kind: Kind, id: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -145,6 +238,48 @@ pub async fn list_json<T: DeserializeOwned>(
         .into_iter()
         .map(|(id, v)| Ok((decode(kind, &id, &v.value)?, v.version)))
         .collect()
+}
+
+/// One page of records (see `Store::list_page`), decoded.
+pub async fn list_page_json<T: DeserializeOwned>(
+    s: &dyn Store,
+    kind: Kind,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<(String, T, u64)>, StoreError> {
+    s.list_page(kind, after, limit)
+        .await?
+        .into_iter()
+        .map(|(id, v)| {
+            let rec = decode(kind, &id, &v.value)?;
+            Ok((id, rec, v.version))
+        })
+        .collect()
+}
+
+/// Calls `visit` with every record of a kind, a page at a time, so that
+/// only one page is ever decoded in memory.
+pub async fn for_each_json<T: DeserializeOwned>(
+    s: &dyn Store,
+    kind: Kind,
+    mut visit: impl FnMut(T, u64),
+) -> Result<(), StoreError> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = list_page_json::<T>(s, kind, after.as_deref(), PAGE).await?;
+        let done = page.len() < PAGE;
+        for (id, rec, version) in page {
+            after = Some(id);
+            visit(rec, version);
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+pub fn decode_json<T: DeserializeOwned>(kind: Kind, id: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    decode(kind, id, bytes)
 }
 
 pub async fn create_json<T: Serialize>(

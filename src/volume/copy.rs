@@ -3,11 +3,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
-/// `_IOW(0x94, 9, int)`: share all of the source's extents with the target.
-const FICLONE: libc::c_ulong = 0x4004_9409;
+use rustix::fs::{FallocateFlags, SeekFrom};
 
 /// How an image was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,15 +28,9 @@ pub fn clone_into(src: &File, dst: &File, allow_reflink: bool) -> io::Result<Cop
     Ok(CopyMethod::SparseCopy)
 }
 
+/// FICLONE: share all of the source's extents with the target.
 pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
-    // SAFETY: both descriptors are open files owned by the caller for the
-    // whole call; FICLONE takes the source descriptor as its argument.
-    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rustix::fs::ioctl_ficlone(dst, src).map_err(io::Error::from)
 }
 
 fn reflink_unsupported(e: &io::Error) -> bool {
@@ -59,45 +51,38 @@ fn sparse_copy_with(src: &File, dst: &File, copy: fn(&File, &File, i64, i64) -> 
     dst.set_len(len)?;
     let mut pos: i64 = 0;
     while (pos as u64) < len {
-        let data = match seek(src, pos, libc::SEEK_DATA) {
+        let data = match seek(src, SeekFrom::Data(pos as u64)) {
             Ok(d) => d,
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break, // only a hole remains
             Err(e) => return Err(e),
         };
-        let hole = seek(src, data, libc::SEEK_HOLE)?;
+        let hole = seek(src, SeekFrom::Hole(data as u64))?;
         copy(src, dst, data, hole - data)?;
         pos = hole;
     }
     Ok(())
 }
 
-fn seek(f: &File, offset: i64, whence: libc::c_int) -> io::Result<i64> {
-    // SAFETY: plain lseek on a descriptor we hold.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), offset, whence) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+fn seek(f: &File, to: SeekFrom) -> io::Result<i64> {
+    rustix::fs::seek(f, to).map(|at| at as i64).map_err(io::Error::from)
 }
 
 fn copy_range(src: &File, dst: &File, offset: i64, len: i64) -> io::Result<()> {
     let mut done: i64 = 0;
     while done < len {
-        let mut off_in = offset + done;
-        let mut off_out = offset + done;
+        let mut off_in = (offset + done) as u64;
+        let mut off_out = (offset + done) as u64;
         let chunk = (len - done).min(1 << 30) as usize;
-        // SAFETY: offsets are passed by pointer to locals; descriptors are held.
-        let n = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, chunk, 0)
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)) {
-                return copy_range_by_hand(src, dst, offset + done, len - done);
+        let n = match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), chunk) {
+            Ok(n) => n,
+            Err(e) => {
+                let e = io::Error::from(e);
+                if matches!(e.raw_os_error(), Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)) {
+                    return copy_range_by_hand(src, dst, offset + done, len - done);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source shrank during copy"));
         }
@@ -151,13 +136,8 @@ pub fn allocated_bytes(f: &File) -> io::Result<u64> {
 
 /// Allocate every byte of the file up to `len` (thick provisioning).
 pub fn allocate(f: &File, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a descriptor we hold, mode 0 (allocate and extend).
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // Mode 0: allocate and extend.
+    rustix::fs::fallocate(f, FallocateFlags::empty(), 0, len).map_err(io::Error::from)
 }
 
 /// Make `dst`, just reflinked from `src`, own all its blocks, so that
