@@ -447,9 +447,11 @@ check "with cert-manager the controller waits for the CA instead of making one" 
 
 say "helm uninstall"
 # left FILE: the objects of FILE still there (but Namespaces: the test bed runs
-# no namespace controller, so a deleted one stays Terminating), after up to 30s.
+# no namespace controller, so a deleted one stays Terminating), after up to 90s.
+# A CRD goes only after the API server has removed its objects (its
+# finalizer): on a loaded machine that takes a while.
 left() {
-  local out deadline=$((SECONDS + 30))
+  local out deadline=$((SECONDS + 90))
   while :; do
     out=$(k get -f "$1" --ignore-not-found -o name 2>&1 | grep -v '^namespace/' || true)
     [ -n "$out" ] && [ $SECONDS -lt $deadline ] || break

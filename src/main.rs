@@ -142,6 +142,17 @@ struct ControllerArgs {
     /// Seconds a leader's Lease lasts without renewal before a standby takes over.
     #[arg(long, default_value_t = 15.0)]
     lease_duration: f64,
+    /// With --leader-election: serve the other replicas here (TCP, mutual
+    /// TLS, the controller's certificate only). A standby hands the calls
+    /// that change something to the leader, since each CSI sidecar elects
+    /// its own leader and may sit beside a standby.
+    #[arg(long)]
+    peer_listen: Option<SocketAddr>,
+    /// The address other replicas dial to reach this one's --peer-listen
+    /// (in a pod: $(POD_IP):PORT); written on the Lease while leading.
+    /// Defaults to --peer-listen when that names a specific address.
+    #[arg(long)]
+    peer_advertise: Option<String>,
     /// A node silent for this many seconds is not scheduled.
     #[arg(long, default_value_t = 15.0)]
     heartbeat_timeout: f64,
@@ -733,8 +744,10 @@ async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
 }
 
 async fn run_controller(a: ControllerArgs) -> Result<(), String> {
+    use cinderblock::controller::forward::ForwardingController;
     use cinderblock::controller::{ControllerConfig, ControllerService, Manager};
     use cinderblock::csi::controller_server::ControllerServer;
+    use cinderblock::tls::{PeerRule, ServerTls};
     let secs = seconds;
     let socket = server::unix_endpoint_path(&a.endpoint)?;
     let client = cinderblock::kube::client(a.kubeconfig.as_deref()).await?;
@@ -767,17 +780,41 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         ..Default::default()
     };
     let events = Arc::new(cinderblock::kube::events::PvcEvents::new(client.clone(), identity.clone()));
-    let mut manager = Manager::new(store, config, tls_dir).with_events(events);
+    let mut manager = Manager::new(store, config, tls_dir.clone()).with_events(events);
+    // With leader election and a peer server: the leader's peer listener,
+    // and the route a standby hands its sidecars' calls along.
+    let mut peers = None;
     if a.leader_election {
-        let cfg = cinderblock::kube::leader::LeaderConfig::with_lease(
+        let mut cfg = cinderblock::kube::leader::LeaderConfig::with_lease(
             a.leader_election_namespace.clone(),
             a.leader_election_lease.clone(),
             identity.clone(),
             secs(a.lease_duration, "lease-duration")?,
         );
+        let listener = match a.peer_listen {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--peer-listen {addr}: {e}"))?;
+                let bound = l.local_addr().map_err(|e| e.to_string())?;
+                cfg.peer_address = match &a.peer_advertise {
+                    Some(adv) => Some(adv.clone()),
+                    None if !bound.ip().is_unspecified() => Some(bound.to_string()),
+                    None => return Err(format!("--peer-listen {addr} listens on every address: say which one the other replicas dial with --peer-advertise")),
+                };
+                Some(l)
+            }
+            None => None,
+        };
         cfg.validate()?;
-        manager = manager.with_leader(cinderblock::kube::leader::campaign(client.clone(), cfg));
+        let campaign = cinderblock::kube::leader::campaign(client.clone(), cfg.clone());
+        manager = manager.with_leader(campaign.leadership.clone());
         manager.fence_nodes_on_each_term();
+        if let Some(l) = listener {
+            let route = cinderblock::controller::forward::LeaderRoute::new(campaign.leadership, campaign.leader_peer, tls_dir.clone())?;
+            info!(listen = %l.local_addr().map_err(|e| e.to_string())?, advertise = ?cfg.peer_address, "serving the other controller replicas");
+            peers = Some((l, route));
+        }
+    } else if a.peer_listen.is_some() {
+        return Err("--peer-listen needs --leader-election (without it there is one replica and no one to serve)".into());
     }
     if let Some(ca) = ca {
         if a.node_service_account.is_empty() {
@@ -807,9 +844,27 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
     let incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
     let ready = Arc::new(AtomicBool::new(true));
     info!(endpoint = %socket.display(), identity = %identity, leader_election = a.leader_election, "controller ready");
+    let mut route = None;
+    if let Some((listener, r)) = peers {
+        // The peer server runs calls here and never hands them on.
+        let incoming = cinderblock::tls::serve_incoming(listener, ServerTls::new(tls_dir.clone(), PeerRule::Controller, vec![b"h2".to_vec()]));
+        let local = ControllerService::new(manager.clone());
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .layer(cinderblock::metrics::CallMetricsLayer)
+                .add_service(ControllerServer::new(local))
+                .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the peer server stopped");
+            }
+        });
+        route = Some(r);
+    }
+    let csi_controller = ControllerServer::new(ForwardingController::new(ControllerService::new(manager.clone()), route));
     tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
-        .add_service(ControllerServer::new(ControllerService::new(manager.clone())))
+        .add_service(csi_controller)
         .add_service(cinderblock::admin::AdminService::server(manager))
         .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
         .await

@@ -250,7 +250,7 @@ async fn kubernetes_end_to_end() {
             "controller", "--endpoint", &format!("unix://{}/{id}.sock", d.display()), "--kubeconfig", kc,
             "--leader-election", "--leader-election-namespace", "default", "--identity", id, "--lease-duration", "4",
             "--heartbeat-timeout", "10", "--reconcile-interval", "2", "--stuck-grace", "8",
-            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Controller),
+            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Controller), "--peer-listen", "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -372,6 +372,45 @@ async fn kubernetes_end_to_end() {
         bvols.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
     })
     .await;
+
+    // 5b. A sidecar whose own leader sits beside the standby: ctrl-b hands
+    // calls that change something to the leader (its peer server, mutual
+    // TLS) and answers reads itself, so calls neither hang nor fail.
+    {
+        let mut standby = cinderblock::csi::controller_client::ControllerClient::new(common::csi_channel(&format!("unix://{}/ctrl-b.sock", d.display())).await);
+        let cap = cinderblock::csi::VolumeCapability {
+            access_type: Some(cinderblock::csi::volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(cinderblock::csi::volume_capability::AccessMode {
+                mode: cinderblock::csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        };
+        let mut req = tonic::Request::new(cinderblock::csi::CreateVolumeRequest {
+            name: "through-the-standby".into(),
+            capacity_range: Some(cinderblock::csi::CapacityRange { required_bytes: 32 * MI, limit_bytes: 0 }),
+            volume_capabilities: vec![cap],
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_secs(30));
+        let v = standby.create_volume(req).await.expect("CreateVolume through the standby").into_inner().volume.unwrap();
+        let rec = bvols.get(&v.volume_id).await.unwrap();
+        assert_eq!(rec.data["spec"]["phase"], "Available");
+        let leader = leases.get("cinderblock-controller").await.unwrap().spec.unwrap().holder_identity.unwrap();
+        assert_eq!(leader, "ctrl-a", "ctrl-a leads throughout");
+        let a_log = std::fs::read_to_string(d.join("ctrl-a.log")).unwrap();
+        assert!(a_log.contains(&v.volume_id), "the leader (ctrl-a) made {}: its log does not name it", v.volume_id);
+        let got = standby
+            .controller_get_volume(cinderblock::csi::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() })
+            .await
+            .expect("a read answered by the standby")
+            .into_inner();
+        assert_eq!(got.volume.unwrap().volume_id, v.volume_id);
+        standby.delete_volume(cinderblock::csi::DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }).await.expect("DeleteVolume through the standby");
+        eventually("the standby-made volume removed", Duration::from_secs(30), || async {
+            bvols.get_opt(&v.volume_id).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        assert!(images(&pools).is_empty(), "{:?}", images(&pools));
+    }
 
     // 6. The leader killed mid-provisioning: the standby finishes, no duplicate, no leak.
     // A clone of a volume full of data is a slow copy on these (non-reflink) pools.

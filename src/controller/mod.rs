@@ -5,6 +5,7 @@ pub mod agents;
 mod create;
 mod delete;
 mod expand;
+pub mod forward;
 pub mod inflight;
 pub mod listing;
 pub mod manager;

@@ -8,6 +8,11 @@
 //! carries a fencing token (the Lease's transition count, raised by every
 //! takeover) that node agents hold on to, so a leader that was paused past
 //! its term is refused by any agent its successor has reached.
+//!
+//! The leader also writes where its standbys can reach it (its peer
+//! address, an annotation on the Lease): the CSI sidecars elect their own
+//! leaders, which may run beside a standby, and a standby hands their calls
+//! on to the leader (controller/forward.rs).
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +20,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
+use std::collections::BTreeMap;
 use kube::Client;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -33,6 +39,20 @@ pub struct LeaderConfig {
     pub renew_deadline: Duration,
     /// Time between attempts.
     pub retry_period: Duration,
+    /// Where standbys reach this replica while it leads ("host:port" of its
+    /// peer server), written on the Lease; None: it does not serve peers.
+    pub peer_address: Option<String>,
+}
+
+/// The Lease annotation holding the leader's peer address.
+pub const PEER_ADDRESS_ANNOTATION: &str = "cinderblock.dev/controller-peer-address";
+
+/// What a campaign tells the replica: whether it leads (and its fencing
+/// token), and where the current leader serves its peers when another
+/// replica leads.
+pub struct Campaign {
+    pub leadership: watch::Receiver<Leadership>,
+    pub leader_peer: watch::Receiver<Option<String>>,
 }
 
 impl LeaderConfig {
@@ -45,6 +65,7 @@ impl LeaderConfig {
             renew_deadline: lease_duration.mul_f64(2.0 / 3.0),
             retry_period: lease_duration.mul_f64(2.0 / 15.0).max(Duration::from_millis(200)),
             lease_duration,
+            peer_address: None,
         }
     }
 
@@ -59,10 +80,10 @@ impl LeaderConfig {
     }
 }
 
-/// Start campaigning; the receiver says whether this replica leads now and
-/// with which fencing token.
-pub fn campaign(client: Client, cfg: LeaderConfig) -> watch::Receiver<Leadership> {
+/// Start campaigning.
+pub fn campaign(client: Client, cfg: LeaderConfig) -> Campaign {
     let (tx, rx) = watch::channel(Leadership::default());
+    let (peer_tx, peer_rx) = watch::channel(None::<String>);
     tokio::spawn(async move {
         let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
         // When the last successful acquire or renew started: the lease is
@@ -73,6 +94,16 @@ pub fn campaign(client: Client, cfg: LeaderConfig) -> watch::Receiver<Leadership
             let attempt_started = Instant::now();
             let call_deadline = cfg.retry_period.max(Duration::from_secs(1)).min(cfg.renew_deadline / 2);
             let outcome = tokio::time::timeout(call_deadline, try_acquire_or_renew(&api, &cfg, &mut observed)).await;
+            // Another replica's live lease names where it serves its peers.
+            let peer = match &outcome {
+                Ok(Ok(None)) => observed.other_leader_peer.clone(),
+                _ => None,
+            };
+            peer_tx.send_if_modified(|p| {
+                let changed = *p != peer;
+                *p = peer.clone();
+                changed
+            });
             let current = *tx.borrow();
             let next = match outcome {
                 Ok(Ok(Some(token))) => {
@@ -120,7 +151,7 @@ pub fn campaign(client: Client, cfg: LeaderConfig) -> watch::Receiver<Leadership
             }
         }
     });
-    rx
+    Campaign { leadership: rx, leader_peer: peer_rx }
 }
 
 /// The last change of the Lease this replica saw, and when (its own
@@ -130,6 +161,8 @@ pub fn campaign(client: Client, cfg: LeaderConfig) -> watch::Receiver<Leadership
 struct Observed {
     record: Option<(String, Option<i64>)>,
     at: Option<Instant>,
+    /// The peer address of another replica holding a live Lease.
+    other_leader_peer: Option<String>,
 }
 
 /// Some(token) when this replica holds the Lease after the call.
@@ -143,9 +176,11 @@ async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaderConfig, observed: &m
         lease_transitions: Some(transitions),
         ..Default::default()
     };
+    let annotations = || cfg.peer_address.as_ref().map(|a| BTreeMap::from([(PEER_ADDRESS_ANNOTATION.to_string(), a.clone())]));
+    observed.other_leader_peer = None;
     let Some(mut lease) = api.get_opt(&cfg.lease_name).await? else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(cfg.lease_name.clone()), ..Default::default() },
+            metadata: ObjectMeta { name: Some(cfg.lease_name.clone()), annotations: annotations(), ..Default::default() },
             spec: Some(spec(0, None)),
         };
         return match api.create(&PostParams::default(), &lease).await {
@@ -171,8 +206,14 @@ async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaderConfig, observed: &m
         lease.spec = Some(spec(transitions + 1, None));
         transitions + 1
     } else {
+        observed.other_leader_peer = lease.metadata.annotations.as_ref().and_then(|a| a.get(PEER_ADDRESS_ANNOTATION)).cloned();
         return Ok(None);
     };
+    // Ours now: our peer address replaces whatever a former leader wrote.
+    let mut notes = lease.metadata.annotations.take().unwrap_or_default();
+    notes.remove(PEER_ADDRESS_ANNOTATION);
+    notes.extend(annotations().unwrap_or_default());
+    lease.metadata.annotations = Some(notes);
     // Replace carries the resourceVersion we read: a racing replica gets 409.
     match api.replace(&cfg.lease_name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(Some(token.max(0) as u64)),

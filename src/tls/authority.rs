@@ -49,8 +49,9 @@ fn leaf_params(peer: &Peer, validity: Duration) -> Result<CertificateParams, Tls
     p.subject_alt_names = vec![SanType::DnsName(name.try_into().map_err(err)?)];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     p.extended_key_usages = match peer {
-        // The controller only ever calls.
-        Peer::Controller => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        // The controller calls agents, and its leader serves its standbys
+        // (controller/forward.rs).
+        Peer::Controller => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         // A node serves (agent API, NBD exports) and calls (NBD as consumer).
         Peer::Node(_) => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
     };
