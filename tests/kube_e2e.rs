@@ -1,8 +1,10 @@
 //! End to end on real Kubernetes parts: a real kube-apiserver (with etcd and
 //! kube-controller-manager's PV binder) started by scripts/k8s/testbed.sh,
-//! the real csi-provisioner, csi-snapshotter with snapshot-controller, and
-//! csi-resizer, driving two `cinderblock controller` replicas (leader
-//! election) and two `cinderblock node` processes with real pools. There is
+//! the real csi-provisioner, csi-snapshotter with snapshot-controller,
+//! csi-resizer and csi-attacher, driving two `cinderblock controller`
+//! replicas (leader election; the standby hands calls to the leader) and
+//! three `cinderblock node` processes with real pools, two of them in one
+//! zone (zone volumes published over NBD through VolumeAttachments). There is
 //! no kubelet: the test registers the nodes as kubelet would (Node labels
 //! and CSINode from NodeGetInfo's topology).
 //!
@@ -18,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass};
+use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass, VolumeAttachment};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -26,6 +28,9 @@ use kube::Client;
 use serde_json::json;
 
 const DRIVER: &str = "cinderblock.dev";
+/// The nodes and their zones: two share zone-1, so a zone volume can be
+/// published from one to the other.
+const NODES: [(&str, &str); 3] = [("node-a", "zone-1"), ("node-b", "zone-2"), ("node-c", "zone-1")];
 const MI: i64 = 1 << 20;
 
 struct Proc {
@@ -185,7 +190,7 @@ async fn kubernetes_end_to_end() {
     // The nodes, registered as kubelet would do it.
     let nodes: Api<Node> = Api::all(client.clone());
     let csinodes: Api<CSINode> = Api::all(client.clone());
-    for (name, zone) in [("node-a", "zone-1"), ("node-b", "zone-2")] {
+    for (name, zone) in NODES {
         let node: Node = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name,
@@ -217,6 +222,15 @@ async fn kubernetes_end_to_end() {
     }))
     .unwrap();
     let _ = classes.create(&PostParams::default(), &sc).await;
+    // Zone volumes: usable from any node of their zone (over NBD), here zone-1.
+    let zone_sc: StorageClass = serde_json::from_value(json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "cinderblock-zone"},
+        "provisioner": DRIVER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete",
+        "parameters": {"provisioning": "thin", "accessibility": "zone"},
+        "allowedTopologies": [{"matchLabelExpressions": [{"key": cinderblock::TOPOLOGY_ZONE_KEY, "values": ["zone-1"]}]}]
+    }))
+    .unwrap();
+    let _ = classes.create(&PostParams::default(), &zone_sc).await;
     let vsc_ar = gvk_resource("snapshot.storage.k8s.io", "v1", "VolumeSnapshotClass", "volumesnapshotclasses");
     let vsc_api: Api<DynamicObject> = Api::all_with(client.clone(), &vsc_ar);
     let vsc = DynamicObject::new("cinderblock", &vsc_ar).data(json!({"driver": DRIVER, "deletionPolicy": "Delete"}));
@@ -226,18 +240,19 @@ async fn kubernetes_end_to_end() {
     // certificates from a CA made here (tests/kube_trust.rs covers the
     // cluster's own CA and certificate requests).
     let pki = d.join("tls");
-    let peers = [cinderblock::tls::Peer::Controller, cinderblock::tls::Peer::Node("node-a".into()), cinderblock::tls::Peer::Node("node-b".into())];
+    let mut peers = vec![cinderblock::tls::Peer::Controller];
+    peers.extend(NODES.iter().map(|(n, _)| cinderblock::tls::Peer::Node(n.to_string())));
     cinderblock::tls::authority::ensure_local_pki(&pki, &peers).unwrap();
     let tls_of = |p: &cinderblock::tls::Peer| cinderblock::tls::authority::local_peer_dir(&pki, p).display().to_string();
     let mut pools = vec![];
     let mut procs = vec![];
-    for name in ["node-a", "node-b"] {
+    for (name, _) in NODES {
         let pool = d.join(name).join("pool");
         pools.push((name.to_string(), pool.clone()));
         let args: Vec<String> = [
             "node", "--pool", pool.to_str().unwrap(), "--node-id", name, "--agent-listen", "127.0.0.1:0",
             "--endpoint", &format!("unix://{}/{name}.sock", d.display()), "--allowed-root", d.to_str().unwrap(),
-            "--register", "--kubeconfig", kc, "--heartbeat-interval", "1",
+            "--register", "--kubeconfig", kc, "--heartbeat-interval", "1", "--nbd-listen", "127.0.0.1:0",
             "--tls-dir", &tls_of(&cinderblock::tls::Peer::Node(name.to_string())),
         ]
         .iter()
@@ -279,7 +294,8 @@ async fn kubernetes_end_to_end() {
     let sc_proc = Proc::start(d, "snapshot-controller", &bin.join("snapshot-controller"), &[format!("--kubeconfig={kc}")], &[]);
     let mut snapshotter = sidecar("csi-snapshotter", "ctrl-a", &["--timeout=60s"]);
     let mut resizer = sidecar("csi-resizer", "ctrl-a", &["--timeout=60s"]);
-    let _ = (&sc_proc, &mut snapshotter, &mut resizer);
+    let mut attacher = sidecar("csi-attacher", "ctrl-a", &["--timeout=60s", "--retry-interval-start=1s", "--retry-interval-max=5s"]);
+    let _ = (&sc_proc, &mut snapshotter, &mut resizer, &mut attacher);
 
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "default");
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -288,7 +304,7 @@ async fn kubernetes_end_to_end() {
     let snodes: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()));
 
     // Both nodes registered, with the zone read from their Node objects.
-    for (name, zone) in [("node-a", "zone-1"), ("node-b", "zone-2")] {
+    for (name, zone) in NODES {
         eventually(&format!("StorageNode {name}"), Duration::from_secs(30), || async {
             let n = snodes.get(name).await.ok()?;
             (n.data["spec"]["zone"] == zone).then_some(())
@@ -361,6 +377,99 @@ async fn kubernetes_end_to_end() {
     assert_eq!(bv.data["spec"]["size_bytes"], 128 * MI);
     let img = pools.iter().find(|(n, _)| *n == node).unwrap().1.join("volumes").join(format!("{vol}.img"));
     assert_eq!(std::fs::metadata(&img).unwrap().len(), (128 * MI) as u64);
+
+    // 4b. A zone volume published through the csi-attacher and VolumeAttachments:
+    // to another node of its zone an NBD export only that node may use; to
+    // a node of another zone an error; to its own node a local publication;
+    // one node at a time; unpublished (export removed) when the attachment goes.
+    {
+        let mut claim = pvc("shared", 32 * MI, None);
+        claim.spec.as_mut().unwrap().storage_class_name = Some("cinderblock-zone".into());
+        pvcs.create(&PostParams::default(), &claim).await.unwrap();
+        let pv = bound_pv(&pvcs, &pvs, "shared").await;
+        let pv_name = pv.metadata.name.clone().unwrap();
+        let terms = format!("{:?}", pv.spec.as_ref().unwrap().node_affinity);
+        assert!(terms.contains(cinderblock::TOPOLOGY_ZONE_KEY) && terms.contains("zone-1"), "a zone volume's PV names its zone: {terms}");
+        assert!(!terms.contains(cinderblock::TOPOLOGY_NODE_KEY), "a zone volume's PV is not pinned to a node: {terms}");
+        let vol = handle(&pv);
+        let owner = bvols.get(&vol).await.unwrap().data["spec"]["node"].as_str().unwrap().to_string();
+        let other = if owner == "node-a" { "node-c" } else { "node-a" };
+        let bexports: Api<DynamicObject> = Api::all_with(client.clone(), &ApiResource::erase::<cinderblock::kube::crds::BlockExport>(&()));
+        let vas: Api<VolumeAttachment> = Api::all(client.clone());
+        let attach = |name: &str, node: &str| -> VolumeAttachment {
+            serde_json::from_value(json!({
+                "apiVersion": "storage.k8s.io/v1", "kind": "VolumeAttachment", "metadata": {"name": name},
+                "spec": {"attacher": DRIVER, "nodeName": node, "source": {"persistentVolumeName": pv_name}}
+            }))
+            .unwrap()
+        };
+        let settled = |name: &'static str| {
+            let vas = vas.clone();
+            async move {
+                eventually(&format!("VolumeAttachment {name} attached or refused"), Duration::from_secs(60), || async {
+                    let st = vas.get(name).await.ok()?.status?;
+                    (st.attached || st.attach_error.is_some()).then_some(st)
+                })
+                .await
+            }
+        };
+
+        vas.create(&PostParams::default(), &attach("va-remote", other)).await.unwrap();
+        let st = settled("va-remote").await;
+        assert!(st.attached, "publishing to {other} in the volume's zone failed: {:?}", st.attach_error);
+        let meta = st.attachment_metadata.unwrap_or_default();
+        assert_eq!(meta.get("cinderblock.dev/transport").map(String::as_str), Some("nbd"), "{meta:?}");
+        assert_eq!(meta.get("cinderblock.dev/nbd-owner"), Some(&owner), "{meta:?}");
+        assert!(meta.get("cinderblock.dev/nbd-address").is_some_and(|a| a.starts_with("127.0.0.1:")), "{meta:?}");
+        let export = meta.get("cinderblock.dev/nbd-export").cloned().unwrap_or_default();
+        assert!(export.len() >= 32, "an export name with 128 random bits, got {export:?}");
+        let recs = bexports.list(&ListParams::default()).await.unwrap().items;
+        assert_eq!(recs.len(), 1, "one BlockExport for the publication");
+        assert_eq!(recs[0].data["spec"]["node_id"], other, "{:?}", recs[0].data);
+
+        // Another zone: refused, nothing exported.
+        vas.create(&PostParams::default(), &attach("va-far", "node-b")).await.unwrap();
+        let st = settled("va-far").await;
+        assert!(!st.attached);
+        let msg = st.attach_error.and_then(|e| e.message).unwrap_or_default();
+        assert!(msg.contains("zone"), "the refusal says why: {msg}");
+        // The owner too while another node holds it (ReadWriteOnce): refused.
+        vas.create(&PostParams::default(), &attach("va-owner", &owner)).await.unwrap();
+        let st = settled("va-owner").await;
+        assert!(!st.attached, "published to two nodes at once");
+        let msg = st.attach_error.and_then(|e| e.message).unwrap_or_default();
+        assert!(msg.contains("one node at a time"), "{msg}");
+        assert_eq!(bexports.list(&ListParams::default()).await.unwrap().items.len(), 1);
+
+        // The remote attachment goes: the export goes with it; then the owner attaches locally.
+        for name in ["va-remote", "va-far"] {
+            vas.delete(name, &DeleteParams::default()).await.unwrap();
+        }
+        for name in ["va-remote", "va-far"] {
+            eventually(&format!("VolumeAttachment {name} detached and gone"), Duration::from_secs(60), || async {
+                vas.get_opt(name).await.ok()?.is_none().then_some(())
+            })
+            .await;
+        }
+        eventually(&format!("the BlockExport to {other} removed"), Duration::from_secs(30), || async {
+            let left = bexports.list(&ListParams::default()).await.ok()?.items;
+            (!left.iter().any(|e| e.data["spec"]["node_id"] == other)).then_some(())
+        })
+        .await;
+        let st = eventually("va-owner attached once the volume is free", Duration::from_secs(60), || async {
+            let st = vas.get("va-owner").await.ok()?.status?;
+            st.attached.then_some(st)
+        })
+        .await;
+        assert_eq!(st.attachment_metadata.unwrap_or_default().get("cinderblock.dev/transport").map(String::as_str), Some("local"));
+        vas.delete("va-owner", &DeleteParams::default()).await.unwrap();
+        eventually("va-owner gone", Duration::from_secs(60), || async { vas.get_opt("va-owner").await.ok()?.is_none().then_some(()) }).await;
+        eventually("no BlockExport left", Duration::from_secs(30), || async {
+            bexports.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
+        })
+        .await;
+        pvcs.delete("shared", &DeleteParams::default()).await.unwrap();
+    }
 
     // 5. Deleting the PVCs and the snapshot removes the images from the pools.
     for name in ["restored", "cloned", "huge", "data"] {

@@ -69,6 +69,19 @@ impl Manager {
             return Err(Status::failed_precondition(format!("volume {} is {:?}; only an Available volume can be published", vol.id, vol.phase)));
         };
         let (consumer, _) = self.node(&p.node_id).await?.ok_or_else(|| Status::not_found(format!("node {} does not exist (no StorageNode)", p.node_id)))?;
+        // Where it may go at all comes first: a node it can never reach is
+        // told so, whoever holds the volume now.
+        if p.node_id != owner {
+            let owner_zone = self.node(&owner).await?.map(|(n, _)| n.zone).unwrap_or_default();
+            let reachable = vol.accessibility == Accessibility::Zone && !owner_zone.is_empty() && consumer.zone == owner_zone;
+            if !reachable {
+                let why = match vol.accessibility {
+                    Accessibility::Node => format!("its StorageClass gives it accessibility: node, so only node {owner} can use it"),
+                    Accessibility::Zone => format!("it is accessible from zone {owner_zone:?} only, and node {} is in zone {:?}", p.node_id, consumer.zone),
+                };
+                return Err(Status::failed_precondition(format!("volume {} cannot be published to node {}: {why}", vol.id, p.node_id)));
+            }
+        }
         let id = export_id_for(&p.volume_id, &p.node_id);
         let others: Vec<ExportRec> = self.publications(&p.volume_id).await?.into_iter().filter(|e| e.node_id != p.node_id).collect();
         if p.single_node {
@@ -93,17 +106,6 @@ impl Manager {
             }
             // Creating (interrupted) or Deleting: finish the export below.
             return self.export(rec, version).await;
-        }
-        if p.node_id != owner {
-            let owner_zone = self.node(&owner).await?.map(|(n, _)| n.zone).unwrap_or_default();
-            let reachable = vol.accessibility == Accessibility::Zone && !owner_zone.is_empty() && consumer.zone == owner_zone;
-            if !reachable {
-                let why = match vol.accessibility {
-                    Accessibility::Node => format!("its StorageClass gives it accessibility: node, so only node {owner} can use it"),
-                    Accessibility::Zone => format!("it is accessible from zone {owner_zone:?} only, and node {} is in zone {:?}", p.node_id, consumer.zone),
-                };
-                return Err(Status::failed_precondition(format!("volume {} cannot be published to node {}: {why}", vol.id, p.node_id)));
-            }
         }
         let rec = ExportRec {
             id: id.clone(),
