@@ -22,7 +22,7 @@ need=()
 # conntrack (kube-proxy), busybox (test images), mmdebstrap (the image's root
 # file system), python3 (JSON of images and e2e reports); real NBD peers for
 # the interop tests (nbdkit, libnbd-bin, qemu-utils).
-for tool in mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:util-linux blkid:util-linux fio:fio truncate:coreutils openssl:openssl \
+for tool in mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs losetup:util-linux blkid:util-linux nsenter:util-linux ip:iproute2 fio:fio truncate:coreutils openssl:openssl \
   runc:runc /usr/lib/cni/bridge:containernetworking-plugins iptables:iptables conntrack:conntrack \
   /bin/busybox:busybox-static mmdebstrap:mmdebstrap python3:python3 \
   nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin qemu-nbd:qemu-utils qemu-img:qemu-utils qemu-io:qemu-utils; do

@@ -45,6 +45,12 @@ impl Registration {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        self.report_status(store, status).await
+    }
+
+    /// As `report`, from a status the node's agent gave (a registrar that
+    /// does not hold the pool itself).
+    pub async fn report_status(&mut self, store: &dyn Store, status: crate::agent_proto::PoolStatus) -> Result<(), String> {
         crate::metrics::METRICS.set_pool(&self.node_id, status.total_bytes, status.free_bytes, status.provisioned_bytes);
         let labels = crate::metrics::PoolLabels { node: self.node_id.clone() };
         crate::metrics::METRICS.pool_orphans.get_or_create(&labels).set(i64::from(status.orphan_count));

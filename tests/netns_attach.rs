@@ -1,0 +1,462 @@
+//! Three hosts on one machine, each in its own network namespace joined by
+//! a bridge (in a fourth namespace, the "switch"): the controller, the node
+//! that owns a zone volume, and the node that uses it. Nothing is reachable
+//! on loopback across them: the controller reaches the agents, and the
+//! consumer reaches the owner's NBD server, only over the veth links.
+//!
+//! - The controller runs in this process, on a thread moved into its
+//!   namespace, with an embedded store; it registers the two nodes from
+//!   their agents' pool status (as a registrar would) and serves CSI
+//!   Controller on a unix socket.
+//! - Each node is a real `cinderblock node` process started in its
+//!   namespace (network only: mounts stay in this mount namespace, so the
+//!   test sees what the consumer staged).
+//!
+//! A file-system volume and a raw block volume on the owner are published to
+//! the consumer, staged there with the FUSE engine and used; the owner's image
+//! holds the data. While fio writes and then verifies on the consumer, the
+//! owner's agent is killed and started again: I/O pauses and resumes, fio
+//! reports no error and every checksum holds. Nothing is left behind.
+//! Needs root (namespaces, FUSE, loop devices, mounts) and fio.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cinderblock::csi;
+use cinderblock::csi::controller_client::ControllerClient;
+use cinderblock::csi::node_client::NodeClient;
+use cinderblock::tls::{authority, Peer};
+use common::*;
+use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
+
+const MIB: i64 = 1 << 20;
+const SUBNET: &str = "10.231.7";
+
+fn ip(args: &[&str]) {
+    run("ip", args);
+}
+
+/// The namespaces, links and bridge; removed on drop (after the processes in
+/// them, which are dropped first).
+struct Network {
+    prefix: String,
+    namespaces: Vec<String>,
+}
+
+impl Network {
+    fn ns(&self, host: &str) -> String {
+        format!("{}-{host}", self.prefix)
+    }
+
+    fn build(prefix: &str, hosts: &[&str]) -> Network {
+        let mut net = Network { prefix: prefix.to_string(), namespaces: vec![] };
+        let sw = net.ns("sw");
+        ip(&["netns", "add", &sw]);
+        net.namespaces.push(sw.clone());
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &sw, "link", "set", "br0", "up"]);
+        for (i, host) in hosts.iter().enumerate() {
+            let ns = net.ns(host);
+            ip(&["netns", "add", &ns]);
+            net.namespaces.push(ns.clone());
+            let (inside, outside) = (format!("{prefix}h{i}"), format!("{prefix}s{i}"));
+            ip(&["link", "add", &inside, "netns", &ns, "type", "veth", "peer", "name", &outside, "netns", &sw]);
+            ip(&["-n", &ns, "addr", "add", &format!("{SUBNET}.{}/24", i + 1), "dev", &inside]);
+            ip(&["-n", &ns, "link", "set", &inside, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &sw, "link", "set", &outside, "master", "br0"]);
+            ip(&["-n", &sw, "link", "set", &outside, "up"]);
+        }
+        net
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its end of each veth, and so the pair.
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// A `cinderblock node` in a network namespace, killed on drop.
+struct NodeProc {
+    child: Option<Child>,
+    ns: String,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl NodeProc {
+    fn start(ns: &str, args: Vec<String>, log: PathBuf) -> NodeProc {
+        let mut n = NodeProc { child: None, ns: ns.to_string(), args, log };
+        n.spawn();
+        n
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        // nsenter execs the node after joining the network namespace only.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_cinderblock"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting cinderblock node under nsenter");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Unmounts what is left below the test's folder and detaches loop devices
+/// on its files, also when the test fails.
+struct Leftovers(PathBuf);
+
+fn mounted_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&dir.display().to_string()))
+        .collect()
+}
+
+fn loops_on(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            if b.trim().starts_with(&dir.display().to_string()) {
+                out.push(format!("/dev/{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let mut mounts = mounted_under(&self.0);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        for dev in loops_on(&self.0) {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+        }
+    }
+}
+
+/// The controller, on its own thread inside the controller's namespace:
+/// an embedded store, a registrar per node asking the node's agent for its
+/// pool status every second, and CSI Controller on a unix socket.
+struct ControllerHost {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ControllerHost {
+    fn start(ns: &str, dir: &Path, pki: &Path, nodes: Vec<(String, String, String)>) -> ControllerHost {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ns, dir, pki) = (ns.to_string(), dir.to_path_buf(), pki.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+            // SAFETY: setns on a namespace file we opened; it moves only this thread.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns into {ns}: {}", std::io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                use cinderblock::controller::registration::Registration;
+                use cinderblock::store::Store;
+                let store: std::sync::Arc<dyn Store> =
+                    std::sync::Arc::new(cinderblock::store::embedded::EmbeddedStore::open(&dir.join("store.redb")).unwrap());
+                let ctl_tls = authority::local_peer_dir(&pki, &Peer::Controller);
+                for (id, zone, address) in nodes {
+                    let (store, ctl_tls) = (store.clone(), ctl_tls.clone());
+                    tokio::spawn(async move {
+                        let mut reg = Registration::new(id.clone(), zone, format!("https://{address}"), 0);
+                        let connector = cinderblock::tls::AgentConnector::new(
+                            cinderblock::tls::TlsDir::open(&ctl_tls).unwrap(),
+                            &Peer::Node(id.clone()),
+                            vec![b"h2".to_vec()],
+                        )
+                        .unwrap();
+                        // Lazy: the agent may not listen yet; each call tries again.
+                        let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+                            .unwrap()
+                            .connect_timeout(Duration::from_secs(2))
+                            .connect_with_connector_lazy(connector);
+                        let mut agent = cinderblock::agent_proto::volume_manager_client::VolumeManagerClient::new(channel);
+                        loop {
+                            if let Ok(r) = agent.get_pool_status(cinderblock::agent_proto::GetPoolStatusRequest {}).await {
+                                if let Some(status) = r.into_inner().status {
+                                    let _ = reg.report_status(&*store, status).await;
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    });
+                }
+                let tls = cinderblock::tls::TlsDir::open(&ctl_tls).unwrap();
+                let config = cinderblock::controller::ControllerConfig { heartbeat_timeout: Duration::from_secs(30), ..Default::default() };
+                let manager = cinderblock::controller::Manager::new(store, config, tls);
+                let socket = dir.join("controller.sock");
+                let incoming = cinderblock::server::bind_unix(&socket).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(cinderblock::csi::controller_server::ControllerServer::new(cinderblock::controller::ControllerService::new(manager)))
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        ControllerHost { stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for ControllerHost {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn cap(block: bool) -> csi::VolumeCapability {
+    csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() }) }),
+    }
+}
+
+fn zone_volume_on(name: &str, node: &str, size: i64, block: bool) -> csi::CreateVolumeRequest {
+    let seg: HashMap<String, String> = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
+        volume_capabilities: vec![cap(block)],
+        parameters: [("accessibility".to_string(), "zone".to_string())].into(),
+        accessibility_requirements: Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments: seg }], preferred: vec![] }),
+        ..Default::default()
+    }
+}
+
+async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(Instant::now() < deadline, "{} did not come up", socket.display());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    csi_channel(&format!("unix://{}", socket.display())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_restart() {
+    require_root!();
+    require_tools!("ip", "nsenter", "fio", "mkfs.ext4", "mount", "losetup");
+    if !Path::new("/dev/fuse").exists() {
+        cannot_run("three_hosts_in_network_namespaces", "needs /dev/fuse (modprobe fuse)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().canonicalize().unwrap();
+    let _leftovers = Leftovers(d.clone());
+    let prefix = format!("cb{}", std::process::id() % 100_000);
+    let net = Network::build(&prefix, &["ctl", "own", "con"]);
+    let pki = d.join("tls");
+    authority::ensure_local_pki(&pki, &[Peer::Controller, Peer::Node("own".into()), Peer::Node("con".into())]).unwrap();
+
+    let node_args = |id: &str, addr: &str| -> Vec<String> {
+        let home = d.join(id);
+        [
+            "node", "--pool", home.join("pool").to_str().unwrap(), "--node-id", id, "--zone", "zone-1",
+            "--agent-listen", &format!("{addr}:9810"), "--endpoint", &format!("unix://{}", d.join(format!("{id}.sock")).display()),
+            "--allowed-root", d.to_str().unwrap(), "--tls-dir", authority::local_peer_dir(&pki, &Peer::Node(id.into())).to_str().unwrap(),
+            "--nbd-listen", &format!("{addr}:10809"), "--attach-state-dir", home.join("attach").to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let own_addr = format!("{SUBNET}.2");
+    let con_addr = format!("{SUBNET}.3");
+    let mut owner = NodeProc::start(&net.ns("own"), node_args("own", &own_addr), d.join("own.log"));
+    let _consumer = NodeProc::start(&net.ns("con"), node_args("con", &con_addr), d.join("con.log"));
+    let nodes = vec![
+        ("own".to_string(), "zone-1".to_string(), format!("{own_addr}:9810")),
+        ("con".to_string(), "zone-1".to_string(), format!("{con_addr}:9810")),
+    ];
+    let _controller = ControllerHost::start(&net.ns("ctl"), &d, &pki, nodes);
+
+    let mut ctl = ControllerClient::new(unix_channel(&d.join("controller.sock")).await);
+    let mut node = NodeClient::new(unix_channel(&d.join("con.sock")).await);
+    let create = |name: &str, size: i64, block: bool| zone_volume_on(name, "own", size, block);
+    // The registrars need a moment to report both nodes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let fs_vol = loop {
+        match ctl.create_volume(create("fs-data", 64 * MIB, false)).await {
+            Ok(v) => break v.into_inner().volume.unwrap(),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("CreateVolume: {e:?}"),
+        }
+    };
+    let publish = |vol: &str, block: bool| csi::ControllerPublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: "con".into(),
+        volume_capability: Some(cap(block)),
+        ..Default::default()
+    };
+
+    // 1. A file system, written on the consumer, kept on the owner.
+    let ctx = ctl.controller_publish_volume(publish(&fs_vol.volume_id, false)).await.unwrap().into_inner().publish_context;
+    assert_eq!(ctx.get("cinderblock.dev/nbd-address").map(String::as_str), Some(format!("{own_addr}:10809").as_str()), "{ctx:?}");
+    let staging = d.join("kubelet").join("fs-staging");
+    let target = d.join("kubelet").join("fs-target");
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: fs_vol.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap(false)),
+        publish_context: ctx.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: fs_vol.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap(false)),
+        publish_context: ctx.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    std::fs::write(target.join("note.txt"), b"written on con, kept on own").unwrap();
+    std::fs::File::open(target.join("note.txt")).unwrap().sync_all().unwrap();
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: fs_vol.volume_id.clone(), target_path: target.display().to_string() })
+        .await
+        .unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: fs_vol.volume_id.clone(), staging_target_path: staging.display().to_string() })
+        .await
+        .unwrap();
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: fs_vol.volume_id.clone(), node_id: "con".into(), ..Default::default() })
+        .await
+        .unwrap();
+    let image = d.join("own").join("pool").join("volumes").join(format!("{}.img", fs_vol.volume_id));
+    let m = tempfile::tempdir().unwrap();
+    run("mount", &["-o", "loop,ro,noload", image.to_str().unwrap(), m.path().to_str().unwrap()]);
+    let text = std::fs::read_to_string(m.path().join("note.txt"));
+    run("umount", &[m.path().to_str().unwrap()]);
+    assert_eq!(text.unwrap(), "written on con, kept on own");
+
+    // 2. A raw block volume under fio (write, then verify every block) while
+    // the owner's agent is killed and started again.
+    let blk = ctl.create_volume(create("blk-data", 128 * MIB, true)).await.unwrap().into_inner().volume.unwrap();
+    let ctx = ctl.controller_publish_volume(publish(&blk.volume_id, true)).await.unwrap().into_inner().publish_context;
+    let staging = d.join("kubelet").join("blk-staging");
+    let target = d.join("kubelet").join("blk-target");
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: blk.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap(true)),
+        publish_context: ctx.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: blk.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap(true)),
+        publish_context: ctx.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let fio_out = d.join("fio.json");
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=through-a-restart", "--ioengine=psync", "--direct=1", "--rw=randwrite", "--bs=4k", "--size=48M",
+            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=1", "--output-format=json",
+        ])
+        .arg(format!("--filename={}", target.display()))
+        .arg(format!("--output={}", fio_out.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting fio");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(fio.try_wait().unwrap().is_none(), "fio ended before the owner was killed; make its job longer");
+    owner.kill9();
+    let down_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    owner.spawn();
+    let fio_deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(s) = fio.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < fio_deadline, "fio did not finish within 10 minutes of the owner's restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(fio.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let report = std::fs::read_to_string(&fio_out).unwrap_or_default();
+    assert!(status.success(), "fio failed across the owner's restart ({status}): {err}\n{report}");
+    let job: serde_json::Value = serde_json::from_str(&report[report.find('{').unwrap_or(0)..]).expect("fio's JSON report");
+    assert_eq!(job["jobs"][0]["error"], 0, "fio saw an I/O error: {report}");
+    eprintln!("fio finished {:?} after the owner went down", down_at.elapsed());
+    // The consumer's attachment lost its connection and got it back (it did
+    // not just run between the kill and the restart).
+    let con_log = std::fs::read_to_string(d.join("con.log")).unwrap();
+    let restored = con_log.lines().find(|l| l.contains("NBD connection restored")).unwrap_or_else(|| panic!("the consumer never reconnected:\n{con_log}"));
+    eprintln!("consumer: {restored}");
+
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: blk.volume_id.clone(), target_path: target.display().to_string() })
+        .await
+        .unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: blk.volume_id.clone(), staging_target_path: staging.display().to_string() })
+        .await
+        .unwrap();
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: blk.volume_id.clone(), node_id: "con".into(), ..Default::default() })
+        .await
+        .unwrap();
+
+    // Nothing left: no FUSE mount or loop device of an attachment, no export.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let attach = d.join("con").join("attach");
+    assert!(mounted_under(&attach).is_empty(), "mounts left: {:?}", mounted_under(&attach));
+    assert!(loops_on(&attach).is_empty(), "loop devices left: {:?}", loops_on(&attach));
+    let exports: Vec<_> = std::fs::read_dir(d.join("own").join("pool").join("exports")).map(|r| r.flatten().collect()).unwrap_or_default();
+    assert!(exports.is_empty(), "export records left on the owner: {:?}", exports.iter().map(|e| e.file_name()).collect::<Vec<_>>());
+    let _ = &net;
+}
