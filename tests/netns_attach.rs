@@ -130,44 +130,6 @@ impl Drop for NodeProc {
     }
 }
 
-/// Unmounts what is left below the test's folder and detaches loop devices
-/// on its files, also when the test fails.
-struct Leftovers(PathBuf);
-
-fn mounted_under(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&dir.display().to_string()))
-        .collect()
-}
-
-fn loops_on(dir: &Path) -> Vec<String> {
-    let mut out = vec![];
-    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            if b.trim().starts_with(&dir.display().to_string()) {
-                out.push(format!("/dev/{}", e.file_name().to_string_lossy()));
-            }
-        }
-    }
-    out
-}
-
-impl Drop for Leftovers {
-    fn drop(&mut self) {
-        let mut mounts = mounted_under(&self.0);
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = Command::new("umount").args(["-l", &m]).status();
-        }
-        for dev in loops_on(&self.0) {
-            let _ = Command::new("losetup").args(["-d", &dev]).status();
-        }
-    }
-}
-
 /// The controller, on its own thread inside the controller's namespace:
 /// an embedded store, a registrar per node asking the node's agent for its
 /// pool status every second, and CSI Controller on a unix socket.

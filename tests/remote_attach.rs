@@ -40,46 +40,6 @@ fn create_on(name: &str, node: &str, block: bool) -> csi::CreateVolumeRequest {
     }
 }
 
-fn mounted_under(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&dir.display().to_string()))
-        .collect()
-}
-
-fn loops_on(dir: &Path) -> Vec<String> {
-    let mut out = vec![];
-    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            if b.trim().starts_with(&dir.display().to_string()) {
-                out.push(format!("{name}: {}", b.trim()));
-            }
-        }
-    }
-    out
-}
-
-/// Unmounts whatever is still mounted below the test's folder and detaches
-/// loop devices on its files, also when the test fails.
-struct Cleanup(std::path::PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let mut mounts = mounted_under(&self.0);
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = std::process::Command::new("umount").args(["-l", &m]).status();
-        }
-        for l in loops_on(&self.0) {
-            let dev = format!("/dev/{}", l.split(':').next().unwrap());
-            let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_volume_is_used_from_another_node_over_nbd() {
     require_root!();
@@ -89,7 +49,7 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let _cleanup = Cleanup(dir.path().to_path_buf());
+    let _cleanup = Leftovers(dir.path().to_path_buf());
     let s = Standalone::start(dir.path(), 2, 1, &[]);
     let ch = csi_channel(&s.endpoint).await;
     let mut ctl = ControllerClient::new(ch.clone());

@@ -375,3 +375,46 @@ pub fn http_get(addr: &str, path: &str) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     body.to_string()
 }
+
+/// Mount points at or below `dir` (this mount namespace).
+#[allow(dead_code)]
+pub fn mounted_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&dir.display().to_string()))
+        .collect()
+}
+
+/// Loop devices whose backing file is below `dir`, as "/dev/loopN".
+#[allow(dead_code)]
+pub fn loops_on(dir: &Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+            if b.trim().starts_with(&dir.display().to_string()) {
+                out.push(format!("/dev/{}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+/// Unmounts whatever is still mounted below a test's folder and detaches
+/// loop devices on its files, when dropped (also when the test fails).
+#[allow(dead_code)]
+pub struct Leftovers(pub PathBuf);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let mut mounts = mounted_under(&self.0);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        for dev in loops_on(&self.0) {
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+        }
+    }
+}
