@@ -1068,6 +1068,38 @@ async fn concurrent_calls_on_one_volume_are_aborted_not_raced() {
     env.assert_clean("after unstage");
 }
 
+/// A pool on a disk with 4096-byte sectors: every volume still shows
+/// 512-byte sectors, whatever its loop device's direct I/O came to, so a
+/// file system made on one attach mounts on every later one (a clone of an
+/// xfs volume once failed: "device supports 4096 byte sectors (not 512)").
+#[tokio::test]
+async fn volumes_keep_512_byte_sectors_on_a_pool_with_4k_sectors() {
+    require_root!();
+    require_tools!("blockdev");
+    let fs = TestFs::new("xfs-4k-sectors", "1G");
+    let env = Env::with_pool(Some(&fs.mount.join("pool")), &[]);
+    let (mut agent, mut c) = (env.agent().await, env.csi().await);
+    create_volume(&mut agent, "vol-raw", 64 * MIB, None).await;
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-raw", block(Mode::SingleNodeWriter)).await;
+    let out = std::process::Command::new("blockdev").arg("--getss").arg(&target).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "512", "logical sector size of the volume's device");
+    unpublish_and_unstage(&mut c, "vol-raw", &staging, &target).await;
+
+    create_volume(&mut agent, "vol-x", 320 * MIB, None).await;
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-x", xfs()).await;
+    write_synced(&target.join("kept"), &data(70_000, 3));
+    unpublish_and_unstage(&mut c, "vol-x", &staging, &target).await;
+    use pb::create_volume_request::Source;
+    create_volume(&mut agent, "vol-x-clone", 320 * MIB, Some(Source::SourceVolumeId("vol-x".into()))).await;
+    for id in ["vol-x", "vol-x-clone"] {
+        let (staging, target) = stage_and_publish(&env, &mut c, id, xfs()).await;
+        assert_eq!(std::fs::read(target.join("kept")).unwrap(), data(70_000, 3), "{id}");
+        unpublish_and_unstage(&mut c, id, &staging, &target).await;
+    }
+    env.assert_clean("after the unstages");
+    drop(env);
+}
+
 /// The scenario: a thick volume in use on a small pool; growing it
 /// fails for lack of space; it stays usable at its old size with its data;
 /// the node plugin restarts and serves; once space is freed, a retry grows it.

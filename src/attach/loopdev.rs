@@ -36,6 +36,8 @@ const BLKGETSIZE64: Opcode = ioctl::opcode::read::<u64>(0x12, 114);
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_FLAGS_DIRECT_IO: u32 = 16;
+/// The logical sector size every volume's loop device presents.
+pub const VOLUME_SECTOR_SIZE: u32 = 512;
 
 const LO_NAME_SIZE: usize = 64;
 
@@ -413,7 +415,14 @@ fn configure(
 ) -> std::result::Result<(), Errno> {
     let config = LoopConfig {
         fd: backing.as_raw_fd() as u32,
-        block_size: 0,
+        // Always 512-byte logical sectors. Left to the kernel (0), a loop
+        // device with direct I/O takes the backing disk's sector size, so on
+        // a 4Kn disk the same image shows 4096 on one attach and 512 on
+        // another (buffered), and a file system made on the one does not
+        // mount on the other (xfs: "device supports 4096 byte sectors").
+        // Where 512 is too small for direct I/O on the backing disk the
+        // kernel refuses direct I/O, and the caller attaches buffered.
+        block_size: VOLUME_SECTOR_SIZE,
         info: LoopInfo64::new(flags, name),
         reserved: [0; 8],
     };

@@ -66,16 +66,28 @@ pub fn run(cmd: &str, args: &[&str]) {
 pub struct TestFs {
     pub dir: tempfile::TempDir,
     pub mount: PathBuf,
+    /// The loop device of a disk with 4096-byte sectors ("xfs-4k-sectors").
+    disk: Option<String>,
 }
 
 impl TestFs {
-    /// `kind`: "xfs-reflink", "xfs-noreflink" or "ext4".
+    /// `kind`: "xfs-reflink", "xfs-noreflink", "ext4", or "xfs-4k-sectors"
+    /// (xfs on a loop device with 4096-byte logical sectors, as on a 4Kn disk).
     pub fn new(kind: &str, size: &str) -> TestFs {
         let dir = tempfile::Builder::new().prefix("cinderblock-fs-").tempdir().unwrap();
         let image = dir.path().join("fs.img");
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
         run("truncate", &["-s", size, image.to_str().unwrap()]);
+        if kind == "xfs-4k-sectors" {
+            let out = Command::new("losetup").args(["--find", "--show", "--sector-size", "4096"]).arg(&image).output().unwrap();
+            assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+            let disk = String::from_utf8(out.stdout).unwrap().trim().to_string();
+            let fs = TestFs { dir, mount, disk: Some(disk.clone()) };
+            run("mkfs.xfs", &["-q", "-f", &disk]);
+            run("mount", &[&disk, fs.mount.to_str().unwrap()]);
+            return fs;
+        }
         match kind {
             "xfs-reflink" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", image.to_str().unwrap()]),
             "xfs-noreflink" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=0", image.to_str().unwrap()]),
@@ -83,7 +95,7 @@ impl TestFs {
             other => panic!("unknown test filesystem {other}"),
         }
         run("mount", &["-o", "loop", image.to_str().unwrap(), mount.to_str().unwrap()]);
-        TestFs { dir, mount }
+        TestFs { dir, mount, disk: None }
     }
 }
 
@@ -93,6 +105,9 @@ impl Drop for TestFs {
         let ok = Command::new("umount").arg(&m).status().map(|s| s.success()).unwrap_or(false);
         if !ok {
             let _ = Command::new("umount").args(["-l", &m]).status();
+        }
+        if let Some(disk) = &self.disk {
+            let _ = Command::new("losetup").args(["-d", disk]).status();
         }
     }
 }
