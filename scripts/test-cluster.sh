@@ -31,7 +31,7 @@ started=$SECONDS
 
 [ "$(id -u)" = 0 ] || { echo "test-cluster: needs root (namespaces, mounts, loop devices)" >&2; exit 2; }
 images=${IMAGES_DIR:-$root/.tools/images}
-for t in cinderblock pause busybox csi-provisioner csi-snapshotter csi-resizer csi-node-driver-registrar \
+for t in cinderblock pause busybox csi-provisioner csi-snapshotter csi-resizer csi-attacher csi-node-driver-registrar \
   livenessprobe snapshot-controller; do
   [ -f "$images/$t.tar" ] || { echo "test-cluster: $images/$t.tar is missing: run scripts/k8s/images.sh" >&2; exit 1; }
 done

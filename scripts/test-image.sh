@@ -122,6 +122,11 @@ while read -r which kind img how; do
   fi
 done <"$tmp/chart.txt"
 [ "$(grep -c . "$tmp/chart.txt")" = 4 ] && pass || fail "chart renders a cinderblock container in the Deployment and the DaemonSet"
+# Every container of the chart, sidecars included, runs an image built here
+# (a sidecar added to the chart but not to images.sh's values would sit in
+# ErrImageNeverPull on a cluster without a registry).
+foreign=$(sed -n 's/^ *image: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$tmp/manifest.yaml" | sort -u | grep -v "^${ref%%/*}/" || true)
+[ -z "$foreign" ] && pass || fail "chart (local values) uses images not built here: $(echo $foreign)"
 ctl_uid=$(sed -n '/^controller:/,/^[a-z]/p' charts/cinderblock/values.yaml | sed -n 's/^ *runAsUser: *\([0-9]*\)/\1/p' | head -1)
 same "chart controller.securityContext.runAsUser = the Dockerfile's USER" "$ctl_uid" "${df_user%%:*}"
 

@@ -263,7 +263,7 @@ write_values() {
     echo "sidecars:"
     echo "  pullPolicy: Never"
     local key name
-    for key in provisioner:csi-provisioner snapshotter:csi-snapshotter resizer:csi-resizer \
+    for key in provisioner:csi-provisioner snapshotter:csi-snapshotter resizer:csi-resizer attacher:csi-attacher \
       nodeDriverRegistrar:csi-node-driver-registrar livenessProbe:livenessprobe; do
       name=${key#*:} ref=$(image_ref "$name")
       repo=${ref%:*} tag=${ref##*:}
