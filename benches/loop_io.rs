@@ -19,7 +19,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cinderblock::agent_proto as pb;
-use cinderblock::agent_proto::volume_manager_client::VolumeManagerClient;
 use cinderblock::attach::loopdev::{self, LoopDevice};
 use cinderblock::attach::mount;
 use cinderblock::csi;
@@ -137,7 +136,8 @@ async fn main() {
     let node =
         NodeProcess::start(&pool, &root.join("csi.sock"), "bench", &["--allowed-root", kubelet.to_str().unwrap()]);
 
-    let mut agent = VolumeManagerClient::connect(node.agent.clone()).await.expect("agent");
+    // The agent answers only over mutual TLS, as the controller calls it.
+    let mut agent = node.client().await;
     let mut csi_client = {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
