@@ -558,7 +558,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             zone = cinderblock::kube::node_zone(&client, &args.node_id).await?.unwrap_or_default();
         }
         let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::with_lease_namespace(client, &args.node_lease_namespace));
-        let mut reg = cinderblock::controller::registration::Registration::new(
+        let mut reg = cinderblock::node::registration::Registration::new(
             args.node_id.clone(),
             zone.clone(),
             args.agent_advertise.clone().unwrap_or_else(|| format!("https://{agent_addr}")),

@@ -14,7 +14,7 @@ use tracing::info;
 use crate::agent::fence::Fence;
 use crate::agent::AgentService;
 use crate::agent_proto::volume_manager_server::VolumeManagerServer;
-use crate::controller::registration::Registration;
+use crate::node::registration::Registration;
 use crate::controller::{ControllerConfig, ControllerService, Manager};
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::identity_server::IdentityServer;

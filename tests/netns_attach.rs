@@ -149,7 +149,7 @@ impl ControllerHost {
             assert_eq!(rc, 0, "setns into {ns}: {}", std::io::Error::last_os_error());
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
-                use cinderblock::controller::registration::Registration;
+                use cinderblock::node::registration::Registration;
                 use cinderblock::store::Store;
                 let store: std::sync::Arc<dyn Store> =
                     std::sync::Arc::new(cinderblock::store::embedded::EmbeddedStore::open(&dir.join("store.redb")).unwrap());

@@ -20,7 +20,7 @@ use cinderblock::agent_proto as pb;
 use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
 use cinderblock::controller::manager::{CreateVolumeSpec, EventSink};
 use cinderblock::controller::records::{NodeRec, VolumeRec};
-use cinderblock::controller::registration::Registration;
+use cinderblock::node::registration::Registration;
 use cinderblock::controller::{ControllerConfig, Manager};
 use cinderblock::scheduler::Placement;
 use cinderblock::store::{self, EmbeddedStore, Kind, Store};

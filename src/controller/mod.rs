@@ -1,5 +1,5 @@
 //! The controller: records, Cinder's flows over the scheduler, the CSI
-//! Controller service, node registration and the reconciler.
+//! Controller service (with forwarding between replicas) and the reconciler.
 
 pub mod agents;
 mod create;
@@ -12,7 +12,6 @@ pub mod manager;
 pub mod publish;
 pub mod reconciler;
 pub mod records;
-pub mod registration;
 pub mod service;
 mod snapshot;
 

@@ -26,6 +26,7 @@ mod host;
 mod inflight;
 mod paths;
 mod publish;
+pub mod registration;
 pub mod remote;
 mod stage;
 mod usage;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use super::records::{pool_status_to_node, NodeRec};
+use crate::controller::records::{pool_status_to_node, NodeRec};
 use crate::store::{self, Kind, Store, StoreError};
 use crate::volume::Pool;
 
