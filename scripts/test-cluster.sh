@@ -147,11 +147,10 @@ spec:
 EOF
 
 say "helm install charts/cinderblock with the local images (no registry)"
-# One controller replica. With two, each sidecar elects its own leader
-# apart from cinderblock's own Lease; a csi-provisioner leading in the pod
-# whose cinderblock is not the leader gets "not the leader; retry" for
-# every CreateVolume, forever (seen here; reported, not fixed here).
-replicas=${CLUSTER_CONTROLLER_REPLICAS:-1}
+# Two controller replicas, as the chart's default: each sidecar elects its
+# own leader apart from cinderblock's Lease, and a sidecar beside the
+# standby is served through it (the standby hands its calls to the leader).
+replicas=${CLUSTER_CONTROLLER_REPLICAS:-2}
 settings=(--set controller.replicas="$replicas")
 helm_ install cinderblock charts/cinderblock --namespace cinderblock --create-namespace \
   -f "$images/values.yaml" "${settings[@]}" \
@@ -428,6 +427,17 @@ k delete volumesnapshot snap1 --wait=true --timeout=60s >/dev/null 2>&1 || true
 k delete pvc restored cloned raw big data-db-xfs-0 --wait=true --timeout=120s >/dev/null 2>&1 ||
   fail "PVCs deleted while the driver runs"
 claimed=$(k get pvc data-db-ext4-0 -o jsonpath='{.spec.volumeName}')
+# A released PV goes once its volume is detached (the attach-detach
+# controller, then csi-attacher's ControllerUnpublish) and deleted
+# (csi-provisioner's DeleteVolume): wait for that, as a user would, before
+# the driver goes.
+released_deadline=$((SECONDS + 180))
+while :; do
+  pvs=$(k get pv -o name 2>/dev/null)
+  [ "$pvs" = "persistentvolume/$claimed" ] && break
+  [ $SECONDS -lt $released_deadline ] || { fail "released PVs deleted by the driver (left: $(echo $pvs))"; break; }
+  sleep 2
+done
 helm_ uninstall cinderblock --namespace cinderblock --wait --timeout 120s >/dev/null 2>&1 && pass || fail "helm uninstall"
 # Leader-election Leases are the sidecars' runtime state, not the release's.
 # The cluster CA (Secret and ConfigMap cinderblock-ca) is made by the
