@@ -151,7 +151,8 @@ say "helm install charts/cinderblock with the local images (no registry)"
 # own leader apart from cinderblock's Lease, and a sidecar beside the
 # standby is served through it (the standby hands its calls to the leader).
 replicas=${CLUSTER_CONTROLLER_REPLICAS:-2}
-settings=(--set controller.replicas="$replicas")
+# Both nodes in one zone, so a zone volume can be used from either.
+settings=(--set controller.replicas="$replicas" --set node.zone=zone-1)
 helm_ install cinderblock charts/cinderblock --namespace cinderblock --create-namespace \
   -f "$images/values.yaml" "${settings[@]}" \
   --wait --timeout 180s >"$dir/logs/helm-install.log" 2>&1 ||
@@ -176,7 +177,7 @@ for n in node-a node-b; do
   check "CSINode $n lists cinderblock.dev with its node ID" eventually 60 \
     field "csinode/$n" '{.spec.drivers[?(@.name=="cinderblock.dev")].nodeID}' "$n"
   check "CSINode $n topology keys" field "csinode/$n" \
-    '{.spec.drivers[?(@.name=="cinderblock.dev")].topologyKeys}' '["topology.cinderblock.dev/node"]'
+    '{.spec.drivers[?(@.name=="cinderblock.dev")].topologyKeys}' '["topology.cinderblock.dev/node","topology.cinderblock.dev/zone"]'
   check "Node $n labelled topology.cinderblock.dev/node=$n" field "node/$n" \
     '{.metadata.labels.topology\.cinderblock\.dev/node}' "$n"
   check "StorageNode $n exists" eventually 60 k get "storagenode/$n"
@@ -314,6 +315,47 @@ else
   fail "raw block pod Ready"
 fi
 
+# ------------------------------------------------------------ zone volume
+say "zone volume: made on node-a, used by a pod on node-b over NBD, then on node-a again"
+pv_of_zone() { # pvc
+  local pv; pv=$(k get pvc "$1" -o jsonpath='{.spec.volumeName}')
+  k get pv "$pv" -o jsonpath='{.spec.nodeAffinity}' | grep -q 'topology.cinderblock.dev/zone' &&
+    ! k get pv "$pv" -o jsonpath='{.spec.nodeAffinity}' | grep -q 'topology.cinderblock.dev/node'
+}
+attached_over_nbd() { # node
+  k get volumeattachments -o jsonpath='{range .items[*]}{.spec.nodeName} {.status.attached} {.status.attachmentMetadata.cinderblock\.dev/transport}{"\n"}{end}' |
+    grep -qx "$1 true nbd"
+}
+pvc zoned cinderblock-zone 256Mi
+pod zoned-a zoned node-a
+if ready zoned-a 180s; then
+  pass
+  check "the zone volume's PV names its zone, not a node" pv_of_zone zoned
+  check "write on node-a" k exec zoned-a -- sh -c 'echo from-a >/data/a && dd if=/dev/urandom of=/data/blob bs=1M count=8 2>/dev/null && md5sum /data/blob >/data/blob.md5 && sync'
+  k delete pod zoned-a --wait=true --timeout=90s >/dev/null
+  pod zoned-b zoned node-b
+  if ready zoned-b 180s; then
+    pass
+    check "VolumeAttachment to node-b carries an NBD export" attached_over_nbd node-b
+    check "node-b reads what node-a wrote" k exec zoned-b -- sh -c 'grep -qx from-a /data/a && md5sum -c /data/blob.md5'
+    check "write on node-b" k exec zoned-b -- sh -c 'echo from-b >/data/b && sync'
+    k delete pod zoned-b --wait=true --timeout=90s >/dev/null
+    pod zoned-a2 zoned node-a
+    if ready zoned-a2 180s; then
+      pass
+      check "back on node-a: both writes there" k exec zoned-a2 -- sh -c 'grep -qx from-a /data/a && grep -qx from-b /data/b && md5sum -c /data/blob.md5'
+    else
+      fail "zone volume pod Ready again on node-a"; k describe pod zoned-a2 | tail -15
+    fi
+    k delete pod zoned-a2 --wait=false >/dev/null 2>&1 || true
+  else
+    fail "zone volume pod Ready on node-b (remote attach)"; k describe pod zoned-b | tail -15
+    k delete pod zoned-b --wait=false >/dev/null 2>&1 || true
+  fi
+else
+  fail "zone volume pod Ready on node-a"; k describe pod zoned-a | tail -15
+fi
+
 # ------------------------------------------------------------ snapshots
 say "VolumeSnapshot of the ext4 PVC in use; restore and clone"
 src_node=$(node_of db-ext4-0 || true)
@@ -424,7 +466,7 @@ for p in restored cloned raw; do k delete pod "$p" --wait=false >/dev/null 2>&1 
 k delete statefulset db-xfs --wait=true >/dev/null
 k delete pod -l test=cluster --wait=true --timeout=90s >/dev/null 2>&1 || true
 k delete volumesnapshot snap1 --wait=true --timeout=60s >/dev/null 2>&1 || true
-k delete pvc restored cloned raw big data-db-xfs-0 --wait=true --timeout=120s >/dev/null 2>&1 ||
+k delete pvc restored cloned raw big zoned data-db-xfs-0 --wait=true --timeout=120s >/dev/null 2>&1 ||
   fail "PVCs deleted while the driver runs"
 claimed=$(k get pvc data-db-ext4-0 -o jsonpath='{.spec.volumeName}')
 # A released PV goes once its volume is detached (the attach-detach
