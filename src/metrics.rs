@@ -77,6 +77,9 @@ pub struct Metrics {
     /// rode on a sync that started after them).
     pub folder_sync_requests: Counter,
     pub folder_syncs: Counter,
+    /// CSI calls a standby controller replica handed to the leader, by
+    /// method (a sidecar leading beside a standby; controller/forward.rs).
+    pub forwarded_calls: Family<MethodLabels, Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -103,6 +106,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("node_mismatched", "1 while a node's agent answered as another node or pool; nothing is written there", node_mismatched.clone());
     let orphan_candidates = Family::<PoolLabels, Gauge>::default();
     registry.register("reconciler_orphan_candidates", "Images on a node that no record places there, at the last reconciler pass", orphan_candidates.clone());
+    let forwarded_calls = Family::<MethodLabels, Counter>::default();
+    registry.register(
+        "controller_forwarded_calls",
+        "CSI calls a standby controller replica handed to the leader (its sidecar leads beside a standby)",
+        forwarded_calls.clone(),
+    );
     let breaker_held = Family::<PoolLabels, Counter>::default();
     registry.register("reconciler_breaker_held", "Reconciler passes on a node that the circuit breaker held (too many images without a record)", breaker_held.clone());
     let pool_orphans = Family::<PoolLabels, Gauge>::default();
@@ -136,6 +145,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         breaker_held,
         pool_orphans,
         export,
+        forwarded_calls,
     }
 });
 

@@ -265,7 +265,7 @@ async fn kubernetes_end_to_end() {
             "controller", "--endpoint", &format!("unix://{}/{id}.sock", d.display()), "--kubeconfig", kc,
             "--leader-election", "--leader-election-namespace", "default", "--identity", id, "--lease-duration", "4",
             "--heartbeat-timeout", "10", "--reconcile-interval", "2", "--stuck-grace", "8",
-            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Controller), "--peer-listen", "127.0.0.1:0",
+            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Controller), "--peer-listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -519,6 +519,17 @@ async fn kubernetes_end_to_end() {
         })
         .await;
         assert!(images(&pools).is_empty(), "{:?}", images(&pools));
+        // The standby counts what it handed on.
+        let b_log = std::fs::read_to_string(d.join("ctrl-b.log")).unwrap();
+        let metrics_addr = b_log
+            .lines()
+            .find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
+            .expect("ctrl-b's metrics address in its log");
+        let metrics = common::http_get(&metrics_addr, "/metrics");
+        for method in ["CreateVolume", "DeleteVolume"] {
+            let line = format!("cinderblock_controller_forwarded_calls_total{{service=\"csi.v1.Controller\",method=\"{method}\"}} 1");
+            assert!(metrics.lines().any(|l| l == line), "no {line:?} on ctrl-b:\n{metrics}");
+        }
     }
 
     // 6. The leader killed mid-provisioning: the standby finishes, no duplicate, no leak.

@@ -110,6 +110,10 @@ macro_rules! to_leader_or_local {
                     forwarded.set_timeout(d);
                 }
                 debug!(method = $name, leader = %address, "a standby hands the call to the leader");
+                crate::metrics::METRICS
+                    .forwarded_calls
+                    .get_or_create(&crate::metrics::MethodLabels { service: "csi.v1.Controller".into(), method: $name.into() })
+                    .inc();
                 ControllerClient::new(channel).$method(forwarded).await.map_err(|s| {
                     if crate::tls::client::never_sent(&s) {
                         Status::unavailable(format!("this controller replica stands by and could not reach the leader at {address}: {}; retry", s.message()))
