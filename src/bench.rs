@@ -120,16 +120,23 @@ pub fn load_average() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// CreateVolume end to end through a running endpoint (standalone): `count`
-/// distinct volumes at the given concurrency, timed per call; then deleted.
-pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, tag: &str, size: u64) -> Result<CreateBenchRow, String> {
-    use cinderblock::csi;
+/// A CSI Controller client for `endpoint` (unix:// or http://).
+async fn controller_client(
+    endpoint: &str,
+) -> Result<cinderblock::csi::controller_client::ControllerClient<tonic::transport::Channel>, String> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| e.to_string())?
         .connect()
         .await
         .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
-    let client = csi::controller_client::ControllerClient::new(channel);
+    Ok(cinderblock::csi::controller_client::ControllerClient::new(channel))
+}
+
+/// CreateVolume end to end through a running endpoint (standalone): `count`
+/// distinct volumes at the given concurrency, timed per call; then deleted.
+pub async fn create_volumes(endpoint: &str, concurrency: usize, count: usize, tag: &str, size: u64) -> Result<CreateBenchRow, String> {
+    use cinderblock::csi;
+    let client = controller_client(endpoint).await?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
@@ -206,12 +213,7 @@ pub fn rss_bytes(pid: u32) -> u64 {
 /// CreateVolume is idempotent), `concurrency` at a time, printing progress.
 pub async fn fill_volumes(endpoint: &str, count: usize, concurrency: usize) -> Result<Duration, String> {
     use cinderblock::csi;
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
-    let client = csi::controller_client::ControllerClient::new(channel);
+    let client = controller_client(endpoint).await?;
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
@@ -252,12 +254,7 @@ pub async fn fill_volumes(endpoint: &str, count: usize, concurrency: usize) -> R
 /// number of volumes seen and each page's time.
 pub async fn walk_pages(endpoint: &str, page: i32, most: usize) -> Result<(usize, Vec<Duration>), String> {
     use cinderblock::csi;
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {endpoint}: {e}"))?;
-    let mut c = csi::controller_client::ControllerClient::new(channel);
+    let mut c = controller_client(endpoint).await?;
     let (mut token, mut seen, mut times) = (String::new(), 0, vec![]);
     while times.len() < most {
         let t = Instant::now();

@@ -805,12 +805,13 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
             None => None,
         };
         cfg.validate()?;
-        let campaign = cinderblock::kube::leader::campaign(client.clone(), cfg.clone());
+        let advertise = cfg.peer_address.clone();
+        let campaign = cinderblock::kube::leader::campaign(client.clone(), cfg);
         manager = manager.with_leader(campaign.leadership.clone());
         manager.fence_nodes_on_each_term();
         if let Some(l) = listener {
             let route = cinderblock::controller::forward::LeaderRoute::new(campaign.leadership, campaign.leader_peer, tls_dir.clone())?;
-            info!(listen = %l.local_addr().map_err(|e| e.to_string())?, advertise = ?cfg.peer_address, "serving the other controller replicas");
+            info!(listen = %l.local_addr().map_err(|e| e.to_string())?, advertise = ?advertise, "serving the other controller replicas");
             peers = Some((l, route));
         }
     } else if a.peer_listen.is_some() {

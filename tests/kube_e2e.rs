@@ -520,11 +520,7 @@ async fn kubernetes_end_to_end() {
         .await;
         assert!(images(&pools).is_empty(), "{:?}", images(&pools));
         // The standby counts what it handed on.
-        let b_log = std::fs::read_to_string(d.join("ctrl-b.log")).unwrap();
-        let metrics_addr = b_log
-            .lines()
-            .find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
-            .expect("ctrl-b's metrics address in its log");
+        let metrics_addr = common::metrics_address_in_log(&d.join("ctrl-b.log")).expect("ctrl-b's metrics address in its log");
         let metrics = common::http_get(&metrics_addr, "/metrics");
         for method in ["CreateVolume", "DeleteVolume"] {
             let line = format!("cinderblock_controller_forwarded_calls_total{{service=\"csi.v1.Controller\",method=\"{method}\"}} 1");

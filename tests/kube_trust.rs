@@ -428,8 +428,7 @@ async fn trust_on_a_real_api_server() {
     .await;
     eprintln!("breaker held on {held:?}");
     let metrics_addr = eventually("ctrl-b's metrics address in its log", Duration::from_secs(5), || async {
-        let log = std::fs::read_to_string(d.join("ctrl-b.log")).ok()?;
-        log.lines().find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
+        common::metrics_address_in_log(&d.join("ctrl-b.log"))
     })
     .await;
     let metrics = common::http_get(&metrics_addr, "/metrics");

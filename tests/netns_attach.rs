@@ -21,7 +21,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,7 +31,6 @@ use cinderblock::csi::controller_client::ControllerClient;
 use cinderblock::csi::node_client::NodeClient;
 use cinderblock::tls::{authority, Peer};
 use common::*;
-use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
 
 const MIB: i64 = 1 << 20;
 const SUBNET: &str = "10.231.7";
@@ -209,25 +207,6 @@ impl Drop for ControllerHost {
     }
 }
 
-fn cap(block: bool) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
-        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() }) }),
-    }
-}
-
-fn zone_volume_on(name: &str, node: &str, size: i64, block: bool) -> csi::CreateVolumeRequest {
-    let seg: HashMap<String, String> = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
-        volume_capabilities: vec![cap(block)],
-        parameters: [("accessibility".to_string(), "zone".to_string())].into(),
-        accessibility_requirements: Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments: seg }], preferred: vec![] }),
-        ..Default::default()
-    }
-}
-
 async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::os::unix::net::UnixStream::connect(socket).is_err() {
@@ -293,7 +272,7 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     let publish = |vol: &str, block: bool| csi::ControllerPublishVolumeRequest {
         volume_id: vol.into(),
         node_id: "con".into(),
-        volume_capability: Some(cap(block)),
+        volume_capability: Some(rwo_capability(block)),
         ..Default::default()
     };
 
@@ -305,7 +284,7 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     node.node_stage_volume(csi::NodeStageVolumeRequest {
         volume_id: fs_vol.volume_id.clone(),
         staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap(false)),
+        volume_capability: Some(rwo_capability(false)),
         publish_context: ctx.clone(),
         ..Default::default()
     })
@@ -315,7 +294,7 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
         volume_id: fs_vol.volume_id.clone(),
         staging_target_path: staging.display().to_string(),
         target_path: target.display().to_string(),
-        volume_capability: Some(cap(false)),
+        volume_capability: Some(rwo_capability(false)),
         publish_context: ctx.clone(),
         ..Default::default()
     })
@@ -348,7 +327,7 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     node.node_stage_volume(csi::NodeStageVolumeRequest {
         volume_id: blk.volume_id.clone(),
         staging_target_path: staging.display().to_string(),
-        volume_capability: Some(cap(true)),
+        volume_capability: Some(rwo_capability(true)),
         publish_context: ctx.clone(),
         ..Default::default()
     })
@@ -358,7 +337,7 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
         volume_id: blk.volume_id.clone(),
         staging_target_path: staging.display().to_string(),
         target_path: target.display().to_string(),
-        volume_capability: Some(cap(true)),
+        volume_capability: Some(rwo_capability(true)),
         publish_context: ctx.clone(),
         ..Default::default()
     })

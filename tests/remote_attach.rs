@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,29 +15,8 @@ use cinderblock::csi;
 use cinderblock::csi::controller_client::ControllerClient;
 use cinderblock::csi::node_client::NodeClient;
 use common::*;
-use csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
 
 const MIB: i64 = 1 << 20;
-
-fn cap(block: bool) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
-        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() }) }),
-    }
-}
-
-/// A zone volume placed on `node`.
-fn create_on(name: &str, node: &str, block: bool) -> csi::CreateVolumeRequest {
-    let seg: HashMap<String, String> = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange { required_bytes: 64 * MIB, limit_bytes: 0 }),
-        volume_capabilities: vec![cap(block)],
-        parameters: [("accessibility".to_string(), "zone".to_string())].into(),
-        accessibility_requirements: Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments: seg }], preferred: vec![] }),
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zone_volume_is_used_from_another_node_over_nbd() {
@@ -56,7 +34,7 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
     let mut node = NodeClient::new(ch);
 
     for (name, block) in [("remote-fs", false), ("remote-block", true)] {
-        let vol = ctl.create_volume(create_on(name, "node-2", block)).await.unwrap().into_inner().volume.unwrap();
+        let vol = ctl.create_volume(zone_volume_on(name, "node-2", 64 * MIB, block)).await.unwrap().into_inner().volume.unwrap();
         // Reachable from the whole zone, not just its node.
         let seg = &vol.accessible_topology[0].segments;
         assert_eq!(seg.get(cinderblock::TOPOLOGY_ZONE_KEY).map(String::as_str), Some("zone-1"));
@@ -64,7 +42,7 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
         let image = s.pool(2).join("volumes").join(format!("{}.img", vol.volume_id));
         assert!(image.exists(), "the image is on node-2");
 
-        let publish = csi::ControllerPublishVolumeRequest { volume_id: vol.volume_id.clone(), node_id: "node-1".into(), volume_capability: Some(cap(block)), ..Default::default() };
+        let publish = csi::ControllerPublishVolumeRequest { volume_id: vol.volume_id.clone(), node_id: "node-1".into(), volume_capability: Some(rwo_capability(block)), ..Default::default() };
         let ctx = ctl.controller_publish_volume(publish.clone()).await.unwrap().into_inner().publish_context;
         assert_eq!(ctx.get("cinderblock.dev/transport").map(String::as_str), Some("nbd"), "{ctx:?}");
         assert_eq!(ctx.get("cinderblock.dev/nbd-owner").map(String::as_str), Some("node-2"));
@@ -85,7 +63,7 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
         let stage = csi::NodeStageVolumeRequest {
             volume_id: vol.volume_id.clone(),
             staging_target_path: staging.display().to_string(),
-            volume_capability: Some(cap(block)),
+            volume_capability: Some(rwo_capability(block)),
             publish_context: ctx.clone(),
             ..Default::default()
         };
@@ -95,7 +73,7 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
             volume_id: vol.volume_id.clone(),
             staging_target_path: staging.display().to_string(),
             target_path: target.display().to_string(),
-            volume_capability: Some(cap(block)),
+            volume_capability: Some(rwo_capability(block)),
             publish_context: ctx.clone(),
             ..Default::default()
         })

@@ -433,3 +433,35 @@ impl Drop for Leftovers {
         }
     }
 }
+
+/// Single-node-writer access, raw block or an ext4 mount.
+#[allow(dead_code)]
+pub fn rwo_capability(block: bool) -> cinderblock::csi::VolumeCapability {
+    use cinderblock::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
+    cinderblock::csi::VolumeCapability {
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
+        access_type: Some(if block { AccessType::Block(BlockVolume {}) } else { AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() }) }),
+    }
+}
+
+/// CreateVolume of a zone volume (`accessibility: zone`) whose image goes on `node`.
+#[allow(dead_code)]
+pub fn zone_volume_on(name: &str, node: &str, size: i64, block: bool) -> cinderblock::csi::CreateVolumeRequest {
+    use cinderblock::csi;
+    let seg: std::collections::HashMap<String, String> = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
+        volume_capabilities: vec![rwo_capability(block)],
+        parameters: [("accessibility".to_string(), "zone".to_string())].into(),
+        accessibility_requirements: Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments: seg }], preferred: vec![] }),
+        ..Default::default()
+    }
+}
+
+/// The address a process logged its metrics server on ("metrics on http://ADDR/...").
+#[allow(dead_code)]
+pub fn metrics_address_in_log(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
+}
