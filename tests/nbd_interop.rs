@@ -196,7 +196,7 @@ fn free_port() -> u16 {
 
 fn wait_listening(port: u16, child: &mut Child) {
     let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !listening_on(port) {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("the server exited early: {status}");
         }

@@ -260,7 +260,7 @@ impl NodeProcess {
             .expect("starting cinderblock node");
         let agent = format!("https://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !listening_on(port) {
             if let Ok(Some(status)) = child.try_wait() {
                 let mut err = String::new();
                 let _ = child.stderr.take().unwrap().read_to_string(&mut err);
@@ -464,4 +464,13 @@ pub fn zone_volume_on(name: &str, node: &str, size: i64, block: bool) -> cinderb
 pub fn metrics_address_in_log(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     text.lines().find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
+}
+
+/// Something listens on 127.0.0.1:`port`. A connection to a port in the
+/// ephemeral range where nothing listens yet can connect to itself (TCP
+/// simultaneous open, when the kernel picks that same port as the source):
+/// such a connection is not a listener.
+#[allow(dead_code)]
+pub fn listening_on(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
 }
