@@ -339,7 +339,7 @@ if ready zoned-a 180s; then
   pod zoned-b zoned "$other"
   if ready zoned-b 180s; then
     pass
-    check "VolumeAttachment to $other (image on $owner) carries an NBD export" attached_over_nbd "$other"
+    check "VolumeAttachment to $other (image on $owner) carries an NBD export" eventually 60 attached_over_nbd "$other"
     check "the other node reads what node-a wrote" k exec zoned-b -- sh -c 'grep -qx from-a /data/a && md5sum -c /data/blob.md5'
     check "write on node-b" k exec zoned-b -- sh -c 'echo from-b >/data/b && sync'
     k delete pod zoned-b --wait=true --timeout=90s >/dev/null
