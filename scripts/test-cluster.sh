@@ -322,9 +322,12 @@ pv_of_zone() { # pvc
   k get pv "$pv" -o jsonpath='{.spec.nodeAffinity}' | grep -q 'topology.cinderblock.dev/zone' &&
     ! k get pv "$pv" -o jsonpath='{.spec.nodeAffinity}' | grep -q 'topology.cinderblock.dev/node'
 }
-attached_over_nbd() { # node
-  k get volumeattachments -o jsonpath='{range .items[*]}{.spec.nodeName} {.status.attached} {.status.attachmentMetadata.cinderblock\.dev/transport}{"\n"}{end}' |
-    grep -qx "$1 true nbd"
+attached_over_nbd() { # node (prints the attachments when it does not hold)
+  local list
+  list=$(k get volumeattachments -o jsonpath='{range .items[*]}{.metadata.name} {.spec.nodeName} {.status.attached} {.status.attachmentMetadata.cinderblock\.dev/transport} {.metadata.deletionTimestamp}{"\n"}{end}')
+  printf '%s\n' "$list" | awk -v n="$1" '$2 == n && $3 == "true" && $4 == "nbd" && $5 == "" { ok = 1 } END { exit !ok }' && return 0
+  printf 'no live attachment of %s over nbd; name node attached transport deleting:\n%s\n' "$1" "$list"
+  return 1
 }
 pvc zoned cinderblock-zone 256Mi
 pod zoned-a zoned node-a

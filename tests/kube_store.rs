@@ -9,6 +9,7 @@
 //! the kube store's versions, compare-and-set, lists and deletes.
 
 mod common;
+mod store_suite;
 
 use std::collections::BTreeMap;
 
@@ -159,5 +160,5 @@ async fn kube_store_passes_the_behaviour_suite() {
     // The controller's store: caches filled by watches, writes to the API server.
     let watching = cinderblock::kube::KubeStore::watching(client, "default", std::time::Duration::from_secs(60)).await.unwrap();
     let store = Carrier(watching);
-    cinderblock::store::conformance::behaviour_suite(&store).await;
+    store_suite::behaviour_suite(&store).await;
 }

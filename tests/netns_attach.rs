@@ -351,6 +351,8 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
         ])
         .arg(format!("--filename={}", target.display()))
         .arg(format!("--output={}", fio_out.display()))
+        // fio writes its verify state file into its working folder: the test's.
+        .current_dir(&d)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -6,7 +6,7 @@
 //! and on `Conflict` read again. The typed helpers below store serde records as
 //! JSON. `embedded` (redb, one file) is the default; a Kubernetes
 //! custom-resource store implements the same trait and must pass
-//! `conformance::behaviour_suite`.
+//! the behaviour suite in tests/store_suite.
 //!
 //! Besides the records, a store carries two things the controller's node
 //! view needs: a feed of the changes it commits (`changes`), and node
@@ -14,7 +14,6 @@
 //! heartbeat costs one small write (a Lease in a cluster) and a node's
 //! record is written only when what it reports changes.
 
-pub mod conformance;
 pub mod embedded;
 #[cfg(test)]
 mod tests;

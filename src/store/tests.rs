@@ -1,12 +1,4 @@
-use super::conformance::behaviour_suite;
 use super::*;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_store_passes_the_behaviour_suite() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
-    behaviour_suite(&store).await;
-}
 
 #[tokio::test]
 async fn embedded_store_creates_missing_folders() {

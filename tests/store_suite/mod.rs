@@ -1,6 +1,6 @@
-//! The behaviour every Store implementation must show. Not test-only, so
-//! that each implementation (embedded, kube) runs the same suite from its
-//! own tests.
+//! The behaviour every Store implementation must show, run by each
+//! implementation's test (tests/store.rs for the embedded store,
+//! tests/kube_store.rs for the custom-resource store on a real API server).
 //!
 //! `behaviour_suite` needs an empty store and panics on the first failure.
 //! IDs are lowercase DNS labels so that a custom-resource store can use them
@@ -9,7 +9,7 @@
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
-use super::{
+use cinderblock::store::{
     create_json, get_json, list_json, put_json, update_json, Change, Kind, Store, StoreError,
     Versioned,
 };
