@@ -15,8 +15,8 @@
 #       runs on the cluster already up in DIR (test-cluster.sh does this).
 # Environment: E2E_PROCS (parallel e2e.test processes, default 3; ginkgo
 #   runs [Serial] tests alone at the end), E2E_SKIP (a regular expression of
-#   tests to leave out; default "\[Disruptive\]": those restart the kubelet
-#   over SSH, and these nodes have none), E2E_OUT (the folder for the JSON
+#   tests to leave out; default: those tests/e2e-storage/skips lists, each
+#   with the reason this cluster cannot run it), E2E_OUT (the folder for the JSON
 #   report and summary.md; default .cache/e2e/DATE), E2E_TIMEOUT (the whole
 #   run's limit, default 4h; the report is still written).
 # Writes E2E_OUT/summary.md: passed, failed and skipped counts, the wall
@@ -40,7 +40,8 @@ done
 out=${E2E_OUT:-$root/.cache/e2e/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"
 procs=${E2E_PROCS:-3}
-skip=${E2E_SKIP-'\[Disruptive\]'}
+skips_file=$root/tests/e2e-storage/skips
+skip=${E2E_SKIP-$(grep -v '^#' "$skips_file" | cut -f1 | paste -sd'|')}
 driver=$root/tests/e2e-storage/test-driver.yaml
 full_focus="External.Storage.*\\[Driver: cinderblock\\.dev\\]${focus:+.*($focus)}"
 
@@ -61,9 +62,15 @@ wall=$((SECONDS - start))
 tail -5 "$out/e2e.log"
 
 # The summary, from ginkgo's JSON report.
-python3 - "$out/report.json" "$wall" "$full_focus" "${skip:-}" >"$out/summary.md" <<'EOF'
-import json, sys, collections
-path, wall, focus, skip = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+python3 - "$out/report.json" "$wall" "$full_focus" "${skip:-}" "$skips_file" >"$out/summary.md" <<'EOF'
+import json, re, sys, collections
+path, wall, focus, skip, skips_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+# Why each test left out by the skips file is left out.
+known = []
+for line in open(skips_file):
+    if line.strip() and not line.startswith("#") and "\t" in line:
+        pattern, why = line.rstrip("\n").split("\t", 1)
+        known.append((re.compile(pattern), why))
 reports = json.load(open(path))
 counts = collections.Counter()
 skipped, failed = [], []
@@ -82,7 +89,8 @@ for suite in reports:
         counts[state] += 1
         if state == "skipped":
             msg = ((spec.get("Failure") or {}).get("Message") or "").strip().splitlines()
-            skipped.append((name.strip(), msg[0] if msg else "filtered out by --focus/--skip"))
+            why = msg[0] if msg else next((w for p, w in known if p.search(name)), "filtered out by --focus/--skip")
+            skipped.append((name.strip(), why))
         elif state not in ("passed",):
             msg = ((spec.get("Failure") or {}).get("Message") or "").strip().splitlines()
             failed.append((name.strip(), state, msg[0] if msg else ""))
