@@ -443,8 +443,10 @@ fn get_status(dev: &File, path: &Path) -> Result<LoopInfo64> {
 }
 
 /// What sysfs says backs loop device `number`: `None` when it is not bound,
-/// otherwise the path and whether the file has been deleted since.
-fn sysfs_backing_file(number: u32) -> Result<Option<(PathBuf, bool)>> {
+/// otherwise the path and whether the file has been deleted since. The one
+/// reader of a loop device's `backing_file` (the node's host view uses it
+/// too).
+pub fn sysfs_backing_file(number: u32) -> Result<Option<(PathBuf, bool)>> {
     let path = PathBuf::from(format!("/sys/block/loop{number}/loop/backing_file"));
     let raw = match std::fs::read(&path) {
         Ok(raw) => raw,

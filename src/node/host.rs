@@ -80,15 +80,10 @@ pub fn loop_by_name(name: &str) -> Result<Option<LoopInfo>, NodeError> {
     let Some(number) = name.strip_prefix("loop").and_then(|n| n.parse::<u32>().ok()) else {
         return Ok(None);
     };
-    let base = Path::new("/sys/block").join(name);
-    let backing_path = base.join("loop/backing_file");
-    let Some(backing) = sysfs_read(&backing_path).map_err(sysfs_err(&backing_path))? else {
+    let Some((backing, deleted)) = loopdev::sysfs_backing_file(number)? else {
         return Ok(None);
     };
-    let (backing, deleted) = match backing.strip_suffix(" (deleted)") {
-        Some(b) => (PathBuf::from(b), true),
-        None => (PathBuf::from(backing), false),
-    };
+    let base = Path::new("/sys/block").join(name);
     let dev_path = base.join("dev");
     let dev = sysfs_read(&dev_path).map_err(sysfs_err(&dev_path))?.unwrap_or_default();
     let Some((major, minor)) = dev.split_once(':').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))) else {
