@@ -446,7 +446,7 @@ impl VolumeManager for AgentService {
         request: Request<pb::PurgeOrphansRequest>,
     ) -> Result<Response<pb::PurgeOrphansResponse>, Status> {
         let identity = self.identity();
-        let r = request.get_ref().clone();
+        let r = *request.get_ref();
         self.run_fenced(&request, "PurgeOrphans", false, move |pool| {
             let purged = pool.purge_orphans(r.older_than_ms, r.dry_run)?;
             Ok(pb::PurgeOrphansResponse { purged: purged.into_iter().map(orphan_to_pb).collect(), identity })

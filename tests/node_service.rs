@@ -1207,7 +1207,7 @@ fn fnv(bytes: &[u8]) -> u64 {
 /// How many whole, valid records `bytes` holds, in order from 0; an error
 /// for anything else (a torn or foreign record, a gap).
 fn clean_prefix(bytes: &[u8]) -> Result<u64, String> {
-    if bytes.len() % RECORD != 0 {
+    if !bytes.len().is_multiple_of(RECORD) {
         return Err(format!("{} bytes is not a whole number of records", bytes.len()));
     }
     for (i, r) in bytes.chunks(RECORD).enumerate() {
@@ -1240,7 +1240,7 @@ async fn snapshots_of_a_volume_in_use(pool: Option<&Path>, count: usize) {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && seq < 24 * 1024 {
                 f.write_all(&record(seq)).unwrap(); // one write(2) per record
                 seq += 1;
-                if seq % 8 == 0 {
+                if seq.is_multiple_of(8) {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             }

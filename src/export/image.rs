@@ -50,9 +50,9 @@ impl Image {
     fn pick(&self, offset: u64, len: usize, buf_addr: usize) -> &File {
         match &self.direct {
             Some(d)
-                if offset % self.direct_align == 0
-                    && len as u64 % self.direct_align == 0
-                    && buf_addr % BUFFER_ALIGN == 0 =>
+                if offset.is_multiple_of(self.direct_align)
+                    && (len as u64).is_multiple_of(self.direct_align)
+                    && buf_addr.is_multiple_of(BUFFER_ALIGN) =>
             {
                 d
             }

@@ -149,7 +149,7 @@ pub fn own_blocks(src: &File, dst: &File) -> io::Result<()> {
     let len = dst.metadata()?.len();
     match rustix::fs::fallocate(dst, rustix::fs::FallocateFlags::UNSHARE_RANGE, 0, len) {
         Ok(()) => Ok(()),
-        Err(e) if matches!(e, rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
             dst.set_len(0)?;
             sparse_copy_with(src, dst, copy_range_by_hand)
         }

@@ -513,7 +513,7 @@ fn apply_chunk(p: &mut Pending, kind: u16, chunk: &[u8]) -> Result<(), NbdError>
             let end = end.ok_or_else(|| NbdError::Protocol("hole past the request".into()))?;
             buf[at as usize..end].fill(0);
         }
-        (Pending::Other { extents, .. }, REPLY_TYPE_BLOCK_STATUS) if chunk.len() >= 12 && (chunk.len() - 4) % 8 == 0 => {
+        (Pending::Other { extents, .. }, REPLY_TYPE_BLOCK_STATUS) if chunk.len() >= 12 && (chunk.len() - 4).is_multiple_of(8) => {
             for pair in chunk[4..].chunks_exact(8) {
                 extents.push((be32(&pair[0..4]), be32(&pair[4..8])));
             }

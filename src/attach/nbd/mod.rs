@@ -49,7 +49,7 @@ pub enum EngineError {
 /// A remote volume attached here.
 pub enum Attachment {
     Kernel(kernel::KernelDevice),
-    Fuse(fuse::FuseAttachment),
+    Fuse(Box<fuse::FuseAttachment>),
 }
 
 impl Attachment {
@@ -99,7 +99,7 @@ impl Engine {
             }
             Engine::Fuse { state_root, policy } => {
                 let dir = state_root.join(volume_id);
-                Ok(Attachment::Fuse(fuse::FuseAttachment::attach(target, &dir, policy.clone(), read_only).await?))
+                Ok(Attachment::Fuse(Box::new(fuse::FuseAttachment::attach(target, &dir, policy.clone(), read_only).await?)))
             }
         }
     }
