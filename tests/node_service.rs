@@ -136,7 +136,16 @@ impl Env {
     fn assert_clean(&self, what: &str) {
         let mounts: Vec<_> = self.mounts().into_iter().map(|m| m.mount_point).collect();
         assert!(mounts.is_empty(), "{what}: mounts left behind: {mounts:?}");
-        let loops = self.loops();
+        // A loop device set to clear itself on its last close (the tests'
+        // own read-only checks) lets go once every opener has closed it,
+        // and udev's probe may still hold it a moment after an unmount: give
+        // that a few seconds; a device the driver leaked stays.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut loops = self.loops();
+        while !loops.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            loops = self.loops();
+        }
         assert!(loops.is_empty(), "{what}: loop devices left behind: {loops:?}");
     }
 }
