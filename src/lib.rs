@@ -11,6 +11,7 @@ pub mod csi;
 pub mod export;
 pub mod flow;
 pub mod identity;
+pub mod keyed_locks;
 pub mod kube;
 pub mod metrics;
 pub mod node;

@@ -2,36 +2,20 @@
 //! answered ABORTED at once (the CSI sidecars and kubelet retry it), rather
 //! than queued behind a mkfs or racing the first call over the same mount.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-
 use super::error::NodeError;
+use crate::keyed_locks::{KeyGuard, KeyedLocks};
 
 #[derive(Default, Clone)]
 pub struct InFlight {
-    busy: Arc<Mutex<HashSet<String>>>,
+    locks: KeyedLocks,
 }
 
 /// Held for the whole call; frees the volume when dropped.
-#[must_use]
-pub struct VolumeGuard {
-    busy: Arc<Mutex<HashSet<String>>>,
-    id: String,
-}
+pub type VolumeGuard = KeyGuard;
 
 impl InFlight {
     pub fn try_begin(&self, id: &str) -> Result<VolumeGuard, NodeError> {
-        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if !busy.insert(id.to_string()) {
-            return Err(NodeError::Busy { id: id.to_string() });
-        }
-        Ok(VolumeGuard { busy: self.busy.clone(), id: id.to_string() })
-    }
-}
-
-impl Drop for VolumeGuard {
-    fn drop(&mut self) {
-        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.locks.try_lock(&[id]).ok_or_else(|| NodeError::Busy { id: id.to_string() })
     }
 }
 

@@ -7,7 +7,6 @@ pub mod error;
 pub mod freeze;
 pub mod handles;
 pub mod identity;
-pub mod locks;
 pub mod orphans;
 pub mod pool;
 pub mod records;

@@ -28,7 +28,7 @@ use super::copy::{self, CopyMethod};
 use super::error::VolumeError;
 use super::freeze::Freezer;
 use super::identity;
-use super::locks::KeyedLocks;
+use crate::keyed_locks::KeyedLocks;
 use super::records::{self, SnapshotRecord, State, VolumeRecord, VolumeSource};
 use super::{validate_id, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES};
 
