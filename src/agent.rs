@@ -275,7 +275,8 @@ impl VolumeManager for AgentService {
         let r = request.get_ref().clone();
         let thick = self.pool.get_volume(&r.source_volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
         self.run_fenced(&request, "CreateSnapshot", thick || !self.pool.reflink(), move |pool| {
-            let s = pool.create_snapshot(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect())?;
+            let group = Some(r.group_id.as_str()).filter(|g| !g.is_empty());
+            let s = pool.create_snapshot_in_group(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect(), group)?;
             Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)), identity })
         })
         .await
@@ -431,6 +432,30 @@ impl VolumeManager for AgentService {
         self.export_call(&request, move |ex| {
             ex.delete(&r.volume_id, &r.consumer_node, r.force)?;
             Ok(pb::DeleteExportResponse { identity })
+        })
+        .await
+    }
+
+    async fn freeze_volumes(&self, request: Request<pb::FreezeVolumesRequest>) -> Result<Response<pb::FreezeVolumesResponse>, Status> {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.run_fenced(&request, "FreezeVolumes", false, move |pool| {
+            let max = std::time::Duration::from_millis(r.max_ms.max(1000));
+            let volume_ids = pool.freeze_group(&r.group_id, &r.volume_ids, max)?;
+            Ok(pb::FreezeVolumesResponse { volume_ids, identity })
+        })
+        .await
+    }
+
+    /// Not fenced: thawing is always safe, whoever asks.
+    async fn thaw_volumes(&self, request: Request<pb::ThawVolumesRequest>) -> Result<Response<pb::ThawVolumesResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
+        let group = request.into_inner().group_id;
+        self.run("ThawVolumes", move |pool| {
+            let early = pool.thaw_group(&group)?;
+            let thawed_early = early.into_iter().map(|(v, why)| format!("{v}: {why}")).collect();
+            Ok(pb::ThawVolumesResponse { thawed_early, identity })
         })
         .await
     }

@@ -5,6 +5,7 @@ pub mod capacity;
 pub mod copy;
 pub mod error;
 pub mod freeze;
+pub mod group;
 pub mod handles;
 pub mod identity;
 pub mod locks;
