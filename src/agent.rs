@@ -156,7 +156,10 @@ fn age_ms(created_at_ms: i64) -> u64 {
 
 fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
     let image = pool.volume_image(&v.id);
+    let problem = pool.volume_problem(&v.id);
     pb::Volume {
+        abnormal: problem.is_some(),
+        condition: problem.unwrap_or_default(),
         allocated_bytes: pool.allocated_bytes(&image),
         image_path: image.display().to_string(),
         state: state_to_pb(v.state) as i32,
@@ -171,6 +174,18 @@ fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
         }),
         metadata: v.metadata.into_iter().collect(),
         created_at_ms: v.created_at_ms,
+    }
+}
+
+/// I/O errors its NBD exports answered make an exported volume abnormal.
+fn export_health(exports: Option<&exports::Exports>, v: &mut pb::Volume) {
+    if v.abnormal || exports.is_none_or(|e| e.consumers_of(&v.volume_id).is_empty()) {
+        return;
+    }
+    let errors = crate::export::METRICS.for_volume(&v.volume_id).errors();
+    if errors > 0 {
+        v.abnormal = true;
+        v.condition = format!("its NBD export answered {errors} request(s) with an error; see the owner node's log and its pool's disk");
     }
 }
 
@@ -317,9 +332,12 @@ impl VolumeManager for AgentService {
         Self::authorize(&request)?;
         let identity = self.identity();
         let id = request.into_inner().volume_id;
+        let exports = self.exports.clone();
         self.run("GetVolume", move |pool| {
             let v = pool.get_volume(&id)?;
-            Ok(pb::GetVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
+            let mut v = volume_to_pb(pool, v);
+            export_health(exports.as_deref(), &mut v);
+            Ok(pb::GetVolumeResponse { volume: Some(v), identity })
         })
         .await
     }
@@ -344,12 +362,16 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
+        let exports = self.exports.clone();
         self.run("ListVolumes", move |pool| {
             let mut volumes: Vec<pb::Volume> = pool.list_volumes().into_iter().map(|v| volume_to_pb(pool, v)).collect();
+            volumes.iter_mut().for_each(|v| export_health(exports.as_deref(), v));
             // Broken volumes are listed too, so nothing on the node is invisible.
             volumes.extend(pool.broken().into_iter().filter(|b| b.kind == "volume").map(|b| pb::Volume {
                 volume_id: b.id,
                 state: pb::ImageState::Broken as i32,
+                abnormal: true,
+                condition: format!("its image is broken on this node: {}", b.reason),
                 problem: b.reason,
                 ..Default::default()
             }));

@@ -7,6 +7,7 @@ mod delete;
 mod expand;
 pub mod forward;
 mod group;
+pub mod health;
 pub mod group_service;
 pub mod inflight;
 pub mod listing;

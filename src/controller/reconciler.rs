@@ -306,6 +306,11 @@ impl Manager {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e.message(), "reconciler pass failed"),
             }
+            if self.is_leader() {
+                if let Err(e) = self.check_health().await {
+                    warn!(error = %e.message(), "volume health check failed");
+                }
+            }
         }
     }
 }

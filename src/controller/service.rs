@@ -379,11 +379,19 @@ impl csi::controller_server::Controller for ControllerService {
         let result = async {
             let page = self.manager.volume_page(r.max_entries, &r.starting_token).await?;
             let next_token = page.next_token;
+            let mut health = self.manager.volumes_health(&page.items).await?;
+            let mut published = self.manager.published_nodes().await?;
             Ok(csi::ListVolumesResponse {
                 entries: page
                     .items
                     .iter()
-                    .map(|v| csi::list_volumes_response::Entry { volume: Some(to_csi_volume(v)), status: None })
+                    .map(|v| csi::list_volumes_response::Entry {
+                        volume: Some(to_csi_volume(v)),
+                        status: Some(csi::list_volumes_response::VolumeStatus {
+                            published_node_ids: published.remove(&v.id).unwrap_or_default(),
+                            volume_condition: health.remove(&v.id).map(|h| csi::VolumeCondition { abnormal: h.abnormal, message: h.message }),
+                        }),
+                    })
                     .collect(),
                 next_token,
             })
@@ -422,6 +430,7 @@ impl csi::controller_server::Controller for ControllerService {
             T::CreateDeleteSnapshot,
             T::CloneVolume,
             T::ListVolumes,
+            T::ListVolumesPublishedNodes,
             T::ListSnapshots,
             T::GetCapacity,
             T::ExpandVolume,
@@ -543,13 +552,8 @@ impl csi::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         let result = async {
             let v = self.known_volume(&r.volume_id).await?;
-            let condition = match v.phase {
-                Phase::Available => csi::VolumeCondition { abnormal: false, message: "available".into() },
-                p => csi::VolumeCondition {
-                    abnormal: true,
-                    message: format!("{p:?}{}", v.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()),
-                },
-            };
+            let h = self.manager.volume_health(&v).await?;
+            let condition = csi::VolumeCondition { abnormal: h.abnormal, message: h.message };
             Ok(csi::ControllerGetVolumeResponse {
                 volume: Some(to_csi_volume(&v)),
                 status: Some(csi::controller_get_volume_response::VolumeStatus {

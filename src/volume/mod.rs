@@ -7,6 +7,7 @@ pub mod error;
 pub mod freeze;
 pub mod group;
 pub mod handles;
+pub mod health;
 pub mod identity;
 pub mod locks;
 pub mod orphans;
