@@ -94,21 +94,9 @@ impl Manager {
                 _ => self.run_group(rec, version).await,
             };
         }
-        let mut volumes = Vec::with_capacity(sources.len());
         for v in &sources {
-            let (volume, _) = self
-                .volume(v)
-                .await?
-                .ok_or_else(|| Status::not_found(format!("source volume {v} does not exist")))?;
-            if volume.phase != Phase::Available || volume.node.is_none() {
-                return Err(Status::failed_precondition(format!(
-                    "source volume {v} is {:?}, not Available; wait for it or leave it out of the group",
-                    volume.phase
-                )));
-            }
-            volumes.push(volume);
+            self.source_volume(v).await?;
         }
-        let now = now_ms();
         let rec = GroupSnapshotRec {
             id: id.clone(),
             name: name.to_string(),
@@ -116,32 +104,58 @@ impl Manager {
             snapshot_ids: sources.iter().map(|v| group_member_id(&id, v)).collect(),
             phase: Phase::Creating,
             error: None,
-            created_ms: now,
+            created_ms: now_ms(),
         };
         let version = store::create_json(&*self.store, Kind::GroupSnapshot, &id, &rec)
             .await
             .map_err(store_status)?;
-        // The members' records exist before any node makes an image, so
-        // the reconciler never takes one for an orphan.
-        for (volume, snap_id) in volumes.iter().zip(&rec.snapshot_ids) {
+        self.run_group(rec, version).await
+    }
+
+    /// A group's source: it must exist and be Available on a node.
+    async fn source_volume(&self, id: &str) -> Result<VolumeRec, Status> {
+        let (volume, _) = self
+            .volume(id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("source volume {id} does not exist")))?;
+        if volume.phase != Phase::Available || volume.node.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "source volume {id} is {:?}, not Available; wait for it or leave it out of the group",
+                volume.phase
+            )));
+        }
+        Ok(volume)
+    }
+
+    /// The members' records, written `Creating` where missing (a first try,
+    /// or one interrupted before it wrote them all), before any node makes
+    /// an image: the reconciler never takes one for an orphan.
+    async fn ensure_members(&self, rec: &GroupSnapshotRec) -> Result<Vec<SnapshotRec>, Status> {
+        let mut out = Vec::with_capacity(rec.snapshot_ids.len());
+        for (volume_id, snap_id) in rec.source_volume_ids.iter().zip(&rec.snapshot_ids) {
+            if let Some((s, _)) = self.snapshot(snap_id).await? {
+                out.push(s);
+                continue;
+            }
+            let volume = self.source_volume(volume_id).await?;
             let member = SnapshotRec {
                 id: snap_id.clone(),
-                name: format!("{name}/{}", volume.id),
+                name: format!("{}/{}", rec.name, volume.id),
                 source_volume_id: volume.id.clone(),
                 node: volume.node.clone().unwrap_or_default(),
                 size_bytes: volume.size_bytes,
                 phase: Phase::Creating,
                 error: None,
                 metadata: volume.metadata.clone(),
-                created_ms: now,
-                group_id: Some(id.clone()),
+                created_ms: now_ms(),
+                group_id: Some(rec.id.clone()),
             };
             match store::create_json(&*self.store, Kind::Snapshot, snap_id, &member).await {
-                Ok(_) | Err(StoreError::AlreadyExists { .. }) => {}
+                Ok(_) | Err(StoreError::AlreadyExists { .. }) => out.push(member),
                 Err(e) => return Err(store_status(e)),
             }
         }
-        self.run_group(rec, version).await
+        Ok(out)
     }
 
     /// Freeze all, snapshot all, thaw all; record the outcome.
@@ -150,13 +164,7 @@ impl Manager {
         mut rec: GroupSnapshotRec,
         version: u64,
     ) -> Result<GroupSnapshotRec, Status> {
-        let members = self.group_members(&rec).await?;
-        if members.len() != rec.snapshot_ids.len() {
-            return Err(Status::internal(format!(
-                "group snapshot {} lost member records; delete it and take it again",
-                rec.name
-            )));
-        }
+        let members = self.ensure_members(&rec).await?;
         // Whatever an earlier try left on the nodes was cut at another instant.
         self.delete_member_images(&members).await?;
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
