@@ -194,6 +194,56 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     );
     mounts.push(c_mount.clone());
 
+    let sources: Vec<String> = vols.iter().map(|v| v.volume_id.clone()).collect();
+
+    // A node that cannot freeze (node-2's filesystem is frozen already, by
+    // someone else): the group fails with ABORTED, node-1's members are
+    // thawed again at once, and no member image is left anywhere.
+    run("fsfreeze", &["-f", c_mount.to_str().unwrap()]);
+    let failing = csi::CreateVolumeGroupSnapshotRequest {
+        name: "grp-retry".into(),
+        source_volume_ids: sources.clone(),
+        ..Default::default()
+    };
+    let e = group
+        .create_volume_group_snapshot(failing.clone())
+        .await
+        .unwrap_err();
+    run("fsfreeze", &["-u", c_mount.to_str().unwrap()]);
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    assert!(e.message().contains("node-2"), "{}", e.message());
+    for m in &mounts[..2] {
+        let probe = m.join("probe");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&probe).unwrap();
+            f.write_all(b"x").unwrap();
+            f.sync_all().unwrap();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{} stayed frozen after the failed group", m.display()));
+    }
+    assert!(
+        !s.images().iter().any(|i| i.contains("/snap-")),
+        "member images left: {:?}",
+        s.images()
+    );
+    // The CO's retry, once the node can freeze, makes the group.
+    let retried = group
+        .create_volume_group_snapshot(failing)
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(retried.ready_to_use);
+    let del = csi::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: retried.group_snapshot_id.clone(),
+        ..Default::default()
+    };
+    group.delete_volume_group_snapshot(del).await.unwrap();
+
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
@@ -201,7 +251,6 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     while done.load(Ordering::SeqCst) < 300 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sources: Vec<String> = vols.iter().map(|v| v.volume_id.clone()).collect();
     let create = csi::CreateVolumeGroupSnapshotRequest {
         name: "grp-snap".into(),
         source_volume_ids: sources.clone(),
@@ -229,7 +278,9 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     let log = s.log_text();
     let froze: Vec<&str> = log
         .lines()
-        .filter(|l| l.contains("volumes frozen for a group snapshot"))
+        .filter(|l| {
+            l.contains("volumes frozen for a group snapshot") && l.contains(&made.group_snapshot_id)
+        })
         .collect();
     assert_eq!(froze.len(), 2, "{froze:?}");
     assert!(
