@@ -147,8 +147,12 @@ impl Manager {
     }
 
     /// A Warning event when a volume turns abnormal, a Normal one when it
-    /// recovers; nothing while it stays as it was.
+    /// recovers; nothing while it stays as it was. The leader only.
     async fn note_health(&self, v: &VolumeRec, h: &Health) {
+        // One voice: a standby answering a read does not raise events too.
+        if !self.is_leader() {
+            return;
+        }
         let before = {
             let mut seen = self.health_seen.lock().unwrap_or_else(|p| p.into_inner());
             seen.insert(v.id.clone(), h.abnormal)
