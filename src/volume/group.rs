@@ -288,3 +288,58 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod real_freeze {
+    use super::*;
+    use crate::attach::loopdev::{self, AttachOptions};
+    use crate::attach::testutil::{running_as_root, Cleanup};
+    use crate::attach::{filesystem, mount};
+    use crate::volume::pool::{CreateVolume, PoolConfig};
+    use crate::volume::Provisioning;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    /// The controller froze a group and died before thawing it: the
+    /// watchdog thaws the filesystem at the limit, writers go on, and a
+    /// late thaw says the freeze did not hold (so no member is trusted).
+    #[tokio::test]
+    async fn a_group_nobody_thaws_is_thawed_at_its_limit() {
+        if !running_as_root("a_group_nobody_thaws_is_thawed_at_its_limit") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut cleanup = Cleanup::default();
+        let (pool, _) = Pool::open(&dir.path().join("pool"), PoolConfig::default()).unwrap();
+        pool.set_freezer(Arc::new(crate::node::freeze::MountedFilesystems));
+        let req = CreateVolume { id: "vol-f".into(), size_bytes: 32 << 20, provisioning: Provisioning::Thin, source: None, metadata: Default::default() };
+        pool.create_volume(req).unwrap();
+        let handle = loopdev::attach(&pool.volume_image("vol-f"), AttachOptions::for_filesystem(false)).unwrap();
+        cleanup.attached(&handle.device);
+        filesystem::format(&handle.device.path, "ext4", &[]).await.unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        cleanup.mounted(&mnt);
+        mount::mount_fs(&handle.device.path, &mnt, "ext4", &[], false).unwrap();
+
+        let started = Instant::now();
+        pool.freeze_group("group-gone", &["vol-f".to_string()], Duration::from_millis(1500)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let file = mnt.join("after");
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::create(&file).unwrap();
+            f.write_all(b"x").unwrap();
+            f.sync_all().unwrap();
+            let _ = tx.send(Instant::now());
+        });
+        let written = rx.recv_timeout(Duration::from_secs(20)).expect("the filesystem stayed frozen past its limit");
+        let waited = written - started;
+        assert!(waited >= Duration::from_millis(1000), "the write went through a freeze after {waited:?}");
+        // The group's own snapshot is refused now, and a late thaw reports it.
+        let e = pool.create_snapshot_in_group("snap-late", "vol-f", Default::default(), Some("group-gone")).unwrap_err();
+        assert!(matches!(e, VolumeError::Freeze { .. }), "{e}");
+        let early = pool.thaw_group("group-gone").unwrap();
+        assert_eq!(early.len(), 1, "{early:?}");
+        assert!(early[0].1.contains("longer than"), "{early:?}");
+    }
+}
