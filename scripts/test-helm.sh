@@ -234,7 +234,7 @@ check "the admission policy limiting node plugins to their own StorageNode" \
   k get validatingadmissionpolicy/cinderblock-own-storagenode validatingadmissionpolicybinding/cinderblock-own-storagenode -o name
 
 say "CRDs"
-for crd in blockvolumes blocksnapshots storagenodes blockexports; do
+for crd in blockvolumes blocksnapshots storagenodes blockexports blockgroupsnapshots; do
   check "crd/$crd.cinderblock.dev is established" \
     k wait --for=condition=Established --timeout=30s "crd/$crd.cinderblock.dev"
 done
@@ -336,6 +336,7 @@ controller yes get,list,watch,create,update,delete blockvolumes.cinderblock.dev 
 controller yes get,list,watch,create,update,delete blocksnapshots.cinderblock.dev -
 controller yes get,list,watch,create,update,delete storagenodes.cinderblock.dev -
 controller yes get,list,watch,create,update,delete blockexports.cinderblock.dev -
+controller yes get,list,watch,create,update,delete blockgroupsnapshots.cinderblock.dev -
 controller no patch blockvolumes.cinderblock.dev/status -
 controller yes get,create,update leases.coordination.k8s.io $ns
 controller yes list,watch,patch leases.coordination.k8s.io $ns

@@ -156,7 +156,10 @@ fn age_ms(created_at_ms: i64) -> u64 {
 
 fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
     let image = pool.volume_image(&v.id);
+    let problem = pool.volume_problem(&v.id);
     pb::Volume {
+        abnormal: problem.is_some(),
+        condition: problem.unwrap_or_default(),
         allocated_bytes: pool.allocated_bytes(&image),
         image_path: image.display().to_string(),
         state: state_to_pb(v.state) as i32,
@@ -171,6 +174,18 @@ fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
         }),
         metadata: v.metadata.into_iter().collect(),
         created_at_ms: v.created_at_ms,
+    }
+}
+
+/// I/O errors its NBD exports answered make an exported volume abnormal.
+fn export_health(exports: Option<&exports::Exports>, v: &mut pb::Volume) {
+    if v.abnormal || exports.is_none_or(|e| e.consumers_of(&v.volume_id).is_empty()) {
+        return;
+    }
+    let errors = crate::export::METRICS.for_volume(&v.volume_id).errors();
+    if errors > 0 {
+        v.abnormal = true;
+        v.condition = format!("its NBD export answered {errors} request(s) with an error; see the owner node's log and its pool's disk");
     }
 }
 
@@ -275,7 +290,8 @@ impl VolumeManager for AgentService {
         let r = request.get_ref().clone();
         let thick = self.pool.get_volume(&r.source_volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
         self.run_fenced(&request, "CreateSnapshot", thick || !self.pool.reflink(), move |pool| {
-            let s = pool.create_snapshot(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect())?;
+            let group = Some(r.group_id.as_str()).filter(|g| !g.is_empty());
+            let s = pool.create_snapshot_in_group(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect(), group)?;
             Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)), identity })
         })
         .await
@@ -316,9 +332,12 @@ impl VolumeManager for AgentService {
         Self::authorize(&request)?;
         let identity = self.identity();
         let id = request.into_inner().volume_id;
+        let exports = self.exports.clone();
         self.run("GetVolume", move |pool| {
             let v = pool.get_volume(&id)?;
-            Ok(pb::GetVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
+            let mut v = volume_to_pb(pool, v);
+            export_health(exports.as_deref(), &mut v);
+            Ok(pb::GetVolumeResponse { volume: Some(v), identity })
         })
         .await
     }
@@ -343,12 +362,16 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
+        let exports = self.exports.clone();
         self.run("ListVolumes", move |pool| {
             let mut volumes: Vec<pb::Volume> = pool.list_volumes().into_iter().map(|v| volume_to_pb(pool, v)).collect();
+            volumes.iter_mut().for_each(|v| export_health(exports.as_deref(), v));
             // Broken volumes are listed too, so nothing on the node is invisible.
             volumes.extend(pool.broken().into_iter().filter(|b| b.kind == "volume").map(|b| pb::Volume {
                 volume_id: b.id,
                 state: pb::ImageState::Broken as i32,
+                abnormal: true,
+                condition: format!("its image is broken on this node: {}", b.reason),
                 problem: b.reason,
                 ..Default::default()
             }));
@@ -431,6 +454,30 @@ impl VolumeManager for AgentService {
         self.export_call(&request, move |ex| {
             ex.delete(&r.volume_id, &r.consumer_node, r.force)?;
             Ok(pb::DeleteExportResponse { identity })
+        })
+        .await
+    }
+
+    async fn freeze_volumes(&self, request: Request<pb::FreezeVolumesRequest>) -> Result<Response<pb::FreezeVolumesResponse>, Status> {
+        let identity = self.identity();
+        let r = request.get_ref().clone();
+        self.run_fenced(&request, "FreezeVolumes", false, move |pool| {
+            let max = std::time::Duration::from_millis(r.max_ms.max(1000));
+            let volume_ids = pool.freeze_group(&r.group_id, &r.volume_ids, max)?;
+            Ok(pb::FreezeVolumesResponse { volume_ids, identity })
+        })
+        .await
+    }
+
+    /// Not fenced: thawing is always safe, whoever asks.
+    async fn thaw_volumes(&self, request: Request<pb::ThawVolumesRequest>) -> Result<Response<pb::ThawVolumesResponse>, Status> {
+        Self::authorize(&request)?;
+        let identity = self.identity();
+        let group = request.into_inner().group_id;
+        self.run("ThawVolumes", move |pool| {
+            let early = pool.thaw_group(&group)?;
+            let thawed_early = early.into_iter().map(|(v, why)| format!("{v}: {why}")).collect();
+            Ok(pb::ThawVolumesResponse { thawed_early, identity })
         })
         .await
     }

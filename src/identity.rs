@@ -46,6 +46,7 @@ impl Identity for IdentityService {
         let mut caps = vec![service(S::VolumeAccessibilityConstraints)];
         if self.controller {
             caps.push(service(S::ControllerService));
+            caps.push(service(S::GroupControllerService));
             caps.push(csi::PluginCapability {
                 r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
                     r#type: E::Online as i32,

@@ -744,9 +744,10 @@ async fn run_standalone(a: StandaloneArgs) -> Result<(), String> {
 }
 
 async fn run_controller(a: ControllerArgs) -> Result<(), String> {
-    use cinderblock::controller::forward::ForwardingController;
-    use cinderblock::controller::{ControllerConfig, ControllerService, Manager};
+    use cinderblock::controller::forward::{ForwardingController, ForwardingGroupController};
+    use cinderblock::controller::{ControllerConfig, ControllerService, GroupControllerService, Manager};
     use cinderblock::csi::controller_server::ControllerServer;
+    use cinderblock::csi::group_controller_server::GroupControllerServer;
     use cinderblock::tls::{PeerRule, ServerTls};
     let secs = seconds;
     let socket = server::unix_endpoint_path(&a.endpoint)?;
@@ -812,7 +813,7 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         if let Some(l) = listener {
             let route = cinderblock::controller::forward::LeaderRoute::new(campaign.leadership, campaign.leader_peer, tls_dir.clone())?;
             info!(listen = %l.local_addr().map_err(|e| e.to_string())?, advertise = ?advertise, "serving the other controller replicas");
-            peers = Some((l, route));
+            peers = Some((l, Arc::new(route)));
         }
     } else if a.peer_listen.is_some() {
         return Err("--peer-listen needs --leader-election (without it there is one replica and no one to serve)".into());
@@ -850,10 +851,12 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         // The peer server runs calls here and never hands them on.
         let incoming = cinderblock::tls::serve_incoming(listener, ServerTls::new(tls_dir.clone(), PeerRule::Controller, vec![b"h2".to_vec()]));
         let local = ControllerService::new(manager.clone());
+        let local_group = GroupControllerService::new(manager.clone());
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .layer(cinderblock::metrics::CallMetricsLayer)
                 .add_service(ControllerServer::new(local))
+                .add_service(GroupControllerServer::new(local_group))
                 .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
                 .await;
             if let Err(e) = served {
@@ -862,10 +865,12 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         });
         route = Some(r);
     }
-    let csi_controller = ControllerServer::new(ForwardingController::new(ControllerService::new(manager.clone()), route));
+    let csi_controller = ControllerServer::new(ForwardingController::new(ControllerService::new(manager.clone()), route.clone()));
+    let csi_group = GroupControllerServer::new(ForwardingGroupController::new(GroupControllerService::new(manager.clone()), route));
     tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
         .add_service(csi_controller)
+        .add_service(csi_group)
         .add_service(cinderblock::admin::AdminService::server(manager))
         .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
         .await

@@ -15,8 +15,9 @@ use crate::agent::fence::Fence;
 use crate::agent::AgentService;
 use crate::agent_proto::volume_manager_server::VolumeManagerServer;
 use crate::node::registration::Registration;
-use crate::controller::{ControllerConfig, ControllerService, Manager};
+use crate::controller::{ControllerConfig, ControllerService, GroupControllerService, Manager};
 use crate::csi::controller_server::ControllerServer;
+use crate::csi::group_controller_server::GroupControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::identity::IdentityService;
@@ -81,6 +82,9 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("opening the pool of {id}: {e}"))?;
         let pool = Arc::new(pool);
+        // Every node's snapshots freeze what is mounted from its images
+        // (all nodes share this host's mount table), not only node 1's.
+        pool.set_freezer(Arc::new(crate::node::freeze::MountedFilesystems));
         let fence = Arc::new(Fence::open(pool.root()).map_err(|e| format!("fencing state of {id}: {e}"))?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -123,6 +127,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
     let csi = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
         .add_service(ControllerServer::new(ControllerService::new(manager.clone())))
+        .add_service(GroupControllerServer::new(GroupControllerService::new(manager.clone())))
         .add_service(crate::admin::AdminService::server(manager))
         .add_service(NodeServer::new(NodeService::new(NodeConfig {
             node_id,

@@ -30,7 +30,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let node = NodeProcess::start(&pool, &dir.path().join("csi.sock"), "node-1", &[]);
     let mut c = client(&node).await;
     c.create_volume(create("vol-good", 4 * MIB, None)).await.unwrap();
-    c.create_snapshot(pb::CreateSnapshotRequest { snapshot_id: "snap-good".into(), source_volume_id: "vol-good".into(), metadata: Default::default() })
+    c.create_snapshot(pb::CreateSnapshotRequest { snapshot_id: "snap-good".into(), source_volume_id: "vol-good".into(), metadata: Default::default(), ..Default::default() })
         .await
         .unwrap();
     let before = tree(&pool);
@@ -60,7 +60,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert!(!err.message().is_empty(), "{what}: empty message");
         assert_eq!(tree(&pool), before, "{what} changed the pool");
     }
-    let snap = |id: &str, src: &str| pb::CreateSnapshotRequest { snapshot_id: id.into(), source_volume_id: src.into(), metadata: Default::default() };
+    let snap = |id: &str, src: &str| pb::CreateSnapshotRequest { snapshot_id: id.into(), source_volume_id: src.into(), metadata: Default::default(), ..Default::default() };
     for (what, req, code) in [
         ("empty snapshot id", snap("", "vol-good"), Code::InvalidArgument),
         ("path snapshot id", snap("../../x", "vol-good"), Code::InvalidArgument),
@@ -210,7 +210,7 @@ impl Worker {
                         continue;
                     }
                     self.snapshots.insert(snap.clone(), Known::Unsure);
-                    let req = pb::CreateSnapshotRequest { snapshot_id: snap.clone(), source_volume_id: src, metadata: Default::default() };
+                    let req = pb::CreateSnapshotRequest { snapshot_id: snap.clone(), source_volume_id: src, metadata: Default::default(), ..Default::default() };
                     match c.create_snapshot(req).await {
                         Ok(_) => {
                             self.snapshots.insert(snap, Known::Present);

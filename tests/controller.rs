@@ -283,7 +283,13 @@ async fn a_failing_node_is_cleaned_up_excluded_and_the_volume_rescheduled() {
     assert!(s.log_text().contains("create on node failed"), "the failure on node-1 should be logged");
     let leftovers: Vec<_> = tree(&fs.mount).into_keys().filter(|k| k.contains(&volume_id_for("pvc-second"))).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+    // The volume already there is abnormal while its pool takes no writes.
+    let get = csi::ControllerGetVolumeRequest { volume_id: first.volume_id.clone() };
+    let cond = c.controller_get_volume(get.clone()).await.unwrap().into_inner().status.unwrap().volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("read-only"), "{cond:?}");
     run("mount", &["-o", "remount,rw", fs.mount.to_str().unwrap()]);
+    let cond = c.controller_get_volume(get).await.unwrap().into_inner().status.unwrap().volume_condition.unwrap();
+    assert!(!cond.abnormal, "{cond:?}");
     s.kill9();
 }
 

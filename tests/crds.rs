@@ -12,7 +12,7 @@ fn deploy_crds_match_the_binary() {
         printed == committed,
         "deploy/crds/cinderblock.dev.yaml is stale: run `cargo run -- crds > deploy/crds/cinderblock.dev.yaml`"
     );
-    for kind in ["BlockVolume", "BlockSnapshot", "StorageNode", "BlockExport"] {
+    for kind in ["BlockVolume", "BlockSnapshot", "StorageNode", "BlockExport", "BlockGroupSnapshot"] {
         assert!(printed.contains(&format!("kind: {kind}\n")), "{kind} missing");
     }
     // No status subresource: a record change is one write, never a second

@@ -13,7 +13,7 @@ mod store_suite;
 
 use std::collections::BTreeMap;
 
-use cinderblock::controller::records::{ExportRec, NodeRec, Phase, SnapshotRec, VolumeRec};
+use cinderblock::controller::records::{ExportRec, GroupSnapshotRec, NodeRec, Phase, SnapshotRec, VolumeRec};
 use cinderblock::store::{Change, Kind, Store, StoreError, Versioned};
 use cinderblock::volume::{PoolCapacity, Provisioning};
 
@@ -55,6 +55,7 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             error: None,
             metadata: BTreeMap::new(),
             created_ms: 1,
+            group_id: None,
         }),
         Kind::Node => serde_json::to_vec(&NodeRec {
             id: id.into(),
@@ -84,6 +85,15 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             owner_node: String::new(),
             read_only: false,
         }),
+        Kind::GroupSnapshot => serde_json::to_vec(&GroupSnapshotRec {
+            id: id.into(),
+            name: carrier,
+            source_volume_ids: vec!["vol-x".into()],
+            snapshot_ids: vec!["snap-x".into()],
+            phase: Phase::Creating,
+            error: None,
+            created_ms: 1,
+        }),
     };
     v.unwrap()
 }
@@ -95,6 +105,7 @@ fn decode(kind: Kind, value: &[u8]) -> Vec<u8> {
         Kind::Snapshot => "name",
         Kind::Node => "filesystem",
         Kind::Export => "export_name",
+        Kind::GroupSnapshot => "name",
     };
     unhex(j[field].as_str().unwrap_or_default())
 }

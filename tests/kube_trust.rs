@@ -112,7 +112,7 @@ async fn apply(client: &Client, yaml: &str, kinds: &[&str]) -> usize {
 async fn apply_crds(client: &Client) {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     apply(client, &cinderblock::kube::crds::all_yaml(), &["CustomResourceDefinition"]).await;
-    for crd in ["blockvolumes", "blocksnapshots", "storagenodes", "blockexports"] {
+    for crd in ["blockvolumes", "blocksnapshots", "storagenodes", "blockexports", "blockgroupsnapshots"] {
         let name = format!("{crd}.cinderblock.dev");
         eventually(&format!("CRD {name}"), Duration::from_secs(30), || async {
             let c = api.get(&name).await.ok()?;

@@ -506,6 +506,7 @@ async fn snapshot_restore_gives_identical_files() {
             snapshot_id: "snap-1".into(),
             source_volume_id: "vol-src".into(),
             metadata: Default::default(),
+            group_id: String::new(),
         })
         .await
         .unwrap();
@@ -1262,6 +1263,7 @@ async fn snapshots_of_a_volume_in_use(pool: Option<&Path>, count: usize) {
                 snapshot_id: format!("snap-{i}"),
                 source_volume_id: "vol-busy".into(),
                 metadata: Default::default(),
+                group_id: String::new(),
             })
             .await
             .unwrap_or_else(|e| panic!("snapshot {i}: {e}"));

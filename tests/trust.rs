@@ -346,7 +346,7 @@ async fn certificates_replaced_on_disk_are_used_without_a_restart() {
 // ------------------------------------------------------------- nothing lost
 
 fn snapshot_req(id: &str, source: &str) -> pb::CreateSnapshotRequest {
-    pb::CreateSnapshotRequest { snapshot_id: id.into(), source_volume_id: source.into(), metadata: Default::default() }
+    pb::CreateSnapshotRequest { snapshot_id: id.into(), source_volume_id: source.into(), metadata: Default::default(), ..Default::default() }
 }
 
 #[tokio::test]

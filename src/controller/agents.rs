@@ -142,6 +142,8 @@ impl NodeAgent {
     mutating!(fence, pb::FenceRequest, pb::FenceResponse);
     mutating!(create_export, pb::CreateExportRequest, pb::CreateExportResponse);
     mutating!(delete_export, pb::DeleteExportRequest, pb::DeleteExportResponse);
+    mutating!(freeze_volumes, pb::FreezeVolumesRequest, pb::FreezeVolumesResponse);
+    reading!(thaw_volumes, pb::ThawVolumesRequest, pb::ThawVolumesResponse);
     reading!(list_exports, pb::ListExportsRequest, pb::ListExportsResponse);
     reading!(get_volume, pb::GetVolumeRequest, pb::GetVolumeResponse);
     reading!(get_snapshot, pb::GetSnapshotRequest, pb::GetSnapshotResponse);

@@ -205,6 +205,7 @@ impl Task<CreateCtx> for RecordVolume {
 }
 
 /// What a node did with a create whose answer was lost.
+#[allow(clippy::large_enum_variant)] // one short-lived value per lost answer
 enum Asked {
     Created(pb::Volume),
     Absent,

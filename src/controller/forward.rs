@@ -20,10 +20,13 @@ use tonic::{Request, Response, Status};
 use tracing::debug;
 
 use super::manager::Leadership;
+use super::group_service::GroupControllerService;
 use super::service::ControllerService;
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
 use crate::csi::controller_server::Controller;
+use crate::csi::group_controller_client::GroupControllerClient;
+use crate::csi::group_controller_server::GroupController;
 use crate::tls::{AgentConnector, Peer, TlsDir};
 
 /// Where this replica's mutating calls go.
@@ -90,18 +93,21 @@ fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
 /// Without a route (one replica, or no peer server) every call runs here.
 pub struct ForwardingController {
     local: ControllerService,
-    route: Option<LeaderRoute>,
+    route: Option<Arc<LeaderRoute>>,
 }
 
 impl ForwardingController {
-    pub fn new(local: ControllerService, route: Option<LeaderRoute>) -> Self {
+    pub fn new(local: ControllerService, route: Option<Arc<LeaderRoute>>) -> Self {
         ForwardingController { local, route }
     }
 }
 
 /// Forward `$request` to the leader with `$method` when a standby, else run it here.
 macro_rules! to_leader_or_local {
-    ($self:ident, $request:ident, $method:ident, $name:literal) => {{
+    ($self:ident, $request:ident, $method:ident, $name:literal) => {
+        to_leader_or_local!($self, $request, $method, $name, ControllerClient, "csi.v1.Controller")
+    };
+    ($self:ident, $request:ident, $method:ident, $name:literal, $client:ident, $service:literal) => {{
         match $self.route.as_ref().map(|r| r.leader_channel()).transpose()?.flatten() {
             Some((address, channel)) => {
                 let deadline = deadline_of($request.metadata());
@@ -112,9 +118,9 @@ macro_rules! to_leader_or_local {
                 debug!(method = $name, leader = %address, "a standby hands the call to the leader");
                 crate::metrics::METRICS
                     .forwarded_calls
-                    .get_or_create(&crate::metrics::MethodLabels { service: "csi.v1.Controller".into(), method: $name.into() })
+                    .get_or_create(&crate::metrics::MethodLabels { service: $service.into(), method: $name.into() })
                     .inc();
-                ControllerClient::new(channel).$method(forwarded).await.map_err(|s| {
+                $client::new(channel).$method(forwarded).await.map_err(|s| {
                     if crate::tls::client::never_sent(&s) {
                         Status::unavailable(format!("this controller replica stands by and could not reach the leader at {address}: {}; retry", s.message()))
                     } else {
@@ -208,6 +214,50 @@ impl Controller for ForwardingController {
         request: Request<csi::ControllerModifyVolumeRequest>,
     ) -> Result<Response<csi::ControllerModifyVolumeResponse>, Status> {
         self.local.controller_modify_volume(request).await
+    }
+}
+
+/// The CSI GroupController a sidecar talks to: group snapshots are made
+/// and deleted by the leader, read here.
+pub struct ForwardingGroupController {
+    local: GroupControllerService,
+    route: Option<Arc<LeaderRoute>>,
+}
+
+impl ForwardingGroupController {
+    pub fn new(local: GroupControllerService, route: Option<Arc<LeaderRoute>>) -> Self {
+        ForwardingGroupController { local, route }
+    }
+}
+
+#[tonic::async_trait]
+impl GroupController for ForwardingGroupController {
+    async fn group_controller_get_capabilities(
+        &self,
+        request: Request<csi::GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<csi::GroupControllerGetCapabilitiesResponse>, Status> {
+        self.local.group_controller_get_capabilities(request).await
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        request: Request<csi::CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
+        to_leader_or_local!(self, request, create_volume_group_snapshot, "CreateVolumeGroupSnapshot", GroupControllerClient, "csi.v1.GroupController")
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
+        to_leader_or_local!(self, request, delete_volume_group_snapshot, "DeleteVolumeGroupSnapshot", GroupControllerClient, "csi.v1.GroupController")
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        request: Request<csi::GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
+        self.local.get_volume_group_snapshot(request).await
     }
 }
 

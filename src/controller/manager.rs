@@ -103,6 +103,9 @@ pub struct Manager {
     pub(crate) orphan_candidates: Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<String, std::time::Instant>>>>,
     /// With leader election: this replica's leadership. Without: None.
     leader: Option<watch::Receiver<Leadership>>,
+    /// Whether each volume was last seen abnormal (health.rs), so an event
+    /// marks each turn once.
+    pub(crate) health_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
 }
 
 /// How long a caller waits for the node view's first read of the store.
@@ -134,6 +137,7 @@ impl Manager {
             orphan_candidates: Default::default(),
             events: None,
             leader: None,
+            health_seen: Default::default(),
         }
     }
 

@@ -6,6 +6,9 @@ mod create;
 mod delete;
 mod expand;
 pub mod forward;
+mod group;
+pub mod health;
+pub mod group_service;
 pub mod inflight;
 pub mod listing;
 pub mod manager;
@@ -17,4 +20,5 @@ mod snapshot;
 
 pub use manager::{ControllerConfig, Leadership, Manager};
 pub use reconciler::ReconcileReport;
+pub use group_service::GroupControllerService;
 pub use service::ControllerService;

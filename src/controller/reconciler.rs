@@ -85,7 +85,10 @@ impl Manager {
         let mut stuck_snapshots = Vec::new();
         store::for_each_json::<SnapshotRec>(&*self.store, Kind::Snapshot, |s, _| {
             phases.snapshot(s.phase);
-            if s.phase == Phase::Creating && now - s.created_ms > grace {
+            // A group's member is settled only by its group (a retry cuts
+            // every member again; a delete removes them): alone, it could
+            // be Available without its group's freeze having held.
+            if s.phase == Phase::Creating && now - s.created_ms > grace && s.group_id.is_none() {
                 stuck_snapshots.push(s.id.clone());
             }
             owned.entry(s.node).or_default().insert(s.id);
@@ -305,6 +308,11 @@ impl Manager {
                 Ok(r) if r != ReconcileReport::default() => info!(?r, "reconciler acted"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e.message(), "reconciler pass failed"),
+            }
+            if self.is_leader() {
+                if let Err(e) = self.check_health().await {
+                    warn!(error = %e.message(), "volume health check failed");
+                }
             }
         }
     }

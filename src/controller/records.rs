@@ -88,6 +88,27 @@ pub struct SnapshotRec {
     pub error: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub created_ms: i64,
+    /// Set for a member of a group snapshot: it is deleted with its group,
+    /// never alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+}
+
+/// A group snapshot (CSI GroupController): one snapshot per source volume,
+/// all cut while every source's filesystem was frozen. Keyed by an ID
+/// derived from the CSI name; the members' IDs are derived from the group's
+/// ID and their volume (`group_member_id`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct GroupSnapshotRec {
+    pub id: String,
+    pub name: String,
+    /// Sorted, without repeats: a repeat of the request must name the same set.
+    pub source_volume_ids: Vec<String>,
+    /// The members, in the order of `source_volume_ids`.
+    pub snapshot_ids: Vec<String>,
+    pub phase: Phase,
+    pub error: Option<String>,
+    pub created_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -174,6 +195,15 @@ pub fn volume_id_for(name: &str) -> String {
 
 pub fn snapshot_id_for(name: &str) -> String {
     format!("snap-{}", uuid::Uuid::new_v5(&NAMESPACE, format!("snapshot/{name}").as_bytes()))
+}
+
+pub fn group_snapshot_id_for(name: &str) -> String {
+    format!("group-{}", uuid::Uuid::new_v5(&NAMESPACE, format!("group-snapshot/{name}").as_bytes()))
+}
+
+/// The member snapshot of group `group_id` taken from `volume_id`.
+pub fn group_member_id(group_id: &str, volume_id: &str) -> String {
+    format!("snap-{}", uuid::Uuid::new_v5(&NAMESPACE, format!("group-member/{group_id}/{volume_id}").as_bytes()))
 }
 
 const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6369_6e64_6572_626c_6f63_6b2e_6465_7600);

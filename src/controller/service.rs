@@ -30,7 +30,7 @@ impl ControllerService {
     }
 }
 
-fn logged<T>(method: &'static str, r: Result<T, Status>) -> Result<Response<T>, Status> {
+pub(crate) fn logged<T>(method: &'static str, r: Result<T, Status>) -> Result<Response<T>, Status> {
     match r {
         Ok(v) => Ok(Response::new(v)),
         Err(s) => {
@@ -44,7 +44,7 @@ fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg.into())
 }
 
-fn require(what: &str, v: &str) -> Result<(), Status> {
+pub(crate) fn require(what: &str, v: &str) -> Result<(), Status> {
     if v.is_empty() {
         Err(invalid(format!("{what} is required")))
     } else if v.len() > MAX_NAME_LEN {
@@ -55,7 +55,7 @@ fn require(what: &str, v: &str) -> Result<(), Status> {
 }
 
 /// An ID from the CO must name one of ours; anything else is unknown.
-fn is_our_id(prefix: &str, id: &str) -> bool {
+pub(crate) fn is_our_id(prefix: &str, id: &str) -> bool {
     id.strip_prefix(prefix).is_some_and(|u| uuid::Uuid::parse_str(u).is_ok())
 }
 
@@ -193,7 +193,7 @@ fn to_csi_volume(v: &VolumeRec) -> csi::Volume {
     }
 }
 
-fn to_csi_snapshot(s: &SnapshotRec) -> csi::Snapshot {
+pub(crate) fn to_csi_snapshot(s: &SnapshotRec) -> csi::Snapshot {
     csi::Snapshot {
         size_bytes: s.size_bytes as i64,
         snapshot_id: s.id.clone(),
@@ -203,7 +203,7 @@ fn to_csi_snapshot(s: &SnapshotRec) -> csi::Snapshot {
             nanos: (s.created_ms.rem_euclid(1000) * 1_000_000) as i32,
         }),
         ready_to_use: s.phase == Phase::Available,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: s.group_id.clone().unwrap_or_default(),
     }
 }
 
@@ -379,11 +379,19 @@ impl csi::controller_server::Controller for ControllerService {
         let result = async {
             let page = self.manager.volume_page(r.max_entries, &r.starting_token).await?;
             let next_token = page.next_token;
+            let mut health = self.manager.volumes_health(&page.items).await?;
+            let mut published = self.manager.published_nodes().await?;
             Ok(csi::ListVolumesResponse {
                 entries: page
                     .items
                     .iter()
-                    .map(|v| csi::list_volumes_response::Entry { volume: Some(to_csi_volume(v)), status: None })
+                    .map(|v| csi::list_volumes_response::Entry {
+                        volume: Some(to_csi_volume(v)),
+                        status: Some(csi::list_volumes_response::VolumeStatus {
+                            published_node_ids: published.remove(&v.id).unwrap_or_default(),
+                            volume_condition: health.remove(&v.id).map(|h| csi::VolumeCondition { abnormal: h.abnormal, message: h.message }),
+                        }),
+                    })
                     .collect(),
                 next_token,
             })
@@ -422,6 +430,7 @@ impl csi::controller_server::Controller for ControllerService {
             T::CreateDeleteSnapshot,
             T::CloneVolume,
             T::ListVolumes,
+            T::ListVolumesPublishedNodes,
             T::ListSnapshots,
             T::GetCapacity,
             T::ExpandVolume,
@@ -468,6 +477,12 @@ impl csi::controller_server::Controller for ControllerService {
         let result = async {
             require("snapshot_id", &r.snapshot_id)?;
             if is_our_id("snap-", &r.snapshot_id) {
+                if let Some(group) = self.manager.snapshot(&r.snapshot_id).await?.and_then(|(s, _)| s.group_id) {
+                    return Err(Status::failed_precondition(format!(
+                        "snapshot {} belongs to group snapshot {group}; delete the group (DeleteVolumeGroupSnapshot)",
+                        r.snapshot_id
+                    )));
+                }
                 self.manager.delete_snapshot(&r.snapshot_id).await?;
             }
             Ok(csi::DeleteSnapshotResponse {})
@@ -537,13 +552,8 @@ impl csi::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         let result = async {
             let v = self.known_volume(&r.volume_id).await?;
-            let condition = match v.phase {
-                Phase::Available => csi::VolumeCondition { abnormal: false, message: "available".into() },
-                p => csi::VolumeCondition {
-                    abnormal: true,
-                    message: format!("{p:?}{}", v.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()),
-                },
-            };
+            let h = self.manager.volume_health(&v).await?;
+            let condition = csi::VolumeCondition { abnormal: h.abnormal, message: h.message };
             Ok(csi::ControllerGetVolumeResponse {
                 volume: Some(to_csi_volume(&v)),
                 status: Some(csi::controller_get_volume_response::VolumeStatus {

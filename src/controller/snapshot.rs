@@ -71,6 +71,7 @@ impl Manager {
             error: None,
             metadata,
             created_ms: now_ms(),
+            group_id: None,
         };
         let version = store::create_json(&*self.store, Kind::Snapshot, &id, &rec).await.map_err(store_status)?;
         self.run_snapshot(rec, version).await
@@ -81,6 +82,7 @@ impl Manager {
             snapshot_id: rec.id.clone(),
             source_volume_id: rec.source_volume_id.clone(),
             metadata: rec.metadata.clone().into_iter().collect(),
+            group_id: String::new(),
         };
         let result = match self.agent_for(&rec.node).await {
             Ok(mut agent) => agent.create_snapshot(req).await.map(|r| r.snapshot),

@@ -128,6 +128,11 @@ impl VolumeStats {
         COMMANDS.iter().position(|&c| c == kind).map(|i| &self.commands[i])
     }
 
+    /// Requests answered with an error, every command.
+    pub fn errors(&self) -> u64 {
+        self.commands.iter().map(|c| c.error.get()).sum()
+    }
+
     pub fn observe(&self, kind: u16, ok: bool, seconds: f64) {
         if let Some(c) = self.command(kind) {
             if ok { c.ok.inc() } else { c.error.inc() };

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
-use super::crds::{BlockExport, BlockSnapshot, BlockVolume, StorageNode};
+use super::crds::{BlockExport, BlockGroupSnapshot, BlockSnapshot, BlockVolume, StorageNode};
 use crate::store::{Change, Feed, Kind, Store, StoreError, Versioned};
 
 pub const VERSION_ANNOTATION: &str = "cinderblock.dev/record-version";
@@ -59,7 +59,7 @@ pub struct KubeStore {
 
 /// The controller's copy of every record and node Lease.
 struct Caches {
-    kinds: [RwLock<KindCache>; 4],
+    kinds: [RwLock<KindCache>; 5],
     /// Node ID -> when its Lease was last seen renewed (this process's clock, ms).
     leases: RwLock<HashMap<String, i64>>,
     /// Nodes whose Lease carries the register-again annotation.
@@ -89,6 +89,7 @@ fn slot(kind: Kind) -> usize {
         Kind::Snapshot => 1,
         Kind::Node => 2,
         Kind::Export => 3,
+        Kind::GroupSnapshot => 4,
     }
 }
 
@@ -98,6 +99,7 @@ fn resource(kind: Kind) -> ApiResource {
         Kind::Snapshot => ApiResource::erase::<BlockSnapshot>(&()),
         Kind::Node => ApiResource::erase::<StorageNode>(&()),
         Kind::Export => ApiResource::erase::<BlockExport>(&()),
+        Kind::GroupSnapshot => ApiResource::erase::<BlockGroupSnapshot>(&()),
     }
 }
 
@@ -179,7 +181,7 @@ impl KubeStore {
         match filled {
             true => {
                 let counts: Vec<usize> = caches.kinds.iter().map(|k| k.read().unwrap_or_else(|p| p.into_inner()).objects.len()).collect();
-                info!(volumes = counts[0], snapshots = counts[1], nodes = counts[2], exports = counts[3], took_ms = started.elapsed().as_millis() as u64, "kube store: caches filled");
+                info!(volumes = counts[0], snapshots = counts[1], nodes = counts[2], exports = counts[3], group_snapshots = counts[4], took_ms = started.elapsed().as_millis() as u64, "kube store: caches filled");
                 Ok(store)
             }
             false => Err(StoreError::Backend(format!(

@@ -21,7 +21,7 @@
 
 mod capability;
 mod error;
-mod freeze;
+pub mod freeze;
 mod host;
 mod inflight;
 mod paths;

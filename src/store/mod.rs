@@ -1,5 +1,5 @@
 //! The store: the control plane's records (volumes, snapshots, nodes,
-//! exports) behind one trait with compare-and-set updates.
+//! exports, group snapshots) behind one trait with compare-and-set updates.
 //!
 //! Values are opaque bytes with a version that starts at 1 and grows by one
 //! per write; callers read, change, and write back with the version they read,
@@ -31,13 +31,14 @@ pub enum Kind {
     Snapshot,
     Node,
     Export,
+    GroupSnapshot,
 }
 
 impl Kind {
     /// Every kind, for implementations that set up one table per kind.
-    const ALL: [Kind; 4] = [Kind::Volume, Kind::Snapshot, Kind::Node, Kind::Export];
+    const ALL: [Kind; 5] = [Kind::Volume, Kind::Snapshot, Kind::Node, Kind::Export, Kind::GroupSnapshot];
 
-    pub fn all() -> [Kind; 4] {
+    pub fn all() -> [Kind; 5] {
         Kind::ALL
     }
 
@@ -47,6 +48,7 @@ impl Kind {
             Kind::Snapshot => "snapshots",
             Kind::Node => "nodes",
             Kind::Export => "exports",
+            Kind::GroupSnapshot => "groupsnapshots",
         }
     }
 }

@@ -128,7 +128,7 @@ async fn embedded_open_of_a_file_that_is_not_a_store_fails() {
 #[test]
 fn kind_names() {
     let names: Vec<_> = Kind::ALL.iter().map(Kind::as_str).collect();
-    assert_eq!(names, ["volumes", "snapshots", "nodes", "exports"]);
+    assert_eq!(names, ["volumes", "snapshots", "nodes", "exports", "groupsnapshots"]);
 }
 
 #[test]

@@ -95,6 +95,8 @@ pub struct Pool {
     /// Installed by the node process; freezes a source volume's filesystem
     /// while its snapshot is cut.
     freezer: std::sync::RwLock<Option<Arc<dyn Freezer>>>,
+    /// Freezes held between the steps of a group snapshot.
+    pub(super) groups: super::group::GroupFreezes,
 }
 
 /// What a reconcile found and did, for the log and for tests.
@@ -230,6 +232,7 @@ impl Pool {
             index: Mutex::new(Index::default()),
             admission: Mutex::new(()),
             freezer: std::sync::RwLock::new(None),
+            groups: Default::default(),
         };
         let report = pool.reconcile()?;
         let (volumes, snapshots) = {
@@ -678,7 +681,7 @@ impl Pool {
             self.index().volumes.insert(req.id.clone(), record.clone());
         }
 
-        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref());
+        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), None);
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
@@ -712,6 +715,7 @@ impl Pool {
         size: u64,
         provisioning: Provisioning,
         source: Option<&Path>,
+        group: Option<&str>,
     ) -> Result<Option<CopyMethod>, VolumeError> {
         let snapshot = matches!(kind, Kind::Snapshot);
         let partial = self.path(kind, id, "img.partial");
@@ -726,7 +730,7 @@ impl Pool {
         let mut method = None;
         if let Some(src) = source {
             let s = File::open(src).map_err(VolumeError::io(format!("opening source {}", src.display())))?;
-            let frozen = if snapshot { self.freeze(src, &s)? } else { None };
+            let frozen = if snapshot { self.freeze(src, &s, group)? } else { None };
             let started = Instant::now();
             let copied = copy::clone_into(&s, &f, self.reflink)
                 .map_err(VolumeError::io(format!("copying {} to {}", src.display(), partial.display())));
@@ -764,12 +768,35 @@ impl Pool {
     /// Freeze the filesystem mounted from `image`, if any, through the
     /// node's freezer. The time limit leaves room for a copy where there is
     /// no reflink (at a slow 20 MiB/s).
-    fn freeze(&self, image: &Path, opened: &File) -> Result<Option<Box<dyn super::freeze::Thaw>>, VolumeError> {
+    ///
+    /// A source held frozen by a group snapshot is not frozen again: the
+    /// group's own snapshot goes ahead (the group thaws it and says whether
+    /// it held), any other waits for the group to end.
+    fn freeze(&self, image: &Path, opened: &File, group: Option<&str>) -> Result<Option<Box<dyn super::freeze::Thaw>>, VolumeError> {
+        let volume = file_id(image);
+        match (self.groups.holder(&volume), group) {
+            (Some((holder, true)), Some(g)) if holder == g => return Ok(None),
+            (Some((holder, _)), _) => {
+                return Err(VolumeError::Freeze {
+                    volume,
+                    reason: format!("group snapshot {holder} holds it frozen (or its time ran out); retry when that one ends"),
+                })
+            }
+            (None, Some(g)) => {
+                return Err(VolumeError::Freeze { volume, reason: format!("group snapshot {g} does not hold it frozen (its freeze ended or was never made); start the group snapshot again") })
+            }
+            (None, None) => {}
+        }
+        let copy_time = if self.reflink { 0 } else { copy::allocated_bytes(opened).unwrap_or(0) / (20 << 20) };
+        self.freeze_with(image, Duration::from_secs(30 + copy_time))
+    }
+
+    /// Freeze through the node's freezer for at most `max`; None when there
+    /// is no freezer or nothing writable is mounted from `image`.
+    pub(super) fn freeze_with(&self, image: &Path, max: Duration) -> Result<Option<Box<dyn super::freeze::Thaw>>, VolumeError> {
         let Some(freezer) = self.freezer.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(None);
         };
-        let copy_time = if self.reflink { 0 } else { copy::allocated_bytes(opened).unwrap_or(0) / (20 << 20) };
-        let max = Duration::from_secs(30 + copy_time);
         freezer.freeze(image, max).map_err(|reason| VolumeError::Freeze {
             volume: file_id(image),
             reason: format!("freezing its filesystem failed: {reason}"),
@@ -943,6 +970,18 @@ impl Pool {
         source_volume_id: &str,
         metadata: BTreeMap<String, String>,
     ) -> Result<SnapshotRecord, VolumeError> {
+        self.create_snapshot_in_group(id, source_volume_id, metadata, None)
+    }
+
+    /// A snapshot; with `group`, one member of a group snapshot, whose
+    /// source that group must hold frozen (`freeze_group`).
+    pub fn create_snapshot_in_group(
+        &self,
+        id: &str,
+        source_volume_id: &str,
+        metadata: BTreeMap<String, String>,
+        group: Option<&str>,
+    ) -> Result<SnapshotRecord, VolumeError> {
         validate_id("snapshot id", id)?;
         validate_id("source volume id", source_volume_id)?;
         validate_metadata(&metadata)?;
@@ -986,7 +1025,7 @@ impl Pool {
             self.index().snapshots.insert(id.to_string(), record.clone());
         }
         let src = self.volume_image(source_volume_id);
-        let made = self.make_image(Kind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src));
+        let made = self.make_image(Kind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src), group);
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;

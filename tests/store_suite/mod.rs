@@ -23,7 +23,7 @@ fn v(version: u64, value: &[u8]) -> Versioned {
 
 /// Runs every check in turn against `store`, which must start empty.
 pub async fn behaviour_suite(store: &dyn Store) {
-    for kind in [Kind::Volume, Kind::Snapshot, Kind::Node, Kind::Export] {
+    for kind in Kind::all() {
         let found = store.list(kind).await.expect("list");
         assert!(
             found.is_empty(),

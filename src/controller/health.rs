@@ -1,0 +1,348 @@
+//! Volume health as the controller sees it (CSI VolumeCondition in
+//! ControllerGetVolume and ListVolumes): the record's phase, what the
+//! owner's agent says of the image (missing, broken, pool read-only, I/O
+//! errors on its NBD export), whether the owner answers at all, and whether
+//! each NBD publication is still served. One agent call per node for any
+//! number of volumes. A volume that turns abnormal gets a Warning event on
+//! its PVC (`VolumeAbnormal`), once per turn; a recovery a Normal one.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use futures::future::join_all;
+use tonic::{Code, Status};
+use tracing::{info, warn};
+
+use super::manager::{store_status, Manager};
+use super::records::*;
+use crate::agent_proto as pb;
+use crate::store::{self, Kind};
+
+/// How long a health look waits for a node: a stats or list call must not hang on one node.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+impl Health {
+    fn ok(message: impl Into<String>) -> Health {
+        Health {
+            abnormal: false,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Health {
+        Health {
+            abnormal: true,
+            message: message.into(),
+        }
+    }
+}
+
+/// What one node told about its volumes and exports.
+struct NodeView {
+    /// Volume ID -> the agent's record of it.
+    volumes: Result<HashMap<String, pb::Volume>, String>,
+    /// (volume, consumer) pairs it serves.
+    exports: Option<BTreeSet<(String, String)>>,
+}
+
+impl Manager {
+    /// The health of each volume, by ID.
+    pub async fn volumes_health(
+        &self,
+        volumes: &[VolumeRec],
+    ) -> Result<HashMap<String, Health>, Status> {
+        let nodes: BTreeSet<String> = volumes
+            .iter()
+            .filter(|v| v.phase == Phase::Available)
+            .filter_map(|v| v.node.clone())
+            .collect();
+        let asked = join_all(nodes.into_iter().map(|n| async move {
+            let view = self.ask_node(&n).await;
+            (n, view)
+        }))
+        .await;
+        let views: BTreeMap<String, NodeView> = asked.into_iter().collect();
+        let wanted: BTreeSet<&str> = volumes.iter().map(|v| v.id.as_str()).collect();
+        let mut exports: HashMap<String, Vec<ExportRec>> = HashMap::new();
+        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export)
+            .await
+            .map_err(store_status)?
+        {
+            if wanted.contains(e.volume_id.as_str()) {
+                exports.entry(e.volume_id.clone()).or_default().push(e);
+            }
+        }
+        let mut out = HashMap::new();
+        for v in volumes {
+            let h = health_of(
+                v,
+                &views,
+                exports.get(&v.id).map(Vec::as_slice).unwrap_or_default(),
+            );
+            self.note_health(v, &h).await;
+            out.insert(v.id.clone(), h);
+        }
+        Ok(out)
+    }
+
+    /// The nodes each volume is published to (one read of the exports).
+    pub async fn published_nodes(&self) -> Result<HashMap<String, Vec<String>>, Status> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export)
+            .await
+            .map_err(store_status)?
+        {
+            out.entry(e.volume_id).or_default().push(e.node_id);
+        }
+        Ok(out)
+    }
+
+    pub async fn volume_health(&self, v: &VolumeRec) -> Result<Health, Status> {
+        let mut all = self.volumes_health(std::slice::from_ref(v)).await?;
+        Ok(all.remove(&v.id).unwrap_or_else(|| Health::bad("unknown")))
+    }
+
+    async fn ask_node(&self, node: &str) -> NodeView {
+        let mut agent = match self.agent_for(node).await {
+            Ok(a) => a,
+            Err(e) => {
+                return NodeView {
+                    volumes: Err(e.message),
+                    exports: None,
+                }
+            }
+        };
+        let volumes =
+            match tokio::time::timeout(ASK_TIMEOUT, agent.list_volumes(pb::ListVolumesRequest {}))
+                .await
+            {
+                Ok(Ok(r)) => Ok(r
+                    .volumes
+                    .into_iter()
+                    .map(|v| (v.volume_id.clone(), v))
+                    .collect()),
+                Ok(Err(s)) => Err(s.message().to_string()),
+                Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
+            };
+        let exports =
+            match tokio::time::timeout(ASK_TIMEOUT, agent.list_exports(pb::ListExportsRequest {}))
+                .await
+            {
+                Ok(Ok(r)) => Some(
+                    r.exports
+                        .into_iter()
+                        .map(|e| (e.volume_id, e.consumer_node))
+                        .collect(),
+                ),
+                // A node without NBD exports serves none: only local publications there.
+                Ok(Err(s)) if s.code() == Code::FailedPrecondition => Some(BTreeSet::new()),
+                _ => None,
+            };
+        NodeView { volumes, exports }
+    }
+
+    /// A Warning event when a volume turns abnormal, a Normal one when it
+    /// recovers; nothing while it stays as it was. The leader only.
+    async fn note_health(&self, v: &VolumeRec, h: &Health) {
+        // One voice: a standby answering a read does not raise events too.
+        if !self.is_leader() {
+            return;
+        }
+        let before = {
+            let mut seen = self.health_seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.insert(v.id.clone(), h.abnormal)
+        };
+        match (before, h.abnormal) {
+            (Some(false) | None, true) => {
+                warn!(volume.id = %v.id, condition = %h.message, "volume turned abnormal");
+                self.event(v, true, "VolumeAbnormal", h.message.clone())
+                    .await;
+            }
+            (Some(true), false) => {
+                info!(volume.id = %v.id, "volume is healthy again");
+                self.event(v, false, "VolumeHealthy", h.message.clone())
+                    .await;
+            }
+            _ => {}
+        }
+    }
+
+    /// Look at every Available volume (the reconciler calls it every pass),
+    /// so a volume that turns abnormal gets its event even when no CO asks.
+    pub async fn check_health(&self) -> Result<(), Status> {
+        let mut after: Option<String> = None;
+        loop {
+            let page = store::list_page_json::<VolumeRec>(
+                &*self.store,
+                Kind::Volume,
+                after.as_deref(),
+                store::PAGE,
+            )
+            .await
+            .map_err(store_status)?;
+            let done = page.len() < store::PAGE;
+            after = page.last().map(|(id, _, _)| id.clone());
+            let vols: Vec<VolumeRec> = page
+                .into_iter()
+                .map(|(_, v, _)| v)
+                .filter(|v| v.phase == Phase::Available)
+                .collect();
+            self.volumes_health(&vols).await?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn health_of(v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &[ExportRec]) -> Health {
+    if v.phase != Phase::Available {
+        return Health::bad(format!(
+            "{:?}{}",
+            v.phase,
+            v.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ));
+    }
+    let Some(node) = &v.node else {
+        return Health::bad("the record names no node");
+    };
+    let Some(view) = views.get(node) else {
+        return Health::bad(format!("node {node} was not asked"));
+    };
+    let on_node = match &view.volumes {
+        Err(e) => {
+            return Health::bad(format!(
+                "node {node}, which holds its image, does not answer ({e}); pods elsewhere cannot reach its export, and its own pods may be affected"
+            ))
+        }
+        Ok(vols) => vols.get(&v.id),
+    };
+    let Some(on_node) = on_node else {
+        return Health::bad(format!("its image is missing on node {node} (the node has no such volume); restore it from a snapshot"));
+    };
+    if on_node.abnormal {
+        return Health::bad(format!("on node {node}: {}", on_node.condition));
+    }
+    for e in exports
+        .iter()
+        .filter(|e| e.protocol == "nbd" && e.phase == Phase::Available)
+    {
+        let owner = if e.owner_node.is_empty() {
+            node
+        } else {
+            &e.owner_node
+        };
+        let served = views
+            .get(owner)
+            .and_then(|w| w.exports.as_ref())
+            .map(|s| s.contains(&(e.volume_id.clone(), e.node_id.clone())));
+        match served {
+            Some(true) => {}
+            Some(false) => {
+                return Health::bad(format!(
+                    "its export to node {} is not served by node {owner}; node {} cannot reach it until it is published again",
+                    e.node_id, e.node_id
+                ))
+            }
+            None => return Health::bad(format!("node {owner} could not say whether it still serves the export to node {}", e.node_id)),
+        }
+    }
+    Health::ok(format!("available on node {node}; its image is present"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(id: &str, node: &str) -> VolumeRec {
+        VolumeRec {
+            id: id.into(),
+            name: id.into(),
+            size_bytes: 1 << 20,
+            node: Some(node.into()),
+            phase: Phase::Available,
+            source: None,
+            provisioning: crate::volume::Provisioning::Thin,
+            parameters: Default::default(),
+            fingerprint: String::new(),
+            accessible_topology: vec![],
+            attempts: vec![],
+            error: None,
+            metadata: Default::default(),
+            created_ms: 0,
+            updated_ms: 0,
+            accessibility: Accessibility::Zone,
+        }
+    }
+
+    #[test]
+    fn each_fault_has_its_own_message() {
+        let agent_vol = |id: &str, condition: &str| pb::Volume {
+            volume_id: id.into(),
+            abnormal: !condition.is_empty(),
+            condition: condition.into(),
+            ..Default::default()
+        };
+        let n1 = NodeView {
+            volumes: Ok([
+                ("vol-ok", ""),
+                ("vol-ro", "the pool's filesystem is read-only"),
+            ]
+            .map(|(id, c)| (id.to_string(), agent_vol(id, c)))
+            .into()),
+            exports: Some([("vol-ok".to_string(), "node-2".to_string())].into()),
+        };
+        let n2 = NodeView {
+            volumes: Err("connection refused".into()),
+            exports: None,
+        };
+        let views: BTreeMap<String, NodeView> =
+            [("node-1".to_string(), n1), ("node-2".to_string(), n2)].into();
+        let export = |vol: &str, to: &str| ExportRec {
+            id: export_id_for(vol, to),
+            volume_id: vol.into(),
+            node_id: to.into(),
+            protocol: "nbd".into(),
+            address: String::new(),
+            export_name: String::new(),
+            phase: Phase::Available,
+            owner_node: "node-1".into(),
+            read_only: false,
+        };
+        assert!(
+            !health_of(
+                &vol("vol-ok", "node-1"),
+                &views,
+                &[export("vol-ok", "node-2")]
+            )
+            .abnormal
+        );
+        let h = health_of(&vol("vol-gone", "node-1"), &views, &[]);
+        assert!(h.abnormal && h.message.contains("missing"), "{h:?}");
+        let h = health_of(&vol("vol-ro", "node-1"), &views, &[]);
+        assert!(h.abnormal && h.message.contains("read-only"), "{h:?}");
+        let h = health_of(&vol("vol-x", "node-2"), &views, &[]);
+        assert!(h.abnormal && h.message.contains("does not answer"), "{h:?}");
+        let h = health_of(
+            &vol("vol-ok", "node-1"),
+            &views,
+            &[export("vol-ok", "node-3")],
+        );
+        assert!(h.abnormal && h.message.contains("not served"), "{h:?}");
+        let mut failed = vol("vol-e", "node-1");
+        failed.phase = Phase::Error;
+        failed.error = Some("no node fits".into());
+        assert_eq!(
+            health_of(&failed, &views, &[]),
+            Health::bad("Error: no node fits")
+        );
+    }
+}
