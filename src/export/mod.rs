@@ -19,6 +19,7 @@ pub mod proto;
 pub mod fuzzing;
 mod handshake;
 mod transmission;
+mod uring;
 
 use std::collections::HashMap;
 use std::fmt;
