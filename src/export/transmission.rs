@@ -94,9 +94,10 @@ pub(crate) async fn serve(shared: &Arc<Shared>, session: Session) -> Result<(), 
     let _guard = ConnectionGuard(export.clone());
     let limits = &shared.limits;
 
-    let ring = match Ring::new(export.image.clone(), limits.max_in_flight) {
-        Ok(r) => Some(r),
-        Err(e) => {
+    let ring = match limits.io_uring.then(|| Ring::new(export.image.clone(), limits.max_in_flight)) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
             if !NO_URING_LOGGED.swap(true, Ordering::Relaxed) {
                 warn!(error = %e, "io_uring is not available; NBD reads and writes run on the blocking pool");
             }
