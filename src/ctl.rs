@@ -14,6 +14,7 @@ use cinderblock::admin_proto as admin;
 use cinderblock::admin_proto::admin_client::AdminClient;
 use cinderblock::csi;
 use cinderblock::csi::controller_client::ControllerClient;
+use cinderblock::csi::node_client::NodeClient;
 use cinderblock::units::{format_bytes, parse_size};
 
 /// Smallest size `ctl` asks for: the controller rounds every size up to a whole MiB.
@@ -42,6 +43,11 @@ pub enum CtlCommand {
     /// Nodes: their pools, capacity, health and zone.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Call a node plugin's CSI Node service as the kubelet does (then
+    /// --endpoint is the node plugin's socket): stage, unstage, expand. For
+    /// test beds and for looking into a node by hand.
+    #[command(subcommand)]
+    Kubelet(KubeletCmd),
     /// The largest volume that fits now (CSI GetCapacity), optionally in one zone or on one node.
     Capacity {
         /// StorageClass-style parameters, k=v (e.g. provisioning=thick); repeatable.
@@ -110,6 +116,49 @@ pub enum VolumeCmd {
 }
 
 #[derive(clap::Subcommand)]
+pub enum KubeletCmd {
+    /// NodeStageVolume: attach the volume (loop device, or its owner's NBD
+    /// export when --context names one) and, unless --block, format it when
+    /// blank and mount it at --staging-path.
+    Stage {
+        /// The volume's ID.
+        volume: String,
+        /// Folder to mount the filesystem at (it must exist).
+        #[arg(long)]
+        staging_path: String,
+        /// publish_context entries, k=v, as ControllerPublishVolume returned them; repeatable.
+        #[arg(long = "context", value_name = "K=V", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+        /// Filesystem to make on a blank volume: ext4 or xfs.
+        #[arg(long, default_value = "ext4")]
+        fs_type: String,
+        /// Stage as a raw block device (no filesystem).
+        #[arg(long)]
+        block: bool,
+    },
+    /// NodeUnstageVolume: unmount and detach.
+    Unstage {
+        /// The volume's ID.
+        volume: String,
+        /// The folder it was staged at.
+        #[arg(long)]
+        staging_path: String,
+    },
+    /// NodeExpandVolume: make the node's device and filesystem show the
+    /// volume's new size (after ControllerExpandVolume); prints the bytes.
+    Expand {
+        /// The volume's ID.
+        volume: String,
+        /// Where the volume is mounted (its staging or publish path).
+        #[arg(long)]
+        path: String,
+        /// The new size with a unit (e.g. 2Gi); left out: whatever it is now.
+        #[arg(long, value_parser = parse_volume_size)]
+        size: Option<u64>,
+    },
+}
+
+#[derive(clap::Subcommand)]
 pub enum SnapshotCmd {
     /// Snapshot a volume (instant where the pool's filesystem shares blocks: XFS with reflink, btrfs).
     Create {
@@ -163,6 +212,56 @@ pub enum NodeCmd {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// `ctl kubelet ...`: one CSI Node call.
+async fn kubelet(endpoint: Option<&str>, cmd: KubeletCmd, out: &Out) -> Result<(), String> {
+    let mut node = NodeClient::new(channel(endpoint).await?);
+    let answer = match cmd {
+        KubeletCmd::Stage { volume, staging_path, context, fs_type, block } => {
+            let mut capability = capability(block);
+            if let Some(csi::volume_capability::AccessType::Mount(m)) = &mut capability.access_type {
+                m.fs_type = fs_type;
+            }
+            let req = csi::NodeStageVolumeRequest {
+                volume_id: volume.clone(),
+                publish_context: context.into_iter().collect(),
+                staging_target_path: staging_path.clone(),
+                volume_capability: Some(capability),
+                ..Default::default()
+            };
+            node.node_stage_volume(req).await.map_err(|e| format!("volume {volume:?} was not staged: {}", status_msg(&e)))?;
+            json!({"volume": volume, "staged": staging_path})
+        }
+        KubeletCmd::Unstage { volume, staging_path } => {
+            let req = csi::NodeUnstageVolumeRequest { volume_id: volume.clone(), staging_target_path: staging_path.clone() };
+            node.node_unstage_volume(req).await.map_err(|e| format!("volume {volume:?} was not unstaged: {}", status_msg(&e)))?;
+            json!({"volume": volume, "unstaged": staging_path})
+        }
+        KubeletCmd::Expand { volume, path, size } => {
+            let req = csi::NodeExpandVolumeRequest {
+                volume_id: volume.clone(),
+                volume_path: path,
+                capacity_range: size.map(|s| csi::CapacityRange { required_bytes: s as i64, limit_bytes: 0 }),
+                ..Default::default()
+            };
+            let r = node
+                .node_expand_volume(req)
+                .await
+                .map_err(|e| format!("volume {volume:?} was not expanded: {}", status_msg(&e)))?;
+            json!({"volume": volume, "capacity_bytes": r.into_inner().capacity_bytes})
+        }
+    };
+    out.show(&answer, |v| {
+        let fields: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}: {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+            .collect();
+        println!("{}", fields.join(", "));
+    });
+    Ok(())
 }
 
 /// An age: a number with a unit (s, m, h, d), or 0. In seconds.
@@ -263,6 +362,11 @@ struct Clients {
 }
 
 async fn connect(endpoint: Option<&str>) -> Result<Clients, String> {
+    let channel = channel(endpoint).await?;
+    Ok(Clients { csi: ControllerClient::new(channel.clone()), admin: AdminClient::new(channel) })
+}
+
+async fn channel(endpoint: Option<&str>) -> Result<Channel, String> {
     let endpoint = endpoint.ok_or("say where cinderblock listens: --endpoint unix:///path/to/csi.sock (or set CSI_ENDPOINT)")?;
     let path = cinderblock::server::unix_endpoint_path(endpoint)?;
     if !path.exists() {
@@ -273,7 +377,7 @@ async fn connect(endpoint: Option<&str>) -> Result<Clients, String> {
         .connect()
         .await
         .map_err(|e| format!("cannot reach {endpoint}: {e}; is cinderblock running there?"))?;
-    Ok(Clients { csi: ControllerClient::new(channel.clone()), admin: AdminClient::new(channel) })
+    Ok(channel)
 }
 
 fn capability(block: bool) -> csi::VolumeCapability {
@@ -493,8 +597,14 @@ impl Clients {
 
 pub async fn run(args: CtlArgs) -> Result<(), String> {
     let out = Out { json: args.output == "json" };
+    let command = match args.command {
+        // The node plugin's socket serves no admin API: no `connect`.
+        CtlCommand::Kubelet(cmd) => return kubelet(args.endpoint.as_deref(), cmd, &out).await,
+        other => other,
+    };
     let mut c = connect(args.endpoint.as_deref()).await?;
-    match args.command {
+    match command {
+        CtlCommand::Kubelet(_) => unreachable!("answered above"),
         CtlCommand::Volume(VolumeCmd::Create { name, size, from_snapshot, clone, params, block }) => {
             let source = match (from_snapshot, clone) {
                 (Some(snap), _) => {

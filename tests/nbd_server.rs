@@ -19,8 +19,18 @@ const T: Duration = Duration::from_secs(10);
 
 #[test]
 fn every_command_round_trips_over_several_connections() {
+    every_command_round_trips(Limits::default());
+}
+
+/// Where io_uring is refused (a seccomp profile), or turned off.
+#[test]
+fn every_command_round_trips_on_the_blocking_pool() {
+    every_command_round_trips(Limits { io_uring: false, ..Limits::default() });
+}
+
+fn every_command_round_trips(limits: Limits) {
     let img = TestImage::new(16 * MIB);
-    let srv = TestServer::start(None, Limits::default());
+    let srv = TestServer::start(None, limits);
     let name = srv.export(&img.path, "node-a", true);
     let data = pattern(1, 2 * MIB as usize);
     runtime().block_on(async {

@@ -58,7 +58,7 @@ done
 
 # Modules, in dependency order, decompressed for busybox insmod.
 : > "$root/lib/modules/load-order"
-for mod in virtio_pci virtio_net 9pnet_virtio 9p nbd ext4; do
+for mod in virtio_pci virtio_net 9pnet_virtio 9p nbd loop ext4; do
   modprobe -d "$ktree" -S "$kver" --show-depends "$mod" | awk '$1 == "insmod" {print $2}' | while read -r ko; do
     name=$(basename "$ko"); name=${name%.xz}; name=${name%.zst}
     [ -f "$root/lib/modules/$name" ] && continue
@@ -71,10 +71,13 @@ for mod in virtio_pci virtio_net 9pnet_virtio 9p nbd ext4; do
   done
 done
 
-# e2fsprogs and the C libraries of everything that runs from the host share
-# (our binary is built on this same Debian release).
+# e2fsprogs, util-linux's blkid (the node plugin probes with it) and the C
+# libraries of everything that runs from the host share (our binary is
+# built on this same Debian release).
 copy_with_libs() {
   local bin=$1
+  # Replaces busybox's applet of that name (a link: cp would follow it).
+  rm -f "$root/bin/$(basename "$bin")"
   cp -L "$bin" "$root/bin/"
   ldd "$bin" | awk '/=>/ {print $3} /^\t\/lib/ {print $1}' | while read -r lib; do
     [ -f "$lib" ] || continue
@@ -82,7 +85,7 @@ copy_with_libs() {
     cp -Ln "$lib" "$root$lib"
   done
 }
-for b in mkfs.ext4 resize2fs e2fsck dumpe2fs; do copy_with_libs "$(command -v $b)"; done
+for b in mkfs.ext4 resize2fs e2fsck dumpe2fs blkid; do copy_with_libs "$(command -v $b)"; done
 # glibc's own loader and the libraries Rust binaries link.
 for lib in /lib64/ld-linux-x86-64.so.2 /lib/x86_64-linux-gnu/libc.so.6 /lib/x86_64-linux-gnu/libm.so.6 /lib/x86_64-linux-gnu/libgcc_s.so.1; do
   mkdir -p "$root$(dirname "$lib")"

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The kernel NBD engine in a qemu guest running Debian's kernel (this
-# machine's kernel has no nbd module): our server on the host, our binary in
-# the guest (from a 9p share) attaching with the kernel engine over generic
-# netlink. The guest stages (attach, mkfs, mount), writes and reads back;
-# the host restarts the server in the middle of writes and the device
-# survives through RECONFIGURE; the host grows the image and the guest
-# expands the mounted ext4 online; unstage leaves no nbd device connected.
+# The node plugin's kernel NBD engine in a qemu guest running Debian's
+# kernel (this machine's kernel has no nbd module). The host serves the
+# volume's image with our NBD server (`cinderblock nbd serve`, the export
+# code an owner node's agent runs); the guest runs `cinderblock node` from a
+# 9p share and drives it over its CSI socket as the kubelet does (`ctl
+# kubelet`): NodeStageVolume with an NBD publish_context (attach over
+# generic netlink, mkfs, mount), write and read back; the host restarts the
+# server in the middle of fsynced writes and the node plugin's supervisor
+# gives the device new connections (RECONFIGURE) with no I/O error; the host
+# grows the image and NodeExpandVolume grows the mounted ext4 online;
+# NodeUnstageVolume leaves no nbd or loop device. Last, the host reads the
+# guest's first file out of the image (debugfs) and compares checksums.
 # Cost: ~2 minutes (TCG), cached guest build under .tools/vm.
 # Usage: sudo scripts/vm/nbd-kernel-test.sh   (CINDERBLOCK_BIN to pick a binary)
 set -euo pipefail
@@ -25,15 +30,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+"$bin" tls init-ca --dir "$work/ca" >/dev/null
+mkdir "$work/share"
+"$bin" tls issue --ca-dir "$work/ca" --node guest --out "$work/share/tls" >/dev/null
+volume=vol-$(python3 -c 'import uuid; print(uuid.uuid4())')
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 name=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 truncate -s 256M "$work/volume.img"
-mkdir "$work/share"
 cp "$bin" "$work/share/cinderblock"
 {
   echo "ADDRESS=10.0.2.2:$port"
   echo "EXPORT=$name"
-  cat scripts/vm/guest-nbd.sh
+  echo "VOLUME=$volume"
+  echo "OWNER=host"
+  cat scripts/vm/guest-node.sh
 } > "$work/share/guest.sh"
 
 start_server() {
@@ -83,6 +93,13 @@ qpid=""
 sed -n "$((shown + 1)),\$p" "$work/console.log" | grep -E "^(guest|GUEST|MARK)" || true
 echo "nbd-kernel-test: $(( $(date +%s) - started ))s"
 if grep -q "GUEST-RESULT: PASS" "$work/console.log"; then
+  # The owner's image holds what the guest wrote.
+  debugfs -R "dump /first $work/first.out" "$work/volume.img" 2>/dev/null
+  if [ "$(cd "$work" && md5sum first.out | cut -d' ' -f1)" != "$(cut -d' ' -f1 "$work/share/first.md5")" ]; then
+    echo "nbd-kernel-test: FAIL: the image on the host does not hold the guest's file" >&2
+    exit 1
+  fi
+  echo "host: the image holds the guest's file (checksums match)"
   echo "nbd-kernel-test: PASS"
 else
   echo "--- console" >&2; tail -n 60 "$work/console.log" >&2

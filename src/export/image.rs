@@ -1,6 +1,8 @@
 //! An exported image: positioned reads and writes, flush, hole punching,
 //! zeroing and allocation queries on a file handle the volume manager
-//! opened. Everything here is synchronous and runs on tokio's blocking pool.
+//! opened. Everything here is synchronous: reads and writes are submitted
+//! with io_uring (`uring`) where the kernel allows it, everything else runs
+//! on tokio's blocking pool.
 //!
 //! Aligned requests go through a second handle opened with O_DIRECT, so the
 //! owner node does not cache what the consumer's page cache already holds
@@ -47,7 +49,9 @@ impl Image {
         self.direct.is_some()
     }
 
-    fn pick(&self, offset: u64, len: usize, buf_addr: usize) -> &File {
+    /// The handle for a transfer of `len` bytes at `offset` from or to a
+    /// buffer at `buf_addr`: the O_DIRECT one when everything is aligned.
+    pub(crate) fn file_for(&self, offset: u64, len: usize, buf_addr: usize) -> &File {
         match &self.direct {
             Some(d)
                 if offset.is_multiple_of(self.direct_align)
@@ -62,7 +66,7 @@ impl Image {
 
     /// Fill `buf` from `offset`; bytes past the end of the file read as zero.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let file = self.pick(offset, buf.len(), buf.as_ptr() as usize);
+        let file = self.file_for(offset, buf.len(), buf.as_ptr() as usize);
         let mut done = 0;
         while done < buf.len() {
             match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -80,7 +84,7 @@ impl Image {
 
     /// Write `buf` at `offset`; with `fua`, durable before returning.
     pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let file = self.pick(offset, buf.len(), buf.as_ptr() as usize);
+        let file = self.file_for(offset, buf.len(), buf.as_ptr() as usize);
         let flags = if fua { ReadWriteFlags::DSYNC } else { ReadWriteFlags::empty() };
         let mut done = 0;
         while done < buf.len() {

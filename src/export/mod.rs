@@ -19,6 +19,7 @@ pub mod proto;
 pub mod fuzzing;
 mod handshake;
 mod transmission;
+mod uring;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -174,6 +175,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// O_DIRECT for aligned requests (see `image`).
     pub direct_io: bool,
+    /// Submit reads and writes with io_uring where the kernel allows it;
+    /// false: always on the blocking pool (what happens anyway where a
+    /// seccomp profile refuses io_uring).
+    pub io_uring: bool,
 }
 
 impl Default for Limits {
@@ -186,6 +191,7 @@ impl Default for Limits {
             stall_timeout: Duration::from_secs(60),
             max_connections: 1024,
             direct_io: true,
+            io_uring: true,
         }
     }
 }

@@ -52,6 +52,7 @@ impl Backing {
 
 /// Which export a staged remote volume uses, and the attachment serving it.
 struct Attached {
+    address: String,
     export: String,
     backing: Backing,
 }
@@ -81,12 +82,24 @@ pub fn remote_target(context: &HashMap<String, String>) -> Result<Option<RemoteT
 
 pub struct Remote {
     config: RemoteConfig,
-    attached: Mutex<HashMap<String, Attached>>,
+    attached: Arc<Mutex<HashMap<String, Attached>>>,
 }
 
 impl Remote {
+    /// With the kernel engine, also starts the supervisor that gives a
+    /// device new connections when its server comes back (must run inside
+    /// a tokio runtime).
     pub fn new(config: RemoteConfig) -> Remote {
-        Remote { config, attached: Mutex::new(HashMap::new()) }
+        let attached = Arc::new(Mutex::new(HashMap::new()));
+        if let Engine::Kernel(opts) = &*config.engine {
+            match kernel::LinkDeadWatcher::open() {
+                Ok(watcher) => {
+                    tokio::spawn(supervise(watcher, attached.clone(), opts.clone()));
+                }
+                Err(e) => warn!(error = %e, "cannot watch the nbd driver for lost connections; a restarted owner agent will leave kernel-attached volumes without I/O"),
+            }
+        }
+        Remote { config, attached }
     }
 
     pub fn engine_name(&self) -> &'static str {
@@ -145,13 +158,31 @@ impl Remote {
         };
         let path = backing.path().to_path_buf();
         info!(volume, owner = %t.owner, address = %t.address, engine = self.engine_name(), backing = %path.display(), "remote volume attached");
-        attached.insert(volume.to_string(), Attached { export: t.export.clone(), backing });
+        attached.insert(volume.to_string(), Attached { address: t.address.clone(), export: t.export.clone(), backing });
         Ok((path, true))
     }
 
     /// The backing path of a volume attached by this process, if any.
     pub async fn backing_of(&self, volume: &str) -> Option<PathBuf> {
         self.attached.lock().await.get(volume).map(|a| a.backing.path().to_path_buf())
+    }
+
+    /// The attached volume grew on its owner: make the local device show the
+    /// new size. Returns that size in bytes.
+    pub async fn grow(&self, volume: &str) -> Result<u64, NodeError> {
+        let attached = self.attached.lock().await;
+        let Some(a) = attached.get(volume) else {
+            return Err(NodeError::Unusable { id: volume.to_string(), detail: "is not attached by this node plugin; stage it again".into() });
+        };
+        match &a.backing {
+            Backing::Kernel { index, .. } => kernel::resize(*index, &a.address, &a.export, volume)
+                .await
+                .map_err(|e| NodeError::Internal { detail: format!("growing the nbd device of volume {volume}: {e}") }),
+            Backing::Fuse(_) => Err(NodeError::Unusable {
+                id: volume.to_string(),
+                detail: "is attached with the FUSE engine, which shows a new size only when the volume is staged again".into(),
+            }),
+        }
     }
 
     /// Let `volume`'s attachment go (nothing may use it any more). Also
@@ -175,5 +206,46 @@ impl Remote {
             }
         }
         let _ = std::fs::remove_dir(self.config.state_root.join(volume));
+    }
+}
+
+/// The kernel engine's supervisor: when the driver reports that a device
+/// lost its connections (the owner's agent restarted), connect new sockets
+/// and RECONFIGURE the device, retrying for its dead-connection timeout.
+/// The driver holds the device's I/O meanwhile, so nothing above it fails.
+async fn supervise(watcher: kernel::LinkDeadWatcher, attached: Arc<Mutex<HashMap<String, Attached>>>, opts: kernel::KernelOptions) {
+    let watcher = Arc::new(watcher);
+    let busy: Arc<std::sync::Mutex<std::collections::HashSet<u32>>> = Arc::default();
+    loop {
+        let w = watcher.clone();
+        let dead = match tokio::task::spawn_blocking(move || w.next(std::time::Duration::from_secs(5))).await {
+            Ok(Ok(Some(index))) => index,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                warn!(error = %e, "watching the nbd driver failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        let found = attached.lock().await.iter().find_map(|(volume, a)| match a.backing {
+            Backing::Kernel { index, .. } if index == dead => Some((volume.clone(), a.address.clone(), a.export.clone())),
+            _ => None,
+        });
+        let Some((volume, address, export)) = found else { continue };
+        // Each of its sockets reports its death: one reconnect is enough.
+        if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(dead) {
+            continue;
+        }
+        warn!(volume, device = dead, address, "NBD connection lost; reconnecting");
+        let (opts, busy) = (opts.clone(), busy.clone());
+        // Other devices are watched meanwhile.
+        tokio::spawn(async move {
+            match kernel::reconnect(dead, &address, &export, &opts, &volume).await {
+                Ok(_) => info!(volume, device = dead, "NBD device reconnected"),
+                Err(e) => warn!(volume, device = dead, error = %e, "could not reconnect the nbd device; its I/O fails now"),
+            }
+            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&dead);
+        });
     }
 }

@@ -239,27 +239,31 @@ impl Node {
             None => (0, 0),
         };
         let _guard = self.inflight.try_begin(&id)?;
-        if self.config.pool.get_volume(&id).is_err() && self.image_of(&id, &path).await?.1 {
-            return Err(NodeError::Unusable {
-                id,
-                detail: "is attached from another node over NBD; its new size shows here when it is staged again (online growth of remote volumes is not supported yet)".into(),
-            });
-        }
-        let record = self.config.pool.get_volume(&id)?;
-        if required > record.size_bytes {
+        // A local volume's size is its record's; a remote one (attached here
+        // from its owner over NBD) shows its new size once the attachment
+        // has asked the owner.
+        let (image, size_bytes) = match self.config.pool.get_volume(&id) {
+            Ok(record) => (self.config.pool.volume_image(&id), record.size_bytes),
+            Err(e) => match (self.image_of(&id, &path).await?, &self.remote) {
+                ((backing, true), Some(remote)) => {
+                    let size = remote.grow(&id).await?;
+                    (backing, size)
+                }
+                _ => return Err(e.into()),
+            },
+        };
+        if required > size_bytes {
             return Err(NodeError::CapacityRange {
                 detail: format!(
-                    "{required} bytes asked, but volume {id:?} is {} bytes in the pool; ControllerExpandVolume grows it first",
-                    record.size_bytes
+                    "{required} bytes asked, but volume {id:?} is {size_bytes} bytes in the pool; ControllerExpandVolume grows it first"
                 ),
             });
         }
-        if limit > 0 && record.size_bytes > limit {
+        if limit > 0 && size_bytes > limit {
             return Err(NodeError::CapacityRange {
-                detail: format!("volume {id:?} is already {} bytes, above limit_bytes {limit}", record.size_bytes),
+                detail: format!("volume {id:?} is already {size_bytes} bytes, above limit_bytes {limit}"),
             });
         }
-        let image = self.config.pool.volume_image(&id);
         let found = {
             let (id, path, image) = (id.clone(), path.clone(), image.clone());
             blocking(move || find_volume_at(&id, &image, &path)).await?

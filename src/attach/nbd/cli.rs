@@ -163,17 +163,9 @@ async fn attach(a: AttachArgs) -> Result<(), String> {
             continue;
         }
         tracing::warn!(device = dev.index, "NBD connection lost; reconnecting");
-        let started = std::time::Instant::now();
-        loop {
-            match kernel::reconfigure(dev.index, &a.address, &a.export, &opts, &a.export).await {
-                Ok(_) => break,
-                Err(e) if started.elapsed() < opts.dead_connection_timeout => {
-                    tracing::warn!(error = %e, "reconnect failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(format!("/dev/nbd{} lost its server: {e}", dev.index)),
-            }
-        }
+        kernel::reconnect(dev.index, &a.address, &a.export, &opts, &a.export)
+            .await
+            .map_err(|e| format!("/dev/nbd{} lost its server: {e}", dev.index))?;
     }
 }
 

@@ -150,6 +150,23 @@ pub async fn reconfigure(index: u32, address: &str, export: &str, opts: &KernelO
     Ok(info.size)
 }
 
+/// `reconfigure` again and again until it works or the device's
+/// dead-connection timeout has passed (the server is restarting: its
+/// listener comes back a few seconds later).
+pub async fn reconnect(index: u32, address: &str, export: &str, opts: &KernelOptions, identifier: &str) -> Result<u64, KernelError> {
+    let started = std::time::Instant::now();
+    loop {
+        match reconfigure(index, address, export, opts, identifier).await {
+            Ok(size) => return Ok(size),
+            Err(e) if started.elapsed() < opts.dead_connection_timeout => {
+                tracing::warn!(device = index, error = %e, "reconnect failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Tell device `index` the export's current size (after the volume grew),
 /// keeping its connections.
 pub async fn resize(index: u32, address: &str, export: &str, identifier: &str) -> Result<u64, KernelError> {
