@@ -156,6 +156,7 @@ async fn main() {
             provisioning: pb::Provisioning::Thick as i32,
             source: None,
             metadata: Default::default(),
+            remote: None,
         })
         .await
         .expect("creating the volume");

@@ -120,6 +120,10 @@ fn volume_to_pb(v: &VolumeRec) -> pb::Volume {
         attempts: v.attempts.iter().map(|a| pb::Attempt { node: a.node.clone(), error: a.error.clone(), at_ms: a.at_ms }).collect(),
         created_ms: v.created_ms,
         updated_ms: v.updated_ms,
+        copy_source_node: v.copy.as_ref().map(|c| c.source_node.clone()).unwrap_or_default(),
+        copied_bytes: v.copy.as_ref().map(|c| c.copied_bytes).unwrap_or(0),
+        copy_total_bytes: v.copy.as_ref().map(|c| c.total_bytes).unwrap_or(0),
+        copy_finished: v.copy.as_ref().is_some_and(|c| c.finished),
     }
 }
 

@@ -6,6 +6,7 @@
 //! checks that the connection's certificate named the controller, and every
 //! call that changes data passes the fence (`fence.rs`).
 
+pub mod copier;
 pub mod exports;
 pub mod fence;
 
@@ -32,6 +33,8 @@ pub struct AgentService {
     heavy: Arc<HeavyGate>,
     /// The node's NBD exports; None when this node serves none.
     exports: Option<Arc<exports::Exports>>,
+    /// Copies from other nodes' exports; None when this node makes none.
+    copier: Option<Arc<copier::Copier>>,
 }
 
 impl AgentService {
@@ -39,6 +42,23 @@ impl AgentService {
     pub fn with_exports(mut self, exports: Arc<exports::Exports>) -> Self {
         self.exports = Some(exports);
         self
+    }
+
+    /// Make cross-node copies with `copier`, and go on with those under way.
+    pub fn with_copier(mut self, copier: Arc<copier::Copier>) -> Self {
+        copier.resume_all();
+        self.copier = Some(copier);
+        self
+    }
+
+    /// A volume as the pool has it, with the live progress of its copy.
+    fn with_progress(&self, mut v: pb::Volume) -> pb::Volume {
+        if let Some((copied, total, problem)) = self.copier.as_ref().and_then(|c| c.progress(&v.volume_id)) {
+            if v.state == pb::ImageState::Creating as i32 {
+                (v.copied_bytes, v.copy_total_bytes, v.problem) = (copied.max(v.copied_bytes), total.max(v.copy_total_bytes), problem);
+            }
+        }
+        v
     }
 
     fn exports(&self) -> Result<Arc<exports::Exports>, Status> {
@@ -54,7 +74,7 @@ impl AgentService {
     pub fn with_limits(pool: Arc<Pool>, node_id: String, fence: Arc<Fence>, limits: WorkLimits) -> Self {
         let workers = Workers::new("agent-worker", limits.threads).expect("starting the agent's worker threads");
         let heavy = HeavyGate::new(limits.heavy, limits.heavy_wait);
-        AgentService { pool, node_id, fence, workers: Arc::new(workers), heavy: Arc::new(heavy), exports: None }
+        AgentService { pool, node_id, fence, workers: Arc::new(workers), heavy: Arc::new(heavy), exports: None, copier: None }
     }
 
     fn identity(&self) -> Option<pb::AgentIdentity> {
@@ -157,9 +177,12 @@ fn age_ms(created_at_ms: i64) -> u64 {
 fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
     let image = pool.volume_image(&v.id);
     let problem = pool.volume_problem(&v.id);
+    let (copied_bytes, copy_total_bytes) = v.copy.as_ref().map(|c| (c.copied_bytes, c.total_bytes)).unwrap_or((0, 0));
     pb::Volume {
         abnormal: problem.is_some(),
         condition: problem.unwrap_or_default(),
+        copied_bytes,
+        copy_total_bytes,
         allocated_bytes: pool.allocated_bytes(&image),
         image_path: image.display().to_string(),
         state: state_to_pb(v.state) as i32,
@@ -179,7 +202,7 @@ fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
 
 /// I/O errors its NBD exports answered make an exported volume abnormal.
 fn export_health(exports: Option<&exports::Exports>, v: &mut pb::Volume) {
-    if v.abnormal || exports.is_none_or(|e| e.consumers_of(&v.volume_id).is_empty()) {
+    if v.abnormal || exports.is_none_or(|e| e.consumers_of(false, &v.volume_id).is_empty()) {
         return;
     }
     let errors = crate::export::METRICS.for_volume(&v.volume_id).errors();
@@ -245,19 +268,12 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
+        if let Some(remote) = r.remote.clone() {
+            return self.create_by_copy(&request, r, remote).await;
+        }
         let heavy = r.provisioning == pb::Provisioning::Thick as i32 || (r.source.is_some() && !self.pool.reflink());
         self.run_fenced(&request, "CreateVolume", heavy, move |pool| {
-            let req = CreateVolume {
-                id: r.volume_id,
-                size_bytes: r.size_bytes,
-                provisioning: provisioning_from_pb(r.provisioning)?,
-                source: r.source.map(|s| match s {
-                    pb::create_volume_request::Source::SnapshotId(id) => VolumeSource::Snapshot(id),
-                    pb::create_volume_request::Source::SourceVolumeId(id) => VolumeSource::Volume(id),
-                }),
-                metadata: r.metadata.into_iter().collect::<BTreeMap<_, _>>(),
-            };
-            let v = pool.create_volume(req)?;
+            let v = pool.create_volume(create_of(r)?)?;
             Ok(pb::CreateVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
         })
         .await
@@ -270,13 +286,18 @@ impl VolumeManager for AgentService {
         let identity = self.identity();
         let id = request.get_ref().volume_id.clone();
         if let Some(ex) = &self.exports {
-            let consumers = ex.consumers_of(&id);
+            let consumers = ex.consumers_of(false, &id);
             if !consumers.is_empty() {
                 return Err(Status::failed_precondition(format!(
                     "volume {id} is exported to node(s) {}; unpublish it first",
                     consumers.join(", ")
                 )));
             }
+        }
+        if let Some(c) = &self.copier {
+            Self::authorize(&request)?;
+            let _admitted = self.fence.admit(fence::token_of(&request)?).await?;
+            c.cancel(&id).await;
         }
         self.run_fenced(&request, "DeleteVolume", false, move |pool| pool.delete_volume(&id).map(|_| pb::DeleteVolumeResponse { identity }))
             .await
@@ -303,6 +324,15 @@ impl VolumeManager for AgentService {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let identity = self.identity();
         let id = request.get_ref().snapshot_id.clone();
+        if let Some(ex) = &self.exports {
+            let consumers = ex.consumers_of(true, &id);
+            if !consumers.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "snapshot {id} is being copied to node(s) {}; delete the volumes restored from it first, or wait",
+                    consumers.join(", ")
+                )));
+            }
+        }
         self.run_fenced(&request, "DeleteSnapshot", false, move |pool| {
             pool.delete_snapshot(&id).map(|_| pb::DeleteSnapshotResponse { identity })
         })
@@ -333,13 +363,16 @@ impl VolumeManager for AgentService {
         let identity = self.identity();
         let id = request.into_inner().volume_id;
         let exports = self.exports.clone();
-        self.run("GetVolume", move |pool| {
-            let v = pool.get_volume(&id)?;
-            let mut v = volume_to_pb(pool, v);
-            export_health(exports.as_deref(), &mut v);
-            Ok(pb::GetVolumeResponse { volume: Some(v), identity })
-        })
-        .await
+        let mut answer = self
+            .run("GetVolume", move |pool| {
+                let v = pool.get_volume(&id)?;
+                let mut v = volume_to_pb(pool, v);
+                export_health(exports.as_deref(), &mut v);
+                Ok(pb::GetVolumeResponse { volume: Some(v), identity })
+            })
+            .await?;
+        answer.get_mut().volume = answer.get_mut().volume.take().map(|v| self.with_progress(v));
+        Ok(answer)
     }
 
     async fn get_snapshot(
@@ -442,17 +475,17 @@ impl VolumeManager for AgentService {
     async fn create_export(&self, request: Request<pb::CreateExportRequest>) -> Result<Response<pb::CreateExportResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        self.export_call(&request, move |ex| {
-            Ok(pb::CreateExportResponse { export: Some(ex.create(&r.volume_id, &r.consumer_node, r.read_only)?), identity })
-        })
+        let of = exports::ExportOf::from_request(&r.volume_id, &r.snapshot_id, &r.consumer_node, &r.copy_for);
+        self.export_call(&request, move |ex| Ok(pb::CreateExportResponse { export: Some(ex.create(&of, r.read_only)?), identity }))
         .await
     }
 
     async fn delete_export(&self, request: Request<pb::DeleteExportRequest>) -> Result<Response<pb::DeleteExportResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
+        let of = exports::ExportOf::from_request(&r.volume_id, &r.snapshot_id, &r.consumer_node, &r.copy_for);
         self.export_call(&request, move |ex| {
-            ex.delete(&r.volume_id, &r.consumer_node, r.force)?;
+            ex.delete(&of, r.force)?;
             Ok(pb::DeleteExportResponse { identity })
         })
         .await
@@ -502,7 +535,56 @@ impl VolumeManager for AgentService {
     }
 }
 
+fn create_of(r: pb::CreateVolumeRequest) -> Result<CreateVolume, VolumeError> {
+    Ok(CreateVolume {
+        id: r.volume_id,
+        size_bytes: r.size_bytes,
+        provisioning: provisioning_from_pb(r.provisioning)?,
+        source: r.source.map(|s| match s {
+            pb::create_volume_request::Source::SnapshotId(id) => VolumeSource::Snapshot(id),
+            pb::create_volume_request::Source::SourceVolumeId(id) => VolumeSource::Volume(id),
+        }),
+        metadata: r.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
 impl AgentService {
+    /// A volume copied from another node's export: recorded and started at
+    /// once; the answer says CREATING with the progress until it is done.
+    async fn create_by_copy(
+        &self,
+        request: &Request<pb::CreateVolumeRequest>,
+        r: pb::CreateVolumeRequest,
+        remote: pb::RemoteSource,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let copier = self.copier.clone().ok_or_else(|| {
+            Status::failed_precondition(format!("node {} makes no copies from other nodes (no TLS for NBD)", self.node_id))
+        })?;
+        if r.source.is_none() {
+            return Err(Status::invalid_argument("a copy from another node needs its source snapshot or volume"));
+        }
+        crate::tls::node_dns_name(&remote.server_node).map_err(|e| Status::invalid_argument(format!("remote.server_node: {e}")))?;
+        let identity = self.identity();
+        let from = crate::volume::records::CopyState {
+            address: remote.address,
+            export_name: remote.export_name,
+            server_node: remote.server_node,
+            resume_at: 0,
+            copied_bytes: 0,
+            total_bytes: 0,
+        };
+        let mut answer = self
+            .run_fenced(request, "CreateVolume", false, move |pool| {
+                let v = pool.begin_copy(create_of(r)?, from)?;
+                Ok(pb::CreateVolumeResponse { volume: Some(volume_to_pb(pool, v)), identity })
+            })
+            .await?;
+        let v = answer.get_mut().volume.take().unwrap_or_default();
+        copier.ensure(&v.volume_id);
+        answer.get_mut().volume = Some(self.with_progress(v));
+        Ok(answer)
+    }
+
     async fn export_call<R, T, F>(&self, request: &Request<R>, f: F) -> Result<Response<T>, Status>
     where
         F: FnOnce(&exports::Exports) -> Result<T, Status>,

@@ -321,6 +321,7 @@ pub async fn kube_start(kubeconfig: &Path, objects: usize) -> Result<(), String>
                         parameters: Default::default(),
                         fingerprint: "bench".into(),
                         accessibility: Default::default(),
+                        copy: None,
                         accessible_topology: vec![],
                         attempts: vec![],
                         error: None,

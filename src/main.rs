@@ -495,7 +495,8 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     let engine = Arc::new(cinderblock::attach::nbd::Engine::detect(&args.attach_state_dir).await);
     info!(engine = engine.name(), "remote attach engine");
     let remote = cinderblock::node::remote::RemoteConfig { engine: engine.clone(), tls: tls_dir.clone(), state_root: args.attach_state_dir.clone() };
-    let mut agent_service = AgentService::new(pool.clone(), args.node_id.clone(), fence);
+    let copier = cinderblock::agent::copier::Copier::new(pool.clone(), tls_dir.clone(), args.node_id.clone());
+    let mut agent_service = AgentService::new(pool.clone(), args.node_id.clone(), fence).with_copier(copier);
     if let Some(listen) = args.nbd_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("NBD server cannot listen on {listen}: {e}"))?;
         let bound = listener.local_addr().map_err(|e| e.to_string())?;

@@ -80,6 +80,9 @@ pub struct Metrics {
     /// CSI calls a standby controller replica handed to the leader, by
     /// method (a sidecar leading beside a standby; controller/forward.rs).
     pub forwarded_calls: Family<MethodLabels, Counter>,
+    /// Bytes a node's cross-node copies (restore or clone from another
+    /// node's export) wrote into their new volumes, by the copying node.
+    pub volume_copy_bytes: Family<PoolLabels, Counter>,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -112,6 +115,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "CSI calls a standby controller replica handed to the leader (its sidecar leads beside a standby)",
         forwarded_calls.clone(),
     );
+    let volume_copy_bytes = Family::<PoolLabels, Counter>::default();
+    registry.register(
+        "volume_copy_bytes",
+        "Allocated bytes copied from another node's export into new volumes (cross-node restore and clone), by the copying node",
+        volume_copy_bytes.clone(),
+    );
     let breaker_held = Family::<PoolLabels, Counter>::default();
     registry.register("reconciler_breaker_held", "Reconciler passes on a node that the circuit breaker held (too many images without a record)", breaker_held.clone());
     let pool_orphans = Family::<PoolLabels, Gauge>::default();
@@ -127,6 +136,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("pool_folder_syncs", "Folder fsyncs the pools made (one covers every request made before it started)", folder_syncs.clone());
     Metrics {
         registry,
+        volume_copy_bytes,
         store_commits,
         store_writes,
         folder_sync_requests,

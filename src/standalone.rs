@@ -91,9 +91,13 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let nbd_addr = nbd.local_addr().map_err(|e| e.to_string())?.to_string();
         let exports = crate::export::serve_pool(pool.clone(), node_tls.clone(), nbd, nbd_addr).map_err(|e| format!("NBD exports of {id}: {e}"))?;
-        let incoming = tls::serve_incoming(listener, ServerTls::new(node_tls, PeerRule::Controller, vec![b"h2".to_vec()]));
+        let incoming = tls::serve_incoming(listener, ServerTls::new(node_tls.clone(), PeerRule::Controller, vec![b"h2".to_vec()]));
         let agent = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
-            .add_service(VolumeManagerServer::new(AgentService::new(pool.clone(), id.clone(), fence).with_exports(exports)))
+            .add_service(VolumeManagerServer::new(
+                AgentService::new(pool.clone(), id.clone(), fence)
+                    .with_exports(exports)
+                    .with_copier(crate::agent::copier::Copier::new(pool.clone(), node_tls.clone(), id.clone())),
+            ))
             .serve_with_incoming_shutdown(incoming, server::shutdown_signal());
         tasks.spawn(async move { agent.await.map_err(|e| format!("agent server: {e}")) });
         let mut reg = Registration::new(id.clone(), zone.clone(), format!("https://{addr}"), cfg.max_volumes);

@@ -20,7 +20,7 @@ async fn client(node: &NodeProcess) -> AgentClient {
 }
 
 fn create(id: &str, size: u64, source: Option<pb::create_volume_request::Source>) -> pb::CreateVolumeRequest {
-    pb::CreateVolumeRequest { volume_id: id.into(), size_bytes: size, provisioning: 0, source, metadata: Default::default() }
+    pb::CreateVolumeRequest { volume_id: id.into(), size_bytes: size, provisioning: 0, source, metadata: Default::default(), remote: None }
 }
 
 #[tokio::test]

@@ -44,6 +44,7 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             created_ms: 1,
             updated_ms: 1,
             accessibility: Default::default(),
+            copy: None,
         }),
         Kind::Snapshot => serde_json::to_vec(&SnapshotRec {
             id: id.into(),

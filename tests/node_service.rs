@@ -286,6 +286,7 @@ async fn create_volume(
             provisioning: 0,
             source,
             metadata: Default::default(),
+            remote: None,
         })
         .await
         .unwrap_or_else(|e| panic!("creating {id}: {e}"));
@@ -1126,6 +1127,7 @@ async fn thick_expansion_out_of_space_keeps_the_volume_and_survives_a_restart() 
             provisioning: pb::Provisioning::Thick as i32,
             source: None,
             metadata: Default::default(),
+            remote: None,
         })
         .await
         .unwrap();

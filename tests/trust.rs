@@ -226,6 +226,7 @@ fn create_req(id: &str) -> tonic::Request<pb::CreateVolumeRequest> {
         provisioning: 0,
         source: None,
         metadata: Default::default(),
+            remote: None,
     });
     cinderblock::agent::fence::attach(&mut r, 0);
     r

@@ -228,6 +228,7 @@ fn reconcile_finishes_or_removes_half_made_records() {
         created_at_ms: 0,
         state,
         expanding_to: None,
+        copy: None,
     };
     // Crashed before the image was renamed into place: rolled back.
     write_record(&vols.join("vol-half.json"), &rec("vol-half", State::Creating)).unwrap();

@@ -4,6 +4,10 @@
 //! (written crash-safely before the export is served), so an agent restart
 //! serves the same exports under the same names again and a consumer's
 //! attachment reconnects to them.
+//!
+//! Besides a volume published to a node, an export may feed a cross-node
+//! copy (`copy_for`: the new volume on the consumer): of a volume or of a
+//! snapshot (always read-only), one export per copy, removed when it ends.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,10 +23,57 @@ use crate::volume::{records, Pool};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct ExportRecord {
+    /// The volume, or the snapshot when `snapshot`.
     volume_id: String,
     consumer_node: String,
     export_name: String,
     read_only: bool,
+    #[serde(default)]
+    snapshot: bool,
+    /// The volume on the consumer a copy export feeds; empty for a publication.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    copy_for: String,
+}
+
+/// What an export serves, to whom, for what: (snapshot?, source ID, consumer, copy_for).
+type Key = (bool, String, String, String);
+
+/// Which export a call means.
+#[derive(Debug, Clone, Default)]
+pub struct ExportOf {
+    /// The volume, or the snapshot when `snapshot`.
+    pub id: String,
+    pub snapshot: bool,
+    pub consumer: String,
+    /// The volume on the consumer a copy feeds; empty for a publication.
+    pub copy_for: String,
+}
+
+impl ExportOf {
+    fn key(&self) -> Key {
+        (self.snapshot, self.id.clone(), self.consumer.clone(), self.copy_for.clone())
+    }
+
+    /// From a request's fields: a snapshot when `snapshot_id` is set.
+    pub fn from_request(volume_id: &str, snapshot_id: &str, consumer: &str, copy_for: &str) -> ExportOf {
+        let snapshot = !snapshot_id.is_empty();
+        let id = if snapshot { snapshot_id } else { volume_id };
+        ExportOf { id: id.to_string(), snapshot, consumer: consumer.to_string(), copy_for: copy_for.to_string() }
+    }
+}
+
+impl ExportRecord {
+    fn key(&self) -> Key {
+        (self.snapshot, self.volume_id.clone(), self.consumer_node.clone(), self.copy_for.clone())
+    }
+
+    fn what(&self) -> &'static str {
+        if self.snapshot {
+            "snapshot"
+        } else {
+            "volume"
+        }
+    }
 }
 
 pub struct Exports {
@@ -31,9 +82,9 @@ pub struct Exports {
     dir: PathBuf,
     /// host:port consumers reach this node's NBD server at.
     address: String,
-    /// (volume, consumer) -> record; one lock for the whole registry (exports
-    /// change rarely, and never in bulk).
-    records: Mutex<BTreeMap<(String, String), ExportRecord>>,
+    /// key -> record; one lock for the whole registry (exports change
+    /// rarely, and never in bulk).
+    records: Mutex<BTreeMap<Key, ExportRecord>>,
 }
 
 impl Exports {
@@ -58,7 +109,7 @@ impl Exports {
             };
             match exports.serve(&rec) {
                 Ok(()) => {
-                    exports.records().insert((rec.volume_id.clone(), rec.consumer_node.clone()), rec);
+                    exports.records().insert(rec.key(), rec);
                 }
                 Err(e) if e.code() == tonic::Code::NotFound => {
                     warn!(volume = %rec.volume_id, "export of a volume that is gone: dropped");
@@ -74,13 +125,17 @@ impl Exports {
         Ok(exports)
     }
 
-    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), ExportRecord>> {
+    fn records(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, ExportRecord>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn serve(&self, rec: &ExportRecord) -> Result<(), Status> {
         let name = ExportName::parse(&rec.export_name).ok_or_else(|| Status::internal("an export record holds a malformed name"))?;
-        let file = if rec.read_only {
+        let file = if rec.snapshot {
+            self.pool.get_snapshot(&rec.volume_id).map_err(Status::from)?;
+            std::fs::File::open(self.pool.snapshot_image(&rec.volume_id))
+                .map_err(|e| Status::internal(format!("opening snapshot {}: {e}", rec.volume_id)))?
+        } else if rec.read_only {
             // Read-only exports are served read-only (the server never writes them).
             self.pool.get_volume(&rec.volume_id).map_err(Status::from)?;
             std::fs::File::open(self.pool.volume_image(&rec.volume_id)).map_err(|e| Status::internal(format!("opening volume {}: {e}", rec.volume_id)))?
@@ -108,29 +163,46 @@ impl Exports {
             read_only: rec.read_only,
             connections: live.as_ref().map(|e| e.connections as u32).unwrap_or(0),
             size_bytes: live.map(|e| e.size).unwrap_or(0),
+            snapshot: rec.snapshot,
+            copy_for: rec.copy_for.clone(),
         }
     }
 
-    /// Serve `volume` to `consumer` (the same export when it exists already).
-    pub fn create(&self, volume: &str, consumer: &str, read_only: bool) -> Result<pb::Export, Status> {
-        crate::volume::validate_id("volume id", volume).map_err(Status::from)?;
-        crate::tls::node_dns_name(consumer).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let key = (volume.to_string(), consumer.to_string());
+    /// Serve the volume or snapshot `of` names to its consumer (the same
+    /// export when it exists already). A snapshot is served read-only.
+    pub fn create(&self, of: &ExportOf, read_only: bool) -> Result<pb::Export, Status> {
+        let what = if of.snapshot { "snapshot id" } else { "volume id" };
+        crate::volume::validate_id(what, &of.id).map_err(Status::from)?;
+        if !of.copy_for.is_empty() {
+            crate::volume::validate_id("copy_for", &of.copy_for).map_err(Status::from)?;
+        }
+        crate::tls::node_dns_name(&of.consumer).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let read_only = read_only || of.snapshot;
+        let key = of.key();
         if let Some(rec) = self.records().get(&key).cloned() {
             if rec.read_only != read_only {
                 return Err(Status::already_exists(format!(
-                    "volume {volume} is exported to node {consumer} {}; unpublish it first",
+                    "{} {} is exported to node {} {}; unpublish it first",
+                    rec.what(),
+                    of.id,
+                    of.consumer,
                     if rec.read_only { "read-only" } else { "read-write" }
                 )));
             }
             return Ok(self.to_pb(&rec));
         }
-        self.pool.get_volume(volume).map_err(Status::from)?;
+        if of.snapshot {
+            self.pool.get_snapshot(&of.id).map_err(Status::from)?;
+        } else {
+            self.pool.get_volume(&of.id).map_err(Status::from)?;
+        }
         let rec = ExportRecord {
-            volume_id: volume.to_string(),
-            consumer_node: consumer.to_string(),
+            volume_id: of.id.clone(),
+            consumer_node: of.consumer.clone(),
             export_name: ExportName::random().to_string(),
             read_only,
+            snapshot: of.snapshot,
+            copy_for: of.copy_for.clone(),
         };
         // Durable before it is served: a restart serves it again.
         let path = self.dir.join(format!("{}.json", rec.export_name));
@@ -139,20 +211,23 @@ impl Exports {
             let _ = records::remove_if_exists(&path);
             return Err(e);
         }
-        info!(volume, consumer, "volume exported");
+        info!(id = %of.id, snapshot = of.snapshot, consumer = %of.consumer, copy_for = %of.copy_for, "exported");
         let out = self.to_pb(&rec);
         self.records().insert(key, rec);
         Ok(out)
     }
 
-    /// Stop serving `volume` to `consumer`.
-    pub fn delete(&self, volume: &str, consumer: &str, force: bool) -> Result<(), Status> {
-        let key = (volume.to_string(), consumer.to_string());
+    /// Stop serving what `of` names to its consumer.
+    pub fn delete(&self, of: &ExportOf, force: bool) -> Result<(), Status> {
+        let key = of.key();
         let Some(rec) = self.records().get(&key).cloned() else { return Ok(()) };
         let current = self.to_pb(&rec);
         if current.connections > 0 && !force {
             return Err(Status::failed_precondition(format!(
-                "node {consumer} is still connected to volume {volume} ({} connection(s)); unstage it there first",
+                "node {} is still connected to {} {} ({} connection(s)); unstage it there first",
+                of.consumer,
+                rec.what(),
+                of.id,
                 current.connections
             )));
         }
@@ -163,7 +238,7 @@ impl Exports {
             .and_then(|_| records::sync_dir(&self.dir))
             .map_err(|e| Status::internal(format!("removing export record: {e}")))?;
         self.records().remove(&key);
-        info!(volume, consumer, forced = force, "export removed");
+        info!(id = %of.id, snapshot = of.snapshot, consumer = %of.consumer, forced = force, "export removed");
         Ok(())
     }
 
@@ -172,14 +247,16 @@ impl Exports {
         recs.iter().map(|r| self.to_pb(r)).collect()
     }
 
-    /// Nodes `volume` is exported to (a volume being exported is not deleted).
-    pub fn consumers_of(&self, volume: &str) -> Vec<String> {
-        self.records().keys().filter(|(v, _)| v == volume).map(|(_, c)| c.clone()).collect()
+    /// Nodes a volume (or a snapshot) is exported to (what is being exported
+    /// is not deleted).
+    pub fn consumers_of(&self, snapshot: bool, id: &str) -> Vec<String> {
+        self.records().keys().filter(|(s, v, _, _)| *s == snapshot && v == id).map(|(_, _, c, _)| c.clone()).collect()
     }
 
     /// The volume grew: serve its new size.
     pub fn refresh(&self, volume: &str) {
-        let names: Vec<String> = self.records().values().filter(|r| r.volume_id == volume).map(|r| r.export_name.clone()).collect();
+        let names: Vec<String> =
+            self.records().values().filter(|r| !r.snapshot && r.volume_id == volume).map(|r| r.export_name.clone()).collect();
         for n in names.iter().filter_map(|n| ExportName::parse(n)) {
             self.server.refresh_size(&n);
         }

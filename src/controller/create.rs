@@ -15,6 +15,7 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use super::agents::{is_mismatch, outcome_unknown};
+use super::crossnode;
 use super::manager::{status_task, task_err, CreateVolumeSpec, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
@@ -65,6 +66,7 @@ impl Manager {
                     created_ms: now,
                     updated_ms: now,
                     accessibility: spec.accessibility,
+                    copy: None,
                 };
                 (rec, 0)
             }
@@ -98,11 +100,13 @@ pub(crate) fn flow_status(f: &FlowFailure) -> Status {
     Status::new(f.error.code, f.to_string())
 }
 
-struct CreateCtx {
-    m: Manager,
-    spec: CreateVolumeSpec,
-    rec: VolumeRec,
+pub(super) struct CreateCtx {
+    pub(super) m: Manager,
+    pub(super) spec: CreateVolumeSpec,
+    pub(super) rec: VolumeRec,
     version: u64,
+    /// The source's node: the volume goes there when it fits (a reflink),
+    /// elsewhere by a copy only when the StorageClass allows it.
     pinned: Option<String>,
     source_metadata: BTreeMap<String, String>,
     /// What the node view holds for this volume on the node it was placed on.
@@ -112,7 +116,7 @@ struct CreateCtx {
 impl CreateCtx {
     /// Writes the record: the first write creates it (version 0: not yet
     /// stored), later ones compare-and-set.
-    async fn save(&mut self) -> Result<(), TaskError> {
+    pub(super) async fn save(&mut self) -> Result<(), TaskError> {
         self.rec.updated_ms = now_ms();
         if self.version == 0 {
             return match store::create_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec).await {
@@ -265,7 +269,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                 Some(n) => n,
                 None => {
                     ctx.m.view_ready().await.map_err(status_task)?;
-                    let req = ScheduleRequest {
+                    let mut req = ScheduleRequest {
                         size_bytes: ctx.spec.size_bytes,
                         provisioning: ctx.spec.provisioning,
                         requisite: ctx.spec.requisite.clone(),
@@ -277,15 +281,27 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                         heartbeat_timeout_ms: ctx.m.config.heartbeat_timeout.as_millis() as i64,
                     };
                     // The view leaves mismatched nodes out, and reserves
-                    // the size on the chosen node at once.
-                    match ctx.m.view.place(&ctx.rec.id, &req) {
+                    // the size on the chosen node at once. The source's
+                    // node first (a reflink); then, where allowed, any
+                    // other (a copy over NBD).
+                    let mut placed = ctx.m.view.place(&ctx.rec.id, &req).map_err(|no| no.to_string());
+                    if let (Err(first), Some(source_node)) = (&placed, ctx.pinned.clone()) {
+                        let first = first.to_string();
+                        placed = if crossnode::allowed(&ctx.spec.parameters) {
+                            req.pinned_node = None;
+                            req.tried.push(source_node);
+                            ctx.m.view.place(&ctx.rec.id, &req).map_err(|no| format!("{first}; and for a copy from another node: {no}"))
+                        } else {
+                            Err(format!("{first}; the StorageClass forbids copying the source to another node (crossNodeSources: \"false\")"))
+                        };
+                    }
+                    match placed {
                         Ok(placed) => {
                             let node = placed.node_id.clone();
                             ctx.reservation = Some(placed);
                             node
                         }
-                        Err(no) => {
-                            let mut msg = no.to_string();
+                        Err(mut msg) => {
                             for a in &ctx.rec.attempts {
                                 msg.push_str(&format!("; attempt on {} failed: {}", a.node, a.error));
                             }
@@ -299,7 +315,11 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             info!(volume.id = %ctx.rec.id, node = %node, attempt = ctx.rec.attempts.len() + 1, "scheduled");
             let note = format!("scheduled on node {node} (attempt {})", ctx.rec.attempts.len() + 1);
             ctx.m.event(&ctx.rec, false, "Scheduled", note).await;
-            let failure = match create_on(ctx, &node).await {
+            let made = match ctx.pinned.clone() {
+                Some(source_node) if source_node != node => crossnode::copy_on(ctx, &node, &source_node).await,
+                _ => create_on(ctx, &node).await,
+            };
+            let failure = match made {
                 Ok(v) => {
                     ctx.rec.size_bytes = v.size_bytes;
                     ctx.settle();
@@ -362,7 +382,8 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             ctx.rec.attempts.push(Attempt { node: node.clone(), error: format!("{:?}: {}", failure.code, failure.message), at_ms: now_ms() });
             ctx.rec.node = None;
             ctx.save().await?;
-            let pinned = ctx.pinned.is_some();
+            // A source that must stay on its node leaves nowhere else to go.
+            let pinned = ctx.pinned.is_some() && !crossnode::allowed(&ctx.spec.parameters);
             let again = failure.reschedulable && !pinned && ctx.rec.attempts.len() < max;
             if again {
                 crate::metrics::METRICS.reschedules.inc();
@@ -403,6 +424,7 @@ async fn create_on(ctx: &CreateCtx, node: &str) -> Result<pb::Volume, Status> {
         provisioning: crate::agent::provisioning_to_pb(ctx.spec.provisioning) as i32,
         source,
         metadata: ctx.rec.metadata.clone().into_iter().collect(),
+        remote: None,
     };
     agent.create_volume(req).await?.volume.ok_or_else(|| Status::internal("agent answered without a volume"))
 }

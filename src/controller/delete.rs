@@ -18,7 +18,10 @@ impl Manager {
     }
 
     async fn delete_volume_now(&self, id: &str) -> Result<(), Status> {
+        // A copy from another node in progress stops (its flow holds the key).
+        self.cancel_copy(id);
         let _guard = self.inflight.acquire(id).await;
+        self.forget_copy_cancel(id);
         let Some((mut rec, version)) = self.volume(id).await? else {
             return Ok(());
         };
@@ -40,6 +43,9 @@ impl Manager {
                 let code = if s.code() == Code::FailedPrecondition { Code::FailedPrecondition } else { Code::Unavailable };
                 Status::new(code, format!("node {node} could not delete volume {id}: {}; retry", s.message()))
             })?;
+        }
+        if let (Some(c), Some(source)) = (rec.copy_under_way(), &rec.source) {
+            self.drop_copy_export(id, source, &c.source_node, &c.node).await.map_err(|s| Status::unavailable(format!("{}; retry", s.message())))?;
         }
         let (_, version) = self.volume(id).await?.ok_or_else(|| Status::aborted("volume vanished during delete"))?;
         self.store.delete(Kind::Volume, id, Some(version)).await.map_err(store_status)?;

@@ -280,6 +280,7 @@ mod tests {
             created_ms: 0,
             updated_ms: 0,
             accessibility: Accessibility::Zone,
+            copy: None,
         }
     }
 

@@ -101,6 +101,9 @@ pub struct Manager {
     /// first saw each (see reconciler.rs: an image is quarantined only after
     /// it has been a candidate for the grace period).
     pub(crate) orphan_candidates: Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<String, std::time::Instant>>>>,
+    /// Volumes a delete asked to stop copying from another node: the
+    /// create flow that copies gives up (and cleans up) when it sees its ID.
+    pub(crate) copy_cancels: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// With leader election: this replica's leadership. Without: None.
     leader: Option<watch::Receiver<Leadership>>,
     /// Whether each volume was last seen abnormal (health.rs), so an event
@@ -135,6 +138,7 @@ impl Manager {
             config,
             inflight: Arc::new(Inflight::default()),
             orphan_candidates: Default::default(),
+            copy_cancels: Default::default(),
             events: None,
             leader: None,
             health_seen: Default::default(),

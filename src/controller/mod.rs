@@ -3,6 +3,7 @@
 
 pub mod agents;
 mod create;
+mod crossnode;
 mod delete;
 mod expand;
 pub mod forward;

@@ -136,7 +136,12 @@ impl Manager {
         }
         let mut agent = self.agent_for(&rec.owner_node).await.map_err(|e| Status::new(e.code, e.message))?;
         let made = agent
-            .create_export(pb::CreateExportRequest { volume_id: rec.volume_id.clone(), consumer_node: rec.node_id.clone(), read_only: rec.read_only })
+            .create_export(pb::CreateExportRequest {
+                volume_id: rec.volume_id.clone(),
+                consumer_node: rec.node_id.clone(),
+                read_only: rec.read_only,
+                ..Default::default()
+            })
             .await
             .map_err(|s| Status::new(s.code(), format!("node {} could not export volume {}: {}", rec.owner_node, rec.volume_id, s.message())))?
             .export
@@ -171,7 +176,12 @@ impl Manager {
             if rec.protocol == TRANSPORT_NBD {
                 let mut agent = self.agent_for(&rec.owner_node).await.map_err(|e| Status::new(e.code, e.message))?;
                 agent
-                    .delete_export(pb::DeleteExportRequest { volume_id: rec.volume_id.clone(), consumer_node: rec.node_id.clone(), force: false })
+                    .delete_export(pb::DeleteExportRequest {
+                        volume_id: rec.volume_id.clone(),
+                        consumer_node: rec.node_id.clone(),
+                        force: false,
+                        ..Default::default()
+                    })
                     .await
                     .map_err(|s| {
                         let code = if s.code() == Code::FailedPrecondition { Code::FailedPrecondition } else { Code::Unavailable };

@@ -143,7 +143,18 @@ impl Manager {
                 Ok(r) => {
                     let v = r.volume.unwrap_or_default();
                     if v.state != pb::ImageState::Available as i32 {
-                        return Ok(()); // still being made: next pass
+                        // Still being made: next pass. A copy from another
+                        // node goes on by itself there; its record shows how far.
+                        if let Some(c) = rec.copy.as_mut().filter(|c| c.copied_bytes != v.copied_bytes) {
+                            (c.copied_bytes, c.total_bytes) = (v.copied_bytes, v.copy_total_bytes);
+                            rec.updated_ms = now_ms();
+                            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+                        }
+                        return Ok(());
+                    }
+                    if let (Some(c), Some(source)) = (rec.copy_under_way().cloned(), rec.source.clone()) {
+                        self.drop_copy_export(id, &source, &c.source_node, &c.node).await?;
+                        rec.copy = Some(CopyRec { copied_bytes: v.copied_bytes, total_bytes: v.copy_total_bytes, finished: true, ..c });
                     }
                     // The node finished what the interrupted flow asked for.
                     let zone = self.node_in_view(&node).await?.map(|n| n.zone).unwrap_or_default();

@@ -54,6 +54,33 @@ pub struct VolumeRec {
     /// `accessibility`): its own node, or any node of its zone over NBD.
     #[serde(default)]
     pub accessibility: Accessibility,
+    /// A volume copied from its source on another node (a cross-node
+    /// restore or clone): how far the copy got, and whether it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyRec>,
+}
+
+/// A cross-node copy: which node exports the source to the volume's node,
+/// and how far the copy got (allocated bytes; the source's holes are not
+/// copied).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CopyRec {
+    pub source_node: String,
+    /// The node the volume is copied to (the export's consumer).
+    pub node: String,
+    pub copied_bytes: u64,
+    /// Allocated bytes of the source (0 until the copy has mapped it).
+    pub total_bytes: u64,
+    /// The copy is complete and its export removed; the figures stay.
+    #[serde(default)]
+    pub finished: bool,
+}
+
+impl VolumeRec {
+    /// A copy from another node that is not finished (its export may exist).
+    pub fn copy_under_way(&self) -> Option<&CopyRec> {
+        self.copy.as_ref().filter(|c| !c.finished)
+    }
 }
 
 /// StorageClass parameter `accessibility`.

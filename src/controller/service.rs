@@ -126,9 +126,16 @@ fn parse_parameters(p: &std::collections::HashMap<String, String>) -> Result<Par
                 out.accessibility = Accessibility::parse(v)
                     .ok_or_else(|| invalid(format!("parameter accessibility={v:?}: use node (its own node) or zone (any node of its zone, over NBD)")))?
             }
+            super::crossnode::CROSS_NODE_SOURCES => {
+                if v != "true" && v != "false" {
+                    return Err(invalid(format!(
+                        "parameter crossNodeSources={v:?}: use true (a restore or clone may be copied to another node) or false (only the source's node)"
+                    )));
+                }
+            }
             _ => {
                 return Err(invalid(format!(
-                    "unknown parameter {k:?}; cinderblock understands provisioning, placement and accessibility"
+                    "unknown parameter {k:?}; cinderblock understands provisioning, placement, accessibility and crossNodeSources"
                 )))
             }
         }

@@ -25,6 +25,8 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".spec.phase"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node"}"#,
     printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.size_bytes"}"#,
+    printcolumn = r#"{"name":"Copied","type":"integer","jsonPath":".spec.copy.copied_bytes"}"#,
+    printcolumn = r#"{"name":"To Copy","type":"integer","jsonPath":".spec.copy.total_bytes"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct BlockVolumeSpec {

@@ -21,8 +21,8 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::attach::nbd::fuse::FuseFile;
-use crate::attach::nbd::{kernel, ClientTls, Engine, Target, CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TRANSPORT, TRANSPORT_NBD};
-use crate::tls::{AgentConnector, Peer, TlsDir};
+use crate::attach::nbd::{kernel, Engine, Target, CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TRANSPORT, TRANSPORT_NBD};
+use crate::tls::TlsDir;
 
 use super::error::NodeError;
 
@@ -130,16 +130,11 @@ impl Remote {
                 detail: "is attached here from another export; unstage it first".into(),
             });
         }
-        let connector = AgentConnector::new(self.config.tls.clone(), &Peer::Node(t.owner.clone()), vec![])
-            .map_err(|e| NodeError::Invalid { what: "publish_context", reason: e.to_string() })?;
-        let config = connector.config().map_err(|e| NodeError::Internal { detail: format!("TLS for NBD: {e}") })?;
-        let server_name = rustls::pki_types::ServerName::try_from(
-            crate::tls::node_dns_name(&t.owner).map_err(|e| NodeError::Invalid { what: "publish_context", reason: e.to_string() })?,
-        )
-        .map_err(|e| NodeError::Internal { detail: e.to_string() })?;
+        let tls = crate::attach::nbd::tls_to_node(self.config.tls.clone(), &t.owner)
+            .map_err(|reason| NodeError::Invalid { what: "publish_context", reason })?;
         let backing = match &*self.config.engine {
             Engine::Fuse { policy, .. } => {
-                let target = Target { address: t.address.clone(), export: t.export.clone(), tls: Some(ClientTls { config, server_name }) };
+                let target = Target { address: t.address.clone(), export: t.export.clone(), tls: Some(tls) };
                 let dir = self.config.state_root.join(volume);
                 let f = FuseFile::mount(target, &dir, policy.clone(), read_only)
                     .await

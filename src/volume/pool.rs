@@ -32,6 +32,8 @@ use crate::keyed_locks::KeyedLocks;
 use super::records::{self, SnapshotRecord, State, VolumeRecord, VolumeSource};
 use super::{validate_id, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES};
 
+mod copy_target;
+
 /// Images are sized in whole 4 KiB blocks so any block device can sit on them.
 pub const SIZE_ALIGN: u64 = 4096;
 /// The largest image we make (an ext4/xfs file can be larger; a loop device
@@ -391,6 +393,8 @@ impl Pool {
                 entry.write(rec_path).map_err(failed("writing", rec_path))?;
                 Ok((Some(entry), Outcome::Finished))
             }
+            // A cross-node copy under way goes on from its last durable point.
+            State::Creating if matches!(&entry, Entry::Volume(v) if v.copy.is_some()) && partial.exists() => Ok((Some(entry), Outcome::Kept)),
             State::Creating => {
                 records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
                 records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
@@ -575,7 +579,8 @@ impl Pool {
         self.index().volumes.values().cloned().collect()
     }
 
-    pub fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord, VolumeError> {
+    /// Check a create's ID, metadata and size; the size rounded up to whole blocks.
+    fn checked_size(req: &CreateVolume) -> Result<u64, VolumeError> {
         validate_id("volume id", &req.id)?;
         validate_metadata(&req.metadata)?;
         if req.size_bytes == 0 {
@@ -587,7 +592,48 @@ impl Pool {
                 reason: format!("the largest volume is {MAX_VOLUME_BYTES} bytes"),
             });
         }
-        let size = req.size_bytes.div_ceil(SIZE_ALIGN) * SIZE_ALIGN;
+        Ok(req.size_bytes.div_ceil(SIZE_ALIGN) * SIZE_ALIGN)
+    }
+
+    /// A repeated create must ask for what the volume is: ALREADY_EXISTS otherwise.
+    fn same_create(existing: &VolumeRecord, req: &CreateVolume, size: u64) -> Result<(), VolumeError> {
+        if existing.size_bytes == size && existing.provisioning == req.provisioning && existing.source == req.source {
+            return Ok(());
+        }
+        Err(VolumeError::Conflict {
+            kind: "volume",
+            id: req.id.clone(),
+            detail: format!("it has {} bytes, {}, source {:?}", existing.size_bytes, existing.provisioning.as_str(), existing.source),
+        })
+    }
+
+    /// The `Creating` record of a new volume.
+    fn creating(req: &CreateVolume, size: u64, copy: Option<records::CopyState>) -> VolumeRecord {
+        VolumeRecord {
+            id: req.id.clone(),
+            size_bytes: size,
+            provisioning: req.provisioning,
+            source: req.source.clone(),
+            metadata: req.metadata.clone(),
+            created_at_ms: records::now_ms(),
+            state: State::Creating,
+            expanding_to: None,
+            copy,
+        }
+    }
+
+    /// Admit a new volume against the pool's capacity and write its
+    /// `Creating` record, as one step racing creates cannot interleave.
+    fn admit_and_record(&self, record: &VolumeRecord) -> Result<(), VolumeError> {
+        let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+        self.admit(record.size_bytes, record.provisioning)?;
+        records::write_record(&self.path(Kind::Volume, &record.id, "json"), record).map_err(VolumeError::io("writing volume record"))?;
+        self.index().volumes.insert(record.id.clone(), record.clone());
+        Ok(())
+    }
+
+    pub fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord, VolumeError> {
+        let size = Self::checked_size(&req)?;
         let mut keys = vec![Kind::Volume.lock_key(&req.id)];
         match &req.source {
             Some(VolumeSource::Snapshot(s)) => {
@@ -612,22 +658,7 @@ impl Pool {
         }
 
         if let Some(existing) = self.index().volumes.get(&req.id).cloned() {
-            let same = existing.size_bytes == size
-                && existing.provisioning == req.provisioning
-                && existing.source == req.source;
-            if same {
-                return Ok(existing);
-            }
-            return Err(VolumeError::Conflict {
-                kind: "volume",
-                id: req.id.clone(),
-                detail: format!(
-                    "it has {} bytes, {}, source {:?}",
-                    existing.size_bytes,
-                    existing.provisioning.as_str(),
-                    existing.source
-                ),
-            });
+            return Self::same_create(&existing, &req, size).map(|_| existing);
         }
 
         // The source, held by its lock for the whole copy.
@@ -661,25 +692,11 @@ impl Pool {
             None => None,
         };
 
-        let record = VolumeRecord {
-            id: req.id.clone(),
-            size_bytes: size,
-            provisioning: req.provisioning,
-            source: req.source.clone(),
-            metadata: req.metadata.clone(),
-            created_at_ms: records::now_ms(),
-            state: State::Creating,
-            expanding_to: None,
-        };
+        let record = Self::creating(&req, size, None);
         let rec_path = self.path(Kind::Volume, &req.id, "json");
-        {
-            let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-            // A clone by reflink shares its source's blocks, but it may be
-            // rewritten entirely, so it counts in full, as in Cinder.
-            self.admit(size, req.provisioning)?;
-            records::write_record(&rec_path, &record).map_err(VolumeError::io("writing volume record"))?;
-            self.index().volumes.insert(req.id.clone(), record.clone());
-        }
+        // A clone by reflink shares its source's blocks, but it may be
+        // rewritten entirely, so it counts in full, as in Cinder.
+        self.admit_and_record(&record)?;
 
         let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), None);
         let result = made.and_then(|method| {

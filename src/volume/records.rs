@@ -41,6 +41,29 @@ pub struct VolumeRecord {
     /// this size and `size_bytes` is still the size the volume has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expanding_to: Option<u64>,
+    /// Set while the volume is being copied from another node's export (a
+    /// cross-node restore or clone); gone once it is `Available`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyState>,
+}
+
+/// Where a cross-node copy reads and how far it got. Everything below
+/// `resume_at` is in the `.partial` image and was synced before this was
+/// written, so a restarted copy goes on from there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyState {
+    /// host:port of the source node's NBD server.
+    pub address: String,
+    /// The export's name (a capability; the record is readable by root only).
+    pub export_name: String,
+    /// The source node: the certificate the NBD server must show.
+    pub server_node: String,
+    pub resume_at: u64,
+    /// Allocated bytes copied below `resume_at`.
+    pub copied_bytes: u64,
+    /// Allocated bytes of the source, once mapped (0 before).
+    #[serde(default)]
+    pub total_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -52,20 +52,12 @@ macro_rules! require_tools {
 }
 
 pub fn have_tool(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 pub fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A filesystem made for one test: an image file in a temporary folder,
@@ -82,10 +74,7 @@ impl TestFs {
     /// `kind`: "xfs-reflink", "xfs-noreflink", "ext4", or "xfs-4k-sectors"
     /// (xfs on a loop device with 4096-byte logical sectors, as on a 4Kn disk).
     pub fn new(kind: &str, size: &str) -> TestFs {
-        let dir = tempfile::Builder::new()
-            .prefix("cinderblock-fs-")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("cinderblock-fs-").tempdir().unwrap();
         let image = dir.path().join("fs.img");
         let mount = dir.path().join("mnt");
         std::fs::create_dir(&mount).unwrap();
@@ -96,11 +85,7 @@ impl TestFs {
                 .arg(&image)
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "losetup: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
             let disk = String::from_utf8(out.stdout).unwrap().trim().to_string();
             let fs = TestFs {
                 dir,
@@ -112,45 +97,20 @@ impl TestFs {
             return fs;
         }
         match kind {
-            "xfs-reflink" => run(
-                "mkfs.xfs",
-                &["-q", "-f", "-m", "reflink=1", image.to_str().unwrap()],
-            ),
-            "xfs-noreflink" => run(
-                "mkfs.xfs",
-                &["-q", "-f", "-m", "reflink=0", image.to_str().unwrap()],
-            ),
-            "ext4" => run(
-                "mkfs.ext4",
-                &["-q", "-F", "-E", "nodiscard", image.to_str().unwrap()],
-            ),
+            "xfs-reflink" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=1", image.to_str().unwrap()]),
+            "xfs-noreflink" => run("mkfs.xfs", &["-q", "-f", "-m", "reflink=0", image.to_str().unwrap()]),
+            "ext4" => run("mkfs.ext4", &["-q", "-F", "-E", "nodiscard", image.to_str().unwrap()]),
             other => panic!("unknown test filesystem {other}"),
         }
-        run(
-            "mount",
-            &[
-                "-o",
-                "loop",
-                image.to_str().unwrap(),
-                mount.to_str().unwrap(),
-            ],
-        );
-        TestFs {
-            dir,
-            mount,
-            disk: None,
-        }
+        run("mount", &["-o", "loop", image.to_str().unwrap(), mount.to_str().unwrap()]);
+        TestFs { dir, mount, disk: None }
     }
 }
 
 impl Drop for TestFs {
     fn drop(&mut self) {
         let m = self.mount.to_str().unwrap().to_string();
-        let ok = Command::new("umount")
-            .arg(&m)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let ok = Command::new("umount").arg(&m).status().map(|s| s.success()).unwrap_or(false);
         if !ok {
             let _ = Command::new("umount").args(["-l", &m]).status();
         }
@@ -164,9 +124,7 @@ impl Drop for TestFs {
 pub fn tree(root: &Path) -> BTreeMap<String, (u64, u64)> {
     let mut out = BTreeMap::new();
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u64, u64)>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
         for e in rd.flatten() {
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().display().to_string();
@@ -205,9 +163,7 @@ pub fn checksum(path: &Path) -> u64 {
 pub fn write_pattern(path: &Path, offset: u64, len: usize, seed: u8) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let buf: Vec<u8> = (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect();
+    let buf: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
     f.write_all_at(&buf, offset).unwrap();
     f.sync_all().unwrap();
 }
@@ -237,11 +193,7 @@ pub fn allocated(path: &Path) -> u64 {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A CA and certificates for a controller and one node, made once in
@@ -252,10 +204,7 @@ pub fn test_pki(dir: &Path, node_id: &str) -> (PathBuf, PathBuf) {
     let tls = dir.join("tls");
     let peers = [Peer::Controller, Peer::Node(node_id.to_string())];
     authority::ensure_local_pki(&tls, &peers).expect("making test certificates");
-    (
-        authority::local_peer_dir(&tls, &peers[0]),
-        authority::local_peer_dir(&tls, &peers[1]),
-    )
+    (authority::local_peer_dir(&tls, &peers[0]), authority::local_peer_dir(&tls, &peers[1]))
 }
 
 /// Puts a fencing token on every call, as the controller does.
@@ -275,25 +224,16 @@ pub type AgentClient = cinderblock::agent_proto::volume_manager_client::VolumeMa
 
 /// A client for the agent at `address` (https://host:port) that presents
 /// the certificate in `client_tls` and accepts only `node_id`'s.
-pub async fn agent_client(
-    address: &str,
-    node_id: &str,
-    client_tls: &Path,
-    token: u64,
-) -> AgentClient {
+pub async fn agent_client(address: &str, node_id: &str, client_tls: &Path, token: u64) -> AgentClient {
     use cinderblock::tls::{AgentConnector, Peer, TlsDir};
     let dir = TlsDir::open(client_tls).expect("client certificates");
-    let connector =
-        AgentConnector::new(dir, &Peer::Node(node_id.to_string()), vec![b"h2".to_vec()]).unwrap();
+    let connector = AgentConnector::new(dir, &Peer::Node(node_id.to_string()), vec![b"h2".to_vec()]).unwrap();
     let channel = tonic::transport::Endpoint::from_shared(address.to_string())
         .unwrap()
         .connect_with_connector(connector)
         .await
         .expect("connecting to the agent");
-    cinderblock::agent_proto::volume_manager_client::VolumeManagerClient::with_interceptor(
-        channel,
-        FencingToken(token),
-    )
+    cinderblock::agent_proto::volume_manager_client::VolumeManagerClient::with_interceptor(channel, FencingToken(token))
 }
 
 /// A real `cinderblock node` process; killed on drop.
@@ -316,13 +256,7 @@ impl NodeProcess {
         let port = free_port();
         let (controller_tls, node_tls) = test_pki(pool.parent().unwrap(), node_id);
         let mut child = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
-            .args([
-                "node",
-                "--pool",
-                pool.to_str().unwrap(),
-                "--node-id",
-                node_id,
-            ])
+            .args(["node", "--pool", pool.to_str().unwrap(), "--node-id", node_id])
             .args(["--tls-dir", node_tls.to_str().unwrap()])
             .args(["--agent-listen", &format!("127.0.0.1:{port}")])
             .args(["--endpoint", &format!("unix://{}", sock.display())])
@@ -365,10 +299,7 @@ impl Drop for NodeProcess {
 }
 
 pub fn write_file(path: &Path, bytes: &[u8]) {
-    std::fs::File::create(path)
-        .unwrap()
-        .write_all(bytes)
-        .unwrap();
+    std::fs::File::create(path).unwrap().write_all(bytes).unwrap();
 }
 
 /// A real `cinderblock standalone` process (controller + nodes); killed on drop.
@@ -386,10 +317,7 @@ impl Standalone {
         std::fs::create_dir_all(data_dir).unwrap();
         let log = data_dir.join(format!(
             "standalone-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
         let child = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
             .args(["standalone", "--data-dir", data_dir.to_str().unwrap()])
@@ -410,10 +338,7 @@ impl Standalone {
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if let Ok(Some(status)) = s.child.try_wait() {
-                panic!(
-                    "standalone exited with {status}: {}",
-                    std::fs::read_to_string(&s.log).unwrap_or_default()
-                );
+                panic!("standalone exited with {status}: {}", std::fs::read_to_string(&s.log).unwrap_or_default());
             }
             assert!(Instant::now() < deadline, "standalone did not start");
             std::thread::sleep(Duration::from_millis(10));
@@ -455,10 +380,7 @@ impl Standalone {
 
     /// SIGTERM and wait: the clean stop a user gets.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let _ = rustix::process::kill_process(
-            rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(),
-            rustix::process::Signal::TERM,
-        );
+        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(), rustix::process::Signal::TERM);
         self.child.wait().unwrap()
     }
 
@@ -483,12 +405,9 @@ pub async fn csi_channel(endpoint: &str) -> tonic::transport::Channel {
 
 /// A plain HTTP/1.1 GET on loopback: the body (panics on anything but 200).
 pub fn http_get(addr: &str, path: &str) -> String {
-    let mut s =
-        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
@@ -542,9 +461,7 @@ impl Drop for Leftovers {
 /// Single-node-writer access, raw block or an ext4 mount.
 #[allow(dead_code)]
 pub fn rwo_capability(block: bool) -> cinderblock::csi::VolumeCapability {
-    use cinderblock::csi::volume_capability::{
-        access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
-    };
+    use cinderblock::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
     cinderblock::csi::VolumeCapability {
         access_mode: Some(AccessMode {
             mode: Mode::SingleNodeWriter as i32,
@@ -562,15 +479,9 @@ pub fn rwo_capability(block: bool) -> cinderblock::csi::VolumeCapability {
 
 /// CreateVolume of a zone volume (`accessibility: zone`) whose image goes on `node`.
 #[allow(dead_code)]
-pub fn zone_volume_on(
-    name: &str,
-    node: &str,
-    size: i64,
-    block: bool,
-) -> cinderblock::csi::CreateVolumeRequest {
+pub fn zone_volume_on(name: &str, node: &str, size: i64, block: bool) -> cinderblock::csi::CreateVolumeRequest {
     use cinderblock::csi;
-    let seg: std::collections::HashMap<String, String> =
-        [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
+    let seg: std::collections::HashMap<String, String> = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
     csi::CreateVolumeRequest {
         name: name.into(),
         capacity_range: Some(csi::CapacityRange {
@@ -591,11 +502,8 @@ pub fn zone_volume_on(
 #[allow(dead_code)]
 pub fn metrics_address_in_log(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
-    text.lines().find_map(|l| {
-        l.split("metrics on http://")
-            .nth(1)
-            .map(|r| r.split('/').next().unwrap().to_string())
-    })
+    text.lines()
+        .find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
 }
 
 /// Something listens on 127.0.0.1:`port`. A connection to a port in the
@@ -604,6 +512,5 @@ pub fn metrics_address_in_log(log: &Path) -> Option<String> {
 /// such a connection is not a listener.
 #[allow(dead_code)]
 pub fn listening_on(port: u16) -> bool {
-    std::net::TcpStream::connect(("127.0.0.1", port))
-        .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
 }

@@ -30,6 +30,16 @@ pub const CONTEXT_OWNER: &str = "cinderblock.dev/nbd-owner";
 /// The value of `CONTEXT_TRANSPORT` for NBD.
 pub const TRANSPORT_NBD: &str = "nbd";
 
+/// TLS for our client to the NBD server of `node`: this node's certificate
+/// (which the export admits), and only `node`'s certificate accepted.
+pub fn tls_to_node(dir: std::sync::Arc<crate::tls::TlsDir>, node: &str) -> Result<ClientTls, String> {
+    let connector = crate::tls::AgentConnector::new(dir, &crate::tls::Peer::Node(node.to_string()), vec![]).map_err(|e| e.to_string())?;
+    let config = connector.config().map_err(|e| format!("TLS for NBD: {e}"))?;
+    let name = crate::tls::node_dns_name(node).map_err(|e| e.to_string())?;
+    let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
+    Ok(ClientTls { config, server_name })
+}
+
 /// Which engine this node attaches with, chosen once at start.
 pub enum Engine {
     Kernel(kernel::KernelOptions),
