@@ -12,8 +12,10 @@ of cinderblock's code sees it. Go clients (the kubelet, the CSI sidecars)
 send "localhost" and work. So: set the authority to "localhost".
 """
 
+import atexit
 import importlib
 import pathlib
+import shutil
 import sys
 import tempfile
 
@@ -26,6 +28,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def load_csi_stubs():
     """Generate csi_pb2 and csi_pb2_grpc from proto/csi.proto into a temporary folder."""
     out = tempfile.mkdtemp(prefix="cinderblock-csi-py-")
+    # The modules are loaded by then; the folder is not needed after exit.
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     include = pathlib.Path(protoc.__file__).parent / "_proto"  # google/protobuf/*.proto
     rc = protoc.main([
         "grpc_tools.protoc",
