@@ -50,61 +50,67 @@ struct NodeView {
     exports: Option<BTreeSet<(String, String)>>,
 }
 
+/// What the controller says of one volume in ControllerGetVolume and
+/// ListVolumes.
+pub struct VolumeStatus {
+    pub health: Health,
+    /// The nodes it is published to.
+    pub published: Vec<String>,
+}
+
+/// Publications by volume ID.
+type ExportsByVolume = HashMap<String, Vec<ExportRec>>;
+
 impl Manager {
-    /// The health of each volume, by ID.
-    pub async fn volumes_health(
-        &self,
-        volumes: &[VolumeRec],
-    ) -> Result<HashMap<String, Health>, Status> {
+    /// The health and publications of each volume, by ID: one read of the
+    /// publications and one question to each node holding one of them.
+    pub async fn volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, Status> {
+        let mut exports = self.exports_by_volume().await?;
+        let mut views = BTreeMap::new();
+        self.ask_nodes_of(volumes, &mut views).await;
+        let mut out = HashMap::new();
+        for v in volumes {
+            let health = self.judge(v, &views, &exports).await;
+            let published = exports.remove(&v.id).unwrap_or_default().into_iter().map(|e| e.node_id).collect();
+            out.insert(v.id.clone(), VolumeStatus { health, published });
+        }
+        Ok(out)
+    }
+
+    pub async fn volume_status(&self, v: &VolumeRec) -> Result<VolumeStatus, Status> {
+        let mut all = self.volumes_status(std::slice::from_ref(v)).await?;
+        Ok(all.remove(&v.id).unwrap_or_else(|| VolumeStatus { health: Health::bad("unknown"), published: vec![] }))
+    }
+
+    async fn exports_by_volume(&self) -> Result<ExportsByVolume, Status> {
+        let mut exports: ExportsByVolume = HashMap::new();
+        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export).await.map_err(store_status)? {
+            exports.entry(e.volume_id.clone()).or_default().push(e);
+        }
+        Ok(exports)
+    }
+
+    /// Asks each node holding one of `volumes` that `views` does not hold yet.
+    async fn ask_nodes_of(&self, volumes: &[VolumeRec], views: &mut BTreeMap<String, NodeView>) {
         let nodes: BTreeSet<String> = volumes
             .iter()
             .filter(|v| v.phase == Phase::Available)
             .filter_map(|v| v.node.clone())
+            .filter(|n| !views.contains_key(n))
             .collect();
         let asked = join_all(nodes.into_iter().map(|n| async move {
             let view = self.ask_node(&n).await;
             (n, view)
         }))
         .await;
-        let views: BTreeMap<String, NodeView> = asked.into_iter().collect();
-        let wanted: BTreeSet<&str> = volumes.iter().map(|v| v.id.as_str()).collect();
-        let mut exports: HashMap<String, Vec<ExportRec>> = HashMap::new();
-        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export)
-            .await
-            .map_err(store_status)?
-        {
-            if wanted.contains(e.volume_id.as_str()) {
-                exports.entry(e.volume_id.clone()).or_default().push(e);
-            }
-        }
-        let mut out = HashMap::new();
-        for v in volumes {
-            let h = health_of(
-                v,
-                &views,
-                exports.get(&v.id).map(Vec::as_slice).unwrap_or_default(),
-            );
-            self.note_health(v, &h).await;
-            out.insert(v.id.clone(), h);
-        }
-        Ok(out)
+        views.extend(asked);
     }
 
-    /// The nodes each volume is published to (one read of the exports).
-    pub async fn published_nodes(&self) -> Result<HashMap<String, Vec<String>>, Status> {
-        let mut out: HashMap<String, Vec<String>> = HashMap::new();
-        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export)
-            .await
-            .map_err(store_status)?
-        {
-            out.entry(e.volume_id).or_default().push(e.node_id);
-        }
-        Ok(out)
-    }
-
-    pub async fn volume_health(&self, v: &VolumeRec) -> Result<Health, Status> {
-        let mut all = self.volumes_health(std::slice::from_ref(v)).await?;
-        Ok(all.remove(&v.id).unwrap_or_else(|| Health::bad("unknown")))
+    /// A volume's health from what its node said, with its event.
+    async fn judge(&self, v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &ExportsByVolume) -> Health {
+        let h = health_of(v, views, exports.get(&v.id).map(Vec::as_slice).unwrap_or_default());
+        self.note_health(v, &h).await;
+        h
     }
 
     async fn ask_node(&self, node: &str) -> NodeView {
@@ -175,24 +181,22 @@ impl Manager {
     /// Look at every Available volume (the reconciler calls it every pass),
     /// so a volume that turns abnormal gets its event even when no CO asks.
     pub async fn check_health(&self) -> Result<(), Status> {
+        // One read of the publications and one question per node for the
+        // whole pass, however many pages of volumes.
+        let exports = self.exports_by_volume().await?;
+        let mut views = BTreeMap::new();
         let mut after: Option<String> = None;
         loop {
-            let page = store::list_page_json::<VolumeRec>(
-                &*self.store,
-                Kind::Volume,
-                after.as_deref(),
-                store::PAGE,
-            )
-            .await
-            .map_err(store_status)?;
+            let page = store::list_page_json::<VolumeRec>(&*self.store, Kind::Volume, after.as_deref(), store::PAGE)
+                .await
+                .map_err(store_status)?;
             let done = page.len() < store::PAGE;
             after = page.last().map(|(id, _, _)| id.clone());
-            let vols: Vec<VolumeRec> = page
-                .into_iter()
-                .map(|(_, v, _)| v)
-                .filter(|v| v.phase == Phase::Available)
-                .collect();
-            self.volumes_health(&vols).await?;
+            let vols: Vec<VolumeRec> = page.into_iter().map(|(_, v, _)| v).filter(|v| v.phase == Phase::Available).collect();
+            self.ask_nodes_of(&vols, &mut views).await;
+            for v in &vols {
+                self.judge(v, &views, &exports).await;
+            }
             if done {
                 return Ok(());
             }

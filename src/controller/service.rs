@@ -386,18 +386,20 @@ impl csi::controller_server::Controller for ControllerService {
         let result = async {
             let page = self.manager.volume_page(r.max_entries, &r.starting_token).await?;
             let next_token = page.next_token;
-            let mut health = self.manager.volumes_health(&page.items).await?;
-            let mut published = self.manager.published_nodes().await?;
+            let mut status = self.manager.volumes_status(&page.items).await?;
             Ok(csi::ListVolumesResponse {
                 entries: page
                     .items
                     .iter()
-                    .map(|v| csi::list_volumes_response::Entry {
-                        volume: Some(to_csi_volume(v)),
-                        status: Some(csi::list_volumes_response::VolumeStatus {
-                            published_node_ids: published.remove(&v.id).unwrap_or_default(),
-                            volume_condition: health.remove(&v.id).map(|h| csi::VolumeCondition { abnormal: h.abnormal, message: h.message }),
-                        }),
+                    .map(|v| {
+                        let s = status.remove(&v.id);
+                        csi::list_volumes_response::Entry {
+                            volume: Some(to_csi_volume(v)),
+                            status: Some(csi::list_volumes_response::VolumeStatus {
+                                volume_condition: s.as_ref().map(|s| csi::VolumeCondition { abnormal: s.health.abnormal, message: s.health.message.clone() }),
+                                published_node_ids: s.map(|s| s.published).unwrap_or_default(),
+                            }),
+                        }
                     })
                     .collect(),
                 next_token,
@@ -559,12 +561,12 @@ impl csi::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         let result = async {
             let v = self.known_volume(&r.volume_id).await?;
-            let h = self.manager.volume_health(&v).await?;
-            let condition = csi::VolumeCondition { abnormal: h.abnormal, message: h.message };
+            let s = self.manager.volume_status(&v).await?;
+            let condition = csi::VolumeCondition { abnormal: s.health.abnormal, message: s.health.message };
             Ok(csi::ControllerGetVolumeResponse {
                 volume: Some(to_csi_volume(&v)),
                 status: Some(csi::controller_get_volume_response::VolumeStatus {
-                    published_node_ids: self.manager.publications(&v.id).await?.into_iter().map(|e| e.node_id).collect(),
+                    published_node_ids: s.published,
                     volume_condition: Some(condition),
                 }),
             })
