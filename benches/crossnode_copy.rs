@@ -9,7 +9,7 @@
 //! temporary folder under /var/tmp).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_macros)]
+#[allow(unused_macros)]
 mod common;
 
 use std::process::{Command, Stdio};
