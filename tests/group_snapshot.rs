@@ -150,25 +150,7 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
             .path()
             .join("kubelet")
             .join(format!("{}-target", v.volume_id));
-        node.node_stage_volume(csi::NodeStageVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: staging.display().to_string(),
-            volume_capability: Some(rwo_capability(false)),
-            publish_context: ctx.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        node.node_publish_volume(csi::NodePublishVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            staging_target_path: staging.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(rwo_capability(false)),
-            publish_context: ctx,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        stage_and_publish_rwo(&mut node, &v.volume_id, &staging, &target, false, &ctx).await;
         mounts.push(target);
     }
     // node-2's volume, mounted from its image through a loop device as

@@ -281,25 +281,7 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     assert_eq!(ctx.get("cinderblock.dev/nbd-address").map(String::as_str), Some(format!("{own_addr}:10809").as_str()), "{ctx:?}");
     let staging = d.join("kubelet").join("fs-staging");
     let target = d.join("kubelet").join("fs-target");
-    node.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: fs_vol.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(rwo_capability(false)),
-        publish_context: ctx.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    node.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: fs_vol.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(rwo_capability(false)),
-        publish_context: ctx.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    stage_and_publish_rwo(&mut node, &fs_vol.volume_id, &staging, &target, false, &ctx).await;
     std::fs::write(target.join("note.txt"), b"written on con, kept on own").unwrap();
     std::fs::File::open(target.join("note.txt")).unwrap().sync_all().unwrap();
     node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: fs_vol.volume_id.clone(), target_path: target.display().to_string() })
@@ -324,25 +306,7 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     let ctx = ctl.controller_publish_volume(publish(&blk.volume_id, true)).await.unwrap().into_inner().publish_context;
     let staging = d.join("kubelet").join("blk-staging");
     let target = d.join("kubelet").join("blk-target");
-    node.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: blk.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(rwo_capability(true)),
-        publish_context: ctx.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    node.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: blk.volume_id.clone(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(rwo_capability(true)),
-        publish_context: ctx.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    stage_and_publish_rwo(&mut node, &blk.volume_id, &staging, &target, true, &ctx).await;
     let fio_out = d.join("fio.json");
     let mut fio = Command::new("fio")
         .args([

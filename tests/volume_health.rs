@@ -49,25 +49,7 @@ async fn an_image_removed_under_a_mounted_volume_turns_it_abnormal_everywhere() 
         .publish_context;
     let staging = dir.path().join("kubelet/health-staging");
     let target = dir.path().join("kubelet/health-target");
-    node.node_stage_volume(csi::NodeStageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(rwo_capability(false)),
-        publish_context: ctx.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    node.node_publish_volume(csi::NodePublishVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(rwo_capability(false)),
-        publish_context: ctx,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    stage_and_publish_rwo(&mut node, &id, &staging, &target, false, &ctx).await;
 
     let stats = csi::NodeGetVolumeStatsRequest {
         volume_id: id.clone(),

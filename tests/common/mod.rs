@@ -514,3 +514,36 @@ pub fn metrics_address_in_log(log: &Path) -> Option<String> {
 pub fn listening_on(port: u16) -> bool {
     std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
 }
+
+/// What the kubelet does before a pod starts: NodeStageVolume, then
+/// NodePublishVolume, of a single-node-writer volume (raw block or ext4),
+/// with the `publish_context` ControllerPublishVolume gave.
+pub async fn stage_and_publish_rwo(
+    node: &mut cinderblock::csi::node_client::NodeClient<tonic::transport::Channel>,
+    volume_id: &str,
+    staging: &Path,
+    target: &Path,
+    block: bool,
+    publish_context: &std::collections::HashMap<String, String>,
+) {
+    use cinderblock::csi;
+    node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(rwo_capability(block)),
+        publish_context: publish_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("NodeStageVolume {volume_id}: {e}"));
+    node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(rwo_capability(block)),
+        publish_context: publish_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("NodePublishVolume {volume_id}: {e}"));
+}
