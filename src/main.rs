@@ -488,12 +488,14 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("agent API cannot listen on {}: {e}", args.agent_listen))?;
     let agent_addr = agent_listener.local_addr().map_err(|e| e.to_string())?;
-    let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
 
     // Volumes of other nodes attach here over NBD (kernel engine where the
     // nbd module answers, FUSE otherwise).
     let engine = Arc::new(cinderblock::attach::nbd::Engine::detect(&args.attach_state_dir).await);
     info!(engine = engine.name(), "remote attach engine");
+    // The CSI socket appears only once the node knows how it attaches
+    // (what a caller waiting for the socket may then rely on).
+    let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
     let remote = cinderblock::node::remote::RemoteConfig { engine: engine.clone(), tls: tls_dir.clone(), state_root: args.attach_state_dir.clone() };
     let copier = cinderblock::agent::copier::Copier::new(pool.clone(), tls_dir.clone(), args.node_id.clone());
     let mut agent_service = AgentService::new(pool.clone(), args.node_id.clone(), fence).with_copier(copier);
