@@ -10,8 +10,8 @@ use cinderblock::csi;
 use cinderblock::csi::controller_client::ControllerClient;
 use common::*;
 
-fn scrape(port: u16) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+fn scrape(address: &str) -> String {
+    let mut s = std::net::TcpStream::connect(address).expect("metrics port");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
@@ -51,8 +51,9 @@ fn assert_valid_openmetrics(text: &str) {
 #[tokio::test]
 async fn metrics_count_create_snapshot_and_delete() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let s = Standalone::start(dir.path(), 2, 1, &["--metrics-addr", &format!("127.0.0.1:{port}"), "--heartbeat-interval", "0.2"]);
+    // Port 0: the kernel picks a free port and the standalone logs it, so
+    // tests running side by side never race for one.
+    let s = Standalone::start(dir.path(), 2, 1, &["--metrics-addr", "127.0.0.1:0", "--heartbeat-interval", "0.2"]);
     let mut c = ControllerClient::new(csi_channel(&s.endpoint).await);
     let cap = csi::VolumeCapability {
         access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
@@ -78,7 +79,15 @@ async fn metrics_count_create_snapshot_and_delete() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
 
-    let text = scrape(port);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let address = loop {
+        if let Some(a) = metrics_address_in_log(&s.log) {
+            break a;
+        }
+        assert!(std::time::Instant::now() < deadline, "no metrics address in {}", s.log.display());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let text = scrape(&address);
     assert_valid_openmetrics(&text);
     let calls = |svc: &str, method: &str, code: &str| {
         sample(&text, &["cinderblock_grpc_calls_total{", &format!("service=\"{svc}\""), &format!("method=\"{method}\""), &format!("code=\"{code}\"")])

@@ -134,12 +134,16 @@ impl Drop for NodeProc {
 struct ControllerHost {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// How many nodes have had their first status recorded.
+    registered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl ControllerHost {
     fn start(ns: &str, dir: &Path, pki: &Path, nodes: Vec<(String, String, String)>) -> ControllerHost {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ns, dir, pki) = (ns.to_string(), dir.to_path_buf(), pki.to_path_buf());
+        let registered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let registered_count = registered.clone();
         let thread = std::thread::spawn(move || {
             let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
             // SAFETY: setns on a namespace file we opened; it moves only this thread.
@@ -153,8 +157,9 @@ impl ControllerHost {
                     std::sync::Arc::new(cinderblock::store::embedded::EmbeddedStore::open(&dir.join("store.redb")).unwrap());
                 let ctl_tls = authority::local_peer_dir(&pki, &Peer::Controller);
                 for (id, zone, address) in nodes {
-                    let (store, ctl_tls) = (store.clone(), ctl_tls.clone());
+                    let (store, ctl_tls, registered) = (store.clone(), ctl_tls.clone(), registered_count.clone());
                     tokio::spawn(async move {
+                        let mut first = true;
                         let mut reg = Registration::new(id.clone(), zone, format!("https://{address}"), 0);
                         let connector = cinderblock::tls::AgentConnector::new(
                             cinderblock::tls::TlsDir::open(&ctl_tls).unwrap(),
@@ -171,7 +176,10 @@ impl ControllerHost {
                         loop {
                             if let Ok(r) = agent.get_pool_status(cinderblock::agent_proto::GetPoolStatusRequest {}).await {
                                 if let Some(status) = r.into_inner().status {
-                                    let _ = reg.report_status(&*store, status).await;
+                                    if reg.report_status(&*store, status).await.is_ok() && first {
+                                        first = false;
+                                        registered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    }
                                 }
                             }
                             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -192,7 +200,17 @@ impl ControllerHost {
                     .unwrap();
             });
         });
-        ControllerHost { stop: Some(stop), thread: Some(thread) }
+        ControllerHost { stop: Some(stop), thread: Some(thread), registered }
+    }
+
+    /// Waits until every node has been recorded once, so that calls naming
+    /// either node find it.
+    async fn wait_for_nodes(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.registered.load(std::sync::atomic::Ordering::SeqCst) < count {
+            assert!(Instant::now() < deadline, "only {} of {count} nodes registered", self.registered.load(std::sync::atomic::Ordering::SeqCst));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -252,23 +270,14 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
         ("own".to_string(), "zone-1".to_string(), format!("{own_addr}:9810")),
         ("con".to_string(), "zone-1".to_string(), format!("{con_addr}:9810")),
     ];
-    let _controller = ControllerHost::start(&net.ns("ctl"), &d, &pki, nodes);
+    let controller = ControllerHost::start(&net.ns("ctl"), &d, &pki, nodes);
 
     let mut ctl = ControllerClient::new(unix_channel(&d.join("controller.sock")).await);
     let mut node = NodeClient::new(unix_channel(&d.join("con.sock")).await);
     let create = |name: &str, size: i64, block: bool| zone_volume_on(name, "own", size, block);
     // The registrars need a moment to report both nodes.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let fs_vol = loop {
-        match ctl.create_volume(create("fs-data", 64 * MIB, false)).await {
-            Ok(v) => break v.into_inner().volume.unwrap(),
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            Err(e) => panic!("CreateVolume: {e:?}"),
-        }
-    };
+    controller.wait_for_nodes(2).await;
+    let fs_vol = ctl.create_volume(create("fs-data", 64 * MIB, false)).await.unwrap().into_inner().volume.unwrap();
     let publish = |vol: &str, block: bool| csi::ControllerPublishVolumeRequest {
         volume_id: vol.into(),
         node_id: "con".into(),
