@@ -256,7 +256,7 @@ fn lookup(shared: &Shared, st: &State, name: &str) -> Lookup {
         Some(e) if allowed(shared, &e, &st.peer, st.tls_peer.as_ref()) => {
             // A volume expanded by the volume manager: new connections see
             // the new size (the image only ever grows).
-            if let Ok(len) = e.image.len() {
+            if let Ok(len) = e.image.size_bytes() {
                 e.size.fetch_max(len, std::sync::atomic::Ordering::AcqRel);
             }
             Lookup::Found(e)

@@ -41,7 +41,7 @@ impl Image {
         Image { buffered: file, direct: direct_file, direct_align }
     }
 
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn size_bytes(&self) -> io::Result<u64> {
         Ok(self.buffered.metadata()?.len())
     }
 
@@ -157,7 +157,7 @@ impl Image {
     /// pairs, at most `max` of them, from SEEK_DATA / SEEK_HOLE.
     pub fn extents(&self, offset: u64, len: u32, max: usize) -> io::Result<Vec<(u32, u32)>> {
         let end = offset + len as u64;
-        let size = self.len()?;
+        let size = self.size_bytes()?;
         let mut out: Vec<(u32, u32)> = Vec::new();
         let mut pos = offset;
         let push = |out: &mut Vec<(u32, u32)>, n: u64, flags: u32| {

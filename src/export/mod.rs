@@ -296,7 +296,7 @@ impl ExportServer {
                 .map_err(|error| ExportError::Open { path, error })?,
         };
         let image = Image::new(file, self.shared.limits.direct_io);
-        let size = image.len().map_err(|error| ExportError::Size { volume: spec.volume.clone(), error })?;
+        let size = image.size_bytes().map_err(|error| ExportError::Size { volume: spec.volume.clone(), error })?;
         let export = Arc::new(Export {
             name: spec.name,
             stats: METRICS.for_volume(&spec.volume),
@@ -334,7 +334,7 @@ impl ExportServer {
     /// Returns the size now served.
     pub fn refresh_size(&self, name: &ExportName) -> Option<u64> {
         let export = self.shared.exports.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()?;
-        let size = export.image.len().ok()?;
+        let size = export.image.size_bytes().ok()?;
         export.size.store(size, Ordering::Release);
         Some(size)
     }
