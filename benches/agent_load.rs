@@ -123,10 +123,7 @@ async fn main() {
     let pool = dir.path().join("pool");
     let node = NodeProcess::start(&pool, &dir.path().join("csi.sock"), "node-bench", &["--allowed-root", dir.path().to_str().unwrap()]);
     let mut agent = node.client().await;
-    agent
-        .create_volume(pb::CreateVolumeRequest { volume_id: "vol-src".into(), size_bytes: size, ..Default::default() })
-        .await
-        .unwrap();
+    agent.create_volume(pb::CreateVolumeRequest { volume_id: "vol-src".into(), size_bytes: size, ..Default::default() }).await.unwrap();
     let status = agent.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap();
     common::write_pattern(&pool.join("volumes/vol-src.img"), 0, size as usize, 7);
     println!(

@@ -64,7 +64,12 @@ async fn main() {
     let snap_img = s.pool(1).join("snapshots").join(format!("{snap}.img"));
     let allocated: u64 = data_segments(&snap_img).iter().map(|(a, b)| (b - a) as u64).sum();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("source: {} MiB allocated in {} MiB; load average {}", allocated / MIB, size / MIB, load.split(' ').take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "source: {} MiB allocated in {} MiB; load average {}",
+        allocated / MIB,
+        size / MIB,
+        load.split(' ').take(3).collect::<Vec<_>>().join(" ")
+    );
 
     // Ours: CreateVolume from the snapshot onto node-2 (schedule, export, copy, finish).
     let mut r = on("node-2", "restored", size);
@@ -77,7 +82,9 @@ async fn main() {
     let text = http_get(&format!("127.0.0.1:{port}"), "/metrics");
     let copied = text
         .lines()
-        .find_map(|l| l.strip_prefix("cinderblock_volume_copy_bytes_total{node=\"node-2\"} ").map(|v| v.trim().parse::<f64>().unwrap() as u64))
+        .find_map(|l| {
+            l.strip_prefix("cinderblock_volume_copy_bytes_total{node=\"node-2\"} ").map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        })
         .unwrap_or(0);
 
     // nbdcopy from our server on the same image, into node-2's pool folder.
@@ -108,6 +115,11 @@ async fn main() {
 
     println!("| copy of {} MiB allocated | seconds | GiB/s of allocated data |", allocated / MIB);
     println!("|---|---|---|");
-    println!("| cinderblock cross-node restore (TLS, 1 connection, copied {} MiB) | {:.2} | {:.2} |", copied / MIB, ours.as_secs_f64(), gib_s(allocated, ours));
+    println!(
+        "| cinderblock cross-node restore (TLS, 1 connection, copied {} MiB) | {:.2} | {:.2} |",
+        copied / MIB,
+        ours.as_secs_f64(),
+        gib_s(allocated, ours)
+    );
     println!("| nbdcopy from our server (plain, 4 connections) | {:.2} | {:.2} |", theirs.as_secs_f64(), gib_s(allocated, theirs));
 }

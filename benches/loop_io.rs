@@ -133,8 +133,7 @@ async fn main() {
     let kubelet = root.join("kubelet");
     std::fs::create_dir_all(&kubelet).unwrap();
     let pool = root.join("pool");
-    let node =
-        NodeProcess::start(&pool, &root.join("csi.sock"), "bench", &["--allowed-root", kubelet.to_str().unwrap()]);
+    let node = NodeProcess::start(&pool, &root.join("csi.sock"), "bench", &["--allowed-root", kubelet.to_str().unwrap()]);
 
     // The agent answers only over mutual TLS, as the controller calls it.
     let mut agent = node.client().await;
@@ -213,10 +212,7 @@ async fn main() {
     assert!(out.status.success(), "fio fill failed: {}", String::from_utf8_lossy(&out.stderr));
 
     println!();
-    println!(
-        "{:<18} {:>14} {:>10}   {:>14} {:>10}   {:>10}",
-        "workload", "file MiB/s", "IOPS", "loop MiB/s", "IOPS", "loop/file"
-    );
+    println!("{:<18} {:>14} {:>10}   {:>14} {:>10}   {:>10}", "workload", "file MiB/s", "IOPS", "loop MiB/s", "IOPS", "loop/file");
     let mut worst: f64 = f64::INFINITY;
     for w in &WORKLOADS {
         let (mut file, mut lo) = (vec![], vec![]);
@@ -242,17 +238,10 @@ async fn main() {
     // Random 4k I/O is CPU-bound on small machines: anything else running
     // skews the loop side (which spends more CPU per I/O) the most.
     println!("loop_io: load average at the end: {}", loadavg());
-    println!(
-        "loop_io: worst loop/file ratio {:.1}%: target (within 10%) {}",
-        worst * 100.0,
-        if worst >= 0.9 { "met" } else { "NOT met" }
-    );
+    println!("loop_io: worst loop/file ratio {:.1}%: target (within 10%) {}", worst * 100.0, if worst >= 0.9 { "met" } else { "NOT met" });
 
     csi_client
-        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-            volume_id: "vol-bench".into(),
-            target_path: target.display().to_string(),
-        })
+        .node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: "vol-bench".into(), target_path: target.display().to_string() })
         .await
         .expect("unpublish");
     csi_client

@@ -33,7 +33,8 @@ struct Workload {
     rw: &'static str,
 }
 
-const WORKLOADS: [Workload; 2] = [Workload { name: "4k random read QD32", rw: "randread" }, Workload { name: "4k random write QD32", rw: "randwrite" }];
+const WORKLOADS: [Workload; 2] =
+    [Workload { name: "4k random read QD32", rw: "randread" }, Workload { name: "4k random write QD32", rw: "randwrite" }];
 
 /// fio's JSON output, IOPS of the one job.
 fn fio(target: &[String], size_mib: u64, w: Workload, runtime: u64) -> f64 {

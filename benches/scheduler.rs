@@ -15,10 +15,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use cinderblock::controller::records::NodeRec;
-use cinderblock::scheduler::{
-    node_segments, schedule, schedule_best, NodeState, NodeView, Placement, ScheduleRequest,
-    Segments,
-};
+use cinderblock::scheduler::{node_segments, schedule, schedule_best, NodeState, NodeView, Placement, ScheduleRequest, Segments};
 use cinderblock::store::{Change, Kind, Versioned};
 use cinderblock::volume::{PoolCapacity, Provisioning};
 use cinderblock::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
@@ -67,11 +64,7 @@ fn cluster(n: usize) -> Vec<NodeState> {
                 },
                 volume_count: rng.below(300) as u32,
                 max_volumes: if rng.below(2) == 0 { 0 } else { 256 },
-                last_heartbeat_ms: if stale {
-                    NOW - 120_000
-                } else {
-                    NOW - rng.below(10_000) as i64
-                },
+                last_heartbeat_ms: if stale { NOW - 120_000 } else { NOW - rng.below(10_000) as i64 },
                 reflink: rng.below(2) == 0,
             }
         })
@@ -114,45 +107,11 @@ fn scenarios(nodes: &[NodeState]) -> Vec<(&'static str, ScheduleRequest)> {
     }
     let [any_order, any_order_preferred] = shuffled;
     vec![
-        (
-            "zones, spread",
-            ScheduleRequest {
-                requisite: vec![zone(1), zone(3), zone(5)],
-                preferred: vec![zone(3), zone(1)],
-                ..base()
-            },
-        ),
-        (
-            "no topology, stack",
-            ScheduleRequest {
-                placement: Placement::Stack,
-                ..base()
-            },
-        ),
-        (
-            PER_NODE,
-            ScheduleRequest {
-                requisite: every_node,
-                preferred: selected_first,
-                ..base()
-            },
-        ),
-        (
-            "per-node lists, shuffled",
-            ScheduleRequest {
-                requisite: any_order,
-                preferred: any_order_preferred,
-                ..base()
-            },
-        ),
-        (
-            "nothing fits",
-            ScheduleRequest {
-                size_bytes: 1 << 60,
-                provisioning: Provisioning::Thick,
-                ..base()
-            },
-        ),
+        ("zones, spread", ScheduleRequest { requisite: vec![zone(1), zone(3), zone(5)], preferred: vec![zone(3), zone(1)], ..base() }),
+        ("no topology, stack", ScheduleRequest { placement: Placement::Stack, ..base() }),
+        (PER_NODE, ScheduleRequest { requisite: every_node, preferred: selected_first, ..base() }),
+        ("per-node lists, shuffled", ScheduleRequest { requisite: any_order, preferred: any_order_preferred, ..base() }),
+        ("nothing fits", ScheduleRequest { size_bytes: 1 << 60, provisioning: Provisioning::Thick, ..base() }),
     ]
 }
 
@@ -191,9 +150,7 @@ fn read_lists(req: &ScheduleRequest) -> usize {
         .iter()
         .chain(&req.preferred)
         .flat_map(|segments| segments.iter())
-        .map(|(key, value)| {
-            usize::from(key == TOPOLOGY_NODE_KEY) + usize::from(value.as_bytes()[value.len() - 1])
-        })
+        .map(|(key, value)| usize::from(key == TOPOLOGY_NODE_KEY) + usize::from(value.as_bytes()[value.len() - 1]))
         .sum()
 }
 
@@ -236,18 +193,9 @@ fn shuffled(nodes: &[NodeState]) -> Vec<NodeState> {
 
 fn main() {
     // `cargo bench` passes `--bench`; the first other argument filters.
-    let filter = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with("--"))
-        .unwrap_or_default();
-    println!(
-        "{:>7}  {:<24} {:>8} {:>6}  {:>23}  {:>23}",
-        "nodes", "request", "passing", "runs", "schedule", "schedule_best"
-    );
-    println!(
-        "{:>7}  {:<24} {:>8} {:>6}  {:>11} {:>11}  {:>11} {:>11}",
-        "", "", "", "", "median", "p99", "median", "p99"
-    );
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--")).unwrap_or_default();
+    println!("{:>7}  {:<24} {:>8} {:>6}  {:>23}  {:>23}", "nodes", "request", "passing", "runs", "schedule", "schedule_best");
+    println!("{:>7}  {:<24} {:>8} {:>6}  {:>11} {:>11}  {:>11} {:>11}", "", "", "", "", "median", "p99", "median", "p99");
     for (size, runs) in [(100, 2000), (1_000, 1000), (10_000, 200)] {
         let nodes = cluster(size);
         for (name, req) in scenarios(&nodes) {
@@ -256,16 +204,10 @@ fn main() {
             }
             let all = schedule(&nodes, &req);
             let best = schedule_best(&nodes, &req);
-            assert_eq!(
-                best,
-                all.clone().map(|c| c[0].clone()),
-                "{size} nodes, {name}"
-            );
+            assert_eq!(best, all.clone().map(|c| c[0].clone()), "{size} nodes, {name}");
             let passing = all.map_or(0, |c| c.len());
             let (median, p99) = time(runs, || schedule(black_box(&nodes), black_box(&req)).ok());
-            let (best_median, best_p99) = time(runs, || {
-                schedule_best(black_box(&nodes), black_box(&req)).ok()
-            });
+            let (best_median, best_p99) = time(runs, || schedule_best(black_box(&nodes), black_box(&req)).ok());
             println!(
                 "{size:>7}  {name:<24} {passing:>8} {runs:>6}  {:>11} {:>11}  {:>11} {:>11}",
                 micros(median),
@@ -283,16 +225,19 @@ fn main() {
                 println!("{size:>7}  {label:<24} {:>8} {runs:>6}  {:>11} {:>11}  {:>11} {:>11}", "-", "", "", micros(median), micros(p99));
             }
             let (median, p99) = time(runs, || schedule_best(black_box(&mixed), black_box(&req)).ok());
-            println!("{size:>7}  {:<24} {:>8} {runs:>6}  {:>11} {:>11}  {:>11} {:>11}", "  list shuffled", "-", "", "", micros(median), micros(p99));
+            println!(
+                "{size:>7}  {:<24} {:>8} {runs:>6}  {:>11} {:>11}  {:>11} {:>11}",
+                "  list shuffled",
+                "-",
+                "",
+                "",
+                micros(median),
+                micros(p99)
+            );
             if name == PER_NODE {
                 let (median, p99) = time(runs, || read_lists(black_box(&req)));
                 let name = "  (reading them alone)";
-                println!(
-                    "{size:>7}  {name:<24} {:>8} {runs:>6}  {:>11} {:>11}",
-                    "-",
-                    micros(median),
-                    micros(p99)
-                );
+                println!("{size:>7}  {name:<24} {:>8} {runs:>6}  {:>11} {:>11}", "-", micros(median), micros(p99));
             }
         }
     }

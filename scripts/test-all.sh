@@ -36,6 +36,10 @@ fi
 modprobe loop 2>/dev/null || true
 modprobe fuse 2>/dev/null || true
 
+echo "== format (rustfmt.toml)"
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo fmt --check
+
 echo "== build"
 cargo build --all-targets --locked
 

@@ -105,12 +105,7 @@ fn volume_to_pb(v: &VolumeRec) -> pb::Volume {
         phase: phase_to_pb(v.phase) as i32,
         size_bytes: v.size_bytes,
         node: v.node.clone().unwrap_or_default(),
-        zone: v
-            .accessible_topology
-            .first()
-            .and_then(|t| t.get(crate::TOPOLOGY_ZONE_KEY))
-            .cloned()
-            .unwrap_or_default(),
+        zone: v.accessible_topology.first().and_then(|t| t.get(crate::TOPOLOGY_ZONE_KEY)).cloned().unwrap_or_default(),
         provisioning: v.provisioning.as_str().to_string(),
         source_snapshot_id,
         source_volume_id,
@@ -161,7 +156,8 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn get_volume(&self, r: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
         let r = r.into_inner();
-        let v = self.find_volume(&r.volume).await?.ok_or_else(|| Status::not_found(format!("no volume has the ID or name {:?}", r.volume)))?;
+        let v =
+            self.find_volume(&r.volume).await?.ok_or_else(|| Status::not_found(format!("no volume has the ID or name {:?}", r.volume)))?;
         let mut snapshot_ids: Vec<String> =
             self.manager.snapshots().await?.into_iter().filter(|s| s.source_volume_id == v.id).map(|s| s.id).collect();
         snapshot_ids.sort();

@@ -89,10 +89,9 @@ impl AgentService {
     fn authorize<T>(request: &Request<T>) -> Result<(), Status> {
         match request.extensions().get::<PeerInfo>() {
             Some(p) if p.peers.contains(&Peer::Controller) => Ok(()),
-            Some(p) => Err(Status::permission_denied(format!(
-                "the agent API answers the controller only; this certificate names {:?}",
-                p.peers
-            ))),
+            Some(p) => {
+                Err(Status::permission_denied(format!("the agent API answers the controller only; this certificate names {:?}", p.peers)))
+            }
             None => Err(Status::permission_denied("the agent API answers only over mutual TLS with the controller's certificate")),
         }
     }
@@ -131,11 +130,8 @@ impl AgentService {
         F: FnOnce(&Pool) -> Result<T, VolumeError> + Send + 'static,
     {
         let pool = self.pool.clone();
-        let out = self
-            .workers
-            .run(move || f(&pool))
-            .await
-            .map_err(|e| Status::internal(format!("{method} failed inside the agent: {e}")))?;
+        let out =
+            self.workers.run(move || f(&pool)).await.map_err(|e| Status::internal(format!("{method} failed inside the agent: {e}")))?;
         match out {
             Ok(v) => Ok(Response::new(v)),
             Err(e) => {
@@ -262,10 +258,7 @@ pub fn status_to_pb(node_id: &str, pool: &Pool) -> Result<pb::PoolStatus, Volume
 
 #[tonic::async_trait]
 impl VolumeManager for AgentService {
-    async fn create_volume(
-        &self,
-        request: Request<pb::CreateVolumeRequest>,
-    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+    async fn create_volume(&self, request: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
         if let Some(remote) = r.remote.clone() {
@@ -279,10 +272,7 @@ impl VolumeManager for AgentService {
         .await
     }
 
-    async fn delete_volume(
-        &self,
-        request: Request<pb::DeleteVolumeRequest>,
-    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+    async fn delete_volume(&self, request: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let identity = self.identity();
         let id = request.get_ref().volume_id.clone();
         if let Some(ex) = &self.exports {
@@ -303,10 +293,7 @@ impl VolumeManager for AgentService {
             .await
     }
 
-    async fn create_snapshot(
-        &self,
-        request: Request<pb::CreateSnapshotRequest>,
-    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+    async fn create_snapshot(&self, request: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
         let thick = self.pool.get_volume(&r.source_volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
@@ -318,10 +305,7 @@ impl VolumeManager for AgentService {
         .await
     }
 
-    async fn delete_snapshot(
-        &self,
-        request: Request<pb::DeleteSnapshotRequest>,
-    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+    async fn delete_snapshot(&self, request: Request<pb::DeleteSnapshotRequest>) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let identity = self.identity();
         let id = request.get_ref().snapshot_id.clone();
         if let Some(ex) = &self.exports {
@@ -339,10 +323,7 @@ impl VolumeManager for AgentService {
         .await
     }
 
-    async fn expand_volume(
-        &self,
-        request: Request<pb::ExpandVolumeRequest>,
-    ) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
+    async fn expand_volume(&self, request: Request<pb::ExpandVolumeRequest>) -> Result<Response<pb::ExpandVolumeResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
         let heavy = self.pool.get_volume(&r.volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
@@ -375,10 +356,7 @@ impl VolumeManager for AgentService {
         Ok(answer)
     }
 
-    async fn get_snapshot(
-        &self,
-        request: Request<pb::GetSnapshotRequest>,
-    ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
+    async fn get_snapshot(&self, request: Request<pb::GetSnapshotRequest>) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
         let id = request.into_inner().snapshot_id;
@@ -389,10 +367,7 @@ impl VolumeManager for AgentService {
         .await
     }
 
-    async fn list_volumes(
-        &self,
-        request: Request<pb::ListVolumesRequest>,
-    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+    async fn list_volumes(&self, request: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
         let exports = self.exports.clone();
@@ -413,10 +388,7 @@ impl VolumeManager for AgentService {
         .await
     }
 
-    async fn list_snapshots(
-        &self,
-        request: Request<pb::ListSnapshotsRequest>,
-    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+    async fn list_snapshots(&self, request: Request<pb::ListSnapshotsRequest>) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
         let source = request.into_inner().source_volume_id;
@@ -428,15 +400,11 @@ impl VolumeManager for AgentService {
         .await
     }
 
-    async fn get_pool_status(
-        &self,
-        request: Request<pb::GetPoolStatusRequest>,
-    ) -> Result<Response<pb::GetPoolStatusResponse>, Status> {
+    async fn get_pool_status(&self, request: Request<pb::GetPoolStatusRequest>) -> Result<Response<pb::GetPoolStatusResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
         let node_id = self.node_id.clone();
-        self.run("GetPoolStatus", move |pool| Ok(pb::GetPoolStatusResponse { status: Some(status_to_pb(&node_id, pool)?), identity }))
-            .await
+        self.run("GetPoolStatus", move |pool| Ok(pb::GetPoolStatusResponse { status: Some(status_to_pb(&node_id, pool)?), identity })).await
     }
 
     async fn fence(&self, request: Request<pb::FenceRequest>) -> Result<Response<pb::FenceResponse>, Status> {
@@ -446,24 +414,15 @@ impl VolumeManager for AgentService {
         Ok(Response::new(pb::FenceResponse { identity: self.identity() }))
     }
 
-    async fn quarantine_volume(
-        &self,
-        request: Request<pb::QuarantineRequest>,
-    ) -> Result<Response<pb::QuarantineResponse>, Status> {
+    async fn quarantine_volume(&self, request: Request<pb::QuarantineRequest>) -> Result<Response<pb::QuarantineResponse>, Status> {
         self.quarantine(request, ImageKind::Volume).await
     }
 
-    async fn quarantine_snapshot(
-        &self,
-        request: Request<pb::QuarantineRequest>,
-    ) -> Result<Response<pb::QuarantineResponse>, Status> {
+    async fn quarantine_snapshot(&self, request: Request<pb::QuarantineRequest>) -> Result<Response<pb::QuarantineResponse>, Status> {
         self.quarantine(request, ImageKind::Snapshot).await
     }
 
-    async fn list_orphans(
-        &self,
-        request: Request<pb::ListOrphansRequest>,
-    ) -> Result<Response<pb::ListOrphansResponse>, Status> {
+    async fn list_orphans(&self, request: Request<pb::ListOrphansRequest>) -> Result<Response<pb::ListOrphansResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
         self.run("ListOrphans", move |pool| {
@@ -476,8 +435,7 @@ impl VolumeManager for AgentService {
         let identity = self.identity();
         let r = request.get_ref().clone();
         let of = exports::ExportOf::from_request(&r.volume_id, &r.snapshot_id, &r.consumer_node, &r.copy_for);
-        self.export_call(&request, move |ex| Ok(pb::CreateExportResponse { export: Some(ex.create(&of, r.read_only)?), identity }))
-        .await
+        self.export_call(&request, move |ex| Ok(pb::CreateExportResponse { export: Some(ex.create(&of, r.read_only)?), identity })).await
     }
 
     async fn delete_export(&self, request: Request<pb::DeleteExportRequest>) -> Result<Response<pb::DeleteExportResponse>, Status> {
@@ -521,10 +479,7 @@ impl VolumeManager for AgentService {
         Ok(Response::new(pb::ListExportsResponse { exports, identity: self.identity() }))
     }
 
-    async fn purge_orphans(
-        &self,
-        request: Request<pb::PurgeOrphansRequest>,
-    ) -> Result<Response<pb::PurgeOrphansResponse>, Status> {
+    async fn purge_orphans(&self, request: Request<pb::PurgeOrphansRequest>) -> Result<Response<pb::PurgeOrphansResponse>, Status> {
         let identity = self.identity();
         let r = *request.get_ref();
         self.run_fenced(&request, "PurgeOrphans", false, move |pool| {

@@ -245,10 +245,7 @@ async fn kubelet(endpoint: Option<&str>, cmd: KubeletCmd, out: &Out) -> Result<(
                 capacity_range: size.map(|s| csi::CapacityRange { required_bytes: s as i64, limit_bytes: 0 }),
                 ..Default::default()
             };
-            let r = node
-                .node_expand_volume(req)
-                .await
-                .map_err(|e| format!("volume {volume:?} was not expanded: {}", status_msg(&e)))?;
+            let r = node.node_expand_volume(req).await.map_err(|e| format!("volume {volume:?} was not expanded: {}", status_msg(&e)))?;
             json!({"volume": volume, "capacity_bytes": r.into_inner().capacity_bytes})
         }
     };
@@ -343,7 +340,11 @@ fn status_msg(s: &tonic::Status) -> String {
 /// the connection broke, or the answer did not come in time.
 fn outcome_unknown(s: &tonic::Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal)
-        && (s.message().contains("transport") || s.message().contains("connection") || s.message().contains("broken pipe") || s.code() == Code::DeadlineExceeded || s.code() == Code::Cancelled)
+        && (s.message().contains("transport")
+            || s.message().contains("connection")
+            || s.message().contains("broken pipe")
+            || s.code() == Code::DeadlineExceeded
+            || s.code() == Code::Cancelled)
 }
 
 /// What to say when a create's answer was lost: the volume may or may not exist.
@@ -387,9 +388,7 @@ fn capability(block: bool) -> csi::VolumeCapability {
         } else {
             csi::volume_capability::AccessType::Mount(csi::volume_capability::MountVolume::default())
         }),
-        access_mode: Some(csi::volume_capability::AccessMode {
-            mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
-        }),
+        access_mode: Some(csi::volume_capability::AccessMode { mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32 }),
     }
 }
 
@@ -578,7 +577,9 @@ impl Clients {
     async fn snapshot(&mut self, r: &str) -> Result<admin::Snapshot, String> {
         match self.admin.get_snapshot(admin::GetSnapshotRequest { snapshot: r.to_string() }).await {
             Ok(v) => v.into_inner().snapshot.ok_or_else(|| "the answer held no snapshot".into()),
-            Err(e) if e.code() == Code::NotFound => Err(format!("no such snapshot {r:?}; `cinderblock ctl snapshot list --all` lists them")),
+            Err(e) if e.code() == Code::NotFound => {
+                Err(format!("no such snapshot {r:?}; `cinderblock ctl snapshot list --all` lists them"))
+            }
             Err(e) => Err(status_msg(&e)),
         }
     }
@@ -677,7 +678,10 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
             out.show(&json!({"deleted": {"name": v.name, "id": v.id}, "snapshots_kept": r.snapshot_ids}), |_| {
                 println!("volume {} ({}) deleted", v.name, v.id);
                 if kept > 0 {
-                    println!("its {kept} snapshot(s) stay: they are independent copies (`cinderblock ctl snapshot list --volume {}`)", v.id);
+                    println!(
+                        "its {kept} snapshot(s) stay: they are independent copies (`cinderblock ctl snapshot list --volume {}`)",
+                        v.id
+                    );
                 }
             });
         }
@@ -705,7 +709,15 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| format!("volume {} stays {}: growing it to {} failed: {}", v.name, format_bytes(v.size_bytes), format_bytes(size), status_msg(&e)))?
+                .map_err(|e| {
+                    format!(
+                        "volume {} stays {}: growing it to {} failed: {}",
+                        v.name,
+                        format_bytes(v.size_bytes),
+                        format_bytes(size),
+                        status_msg(&e)
+                    )
+                })?
                 .into_inner();
             let now = r.capacity_bytes as u64;
             out.show(&json!({"name": v.name, "id": v.id, "size_bytes": now, "size": format_bytes(now)}), |_| {
@@ -714,7 +726,11 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
         }
         CtlCommand::Snapshot(SnapshotCmd::Create { name, volume }) => {
             let v = c.volume(&volume).await?.volume.unwrap_or_default();
-            match c.csi.create_snapshot(csi::CreateSnapshotRequest { source_volume_id: v.id, name: name.clone(), ..Default::default() }).await {
+            match c
+                .csi
+                .create_snapshot(csi::CreateSnapshotRequest { source_volume_id: v.id, name: name.clone(), ..Default::default() })
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if outcome_unknown(&e) => return Err(create_interrupted("snapshot", &name, &e)),
                 Err(e) => return Err(format!("snapshot {name:?} was not created: {}", status_msg(&e))),
@@ -763,7 +779,13 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
             });
         }
         CtlCommand::Node(NodeCmd::Orphans { node }) => {
-            let list = c.admin.list_orphans(admin::ListOrphansRequest { node: node.clone() }).await.map_err(|e| status_msg(&e))?.into_inner().orphans;
+            let list = c
+                .admin
+                .list_orphans(admin::ListOrphansRequest { node: node.clone() })
+                .await
+                .map_err(|e| status_msg(&e))?
+                .into_inner()
+                .orphans;
             out.show(&json!(list.iter().map(orphan_json).collect::<Vec<_>>()), |_| {
                 if list.is_empty() {
                     println!("node {node} keeps no quarantined images");
@@ -799,7 +821,10 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                     let mut zones: Vec<&str> = nodes.iter().map(|n| n.zone.as_str()).filter(|z| !z.is_empty()).collect();
                     zones.sort();
                     zones.dedup();
-                    return Err(format!("no node is in zone {z:?}; zones: {}", if zones.is_empty() { "none".into() } else { zones.join(", ") }));
+                    return Err(format!(
+                        "no node is in zone {z:?}; zones: {}",
+                        if zones.is_empty() { "none".into() } else { zones.join(", ") }
+                    ));
                 }
                 segments.insert(cinderblock::TOPOLOGY_ZONE_KEY.to_string(), z);
             }
@@ -820,9 +845,10 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                 .map_err(|e| status_msg(&e))?
                 .into_inner();
             let bytes = r.available_capacity.max(0) as u64;
-            out.show(&json!({"available_bytes": bytes, "available": format_bytes(bytes), "maximum_volume_size": r.maximum_volume_size}), |_| {
-                println!("largest volume that fits now: {}", format_bytes(bytes))
-            });
+            out.show(
+                &json!({"available_bytes": bytes, "available": format_bytes(bytes), "maximum_volume_size": r.maximum_volume_size}),
+                |_| println!("largest volume that fits now: {}", format_bytes(bytes)),
+            );
         }
     }
     Ok(())

@@ -23,10 +23,7 @@ impl IdentityService {
 
 #[tonic::async_trait]
 impl Identity for IdentityService {
-    async fn get_plugin_info(
-        &self,
-        _request: Request<csi::GetPluginInfoRequest>,
-    ) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
+    async fn get_plugin_info(&self, _request: Request<csi::GetPluginInfoRequest>) -> Result<Response<csi::GetPluginInfoResponse>, Status> {
         Ok(Response::new(csi::GetPluginInfoResponse {
             name: crate::DRIVER_NAME.to_string(),
             vendor_version: crate::DRIVER_VERSION.to_string(),
@@ -48,9 +45,7 @@ impl Identity for IdentityService {
             caps.push(service(S::ControllerService));
             caps.push(service(S::GroupControllerService));
             caps.push(csi::PluginCapability {
-                r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion {
-                    r#type: E::Online as i32,
-                })),
+                r#type: Some(plugin_capability::Type::VolumeExpansion(plugin_capability::VolumeExpansion { r#type: E::Online as i32 })),
             });
         }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse { capabilities: caps }))

@@ -4,9 +4,9 @@
 pub mod admin;
 pub mod admin_proto;
 pub mod agent;
-pub mod controller;
 pub mod agent_proto;
 pub mod attach;
+pub mod controller;
 pub mod csi;
 pub mod export;
 pub mod flow;

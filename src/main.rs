@@ -16,8 +16,8 @@ use cinderblock::agent::fence::Fence;
 use cinderblock::agent::AgentService;
 use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
 use cinderblock::csi::identity_server::IdentityServer;
-use cinderblock::identity::IdentityService;
 use cinderblock::csi::node_server::NodeServer;
+use cinderblock::identity::IdentityService;
 use cinderblock::node::{NodeConfig, NodeService};
 use cinderblock::server;
 use cinderblock::volume::{Pool, PoolConfig};
@@ -406,13 +406,9 @@ impl PoolOpts {
 }
 
 fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
         builder.json().init();
     } else {
@@ -456,11 +452,7 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         let system: Vec<&std::path::Path> = vec![std::path::Path::new("/"), args.kubelet_dir.as_path()];
         cinderblock::pool_placement::refuse_system_filesystem(&args.pool, &system)?;
     }
-    let kube = if args.register || args.tls_bootstrap {
-        Some(cinderblock::kube::client(args.kubeconfig.as_deref()).await?)
-    } else {
-        None
-    };
+    let kube = if args.register || args.tls_bootstrap { Some(cinderblock::kube::client(args.kubeconfig.as_deref()).await?) } else { None };
     if args.tls_bootstrap {
         let client = kube.as_ref().expect("client made above");
         cinderblock::kube::certs::bootstrap_node(client, &args.node_id, &args.tls_dir, &args.tls_namespace, &args.tls_ca_configmap).await?;
@@ -496,7 +488,8 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     // The CSI socket appears only once the node knows how it attaches
     // (what a caller waiting for the socket may then rely on).
     let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
-    let remote = cinderblock::node::remote::RemoteConfig { engine: engine.clone(), tls: tls_dir.clone(), state_root: args.attach_state_dir.clone() };
+    let remote =
+        cinderblock::node::remote::RemoteConfig { engine: engine.clone(), tls: tls_dir.clone(), state_root: args.attach_state_dir.clone() };
     let copier = cinderblock::agent::copier::Copier::new(pool.clone(), tls_dir.clone(), args.node_id.clone());
     let mut agent_service = AgentService::new(pool.clone(), args.node_id.clone(), fence).with_copier(copier);
     if let Some(listen) = args.nbd_listen {
@@ -509,10 +502,12 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         agent_service = agent_service.with_exports(exports);
     }
     let agent_incoming = tls::serve_incoming(agent_listener, ServerTls::new(tls_dir, PeerRule::Controller, vec![b"h2".to_vec()]));
-    let agent = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
+    let agent = tonic::transport::Server::builder()
+        .layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(VolumeManagerServer::new(agent_service))
         .serve_with_incoming_shutdown(agent_incoming, server::shutdown_signal());
-    let csi = tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
+    let csi = tonic::transport::Server::builder()
+        .layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(false, ready.clone())))
         .add_service(NodeServer::new(NodeService::new(NodeConfig {
             node_id: args.node_id.clone(),
@@ -560,7 +555,8 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
         if zone.is_empty() {
             zone = cinderblock::kube::node_zone(&client, &args.node_id).await?.unwrap_or_default();
         }
-        let store: Arc<dyn cinderblock::store::Store> = Arc::new(cinderblock::kube::KubeStore::with_lease_namespace(client, &args.node_lease_namespace));
+        let store: Arc<dyn cinderblock::store::Store> =
+            Arc::new(cinderblock::kube::KubeStore::with_lease_namespace(client, &args.node_lease_namespace));
         let mut reg = cinderblock::node::registration::Registration::new(
             args.node_id.clone(),
             zone.clone(),
@@ -592,8 +588,10 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
                     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
                     child = Some(
                         tokio::process::Command::new(exe)
-                            .args(["standalone", "--data-dir"]).arg(&dir)
-                            .args(["--nodes", &nodes.to_string(), "--endpoint"]).arg(format!("unix://{}", sock.display()))
+                            .args(["standalone", "--data-dir"])
+                            .arg(&dir)
+                            .args(["--nodes", &nodes.to_string(), "--endpoint"])
+                            .arg(format!("unix://{}", sock.display()))
                             .env("RUST_LOG", "warn")
                             .kill_on_drop(true)
                             .spawn()
@@ -624,7 +622,12 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
                 } else {
                     println!(
                         "{:>11} {:>7} {:>12.1} {:>10.2} {:>10.2} {:>6.1}",
-                        r.concurrency, r.count, rate, bench::ms(r.p50), bench::ms(r.p99), load
+                        r.concurrency,
+                        r.count,
+                        rate,
+                        bench::ms(r.p50),
+                        bench::ms(r.p99),
+                        load
                     );
                 }
             }
@@ -639,19 +642,29 @@ async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
         BenchCommand::Scale { volumes, data_dir, concurrency } => bench_scale(volumes, data_dir, concurrency).await,
         BenchCommand::KubeStart { kubeconfig, objects } => bench::kube_start(&kubeconfig, objects).await,
         BenchCommand::Pool { pool, sizes_gib, runs, no_reflink } => {
-            println!("{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}", "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max");
+            println!(
+                "{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}",
+                "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max"
+            );
             for gib in sizes_gib {
                 let dir = pool.clone();
                 let r = tokio::task::spawn_blocking(move || bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
                     .await
                     .map_err(|e| e.to_string())??;
-                let fs = cinderblock::volume::Pool::open(&pool, PoolConfig::default()).map(|(p, _)| p.status().map(|s| s.filesystem).unwrap_or_default()).unwrap_or_default();
+                let fs = cinderblock::volume::Pool::open(&pool, PoolConfig::default())
+                    .map(|(p, _)| p.status().map(|s| s.filesystem).unwrap_or_default())
+                    .unwrap_or_default();
                 let max = |v: &[std::time::Duration]| v.iter().max().copied().unwrap_or_default();
                 use bench::{median, ms};
                 println!(
                     "{:<10} {:>6}Gi {:>10} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms",
-                    fs, r.data_bytes >> 30, if r.reflink { "reflink" } else { "copy" },
-                    ms(median(&r.snapshot)), ms(max(&r.snapshot)), ms(median(&r.clone)), ms(max(&r.clone))
+                    fs,
+                    r.data_bytes >> 30,
+                    if r.reflink { "reflink" } else { "copy" },
+                    ms(median(&r.snapshot)),
+                    ms(max(&r.snapshot)),
+                    ms(median(&r.clone)),
+                    ms(max(&r.clone))
                 );
             }
             Ok(())
@@ -703,12 +716,20 @@ async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize) -> R
     let (seen, _) = bench::walk_pages(&endpoint, 1000, usize::MAX).await?;
     let rss = bench::rss_bytes(pid);
     println!("volumes listed: {seen}");
-    println!("RSS of the standalone (controller + 3 nodes' pools) after a full listing: {:.1} MiB (load {:.1})", rss as f64 / (1 << 20) as f64, bench::load_average());
+    println!(
+        "RSS of the standalone (controller + 3 nodes' pools) after a full listing: {:.1} MiB (load {:.1})",
+        rss as f64 / (1 << 20) as f64,
+        bench::load_average()
+    );
     let _ = child.kill().await;
     let t0 = std::time::Instant::now();
     let mut child = start()?;
     let restart = ready(t0).await?;
-    println!("restart to ready (process start to the first ListVolumes answer): {:.2} s (load {:.1})", restart.as_secs_f64(), bench::load_average());
+    println!(
+        "restart to ready (process start to the first ListVolumes answer): {:.2} s (load {:.1})",
+        restart.as_secs_f64(),
+        bench::load_average()
+    );
     let (_, times) = bench::walk_pages(&endpoint, 100, 300).await?;
     println!(
         "ListVolumes, pages of 100: {} pages, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (load {:.1})",
@@ -802,7 +823,11 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
                 cfg.peer_address = match &a.peer_advertise {
                     Some(adv) => Some(adv.clone()),
                     None if !bound.ip().is_unspecified() => Some(bound.to_string()),
-                    None => return Err(format!("--peer-listen {addr} listens on every address: say which one the other replicas dial with --peer-advertise")),
+                    None => {
+                        return Err(format!(
+                            "--peer-listen {addr} listens on every address: say which one the other replicas dial with --peer-advertise"
+                        ))
+                    }
                 };
                 Some(l)
             }
@@ -834,7 +859,12 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
                     tracing::warn!(error = %e, "renewing the controller's certificate failed");
                 }
                 if m.is_leader() {
-                    let signer = cinderblock::kube::certs::sign_node_requests(client.clone(), ca.clone(), sa.clone(), std::time::Duration::from_secs(1));
+                    let signer = cinderblock::kube::certs::sign_node_requests(
+                        client.clone(),
+                        ca.clone(),
+                        sa.clone(),
+                        std::time::Duration::from_secs(1),
+                    );
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(60), signer).await;
                 } else {
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -852,7 +882,8 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
     let mut route = None;
     if let Some((listener, r)) = peers {
         // The peer server runs calls here and never hands them on.
-        let incoming = cinderblock::tls::serve_incoming(listener, ServerTls::new(tls_dir.clone(), PeerRule::Controller, vec![b"h2".to_vec()]));
+        let incoming =
+            cinderblock::tls::serve_incoming(listener, ServerTls::new(tls_dir.clone(), PeerRule::Controller, vec![b"h2".to_vec()]));
         let local = ControllerService::new(manager.clone());
         let local_group = GroupControllerService::new(manager.clone());
         tokio::spawn(async move {
@@ -870,7 +901,8 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
     }
     let csi_controller = ControllerServer::new(ForwardingController::new(ControllerService::new(manager.clone()), route.clone()));
     let csi_group = GroupControllerServer::new(ForwardingGroupController::new(GroupControllerService::new(manager.clone()), route));
-    tonic::transport::Server::builder().layer(cinderblock::metrics::CallMetricsLayer)
+    tonic::transport::Server::builder()
+        .layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
         .add_service(csi_controller)
         .add_service(csi_group)

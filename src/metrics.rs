@@ -106,9 +106,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let records = Family::<RecordLabels, Gauge>::default();
     registry.register("records", "Volume and snapshot records by phase (controller)", records.clone());
     let node_mismatched = Family::<PoolLabels, Gauge>::default();
-    registry.register("node_mismatched", "1 while a node's agent answered as another node or pool; nothing is written there", node_mismatched.clone());
+    registry.register(
+        "node_mismatched",
+        "1 while a node's agent answered as another node or pool; nothing is written there",
+        node_mismatched.clone(),
+    );
     let orphan_candidates = Family::<PoolLabels, Gauge>::default();
-    registry.register("reconciler_orphan_candidates", "Images on a node that no record places there, at the last reconciler pass", orphan_candidates.clone());
+    registry.register(
+        "reconciler_orphan_candidates",
+        "Images on a node that no record places there, at the last reconciler pass",
+        orphan_candidates.clone(),
+    );
     let forwarded_calls = Family::<MethodLabels, Counter>::default();
     registry.register(
         "controller_forwarded_calls",
@@ -122,7 +130,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         volume_copy_bytes.clone(),
     );
     let breaker_held = Family::<PoolLabels, Counter>::default();
-    registry.register("reconciler_breaker_held", "Reconciler passes on a node that the circuit breaker held (too many images without a record)", breaker_held.clone());
+    registry.register(
+        "reconciler_breaker_held",
+        "Reconciler passes on a node that the circuit breaker held (too many images without a record)",
+        breaker_held.clone(),
+    );
     let pool_orphans = Family::<PoolLabels, Gauge>::default();
     registry.register("pool_orphans", "Images kept in a node's orphaned/ folder", pool_orphans.clone());
     let export = crate::export::metrics::ExportMetrics::register(&mut registry);
@@ -133,7 +145,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let folder_sync_requests = Counter::default();
     registry.register("pool_folder_sync_requests", "Folder fsyncs the pools asked for", folder_sync_requests.clone());
     let folder_syncs = Counter::default();
-    registry.register("pool_folder_syncs", "Folder fsyncs the pools made (one covers every request made before it started)", folder_syncs.clone());
+    registry.register(
+        "pool_folder_syncs",
+        "Folder fsyncs the pools made (one covers every request made before it started)",
+        folder_syncs.clone(),
+    );
     Metrics {
         registry,
         volume_copy_bytes,
@@ -259,12 +275,7 @@ pub async fn serve(addr: std::net::SocketAddr) -> Result<(), String> {
     use axum::routing::get;
     let app = axum::Router::new().route(
         "/metrics",
-        get(|| async {
-            (
-                [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                METRICS.encode(),
-            )
-        }),
+        get(|| async { ([(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], METRICS.encode()) }),
     );
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;

@@ -59,9 +59,7 @@ pub fn probe_socket(path: &Path) -> io::Result<SocketState> {
         Ok(()) | Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INPROGRESS) => Ok(SocketState::Live),
         Err(rustix::io::Errno::CONNREFUSED) => Ok(SocketState::Stale { dev: meta.dev(), ino: meta.ino() }),
         Err(rustix::io::Errno::NOENT) => Ok(SocketState::Absent),
-        Err(e) => Err(io::Error::other(
-            format!("cannot tell whether something serves on {}: {e}", path.display()),
-        )),
+        Err(e) => Err(io::Error::other(format!("cannot tell whether something serves on {}: {e}", path.display()))),
     }
 }
 

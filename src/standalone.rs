@@ -14,13 +14,13 @@ use tracing::info;
 use crate::agent::fence::Fence;
 use crate::agent::AgentService;
 use crate::agent_proto::volume_manager_server::VolumeManagerServer;
-use crate::node::registration::Registration;
 use crate::controller::{ControllerConfig, ControllerService, GroupControllerService, Manager};
 use crate::csi::controller_server::ControllerServer;
 use crate::csi::group_controller_server::GroupControllerServer;
 use crate::csi::identity_server::IdentityServer;
 use crate::csi::node_server::NodeServer;
 use crate::identity::IdentityService;
+use crate::node::registration::Registration;
 use crate::node::{NodeConfig, NodeService};
 use crate::server;
 use crate::store::embedded::EmbeddedStore;
@@ -62,9 +62,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
     server::refuse_if_live(&socket)?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| format!("creating {}: {e}", cfg.data_dir.display()))?;
     let data_dir = cfg.data_dir.canonicalize().map_err(|e| e.to_string())?;
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&data_dir.join("store.redb")).map_err(|e| format!("opening the store: {e}"))?,
-    );
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&data_dir.join("store.redb")).map_err(|e| format!("opening the store: {e}"))?);
     let tls_dir = data_dir.join("tls");
     let mut peers = vec![Peer::Controller];
     peers.extend((1..=cfg.nodes).map(|i| Peer::Node(node_name(i))));
@@ -90,15 +88,18 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let nbd = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let nbd_addr = nbd.local_addr().map_err(|e| e.to_string())?.to_string();
-        let exports = crate::export::serve_pool(pool.clone(), node_tls.clone(), nbd, nbd_addr).map_err(|e| format!("NBD exports of {id}: {e}"))?;
+        let exports =
+            crate::export::serve_pool(pool.clone(), node_tls.clone(), nbd, nbd_addr).map_err(|e| format!("NBD exports of {id}: {e}"))?;
         let incoming = tls::serve_incoming(listener, ServerTls::new(node_tls.clone(), PeerRule::Controller, vec![b"h2".to_vec()]));
-        let agent = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
-            .add_service(VolumeManagerServer::new(
-                AgentService::new(pool.clone(), id.clone(), fence)
-                    .with_exports(exports)
-                    .with_copier(crate::agent::copier::Copier::new(pool.clone(), node_tls.clone(), id.clone())),
-            ))
-            .serve_with_incoming_shutdown(incoming, server::shutdown_signal());
+        let agent =
+            tonic::transport::Server::builder()
+                .layer(crate::metrics::CallMetricsLayer)
+                .add_service(VolumeManagerServer::new(
+                    AgentService::new(pool.clone(), id.clone(), fence)
+                        .with_exports(exports)
+                        .with_copier(crate::agent::copier::Copier::new(pool.clone(), node_tls.clone(), id.clone())),
+                ))
+                .serve_with_incoming_shutdown(incoming, server::shutdown_signal());
         tasks.spawn(async move { agent.await.map_err(|e| format!("agent server: {e}")) });
         let mut reg = Registration::new(id.clone(), zone.clone(), format!("https://{addr}"), cfg.max_volumes);
         reg.report(&*store, &pool).await?;
@@ -128,7 +129,8 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
     allowed_roots.extend(cfg.extra_allowed_roots.iter().cloned());
     let incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
     let ready = Arc::new(AtomicBool::new(true));
-    let csi = tonic::transport::Server::builder().layer(crate::metrics::CallMetricsLayer)
+    let csi = tonic::transport::Server::builder()
+        .layer(crate::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
         .add_service(ControllerServer::new(ControllerService::new(manager.clone())))
         .add_service(GroupControllerServer::new(GroupControllerService::new(manager.clone())))

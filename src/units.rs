@@ -31,11 +31,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .filter(|n: &f64| n.is_finite())
         .ok_or_else(|| format!("{s:?} is not a size; write a number and a unit, like 10Gi, 1.5Gi or 512Mi"))?;
     let mult: u64 = match unit {
-        "" => {
-            return Err(format!(
-                "{s:?} has no unit; write {s}Gi, {s}Mi or {s}B (bytes) so there is no doubt"
-            ))
-        }
+        "" => return Err(format!("{s:?} has no unit; write {s}Gi, {s}Mi or {s}B (bytes) so there is no doubt")),
         "B" => 1,
         "Ki" | "KiB" => 1 << 10,
         "Mi" | "MiB" => 1 << 20,

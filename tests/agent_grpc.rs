@@ -30,9 +30,14 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let node = NodeProcess::start(&pool, &dir.path().join("csi.sock"), "node-1", &[]);
     let mut c = client(&node).await;
     c.create_volume(create("vol-good", 4 * MIB, None)).await.unwrap();
-    c.create_snapshot(pb::CreateSnapshotRequest { snapshot_id: "snap-good".into(), source_volume_id: "vol-good".into(), metadata: Default::default(), ..Default::default() })
-        .await
-        .unwrap();
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        snapshot_id: "snap-good".into(),
+        source_volume_id: "vol-good".into(),
+        metadata: Default::default(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let before = tree(&pool);
     let long = "v".repeat(129);
     use pb::create_volume_request::Source;
@@ -60,7 +65,12 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         assert!(!err.message().is_empty(), "{what}: empty message");
         assert_eq!(tree(&pool), before, "{what} changed the pool");
     }
-    let snap = |id: &str, src: &str| pb::CreateSnapshotRequest { snapshot_id: id.into(), source_volume_id: src.into(), metadata: Default::default(), ..Default::default() };
+    let snap = |id: &str, src: &str| pb::CreateSnapshotRequest {
+        snapshot_id: id.into(),
+        source_volume_id: src.into(),
+        metadata: Default::default(),
+        ..Default::default()
+    };
     for (what, req, code) in [
         ("empty snapshot id", snap("", "vol-good"), Code::InvalidArgument),
         ("path snapshot id", snap("../../x", "vol-good"), Code::InvalidArgument),
@@ -99,12 +109,8 @@ async fn pool_status_reports_capacity_and_counts() {
     let node = NodeProcess::start(&fs.mount.join("pool"), &dir.path().join("csi.sock"), "node-1", &["--reserved-percentage", "5"]);
     let mut c = client(&node).await;
     c.create_volume(create("vol-1", 10 * MIB, None)).await.unwrap();
-    c.create_volume(create("vol-2", 6 * MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-1".into()))))
-        .await
-        .unwrap_err(); // smaller than its source
-    c.create_volume(create("vol-2", 10 * MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-1".into()))))
-        .await
-        .unwrap();
+    c.create_volume(create("vol-2", 6 * MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-1".into())))).await.unwrap_err(); // smaller than its source
+    c.create_volume(create("vol-2", 10 * MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-1".into())))).await.unwrap();
     let s = c.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap();
     assert_eq!(s.node_id, "node-1");
     assert_eq!(s.volume_count, 2);
@@ -144,9 +150,7 @@ async fn a_node_with_broken_volumes_starts_and_serves_the_rest() {
     }
     let status = c.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap();
     assert_eq!(status.broken_count, 2);
-    c.create_volume(create("vol-new", MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-good".into()))))
-        .await
-        .unwrap();
+    c.create_volume(create("vol-new", MIB, Some(pb::create_volume_request::Source::SourceVolumeId("vol-good".into())))).await.unwrap();
     for (id, says) in [("vol-torn", "cannot be read"), ("vol-lost", "missing")] {
         let e = c.get_volume(pb::GetVolumeRequest { volume_id: id.into() }).await.unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{id}: {}", e.message());
@@ -210,7 +214,12 @@ impl Worker {
                         continue;
                     }
                     self.snapshots.insert(snap.clone(), Known::Unsure);
-                    let req = pb::CreateSnapshotRequest { snapshot_id: snap.clone(), source_volume_id: src, metadata: Default::default(), ..Default::default() };
+                    let req = pb::CreateSnapshotRequest {
+                        snapshot_id: snap.clone(),
+                        source_volume_id: src,
+                        metadata: Default::default(),
+                        ..Default::default()
+                    };
                     match c.create_snapshot(req).await {
                         Ok(_) => {
                             self.snapshots.insert(snap, Known::Present);
@@ -286,8 +295,7 @@ async fn sigkill_at_random_moments_never_tears_the_pool() {
     let dir = tempfile::tempdir().unwrap();
     let pool = dir.path().join("pool");
     let sock = dir.path().join("csi.sock");
-    let mut workers: Vec<Worker> =
-        (0..WORKERS).map(|id| Worker { id, volumes: HashMap::new(), snapshots: HashMap::new() }).collect();
+    let mut workers: Vec<Worker> = (0..WORKERS).map(|id| Worker { id, volumes: HashMap::new(), snapshots: HashMap::new() }).collect();
     let mut acknowledged_checks = 0usize;
     let mut interrupted = 0usize;
     for round in 0..KILLS {
@@ -319,7 +327,8 @@ async fn sigkill_at_random_moments_never_tears_the_pool() {
         }
         let c = client(&node).await;
         let mut listed = c.clone();
-        let via_api: Vec<String> = listed.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes.into_iter().map(|v| v.volume_id).collect();
+        let via_api: Vec<String> =
+            listed.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes.into_iter().map(|v| v.volume_id).collect();
         let mut sorted_vols = vols.clone();
         sorted_vols.sort();
         assert_eq!(via_api, sorted_vols, "round {round}: API and folder disagree");

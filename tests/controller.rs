@@ -86,7 +86,11 @@ async fn blank_snapshot_restore_and_clone_with_idempotent_repeats() {
     let original = checksum(&img(&v.volume_id));
 
     let snap = c
-        .create_snapshot(csi::CreateSnapshotRequest { source_volume_id: v.volume_id.clone(), name: "snap-data".into(), ..Default::default() })
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: v.volume_id.clone(),
+            name: "snap-data".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -95,7 +99,11 @@ async fn blank_snapshot_restore_and_clone_with_idempotent_repeats() {
     assert!(snap.ready_to_use);
     assert_eq!(snap.size_bytes, 64 * MIB);
     let again = c
-        .create_snapshot(csi::CreateSnapshotRequest { source_volume_id: v.volume_id.clone(), name: "snap-data".into(), ..Default::default() })
+        .create_snapshot(csi::CreateSnapshotRequest {
+            source_volume_id: v.volume_id.clone(),
+            name: "snap-data".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -154,7 +162,8 @@ async fn bad_requests_get_the_spec_codes_and_change_nothing() {
     let mut no_caps = req("x", MIB);
     no_caps.volume_capabilities.clear();
     let mut multi = req("x", MIB);
-    multi.volume_capabilities[0].access_mode = Some(csi::volume_capability::AccessMode { mode: csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32 });
+    multi.volume_capabilities[0].access_mode =
+        Some(csi::volume_capability::AccessMode { mode: csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32 });
     let cases: Vec<(&str, csi::CreateVolumeRequest, Code)> = vec![
         ("no name", req("", MIB), Code::InvalidArgument),
         ("no capabilities", no_caps, Code::InvalidArgument),
@@ -175,14 +184,22 @@ async fn bad_requests_get_the_spec_codes_and_change_nothing() {
     let err = c.delete_volume(csi::DeleteVolumeRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = c
-        .create_snapshot(csi::CreateSnapshotRequest { name: "s".into(), source_volume_id: "vol-00000000-0000-0000-0000-000000000000".into(), ..Default::default() })
+        .create_snapshot(csi::CreateSnapshotRequest {
+            name: "s".into(),
+            source_volume_id: "vol-00000000-0000-0000-0000-000000000000".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = c.get_snapshot(csi::GetSnapshotRequest { snapshot_id: "snap-nope".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = c
-        .controller_expand_volume(csi::ControllerExpandVolumeRequest { volume_id: "vol-nope".into(), capacity_range: Some(csi::CapacityRange { required_bytes: MIB, limit_bytes: 0 }), ..Default::default() })
+        .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+            volume_id: "vol-nope".into(),
+            capacity_range: Some(csi::CapacityRange { required_bytes: MIB, limit_bytes: 0 }),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -244,14 +261,19 @@ async fn capacity_reports_the_largest_volume_that_fits() {
     let cap = c.get_capacity(csi::GetCapacityRequest::default()).await.unwrap().into_inner();
     assert!(cap.available_capacity > 0);
     let thick = c
-        .get_capacity(csi::GetCapacityRequest { parameters: [("provisioning".to_string(), "thick".to_string())].into(), ..Default::default() })
+        .get_capacity(csi::GetCapacityRequest {
+            parameters: [("provisioning".to_string(), "thick".to_string())].into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(thick.available_capacity > 0);
     let nowhere = c
         .get_capacity(csi::GetCapacityRequest {
-            accessible_topology: Some(csi::Topology { segments: [(cinderblock::TOPOLOGY_ZONE_KEY.to_string(), "zone-9".to_string())].into() }),
+            accessible_topology: Some(csi::Topology {
+                segments: [(cinderblock::TOPOLOGY_ZONE_KEY.to_string(), "zone-9".to_string())].into(),
+            }),
             ..Default::default()
         })
         .await
@@ -315,11 +337,7 @@ async fn all_nodes_failing_ends_in_error_with_every_reason() {
         assert!(err.message().contains(&format!("node-{n}")), "reason for node-{n} missing: {}", err.message());
     }
     // The record says Error, with the reasons.
-    let v = c
-        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: volume_id_for("pvc-doomed") })
-        .await
-        .unwrap()
-        .into_inner();
+    let v = c.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: volume_id_for("pvc-doomed") }).await.unwrap().into_inner();
     let cond = v.status.unwrap().volume_condition.unwrap();
     assert!(cond.abnormal);
     assert!(cond.message.starts_with("Error"), "{}", cond.message);
@@ -449,7 +467,10 @@ async fn reconciler_resolves_stuck_records_and_quarantines_orphaned_images() {
     // An image no record owns, as a crash between cleanup steps might leave.
     let stray = dir.path().join("node-2/pool/volumes");
     std::fs::create_dir_all(&stray).unwrap();
-    write_file(&stray.join("vol-stray.json"), br#"{"id":"vol-stray","size_bytes":4096,"provisioning":"thin","source":null,"metadata":{},"created_at_ms":0,"state":"Available"}"#);
+    write_file(
+        &stray.join("vol-stray.json"),
+        br#"{"id":"vol-stray","size_bytes":4096,"provisioning":"thin","source":null,"metadata":{},"created_at_ms":0,"state":"Available"}"#,
+    );
     write_file(&stray.join("vol-stray.img"), &[0u8; 4096]);
 
     // No CO retries now: the reconciler alone must resolve everything.
@@ -469,9 +490,12 @@ async fn reconciler_resolves_stuck_records_and_quarantines_orphaned_images() {
     assert_eq!(on_disk, available, "images in the pools must be exactly the Available volumes");
     // The stray image was quarantined, not deleted: whole, with a note of why.
     assert!(!on_disk.contains("vol-stray"));
-    let orphaned: Vec<String> =
-        std::fs::read_dir(dir.path().join("node-2/pool/orphaned")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    let image = orphaned.iter().find(|f| f.ends_with("-vol-stray.img")).unwrap_or_else(|| panic!("vol-stray not quarantined: {orphaned:?}"));
+    let orphaned: Vec<String> = std::fs::read_dir(dir.path().join("node-2/pool/orphaned"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let image =
+        orphaned.iter().find(|f| f.ends_with("-vol-stray.img")).unwrap_or_else(|| panic!("vol-stray not quarantined: {orphaned:?}"));
     assert_eq!(std::fs::read(dir.path().join("node-2/pool/orphaned").join(image)).unwrap(), vec![0u8; 4096]);
     let note = orphaned.iter().find(|f| f.ends_with("-vol-stray.note.json")).expect("a note beside the quarantined image");
     let note = std::fs::read_to_string(dir.path().join("node-2/pool/orphaned").join(note)).unwrap();

@@ -8,10 +8,7 @@ fn deploy_crds_match_the_binary() {
     let printed = String::from_utf8(out.stdout).unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/crds/cinderblock.dev.yaml");
     let committed = std::fs::read_to_string(path).unwrap();
-    assert!(
-        printed == committed,
-        "deploy/crds/cinderblock.dev.yaml is stale: run `cargo run -- crds > deploy/crds/cinderblock.dev.yaml`"
-    );
+    assert!(printed == committed, "deploy/crds/cinderblock.dev.yaml is stale: run `cargo run -- crds > deploy/crds/cinderblock.dev.yaml`");
     for kind in ["BlockVolume", "BlockSnapshot", "StorageNode", "BlockExport", "BlockGroupSnapshot"] {
         assert!(printed.contains(&format!("kind: {kind}\n")), "{kind} missing");
     }

@@ -30,34 +30,24 @@ fn req(name: &str, size: u64, node: &str, params: &[(&str, &str)]) -> csi::Creat
     let segments = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
     csi::CreateVolumeRequest {
         name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: size as i64,
-            limit_bytes: 0,
-        }),
+        capacity_range: Some(csi::CapacityRange { required_bytes: size as i64, limit_bytes: 0 }),
         volume_capabilities: vec![rwo_capability(false)],
         parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>(),
-        accessibility_requirements: Some(csi::TopologyRequirement {
-            requisite: vec![csi::Topology { segments }],
-            preferred: vec![],
-        }),
+        accessibility_requirements: Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments }], preferred: vec![] }),
         ..Default::default()
     }
 }
 
 fn from_snapshot(mut r: csi::CreateVolumeRequest, snap: &str) -> csi::CreateVolumeRequest {
     r.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: snap.into(),
-        })),
+        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: snap.into() })),
     });
     r
 }
 
 fn clone_of(mut r: csi::CreateVolumeRequest, vol: &str) -> csi::CreateVolumeRequest {
     r.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource {
-            volume_id: vol.into(),
-        })),
+        r#type: Some(csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: vol.into() })),
     });
     r
 }
@@ -96,16 +86,12 @@ fn files_of(s: &Standalone, node: u32, id: &str) -> Vec<String> {
 fn copied_metric(metrics_addr: &str, node: &str) -> u64 {
     let text = http_get(metrics_addr, "/metrics");
     let prefix = format!("cinderblock_volume_copy_bytes_total{{node=\"{node}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse::<f64>().unwrap() as u64))
-        .unwrap_or(0)
+    text.lines().find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse::<f64>().unwrap() as u64)).unwrap_or(0)
 }
 
 async fn admin_volume(s: &Standalone, id: &str) -> Result<admin::Volume, tonic::Status> {
     let mut a = admin::admin_client::AdminClient::new(csi_channel(&s.endpoint).await);
-    a.get_volume(admin::GetVolumeRequest { volume: id.into() })
-        .await
-        .map(|r| r.into_inner().volume.unwrap())
+    a.get_volume(admin::GetVolumeRequest { volume: id.into() }).await.map(|r| r.into_inner().volume.unwrap())
 }
 
 async fn create(c: &mut Client, r: csi::CreateVolumeRequest) -> csi::Volume {
@@ -117,17 +103,13 @@ async fn delete(c: &mut Client, id: &str) {
 }
 
 async fn snapshot(c: &mut Client, name: &str, source: &str) -> String {
-    c.create_snapshot(csi::CreateSnapshotRequest {
-        name: name.into(),
-        source_volume_id: source.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("CreateSnapshot")
-    .into_inner()
-    .snapshot
-    .unwrap()
-    .snapshot_id
+    c.create_snapshot(csi::CreateSnapshotRequest { name: name.into(), source_volume_id: source.into(), ..Default::default() })
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .unwrap()
+        .snapshot_id
 }
 
 fn start(dir: &Path, port: u16) -> Standalone {
@@ -153,10 +135,7 @@ async fn restore_and_clone_on_another_node_copy_only_the_allocated_bytes() {
     let snap = snapshot(&mut c, "snap", &src.volume_id).await;
     let snap_img = s.pool(1).join("snapshots").join(format!("{snap}.img"));
     let allocated = data_bytes(&snap_img);
-    assert!(
-        allocated > 0 && allocated < size / 8,
-        "the source is thin: {allocated} of {size} bytes allocated"
-    );
+    assert!(allocated > 0 && allocated < size / 8, "the source is thin: {allocated} of {size} bytes allocated");
     assert_eq!(copied_metric(&metrics, "node-2"), 0);
 
     // Restore onto node-2: node-1 is not allowed by the topology.
@@ -165,18 +144,8 @@ async fn restore_and_clone_on_another_node_copy_only_the_allocated_bytes() {
     let img = volume_image(&s, 2, &restored.volume_id);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), size);
     assert_eq!(checksum(&img), checksum(&snap_img), "the restored volume differs from its snapshot");
-    assert_eq!(
-        data_bytes(&img),
-        allocated,
-        "holes stay holes: {:?} vs {:?}",
-        data_segments(&img),
-        data_segments(&snap_img)
-    );
-    assert_eq!(
-        copied_metric(&metrics, "node-2"),
-        allocated,
-        "the copy read the allocated bytes only, not the size"
-    );
+    assert_eq!(data_bytes(&img), allocated, "holes stay holes: {:?} vs {:?}", data_segments(&img), data_segments(&snap_img));
+    assert_eq!(copied_metric(&metrics, "node-2"), allocated, "the copy read the allocated bytes only, not the size");
     let rec = admin_volume(&s, &restored.volume_id).await.unwrap();
     assert_eq!(
         (rec.copy_source_node.as_str(), rec.copied_bytes, rec.copy_total_bytes, rec.copy_finished),
@@ -212,12 +181,7 @@ async fn restore_and_clone_on_another_node_copy_only_the_allocated_bytes() {
     for v in [&restored.volume_id, &clone.volume_id, &local.volume_id] {
         delete(&mut c, v).await;
     }
-    c.delete_snapshot(csi::DeleteSnapshotRequest {
-        snapshot_id: snap,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    c.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: snap, ..Default::default() }).await.unwrap();
     delete(&mut c, &src.volume_id).await;
     assert!(s.images().is_empty(), "{:?}", s.images());
 }
@@ -250,10 +214,7 @@ async fn cross_node_sources_false_refuses_and_leaves_nothing() {
 
     // A bad value is the caller's error, and changes nothing.
     let before = s.images();
-    let e = c
-        .create_volume(from_snapshot(req("bad", 16 * MIB, "node-2", &[("crossNodeSources", "no")]), &snap))
-        .await
-        .unwrap_err();
+    let e = c.create_volume(from_snapshot(req("bad", 16 * MIB, "node-2", &[("crossNodeSources", "no")]), &snap)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("crossNodeSources"), "{}", e.message());
     assert_eq!(s.images(), before);
@@ -295,12 +256,7 @@ async fn deleting_a_volume_during_its_copy_cancels_and_cleans_up() {
     wait_for("the copy to start writing", || partial.exists() && allocated(&partial) > 0).await;
     assert_eq!(export_records(&s, 1).len(), 1, "the source is exported for the copy");
 
-    c.delete_volume(csi::DeleteVolumeRequest {
-        volume_id: id.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("a delete during the copy");
+    c.delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.expect("a delete during the copy");
     let e = create.await.unwrap().expect_err("the create whose volume was deleted fails");
     assert_eq!(e.code(), Code::Aborted, "{e:?}");
     assert!(files_of(&s, 2, &id).is_empty(), "node-2 keeps nothing of the copy: {:?}", files_of(&s, 2, &id));
@@ -344,10 +300,7 @@ async fn a_copy_interrupted_by_a_crash_resumes_where_it_was() {
         Err(e) => {
             let log = s.log_text();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!(
-                "the retried create: {e:?}\nlast lines of the log:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            panic!("the retried create: {e:?}\nlast lines of the log:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
         }
     };
     assert_eq!((v.volume_id.as_str(), node_of(&v).as_str()), (id.as_str(), "node-2"));
@@ -355,10 +308,7 @@ async fn a_copy_interrupted_by_a_crash_resumes_where_it_was() {
     assert_eq!(checksum(&img), checksum(&src_img), "the resumed copy differs from its source");
     assert_eq!(data_bytes(&img), allocated);
     let after = copied_metric(&format!("127.0.0.1:{port}"), "node-2");
-    assert!(
-        after < allocated,
-        "the copy went on from where it was ({after} of {allocated} bytes copied after the restart)"
-    );
+    assert!(after < allocated, "the copy went on from where it was ({after} of {allocated} bytes copied after the restart)");
     let rec = admin_volume(&s, &id).await.unwrap();
     assert_eq!((rec.copied_bytes, rec.copy_total_bytes, rec.copy_finished), (allocated, allocated, true));
     assert!(export_records(&s, 1).is_empty(), "{:?}", export_records(&s, 1));

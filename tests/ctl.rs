@@ -102,7 +102,9 @@ async fn deleting_an_unknown_volume_says_so_while_csi_still_answers_ok() {
         assert!(r.stderr.contains(&format!("no such volume {id:?}; nothing to delete")), "{}", r.stderr);
         assert!(!r.stdout.contains("deleted"), "{}", r.stdout);
         // CSI's DeleteVolume of the same ID is OK (the spec's idempotency).
-        csi.delete_volume(csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() }).await.expect("CSI DeleteVolume answers OK");
+        csi.delete_volume(csi::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() })
+            .await
+            .expect("CSI DeleteVolume answers OK");
     }
     let r = ctl(e, &["snapshot", "delete", "nope"]);
     assert!(!r.ok && r.stderr.contains("no such snapshot \"nope\"; nothing to delete"), "{}", r.stderr);
@@ -136,7 +138,8 @@ async fn global_flags_go_anywhere_and_output_is_by_name() {
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON after the subcommand");
     assert_eq!((v["name"].as_str(), v["phase"].as_str()), (Some("data"), Some("Available")));
     // Before the subcommand still works.
-    let out = Command::new(env!("CARGO_BIN_EXE_cinderblock")).args(["ctl", "-o", "json", "--endpoint", e, "volume", "list"]).output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_cinderblock")).args(["ctl", "-o", "json", "--endpoint", e, "volume", "list"]).output().unwrap();
     assert!(serde_json::from_slice::<Value>(&out.stdout).is_ok());
 
     // Sources by name, shown by name.
@@ -193,7 +196,7 @@ async fn global_flags_go_anywhere_and_output_is_by_name() {
 fn logs_written_to_a_file_have_no_colour_codes() {
     let dir = tempfile::tempdir().unwrap();
     let s = Standalone::start(dir.path(), 1, 1, &[]); // stderr goes to a file
-    // The socket answers a moment before the ready line is written.
+                                                      // The socket answers a moment before the ready line is written.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let mut log = s.log_text();
     while !log.contains("cinderblock standalone ready") && std::time::Instant::now() < deadline {
@@ -264,7 +267,10 @@ async fn quarantined_images_are_listed_and_purged_only_on_request() {
     // A volume on node-1 that no record names (a store restored from an old backup, say).
     let stray = dir.path().join("node-1/pool/volumes");
     std::fs::create_dir_all(&stray).unwrap();
-    write_file(&stray.join("vol-stray.json"), br#"{"id":"vol-stray","size_bytes":8192,"provisioning":"thin","source":null,"metadata":{},"created_at_ms":0,"state":"Available"}"#);
+    write_file(
+        &stray.join("vol-stray.json"),
+        br#"{"id":"vol-stray","size_bytes":8192,"provisioning":"thin","source":null,"metadata":{},"created_at_ms":0,"state":"Available"}"#,
+    );
     write_file(&stray.join("vol-stray.img"), &[7u8; 8192]);
     let s = Standalone::start(dir.path(), 2, 1, &["--stuck-grace", "0.5", "--reconcile-interval", "0.5"]);
     let e = s.endpoint.as_str();

@@ -30,22 +30,10 @@ const MIB: i64 = 1 << 20;
 
 /// Append "i\n" to `dir/records` of volume i % 3 and make it durable, then
 /// the next; `done` counts the records made durable.
-fn writer(
-    dirs: [PathBuf; 3],
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-) -> std::thread::JoinHandle<()> {
+fn writer(dirs: [PathBuf; 3], stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut files: Vec<std::fs::File> = dirs
-            .iter()
-            .map(|d| {
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(d.join("records"))
-                    .unwrap()
-            })
-            .collect();
+        let mut files: Vec<std::fs::File> =
+            dirs.iter().map(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("records")).unwrap()).collect();
         let mut i = 0u64;
         while !stop.load(Ordering::SeqCst) {
             let f = &mut files[(i % 3) as usize];
@@ -61,24 +49,10 @@ fn writer(
 /// snapshot cut frozen needs no journal replay).
 fn records_in(image: &Path) -> Vec<u64> {
     let m = tempfile::tempdir().unwrap();
-    run(
-        "mount",
-        &[
-            "-o",
-            "loop,ro",
-            image.to_str().unwrap(),
-            m.path().to_str().unwrap(),
-        ],
-    );
+    run("mount", &["-o", "loop,ro", image.to_str().unwrap(), m.path().to_str().unwrap()]);
     let text = std::fs::read_to_string(m.path().join("records"));
     run("umount", &[m.path().to_str().unwrap()]);
-    text.unwrap()
-        .lines()
-        .map(|l| {
-            l.parse()
-                .unwrap_or_else(|_| panic!("a torn record {l:?} in {}", image.display()))
-        })
-        .collect()
+    text.unwrap().lines().map(|l| l.parse().unwrap_or_else(|_| panic!("a torn record {l:?} in {}", image.display()))).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,37 +68,19 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     let mut node = NodeClient::new(ch.clone());
 
     // The plugin says it serves group snapshots.
-    let caps = IdentityClient::new(ch.clone())
-        .get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let caps = IdentityClient::new(ch.clone()).get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
     let group_service = csi::plugin_capability::service::Type::GroupControllerService as i32;
     assert!(
         caps.capabilities.iter().any(|c| matches!(&c.r#type, Some(csi::plugin_capability::Type::Service(s)) if s.r#type == group_service)),
         "{caps:?}"
     );
-    let gcaps = group
-        .group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let gcaps = group.group_controller_get_capabilities(csi::GroupControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
     assert_eq!(gcaps.capabilities.len(), 1);
 
     // Three volumes: a, b on node-1, c on node-2.
     let mut vols = vec![];
-    for (name, on) in [
-        ("grp-a", "node-1"),
-        ("grp-b", "node-1"),
-        ("grp-c", "node-2"),
-    ] {
-        let v = ctl
-            .create_volume(zone_volume_on(name, on, 64 * MIB, false))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    for (name, on) in [("grp-a", "node-1"), ("grp-b", "node-1"), ("grp-c", "node-2")] {
+        let v = ctl.create_volume(zone_volume_on(name, on, 64 * MIB, false)).await.unwrap().into_inner().volume.unwrap();
         assert_eq!(v.volume_context["cinderblock.dev/node"], on);
         vols.push(v);
     }
@@ -136,44 +92,19 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
             volume_capability: Some(rwo_capability(false)),
             ..Default::default()
         };
-        let ctx = ctl
-            .controller_publish_volume(publish)
-            .await
-            .unwrap()
-            .into_inner()
-            .publish_context;
-        let staging = dir
-            .path()
-            .join("kubelet")
-            .join(format!("{}-staging", v.volume_id));
-        let target = dir
-            .path()
-            .join("kubelet")
-            .join(format!("{}-target", v.volume_id));
+        let ctx = ctl.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
+        let staging = dir.path().join("kubelet").join(format!("{}-staging", v.volume_id));
+        let target = dir.path().join("kubelet").join(format!("{}-target", v.volume_id));
         stage_and_publish_rwo(&mut node, &v.volume_id, &staging, &target, false, &ctx).await;
         mounts.push(target);
     }
     // node-2's volume, mounted from its image through a loop device as
     // node-2's plugin would stage it there.
-    let c_image = s
-        .pool(2)
-        .join("volumes")
-        .join(format!("{}.img", vols[2].volume_id));
-    run(
-        "mkfs.ext4",
-        &["-q", "-b", "4096", c_image.to_str().unwrap()],
-    );
+    let c_image = s.pool(2).join("volumes").join(format!("{}.img", vols[2].volume_id));
+    run("mkfs.ext4", &["-q", "-b", "4096", c_image.to_str().unwrap()]);
     let c_mount = dir.path().join("node-2-mount");
     std::fs::create_dir_all(&c_mount).unwrap();
-    run(
-        "mount",
-        &[
-            "-o",
-            "loop",
-            c_image.to_str().unwrap(),
-            c_mount.to_str().unwrap(),
-        ],
-    );
+    run("mount", &["-o", "loop", c_image.to_str().unwrap(), c_mount.to_str().unwrap()]);
     mounts.push(c_mount.clone());
 
     let sources: Vec<String> = vols.iter().map(|v| v.volume_id.clone()).collect();
@@ -182,15 +113,9 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     // someone else): the group fails with ABORTED, node-1's members are
     // thawed again at once, and no member image is left anywhere.
     run("fsfreeze", &["-f", c_mount.to_str().unwrap()]);
-    let failing = csi::CreateVolumeGroupSnapshotRequest {
-        name: "grp-retry".into(),
-        source_volume_ids: sources.clone(),
-        ..Default::default()
-    };
-    let e = group
-        .create_volume_group_snapshot(failing.clone())
-        .await
-        .unwrap_err();
+    let failing =
+        csi::CreateVolumeGroupSnapshotRequest { name: "grp-retry".into(), source_volume_ids: sources.clone(), ..Default::default() };
+    let e = group.create_volume_group_snapshot(failing.clone()).await.unwrap_err();
     run("fsfreeze", &["-u", c_mount.to_str().unwrap()]);
     assert_eq!(e.code(), Code::Aborted, "{e:?}");
     assert!(e.message().contains("node-2"), "{}", e.message());
@@ -203,27 +128,13 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
             f.sync_all().unwrap();
             let _ = tx.send(());
         });
-        rx.recv_timeout(Duration::from_secs(10))
-            .unwrap_or_else(|_| panic!("{} stayed frozen after the failed group", m.display()));
+        rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{} stayed frozen after the failed group", m.display()));
     }
-    assert!(
-        !s.images().iter().any(|i| i.contains("/snap-")),
-        "member images left: {:?}",
-        s.images()
-    );
+    assert!(!s.images().iter().any(|i| i.contains("/snap-")), "member images left: {:?}", s.images());
     // The CO's retry, once the node can freeze, makes the group.
-    let retried = group
-        .create_volume_group_snapshot(failing)
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let retried = group.create_volume_group_snapshot(failing).await.unwrap().into_inner().group_snapshot.unwrap();
     assert!(retried.ready_to_use);
-    let del = csi::DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: retried.group_snapshot_id.clone(),
-        ..Default::default()
-    };
+    let del = csi::DeleteVolumeGroupSnapshotRequest { group_snapshot_id: retried.group_snapshot_id.clone(), ..Default::default() };
     group.delete_volume_group_snapshot(del).await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -233,19 +144,10 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     while done.load(Ordering::SeqCst) < 300 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let create = csi::CreateVolumeGroupSnapshotRequest {
-        name: "grp-snap".into(),
-        source_volume_ids: sources.clone(),
-        ..Default::default()
-    };
+    let create =
+        csi::CreateVolumeGroupSnapshotRequest { name: "grp-snap".into(), source_volume_ids: sources.clone(), ..Default::default() };
     let before = done.load(Ordering::SeqCst);
-    let made = group
-        .create_volume_group_snapshot(create.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let made = group.create_volume_group_snapshot(create.clone()).await.unwrap().into_inner().group_snapshot.unwrap();
     let after_cut = done.load(Ordering::SeqCst);
     // The writer goes on after the thaw.
     while done.load(Ordering::SeqCst) < after_cut + 300 {
@@ -258,18 +160,10 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     assert!(made.ready_to_use);
     // Both nodes froze the filesystems mounted from their members.
     let log = s.log_text();
-    let froze: Vec<&str> = log
-        .lines()
-        .filter(|l| {
-            l.contains("volumes frozen for a group snapshot") && l.contains(&made.group_snapshot_id)
-        })
-        .collect();
+    let froze: Vec<&str> =
+        log.lines().filter(|l| l.contains("volumes frozen for a group snapshot") && l.contains(&made.group_snapshot_id)).collect();
     assert_eq!(froze.len(), 2, "{froze:?}");
-    assert!(
-        froze.iter().any(|l| l.contains("filesystems=2"))
-            && froze.iter().any(|l| l.contains("filesystems=1")),
-        "{froze:?}"
-    );
+    assert!(froze.iter().any(|l| l.contains("filesystems=2")) && froze.iter().any(|l| l.contains("filesystems=1")), "{froze:?}");
     assert_eq!(made.snapshots.len(), 3);
     for snap in &made.snapshots {
         assert_eq!(snap.group_snapshot_id, made.group_snapshot_id);
@@ -277,24 +171,11 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
         assert!(sources.contains(&snap.source_volume_id));
     }
     // Idempotent by name.
-    let again = group
-        .create_volume_group_snapshot(create.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .group_snapshot
-        .unwrap();
+    let again = group.create_volume_group_snapshot(create.clone()).await.unwrap().into_inner().group_snapshot.unwrap();
     assert_eq!(again.group_snapshot_id, made.group_snapshot_id);
     assert_eq!(
-        again
-            .snapshots
-            .iter()
-            .map(|s| &s.snapshot_id)
-            .collect::<BTreeSet<_>>(),
-        made.snapshots
-            .iter()
-            .map(|s| &s.snapshot_id)
-            .collect::<BTreeSet<_>>()
+        again.snapshots.iter().map(|s| &s.snapshot_id).collect::<BTreeSet<_>>(),
+        made.snapshots.iter().map(|s| &s.snapshot_id).collect::<BTreeSet<_>>()
     );
 
     // Restore every member and read its records.
@@ -304,117 +185,49 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
             name: format!("grp-restore-{k}"),
             volume_capabilities: vec![rwo_capability(false)],
             volume_content_source: Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Snapshot(
-                    csi::volume_content_source::SnapshotSource {
-                        snapshot_id: snap.snapshot_id.clone(),
-                    },
-                )),
+                r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                })),
             }),
             ..Default::default()
         };
-        let r = ctl
-            .create_volume(restore)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
         let on = &r.volume_context["cinderblock.dev/node"];
         let n: u32 = on.trim_start_matches("node-").parse().unwrap();
-        let records = records_in(
-            &s.pool(n)
-                .join("volumes")
-                .join(format!("{}.img", r.volume_id)),
-        );
-        let slot = sources
-            .iter()
-            .position(|v| *v == snap.source_volume_id)
-            .unwrap() as u64;
+        let records = records_in(&s.pool(n).join("volumes").join(format!("{}.img", r.volume_id)));
+        let slot = sources.iter().position(|v| *v == snap.source_volume_id).unwrap() as u64;
         // Each volume's own records, in order, only its own.
-        assert!(
-            records.windows(2).all(|p| p[0] + 3 == p[1]),
-            "volume {slot} holds {records:?}"
-        );
+        assert!(records.windows(2).all(|p| p[0] + 3 == p[1]), "volume {slot} holds {records:?}");
         assert!(records.iter().all(|r| r % 3 == slot));
         seen.extend(records);
     }
     let n = seen.len() as u64;
-    assert_eq!(
-        seen,
-        (0..n).collect::<BTreeSet<_>>(),
-        "the members are not a consistent prefix: {} records, highest {:?}",
-        n,
-        seen.last()
-    );
+    assert_eq!(seen, (0..n).collect::<BTreeSet<_>>(), "the members are not a consistent prefix: {} records, highest {:?}", n, seen.last());
     // A record written but not yet synced when the freeze came is flushed by it: one more at most.
-    assert!(
-        n >= before && n <= after_cut + 1,
-        "the cut ({n} records) lies outside the call ({before}..{after_cut})"
-    );
+    assert!(n >= before && n <= after_cut + 1, "the cut ({n} records) lies outside the call ({before}..{after_cut})");
     assert!(n < total, "the writer went on after the cut");
     eprintln!("group snapshot cut after record {n} of {total} (the call began after {before})");
 
     // Errors the spec names, each changing nothing.
-    let other = csi::CreateVolumeGroupSnapshotRequest {
-        name: "grp-snap".into(),
-        source_volume_ids: sources[..2].to_vec(),
-        ..Default::default()
-    };
-    assert_eq!(
-        group
-            .create_volume_group_snapshot(other)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::AlreadyExists
-    );
+    let other =
+        csi::CreateVolumeGroupSnapshotRequest { name: "grp-snap".into(), source_volume_ids: sources[..2].to_vec(), ..Default::default() };
+    assert_eq!(group.create_volume_group_snapshot(other).await.unwrap_err().code(), Code::AlreadyExists);
     let unknown = csi::CreateVolumeGroupSnapshotRequest {
         name: "grp-unknown".into(),
         source_volume_ids: vec!["vol-00000000-0000-0000-0000-000000000000".into()],
         ..Default::default()
     };
-    assert_eq!(
-        group
-            .create_volume_group_snapshot(unknown)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::NotFound
-    );
-    let empty = csi::CreateVolumeGroupSnapshotRequest {
-        name: "grp-empty".into(),
-        ..Default::default()
-    };
-    assert_eq!(
-        group
-            .create_volume_group_snapshot(empty)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
+    assert_eq!(group.create_volume_group_snapshot(unknown).await.unwrap_err().code(), Code::NotFound);
+    let empty = csi::CreateVolumeGroupSnapshotRequest { name: "grp-empty".into(), ..Default::default() };
+    assert_eq!(group.create_volume_group_snapshot(empty).await.unwrap_err().code(), Code::InvalidArgument);
     let wrong = csi::GetVolumeGroupSnapshotRequest {
         group_snapshot_id: made.group_snapshot_id.clone(),
         snapshot_ids: vec![made.snapshots[0].snapshot_id.clone()],
         ..Default::default()
     };
-    assert_eq!(
-        group
-            .get_volume_group_snapshot(wrong)
-            .await
-            .unwrap_err()
-            .code(),
-        Code::InvalidArgument
-    );
-    let member = csi::DeleteSnapshotRequest {
-        snapshot_id: made.snapshots[0].snapshot_id.clone(),
-        ..Default::default()
-    };
-    assert_eq!(
-        ctl.delete_snapshot(member).await.unwrap_err().code(),
-        Code::FailedPrecondition,
-        "a member is deleted with its group only"
-    );
+    assert_eq!(group.get_volume_group_snapshot(wrong).await.unwrap_err().code(), Code::InvalidArgument);
+    let member = csi::DeleteSnapshotRequest { snapshot_id: made.snapshots[0].snapshot_id.clone(), ..Default::default() };
+    assert_eq!(ctl.delete_snapshot(member).await.unwrap_err().code(), Code::FailedPrecondition, "a member is deleted with its group only");
     let got = group
         .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
             group_snapshot_id: made.group_snapshot_id.clone(),
@@ -428,14 +241,8 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     assert_eq!(got.snapshots.len(), 3);
 
     // Delete: the group and its members' images go; a repeat is OK.
-    let del = csi::DeleteVolumeGroupSnapshotRequest {
-        group_snapshot_id: made.group_snapshot_id.clone(),
-        ..Default::default()
-    };
-    group
-        .delete_volume_group_snapshot(del.clone())
-        .await
-        .unwrap();
+    let del = csi::DeleteVolumeGroupSnapshotRequest { group_snapshot_id: made.group_snapshot_id.clone(), ..Default::default() };
+    group.delete_volume_group_snapshot(del.clone()).await.unwrap();
     group.delete_volume_group_snapshot(del).await.unwrap();
     let e = group
         .get_volume_group_snapshot(csi::GetVolumeGroupSnapshotRequest {
@@ -447,19 +254,12 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     assert_eq!(e.code(), Code::NotFound);
     let images = s.images();
     for snap in &made.snapshots {
-        assert!(
-            !images.iter().any(|i| i.ends_with(&snap.snapshot_id)),
-            "{} left: {images:?}",
-            snap.snapshot_id
-        );
+        assert!(!images.iter().any(|i| i.ends_with(&snap.snapshot_id)), "{} left: {images:?}", snap.snapshot_id);
     }
 
     // The writer's filesystems are all thawed: one more durable record each.
     for m in &mounts {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(m.join("records"))
-            .unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(m.join("records")).unwrap();
         f.write_all(b"end\n").unwrap();
         f.sync_data().unwrap();
     }

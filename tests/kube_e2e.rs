@@ -166,11 +166,15 @@ fn images(pools: &[(String, PathBuf)]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_end_to_end() {
     let (Ok(kubeconfig), Ok(bin)) = (std::env::var("CINDERBLOCK_TEST_KUBECONFIG"), std::env::var("CINDERBLOCK_K8S_BIN")) else {
-        common::cannot_run("kubernetes_end_to_end", "needs CINDERBLOCK_TEST_KUBECONFIG and CINDERBLOCK_K8S_BIN (scripts/test-all.sh sets them)");
+        common::cannot_run(
+            "kubernetes_end_to_end",
+            "needs CINDERBLOCK_TEST_KUBECONFIG and CINDERBLOCK_K8S_BIN (scripts/test-all.sh sets them)",
+        );
         return;
     };
     let bin = PathBuf::from(bin);
-    let crd_dir = PathBuf::from(std::env::var("CINDERBLOCK_K8S_CRDS").unwrap_or_else(|_| bin.parent().unwrap().join("crds").display().to_string()));
+    let crd_dir =
+        PathBuf::from(std::env::var("CINDERBLOCK_K8S_CRDS").unwrap_or_else(|_| bin.parent().unwrap().join("crds").display().to_string()));
     let cb = PathBuf::from(env!("CARGO_BIN_EXE_cinderblock"));
     let dir = tempfile::Builder::new().prefix("cinderblock-e2e-").tempdir().unwrap();
     let d = dir.path();
@@ -250,10 +254,26 @@ async fn kubernetes_end_to_end() {
         let pool = d.join(name).join("pool");
         pools.push((name.to_string(), pool.clone()));
         let args: Vec<String> = [
-            "node", "--pool", pool.to_str().unwrap(), "--node-id", name, "--agent-listen", "127.0.0.1:0",
-            "--endpoint", &format!("unix://{}/{name}.sock", d.display()), "--allowed-root", d.to_str().unwrap(),
-            "--register", "--kubeconfig", kc, "--heartbeat-interval", "1", "--nbd-listen", "127.0.0.1:0",
-            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Node(name.to_string())),
+            "node",
+            "--pool",
+            pool.to_str().unwrap(),
+            "--node-id",
+            name,
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--endpoint",
+            &format!("unix://{}/{name}.sock", d.display()),
+            "--allowed-root",
+            d.to_str().unwrap(),
+            "--register",
+            "--kubeconfig",
+            kc,
+            "--heartbeat-interval",
+            "1",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            &tls_of(&cinderblock::tls::Peer::Node(name.to_string())),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -262,10 +282,30 @@ async fn kubernetes_end_to_end() {
     }
     let controller_args = |id: &str| -> Vec<String> {
         [
-            "controller", "--endpoint", &format!("unix://{}/{id}.sock", d.display()), "--kubeconfig", kc,
-            "--leader-election", "--leader-election-namespace", "default", "--identity", id, "--lease-duration", "4",
-            "--heartbeat-timeout", "10", "--reconcile-interval", "2", "--stuck-grace", "8",
-            "--tls-dir", &tls_of(&cinderblock::tls::Peer::Controller), "--peer-listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
+            "controller",
+            "--endpoint",
+            &format!("unix://{}/{id}.sock", d.display()),
+            "--kubeconfig",
+            kc,
+            "--leader-election",
+            "--leader-election-namespace",
+            "default",
+            "--identity",
+            id,
+            "--lease-duration",
+            "4",
+            "--heartbeat-timeout",
+            "10",
+            "--reconcile-interval",
+            "2",
+            "--stuck-grace",
+            "8",
+            "--tls-dir",
+            &tls_of(&cinderblock::tls::Peer::Controller),
+            "--peer-listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -287,9 +327,17 @@ async fn kubernetes_end_to_end() {
         let exe = name.split('@').next().unwrap();
         Proc::start(d, &name.replace('@', "-"), &bin.join(exe), &args, &[("POD_NAMESPACE", "default"), ("NODE_NAME", "node-a")])
     };
-    let prov_flags = ["--extra-create-metadata", "--leader-election", "--leader-election-namespace=default",
-        "--leader-election-lease-duration=4s", "--leader-election-renew-deadline=3s", "--leader-election-retry-period=1s",
-        "--retry-interval-start=1s", "--retry-interval-max=5s", "--timeout=60s"];
+    let prov_flags = [
+        "--extra-create-metadata",
+        "--leader-election",
+        "--leader-election-namespace=default",
+        "--leader-election-lease-duration=4s",
+        "--leader-election-renew-deadline=3s",
+        "--leader-election-retry-period=1s",
+        "--retry-interval-start=1s",
+        "--retry-interval-max=5s",
+        "--timeout=60s",
+    ];
     let mut prov_a = sidecar("csi-provisioner@a", "ctrl-a", &prov_flags);
     let sc_proc = Proc::start(d, "snapshot-controller", &bin.join("snapshot-controller"), &[format!("--kubeconfig={kc}")], &[]);
     let mut snapshotter = sidecar("csi-snapshotter", "ctrl-a", &["--timeout=60s"]);
@@ -344,7 +392,12 @@ async fn kubernetes_end_to_end() {
         }
         v
     };
-    pvcs.create(&PostParams::default(), &pvc("restored", 64 * MI, Some(ds("VolumeSnapshot", "data-snap", Some("snapshot.storage.k8s.io"))))).await.unwrap();
+    pvcs.create(
+        &PostParams::default(),
+        &pvc("restored", 64 * MI, Some(ds("VolumeSnapshot", "data-snap", Some("snapshot.storage.k8s.io")))),
+    )
+    .await
+    .unwrap();
     pvcs.create(&PostParams::default(), &pvc("cloned", 64 * MI, Some(ds("PersistentVolumeClaim", "data", None)))).await.unwrap();
     let restored = bound_pv(&pvcs, &pvs, "restored").await;
     let cloned = bound_pv(&pvcs, &pvs, "cloned").await;
@@ -364,9 +417,13 @@ async fn kubernetes_end_to_end() {
     assert_eq!(huge.status.unwrap().phase.as_deref(), Some("Pending"));
 
     // 4. Resize grows the volume.
-    pvcs.patch("data", &PatchParams::default(), &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": (128 * MI).to_string()}}}})))
-        .await
-        .unwrap();
+    pvcs.patch(
+        "data",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"resources": {"requests": {"storage": (128 * MI).to_string()}}}})),
+    )
+    .await
+    .unwrap();
     eventually("PV grown to 128Mi", Duration::from_secs(90), || async {
         let pv = pvs.get(&pv.metadata.name.clone().unwrap()).await.ok()?;
         let cap = pv.spec?.capacity?.get("storage")?.0.clone();
@@ -463,7 +520,8 @@ async fn kubernetes_end_to_end() {
         .await;
         assert_eq!(st.attachment_metadata.unwrap_or_default().get("cinderblock.dev/transport").map(String::as_str), Some("local"));
         vas.delete("va-owner", &DeleteParams::default()).await.unwrap();
-        eventually("va-owner gone", Duration::from_secs(60), || async { vas.get_opt("va-owner").await.ok()?.is_none().then_some(()) }).await;
+        eventually("va-owner gone", Duration::from_secs(60), || async { vas.get_opt("va-owner").await.ok()?.is_none().then_some(()) })
+            .await;
         eventually("no BlockExport left", Duration::from_secs(30), || async {
             bexports.list(&ListParams::default()).await.ok()?.items.is_empty().then_some(())
         })
@@ -486,7 +544,9 @@ async fn kubernetes_end_to_end() {
     // calls that change something to the leader (its peer server, mutual
     // TLS) and answers reads itself, so calls neither hang nor fail.
     {
-        let mut standby = cinderblock::csi::controller_client::ControllerClient::new(common::csi_channel(&format!("unix://{}/ctrl-b.sock", d.display())).await);
+        let mut standby = cinderblock::csi::controller_client::ControllerClient::new(
+            common::csi_channel(&format!("unix://{}/ctrl-b.sock", d.display())).await,
+        );
         let cap = cinderblock::csi::VolumeCapability {
             access_type: Some(cinderblock::csi::volume_capability::AccessType::Mount(Default::default())),
             access_mode: Some(cinderblock::csi::volume_capability::AccessMode {
@@ -513,7 +573,10 @@ async fn kubernetes_end_to_end() {
             .expect("a read answered by the standby")
             .into_inner();
         assert_eq!(got.volume.unwrap().volume_id, v.volume_id);
-        standby.delete_volume(cinderblock::csi::DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }).await.expect("DeleteVolume through the standby");
+        standby
+            .delete_volume(cinderblock::csi::DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() })
+            .await
+            .expect("DeleteVolume through the standby");
         eventually("the standby-made volume removed", Duration::from_secs(30), || async {
             bvols.get_opt(&v.volume_id).await.ok()?.is_none().then_some(())
         })
@@ -557,7 +620,10 @@ async fn kubernetes_end_to_end() {
     assert_eq!(named.len(), 1, "exactly one BlockVolume for the PVC");
     let imgs: Vec<String> = images(&pools).into_iter().filter(|i| !i.ends_with(&handle(&src_pv))).collect();
     assert_eq!(imgs, vec![format!("{}/{vol}", pv_node(&pv))], "exactly one image for the clone, on the PV's node");
-    assert_eq!(common::checksum(&src_img), common::checksum(&pools.iter().find(|(n, _)| *n == pv_node(&pv)).unwrap().1.join("volumes").join(format!("{vol}.img"))));
+    assert_eq!(
+        common::checksum(&src_img),
+        common::checksum(&pools.iter().find(|(n, _)| *n == pv_node(&pv)).unwrap().1.join("volumes").join(format!("{vol}.img")))
+    );
     pvcs.delete("failover", &DeleteParams::default()).await.unwrap();
     pvcs.delete("source", &DeleteParams::default()).await.unwrap();
     eventually("failover image removed", Duration::from_secs(60), || async { images(&pools).is_empty().then_some(()) }).await;

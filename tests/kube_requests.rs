@@ -49,7 +49,10 @@ async fn requests(client: &kube::Client) -> BTreeMap<String, f64> {
     for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
         let Some((labels, value)) = line.rsplit_once("} ") else { continue };
         let label = |key: &str| {
-            labels.split(',').find_map(|kv| kv.trim_start_matches("apiserver_request_total{").strip_prefix(&format!("{key}=\""))).map(|v| v.trim_end_matches('"').to_string())
+            labels
+                .split(',')
+                .find_map(|kv| kv.trim_start_matches("apiserver_request_total{").strip_prefix(&format!("{key}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
         };
         let verb = label("verb").unwrap_or_default();
         if verb == "WATCH" || verb == "CONNECT" {
@@ -70,7 +73,9 @@ fn create_request(i: usize) -> csi::CreateVolumeRequest {
         capacity_range: Some(csi::CapacityRange { required_bytes: 16 << 20, limit_bytes: 0 }),
         volume_capabilities: vec![csi::VolumeCapability {
             access_type: Some(csi::volume_capability::AccessType::Mount(Default::default())),
-            access_mode: Some(csi::volume_capability::AccessMode { mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32 }),
+            access_mode: Some(csi::volume_capability::AccessMode {
+                mode: csi::volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
         }],
         // As csi-provisioner --extra-create-metadata sends them: Events go to the PVC.
         parameters: [
@@ -91,10 +96,9 @@ async fn api_requests_per_create_and_per_heartbeat() {
     let dir = tempfile::Builder::new().prefix("cinderblock-requests-").tempdir().unwrap();
     let d = dir.path();
     let client = cinderblock::kube::client(Some(Path::new(&admin))).await.unwrap();
-    for ar in [
-        ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()),
-        ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&()),
-    ] {
+    for ar in
+        [ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()), ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&())]
+    {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         api.delete_collection(&DeleteParams::default(), &ListParams::default()).await.unwrap();
     }
@@ -106,24 +110,56 @@ async fn api_requests_per_create_and_per_heartbeat() {
         controller_tls = Some(ctl_tls);
         let pool = d.join(format!("pool-{n}"));
         let args = [
-            "node", "--pool", pool.to_str().unwrap(), "--node-id", n, "--zone", "zone-1", "--agent-listen", "127.0.0.1:0",
-            "--endpoint", &format!("unix://{}/{n}.sock", d.display()), "--allowed-root", d.to_str().unwrap(),
-            "--tls-dir", node_tls.to_str().unwrap(), "--register", "--kubeconfig", &admin,
-            "--heartbeat-interval", "1", "--node-lease-namespace", "default",
+            "node",
+            "--pool",
+            pool.to_str().unwrap(),
+            "--node-id",
+            n,
+            "--zone",
+            "zone-1",
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--endpoint",
+            &format!("unix://{}/{n}.sock", d.display()),
+            "--allowed-root",
+            d.to_str().unwrap(),
+            "--tls-dir",
+            node_tls.to_str().unwrap(),
+            "--register",
+            "--kubeconfig",
+            &admin,
+            "--heartbeat-interval",
+            "1",
+            "--node-lease-namespace",
+            "default",
         ];
         procs.push(start(d, n, &args));
     }
     let sock = d.join("controller.sock");
     let controller_tls = controller_tls.unwrap();
     let args = [
-        "controller", "--endpoint", &format!("unix://{}", sock.display()), "--kubeconfig", &admin,
-        "--tls-dir", controller_tls.to_str().unwrap(), "--heartbeat-timeout", "10", "--reconcile-interval", "3600",
-        "--node-lease-namespace", "default",
+        "controller",
+        "--endpoint",
+        &format!("unix://{}", sock.display()),
+        "--kubeconfig",
+        &admin,
+        "--tls-dir",
+        controller_tls.to_str().unwrap(),
+        "--heartbeat-timeout",
+        "10",
+        "--reconcile-interval",
+        "3600",
+        "--node-lease-namespace",
+        "default",
     ];
     procs.push(start(d, "controller", &args));
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "the controller did not start: {}", std::fs::read_to_string(d.join("controller.log")).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "the controller did not start: {}",
+            std::fs::read_to_string(d.join("controller.log")).unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let channel = common::csi_channel(&format!("unix://{}", sock.display())).await;
@@ -157,7 +193,10 @@ async fn api_requests_per_create_and_per_heartbeat() {
         diff(&after, &before, "storagenodes"),
         diff(&after, &before, "leases")
     );
-    assert!(per_create <= 3.0, "a CreateVolume costs at most 3 API requests; it cost {per_create:.2}: {records} record, {events} event requests for {CREATES}");
+    assert!(
+        per_create <= 3.0,
+        "a CreateVolume costs at most 3 API requests; it cost {per_create:.2}: {records} record, {events} event requests for {CREATES}"
+    );
 
     // Heartbeats of idle nodes: one Lease renewal each per interval, and no
     // StorageNode write while the pool's figures stay put.
@@ -168,7 +207,10 @@ async fn api_requests_per_create_and_per_heartbeat() {
     let leases = diff(&after, &before, "leases");
     let node_records = diff(&after, &before, "storagenodes");
     let beats = (NODES.len() as u64 * BEAT_SECONDS) as f64;
-    eprintln!("{BEAT_SECONDS} s of {} idle nodes beating every 1 s: {leases} lease requests, {node_records} StorageNode requests", NODES.len());
+    eprintln!(
+        "{BEAT_SECONDS} s of {} idle nodes beating every 1 s: {leases} lease requests, {node_records} StorageNode requests",
+        NODES.len()
+    );
     // +1 per node for a beat at each edge of the window, +2 for the API
     // server's own identity lease (renewed every 10 s).
     assert!(leases <= beats + NODES.len() as f64 + 2.0, "{leases} lease requests for {beats} heartbeats");
@@ -176,10 +218,9 @@ async fn api_requests_per_create_and_per_heartbeat() {
     assert!(node_records <= NODES.len() as f64, "idle nodes wrote their records {node_records} times in {BEAT_SECONDS} s");
     drop(procs);
     // Leave the bed as found: the next test (or suite) may want it empty.
-    for ar in [
-        ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()),
-        ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&()),
-    ] {
+    for ar in
+        [ApiResource::erase::<cinderblock::kube::crds::StorageNode>(&()), ApiResource::erase::<cinderblock::kube::crds::BlockVolume>(&())]
+    {
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
         api.delete_collection(&DeleteParams::default(), &ListParams::default()).await.unwrap();
     }

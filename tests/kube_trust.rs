@@ -235,7 +235,15 @@ async fn trust_on_a_real_api_server() {
     let applied = apply(
         &client,
         &rendered,
-        &["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"],
+        &[
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ],
     )
     .await;
     assert!(applied >= 10, "deploy/cinderblock.yaml gave only {applied} objects");
@@ -248,12 +256,38 @@ async fn trust_on_a_real_api_server() {
     let hold = d.join("hold-agent-writes");
     let controller = |id: &str| -> Vec<String> {
         [
-            "controller", "--endpoint", &format!("unix://{}/{id}.sock", d.display()), "--kubeconfig", admin.to_str().unwrap(),
-            "--leader-election", "--leader-election-namespace", NS, "--leader-election-lease", "cinderblock-trust", "--identity", id,
-            "--lease-duration", "4", "--heartbeat-timeout", "10", "--reconcile-interval", "1", "--stuck-grace", "2",
-            "--tls-dir", &format!("{}/{id}-tls", d.display()), "--tls-namespace", NS, "--tls-ca-secret", "cinderblock-ca",
-            "--node-service-account", &format!("system:serviceaccount:{NS}:{NODE_SA}"), "--metrics-addr", "127.0.0.1:0",
-            "--node-lease-namespace", NS,
+            "controller",
+            "--endpoint",
+            &format!("unix://{}/{id}.sock", d.display()),
+            "--kubeconfig",
+            admin.to_str().unwrap(),
+            "--leader-election",
+            "--leader-election-namespace",
+            NS,
+            "--leader-election-lease",
+            "cinderblock-trust",
+            "--identity",
+            id,
+            "--lease-duration",
+            "4",
+            "--heartbeat-timeout",
+            "10",
+            "--reconcile-interval",
+            "1",
+            "--stuck-grace",
+            "2",
+            "--tls-dir",
+            &format!("{}/{id}-tls", d.display()),
+            "--tls-namespace",
+            NS,
+            "--tls-ca-secret",
+            "cinderblock-ca",
+            "--node-service-account",
+            &format!("system:serviceaccount:{NS}:{NODE_SA}"),
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--node-lease-namespace",
+            NS,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -261,9 +295,7 @@ async fn trust_on_a_real_api_server() {
     };
     let ctrl_a = Proc::start(d, "ctrl-a", &controller("ctrl-a"), &[("CINDERBLOCK_TEST_HOLD_AGENT_WRITES", hold.display().to_string())]);
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), NS);
-    let holder = || async {
-        leases.get("cinderblock-trust").await.ok().and_then(|l| l.spec?.holder_identity)
-    };
+    let holder = || async { leases.get("cinderblock-trust").await.ok().and_then(|l| l.spec?.holder_identity) };
     eventually("ctrl-a leads", Duration::from_secs(30), || async { (holder().await.as_deref() == Some("ctrl-a")).then_some(()) }).await;
     let _ctrl_b = Proc::start(d, "ctrl-b", &controller("ctrl-b"), &[]);
 
@@ -277,11 +309,31 @@ async fn trust_on_a_real_api_server() {
         let pool = d.join(n).join("pool");
         pools.push((n.to_string(), pool.clone()));
         let args: Vec<String> = [
-            "node", "--pool", pool.to_str().unwrap(), "--node-id", n, "--agent-listen", "127.0.0.1:0",
-            "--endpoint", &format!("unix://{}/{n}.sock", d.display()), "--allowed-root", d.to_str().unwrap(),
-            "--register", "--kubeconfig", kc.to_str().unwrap(), "--heartbeat-interval", "1",
-            "--tls-dir", &format!("{}/{n}-tls", d.display()), "--tls-bootstrap", "--tls-namespace", NS, "--tls-ca-configmap", "cinderblock-ca",
-            "--node-lease-namespace", NS,
+            "node",
+            "--pool",
+            pool.to_str().unwrap(),
+            "--node-id",
+            n,
+            "--agent-listen",
+            "127.0.0.1:0",
+            "--endpoint",
+            &format!("unix://{}/{n}.sock", d.display()),
+            "--allowed-root",
+            d.to_str().unwrap(),
+            "--register",
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--heartbeat-interval",
+            "1",
+            "--tls-dir",
+            &format!("{}/{n}-tls", d.display()),
+            "--tls-bootstrap",
+            "--tls-namespace",
+            NS,
+            "--tls-ca-configmap",
+            "cinderblock-ca",
+            "--node-lease-namespace",
+            NS,
         ]
         .iter()
         .map(|s| s.to_string())

@@ -45,10 +45,7 @@ fn loop_bound_in_a_gone_mount_namespace_is_found_by_its_image() {
         elsewhere.display(),
         elsewhere.display()
     );
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .output()
-        .expect("running unshare");
+    let out = Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().expect("running unshare");
     assert!(out.status.success(), "unshare + losetup failed: {}", String::from_utf8_lossy(&out.stderr));
     let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let _guard = Attached(device.clone());

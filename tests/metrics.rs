@@ -71,9 +71,13 @@ async fn metrics_count_create_snapshot_and_delete() {
         .into_inner()
         .volume
         .unwrap();
-    c.create_snapshot(csi::CreateSnapshotRequest { source_volume_id: v.volume_id.clone(), name: "metered-snap".into(), ..Default::default() })
-        .await
-        .unwrap();
+    c.create_snapshot(csi::CreateSnapshotRequest {
+        source_volume_id: v.volume_id.clone(),
+        name: "metered-snap".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     c.delete_volume(csi::DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }).await.unwrap();
     let err = c.create_volume(csi::CreateVolumeRequest { volume_capabilities: vec![cap], ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -90,7 +94,10 @@ async fn metrics_count_create_snapshot_and_delete() {
     let text = scrape(&address);
     assert_valid_openmetrics(&text);
     let calls = |svc: &str, method: &str, code: &str| {
-        sample(&text, &["cinderblock_grpc_calls_total{", &format!("service=\"{svc}\""), &format!("method=\"{method}\""), &format!("code=\"{code}\"")])
+        sample(
+            &text,
+            &["cinderblock_grpc_calls_total{", &format!("service=\"{svc}\""), &format!("method=\"{method}\""), &format!("code=\"{code}\"")],
+        )
     };
     assert_eq!(calls("csi.v1.Controller", "CreateVolume", "OK"), Some(1.0), "{text}");
     assert_eq!(calls("csi.v1.Controller", "CreateSnapshot", "OK"), Some(1.0));
@@ -104,9 +111,7 @@ async fn metrics_count_create_snapshot_and_delete() {
     let total = sample(&text, &["cinderblock_pool_total_bytes{", "node=\"node-1\""]).expect("pool gauge for node-1");
     assert!(total > 0.0);
     // The snapshot is still there: provisioned counts it.
-    let provisioned: f64 = ["node-1", "node-2"]
-        .iter()
-        .filter_map(|n| sample(&text, &["cinderblock_pool_provisioned_bytes{", &format!("node=\"{n}\"")]))
-        .sum();
+    let provisioned: f64 =
+        ["node-1", "node-2"].iter().filter_map(|n| sample(&text, &["cinderblock_pool_provisioned_bytes{", &format!("node=\"{n}\"")])).sum();
     assert_eq!(provisioned, (1 << 20) as f64);
 }

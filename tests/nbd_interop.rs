@@ -82,9 +82,18 @@ fn third_party_clients(tls: bool) {
 
     // qemu-io writes two patterns, reads them back.
     let mut io = Command::new("qemu-io");
-    io.args(qemu_tls_args(tls_path, "client"))
-        .args(["--image-opts", &qemu_opts(&srv, &name, tls)])
-        .args(["-c", "write -P 0xab 1M 2M", "-c", "write -P 0xcd 8M 1M", "-c", "read -P 0xab 1M 2M", "-c", "read -P 0xcd 8M 1M", "-c", "flush"]);
+    io.args(qemu_tls_args(tls_path, "client")).args(["--image-opts", &qemu_opts(&srv, &name, tls)]).args([
+        "-c",
+        "write -P 0xab 1M 2M",
+        "-c",
+        "write -P 0xcd 8M 1M",
+        "-c",
+        "read -P 0xab 1M 2M",
+        "-c",
+        "read -P 0xcd 8M 1M",
+        "-c",
+        "flush",
+    ]);
     let out = run(&mut io);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 
@@ -114,7 +123,10 @@ fn third_party_clients(tls: bool) {
     run(&mut convert);
     let out_path = img.dir.path().join("out.raw");
     let mut back = Command::new("qemu-img");
-    back.args(["convert", "-O", "raw", "--image-opts"]).args(qemu_tls_args(tls_path, "client")).arg(qemu_opts(&srv, &name, tls)).arg(&out_path);
+    back.args(["convert", "-O", "raw", "--image-opts"])
+        .args(qemu_tls_args(tls_path, "client"))
+        .arg(qemu_opts(&srv, &name, tls))
+        .arg(&out_path);
     run(&mut back);
     let got = std::fs::read(&out_path).unwrap();
     assert_eq!(got.len() as u64, 64 * MIB);
@@ -170,8 +182,12 @@ fn third_party_clients_are_held_to_the_allow_list() {
     assert!(err.contains("opt_go"), "{err}");
     // And nothing was written by the refused peers.
     let mut io = Command::new("qemu-io");
-    io.args(qemu_tls_args(Some(other_node.path()), "client"))
-        .args(["--image-opts", &qemu_opts(&srv, &name, true), "-c", "write -P 0x11 0 4k"]);
+    io.args(qemu_tls_args(Some(other_node.path()), "client")).args([
+        "--image-opts",
+        &qemu_opts(&srv, &name, true),
+        "-c",
+        "write -P 0x11 0 4k",
+    ]);
     run_fails(&mut io);
     assert!(std::fs::read(&img.path).unwrap().iter().all(|&b| b == 0));
 }
@@ -223,7 +239,12 @@ fn qemu_nbd(image: &Path, tls: Option<&Path>) -> Peer {
     let mut cmd = Command::new("qemu-nbd");
     cmd.args(["-f", "raw", "-x", "vol", "-b", "127.0.0.1", "-p", &port.to_string(), "--persistent", "--shared=4"]);
     if let Some(d) = tls {
-        cmd.args(["--object", &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", d.display()), "--tls-creds", "tls0"]);
+        cmd.args([
+            "--object",
+            &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", d.display()),
+            "--tls-creds",
+            "tls0",
+        ]);
     }
     cmd.arg(image).stdout(Stdio::null());
     let mut child = cmd.spawn().unwrap();
@@ -267,11 +288,8 @@ fn our_client_against(server: &str, tls: bool) {
         "nbdkit" => (nbdkit(&img.path, tls_path), ""),
         _ => (qemu_nbd(&img.path, tls_path), "vol"),
     };
-    let target = Target {
-        address: format!("127.0.0.1:{}", peer.port),
-        export: export.into(),
-        tls: tls.then(|| pki.client_tls(Some("node-a"))),
-    };
+    let target =
+        Target { address: format!("127.0.0.1:{}", peer.port), export: export.into(), tls: tls.then(|| pki.client_tls(Some("node-a"))) };
     runtime().block_on(async {
         exercise(&target, &img.path).await;
         if tls {

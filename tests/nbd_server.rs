@@ -267,7 +267,9 @@ fn garbage_and_silent_clients_do_not_stall_other_exports() {
             Ok(0) => break,
             Ok(n) => total += n,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("the stalled connection is still open after {:?} ({sent} requests, {total} bytes read): {e}", started.elapsed()),
+            Err(e) => {
+                panic!("the stalled connection is still open after {:?} ({sent} requests, {total} bytes read): {e}", started.elapsed())
+            }
         }
     }
     assert!(total < 256 << 20, "the server buffered {total} bytes for a client that did not read");

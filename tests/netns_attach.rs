@@ -192,7 +192,9 @@ impl ControllerHost {
                 let socket = dir.join("controller.sock");
                 let incoming = cinderblock::server::bind_unix(&socket).unwrap();
                 tonic::transport::Server::builder()
-                    .add_service(cinderblock::csi::controller_server::ControllerServer::new(cinderblock::controller::ControllerService::new(manager)))
+                    .add_service(cinderblock::csi::controller_server::ControllerServer::new(
+                        cinderblock::controller::ControllerService::new(manager),
+                    ))
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = stopped.await;
                     })
@@ -208,7 +210,11 @@ impl ControllerHost {
     async fn wait_for_nodes(&self, count: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.registered.load(std::sync::atomic::Ordering::SeqCst) < count {
-            assert!(Instant::now() < deadline, "only {} of {count} nodes registered", self.registered.load(std::sync::atomic::Ordering::SeqCst));
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} nodes registered",
+                self.registered.load(std::sync::atomic::Ordering::SeqCst)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -253,10 +259,25 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     let node_args = |id: &str, addr: &str| -> Vec<String> {
         let home = d.join(id);
         [
-            "node", "--pool", home.join("pool").to_str().unwrap(), "--node-id", id, "--zone", "zone-1",
-            "--agent-listen", &format!("{addr}:9810"), "--endpoint", &format!("unix://{}", d.join(format!("{id}.sock")).display()),
-            "--allowed-root", d.to_str().unwrap(), "--tls-dir", authority::local_peer_dir(&pki, &Peer::Node(id.into())).to_str().unwrap(),
-            "--nbd-listen", &format!("{addr}:10809"), "--attach-state-dir", home.join("attach").to_str().unwrap(),
+            "node",
+            "--pool",
+            home.join("pool").to_str().unwrap(),
+            "--node-id",
+            id,
+            "--zone",
+            "zone-1",
+            "--agent-listen",
+            &format!("{addr}:9810"),
+            "--endpoint",
+            &format!("unix://{}", d.join(format!("{id}.sock")).display()),
+            "--allowed-root",
+            d.to_str().unwrap(),
+            "--tls-dir",
+            authority::local_peer_dir(&pki, &Peer::Node(id.into())).to_str().unwrap(),
+            "--nbd-listen",
+            &format!("{addr}:10809"),
+            "--attach-state-dir",
+            home.join("attach").to_str().unwrap(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -293,15 +314,25 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     stage_and_publish_rwo(&mut node, &fs_vol.volume_id, &staging, &target, false, &ctx).await;
     std::fs::write(target.join("note.txt"), b"written on con, kept on own").unwrap();
     std::fs::File::open(target.join("note.txt")).unwrap().sync_all().unwrap();
-    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: fs_vol.volume_id.clone(), target_path: target.display().to_string() })
-        .await
-        .unwrap();
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: fs_vol.volume_id.clone(), staging_target_path: staging.display().to_string() })
-        .await
-        .unwrap();
-    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: fs_vol.volume_id.clone(), node_id: "con".into(), ..Default::default() })
-        .await
-        .unwrap();
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: fs_vol.volume_id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: fs_vol.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: fs_vol.volume_id.clone(),
+        node_id: "con".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let image = d.join("own").join("pool").join("volumes").join(format!("{}.img", fs_vol.volume_id));
     let m = tempfile::tempdir().unwrap();
     run("mount", &["-o", "loop,ro,noload", image.to_str().unwrap(), m.path().to_str().unwrap()]);
@@ -319,8 +350,17 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     let fio_out = d.join("fio.json");
     let mut fio = Command::new("fio")
         .args([
-            "--name=through-a-restart", "--ioengine=psync", "--direct=1", "--rw=randwrite", "--bs=4k", "--size=48M",
-            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=1", "--output-format=json",
+            "--name=through-a-restart",
+            "--ioengine=psync",
+            "--direct=1",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=48M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--randrepeat=1",
+            "--output-format=json",
         ])
         .arg(format!("--filename={}", target.display()))
         .arg(format!("--output={}", fio_out.display()))
@@ -354,18 +394,31 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     // The consumer's attachment lost its connection and got it back (it did
     // not just run between the kill and the restart).
     let con_log = std::fs::read_to_string(d.join("con.log")).unwrap();
-    let restored = con_log.lines().find(|l| l.contains("NBD connection restored")).unwrap_or_else(|| panic!("the consumer never reconnected:\n{con_log}"));
+    let restored = con_log
+        .lines()
+        .find(|l| l.contains("NBD connection restored"))
+        .unwrap_or_else(|| panic!("the consumer never reconnected:\n{con_log}"));
     eprintln!("consumer: {restored}");
 
-    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: blk.volume_id.clone(), target_path: target.display().to_string() })
-        .await
-        .unwrap();
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: blk.volume_id.clone(), staging_target_path: staging.display().to_string() })
-        .await
-        .unwrap();
-    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: blk.volume_id.clone(), node_id: "con".into(), ..Default::default() })
-        .await
-        .unwrap();
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+        volume_id: blk.volume_id.clone(),
+        target_path: target.display().to_string(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: blk.volume_id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .unwrap();
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: blk.volume_id.clone(),
+        node_id: "con".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     // Nothing left: no FUSE mount or loop device of an attachment, no export.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -215,10 +215,7 @@ fn xfs() -> csi::VolumeCapability {
 }
 
 fn block(mode: Mode) -> csi::VolumeCapability {
-    csi::VolumeCapability {
-        access_type: Some(AccessType::Block(BlockVolume {})),
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-    }
+    csi::VolumeCapability { access_type: Some(AccessType::Block(BlockVolume {})), access_mode: Some(AccessMode { mode: mode as i32 }) }
 }
 
 fn stage_req(id: &str, staging: &Path, cap: Option<csi::VolumeCapability>) -> csi::NodeStageVolumeRequest {
@@ -234,13 +231,7 @@ fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
     csi::NodeUnstageVolumeRequest { volume_id: id.into(), staging_target_path: staging.display().to_string() }
 }
 
-fn publish_req(
-    id: &str,
-    staging: &Path,
-    target: &Path,
-    cap: csi::VolumeCapability,
-    readonly: bool,
-) -> csi::NodePublishVolumeRequest {
+fn publish_req(id: &str, staging: &Path, target: &Path, cap: csi::VolumeCapability, readonly: bool) -> csi::NodePublishVolumeRequest {
     csi::NodePublishVolumeRequest {
         volume_id: id.into(),
         staging_target_path: staging.display().to_string(),
@@ -256,11 +247,7 @@ fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
 }
 
 fn stats_req(id: &str, path: &Path) -> csi::NodeGetVolumeStatsRequest {
-    csi::NodeGetVolumeStatsRequest {
-        volume_id: id.into(),
-        volume_path: path.display().to_string(),
-        ..Default::default()
-    }
+    csi::NodeGetVolumeStatsRequest { volume_id: id.into(), volume_path: path.display().to_string(), ..Default::default() }
 }
 
 fn expand_req(id: &str, path: &Path, staging: &Path, required: u64) -> csi::NodeExpandVolumeRequest {
@@ -273,12 +260,7 @@ fn expand_req(id: &str, path: &Path, staging: &Path, required: u64) -> csi::Node
     }
 }
 
-async fn create_volume(
-    agent: &mut AgentClient,
-    id: &str,
-    size: u64,
-    source: Option<pb::create_volume_request::Source>,
-) {
+async fn create_volume(agent: &mut AgentClient, id: &str, size: u64, source: Option<pb::create_volume_request::Source>) {
     agent
         .create_volume(pb::CreateVolumeRequest {
             volume_id: id.into(),
@@ -351,13 +333,7 @@ async fn info_and_capabilities() {
         .into_iter()
         .filter_map(|c| c.r#type.map(|csi::node_service_capability::Type::Rpc(r)| r.r#type))
         .collect();
-    for t in [
-        Type::StageUnstageVolume,
-        Type::GetVolumeStats,
-        Type::ExpandVolume,
-        Type::VolumeCondition,
-        Type::SingleNodeMultiWriter,
-    ] {
+    for t in [Type::StageUnstageVolume, Type::GetVolumeStats, Type::ExpandVolume, Type::VolumeCondition, Type::SingleNodeMultiWriter] {
         assert!(caps.contains(&(t as i32)), "{t:?} missing from {caps:?}");
     }
     assert!(!caps.contains(&(Type::VolumeMountGroup as i32)));
@@ -381,9 +357,7 @@ async fn filesystem_stage_publish_write_unpublish_unstage() {
     let target = env.k("pods/p1/volumes/vol-a");
     std::fs::create_dir(&staging).unwrap();
 
-    c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("ext4", &["noatime"], Mode::SingleNodeWriter))))
-        .await
-        .unwrap();
+    c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("ext4", &["noatime"], Mode::SingleNodeWriter)))).await.unwrap();
     let m = mount_at(&staging).expect("staging is mounted");
     assert_eq!(m.fs_type, "ext4");
     assert!(m.source.starts_with("/dev/loop"), "{m:?}");
@@ -394,15 +368,9 @@ async fn filesystem_stage_publish_write_unpublish_unstage() {
     assert_eq!(std::fs::read_to_string(format!("/sys/block/{dev_name}/loop/dio")).unwrap().trim(), "1");
 
     // Idempotent; other capabilities on the same staging path are refused.
-    c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("ext4", &["noatime"], Mode::SingleNodeWriter))))
-        .await
-        .unwrap();
+    c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("ext4", &["noatime"], Mode::SingleNodeWriter)))).await.unwrap();
     c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("", &[], Mode::SingleNodeWriter)))).await.unwrap();
-    expect_code(
-        "stage as xfs",
-        c.node_stage_volume(stage_req("vol-a", &staging, Some(xfs()))).await,
-        Code::AlreadyExists,
-    );
+    expect_code("stage as xfs", c.node_stage_volume(stage_req("vol-a", &staging, Some(xfs()))).await, Code::AlreadyExists);
     expect_code(
         "stage as block",
         c.node_stage_volume(stage_req("vol-a", &staging, Some(block(Mode::SingleNodeWriter)))).await,
@@ -410,8 +378,7 @@ async fn filesystem_stage_publish_write_unpublish_unstage() {
     );
     expect_code(
         "stage read-only",
-        c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("ext4", &[], Mode::SingleNodeReaderOnly))))
-            .await,
+        c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("ext4", &[], Mode::SingleNodeReaderOnly)))).await,
         Code::AlreadyExists,
     );
     let elsewhere = env.k("staging/other");
@@ -471,12 +438,7 @@ async fn filesystem_stage_publish_write_unpublish_unstage() {
 }
 
 /// Stage and publish `id` as `cap` at fresh paths named after it.
-async fn stage_and_publish(
-    env: &Env,
-    c: &mut NodeClient<Channel>,
-    id: &str,
-    cap: csi::VolumeCapability,
-) -> (PathBuf, PathBuf) {
+async fn stage_and_publish(env: &Env, c: &mut NodeClient<Channel>, id: &str, cap: csi::VolumeCapability) -> (PathBuf, PathBuf) {
     let staging = env.k(&format!("staging/{id}"));
     let target = env.k(&format!("pods/{id}/mount"));
     c.node_stage_volume(stage_req(id, &staging, Some(cap.clone()))).await.unwrap();
@@ -518,8 +480,7 @@ async fn snapshot_restore_gives_identical_files() {
     use pb::create_volume_request::Source;
     create_volume(&mut agent, "vol-restored", XFS_MIN, Some(Source::SnapshotId("snap-1".into()))).await;
     // The source stays mounted: the copy has the same XFS UUID.
-    let (r_staging, r_target) =
-        stage_and_publish(&env, &mut c, "vol-restored", mount_cap("", &[], Mode::SingleNodeWriter)).await;
+    let (r_staging, r_target) = stage_and_publish(&env, &mut c, "vol-restored", mount_cap("", &[], Mode::SingleNodeWriter)).await;
     assert_eq!(mount_at(&r_staging).unwrap().fs_type, "xfs");
     assert_eq!(tree(&r_target), before, "the restored volume differs from the snapshot");
     assert_eq!(std::fs::read(r_target.join("small.txt")).unwrap(), b"before the snapshot\n");
@@ -574,11 +535,7 @@ async fn block_volume_raw_bytes_round_trip() {
     c.node_stage_volume(stage_req("vol-b", &staging, Some(cap.clone()))).await.unwrap();
     c.node_stage_volume(stage_req("vol-b", &staging, Some(cap.clone()))).await.unwrap();
     assert_eq!(loops_of(&image), 1);
-    expect_code(
-        "stage as a filesystem",
-        c.node_stage_volume(stage_req("vol-b", &staging, Some(ext4()))).await,
-        Code::AlreadyExists,
-    );
+    expect_code("stage as a filesystem", c.node_stage_volume(stage_req("vol-b", &staging, Some(ext4()))).await, Code::AlreadyExists);
     expect_code(
         "publish as a filesystem",
         c.node_publish_volume(publish_req("vol-b", &staging, &env.k("pods/p9/mnt"), ext4(), false)).await,
@@ -633,11 +590,7 @@ async fn block_volume_raw_bytes_round_trip() {
     );
     assert_eq!(loops_of(&image), 2);
 
-    expect_code(
-        "unstage while published",
-        c.node_unstage_volume(unstage_req("vol-b", &staging)).await,
-        Code::FailedPrecondition,
-    );
+    expect_code("unstage while published", c.node_unstage_volume(unstage_req("vol-b", &staging)).await, Code::FailedPrecondition);
     c.node_unpublish_volume(unpublish_req("vol-b", &ro_target)).await.unwrap();
     assert!(!ro_target.exists());
     assert_eq!(loops_of(&image), 1, "the read-only device outlived its target");
@@ -777,7 +730,9 @@ async fn expand_mounted_ext4_with_data() {
         // Online ext4 resize needs CAP_SYS_RESOURCE; the error must say so.
         let e = result.unwrap_err();
         assert!(e.message().contains("CAP_SYS_RESOURCE"), "{}", e.message());
-        eprintln!("note: expand_mounted_ext4_with_data: no CAP_SYS_RESOURCE here, so only the refusal (and the loop device growing) was checked");
+        eprintln!(
+            "note: expand_mounted_ext4_with_data: no CAP_SYS_RESOURCE here, so only the refusal (and the loop device growing) was checked"
+        );
     }
 }
 
@@ -895,27 +850,11 @@ async fn bad_input_gets_the_spec_code_and_leaves_nothing() {
             Code::InvalidArgument,
         ),
         ("empty staging path", stage_req("vol-ok", Path::new(""), Some(ext4())), Code::InvalidArgument),
-        (
-            "relative staging path",
-            stage_req("vol-ok", Path::new("kubelet/staging/x"), Some(ext4())),
-            Code::InvalidArgument,
-        ),
+        ("relative staging path", stage_req("vol-ok", Path::new("kubelet/staging/x"), Some(ext4())), Code::InvalidArgument),
         ("staging path outside the allowed roots", stage_req("vol-ok", &outside, Some(ext4())), Code::InvalidArgument),
-        (
-            "staging path with ..",
-            stage_req("vol-ok", &env.k("staging/../../outside"), Some(ext4())),
-            Code::InvalidArgument,
-        ),
-        (
-            "staging path through a symlink out",
-            stage_req("vol-ok", &env.k("escape/x"), Some(ext4())),
-            Code::InvalidArgument,
-        ),
-        (
-            "staging path that is a file",
-            stage_req("vol-ok", &env.k("staging/a-file"), Some(ext4())),
-            Code::InvalidArgument,
-        ),
+        ("staging path with ..", stage_req("vol-ok", &env.k("staging/../../outside"), Some(ext4())), Code::InvalidArgument),
+        ("staging path through a symlink out", stage_req("vol-ok", &env.k("escape/x"), Some(ext4())), Code::InvalidArgument),
+        ("staging path that is a file", stage_req("vol-ok", &env.k("staging/a-file"), Some(ext4())), Code::InvalidArgument),
         (
             "staging path that is a file, block",
             stage_req("vol-ok", &env.k("staging/a-file"), Some(block(Mode::SingleNodeWriter))),
@@ -930,35 +869,16 @@ async fn bad_input_gets_the_spec_code_and_leaves_nothing() {
 
     let target = env.k("pods/p1/mnt");
     let publish_cases: Vec<(&str, csi::NodePublishVolumeRequest, Code)> = vec![
-        (
-            "publish of an unstaged volume",
-            publish_req("vol-ok", &fresh, &target, ext4(), false),
-            Code::FailedPrecondition,
-        ),
-        (
-            "publish without staging path",
-            publish_req("vol-ok", Path::new(""), &target, ext4(), false),
-            Code::FailedPrecondition,
-        ),
+        ("publish of an unstaged volume", publish_req("vol-ok", &fresh, &target, ext4(), false), Code::FailedPrecondition),
+        ("publish without staging path", publish_req("vol-ok", Path::new(""), &target, ext4(), false), Code::FailedPrecondition),
         ("publish of an unknown volume", publish_req("vol-nope", &fresh, &target, ext4(), false), Code::NotFound),
         (
             "publish without capability",
-            csi::NodePublishVolumeRequest {
-                volume_capability: None,
-                ..publish_req("vol-ok", &fresh, &target, ext4(), false)
-            },
+            csi::NodePublishVolumeRequest { volume_capability: None, ..publish_req("vol-ok", &fresh, &target, ext4(), false) },
             Code::InvalidArgument,
         ),
-        (
-            "publish to a relative target",
-            publish_req("vol-ok", &fresh, Path::new("pods/x"), ext4(), false),
-            Code::InvalidArgument,
-        ),
-        (
-            "publish outside the allowed roots",
-            publish_req("vol-ok", &fresh, &outside.join("t"), ext4(), false),
-            Code::InvalidArgument,
-        ),
+        ("publish to a relative target", publish_req("vol-ok", &fresh, Path::new("pods/x"), ext4(), false), Code::InvalidArgument),
+        ("publish outside the allowed roots", publish_req("vol-ok", &fresh, &outside.join("t"), ext4(), false), Code::InvalidArgument),
         ("publish without target", publish_req("vol-ok", &fresh, Path::new(""), ext4(), false), Code::InvalidArgument),
     ];
     for (what, req, code) in publish_cases {
@@ -966,32 +886,12 @@ async fn bad_input_gets_the_spec_code_and_leaves_nothing() {
         check(what);
     }
 
-    expect_code(
-        "stats of a missing path",
-        c.node_get_volume_stats(stats_req("vol-ok", &env.k("pods/none"))).await,
-        Code::NotFound,
-    );
-    expect_code(
-        "stats of an unpublished folder",
-        c.node_get_volume_stats(stats_req("vol-ok", &env.k("staging"))).await,
-        Code::NotFound,
-    );
-    expect_code(
-        "stats without a path",
-        c.node_get_volume_stats(stats_req("vol-ok", Path::new(""))).await,
-        Code::InvalidArgument,
-    );
+    expect_code("stats of a missing path", c.node_get_volume_stats(stats_req("vol-ok", &env.k("pods/none"))).await, Code::NotFound);
+    expect_code("stats of an unpublished folder", c.node_get_volume_stats(stats_req("vol-ok", &env.k("staging"))).await, Code::NotFound);
+    expect_code("stats without a path", c.node_get_volume_stats(stats_req("vol-ok", Path::new(""))).await, Code::InvalidArgument);
     // Looking where the plugin never publishes finds nothing.
-    expect_code(
-        "stats outside the roots",
-        c.node_get_volume_stats(stats_req("vol-ok", &outside)).await,
-        Code::NotFound,
-    );
-    expect_code(
-        "stats of a relative path",
-        c.node_get_volume_stats(stats_req("vol-ok", Path::new("some/path"))).await,
-        Code::NotFound,
-    );
+    expect_code("stats outside the roots", c.node_get_volume_stats(stats_req("vol-ok", &outside)).await, Code::NotFound);
+    expect_code("stats of a relative path", c.node_get_volume_stats(stats_req("vol-ok", Path::new("some/path"))).await, Code::NotFound);
     expect_code(
         "expand of a relative path",
         c.node_expand_volume(expand_req("vol-ok", Path::new("some/path"), &fresh, 0)).await,
@@ -1007,16 +907,8 @@ async fn bad_input_gets_the_spec_code_and_leaves_nothing() {
         c.node_expand_volume(expand_req("vol-ok", &env.k("staging"), &fresh, 0)).await,
         Code::NotFound,
     );
-    expect_code(
-        "unstage outside the roots",
-        c.node_unstage_volume(unstage_req("vol-ok", &outside)).await,
-        Code::InvalidArgument,
-    );
-    expect_code(
-        "unpublish without volume id",
-        c.node_unpublish_volume(unpublish_req("", &target)).await,
-        Code::InvalidArgument,
-    );
+    expect_code("unstage outside the roots", c.node_unstage_volume(unstage_req("vol-ok", &outside)).await, Code::InvalidArgument);
+    expect_code("unpublish without volume id", c.node_unpublish_volume(unpublish_req("", &target)).await, Code::InvalidArgument);
     check("stats, expand and refused unstage");
 
     // Undoing what is not there is OK and creates nothing.
@@ -1034,8 +926,7 @@ async fn stats_report_abnormal_when_the_image_is_gone() {
     let (mut agent, mut c) = (env.agent().await, env.csi().await);
     create_volume(&mut agent, "vol-gone", 64 * MIB, None).await;
     let (staging, target) = stage_and_publish(&env, &mut c, "vol-gone", ext4()).await;
-    let cond =
-        c.node_get_volume_stats(stats_req("vol-gone", &target)).await.unwrap().into_inner().volume_condition.unwrap();
+    let cond = c.node_get_volume_stats(stats_req("vol-gone", &target)).await.unwrap().into_inner().volume_condition.unwrap();
     assert!(!cond.abnormal && !cond.message.is_empty(), "{cond:?}");
 
     // Deleted from the pool while in use (the controller should prevent it).
@@ -1177,9 +1068,7 @@ async fn thick_expansion_out_of_space_keeps_the_volume_and_survives_a_restart() 
     // XFS frees a deleted file's blocks in the background: wait until the
     // pool sees the space, as an operator's retry would.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while agent.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap().free_bytes
-        < wanted
-    {
+    while agent.get_pool_status(pb::GetPoolStatusRequest {}).await.unwrap().into_inner().status.unwrap().free_bytes < wanted {
         assert!(Instant::now() < deadline, "the freed space never showed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -30,7 +30,12 @@ fn a_pool_on_the_system_filesystem_is_refused_and_a_dedicated_one_starts() {
     // The same, with the pool on a filesystem of its own: it starts.
     let fs = TestFs::new("ext4", "64M");
     let pool = fs.mount.join("pool");
-    let node = NodeProcess::start(&pool, &dir.path().join("csi.sock"), "n1", &["--refuse-system-filesystem", "--kubelet-dir", kubelet.to_str().unwrap()]);
+    let node = NodeProcess::start(
+        &pool,
+        &dir.path().join("csi.sock"),
+        "n1",
+        &["--refuse-system-filesystem", "--kubelet-dir", kubelet.to_str().unwrap()],
+    );
     assert!(pool.join("volumes").is_dir(), "the pool was opened");
     drop(node);
 }

@@ -47,7 +47,8 @@ fn the_try_it_section_runs_as_written() {
     // with `cb` calling the built binary instead of `cargo run --release`.
     let dir = tempfile::tempdir().unwrap();
     let s = Standalone::start(dir.path(), 3, 1, &[]);
-    let script = format!("set -euo pipefail\ncb() {{ \"$CINDERBLOCK\" ctl --endpoint \"$ENDPOINT\" \"$@\"; }}\n{}\n", block[1..].join("\n"));
+    let script =
+        format!("set -euo pipefail\ncb() {{ \"$CINDERBLOCK\" ctl --endpoint \"$ENDPOINT\" \"$@\"; }}\n{}\n", block[1..].join("\n"));
     let out = Command::new("bash")
         .args(["-c", &script])
         .env("CINDERBLOCK", env!("CARGO_BIN_EXE_cinderblock"))
@@ -59,7 +60,12 @@ fn the_try_it_section_runs_as_written() {
 
     // What the comments promise.
     let ctl = |args: &[&str]| -> Value {
-        let o = Command::new(env!("CARGO_BIN_EXE_cinderblock")).arg("ctl").args(args).args(["-o", "json", "--endpoint", &s.endpoint]).output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
+            .arg("ctl")
+            .args(args)
+            .args(["-o", "json", "--endpoint", &s.endpoint])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice(&o.stdout).unwrap()
     };

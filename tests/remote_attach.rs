@@ -42,7 +42,12 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
         let image = s.pool(2).join("volumes").join(format!("{}.img", vol.volume_id));
         assert!(image.exists(), "the image is on node-2");
 
-        let publish = csi::ControllerPublishVolumeRequest { volume_id: vol.volume_id.clone(), node_id: "node-1".into(), volume_capability: Some(rwo_capability(block)), ..Default::default() };
+        let publish = csi::ControllerPublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(rwo_capability(block)),
+            ..Default::default()
+        };
         let ctx = ctl.controller_publish_volume(publish.clone()).await.unwrap().into_inner().publish_context;
         assert_eq!(ctx.get("cinderblock.dev/transport").map(String::as_str), Some("nbd"), "{ctx:?}");
         assert_eq!(ctx.get("cinderblock.dev/nbd-owner").map(String::as_str), Some("node-2"));
@@ -52,7 +57,8 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
         let elsewhere = csi::ControllerPublishVolumeRequest { node_id: "node-3".into(), ..publish.clone() };
         let e = ctl.controller_publish_volume(elsewhere).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
-        let got = ctl.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: vol.volume_id.clone() }).await.unwrap().into_inner();
+        let got =
+            ctl.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: vol.volume_id.clone() }).await.unwrap().into_inner();
         assert_eq!(got.status.unwrap().published_node_ids, vec!["node-1".to_string()]);
         // A published volume is not deleted.
         let e = ctl.delete_volume(csi::DeleteVolumeRequest { volume_id: vol.volume_id.clone(), ..Default::default() }).await.unwrap_err();
@@ -87,16 +93,27 @@ async fn a_zone_volume_is_used_from_another_node_over_nbd() {
             let f = std::fs::File::open(target.join("hello.txt")).unwrap();
             f.sync_all().unwrap();
         }
-        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: vol.volume_id.clone(), target_path: target.display().to_string() })
-            .await
-            .unwrap();
-        node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: vol.volume_id.clone(), staging_target_path: staging.display().to_string() })
-            .await
-            .unwrap();
-        ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest { volume_id: vol.volume_id.clone(), node_id: "node-1".into(), ..Default::default() })
-            .await
-            .unwrap();
-        let got = ctl.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: vol.volume_id.clone() }).await.unwrap().into_inner();
+        node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+        node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+        ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let got =
+            ctl.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: vol.volume_id.clone() }).await.unwrap().into_inner();
         assert!(got.status.unwrap().published_node_ids.is_empty());
 
         // The owner's image holds what node-1 wrote.

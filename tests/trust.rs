@@ -20,8 +20,8 @@ use cinderblock::agent_proto as pb;
 use cinderblock::agent_proto::volume_manager_server::VolumeManagerServer;
 use cinderblock::controller::manager::{CreateVolumeSpec, EventSink};
 use cinderblock::controller::records::{NodeRec, VolumeRec};
-use cinderblock::node::registration::Registration;
 use cinderblock::controller::{ControllerConfig, Manager};
+use cinderblock::node::registration::Registration;
 use cinderblock::scheduler::Placement;
 use cinderblock::store::{self, EmbeddedStore, Kind, Store};
 use cinderblock::tls::{authority, Authority, Peer, PeerRule, ServerTls, TlsDir};
@@ -184,7 +184,12 @@ impl Cluster {
 // ------------------------------------------------------------- who may call
 
 /// A channel over TLS with whatever client identity (or none) a test wants.
-async fn raw_channel(addr: std::net::SocketAddr, ca_pem: &str, client: Option<(&str, &str)>, server_name: &str) -> Result<tonic::transport::Channel, String> {
+async fn raw_channel(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+    server_name: &str,
+) -> Result<tonic::transport::Channel, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     let mut roots = rustls::RootCertStore::empty();
@@ -192,7 +197,8 @@ async fn raw_channel(addr: std::net::SocketAddr, ca_pem: &str, client: Option<(&
         roots.add(c.unwrap()).unwrap();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
+    let builder =
+        rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots);
     let mut cfg = match client {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
@@ -226,7 +232,7 @@ fn create_req(id: &str) -> tonic::Request<pb::CreateVolumeRequest> {
         provisioning: 0,
         source: None,
         metadata: Default::default(),
-            remote: None,
+        remote: None,
     });
     cinderblock::agent::fence::attach(&mut r, 0);
     r
@@ -347,7 +353,12 @@ async fn certificates_replaced_on_disk_are_used_without_a_restart() {
 // ------------------------------------------------------------- nothing lost
 
 fn snapshot_req(id: &str, source: &str) -> pb::CreateSnapshotRequest {
-    pb::CreateSnapshotRequest { snapshot_id: id.into(), source_volume_id: source.into(), metadata: Default::default(), ..Default::default() }
+    pb::CreateSnapshotRequest {
+        snapshot_id: id.into(),
+        source_volume_id: source.into(),
+        metadata: Default::default(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
@@ -537,13 +548,22 @@ async fn the_fence_refuses_a_deposed_leader_also_after_a_restart() {
     let addr = c.nodes[0].address();
     let mut new_leader = agent_client(&addr, "node-1", &ctl, 7).await;
     let mut old_leader = agent_client(&addr, "node-1", &ctl, 6).await;
-    old_leader.create_volume(pb::CreateVolumeRequest { volume_id: "vol-early".into(), size_bytes: MIB, ..Default::default() }).await.unwrap();
+    old_leader
+        .create_volume(pb::CreateVolumeRequest { volume_id: "vol-early".into(), size_bytes: MIB, ..Default::default() })
+        .await
+        .unwrap();
     let fenced = new_leader.fence(pb::FenceRequest {}).await.unwrap().into_inner();
     assert_eq!(fenced.identity.unwrap().fencing_token, 7);
     let before = c.pools();
     for (what, r) in [
         ("delete", old_leader.delete_volume(pb::DeleteVolumeRequest { volume_id: "vol-early".into() }).await.map(|_| ())),
-        ("create", old_leader.create_volume(pb::CreateVolumeRequest { volume_id: "vol-late".into(), size_bytes: MIB, ..Default::default() }).await.map(|_| ())),
+        (
+            "create",
+            old_leader
+                .create_volume(pb::CreateVolumeRequest { volume_id: "vol-late".into(), size_bytes: MIB, ..Default::default() })
+                .await
+                .map(|_| ()),
+        ),
         ("snapshot", old_leader.create_snapshot(snapshot_req("snap-late", "vol-early")).await.map(|_| ())),
     ] {
         let e = r.expect_err(what);
@@ -561,7 +581,8 @@ async fn the_fence_refuses_a_deposed_leader_also_after_a_restart() {
     node.stop().await;
     let node = InNode::start(&c.pki, "node-1", &dir).await;
     let mut old_again = agent_client(&node.address(), "node-1", &ctl, 6).await;
-    let e = old_again.delete_volume(pb::DeleteVolumeRequest { volume_id: "vol-early".into() }).await.expect_err("forgotten after a restart");
+    let e =
+        old_again.delete_volume(pb::DeleteVolumeRequest { volume_id: "vol-early".into() }).await.expect_err("forgotten after a restart");
     assert_eq!(e.code(), Code::FailedPrecondition);
     c.nodes.push(node);
 }

@@ -27,13 +27,7 @@ async fn an_image_removed_under_a_mounted_volume_turns_it_abnormal_everywhere() 
     let mut ctl = ControllerClient::new(ch.clone());
     let mut node = NodeClient::new(ch);
 
-    let v = ctl
-        .create_volume(zone_volume_on("health", "node-1", 32 * MIB, false))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let v = ctl.create_volume(zone_volume_on("health", "node-1", 32 * MIB, false)).await.unwrap().into_inner().volume.unwrap();
     let id = v.volume_id.clone();
     let publish = csi::ControllerPublishVolumeRequest {
         volume_id: id.clone(),
@@ -41,54 +35,20 @@ async fn an_image_removed_under_a_mounted_volume_turns_it_abnormal_everywhere() 
         volume_capability: Some(rwo_capability(false)),
         ..Default::default()
     };
-    let ctx = ctl
-        .controller_publish_volume(publish)
-        .await
-        .unwrap()
-        .into_inner()
-        .publish_context;
+    let ctx = ctl.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
     let staging = dir.path().join("kubelet/health-staging");
     let target = dir.path().join("kubelet/health-target");
     stage_and_publish_rwo(&mut node, &id, &staging, &target, false, &ctx).await;
 
-    let stats = csi::NodeGetVolumeStatsRequest {
-        volume_id: id.clone(),
-        volume_path: target.display().to_string(),
-        ..Default::default()
-    };
-    let get = csi::ControllerGetVolumeRequest {
-        volume_id: id.clone(),
-    };
-    let node_cond = node
-        .node_get_volume_stats(stats.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .volume_condition
-        .unwrap();
+    let stats = csi::NodeGetVolumeStatsRequest { volume_id: id.clone(), volume_path: target.display().to_string(), ..Default::default() };
+    let get = csi::ControllerGetVolumeRequest { volume_id: id.clone() };
+    let node_cond = node.node_get_volume_stats(stats.clone()).await.unwrap().into_inner().volume_condition.unwrap();
     assert!(!node_cond.abnormal, "{node_cond:?}");
-    let got = ctl
-        .controller_get_volume(get.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let got = ctl.controller_get_volume(get.clone()).await.unwrap().into_inner().status.unwrap();
     assert!(!got.volume_condition.as_ref().unwrap().abnormal, "{got:?}");
     assert_eq!(got.published_node_ids, ["node-1"]);
-    let listed = ctl
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let status = listed
-        .entries
-        .iter()
-        .find(|e| e.volume.as_ref().unwrap().volume_id == id)
-        .unwrap()
-        .status
-        .clone()
-        .unwrap();
+    let listed = ctl.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    let status = listed.entries.iter().find(|e| e.volume.as_ref().unwrap().volume_id == id).unwrap().status.clone().unwrap();
     assert!(!status.volume_condition.unwrap().abnormal);
     assert_eq!(status.published_node_ids, ["node-1"]);
 
@@ -96,82 +56,32 @@ async fn an_image_removed_under_a_mounted_volume_turns_it_abnormal_everywhere() 
     let image = s.pool(1).join("volumes").join(format!("{id}.img"));
     std::fs::remove_file(&image).unwrap();
 
-    let node_cond = node
-        .node_get_volume_stats(stats.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .volume_condition
-        .unwrap();
-    assert!(
-        node_cond.abnormal && node_cond.message.contains("deleted"),
-        "{node_cond:?}"
-    );
-    let cond = ctl
-        .controller_get_volume(get.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .volume_condition
-        .unwrap();
-    assert!(
-        cond.abnormal && cond.message.contains("missing"),
-        "{cond:?}"
-    );
-    let listed = ctl
-        .list_volumes(csi::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let status = listed
-        .entries
-        .iter()
-        .find(|e| e.volume.as_ref().unwrap().volume_id == id)
-        .unwrap()
-        .status
-        .clone()
-        .unwrap();
+    let node_cond = node.node_get_volume_stats(stats.clone()).await.unwrap().into_inner().volume_condition.unwrap();
+    assert!(node_cond.abnormal && node_cond.message.contains("deleted"), "{node_cond:?}");
+    let cond = ctl.controller_get_volume(get.clone()).await.unwrap().into_inner().status.unwrap().volume_condition.unwrap();
+    assert!(cond.abnormal && cond.message.contains("missing"), "{cond:?}");
+    let listed = ctl.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    let status = listed.entries.iter().find(|e| e.volume.as_ref().unwrap().volume_id == id).unwrap().status.clone().unwrap();
     let cond = status.volume_condition.unwrap();
-    assert!(
-        cond.abnormal && cond.message.contains("missing"),
-        "{cond:?}"
-    );
+    assert!(cond.abnormal && cond.message.contains("missing"), "{cond:?}");
 
     // The controller notes the turn once, whoever looked first, however
     // often it looks again (its reconciler looks every second).
     let until = Instant::now() + Duration::from_secs(10);
     while !s.log_text().contains("volume turned abnormal") {
-        assert!(
-            Instant::now() < until,
-            "the controller never noted the turn"
-        );
+        assert!(Instant::now() < until, "the controller never noted the turn");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let log = s.log_text();
-    let turns: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("volume turned abnormal"))
-        .collect();
+    let turns: Vec<&str> = log.lines().filter(|l| l.contains("volume turned abnormal")).collect();
     assert_eq!(turns.len(), 1, "{turns:?}");
-    assert!(
-        turns[0].contains(&id) && turns[0].contains("missing"),
-        "{}",
-        turns[0]
-    );
+    assert!(turns[0].contains(&id) && turns[0].contains("missing"), "{}", turns[0]);
 
-    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
-        volume_id: id.clone(),
-        target_path: target.display().to_string(),
-    })
-    .await
-    .unwrap();
-    node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
-        volume_id: id.clone(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .unwrap();
+    node.node_unpublish_volume(csi::NodeUnpublishVolumeRequest { volume_id: id.clone(), target_path: target.display().to_string() })
+        .await
+        .unwrap();
+    node.node_unstage_volume(csi::NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: staging.display().to_string() })
+        .await
+        .unwrap();
 }

@@ -141,10 +141,7 @@ fn capacity_follows_cinder_rules_on_a_real_pool() {
             Err(e) => break e,
         }
     };
-    assert!(
-        matches!(err, VolumeError::Capacity { shortfall: cinderblock::volume::Shortfall::OverSubscribed { .. }, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, VolumeError::Capacity { shortfall: cinderblock::volume::Shortfall::OverSubscribed { .. }, .. }), "{err}");
     let provisioned = made * 64 * MIB;
     assert!(provisioned > cap.free, "ratio 2 should allow more than the free space");
     assert!(provisioned as f64 <= 2.0 * cap.total as f64);
@@ -477,7 +474,10 @@ fn a_broken_volume_is_marked_and_the_rest_of_the_pool_is_served() {
     assert_eq!(tree(dir.path()), before, "broken volumes are left exactly as they were");
     let broken = pool.broken();
     assert_eq!(broken.len(), 2);
-    assert!(broken.iter().any(|b| b.id == "vol-lost" && b.kind == "volume" && b.reason.contains("image") && b.reason.contains("missing")), "{broken:?}");
+    assert!(
+        broken.iter().any(|b| b.id == "vol-lost" && b.kind == "volume" && b.reason.contains("image") && b.reason.contains("missing")),
+        "{broken:?}"
+    );
     assert!(broken.iter().any(|b| b.id == "vol-torn" && b.reason.contains("cannot be read")), "{broken:?}");
 
     // The others work as usual.
@@ -568,8 +568,7 @@ fn thick_copies_by_reflink_own_their_blocks_and_take_a_full_overwrite_on_a_full_
     pool.create_snapshot("snap-src", "vol-src", BTreeMap::new()).unwrap();
     assert!(before - free() >= SIZE - MIB, "the snapshot of a thick volume took {} bytes", before - free());
     before = free();
-    pool.create_volume(CreateVolume { source: Some(VolumeSource::Snapshot("snap-src".into())), ..thick("vol-restored") })
-        .unwrap();
+    pool.create_volume(CreateVolume { source: Some(VolumeSource::Snapshot("snap-src".into())), ..thick("vol-restored") }).unwrap();
     assert!(before - free() >= SIZE - MIB, "the thick restore took {} bytes", before - free());
     for id in ["vol-clone", "vol-restored"] {
         assert_eq!(checksum(&pool.volume_image(id)), original, "{id}");

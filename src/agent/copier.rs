@@ -59,12 +59,7 @@ pub struct Copier {
 
 impl Copier {
     pub fn new(pool: Arc<Pool>, tls: Arc<TlsDir>, node_id: String) -> Arc<Copier> {
-        Arc::new(Copier {
-            pool,
-            tls,
-            node_id,
-            jobs: Mutex::new(HashMap::new()),
-        })
+        Arc::new(Copier { pool, tls, node_id, jobs: Mutex::new(HashMap::new()) })
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
@@ -80,9 +75,7 @@ impl Copier {
     }
 
     fn still_copying(&self, id: &str) -> bool {
-        self.pool
-            .get_volume(id)
-            .is_ok_and(|v| v.state == crate::volume::State::Creating && v.copy.is_some())
+        self.pool.get_volume(id).is_ok_and(|v| v.state == crate::volume::State::Creating && v.copy.is_some())
     }
 
     /// Run the copy of `id` unless it runs already (or is done).
@@ -149,27 +142,18 @@ impl Copier {
     async fn copy_once(&self, id: &str, progress: &Progress) -> Result<(), String> {
         let pool = self.pool.clone();
         let vol = id.to_string();
-        let (file, rec) = tokio::task::spawn_blocking(move || pool.copy_target(&vol))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let (file, rec) =
+            tokio::task::spawn_blocking(move || pool.copy_target(&vol)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         let file = Arc::new(file);
         let from = rec.copy.clone().ok_or("the volume is not being copied")?;
         let tls = tls_to_node(self.tls.clone(), &from.server_node)?;
-        let target = Target {
-            address: from.address.clone(),
-            export: from.export_name.clone(),
-            tls: Some(tls),
-        };
+        let target = Target { address: from.address.clone(), export: from.export_name.clone(), tls: Some(tls) };
         let client = Client::connect(&target, Duration::from_secs(30))
             .await
             .map_err(|e| format!("connecting to {}'s export: {e}", from.server_node))?;
         let info = client.info();
         if !info.block_status {
-            return Err(format!(
-                "node {}'s NBD server gives no block status; cannot copy only what is allocated",
-                from.server_node
-            ));
+            return Err(format!("node {}'s NBD server gives no block status; cannot copy only what is allocated", from.server_node));
         }
         if info.size > rec.size_bytes {
             return Err(format!("the source has {} bytes, more than the new volume's {}", info.size, rec.size_bytes));
@@ -201,13 +185,11 @@ impl Copier {
         let total = from.copied_bytes + left;
         progress.total.store(total, Ordering::Relaxed);
         progress.copied.store(from.copied_bytes, Ordering::Relaxed);
-        let chunks = extents
-            .into_iter()
-            .flat_map(|(o, l)| (0..l.div_ceil(CHUNK)).map(move |i| (o + i * CHUNK, (l - i * CHUNK).min(CHUNK))));
+        let chunks =
+            extents.into_iter().flat_map(|(o, l)| (0..l.div_ceil(CHUNK)).map(move |i| (o + i * CHUNK, (l - i * CHUNK).min(CHUNK))));
         let client = &client;
-        let mut reads = futures::stream::iter(chunks)
-            .map(|(o, l)| async move { client.read(o, l as u32).await.map(|d| (o, d)) })
-            .buffered(DEPTH);
+        let mut reads =
+            futures::stream::iter(chunks).map(|(o, l)| async move { client.read(o, l as u32).await.map(|d| (o, d)) }).buffered(DEPTH);
         let counter = METRICS.volume_copy_bytes.get_or_create(&PoolLabels { node: self.node_id.clone() }).clone();
         let (mut copied, mut unnoted, mut noted_at) = (from.copied_bytes, 0u64, Instant::now());
         while let Some(read) = reads.next().await {

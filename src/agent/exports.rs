@@ -138,7 +138,8 @@ impl Exports {
         } else if rec.read_only {
             // Read-only exports are served read-only (the server never writes them).
             self.pool.get_volume(&rec.volume_id).map_err(Status::from)?;
-            std::fs::File::open(self.pool.volume_image(&rec.volume_id)).map_err(|e| Status::internal(format!("opening volume {}: {e}", rec.volume_id)))?
+            std::fs::File::open(self.pool.volume_image(&rec.volume_id))
+                .map_err(|e| Status::internal(format!("opening volume {}: {e}", rec.volume_id)))?
         } else {
             self.pool.open_volume_image(&rec.volume_id).map_err(Status::from)?
         };

@@ -22,9 +22,7 @@ impl Filesystem {
         match fs_type {
             "ext4" => Ok(Filesystem::Ext4),
             "xfs" => Ok(Filesystem::Xfs),
-            other => Err(AttachError::UnsupportedFilesystem {
-                fs_type: other.to_owned(),
-            }),
+            other => Err(AttachError::UnsupportedFilesystem { fs_type: other.to_owned() }),
         }
     }
 
@@ -55,13 +53,7 @@ const GROW_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Run a tool without a shell; its output is captured, never inherited.
 /// Killed when it runs longer than `limit` (or when the caller gives up).
-async fn run(
-    program: &'static str,
-    package: &'static str,
-    args: &[&OsStr],
-    subject: &Path,
-    limit: Duration,
-) -> Result<Output> {
+async fn run(program: &'static str, package: &'static str, args: &[&OsStr], subject: &Path, limit: Duration) -> Result<Output> {
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .env("LC_ALL", "C")
@@ -70,11 +62,7 @@ async fn run(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|error| AttachError::CommandSpawn {
-            program,
-            package,
-            error,
-        })?;
+        .map_err(|error| AttachError::CommandSpawn { program, package, error })?;
     // Read both pipes while waiting, so a chatty tool cannot block on a
     // full pipe, and so what it said before a timeout is kept.
     let collect = |pipe: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
@@ -93,11 +81,7 @@ async fn run(
         Err(_) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            let said = tokio::time::timeout(Duration::from_secs(2), stderr)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .unwrap_or_default();
+            let said = tokio::time::timeout(Duration::from_secs(2), stderr).await.ok().and_then(|r| r.ok()).unwrap_or_default();
             return Err(AttachError::CommandTimedOut {
                 program,
                 path: subject.to_path_buf(),
@@ -106,16 +90,8 @@ async fn run(
             });
         }
     };
-    let status = status.map_err(|error| AttachError::CommandSpawn {
-        program,
-        package,
-        error,
-    })?;
-    Ok(Output {
-        status,
-        stdout: stdout.await.unwrap_or_default(),
-        stderr: stderr.await.unwrap_or_default(),
-    })
+    let status = status.map_err(|error| AttachError::CommandSpawn { program, package, error })?;
+    Ok(Output { status, stdout: stdout.await.unwrap_or_default(), stderr: stderr.await.unwrap_or_default() })
 }
 
 /// A tool's output made fit for an error message.
@@ -136,11 +112,7 @@ fn tidy(text: &[u8]) -> String {
 }
 
 fn failed(program: &'static str, path: &Path, output: &Output) -> AttachError {
-    let text = if output.stderr.iter().any(|b| !b.is_ascii_whitespace()) {
-        &output.stderr
-    } else {
-        &output.stdout
-    };
+    let text = if output.stderr.iter().any(|b| !b.is_ascii_whitespace()) { &output.stderr } else { &output.stdout };
     let stderr = tidy(text);
     let hint = if stderr.contains("Permission denied to resize") {
         // EXT4_IOC_RESIZE_FS needs CAP_SYS_RESOURCE, not just root.
@@ -148,22 +120,10 @@ fn failed(program: &'static str, path: &Path, output: &Output) -> AttachError {
     } else {
         ""
     };
-    AttachError::CommandFailed {
-        program,
-        path: path.to_path_buf(),
-        status: output.status.to_string(),
-        stderr,
-        hint,
-    }
+    AttachError::CommandFailed { program, path: path.to_path_buf(), status: output.status.to_string(), stderr, hint }
 }
 
-async fn run_checked(
-    program: &'static str,
-    package: &'static str,
-    args: &[&OsStr],
-    subject: &Path,
-    limit: Duration,
-) -> Result<Output> {
+async fn run_checked(program: &'static str, package: &'static str, args: &[&OsStr], subject: &Path, limit: Duration) -> Result<Output> {
     let output = run(program, package, args, subject, limit).await?;
     if output.status.success() {
         Ok(output)
@@ -180,10 +140,7 @@ async fn run_checked(
 /// signatures) is an error, never "blank".
 pub async fn probe(device: &Path) -> Result<Option<String>> {
     // blkid answers "nothing found" (exit 2) for a missing path too.
-    std::fs::metadata(device).map_err(|error| AttachError::OpenDevice {
-        device: device.to_path_buf(),
-        error,
-    })?;
+    std::fs::metadata(device).map_err(|error| AttachError::OpenDevice { device: device.to_path_buf(), error })?;
     let args = [
         OsStr::new("-p"),
         OsStr::new("-s"),
@@ -202,11 +159,7 @@ pub async fn probe(device: &Path) -> Result<Option<String>> {
     }
     let text = String::from_utf8_lossy(&output.stdout);
     let value = |key: &str| {
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
+        text.lines().filter_map(|l| l.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v.trim().to_owned()).filter(|v| !v.is_empty())
     };
     Ok(value("TYPE").or_else(|| value("PTTYPE").map(|pt| format!("{pt} partition table"))))
 }
@@ -252,14 +205,7 @@ pub async fn grow(device: &Path, fs_type: &str, mount_point: &Path) -> Result<()
             run_checked("resize2fs", package_of(fs), &[device.as_os_str()], device, GROW_TIMEOUT).await?;
         }
         Filesystem::Xfs => {
-            run_checked(
-                "xfs_growfs",
-                package_of(fs),
-                &[OsStr::new("-d"), mount_point.as_os_str()],
-                mount_point,
-                GROW_TIMEOUT,
-            )
-            .await?;
+            run_checked("xfs_growfs", package_of(fs), &[OsStr::new("-d"), mount_point.as_os_str()], mount_point, GROW_TIMEOUT).await?;
         }
     }
     tracing::info!(device = %device.display(), mount_point = %mount_point.display(), fs_type = fs.as_str(), "grew filesystem");
@@ -278,10 +224,7 @@ pub struct FsStats {
 }
 
 pub fn stats(path: &Path) -> Result<FsStats> {
-    let s = rustix::fs::statvfs(path).map_err(|e| AttachError::Statvfs {
-        path: path.to_path_buf(),
-        error: e.into(),
-    })?;
+    let s = rustix::fs::statvfs(path).map_err(|e| AttachError::Statvfs { path: path.to_path_buf(), error: e.into() })?;
     let unit = s.f_frsize;
     Ok(FsStats {
         total_bytes: s.f_blocks.saturating_mul(unit),
@@ -311,21 +254,13 @@ mod tests {
         assert_eq!(Filesystem::parse("ext4").unwrap(), Filesystem::Ext4);
         assert_eq!(Filesystem::parse("xfs").unwrap(), Filesystem::Xfs);
         let err = Filesystem::parse("btrfs").unwrap_err();
-        assert!(
-            err.to_string().contains("btrfs") && err.to_string().contains("ext4 or xfs"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("btrfs") && err.to_string().contains("ext4 or xfs"), "{err}");
     }
 
     #[tokio::test]
     async fn format_refuses_other_types_before_running_anything() {
-        let err = format(Path::new("/nonexistent"), "ntfs", &[])
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, AttachError::UnsupportedFilesystem { .. }),
-            "{err}"
-        );
+        let err = format(Path::new("/nonexistent"), "ntfs", &[]).await.unwrap_err();
+        assert!(matches!(err, AttachError::UnsupportedFilesystem { .. }), "{err}");
     }
 
     #[tokio::test]
@@ -336,9 +271,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_tool_says_what_to_install() {
-        let err = run("cinderblock-no-such-tool", "some-package", &[], Path::new("/dev/x"), BLKID_TIMEOUT)
-            .await
-            .unwrap_err();
+        let err = run("cinderblock-no-such-tool", "some-package", &[], Path::new("/dev/x"), BLKID_TIMEOUT).await.unwrap_err();
         assert!(err.to_string().contains("install some-package"), "{err}");
     }
 
@@ -379,9 +312,7 @@ mod tests {
         let mut cleanup = Cleanup::default();
         let image = dir.path().join("vol.img");
         File::create(&image).unwrap().set_len(32 * MIB).unwrap();
-        let dev = loopdev::attach(&image, AttachOptions::for_block(false))
-            .unwrap()
-            .release();
+        let dev = loopdev::attach(&image, AttachOptions::for_block(false)).unwrap().release();
         cleanup.attached(&dev);
 
         assert_eq!(probe(&dev.path).await.unwrap(), None);
@@ -389,14 +320,9 @@ mod tests {
         assert_eq!(probe(&dev.path).await.unwrap().as_deref(), Some("ext4"));
 
         // A failing mkfs reports its stderr and the device.
-        let err = format(&dev.path, "ext4", &["--no-such-option".into()])
-            .await
-            .unwrap_err();
+        let err = format(&dev.path, "ext4", &["--no-such-option".into()]).await.unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("mkfs.ext4") && msg.contains(dev.path.to_str().unwrap()),
-            "{msg}"
-        );
+        assert!(msg.contains("mkfs.ext4") && msg.contains(dev.path.to_str().unwrap()), "{msg}");
         assert!(matches!(err, AttachError::CommandFailed { ref stderr, .. } if !stderr.is_empty()));
     }
 
@@ -419,14 +345,9 @@ mod tests {
         mbr[511] = 0xAA;
         f.write_all(&mbr).unwrap();
         drop(f);
-        let dev = loopdev::attach(&image, AttachOptions::for_block(true))
-            .unwrap()
-            .release();
+        let dev = loopdev::attach(&image, AttachOptions::for_block(true)).unwrap().release();
         cleanup.attached(&dev);
-        assert_eq!(
-            probe(&dev.path).await.unwrap().as_deref(),
-            Some("dos partition table")
-        );
+        assert_eq!(probe(&dev.path).await.unwrap().as_deref(), Some("dos partition table"));
     }
 
     /// Attach, format, mount; grow the image; refresh, grow online; check.
@@ -454,27 +375,16 @@ mod tests {
         assert!(before.total_bytes < initial);
         assert!(before.used_bytes >= 1 << 20);
 
-        OpenOptions::new()
-            .write(true)
-            .open(&image)
-            .unwrap()
-            .set_len(grown)
-            .unwrap();
+        OpenOptions::new().write(true).open(&image).unwrap().set_len(grown).unwrap();
         assert_eq!(loopdev::refresh_capacity(&dev).unwrap(), grown);
         grow(&dev.path, fs_type, &target).await?;
 
         let after = stats(&target).unwrap();
-        assert!(
-            after.total_bytes > before.total_bytes + (grown - initial) * 8 / 10,
-            "{fs_type}: {before:?} -> {after:?}"
-        );
+        assert!(after.total_bytes > before.total_bytes + (grown - initial) * 8 / 10, "{fs_type}: {before:?} -> {after:?}");
         assert!(after.total_bytes <= grown);
         assert!(after.available_bytes > before.available_bytes);
         assert!(after.total_inodes >= before.total_inodes);
-        assert_eq!(
-            std::fs::read(target.join("data")).unwrap(),
-            vec![7u8; 1 << 20]
-        );
+        assert_eq!(std::fs::read(target.join("data")).unwrap(), vec![7u8; 1 << 20]);
         Ok(())
     }
 

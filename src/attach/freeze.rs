@@ -59,8 +59,8 @@ pub fn freeze(mount_point: &Path, max: Duration) -> Result<Frozen> {
         let target = mount_point.to_path_buf();
         move |e: rustix::io::Errno| AttachError::Freeze { op, target, error: e.into() }
     };
-    let dir = rustix::fs::open(mount_point, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(op_err("opening"))?;
+    let dir =
+        rustix::fs::open(mount_point, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).map_err(op_err("opening"))?;
     let (wait_end, cancel) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(op_err("pipe"))?;
     let max_ms = c_int::try_from(max.as_millis()).unwrap_or(c_int::MAX);
     let (wait_fd, dir_fd, cancel_fd) = (wait_end.as_raw_fd(), dir.as_raw_fd(), cancel.as_raw_fd());
@@ -80,11 +80,7 @@ pub fn freeze(mount_point: &Path, max: Duration) -> Result<Frozen> {
     // SAFETY: FIFREEZE takes no argument; `dir` is an open descriptor on the filesystem.
     if let Err(e) = unsafe { ioctl::ioctl(&frozen.dir, NoArg::<FIFREEZE>::new()) } {
         let _ = frozen.stop_watchdog();
-        return Err(AttachError::Freeze {
-            op: "FIFREEZE",
-            target: mount_point.to_path_buf(),
-            error: e.into(),
-        });
+        return Err(AttachError::Freeze { op: "FIFREEZE", target: mount_point.to_path_buf(), error: e.into() });
     }
     tracing::debug!(mount_point = %mount_point.display(), "filesystem frozen");
     Ok(frozen)
@@ -178,10 +174,9 @@ impl Frozen {
                 Ok(())
             }
             // Not frozen any more: someone else thawed it meanwhile.
-            Err(rustix::io::Errno::INVAL) => Err(AttachError::ThawedEarly {
-                target: self.mount_point.clone(),
-                reason: "something else thawed it meanwhile".into(),
-            }),
+            Err(rustix::io::Errno::INVAL) => {
+                Err(AttachError::ThawedEarly { target: self.mount_point.clone(), reason: "something else thawed it meanwhile".into() })
+            }
             Err(e) => Err(AttachError::Freeze { op: "FITHAW", target: self.mount_point.clone(), error: e.into() }),
         }
     }

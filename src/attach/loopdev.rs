@@ -115,10 +115,7 @@ unsafe impl Ioctl for GetFree {
     fn as_ptr(&mut self) -> *mut std::ffi::c_void {
         std::ptr::null_mut()
     }
-    unsafe fn output_from_ptr(
-        out: IoctlOutput,
-        _: *mut std::ffi::c_void,
-    ) -> rustix::io::Result<u32> {
+    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut std::ffi::c_void) -> rustix::io::Result<u32> {
         u32::try_from(out).map_err(|_| Errno::RANGE)
     }
 }
@@ -135,11 +132,7 @@ pub struct LoopDevice {
 
 impl LoopDevice {
     fn new(number: u32, backing_file: PathBuf) -> Self {
-        LoopDevice {
-            path: PathBuf::from(format!("/dev/loop{number}")),
-            number,
-            backing_file,
-        }
+        LoopDevice { path: PathBuf::from(format!("/dev/loop{number}")), number, backing_file }
     }
 }
 
@@ -159,20 +152,12 @@ pub struct AttachOptions {
 impl AttachOptions {
     /// For a filesystem volume: the mount keeps the device alive.
     pub fn for_filesystem(read_only: bool) -> Self {
-        AttachOptions {
-            read_only,
-            direct_io: true,
-            autoclear: true,
-        }
+        AttachOptions { read_only, direct_io: true, autoclear: true }
     }
 
     /// For a raw block volume: stays attached until [`detach`].
     pub fn for_block(read_only: bool) -> Self {
-        AttachOptions {
-            read_only,
-            direct_io: true,
-            autoclear: false,
-        }
+        AttachOptions { read_only, direct_io: true, autoclear: false }
     }
 }
 
@@ -210,49 +195,25 @@ pub fn attach(backing_file: &Path, opts: AttachOptions) -> Result<LoopHandle> {
     attach_with(backing_file, opts, true)
 }
 
-fn attach_with(
-    backing_file: &Path,
-    opts: AttachOptions,
-    mut try_configure: bool,
-) -> Result<LoopHandle> {
+fn attach_with(backing_file: &Path, opts: AttachOptions, mut try_configure: bool) -> Result<LoopHandle> {
     let backing_path =
-        backing_file
-            .canonicalize()
-            .map_err(|error| AttachError::OpenBackingFile {
-                path: backing_file.to_path_buf(),
-                error,
-            })?;
+        backing_file.canonicalize().map_err(|error| AttachError::OpenBackingFile { path: backing_file.to_path_buf(), error })?;
     let backing = OpenOptions::new()
         .read(true)
         .write(!opts.read_only)
         .open(&backing_path)
-        .map_err(|error| AttachError::OpenBackingFile {
-            path: backing_path.clone(),
-            error,
-        })?;
-    let meta = backing
-        .metadata()
-        .map_err(|error| AttachError::OpenBackingFile {
-            path: backing_path.clone(),
-            error,
-        })?;
+        .map_err(|error| AttachError::OpenBackingFile { path: backing_path.clone(), error })?;
+    let meta = backing.metadata().map_err(|error| AttachError::OpenBackingFile { path: backing_path.clone(), error })?;
     if !(meta.file_type().is_file() || meta.file_type().is_block_device()) {
-        return Err(AttachError::BadBackingFile {
-            path: backing_path,
-            reason: "it is neither a regular file nor a block device".into(),
-        });
+        return Err(AttachError::BadBackingFile { path: backing_path, reason: "it is neither a regular file nor a block device".into() });
     }
 
-    let control = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/loop-control")
-        .map_err(|error| AttachError::LoopControl { error })?;
+    let control =
+        OpenOptions::new().read(true).write(true).open("/dev/loop-control").map_err(|error| AttachError::LoopControl { error })?;
 
     for attempt in 1..=MAX_ATTEMPTS {
         // SAFETY: GetFree matches LOOP_CTL_GET_FREE (no argument).
-        let number = unsafe { ioctl::ioctl(&control, GetFree) }
-            .map_err(|e| AttachError::LoopControl { error: e.into() })?;
+        let number = unsafe { ioctl::ioctl(&control, GetFree) }.map_err(|e| AttachError::LoopControl { error: e.into() })?;
         let device = LoopDevice::new(number, backing_path.clone());
         let dev = match OpenOptions::new().read(true).write(true).open(&device.path) {
             Ok(f) => f,
@@ -261,12 +222,7 @@ fn attach_with(
                 backoff(attempt);
                 continue;
             }
-            Err(error) => {
-                return Err(AttachError::OpenDevice {
-                    device: device.path,
-                    error,
-                })
-            }
+            Err(error) => return Err(AttachError::OpenDevice { device: device.path, error }),
         };
         match bind(&dev, &device, &backing, opts, &mut try_configure)? {
             Bound::Busy => {
@@ -292,19 +248,11 @@ fn attach_with(
                     autoclear = opts.autoclear,
                     "attached loop device"
                 );
-                return Ok(LoopHandle {
-                    device,
-                    direct_io,
-                    read_only,
-                    fd: dev.into(),
-                });
+                return Ok(LoopHandle { device, direct_io, read_only, fd: dev.into() });
             }
         }
     }
-    Err(AttachError::LoopBusy {
-        backing_file: backing_path,
-        attempts: MAX_ATTEMPTS,
-    })
+    Err(AttachError::LoopBusy { backing_file: backing_path, attempts: MAX_ATTEMPTS })
 }
 
 fn backoff(attempt: u32) {
@@ -319,13 +267,7 @@ enum Bound {
 
 /// Bind `backing` to the open device: LOOP_CONFIGURE in one step where the
 /// kernel has it (5.8+), LOOP_SET_FD + LOOP_SET_STATUS64 otherwise.
-fn bind(
-    dev: &File,
-    device: &LoopDevice,
-    backing: &File,
-    opts: AttachOptions,
-    try_configure: &mut bool,
-) -> Result<Bound> {
+fn bind(dev: &File, device: &LoopDevice, backing: &File, opts: AttachOptions, try_configure: &mut bool) -> Result<Bound> {
     let mut flags = 0;
     if opts.autoclear {
         flags |= LO_FLAGS_AUTOCLEAR;
@@ -333,20 +275,12 @@ fn bind(
     if opts.read_only {
         flags |= LO_FLAGS_READ_ONLY;
     }
-    let ioctl_err = |op, e: Errno| AttachError::LoopIoctl {
-        op,
-        device: device.path.clone(),
-        error: e.into(),
-    };
+    let ioctl_err = |op, e: Errno| AttachError::LoopIoctl { op, device: device.path.clone(), error: e.into() };
 
     if *try_configure {
         let mut dio = opts.direct_io;
         loop {
-            let f = if dio {
-                flags | LO_FLAGS_DIRECT_IO
-            } else {
-                flags
-            };
+            let f = if dio { flags | LO_FLAGS_DIRECT_IO } else { flags };
             match configure(dev, backing, f, &device.backing_file) {
                 Ok(()) => return Ok(Bound::Done),
                 Err(Errno::BUSY) => return Ok(Bound::Busy),
@@ -372,20 +306,14 @@ fn bind(
 
     // SAFETY: LOOP_SET_FD takes a file descriptor by value; `backing` stays
     // open for the call and the kernel takes its own reference.
-    match unsafe {
-        ioctl::ioctl(
-            dev,
-            IntegerSetter::<LOOP_SET_FD>::new_usize(backing.as_raw_fd() as usize),
-        )
-    } {
+    match unsafe { ioctl::ioctl(dev, IntegerSetter::<LOOP_SET_FD>::new_usize(backing.as_raw_fd() as usize)) } {
         Ok(()) => {}
         Err(Errno::BUSY) => return Ok(Bound::Busy),
         Err(e) => return Err(ioctl_err("LOOP_SET_FD", e)),
     }
     let info = LoopInfo64::new(flags & !LO_FLAGS_READ_ONLY, &device.backing_file);
     // SAFETY: LOOP_SET_STATUS64 reads a struct loop_info64.
-    if let Err(e) = unsafe { ioctl::ioctl(dev, Setter::<LOOP_SET_STATUS64, LoopInfo64>::new(info)) }
-    {
+    if let Err(e) = unsafe { ioctl::ioctl(dev, Setter::<LOOP_SET_STATUS64, LoopInfo64>::new(info)) } {
         // Do not leave a half-configured device (without autoclear) behind.
         // SAFETY: LOOP_CLR_FD takes no argument.
         let _ = unsafe { ioctl::ioctl(dev, NoArg::<LOOP_CLR_FD>::new()) };
@@ -393,9 +321,7 @@ fn bind(
     }
     if opts.direct_io {
         // SAFETY: LOOP_SET_DIRECT_IO takes an integer (0 or 1).
-        if let Err(e) =
-            unsafe { ioctl::ioctl(dev, IntegerSetter::<LOOP_SET_DIRECT_IO>::new_usize(1)) }
-        {
+        if let Err(e) = unsafe { ioctl::ioctl(dev, IntegerSetter::<LOOP_SET_DIRECT_IO>::new_usize(1)) } {
             tracing::warn!(
                 device = %device.path.display(),
                 backing_file = %device.backing_file.display(),
@@ -407,12 +333,7 @@ fn bind(
     Ok(Bound::Done)
 }
 
-fn configure(
-    dev: &File,
-    backing: &File,
-    flags: u32,
-    name: &Path,
-) -> std::result::Result<(), Errno> {
+fn configure(dev: &File, backing: &File, flags: u32, name: &Path) -> std::result::Result<(), Errno> {
     let config = LoopConfig {
         fd: backing.as_raw_fd() as u32,
         // Always 512-byte logical sectors. Left to the kernel (0), a loop
@@ -433,12 +354,10 @@ fn configure(
 
 fn get_status(dev: &File, path: &Path) -> Result<LoopInfo64> {
     // SAFETY: LOOP_GET_STATUS64 fills a struct loop_info64.
-    unsafe { ioctl::ioctl(dev, Getter::<LOOP_GET_STATUS64, LoopInfo64>::new()) }.map_err(|e| {
-        AttachError::LoopIoctl {
-            op: "LOOP_GET_STATUS64",
-            device: path.to_path_buf(),
-            error: e.into(),
-        }
+    unsafe { ioctl::ioctl(dev, Getter::<LOOP_GET_STATUS64, LoopInfo64>::new()) }.map_err(|e| AttachError::LoopIoctl {
+        op: "LOOP_GET_STATUS64",
+        device: path.to_path_buf(),
+        error: e.into(),
     })
 }
 
@@ -464,14 +383,9 @@ pub fn sysfs_backing_file(number: u32) -> Result<Option<(PathBuf, bool)>> {
 /// Numbers of the loop devices the kernel knows, in order.
 fn loop_numbers() -> Result<Vec<u32>> {
     let dir = Path::new("/sys/block");
-    let entries = std::fs::read_dir(dir).map_err(|error| AttachError::Sysfs {
-        path: dir.to_path_buf(),
-        error,
-    })?;
-    let mut numbers: Vec<u32> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("loop")?.parse().ok())
-        .collect();
+    let entries = std::fs::read_dir(dir).map_err(|error| AttachError::Sysfs { path: dir.to_path_buf(), error })?;
+    let mut numbers: Vec<u32> =
+        entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_prefix("loop")?.parse().ok()).collect();
     numbers.sort_unstable();
     Ok(numbers)
 }
@@ -526,22 +440,13 @@ pub fn find_by_backing_file(backing_file: &Path) -> Result<Option<LoopDevice>> {
         Ok(p) => (p, false),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let parent = backing_file.parent().unwrap_or(Path::new("/"));
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
             let (Some(name), Ok(parent)) = (backing_file.file_name(), parent.canonicalize()) else {
                 return Ok(None);
             };
             (parent.join(name), true)
         }
-        Err(error) => {
-            return Err(AttachError::OpenBackingFile {
-                path: backing_file.to_path_buf(),
-                error,
-            })
-        }
+        Err(error) => return Err(AttachError::OpenBackingFile { path: backing_file.to_path_buf(), error }),
     };
     for number in loop_numbers()? {
         let Some((path, deleted)) = sysfs_backing_file(number)? else {
@@ -577,17 +482,8 @@ pub fn detach(dev: &LoopDevice) -> Result<()> {
     }
     let file = match File::open(&dev.path) {
         Ok(f) => f,
-        Err(e)
-            if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ENXIO) =>
-        {
-            return Ok(())
-        }
-        Err(error) => {
-            return Err(AttachError::OpenDevice {
-                device: dev.path.clone(),
-                error,
-            })
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+        Err(error) => return Err(AttachError::OpenDevice { device: dev.path.clone(), error }),
     };
     // SAFETY: LOOP_CLR_FD takes no argument.
     match unsafe { ioctl::ioctl(&file, NoArg::<LOOP_CLR_FD>::new()) } {
@@ -595,49 +491,35 @@ pub fn detach(dev: &LoopDevice) -> Result<()> {
             tracing::info!(device = %dev.path.display(), backing_file = %dev.backing_file.display(), "detached loop device");
             Ok(())
         }
-        Err(e) => Err(AttachError::LoopIoctl {
-            op: "LOOP_CLR_FD",
-            device: dev.path.clone(),
-            error: e.into(),
-        }),
+        Err(e) => Err(AttachError::LoopIoctl { op: "LOOP_CLR_FD", device: dev.path.clone(), error: e.into() }),
     }
 }
 
 /// Make the device pick up a grown backing file (online expansion).
 /// Returns the new size in bytes.
 pub fn refresh_capacity(dev: &LoopDevice) -> Result<u64> {
-    let file = File::open(&dev.path).map_err(|error| AttachError::OpenDevice {
-        device: dev.path.clone(),
-        error,
-    })?;
+    let file = File::open(&dev.path).map_err(|error| AttachError::OpenDevice { device: dev.path.clone(), error })?;
     // SAFETY: LOOP_SET_CAPACITY takes no argument.
-    unsafe { ioctl::ioctl(&file, NoArg::<LOOP_SET_CAPACITY>::new()) }.map_err(|e| {
-        AttachError::LoopIoctl {
-            op: "LOOP_SET_CAPACITY",
-            device: dev.path.clone(),
-            error: e.into(),
-        }
+    unsafe { ioctl::ioctl(&file, NoArg::<LOOP_SET_CAPACITY>::new()) }.map_err(|e| AttachError::LoopIoctl {
+        op: "LOOP_SET_CAPACITY",
+        device: dev.path.clone(),
+        error: e.into(),
     })?;
     block_size(&file, &dev.path)
 }
 
 /// Size of any block device in bytes (BLKGETSIZE64).
 pub fn size_bytes(device: &Path) -> Result<u64> {
-    let file = File::open(device).map_err(|error| AttachError::OpenDevice {
-        device: device.to_path_buf(),
-        error,
-    })?;
+    let file = File::open(device).map_err(|error| AttachError::OpenDevice { device: device.to_path_buf(), error })?;
     block_size(&file, device)
 }
 
 fn block_size(file: &File, device: &Path) -> Result<u64> {
     // SAFETY: BLKGETSIZE64 writes a u64.
-    unsafe { ioctl::ioctl(file, Getter::<BLKGETSIZE64, u64>::new()) }.map_err(|e| {
-        AttachError::LoopIoctl {
-            op: "BLKGETSIZE64",
-            device: device.to_path_buf(),
-            error: e.into(),
-        }
+    unsafe { ioctl::ioctl(file, Getter::<BLKGETSIZE64, u64>::new()) }.map_err(|e| AttachError::LoopIoctl {
+        op: "BLKGETSIZE64",
+        device: device.to_path_buf(),
+        error: e.into(),
     })
 }
 
@@ -697,10 +579,7 @@ mod tests {
             f.sync_all().unwrap();
         }
         let mut back = vec![0u8; pattern.len()];
-        File::open(&image)
-            .unwrap()
-            .read_exact_at(&mut back, MIB)
-            .unwrap();
+        File::open(&image).unwrap().read_exact_at(&mut back, MIB).unwrap();
         assert_eq!(back, pattern);
 
         assert_eq!(find_by_backing_file(&image).unwrap().as_ref(), Some(&dev));
@@ -740,16 +619,10 @@ mod tests {
         let image = sparse_file(dir.path(), "vol.img", 8 * MIB);
         let handle = attach(&image, AttachOptions::for_filesystem(false)).unwrap();
         cleanup.attached(&handle.device);
-        assert!(
-            handle.direct_io,
-            "ext4 under the tempdir should take direct I/O"
-        );
+        assert!(handle.direct_io, "ext4 under the tempdir should take direct I/O");
         assert!(find_by_backing_file(&image).unwrap().is_some());
         drop(handle);
-        assert!(
-            wait_detached(&image),
-            "autoclear device still attached after the last close"
-        );
+        assert!(wait_detached(&image), "autoclear device still attached after the last close");
     }
 
     #[test]
@@ -769,22 +642,10 @@ mod tests {
             .open(&handle.device.path)
             .and_then(|mut f| f.write_all(&[1u8; 4096]).and_then(|()| f.sync_all()))
             .unwrap_err();
-        assert!(
-            matches!(
-                err.raw_os_error(),
-                Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
-            ),
-            "unexpected error {err}"
-        );
+        assert!(matches!(err.raw_os_error(), Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)), "unexpected error {err}");
         let mut back = vec![0u8; 4096];
-        File::open(&image)
-            .unwrap()
-            .read_exact_at(&mut back, 0)
-            .unwrap();
-        assert!(
-            back.iter().all(|b| *b == 0),
-            "the image was written through a read-only device"
-        );
+        File::open(&image).unwrap().read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|b| *b == 0), "the image was written through a read-only device");
         assert_eq!(size_bytes(&handle.device.path).unwrap(), 8 * MIB);
     }
 
@@ -796,9 +657,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cleanup = Cleanup::default();
         let image = sparse_file(dir.path(), "vol.img", 8 * MIB);
-        let dev = attach(&image, AttachOptions::for_block(false))
-            .unwrap()
-            .release();
+        let dev = attach(&image, AttachOptions::for_block(false)).unwrap().release();
         cleanup.attached(&dev);
 
         std::fs::remove_file(&image).unwrap();
@@ -822,16 +681,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cleanup = Cleanup::default();
         let image = sparse_file(dir.path(), "vol.img", 16 * MIB);
-        let dev = attach(&image, AttachOptions::for_block(false))
-            .unwrap()
-            .release();
+        let dev = attach(&image, AttachOptions::for_block(false)).unwrap().release();
         cleanup.attached(&dev);
-        OpenOptions::new()
-            .write(true)
-            .open(&image)
-            .unwrap()
-            .set_len(48 * MIB)
-            .unwrap();
+        OpenOptions::new().write(true).open(&image).unwrap().set_len(48 * MIB).unwrap();
         assert_eq!(size_bytes(&dev.path).unwrap(), 16 * MIB);
         assert_eq!(refresh_capacity(&dev).unwrap(), 48 * MIB);
         assert_eq!(size_bytes(&dev.path).unwrap(), 48 * MIB);
@@ -845,14 +697,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut cleanup = Cleanup::default();
         let image = sparse_file(dir.path(), "vol.img", 8 * MIB);
-        let dev = attach(&image, AttachOptions::for_block(false))
-            .unwrap()
-            .release();
+        let dev = attach(&image, AttachOptions::for_block(false)).unwrap().release();
         cleanup.attached(&dev);
-        let stale = LoopDevice {
-            backing_file: dir.path().join("other.img"),
-            ..dev.clone()
-        };
+        let stale = LoopDevice { backing_file: dir.path().join("other.img"), ..dev.clone() };
         detach(&stale).unwrap();
         assert_eq!(find_by_backing_file(&image).unwrap(), Some(dev));
     }
@@ -866,18 +713,10 @@ mod tests {
         // losers on to the next one.
         let dir = tempfile::tempdir().unwrap();
         let mut cleanup = Cleanup::default();
-        let images: Vec<PathBuf> = (0..6)
-            .map(|i| sparse_file(dir.path(), &format!("v{i}.img"), 4 * MIB))
-            .collect();
+        let images: Vec<PathBuf> = (0..6).map(|i| sparse_file(dir.path(), &format!("v{i}.img"), 4 * MIB)).collect();
         let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = images
-                .iter()
-                .map(|img| {
-                    s.spawn(move || {
-                        attach(img, AttachOptions::for_block(false)).map(LoopHandle::release)
-                    })
-                })
-                .collect();
+            let handles: Vec<_> =
+                images.iter().map(|img| s.spawn(move || attach(img, AttachOptions::for_block(false)).map(LoopHandle::release))).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let mut numbers = Vec::new();

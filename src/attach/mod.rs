@@ -13,8 +13,8 @@
 pub mod filesystem;
 pub mod freeze;
 pub mod loopdev;
-pub mod nbd;
 pub mod mount;
+pub mod nbd;
 
 use std::io;
 use std::path::PathBuf;
@@ -46,17 +46,10 @@ pub enum AttachError {
     OpenDevice { device: PathBuf, error: io::Error },
 
     #[error("{op} on {device} failed: {error}")]
-    LoopIoctl {
-        op: &'static str,
-        device: PathBuf,
-        error: io::Error,
-    },
+    LoopIoctl { op: &'static str, device: PathBuf, error: io::Error },
 
     #[error("could not attach {backing_file} to a loop device: other processes took each free device first ({attempts} tries); retry")]
-    LoopBusy {
-        backing_file: PathBuf,
-        attempts: u32,
-    },
+    LoopBusy { backing_file: PathBuf, attempts: u32 },
 
     #[error("cannot read {path}: {error}")]
     Sysfs { path: PathBuf, error: io::Error },
@@ -65,87 +58,40 @@ pub enum AttachError {
     MountTable { error: io::Error },
 
     #[error("malformed line {line_number} in /proc/self/mountinfo ({reason}): {line:?}")]
-    MountTableParse {
-        line_number: usize,
-        line: String,
-        reason: &'static str,
-    },
+    MountTableParse { line_number: usize, line: String, reason: &'static str },
 
     #[error("{target} is already a mount point (of {source_name}, {fs_type}); unmount it first or reuse that mount")]
-    AlreadyMounted {
-        target: PathBuf,
-        source_name: String,
-        fs_type: String,
-    },
+    AlreadyMounted { target: PathBuf, source_name: String, fs_type: String },
 
     #[error("mount option {option:?} is not allowed: {reason}")]
-    BadMountOption {
-        option: String,
-        reason: &'static str,
-    },
+    BadMountOption { option: String, reason: &'static str },
 
     #[error("mounting {device} ({fs_type}) on {target} failed: {error}")]
-    Mount {
-        device: PathBuf,
-        target: PathBuf,
-        fs_type: String,
-        error: io::Error,
-    },
+    Mount { device: PathBuf, target: PathBuf, fs_type: String, error: io::Error },
 
     #[error("bind-mounting {source_path} on {target} failed: {error}")]
-    BindMount {
-        source_path: PathBuf,
-        target: PathBuf,
-        error: io::Error,
-    },
+    BindMount { source_path: PathBuf, target: PathBuf, error: io::Error },
 
     #[error("remounting {target} {mode} failed: {error}")]
-    Remount {
-        target: PathBuf,
-        mode: &'static str,
-        error: io::Error,
-    },
+    Remount { target: PathBuf, mode: &'static str, error: io::Error },
 
     #[error("unmounting {target} failed: {error}{hint}")]
-    Unmount {
-        target: PathBuf,
-        error: io::Error,
-        hint: &'static str,
-    },
+    Unmount { target: PathBuf, error: io::Error, hint: &'static str },
 
     #[error("filesystem type {fs_type:?} is not supported; use ext4 or xfs")]
     UnsupportedFilesystem { fs_type: String },
 
     #[error("cannot run {program}: {error}; install {package} on the node")]
-    CommandSpawn {
-        program: &'static str,
-        package: &'static str,
-        error: io::Error,
-    },
+    CommandSpawn { program: &'static str, package: &'static str, error: io::Error },
 
     #[error("{program} on {path} failed ({status}): {stderr}{hint}")]
-    CommandFailed {
-        program: &'static str,
-        path: PathBuf,
-        status: String,
-        stderr: String,
-        hint: &'static str,
-    },
+    CommandFailed { program: &'static str, path: PathBuf, status: String, stderr: String, hint: &'static str },
 
     #[error("{program} on {path} did not finish within {seconds} s and was stopped (it said: {stderr}); the device may be hung: check the node's kernel log")]
-    CommandTimedOut {
-        program: &'static str,
-        path: PathBuf,
-        seconds: f64,
-        stderr: String,
-    },
+    CommandTimedOut { program: &'static str, path: PathBuf, seconds: f64, stderr: String },
 
     #[error("{op} on {target} failed: {error}")]
-    Freeze {
-        op: &'static str,
-        target: PathBuf,
-        error: io::Error,
-    },
+    Freeze { op: &'static str, target: PathBuf, error: io::Error },
 
     #[error("the filesystem at {target} was thawed before its copy was done ({reason}); the copy may not be clean: retry")]
     ThawedEarly { target: PathBuf, reason: String },
@@ -218,9 +164,8 @@ pub(crate) mod testutil {
     /// Whether `program` is on PATH; a test that needs it returns when not
     /// (and fails under `CI=true`).
     pub fn have_program(program: &str) -> bool {
-        let found = std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-            .unwrap_or(false);
+        let found =
+            std::env::var_os("PATH").map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file())).unwrap_or(false);
         if !found {
             cannot_run("this test", &format!("needs {program} on PATH (scripts/test-all.sh installs it)"));
         }
@@ -253,8 +198,7 @@ pub(crate) mod testutil {
                         Ok(false) => break,
                         Err(e) => {
                             eprintln!("cleanup: {e}; detaching lazily");
-                            let _ =
-                                rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
+                            let _ = rustix::mount::unmount(target, rustix::mount::UnmountFlags::DETACH);
                             break;
                         }
                     }

@@ -48,13 +48,8 @@ fn unescape(field: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
             if let Ok(v) = u8::try_from(v) {
                 out.push(v);
                 i += 4;
@@ -72,11 +67,7 @@ fn unescape_path(field: &str) -> PathBuf {
 }
 
 fn split_options(field: &str) -> Vec<String> {
-    field
-        .split(',')
-        .filter(|o| !o.is_empty())
-        .map(str::to_owned)
-        .collect()
+    field.split(',').filter(|o| !o.is_empty()).map(str::to_owned).collect()
 }
 
 /// Parse the text of a mountinfo file.
@@ -85,30 +76,21 @@ pub fn parse_mountinfo(text: &str) -> Result<Vec<MountInfo>> {
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
-            parse_line(line).map_err(|reason| AttachError::MountTableParse {
-                line_number: i + 1,
-                line: line.to_owned(),
-                reason,
-            })
+            parse_line(line).map_err(|reason| AttachError::MountTableParse { line_number: i + 1, line: line.to_owned(), reason })
         })
         .collect()
 }
 
 fn parse_line(line: &str) -> std::result::Result<MountInfo, &'static str> {
     let fields: Vec<&str> = line.split(' ').collect();
-    let sep = fields
-        .iter()
-        .position(|f| *f == "-")
-        .ok_or("no \"-\" separator")?;
+    let sep = fields.iter().position(|f| *f == "-").ok_or("no \"-\" separator")?;
     if sep < 6 {
         return Err("fewer than 6 fields before the separator");
     }
     if fields.len() < sep + 3 {
         return Err("fewer than 3 fields after the separator");
     }
-    let (major, minor) = fields[2]
-        .split_once(':')
-        .ok_or("device is not major:minor")?;
+    let (major, minor) = fields[2].split_once(':').ok_or("device is not major:minor")?;
     Ok(MountInfo {
         mount_id: fields[0].parse().map_err(|_| "bad mount id")?,
         parent_id: fields[1].parse().map_err(|_| "bad parent id")?,
@@ -120,43 +102,31 @@ fn parse_line(line: &str) -> std::result::Result<MountInfo, &'static str> {
         optional_fields: fields[6..sep].iter().map(|s| s.to_string()).collect(),
         fs_type: String::from_utf8_lossy(&unescape(fields[sep + 1])).into_owned(),
         source: String::from_utf8_lossy(&unescape(fields[sep + 2])).into_owned(),
-        super_options: fields
-            .get(sep + 3)
-            .map(|f| split_options(f))
-            .unwrap_or_default(),
+        super_options: fields.get(sep + 3).map(|f| split_options(f)).unwrap_or_default(),
     })
 }
 
 /// The current mount table.
 pub fn mount_table() -> Result<Vec<MountInfo>> {
-    let text =
-        std::fs::read_to_string(MOUNTINFO).map_err(|error| AttachError::MountTable { error })?;
+    let text = std::fs::read_to_string(MOUNTINFO).map_err(|error| AttachError::MountTable { error })?;
     parse_mountinfo(&text)
 }
 
 /// The path as the mount table spells it: absolute, symlinks resolved when
 /// the path can be resolved (a dead mount may not allow it).
 fn normalize(path: &Path) -> PathBuf {
-    path.canonicalize()
-        .or_else(|_| std::path::absolute(path))
-        .unwrap_or_else(|_| path.to_path_buf())
+    path.canonicalize().or_else(|_| std::path::absolute(path)).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// The mount at `target`; when several are stacked there, the top one.
 pub fn find_by_target(target: &Path) -> Result<Option<MountInfo>> {
     let target = normalize(target);
-    Ok(mount_table()?
-        .into_iter()
-        .rev()
-        .find(|m| m.mount_point == target))
+    Ok(mount_table()?.into_iter().rev().find(|m| m.mount_point == target))
 }
 
 /// Every mount whose source is `source` (e.g. all mounts of `/dev/loop3`).
 pub fn find_by_source(source: &str) -> Result<Vec<MountInfo>> {
-    Ok(mount_table()?
-        .into_iter()
-        .filter(|m| m.source == source)
-        .collect())
+    Ok(mount_table()?.into_iter().filter(|m| m.source == source).collect())
 }
 
 pub fn is_mount_point(path: &Path) -> Result<bool> {
@@ -165,11 +135,7 @@ pub fn is_mount_point(path: &Path) -> Result<bool> {
 
 fn refuse_if_mounted(target: &Path) -> Result<()> {
     match find_by_target(target)? {
-        Some(m) => Err(AttachError::AlreadyMounted {
-            target: target.to_path_buf(),
-            source_name: m.source,
-            fs_type: m.fs_type,
-        }),
+        Some(m) => Err(AttachError::AlreadyMounted { target: target.to_path_buf(), source_name: m.source, fs_type: m.fs_type }),
         None => Ok(()),
     }
 }
@@ -210,10 +176,7 @@ pub fn parse_mount_options(options: &[String], readonly: bool) -> Result<MountOp
     for opt in options.iter().flat_map(|o| split_option_list(o)) {
         let opt = opt.trim();
         if opt.contains('\0') {
-            return Err(AttachError::BadMountOption {
-                option: opt.to_owned(),
-                reason: "it contains a NUL byte",
-            });
+            return Err(AttachError::BadMountOption { option: opt.to_owned(), reason: "it contains a NUL byte" });
         }
         match opt {
             "" | "defaults" | "async" | "dev" | "suid" | "exec" | "auto" | "nouser" => {}
@@ -242,10 +205,7 @@ pub fn parse_mount_options(options: &[String], readonly: bool) -> Result<MountOp
     if ro {
         flags |= MountFlags::RDONLY;
     }
-    Ok(MountOptions {
-        flags,
-        data: data.join(","),
-    })
+    Ok(MountOptions { flags, data: data.join(",") })
 }
 
 /// A path held open (`O_PATH`) since it was checked. Mounting on
@@ -301,49 +261,28 @@ fn refuse_if_mounted_pinned(target: &Pinned) -> Result<()> {
 ///
 /// Refuses when something is mounted at `target` already, so a retried call
 /// cannot stack a second mount: look with [`find_by_target`] first.
-pub fn mount_fs(
-    device: &Path,
-    target: &Path,
-    fs_type: &str,
-    options: &[String],
-    readonly: bool,
-) -> Result<()> {
+pub fn mount_fs(device: &Path, target: &Path, fs_type: &str, options: &[String], readonly: bool) -> Result<()> {
     parse_mount_options(options, readonly)?;
     refuse_if_mounted(target)?;
     mount_fs_unchecked(device, target, target, fs_type, options, readonly)
 }
 
 /// [`mount_fs`] on a pinned mount point.
-pub fn mount_fs_on(
-    device: &Path,
-    target: &Pinned,
-    fs_type: &str,
-    options: &[String],
-    readonly: bool,
-) -> Result<()> {
+pub fn mount_fs_on(device: &Path, target: &Pinned, fs_type: &str, options: &[String], readonly: bool) -> Result<()> {
     parse_mount_options(options, readonly)?;
     refuse_if_mounted_pinned(target)?;
     mount_fs_unchecked(device, &target.proc_path(), &target.path, fs_type, options, readonly)
 }
 
-fn mount_fs_unchecked(
-    device: &Path,
-    at: &Path,
-    target: &Path,
-    fs_type: &str,
-    options: &[String],
-    readonly: bool,
-) -> Result<()> {
+fn mount_fs_unchecked(device: &Path, at: &Path, target: &Path, fs_type: &str, options: &[String], readonly: bool) -> Result<()> {
     let opts = parse_mount_options(options, readonly)?;
     let data = CString::new(opts.data.clone()).expect("NUL bytes were refused above");
     let data = (!opts.data.is_empty()).then_some(data.as_c_str());
-    rustix::mount::mount(device, at, fs_type, opts.flags, data).map_err(|e| {
-        AttachError::Mount {
-            device: device.to_path_buf(),
-            target: target.to_path_buf(),
-            fs_type: fs_type.to_owned(),
-            error: e.into(),
-        }
+    rustix::mount::mount(device, at, fs_type, opts.flags, data).map_err(|e| AttachError::Mount {
+        device: device.to_path_buf(),
+        target: target.to_path_buf(),
+        fs_type: fs_type.to_owned(),
+        error: e.into(),
     })?;
     tracing::info!(
         device = %device.display(),
@@ -387,25 +326,16 @@ pub fn bind_mount(source: &Path, target: &Path, readonly: bool) -> Result<()> {
 pub fn bind_mount_on(source: &Pinned, target: &Pinned, readonly: bool) -> Result<()> {
     use rustix::mount::{MoveMountFlags, OpenTreeFlags};
     refuse_if_mounted_pinned(target)?;
-    let failed = |e: rustix::io::Errno| AttachError::BindMount {
-        source_path: source.path.clone(),
-        target: target.path.clone(),
-        error: e.into(),
-    };
+    let failed =
+        |e: rustix::io::Errno| AttachError::BindMount { source_path: source.path.clone(), target: target.path.clone(), error: e.into() };
     let tree = rustix::mount::open_tree(
         source,
         "",
         OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
     )
     .map_err(failed)?;
-    rustix::mount::move_mount(
-        &tree,
-        "",
-        target,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-    )
-    .map_err(failed)?;
+    rustix::mount::move_mount(&tree, "", target, "", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH)
+        .map_err(failed)?;
     // `tree` now names the new mount itself.
     let mounted = Pinned::new(tree, target.path.clone());
     if readonly {
@@ -499,10 +429,7 @@ fn unmount_with(at: &Path, target: &Path, flags: UnmountFlags) -> Result<bool> {
 #[cfg(test)]
 fn needs_escape(path: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    path.as_os_str()
-        .as_bytes()
-        .iter()
-        .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\\'))
+    path.as_os_str().as_bytes().iter().any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\\'))
 }
 
 #[cfg(test)]
@@ -538,10 +465,7 @@ mod tests {
         assert_eq!(m.super_options, ["rw", "errors=continue"]);
         assert!(!m.is_read_only());
 
-        assert_eq!(
-            t[2].mount_point,
-            Path::new("/var/lib/kubelet/pods/abc/volumes/my vol")
-        );
+        assert_eq!(t[2].mount_point, Path::new("/var/lib/kubelet/pods/abc/volumes/my vol"));
         assert!(t[2].is_read_only());
         assert_eq!(t[2].source, "/dev/loop3");
         assert_eq!(t[3].mount_point, Path::new("/tmp/tab\tand\\back"));
@@ -549,9 +473,7 @@ mod tests {
 
     #[test]
     fn malformed_lines_say_which_line() {
-        let err =
-            parse_mountinfo("22 27 0:21 / /proc rw,relatime - proc proc rw\n23 1 x / /y rw\n")
-                .unwrap_err();
+        let err = parse_mountinfo("22 27 0:21 / /proc rw,relatime - proc proc rw\n23 1 x / /y rw\n").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("line 2"), "{msg}");
         assert!(parse_mountinfo("1 2 3:4 / /x rw - ext4").is_err());
@@ -577,26 +499,8 @@ mod tests {
     #[test]
     fn csi_mount_flags_map_to_flags_and_data() {
         let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let m = parse_mount_options(
-            &o(&[
-                "noatime",
-                "nodev,nosuid",
-                "noexec",
-                "sync",
-                "discard",
-                "commit=30",
-            ]),
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            m.flags,
-            MountFlags::NOATIME
-                | MountFlags::NODEV
-                | MountFlags::NOSUID
-                | MountFlags::NOEXEC
-                | MountFlags::SYNCHRONOUS
-        );
+        let m = parse_mount_options(&o(&["noatime", "nodev,nosuid", "noexec", "sync", "discard", "commit=30"]), false).unwrap();
+        assert_eq!(m.flags, MountFlags::NOATIME | MountFlags::NODEV | MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::SYNCHRONOUS);
         assert_eq!(m.data, "discard,commit=30");
 
         let m = parse_mount_options(&o(&["ro"]), false).unwrap();
@@ -606,23 +510,10 @@ mod tests {
         assert_eq!(m.flags, MountFlags::RDONLY);
         assert_eq!(m.data, "");
 
-        let m = parse_mount_options(
-            &o(&[
-                r#"context="system_u:object_r:container_file_t:s0:c1,c2""#,
-                "nouuid",
-            ]),
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            m.data,
-            r#"context="system_u:object_r:container_file_t:s0:c1,c2",nouuid"#
-        );
+        let m = parse_mount_options(&o(&[r#"context="system_u:object_r:container_file_t:s0:c1,c2""#, "nouuid"]), false).unwrap();
+        assert_eq!(m.data, r#"context="system_u:object_r:container_file_t:s0:c1,c2",nouuid"#);
 
-        assert!(matches!(
-            parse_mount_options(&o(&["bind"]), false),
-            Err(AttachError::BadMountOption { .. })
-        ));
+        assert!(matches!(parse_mount_options(&o(&["bind"]), false), Err(AttachError::BadMountOption { .. })));
         assert!(parse_mount_options(&o(&["a\0b"]), false).is_err());
     }
 
@@ -657,19 +548,10 @@ mod tests {
         filesystem::format(&dev.path, "ext4", &[]).await.unwrap();
 
         cleanup.mounted(&staging);
-        mount_fs(
-            &dev.path,
-            &staging,
-            "ext4",
-            &["noatime".into(), "nodev".into()],
-            false,
-        )
-        .unwrap();
+        mount_fs(&dev.path, &staging, "ext4", &["noatime".into(), "nodev".into()], false).unwrap();
         drop(handle); // the mount holds the device now
 
-        let m = find_by_target(&staging)
-            .unwrap()
-            .expect("staging is mounted");
+        let m = find_by_target(&staging).unwrap().expect("staging is mounted");
         assert_eq!(m.source, dev.path.to_str().unwrap());
         assert_eq!(m.fs_type, "ext4");
         assert!(m.mount_options.iter().any(|o| o == "noatime"));
@@ -686,24 +568,15 @@ mod tests {
 
         cleanup.mounted(&publish);
         bind_mount(&staging, &publish, true).unwrap();
-        let b = find_by_target(&publish)
-            .unwrap()
-            .expect("publish is mounted");
+        let b = find_by_target(&publish).unwrap().expect("publish is mounted");
         assert!(b.is_read_only());
-        assert!(
-            b.mount_options.iter().any(|o| o == "nodev"),
-            "nodev was kept: {:?}",
-            b.mount_options
-        );
+        assert!(b.mount_options.iter().any(|o| o == "nodev"), "nodev was kept: {:?}", b.mount_options);
         assert_eq!(std::fs::read(publish.join("hello")).unwrap(), b"hi");
         let err = std::fs::write(publish.join("nope"), b"x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS));
         // The staging mount itself stays writable.
         std::fs::write(staging.join("still-rw"), b"x").unwrap();
-        assert!(matches!(
-            bind_mount(&staging, &publish, true),
-            Err(AttachError::AlreadyMounted { .. })
-        ));
+        assert!(matches!(bind_mount(&staging, &publish, true), Err(AttachError::AlreadyMounted { .. })));
 
         assert!(unmount(&publish).unwrap());
         assert!(!unmount(&publish).unwrap());
@@ -712,10 +585,7 @@ mod tests {
         // Unmount is refused while something is open there, and says why.
         let open = File::open(staging.join("hello")).unwrap();
         let err = unmount(&staging).unwrap_err();
-        assert_eq!(
-            err.io_error().and_then(|e| e.raw_os_error()),
-            Some(libc::EBUSY)
-        );
+        assert_eq!(err.io_error().and_then(|e| e.raw_os_error()), Some(libc::EBUSY));
         assert!(err.to_string().contains("still uses it"), "{err}");
         drop(open);
 
@@ -740,9 +610,7 @@ mod tests {
         let mut cleanup = Cleanup::default();
         let image = dir.path().join("vol.img");
         File::create(&image).unwrap().set_len(8 << 20).unwrap();
-        let dev = loopdev::attach(&image, AttachOptions::for_block(false))
-            .unwrap()
-            .release();
+        let dev = loopdev::attach(&image, AttachOptions::for_block(false)).unwrap().release();
         cleanup.attached(&dev);
         let target = dir.path().join("block");
         File::create(&target).unwrap();

@@ -118,17 +118,19 @@ impl NodeAgent {
             return Err(self.mismatched(format!("the agent at {} answered as node {:?}", self.node.agent_address, id.node_id)));
         }
         if !self.node.pool_uuid.is_empty() && id.pool_uuid != self.node.pool_uuid {
-            return Err(self.mismatched(format!(
-                "the agent serves pool {} but the node's record names pool {}",
-                id.pool_uuid, self.node.pool_uuid
-            )));
+            return Err(
+                self.mismatched(format!("the agent serves pool {} but the node's record names pool {}", id.pool_uuid, self.node.pool_uuid))
+            );
         }
         Ok(())
     }
 
     fn mismatched(&self, reason: String) -> Status {
         self.sink.mismatch(&self.node, reason.clone());
-        Status::new(Code::FailedPrecondition, format!("{MISMATCH} on node {}: {reason}; nothing is written there until an operator resolves it", self.node.id))
+        Status::new(
+            Code::FailedPrecondition,
+            format!("{MISMATCH} on node {}: {reason}; nothing is written there until an operator resolves it", self.node.id),
+        )
     }
 
     mutating!(create_volume, pb::CreateVolumeRequest, pb::CreateVolumeResponse);

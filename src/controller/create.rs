@@ -130,9 +130,7 @@ impl CreateCtx {
                 Err(e) => Err(task_err(e)),
             };
         }
-        self.version = store::update_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec, self.version)
-            .await
-            .map_err(task_err)?;
+        self.version = store::update_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec, self.version).await.map_err(task_err)?;
         Ok(())
     }
 }
@@ -152,9 +150,12 @@ impl Task<CreateCtx> for RecordVolume {
         // The source decides the node (a reflink needs the same filesystem).
         match &ctx.spec.source {
             Some(SourceRef::Snapshot(s)) => {
-                let (snap, _) = ctx.m.snapshot(s).await.map_err(status_task)?.ok_or_else(|| {
-                    TaskError::new(Code::NotFound, format!("source snapshot {s} does not exist"))
-                })?;
+                let (snap, _) = ctx
+                    .m
+                    .snapshot(s)
+                    .await
+                    .map_err(status_task)?
+                    .ok_or_else(|| TaskError::new(Code::NotFound, format!("source snapshot {s} does not exist")))?;
                 if snap.phase != Phase::Available {
                     return Err(TaskError::new(Code::FailedPrecondition, format!("source snapshot {s} is {:?}, not ready", snap.phase)));
                 }
@@ -168,9 +169,12 @@ impl Task<CreateCtx> for RecordVolume {
                 ctx.source_metadata = snap.metadata.clone();
             }
             Some(SourceRef::Volume(v)) => {
-                let (vol, _) = ctx.m.volume(v).await.map_err(status_task)?.ok_or_else(|| {
-                    TaskError::new(Code::NotFound, format!("source volume {v} does not exist"))
-                })?;
+                let (vol, _) = ctx
+                    .m
+                    .volume(v)
+                    .await
+                    .map_err(status_task)?
+                    .ok_or_else(|| TaskError::new(Code::NotFound, format!("source volume {v} does not exist")))?;
                 let (Phase::Available, Some(node)) = (vol.phase, vol.node.clone()) else {
                     return Err(TaskError::new(Code::FailedPrecondition, format!("source volume {v} is {:?}, not Available", vol.phase)));
                 };
@@ -292,7 +296,9 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                             req.tried.push(source_node);
                             ctx.m.view.place(&ctx.rec.id, &req).map_err(|no| format!("{first}; and for a copy from another node: {no}"))
                         } else {
-                            Err(format!("{first}; the StorageClass forbids copying the source to another node (crossNodeSources: \"false\")"))
+                            Err(format!(
+                                "{first}; the StorageClass forbids copying the source to another node (crossNodeSources: \"false\")"
+                            ))
                         };
                     }
                     match placed {
@@ -352,7 +358,11 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                         Asked::CannotAsk(e) => {
                             return Err(TaskError::new(
                                 Code::Unavailable,
-                                format!("node {node} did not answer ({}) and cannot be asked what it did ({}); retry", s.message(), e.message()),
+                                format!(
+                                    "node {node} did not answer ({}) and cannot be asked what it did ({}); retry",
+                                    s.message(),
+                                    e.message()
+                                ),
                             )
                             .pending());
                         }
@@ -379,7 +389,11 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             };
             // That node's reservation goes; the next placement makes its own.
             ctx.reservation = None;
-            ctx.rec.attempts.push(Attempt { node: node.clone(), error: format!("{:?}: {}", failure.code, failure.message), at_ms: now_ms() });
+            ctx.rec.attempts.push(Attempt {
+                node: node.clone(),
+                error: format!("{:?}: {}", failure.code, failure.message),
+                at_ms: now_ms(),
+            });
             ctx.rec.node = None;
             ctx.save().await?;
             // A source that must stay on its node leaves nowhere else to go.

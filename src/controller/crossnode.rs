@@ -77,10 +77,7 @@ impl Manager {
             })
             .await
             .map_err(|e| {
-                Status::new(
-                    e.code(),
-                    format!("node {source_node} still exports the source of volume {volume_id}: {}", e.message()),
-                )
+                Status::new(e.code(), format!("node {source_node} still exports the source of volume {volume_id}: {}", e.message()))
             })?;
         info!(volume.id = %volume_id, source_node, node, "copy export removed");
         Ok(())
@@ -105,12 +102,7 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
             copy_for: id.clone(),
         })
         .await
-        .map_err(|s| {
-            Status::new(
-                s.code(),
-                format!("node {source_node} could not export the source to node {node}: {}", s.message()),
-            )
-        })?
+        .map_err(|s| Status::new(s.code(), format!("node {source_node} could not export the source to node {node}: {}", s.message())))?
         .export
         .ok_or_else(|| Status::internal("the agent answered without an export"))?;
     if ctx.rec.copy.as_ref().is_none_or(|c| c.source_node != source_node || c.node != node) {
@@ -150,18 +142,12 @@ async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::
         provisioning: crate::agent::provisioning_to_pb(ctx.spec.provisioning) as i32,
         source,
         metadata: ctx.rec.metadata.clone().into_iter().collect(),
-        remote: Some(pb::RemoteSource {
-            address: export.address,
-            export_name: export.export_name,
-            server_node: source_node.to_string(),
-        }),
+        remote: Some(pb::RemoteSource { address: export.address, export_name: export.export_name, server_node: source_node.to_string() }),
     };
     let (mut seen, mut moved_at, mut recorded_at) = (None, Instant::now(), Instant::now());
     loop {
         if m.copy_cancelled(&id) {
-            return Err(Status::aborted(format!(
-                "volume {id} is being deleted; its copy from node {source_node} was stopped"
-            )));
+            return Err(Status::aborted(format!("volume {id} is being deleted; its copy from node {source_node} was stopped")));
         }
         let answer = match m.agent_for(node).await {
             Ok(mut agent) => agent.create_volume(req.clone()).await.map(|r| r.volume.unwrap_or_default()),

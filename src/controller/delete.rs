@@ -45,7 +45,9 @@ impl Manager {
             })?;
         }
         if let (Some(c), Some(source)) = (rec.copy_under_way(), &rec.source) {
-            self.drop_copy_export(id, source, &c.source_node, &c.node).await.map_err(|s| Status::unavailable(format!("{}; retry", s.message())))?;
+            self.drop_copy_export(id, source, &c.source_node, &c.node)
+                .await
+                .map_err(|s| Status::unavailable(format!("{}; retry", s.message())))?;
         }
         let (_, version) = self.volume(id).await?.ok_or_else(|| Status::aborted("volume vanished during delete"))?;
         self.store.delete(Kind::Volume, id, Some(version)).await.map_err(store_status)?;

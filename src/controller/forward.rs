@@ -19,8 +19,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use super::manager::Leadership;
 use super::group_service::GroupControllerService;
+use super::manager::Leadership;
 use super::service::ControllerService;
 use crate::csi;
 use crate::csi::controller_client::ControllerClient;
@@ -243,14 +243,28 @@ impl GroupController for ForwardingGroupController {
         &self,
         request: Request<csi::CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::CreateVolumeGroupSnapshotResponse>, Status> {
-        to_leader_or_local!(self, request, create_volume_group_snapshot, "CreateVolumeGroupSnapshot", GroupControllerClient, "csi.v1.GroupController")
+        to_leader_or_local!(
+            self,
+            request,
+            create_volume_group_snapshot,
+            "CreateVolumeGroupSnapshot",
+            GroupControllerClient,
+            "csi.v1.GroupController"
+        )
     }
 
     async fn delete_volume_group_snapshot(
         &self,
         request: Request<csi::DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<csi::DeleteVolumeGroupSnapshotResponse>, Status> {
-        to_leader_or_local!(self, request, delete_volume_group_snapshot, "DeleteVolumeGroupSnapshot", GroupControllerClient, "csi.v1.GroupController")
+        to_leader_or_local!(
+            self,
+            request,
+            delete_volume_group_snapshot,
+            "DeleteVolumeGroupSnapshot",
+            GroupControllerClient,
+            "csi.v1.GroupController"
+        )
     }
 
     async fn get_volume_group_snapshot(

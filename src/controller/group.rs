@@ -33,20 +33,12 @@ use crate::store::{self, Kind, StoreError};
 pub const GROUP_FREEZE_LIMIT: Duration = Duration::from_secs(30);
 
 impl Manager {
-    pub async fn group_snapshot(
-        &self,
-        id: &str,
-    ) -> Result<Option<(GroupSnapshotRec, u64)>, Status> {
-        store::get_json(&*self.store, Kind::GroupSnapshot, id)
-            .await
-            .map_err(store_status)
+    pub async fn group_snapshot(&self, id: &str) -> Result<Option<(GroupSnapshotRec, u64)>, Status> {
+        store::get_json(&*self.store, Kind::GroupSnapshot, id).await.map_err(store_status)
     }
 
     /// The group and its members' records (a member whose record is gone is left out).
-    pub async fn group_members(
-        &self,
-        group: &GroupSnapshotRec,
-    ) -> Result<Vec<SnapshotRec>, Status> {
+    pub async fn group_members(&self, group: &GroupSnapshotRec) -> Result<Vec<SnapshotRec>, Status> {
         let mut out = Vec::with_capacity(group.snapshot_ids.len());
         for id in &group.snapshot_ids {
             if let Some((s, _)) = self.snapshot(id).await? {
@@ -56,29 +48,16 @@ impl Manager {
         Ok(out)
     }
 
-    pub async fn create_group_snapshot(
-        &self,
-        name: &str,
-        sources: Vec<String>,
-    ) -> Result<GroupSnapshotRec, Status> {
+    pub async fn create_group_snapshot(&self, name: &str, sources: Vec<String>) -> Result<GroupSnapshotRec, Status> {
         self.wait_leader().await?;
         let (m, name) = (self.clone(), name.to_string());
-        self.detached(async move { m.create_group_now(&name, sources).await })
-            .await
+        self.detached(async move { m.create_group_now(&name, sources).await }).await
     }
 
-    async fn create_group_now(
-        &self,
-        name: &str,
-        sources: Vec<String>,
-    ) -> Result<GroupSnapshotRec, Status> {
+    async fn create_group_now(&self, name: &str, sources: Vec<String>) -> Result<GroupSnapshotRec, Status> {
         let id = group_snapshot_id_for(name);
         let _guard = self.inflight.acquire(&id).await;
-        let sources: Vec<String> = sources
-            .into_iter()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let sources: Vec<String> = sources.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
         if let Some((rec, version)) = self.group_snapshot(&id).await? {
             if rec.source_volume_ids != sources {
                 return Err(Status::already_exists(format!(
@@ -88,9 +67,7 @@ impl Manager {
             }
             return match rec.phase {
                 Phase::Available => Ok(rec),
-                Phase::Deleting => Err(Status::aborted(format!(
-                    "group snapshot {name:?} is being deleted; retry"
-                ))),
+                Phase::Deleting => Err(Status::aborted(format!("group snapshot {name:?} is being deleted; retry"))),
                 _ => self.run_group(rec, version).await,
             };
         }
@@ -106,18 +83,13 @@ impl Manager {
             error: None,
             created_ms: now_ms(),
         };
-        let version = store::create_json(&*self.store, Kind::GroupSnapshot, &id, &rec)
-            .await
-            .map_err(store_status)?;
+        let version = store::create_json(&*self.store, Kind::GroupSnapshot, &id, &rec).await.map_err(store_status)?;
         self.run_group(rec, version).await
     }
 
     /// A group's source: it must exist and be Available on a node.
     async fn source_volume(&self, id: &str) -> Result<VolumeRec, Status> {
-        let (volume, _) = self
-            .volume(id)
-            .await?
-            .ok_or_else(|| Status::not_found(format!("source volume {id} does not exist")))?;
+        let (volume, _) = self.volume(id).await?.ok_or_else(|| Status::not_found(format!("source volume {id} does not exist")))?;
         if volume.phase != Phase::Available || volume.node.is_none() {
             return Err(Status::failed_precondition(format!(
                 "source volume {id} is {:?}, not Available; wait for it or leave it out of the group",
@@ -159,20 +131,13 @@ impl Manager {
     }
 
     /// Freeze all, snapshot all, thaw all; record the outcome.
-    async fn run_group(
-        &self,
-        mut rec: GroupSnapshotRec,
-        version: u64,
-    ) -> Result<GroupSnapshotRec, Status> {
+    async fn run_group(&self, mut rec: GroupSnapshotRec, version: u64) -> Result<GroupSnapshotRec, Status> {
         let members = self.ensure_members(&rec).await?;
         // Whatever an earlier try left on the nodes was cut at another instant.
         self.delete_member_images(&members).await?;
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for m in &members {
-            by_node
-                .entry(m.node.clone())
-                .or_default()
-                .push(m.source_volume_id.clone());
+            by_node.entry(m.node.clone()).or_default().push(m.source_volume_id.clone());
         }
         let started = std::time::Instant::now();
         let cut = self.freeze_and_cut(&rec.id, &by_node, &members).await;
@@ -192,20 +157,12 @@ impl Manager {
                     }
                     m.phase = Phase::Available;
                     m.error = None;
-                    store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m)
-                        .await
-                        .map_err(store_status)?;
+                    store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m).await.map_err(store_status)?;
                 }
-                rec.created_ms = snaps
-                    .values()
-                    .map(|s| s.created_at_ms)
-                    .max()
-                    .unwrap_or(rec.created_ms);
+                rec.created_ms = snaps.values().map(|s| s.created_at_ms).max().unwrap_or(rec.created_ms);
                 rec.phase = Phase::Available;
                 rec.error = None;
-                store::update_json(&*self.store, Kind::GroupSnapshot, &rec.id, &rec, version)
-                    .await
-                    .map_err(store_status)?;
+                store::update_json(&*self.store, Kind::GroupSnapshot, &rec.id, &rec, version).await.map_err(store_status)?;
                 info!(group.id = %rec.id, members = rec.snapshot_ids.len(), nodes = by_node.len(), frozen_ms, "group snapshot ready");
                 Ok(rec)
             }
@@ -219,21 +176,12 @@ impl Manager {
                 }
                 rec.phase = Phase::Error;
                 rec.error = Some(e.message().to_string());
-                let _ =
-                    store::update_json(&*self.store, Kind::GroupSnapshot, &rec.id, &rec, version)
-                        .await;
+                let _ = store::update_json(&*self.store, Kind::GroupSnapshot, &rec.id, &rec, version).await;
                 let code = match e.code() {
-                    Code::NotFound
-                    | Code::ResourceExhausted
-                    | Code::Unavailable
-                    | Code::FailedPrecondition
-                    | Code::Aborted => e.code(),
+                    Code::NotFound | Code::ResourceExhausted | Code::Unavailable | Code::FailedPrecondition | Code::Aborted => e.code(),
                     _ => Code::Internal,
                 };
-                Err(Status::new(
-                    code,
-                    format!("group snapshot {} failed: {}", rec.name, e.message()),
-                ))
+                Err(Status::new(code, format!("group snapshot {} failed: {}", rec.name, e.message())))
             }
         }
     }
@@ -252,25 +200,12 @@ impl Manager {
                 volume_ids: volumes.clone(),
                 max_ms: GROUP_FREEZE_LIMIT.as_millis() as u64,
             };
-            let mut agent = self
-                .agent_for(node)
-                .await
-                .map_err(|e| Status::new(e.code, e.message))?;
+            let mut agent = self.agent_for(node).await.map_err(|e| Status::new(e.code, e.message))?;
             match tokio::time::timeout(GROUP_FREEZE_LIMIT, agent.freeze_volumes(req)).await {
-                Ok(r) => r.map(|_| ()).map_err(|s| {
-                    Status::new(
-                        s.code(),
-                        format!(
-                            "node {node} could not freeze {}: {}",
-                            volumes.join(", "),
-                            s.message()
-                        ),
-                    )
-                }),
-                Err(_) => Err(Status::aborted(format!(
-                    "node {node} did not freeze {} in time",
-                    volumes.join(", ")
-                ))),
+                Ok(r) => r
+                    .map(|_| ())
+                    .map_err(|s| Status::new(s.code(), format!("node {node} could not freeze {}: {}", volumes.join(", "), s.message()))),
+                Err(_) => Err(Status::aborted(format!("node {node} did not freeze {} in time", volumes.join(", ")))),
             }
         });
         for r in join_all(freezes).await {
@@ -283,21 +218,10 @@ impl Manager {
                 metadata: m.metadata.clone().into_iter().collect(),
                 group_id: group.to_string(),
             };
-            let mut agent = self
-                .agent_for(&m.node)
-                .await
-                .map_err(|e| Status::new(e.code, e.message))?;
+            let mut agent = self.agent_for(&m.node).await.map_err(|e| Status::new(e.code, e.message))?;
             match tokio::time::timeout(GROUP_FREEZE_LIMIT, agent.create_snapshot(req)).await {
                 Ok(Ok(r)) => Ok((m.id.clone(), r.snapshot.unwrap_or_default())),
-                Ok(Err(s)) => Err(Status::new(
-                    s.code(),
-                    format!(
-                        "snapshot of {} on node {}: {}",
-                        m.source_volume_id,
-                        m.node,
-                        s.message()
-                    ),
-                )),
+                Ok(Err(s)) => Err(Status::new(s.code(), format!("snapshot of {} on node {}: {}", m.source_volume_id, m.node, s.message()))),
                 Err(_) => Err(Status::aborted(format!(
                     "the snapshot of {} on node {} took longer than the freeze may last",
                     m.source_volume_id, m.node
@@ -310,11 +234,7 @@ impl Manager {
     /// Step 3, on every path: thaw on every node (a few tries each). An
     /// error when a member did not stay frozen, or a node could not be
     /// reached (its watchdog thaws it; the cut cannot be trusted).
-    async fn thaw_nodes<'a>(
-        &self,
-        group: &str,
-        nodes: impl Iterator<Item = &'a String>,
-    ) -> Result<(), Status> {
+    async fn thaw_nodes<'a>(&self, group: &str, nodes: impl Iterator<Item = &'a String>) -> Result<(), Status> {
         let thaws = nodes.map(|node| async move {
             let mut last = String::new();
             for attempt in 0..3 {
@@ -337,41 +257,22 @@ impl Manager {
             warn!(group.id = %group, node = %node, error = %last, "could not thaw; the node's watchdog thaws within the freeze limit");
             Err(format!("node {node} could not be asked to thaw ({last}); its watchdog thaws within {} s", GROUP_FREEZE_LIMIT.as_secs()))
         });
-        let problems: Vec<String> = join_all(thaws)
-            .await
-            .into_iter()
-            .filter_map(|r| r.err())
-            .collect();
+        let problems: Vec<String> = join_all(thaws).await.into_iter().filter_map(|r| r.err()).collect();
         match problems.is_empty() {
             true => Ok(()),
-            false => Err(Status::aborted(format!(
-                "the members did not stay frozen together ({}); retry",
-                problems.join("; ")
-            ))),
+            false => Err(Status::aborted(format!("the members did not stay frozen together ({}); retry", problems.join("; ")))),
         }
     }
 
     /// Delete the members' images on their nodes (an absent one is fine).
     async fn delete_member_images(&self, members: &[SnapshotRec]) -> Result<(), Status> {
         let deletes = members.iter().map(|m| async move {
-            let mut agent = self
-                .agent_for(&m.node)
-                .await
-                .map_err(|e| Status::new(e.code, e.message))?;
+            let mut agent = self.agent_for(&m.node).await.map_err(|e| Status::new(e.code, e.message))?;
             agent
-                .delete_snapshot(pb::DeleteSnapshotRequest {
-                    snapshot_id: m.id.clone(),
-                })
+                .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: m.id.clone() })
                 .await
                 .map(|_| ())
-                .map_err(|s| {
-                    Status::unavailable(format!(
-                        "node {} could not delete snapshot {}: {}; retry",
-                        m.node,
-                        m.id,
-                        s.message()
-                    ))
-                })
+                .map_err(|s| Status::unavailable(format!("node {} could not delete snapshot {}: {}; retry", m.node, m.id, s.message())))
         });
         join_all(deletes).await.into_iter().collect()
     }
@@ -379,8 +280,7 @@ impl Manager {
     pub async fn delete_group_snapshot(&self, id: &str) -> Result<(), Status> {
         self.wait_leader().await?;
         let (m, id) = (self.clone(), id.to_string());
-        self.detached(async move { m.delete_group_now(&id).await })
-            .await
+        self.detached(async move { m.delete_group_now(&id).await }).await
     }
 
     async fn delete_group_now(&self, id: &str) -> Result<(), Status> {
@@ -390,30 +290,20 @@ impl Manager {
         };
         if rec.phase != Phase::Deleting {
             rec.phase = Phase::Deleting;
-            store::update_json(&*self.store, Kind::GroupSnapshot, id, &rec, version)
-                .await
-                .map_err(store_status)?;
+            store::update_json(&*self.store, Kind::GroupSnapshot, id, &rec, version).await.map_err(store_status)?;
         }
         let members = self.group_members(&rec).await?;
         for mut m in members.clone() {
             if m.phase != Phase::Deleting {
                 m.phase = Phase::Deleting;
-                store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m)
-                    .await
-                    .map_err(store_status)?;
+                store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m).await.map_err(store_status)?;
             }
         }
         self.delete_member_images(&members).await?;
         for m in &members {
-            self.store
-                .delete(Kind::Snapshot, &m.id, None)
-                .await
-                .map_err(store_status)?;
+            self.store.delete(Kind::Snapshot, &m.id, None).await.map_err(store_status)?;
         }
-        self.store
-            .delete(Kind::GroupSnapshot, id, None)
-            .await
-            .map_err(store_status)?;
+        self.store.delete(Kind::GroupSnapshot, id, None).await.map_err(store_status)?;
         info!(group.id = %id, members = members.len(), "group snapshot deleted");
         Ok(())
     }

@@ -37,20 +37,11 @@ impl GroupControllerService {
 
     /// The group by ID; NOT_FOUND when unknown or being deleted, and
     /// INVALID_ARGUMENT when the caller names other members than it has.
-    async fn known_group(
-        &self,
-        id: &str,
-        snapshot_ids: &[String],
-    ) -> Result<GroupSnapshotRec, Status> {
+    async fn known_group(&self, id: &str, snapshot_ids: &[String]) -> Result<GroupSnapshotRec, Status> {
         require("group_snapshot_id", id)?;
-        let g = if is_our_id("group-", id) {
-            self.manager.group_snapshot(id).await?
-        } else {
-            None
-        };
+        let g = if is_our_id("group-", id) { self.manager.group_snapshot(id).await? } else { None };
         let g = g.map(|(g, _)| g).filter(|g| g.phase != Phase::Deleting);
-        let g =
-            g.ok_or_else(|| Status::not_found(format!("group snapshot {id} does not exist")))?;
+        let g = g.ok_or_else(|| Status::not_found(format!("group snapshot {id} does not exist")))?;
         check_members(&g, snapshot_ids)?;
         Ok(g)
     }
@@ -81,11 +72,9 @@ impl csi::group_controller_server::GroupController for GroupControllerService {
         use csi::group_controller_service_capability::rpc::Type as T;
         Ok(Response::new(csi::GroupControllerGetCapabilitiesResponse {
             capabilities: vec![csi::GroupControllerServiceCapability {
-                r#type: Some(csi::group_controller_service_capability::Type::Rpc(
-                    csi::group_controller_service_capability::Rpc {
-                        r#type: T::CreateDeleteGetVolumeGroupSnapshot as i32,
-                    },
-                )),
+                r#type: Some(csi::group_controller_service_capability::Type::Rpc(csi::group_controller_service_capability::Rpc {
+                    r#type: T::CreateDeleteGetVolumeGroupSnapshot as i32,
+                })),
             }],
         }))
     }
@@ -109,28 +98,12 @@ impl csi::group_controller_server::GroupController for GroupControllerService {
             for v in &r.source_volume_ids {
                 require("source_volume_ids[]", v)?;
             }
-            if let Some(k) = r
-                .parameters
-                .keys()
-                .find(|k| !k.starts_with("csi.storage.k8s.io/"))
-            {
-                return Err(Status::invalid_argument(format!(
-                    "parameter {k:?} is not known; group snapshots take none"
-                )));
+            if let Some(k) = r.parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
+                return Err(Status::invalid_argument(format!("parameter {k:?} is not known; group snapshots take none")));
             }
-            let sources: Vec<String> = r
-                .source_volume_ids
-                .iter()
-                .cloned()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let sources: Vec<String> = r.source_volume_ids.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
             // The same name with other sources conflicts even when a source is unknown.
-            if let Some((g, _)) = self
-                .manager
-                .group_snapshot(&super::records::group_snapshot_id_for(&r.name))
-                .await?
-            {
+            if let Some((g, _)) = self.manager.group_snapshot(&super::records::group_snapshot_id_for(&r.name)).await? {
                 if g.source_volume_ids != sources {
                     return Err(Status::already_exists(format!(
                         "group snapshot name {:?} is taken by a group of volumes {}",
@@ -140,14 +113,10 @@ impl csi::group_controller_server::GroupController for GroupControllerService {
                 }
             }
             if let Some(v) = sources.iter().find(|v| !is_our_id("vol-", v)) {
-                return Err(Status::not_found(format!(
-                    "source volume {v} does not exist"
-                )));
+                return Err(Status::not_found(format!("source volume {v} does not exist")));
             }
             let g = self.manager.create_group_snapshot(&r.name, sources).await?;
-            Ok(csi::CreateVolumeGroupSnapshotResponse {
-                group_snapshot: Some(self.answer(&g).await?),
-            })
+            Ok(csi::CreateVolumeGroupSnapshotResponse { group_snapshot: Some(self.answer(&g).await?) })
         }
         .await;
         logged("CreateVolumeGroupSnapshot", result)
@@ -163,9 +132,7 @@ impl csi::group_controller_server::GroupController for GroupControllerService {
             if is_our_id("group-", &r.group_snapshot_id) {
                 if let Some((g, _)) = self.manager.group_snapshot(&r.group_snapshot_id).await? {
                     check_members(&g, &r.snapshot_ids)?;
-                    self.manager
-                        .delete_group_snapshot(&r.group_snapshot_id)
-                        .await?;
+                    self.manager.delete_group_snapshot(&r.group_snapshot_id).await?;
                 }
             }
             Ok(csi::DeleteVolumeGroupSnapshotResponse {})
@@ -180,12 +147,8 @@ impl csi::group_controller_server::GroupController for GroupControllerService {
     ) -> Result<Response<csi::GetVolumeGroupSnapshotResponse>, Status> {
         let r = request.into_inner();
         let result = async {
-            let g = self
-                .known_group(&r.group_snapshot_id, &r.snapshot_ids)
-                .await?;
-            Ok(csi::GetVolumeGroupSnapshotResponse {
-                group_snapshot: Some(self.answer(&g).await?),
-            })
+            let g = self.known_group(&r.group_snapshot_id, &r.snapshot_ids).await?;
+            Ok(csi::GetVolumeGroupSnapshotResponse { group_snapshot: Some(self.answer(&g).await?) })
         }
         .await;
         logged("GetVolumeGroupSnapshot", result)
@@ -212,11 +175,6 @@ mod tests {
         let e = check_members(&g, &["snap-a".into()]).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("snap-a, snap-b"), "{}", e.message());
-        assert_eq!(
-            check_members(&g, &["snap-a".into(), "snap-c".into()])
-                .unwrap_err()
-                .code(),
-            tonic::Code::InvalidArgument
-        );
+        assert_eq!(check_members(&g, &["snap-a".into(), "snap-c".into()]).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }

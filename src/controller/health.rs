@@ -29,16 +29,10 @@ pub struct Health {
 
 impl Health {
     fn ok(message: impl Into<String>) -> Health {
-        Health {
-            abnormal: false,
-            message: message.into(),
-        }
+        Health { abnormal: false, message: message.into() }
     }
     fn bad(message: impl Into<String>) -> Health {
-        Health {
-            abnormal: true,
-            message: message.into(),
-        }
+        Health { abnormal: true, message: message.into() }
     }
 }
 
@@ -116,39 +110,19 @@ impl Manager {
     async fn ask_node(&self, node: &str) -> NodeView {
         let mut agent = match self.agent_for(node).await {
             Ok(a) => a,
-            Err(e) => {
-                return NodeView {
-                    volumes: Err(e.message),
-                    exports: None,
-                }
-            }
+            Err(e) => return NodeView { volumes: Err(e.message), exports: None },
         };
-        let volumes =
-            match tokio::time::timeout(ASK_TIMEOUT, agent.list_volumes(pb::ListVolumesRequest {}))
-                .await
-            {
-                Ok(Ok(r)) => Ok(r
-                    .volumes
-                    .into_iter()
-                    .map(|v| (v.volume_id.clone(), v))
-                    .collect()),
-                Ok(Err(s)) => Err(s.message().to_string()),
-                Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
-            };
-        let exports =
-            match tokio::time::timeout(ASK_TIMEOUT, agent.list_exports(pb::ListExportsRequest {}))
-                .await
-            {
-                Ok(Ok(r)) => Some(
-                    r.exports
-                        .into_iter()
-                        .map(|e| (e.volume_id, e.consumer_node))
-                        .collect(),
-                ),
-                // A node without NBD exports serves none: only local publications there.
-                Ok(Err(s)) if s.code() == Code::FailedPrecondition => Some(BTreeSet::new()),
-                _ => None,
-            };
+        let volumes = match tokio::time::timeout(ASK_TIMEOUT, agent.list_volumes(pb::ListVolumesRequest {})).await {
+            Ok(Ok(r)) => Ok(r.volumes.into_iter().map(|v| (v.volume_id.clone(), v)).collect()),
+            Ok(Err(s)) => Err(s.message().to_string()),
+            Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
+        };
+        let exports = match tokio::time::timeout(ASK_TIMEOUT, agent.list_exports(pb::ListExportsRequest {})).await {
+            Ok(Ok(r)) => Some(r.exports.into_iter().map(|e| (e.volume_id, e.consumer_node)).collect()),
+            // A node without NBD exports serves none: only local publications there.
+            Ok(Err(s)) if s.code() == Code::FailedPrecondition => Some(BTreeSet::new()),
+            _ => None,
+        };
         NodeView { volumes, exports }
     }
 
@@ -166,13 +140,11 @@ impl Manager {
         match (before, h.abnormal) {
             (Some(false) | None, true) => {
                 warn!(volume.id = %v.id, condition = %h.message, "volume turned abnormal");
-                self.event(v, true, "VolumeAbnormal", h.message.clone())
-                    .await;
+                self.event(v, true, "VolumeAbnormal", h.message.clone()).await;
             }
             (Some(true), false) => {
                 info!(volume.id = %v.id, "volume is healthy again");
-                self.event(v, false, "VolumeHealthy", h.message.clone())
-                    .await;
+                self.event(v, false, "VolumeHealthy", h.message.clone()).await;
             }
             _ => {}
         }
@@ -206,14 +178,7 @@ impl Manager {
 
 fn health_of(v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &[ExportRec]) -> Health {
     if v.phase != Phase::Available {
-        return Health::bad(format!(
-            "{:?}{}",
-            v.phase,
-            v.error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default()
-        ));
+        return Health::bad(format!("{:?}{}", v.phase, v.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()));
     }
     let Some(node) = &v.node else {
         return Health::bad("the record names no node");
@@ -235,19 +200,9 @@ fn health_of(v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &[Expor
     if on_node.abnormal {
         return Health::bad(format!("on node {node}: {}", on_node.condition));
     }
-    for e in exports
-        .iter()
-        .filter(|e| e.protocol == "nbd" && e.phase == Phase::Available)
-    {
-        let owner = if e.owner_node.is_empty() {
-            node
-        } else {
-            &e.owner_node
-        };
-        let served = views
-            .get(owner)
-            .and_then(|w| w.exports.as_ref())
-            .map(|s| s.contains(&(e.volume_id.clone(), e.node_id.clone())));
+    for e in exports.iter().filter(|e| e.protocol == "nbd" && e.phase == Phase::Available) {
+        let owner = if e.owner_node.is_empty() { node } else { &e.owner_node };
+        let served = views.get(owner).and_then(|w| w.exports.as_ref()).map(|s| s.contains(&(e.volume_id.clone(), e.node_id.clone())));
         match served {
             Some(true) => {}
             Some(false) => {
@@ -297,20 +252,13 @@ mod tests {
             ..Default::default()
         };
         let n1 = NodeView {
-            volumes: Ok([
-                ("vol-ok", ""),
-                ("vol-ro", "the pool's filesystem is read-only"),
-            ]
-            .map(|(id, c)| (id.to_string(), agent_vol(id, c)))
-            .into()),
+            volumes: Ok([("vol-ok", ""), ("vol-ro", "the pool's filesystem is read-only")]
+                .map(|(id, c)| (id.to_string(), agent_vol(id, c)))
+                .into()),
             exports: Some([("vol-ok".to_string(), "node-2".to_string())].into()),
         };
-        let n2 = NodeView {
-            volumes: Err("connection refused".into()),
-            exports: None,
-        };
-        let views: BTreeMap<String, NodeView> =
-            [("node-1".to_string(), n1), ("node-2".to_string(), n2)].into();
+        let n2 = NodeView { volumes: Err("connection refused".into()), exports: None };
+        let views: BTreeMap<String, NodeView> = [("node-1".to_string(), n1), ("node-2".to_string(), n2)].into();
         let export = |vol: &str, to: &str| ExportRec {
             id: export_id_for(vol, to),
             volume_id: vol.into(),
@@ -322,32 +270,18 @@ mod tests {
             owner_node: "node-1".into(),
             read_only: false,
         };
-        assert!(
-            !health_of(
-                &vol("vol-ok", "node-1"),
-                &views,
-                &[export("vol-ok", "node-2")]
-            )
-            .abnormal
-        );
+        assert!(!health_of(&vol("vol-ok", "node-1"), &views, &[export("vol-ok", "node-2")]).abnormal);
         let h = health_of(&vol("vol-gone", "node-1"), &views, &[]);
         assert!(h.abnormal && h.message.contains("missing"), "{h:?}");
         let h = health_of(&vol("vol-ro", "node-1"), &views, &[]);
         assert!(h.abnormal && h.message.contains("read-only"), "{h:?}");
         let h = health_of(&vol("vol-x", "node-2"), &views, &[]);
         assert!(h.abnormal && h.message.contains("does not answer"), "{h:?}");
-        let h = health_of(
-            &vol("vol-ok", "node-1"),
-            &views,
-            &[export("vol-ok", "node-3")],
-        );
+        let h = health_of(&vol("vol-ok", "node-1"), &views, &[export("vol-ok", "node-3")]);
         assert!(h.abnormal && h.message.contains("not served"), "{h:?}");
         let mut failed = vol("vol-e", "node-1");
         failed.phase = Phase::Error;
         failed.error = Some("no node fits".into());
-        assert_eq!(
-            health_of(&failed, &views, &[]),
-            Health::bad("Error: no node fits")
-        );
+        assert_eq!(health_of(&failed, &views, &[]), Health::bad("Error: no node fits"));
     }
 }

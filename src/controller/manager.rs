@@ -100,7 +100,8 @@ pub struct Manager {
     /// Images the reconciler found without a record, per node, with when it
     /// first saw each (see reconciler.rs: an image is quarantined only after
     /// it has been a candidate for the grace period).
-    pub(crate) orphan_candidates: Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<String, std::time::Instant>>>>,
+    pub(crate) orphan_candidates:
+        Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::HashMap<String, std::time::Instant>>>>,
     /// Volumes a delete asked to stop copying from another node: the
     /// create flow that copies gives up (and cleans up) when it sees its ID.
     pub(crate) copy_cancels: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
@@ -184,7 +185,9 @@ impl Manager {
                 let id = n.id.clone();
                 let Ok(mut agent) = m.agent_of(n) else { return };
                 match tokio::time::timeout(Duration::from_secs(10), agent.fence(crate::agent_proto::FenceRequest {})).await {
-                    Ok(Ok(r)) => tracing::info!(node = %id, token = r.identity.map(|i| i.fencing_token).unwrap_or(0), "node fenced for this term"),
+                    Ok(Ok(r)) => {
+                        tracing::info!(node = %id, token = r.identity.map(|i| i.fencing_token).unwrap_or(0), "node fenced for this term")
+                    }
                     Ok(Err(e)) => warn!(node = %id, error = %e.message(), "could not fence the node (its next call from us will)"),
                     Err(_) => warn!(node = %id, "fencing the node timed out (its next call from us will)"),
                 }
@@ -319,9 +322,11 @@ impl Manager {
     }
 
     pub(crate) async fn agent_for(&self, node_id: &str) -> Result<NodeAgent, TaskError> {
-        let node = self.node_in_view(node_id).await.map_err(status_task)?.ok_or_else(|| {
-            TaskError::new(Code::Unavailable, format!("node {node_id} is not registered")).reschedulable()
-        })?;
+        let node = self
+            .node_in_view(node_id)
+            .await
+            .map_err(status_task)?
+            .ok_or_else(|| TaskError::new(Code::Unavailable, format!("node {node_id} is not registered")).reschedulable())?;
         self.agent_of(node).map_err(status_task)
     }
 
@@ -346,7 +351,13 @@ impl Manager {
             }
         }
         warn!(node = %node_id, reason = %reason, "node marked mismatched: nothing is written there until an operator resolves it");
-        self.node_event(node_id, true, "AgentMismatch", format!("{reason}; the controller writes nothing on this node until an operator resolves it")).await;
+        self.node_event(
+            node_id,
+            true,
+            "AgentMismatch",
+            format!("{reason}; the controller writes nothing on this node until an operator resolves it"),
+        )
+        .await;
     }
 }
 

@@ -8,8 +8,8 @@ mod delete;
 mod expand;
 pub mod forward;
 mod group;
-pub mod health;
 pub mod group_service;
+pub mod health;
 pub mod inflight;
 pub mod listing;
 pub mod manager;
@@ -19,7 +19,7 @@ pub mod records;
 pub mod service;
 mod snapshot;
 
+pub use group_service::GroupControllerService;
 pub use manager::{ControllerConfig, Leadership, Manager};
 pub use reconciler::ReconcileReport;
-pub use group_service::GroupControllerService;
 pub use service::ControllerService;

@@ -64,11 +64,16 @@ impl Manager {
 
     async fn publish_now(&self, p: Publish) -> Result<BTreeMap<String, String>, Status> {
         let _guard = self.inflight.acquire(&p.volume_id).await;
-        let (vol, _) = self.volume(&p.volume_id).await?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", p.volume_id)))?;
+        let (vol, _) =
+            self.volume(&p.volume_id).await?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", p.volume_id)))?;
         let (Phase::Available, Some(owner)) = (vol.phase, vol.node.clone()) else {
-            return Err(Status::failed_precondition(format!("volume {} is {:?}; only an Available volume can be published", vol.id, vol.phase)));
+            return Err(Status::failed_precondition(format!(
+                "volume {} is {:?}; only an Available volume can be published",
+                vol.id, vol.phase
+            )));
         };
-        let (consumer, _) = self.node(&p.node_id).await?.ok_or_else(|| Status::not_found(format!("node {} does not exist (no StorageNode)", p.node_id)))?;
+        let (consumer, _) =
+            self.node(&p.node_id).await?.ok_or_else(|| Status::not_found(format!("node {} does not exist (no StorageNode)", p.node_id)))?;
         // Where it may go at all comes first: a node it can never reach is
         // told so, whoever holds the volume now.
         if p.node_id != owner {
@@ -77,7 +82,9 @@ impl Manager {
             if !reachable {
                 let why = match vol.accessibility {
                     Accessibility::Node => format!("its StorageClass gives it accessibility: node, so only node {owner} can use it"),
-                    Accessibility::Zone => format!("it is accessible from zone {owner_zone:?} only, and node {} is in zone {:?}", p.node_id, consumer.zone),
+                    Accessibility::Zone => {
+                        format!("it is accessible from zone {owner_zone:?} only, and node {} is in zone {:?}", p.node_id, consumer.zone)
+                    }
                 };
                 return Err(Status::failed_precondition(format!("volume {} cannot be published to node {}: {why}", vol.id, p.node_id)));
             }
@@ -143,7 +150,9 @@ impl Manager {
                 ..Default::default()
             })
             .await
-            .map_err(|s| Status::new(s.code(), format!("node {} could not export volume {}: {}", rec.owner_node, rec.volume_id, s.message())))?
+            .map_err(|s| {
+                Status::new(s.code(), format!("node {} could not export volume {}: {}", rec.owner_node, rec.volume_id, s.message()))
+            })?
             .export
             .ok_or_else(|| Status::internal("the agent answered without an export"))?;
         rec.address = made.address;
@@ -164,9 +173,18 @@ impl Manager {
         let _guard = self.inflight.acquire(volume_id).await;
         let targets: Vec<(ExportRec, u64)> = if node_id.is_empty() {
             // No node: unpublish everywhere (CSI allows it).
-            store::list_json::<ExportRec>(&*self.store, Kind::Export).await.map_err(store_status)?.into_iter().filter(|(e, _)| e.volume_id == volume_id).collect()
+            store::list_json::<ExportRec>(&*self.store, Kind::Export)
+                .await
+                .map_err(store_status)?
+                .into_iter()
+                .filter(|(e, _)| e.volume_id == volume_id)
+                .collect()
         } else {
-            store::get_json::<ExportRec>(&*self.store, Kind::Export, &export_id_for(volume_id, node_id)).await.map_err(store_status)?.into_iter().collect()
+            store::get_json::<ExportRec>(&*self.store, Kind::Export, &export_id_for(volume_id, node_id))
+                .await
+                .map_err(store_status)?
+                .into_iter()
+                .collect()
         };
         for (mut rec, mut version) in targets {
             if rec.phase != Phase::Deleting {
@@ -185,7 +203,16 @@ impl Manager {
                     .await
                     .map_err(|s| {
                         let code = if s.code() == Code::FailedPrecondition { Code::FailedPrecondition } else { Code::Unavailable };
-                        Status::new(code, format!("node {} still serves volume {} to node {}: {}; retry", rec.owner_node, rec.volume_id, rec.node_id, s.message()))
+                        Status::new(
+                            code,
+                            format!(
+                                "node {} still serves volume {} to node {}: {}; retry",
+                                rec.owner_node,
+                                rec.volume_id,
+                                rec.node_id,
+                                s.message()
+                            ),
+                        )
                     })?;
             }
             self.store.delete(Kind::Export, &rec.id, Some(version)).await.map_err(store_status)?;

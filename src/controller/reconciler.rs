@@ -299,14 +299,17 @@ impl Manager {
         self.wait_leader().await?;
         let (rec, _) = self.node(node).await?.ok_or_else(|| Status::not_found(format!("no node is called {node:?}")))?;
         let mut agent = self.agent_of(rec)?;
-        let purged = agent
-            .purge_orphans(pb::PurgeOrphansRequest { older_than_ms: older_than.as_millis() as u64, dry_run })
-            .await?
-            .purged;
+        let purged = agent.purge_orphans(pb::PurgeOrphansRequest { older_than_ms: older_than.as_millis() as u64, dry_run }).await?.purged;
         if !dry_run && !purged.is_empty() {
             let bytes: u64 = purged.iter().map(|o| o.allocated_bytes).sum();
             warn!(node, count = purged.len(), bytes, "quarantined images purged on an operator's request");
-            self.node_event(node, false, "OrphansPurged", format!("{} quarantined image(s), {bytes} bytes, purged on request", purged.len())).await;
+            self.node_event(
+                node,
+                false,
+                "OrphansPurged",
+                format!("{} quarantined image(s), {bytes} bytes, purged on request", purged.len()),
+            )
+            .await;
         }
         Ok(purged)
     }

@@ -235,13 +235,7 @@ pub fn group_member_id(group_id: &str, volume_id: &str) -> String {
 
 const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6369_6e64_6572_626c_6f63_6b2e_6465_7600);
 
-pub fn pool_status_to_node(
-    id: &str,
-    zone: &str,
-    agent_address: &str,
-    max_volumes: u32,
-    s: &crate::agent_proto::PoolStatus,
-) -> NodeRec {
+pub fn pool_status_to_node(id: &str, zone: &str, agent_address: &str, max_volumes: u32, s: &crate::agent_proto::PoolStatus) -> NodeRec {
     NodeRec {
         id: id.to_string(),
         zone: zone.to_string(),

@@ -68,12 +68,7 @@ pub fn check_capabilities(caps: &[csi::VolumeCapability]) -> Result<(), String> 
         let mode = c.access_mode.as_ref().map(|m| m.mode).ok_or("a capability has no access_mode")?;
         match Mode::try_from(mode) {
             Ok(Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter) => {}
-            Ok(m) => {
-                return Err(format!(
-                    "access mode {} is not supported: volumes are attached on one node at a time",
-                    m.as_str_name()
-                ))
-            }
+            Ok(m) => return Err(format!("access mode {} is not supported: volumes are attached on one node at a time", m.as_str_name())),
             Err(_) => return Err(format!("unknown access mode {mode}")),
         }
         match &c.access_type {
@@ -112,8 +107,8 @@ fn parse_parameters(p: &std::collections::HashMap<String, String>) -> Result<Par
         }
         match k.as_str() {
             "provisioning" => {
-                out.provisioning = Provisioning::parse(v)
-                    .ok_or_else(|| invalid(format!("parameter provisioning={v:?}: use thin or thick")))?
+                out.provisioning =
+                    Provisioning::parse(v).ok_or_else(|| invalid(format!("parameter provisioning={v:?}: use thin or thick")))?
             }
             "placement" => {
                 out.placement = match v.as_str() {
@@ -123,8 +118,9 @@ fn parse_parameters(p: &std::collections::HashMap<String, String>) -> Result<Par
                 }
             }
             "accessibility" => {
-                out.accessibility = Accessibility::parse(v)
-                    .ok_or_else(|| invalid(format!("parameter accessibility={v:?}: use node (its own node) or zone (any node of its zone, over NBD)")))?
+                out.accessibility = Accessibility::parse(v).ok_or_else(|| {
+                    invalid(format!("parameter accessibility={v:?}: use node (its own node) or zone (any node of its zone, over NBD)"))
+                })?
             }
             super::crossnode::CROSS_NODE_SOURCES => {
                 if v != "true" && v != "false" {
@@ -155,14 +151,18 @@ pub fn pick_size(range: Option<&csi::CapacityRange>, default: u64) -> Result<u64
     if limit > 0 && limit < required {
         return Err(invalid(format!("limit_bytes {limit} is below required_bytes {required}")));
     }
-    let want = if required > 0 { required } else if limit > 0 { default.min(limit) } else { default };
+    let want = if required > 0 {
+        required
+    } else if limit > 0 {
+        default.min(limit)
+    } else {
+        default
+    };
     let mut size = want.div_ceil(MIB) * MIB;
     if limit > 0 && size > limit {
         size = want.div_ceil(4096) * 4096;
         if size > limit {
-            return Err(Status::out_of_range(format!(
-                "no size in 4 KiB steps fits between {required} and {limit} bytes"
-            )));
+            return Err(Status::out_of_range(format!("no size in 4 KiB steps fits between {required} and {limit} bytes")));
         }
     }
     Ok(size)
@@ -184,12 +184,12 @@ fn to_csi_volume(v: &VolumeRec) -> csi::Volume {
         volume_context: context,
         content_source: v.source.as_ref().map(|s| csi::VolumeContentSource {
             r#type: Some(match s {
-                SourceRef::Snapshot(id) => csi::volume_content_source::Type::Snapshot(
-                    csi::volume_content_source::SnapshotSource { snapshot_id: id.clone() },
-                ),
-                SourceRef::Volume(id) => csi::volume_content_source::Type::Volume(
-                    csi::volume_content_source::VolumeSource { volume_id: id.clone() },
-                ),
+                SourceRef::Snapshot(id) => {
+                    csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource { snapshot_id: id.clone() })
+                }
+                SourceRef::Volume(id) => {
+                    csi::volume_content_source::Type::Volume(csi::volume_content_source::VolumeSource { volume_id: id.clone() })
+                }
             }),
         }),
         accessible_topology: v
@@ -243,11 +243,8 @@ impl ControllerService {
             None => DEFAULT_VOLUME_BYTES,
         };
         let size = pick_size(r.capacity_range.as_ref(), default)?;
-        let (mut requisite, mut preferred) = r
-            .accessibility_requirements
-            .as_ref()
-            .map(|t| (topology_list(&t.requisite), topology_list(&t.preferred)))
-            .unwrap_or_default();
+        let (mut requisite, mut preferred) =
+            r.accessibility_requirements.as_ref().map(|t| (topology_list(&t.requisite), topology_list(&t.preferred))).unwrap_or_default();
         if params.accessibility == Accessibility::Zone {
             // A zone volume may live on any pool of the requested zones (its
             // pod's node comes first, through the preferred list).
@@ -323,13 +320,14 @@ impl csi::controller_server::Controller for ControllerService {
             check_capabilities(std::slice::from_ref(cap)).map_err(invalid)?;
             let vol = self.known_volume(&r.volume_id).await?;
             let single_node = cap.access_mode.as_ref().is_some_and(|m| {
-                matches!(Mode::try_from(m.mode), Ok(Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter))
+                matches!(
+                    Mode::try_from(m.mode),
+                    Ok(Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter)
+                )
             });
             let read_only = r.readonly || cap.access_mode.as_ref().is_some_and(|m| m.mode == Mode::SingleNodeReaderOnly as i32);
-            let context = self
-                .manager
-                .publish_volume(Publish { volume_id: vol.id, node_id: r.node_id.clone(), read_only, single_node })
-                .await?;
+            let context =
+                self.manager.publish_volume(Publish { volume_id: vol.id, node_id: r.node_id.clone(), read_only, single_node }).await?;
             Ok(csi::ControllerPublishVolumeResponse { publish_context: context.into_iter().collect() })
         }
         .await;
@@ -396,7 +394,9 @@ impl csi::controller_server::Controller for ControllerService {
                         csi::list_volumes_response::Entry {
                             volume: Some(to_csi_volume(v)),
                             status: Some(csi::list_volumes_response::VolumeStatus {
-                                volume_condition: s.as_ref().map(|s| csi::VolumeCondition { abnormal: s.health.abnormal, message: s.health.message.clone() }),
+                                volume_condition: s
+                                    .as_ref()
+                                    .map(|s| csi::VolumeCondition { abnormal: s.health.abnormal, message: s.health.message.clone() }),
                                 published_node_ids: s.map(|s| s.published).unwrap_or_default(),
                             }),
                         }
@@ -420,7 +420,8 @@ impl csi::controller_server::Controller for ControllerService {
                 }
             }
             let params = parse_parameters(&r.parameters)?;
-            let topology: Option<Segments> = r.accessible_topology.as_ref().map(|t| t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+            let topology: Option<Segments> =
+                r.accessible_topology.as_ref().map(|t| t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
             let best = self.manager.largest_volume(params.provisioning, topology).await?;
             let best = best.min(i64::MAX as u64) as i64;
             Ok(csi::GetCapacityResponse { available_capacity: best, maximum_volume_size: Some(best), minimum_volume_size: Some(4096) })
@@ -470,7 +471,10 @@ impl csi::controller_server::Controller for ControllerService {
             if !is_our_id("vol-", &r.source_volume_id) {
                 // Same name with another source is a conflict even if that source is unknown.
                 if let Some((s, _)) = self.manager.snapshot(&super::records::snapshot_id_for(&r.name)).await? {
-                    return Err(Status::already_exists(format!("snapshot name {:?} is taken by a snapshot of volume {}", r.name, s.source_volume_id)));
+                    return Err(Status::already_exists(format!(
+                        "snapshot name {:?} is taken by a snapshot of volume {}",
+                        r.name, s.source_volume_id
+                    )));
                 }
                 return Err(Status::not_found(format!("source volume {} does not exist", r.source_volume_id)));
             }
@@ -597,4 +601,5 @@ mod tests {
         assert_eq!(pick_size(Some(&r(-1, 0)), 0).unwrap_err().code(), tonic::Code::InvalidArgument);
         assert_eq!(pick_size(Some(&r(10, 5)), 0).unwrap_err().code(), tonic::Code::InvalidArgument);
         assert_eq!(pick_size(Some(&r(4097, 4100)), 0).unwrap_err().code(), tonic::Code::OutOfRange);
-    }}
+    }
+}

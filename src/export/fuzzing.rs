@@ -72,7 +72,13 @@ pub fn serve_bytes(data: &[u8]) {
     let _ = parse_meta_request(rest);
     if let Ok(head) = <&[u8; REQUEST_HEADER_LEN]>::try_from(rest.get(..REQUEST_HEADER_LEN).unwrap_or(&[])) {
         if let Ok(req) = RequestHeader::parse(head) {
-            let n = Negotiated { size: 1 << 20, read_only: first & 2 != 0, structured: first & 4 != 0, block_status: first & 8 != 0, max_payload: 1 << 16 };
+            let n = Negotiated {
+                size: 1 << 20,
+                read_only: first & 2 != 0,
+                structured: first & 4 != 0,
+                block_status: first & 8 != 0,
+                max_payload: 1 << 16,
+            };
             let _ = validate(&req, &n);
         }
     }

@@ -160,11 +160,9 @@ impl Image {
         let size = self.size_bytes()?;
         let mut out: Vec<(u32, u32)> = Vec::new();
         let mut pos = offset;
-        let push = |out: &mut Vec<(u32, u32)>, n: u64, flags: u32| {
-            match out.last_mut() {
-                Some(last) if last.1 == flags => last.0 += n as u32,
-                _ => out.push((n as u32, flags)),
-            }
+        let push = |out: &mut Vec<(u32, u32)>, n: u64, flags: u32| match out.last_mut() {
+            Some(last) if last.1 == flags => last.0 += n as u32,
+            _ => out.push((n as u32, flags)),
         };
         while pos < end && out.len() < max {
             if pos >= size {
@@ -221,11 +219,7 @@ pub fn errno_for(e: &io::Error) -> u32 {
 fn reopen_direct(file: &File) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let writable = rustix::fs::fcntl_getfl(file).map(|f| f.contains(rustix::fs::OFlags::RDWR)).unwrap_or(false);
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(libc::O_DIRECT)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+    std::fs::OpenOptions::new().read(true).write(writable).custom_flags(libc::O_DIRECT).open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// The offset alignment O_DIRECT needs on this file (statx's dio_offset_align

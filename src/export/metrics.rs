@@ -135,7 +135,11 @@ impl VolumeStats {
 
     pub fn observe(&self, kind: u16, ok: bool, seconds: f64) {
         if let Some(c) = self.command(kind) {
-            if ok { c.ok.inc() } else { c.error.inc() };
+            if ok {
+                c.ok.inc()
+            } else {
+                c.error.inc()
+            };
             c.seconds.observe(seconds);
         }
     }

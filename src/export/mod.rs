@@ -272,9 +272,7 @@ pub struct ExportServer {
 
 impl ExportServer {
     pub fn new(tls: Option<TlsSetup>, limits: Limits) -> ExportServer {
-        ExportServer {
-            shared: Arc::new(Shared { exports: RwLock::default(), tls, limits, connections: AtomicUsize::new(0) }),
-        }
+        ExportServer { shared: Arc::new(Shared { exports: RwLock::default(), tls, limits, connections: AtomicUsize::new(0) }) }
     }
 
     /// Serve `spec`. Adding the same name for the same volume again is a

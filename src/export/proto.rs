@@ -286,10 +286,7 @@ pub fn validate(h: &RequestHeader, n: &Negotiated) -> Result<Command, Refusal> {
 
 fn check_payload(h: &RequestHeader, n: &Negotiated) -> Result<(), Refusal> {
     if h.length > n.max_payload {
-        return Err(Refusal::Fatal(format!(
-            "write of {} bytes is over the limit of {}; not reading its payload",
-            h.length, n.max_payload
-        )));
+        return Err(Refusal::Fatal(format!("write of {} bytes is over the limit of {}; not reading its payload", h.length, n.max_payload)));
     }
     Ok(())
 }

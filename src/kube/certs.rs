@@ -16,8 +16,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
-    CertificateSigningRequestStatus,
+    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec, CertificateSigningRequestStatus,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
@@ -155,9 +154,11 @@ pub async fn sign_node_requests(client: Client, ca: std::sync::Arc<Authority>, n
                     if csr.spec.signer_name != SIGNER || csr.status.as_ref().and_then(|s| s.certificate.as_ref()).is_some() {
                         continue;
                     }
-                    let denied = csr.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
-                        c.iter().any(|c| c.type_ == "Denied" || c.type_ == "Failed")
-                    });
+                    let denied = csr
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Denied" || c.type_ == "Failed"));
                     if denied {
                         continue;
                     }
@@ -185,7 +186,8 @@ async fn sign_one(api: &Api<CertificateSigningRequest>, csr: &CertificateSigning
         Ok(n) => n,
         Err(why) => {
             warn!(csr = %name, reason = %why, "denied a certificate request");
-            let status = CertificateSigningRequestStatus { conditions: Some(vec![condition("Denied", "NotANodePlugin", why)]), certificate: None };
+            let status =
+                CertificateSigningRequestStatus { conditions: Some(vec![condition("Denied", "NotANodePlugin", why)]), certificate: None };
             let patch = serde_json::json!({ "status": status });
             api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| err("denying", e))?;
             return Ok(());
@@ -250,7 +252,11 @@ pub async fn bootstrap_node(client: &Client, node_id: &str, dir: &Path, ca_names
         let got = api.get(&name).await.map_err(|e| err("reading the certificate request", e))?;
         if let Some(st) = got.status {
             if let Some(c) = st.conditions.as_ref().and_then(|c| c.iter().find(|c| c.type_ == "Denied" || c.type_ == "Failed")) {
-                return Err(format!("certificate request {name} was {}: {}", c.type_.to_lowercase(), c.message.clone().unwrap_or_default()));
+                return Err(format!(
+                    "certificate request {name} was {}: {}",
+                    c.type_.to_lowercase(),
+                    c.message.clone().unwrap_or_default()
+                ));
             }
             if let Some(cert) = st.certificate {
                 break String::from_utf8_lossy(&cert.0).into_owned();
@@ -280,7 +286,9 @@ async fn read_ca(client: &Client, namespace: &str, name: &str) -> Result<String,
             }
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("ConfigMap {namespace}/{name} with the cluster CA did not appear within 2 minutes; is the cinderblock controller running?"));
+            return Err(format!(
+                "ConfigMap {namespace}/{name} with the cluster CA did not appear within 2 minutes; is the cinderblock controller running?"
+            ));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -19,7 +19,8 @@ impl PvcEvents {
     }
 
     pub async fn publish(&self, metadata: &std::collections::BTreeMap<String, String>, warning: bool, reason: &str, note: String) {
-        let (Some(name), Some(namespace)) = (metadata.get("csi.storage.k8s.io/pvc/name"), metadata.get("csi.storage.k8s.io/pvc/namespace")) else {
+        let (Some(name), Some(namespace)) = (metadata.get("csi.storage.k8s.io/pvc/name"), metadata.get("csi.storage.k8s.io/pvc/namespace"))
+        else {
             return;
         };
         let reference = ObjectReference {

@@ -20,8 +20,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
-use std::collections::BTreeMap;
 use kube::Client;
+use std::collections::BTreeMap;
 use tokio::sync::watch;
 use tracing::{info, warn};
 

@@ -1,8 +1,8 @@
 //! Running in a cluster: custom resources as the store, leader election on
 //! a Lease, Events on PVCs, node topology from the Node object.
 
-pub mod crds;
 pub mod certs;
+pub mod crds;
 pub mod events;
 pub mod leader;
 pub mod store;

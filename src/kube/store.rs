@@ -119,13 +119,8 @@ fn rv_of(obj: &DynamicObject) -> (u64, String) {
 }
 
 fn versioned(obj: &DynamicObject) -> Result<Versioned, StoreError> {
-    let version = obj
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(VERSION_ANNOTATION))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(1);
+    let version =
+        obj.metadata.annotations.as_ref().and_then(|a| a.get(VERSION_ANNOTATION)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(1);
     let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
     let value = serde_json::to_vec(&spec).map_err(|e| backend("encoding a record", e))?;
     Ok(Versioned { version, value })
@@ -158,12 +153,7 @@ impl KubeStore {
     /// (or `patience` passed: then an error).
     pub async fn watching(client: Client, lease_namespace: &str, patience: Duration) -> Result<Self, StoreError> {
         let (synced, _) = watch::channel(0);
-        let caches = Arc::new(Caches {
-            kinds: Default::default(),
-            leases: Default::default(),
-            asked: Default::default(),
-            synced,
-        });
+        let caches = Arc::new(Caches { kinds: Default::default(), leases: Default::default(), asked: Default::default(), synced });
         let store = KubeStore {
             client: client.clone(),
             feed: Arc::new(Feed::default()),
@@ -181,7 +171,15 @@ impl KubeStore {
         match filled {
             true => {
                 let counts: Vec<usize> = caches.kinds.iter().map(|k| k.read().unwrap_or_else(|p| p.into_inner()).objects.len()).collect();
-                info!(volumes = counts[0], snapshots = counts[1], nodes = counts[2], exports = counts[3], group_snapshots = counts[4], took_ms = started.elapsed().as_millis() as u64, "kube store: caches filled");
+                info!(
+                    volumes = counts[0],
+                    snapshots = counts[1],
+                    nodes = counts[2],
+                    exports = counts[3],
+                    group_snapshots = counts[4],
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "kube store: caches filled"
+                );
                 Ok(store)
             }
             false => Err(StoreError::Backend(format!(
@@ -411,7 +409,12 @@ impl Store for KubeStore {
         if let Some(cache) = self.cache(kind) {
             let c = cache.read().unwrap_or_else(|p| p.into_inner());
             let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-            return Ok(c.objects.range::<str, _>((start, Bound::Unbounded)).take(limit).map(|(id, o)| (id.clone(), o.record.clone())).collect());
+            return Ok(c
+                .objects
+                .range::<str, _>((start, Bound::Unbounded))
+                .take(limit)
+                .map(|(id, o)| (id.clone(), o.record.clone()))
+                .collect());
         }
         // Without a cache: the API server's own pages are in its order, not
         // by name, so read the kind and cut the page here (the node plugin's

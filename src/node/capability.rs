@@ -42,8 +42,7 @@ fn invalid(reason: impl Into<String>) -> NodeError {
 /// Check the capability of a Stage or Publish call. Nothing that fails here
 /// reaches the disk.
 pub fn parse(cap: Option<&csi::VolumeCapability>) -> Result<Capability, NodeError> {
-    let cap =
-        cap.ok_or(NodeError::Missing { field: "volume_capability", hint: " (mount or block, and an access mode)" })?;
+    let cap = cap.ok_or(NodeError::Missing { field: "volume_capability", hint: " (mount or block, and an access mode)" })?;
     let mode = cap
         .access_mode
         .as_ref()
@@ -51,10 +50,7 @@ pub fn parse(cap: Option<&csi::VolumeCapability>) -> Result<Capability, NodeErro
         .transpose()?
         .ok_or_else(|| invalid("access_mode is required"))?;
     match mode {
-        Mode::SingleNodeWriter
-        | Mode::SingleNodeReaderOnly
-        | Mode::SingleNodeSingleWriter
-        | Mode::SingleNodeMultiWriter => {}
+        Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => {}
         Mode::Unknown => return Err(invalid("access_mode is UNKNOWN; use a SINGLE_NODE_* mode")),
         // Remote attach (NBD) is a later milestone: a volume is used only on
         // the node that holds it.

@@ -23,9 +23,7 @@ pub enum NodeError {
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
 
-    #[error(
-        "volume {id:?} does not exist on this node; check the volume ID and that the volume lives in this node's pool"
-    )]
+    #[error("volume {id:?} does not exist on this node; check the volume ID and that the volume lives in this node's pool")]
     VolumeNotFound { id: String },
 
     #[error("{path} was checked, but cannot be reached as checked: {detail}")]
@@ -87,14 +85,10 @@ impl NodeError {
     pub fn code(&self) -> Code {
         use NodeError::*;
         match self {
-            Missing { .. } | InvalidPath { .. } | InvalidCapability { .. } | Invalid { .. } | PathChanged { .. } => {
-                Code::InvalidArgument
-            }
+            Missing { .. } | InvalidPath { .. } | InvalidCapability { .. } | Invalid { .. } | PathChanged { .. } => Code::InvalidArgument,
             VolumeNotFound { .. } | NotAtPath { .. } => Code::NotFound,
             StagedOtherwise { .. } | PublishedOtherwise { .. } | Occupied { .. } => Code::AlreadyExists,
-            NotStaged { .. } | StagingPathMissing | InUse { .. } | Unusable { .. } | Foreign { .. } => {
-                Code::FailedPrecondition
-            }
+            NotStaged { .. } | StagingPathMissing | InUse { .. } | Unusable { .. } | Foreign { .. } => Code::FailedPrecondition,
             Busy { .. } => Code::Aborted,
             CapacityRange { .. } => Code::OutOfRange,
             Attach(e) => match e {

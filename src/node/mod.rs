@@ -44,8 +44,8 @@ use crate::csi::node_service_capability::rpc::Type as Rpc;
 use crate::volume::{validate_id, Pool};
 
 pub use error::NodeError;
-pub use paths::kubelet_roots;
 use inflight::InFlight;
+pub use paths::kubelet_roots;
 use paths::AllowedRoots;
 
 /// What the node plugin needs to know about its host.
@@ -128,28 +128,16 @@ fn check_id(id: &str) -> Result<String, NodeError> {
 }
 
 /// Syscalls (mount table, sysfs, ioctls, mount(2)) run off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, NodeError> + Send + 'static,
-) -> Result<T, NodeError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| NodeError::Internal { detail: format!("node plugin worker failed: {e}") })?
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, NodeError> + Send + 'static) -> Result<T, NodeError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| NodeError::Internal { detail: format!("node plugin worker failed: {e}") })?
 }
 
 #[tonic::async_trait]
 impl csi::node_server::Node for NodeService {
-    async fn node_stage_volume(
-        &self,
-        r: Request<csi::NodeStageVolumeRequest>,
-    ) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
+    async fn node_stage_volume(&self, r: Request<csi::NodeStageVolumeRequest>) -> Result<Response<csi::NodeStageVolumeResponse>, Status> {
         let req = r.into_inner();
         let (node, id) = (self.node.clone(), req.volume_id.clone());
-        self.call(
-            "NodeStageVolume",
-            &id,
-            async move { node.stage(req).await.map(|()| csi::NodeStageVolumeResponse {}) },
-        )
-        .await
+        self.call("NodeStageVolume", &id, async move { node.stage(req).await.map(|()| csi::NodeStageVolumeResponse {}) }).await
     }
 
     async fn node_unstage_volume(
@@ -158,10 +146,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeUnstageVolumeResponse>, Status> {
         let req = r.into_inner();
         let (node, id) = (self.node.clone(), req.volume_id.clone());
-        self.call("NodeUnstageVolume", &id, async move {
-            node.unstage(req).await.map(|()| csi::NodeUnstageVolumeResponse {})
-        })
-        .await
+        self.call("NodeUnstageVolume", &id, async move { node.unstage(req).await.map(|()| csi::NodeUnstageVolumeResponse {}) }).await
     }
 
     async fn node_publish_volume(
@@ -170,10 +155,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
         let req = r.into_inner();
         let (node, id) = (self.node.clone(), req.volume_id.clone());
-        self.call("NodePublishVolume", &id, async move {
-            node.publish(req).await.map(|()| csi::NodePublishVolumeResponse {})
-        })
-        .await
+        self.call("NodePublishVolume", &id, async move { node.publish(req).await.map(|()| csi::NodePublishVolumeResponse {}) }).await
     }
 
     async fn node_unpublish_volume(
@@ -182,10 +164,7 @@ impl csi::node_server::Node for NodeService {
     ) -> Result<Response<csi::NodeUnpublishVolumeResponse>, Status> {
         let req = r.into_inner();
         let (node, id) = (self.node.clone(), req.volume_id.clone());
-        self.call("NodeUnpublishVolume", &id, async move {
-            node.unpublish(req).await.map(|()| csi::NodeUnpublishVolumeResponse {})
-        })
-        .await
+        self.call("NodeUnpublishVolume", &id, async move { node.unpublish(req).await.map(|()| csi::NodeUnpublishVolumeResponse {}) }).await
     }
 
     async fn node_get_volume_stats(
@@ -211,9 +190,7 @@ impl csi::node_server::Node for NodeService {
         _r: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         let rpc = |t: Rpc| csi::NodeServiceCapability {
-            r#type: Some(csi::node_service_capability::Type::Rpc(csi::node_service_capability::Rpc {
-                r#type: t as i32,
-            })),
+            r#type: Some(csi::node_service_capability::Type::Rpc(csi::node_service_capability::Rpc { r#type: t as i32 })),
         };
         Ok(Response::new(csi::NodeGetCapabilitiesResponse {
             capabilities: vec![
@@ -226,10 +203,7 @@ impl csi::node_server::Node for NodeService {
         }))
     }
 
-    async fn node_get_info(
-        &self,
-        _r: Request<csi::NodeGetInfoRequest>,
-    ) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
+    async fn node_get_info(&self, _r: Request<csi::NodeGetInfoRequest>) -> Result<Response<csi::NodeGetInfoResponse>, Status> {
         let c = &self.node.config;
         let mut segments = std::collections::HashMap::new();
         segments.insert(crate::TOPOLOGY_NODE_KEY.to_string(), c.node_id.clone());

@@ -60,11 +60,7 @@ impl AllowedRoots {
         let roots: Vec<PathBuf> = self.roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
         let Some(root) = roots.iter().find(|root| resolved.starts_with(root) && resolved != **root) else {
             let shown: Vec<String> = self.roots.iter().map(|r| r.display().to_string()).collect();
-            let via = if resolved != Path::new(raw) {
-                format!(" (it resolves to {})", resolved.display())
-            } else {
-                String::new()
-            };
+            let via = if resolved != Path::new(raw) { format!(" (it resolves to {})", resolved.display()) } else { String::new() };
             return Err(invalid(format!(
                 "it is not below an allowed root{via}; allowed: {} (the node's --allowed-root)",
                 shown.join(", ")
@@ -104,8 +100,7 @@ impl AllowedRoots {
     /// following any symbolic link below its root.
     pub fn open(&self, path: &Path) -> Result<Pinned, NodeError> {
         let (root, rel) = self.locate(path)?;
-        let fd = rustix::fs::openat2(&root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), BENEATH)
-            .map_err(|e| moved(path, e))?;
+        let fd = rustix::fs::openat2(&root, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), BENEATH).map_err(|e| moved(path, e))?;
         Ok(Pinned::new(fd, path.to_path_buf()))
     }
 

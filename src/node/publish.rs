@@ -102,11 +102,7 @@ fn refuse_other_kind_at_target(table: &[MountInfo], p: &Publish, want_block: boo
     match mount_at(table, &p.target) {
         Some(m) if is_node_bind(m) != want_block => Err(NodeError::PublishedOtherwise {
             path: p.target.clone(),
-            detail: format!(
-                "as {} (the request asks for a {})",
-                describe(m),
-                if want_block { "raw block device" } else { "filesystem" }
-            ),
+            detail: format!("as {} (the request asks for a {})", describe(m), if want_block { "raw block device" } else { "filesystem" }),
         }),
         _ => Ok(()),
     }
@@ -129,10 +125,7 @@ fn publish_filesystem(roots: &AllowedRoots, p: &Publish) -> Result<(), NodeError
     if let Some(m) = mount_at(&table, &p.target) {
         let same = !is_node_bind(m) && (m.major, m.minor) == (staged.major, staged.minor) && m.root == staged.root;
         if !same {
-            return Err(NodeError::PublishedOtherwise {
-                path: p.target.clone(),
-                detail: format!("as {}", describe(m)),
-            });
+            return Err(NodeError::PublishedOtherwise { path: p.target.clone(), detail: format!("as {}", describe(m)) });
         }
         if m.is_read_only() != p.read_only {
             return Err(NodeError::PublishedOtherwise {
@@ -143,11 +136,7 @@ fn publish_filesystem(roots: &AllowedRoots, p: &Publish) -> Result<(), NodeError
         info!(volume.id = %p.id, target = %p.target.display(), "already published");
         return Ok(());
     }
-    let others = mounts_of(&table, &dev)
-        .into_iter()
-        .map(|m| m.mount_point.clone())
-        .filter(|t| *t != p.staging && *t != p.target)
-        .collect();
+    let others = mounts_of(&table, &dev).into_iter().map(|m| m.mount_point.clone()).filter(|t| *t != p.staging && *t != p.target).collect();
     refuse_second_target(p, others)?;
     must_be_folder_if_present("target_path", &p.target)?;
     let mut created = CreatedDirs::default();
@@ -170,8 +159,7 @@ fn publish_block(roots: &AllowedRoots, p: &Publish) -> Result<(), NodeError> {
         },
         None if mount_at(&table, &p.staging).is_some() => {
             return Err(not_staged(
-                "it is staged as a filesystem or holds another mount, and the request asks for a raw block device"
-                    .into(),
+                "it is staged as a filesystem or holds another mount, and the request asks for a raw block device".into(),
             ))
         }
         None => return Err(not_staged("nothing is staged there".into())),
@@ -189,11 +177,8 @@ fn publish_block(roots: &AllowedRoots, p: &Publish) -> Result<(), NodeError> {
             _ => Err(NodeError::PublishedOtherwise { path: p.target.clone(), detail: format!("as {}", describe(m)) }),
         };
     }
-    let others = mounts_of_image(&table, &p.image)?
-        .into_iter()
-        .map(|(m, _)| m.mount_point)
-        .filter(|t| *t != marker && *t != p.target)
-        .collect();
+    let others =
+        mounts_of_image(&table, &p.image)?.into_iter().map(|(m, _)| m.mount_point).filter(|t| *t != marker && *t != p.target).collect();
     refuse_second_target(p, others)?;
     if std::fs::metadata(&p.target).is_ok_and(|m| m.is_dir()) {
         return Err(NodeError::InvalidPath {
@@ -215,9 +200,7 @@ fn publish_block(roots: &AllowedRoots, p: &Publish) -> Result<(), NodeError> {
     } else {
         (staged.device(), false)
     };
-    let bound = roots
-        .open(&p.target)
-        .and_then(|at| Ok(mount::bind_mount_on(&Pinned::trusted(&device.path)?, &at, p.read_only)?));
+    let bound = roots.open(&p.target).and_then(|at| Ok(mount::bind_mount_on(&Pinned::trusted(&device.path)?, &at, p.read_only)?));
     if let Err(e) = bound {
         if dedicated {
             let _ = loopdev::detach(&device);

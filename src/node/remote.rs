@@ -96,7 +96,9 @@ impl Remote {
                 Ok(watcher) => {
                     tokio::spawn(supervise(watcher, attached.clone(), opts.clone()));
                 }
-                Err(e) => warn!(error = %e, "cannot watch the nbd driver for lost connections; a restarted owner agent will leave kernel-attached volumes without I/O"),
+                Err(e) => {
+                    warn!(error = %e, "cannot watch the nbd driver for lost connections; a restarted owner agent will leave kernel-attached volumes without I/O")
+                }
             }
         }
         Remote { config, attached }
@@ -167,7 +169,10 @@ impl Remote {
     pub async fn grow(&self, volume: &str) -> Result<u64, NodeError> {
         let attached = self.attached.lock().await;
         let Some(a) = attached.get(volume) else {
-            return Err(NodeError::Unusable { id: volume.to_string(), detail: "is not attached by this node plugin; stage it again".into() });
+            return Err(NodeError::Unusable {
+                id: volume.to_string(),
+                detail: "is not attached by this node plugin; stage it again".into(),
+            });
         };
         match &a.backing {
             Backing::Kernel { index, .. } => kernel::resize(*index, &a.address, &a.export, volume)

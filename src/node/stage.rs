@@ -32,7 +32,8 @@ impl Node {
             Some(target) => {
                 let remote = self.remote.as_ref().ok_or_else(|| NodeError::Unusable {
                     id: id.clone(),
-                    detail: "lives on another node, and this node plugin attaches no remote volumes (it has no certificate folder for NBD)".into(),
+                    detail: "lives on another node, and this node plugin attaches no remote volumes (it has no certificate folder for NBD)"
+                        .into(),
                 })?;
                 remote.attach(&id, &target, read_only).await?
             }
@@ -137,11 +138,9 @@ fn staged_backing(staging: &Path, id: &str) -> Result<Option<PathBuf>, NodeError
 
 pub(super) fn must_be_folder_if_present(field: &'static str, path: &Path) -> Result<(), NodeError> {
     match std::fs::metadata(path) {
-        Ok(m) if !m.is_dir() => Err(NodeError::InvalidPath {
-            field,
-            path: path.display().to_string(),
-            reason: "it exists and is not a folder".into(),
-        }),
+        Ok(m) if !m.is_dir() => {
+            Err(NodeError::InvalidPath { field, path: path.display().to_string(), reason: "it exists and is not a folder".into() })
+        }
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(NodeError::io(format!("inspecting {field} {}", path.display()))(e)),
@@ -193,9 +192,7 @@ async fn stage_filesystem(
             let table = mount_table()?;
             if let Some(m) = mount_at(&table, &staging) {
                 return match loop_of_mount(m)? {
-                    Some(dev) if dev.backs(&image) => {
-                        already_staged_filesystem(&id, &staging, m, wanted, read_only).map(|()| None)
-                    }
+                    Some(dev) if dev.backs(&image) => already_staged_filesystem(&id, &staging, m, wanted, read_only).map(|()| None),
                     _ => Err(NodeError::Occupied { path: staging, detail: describe(m) }),
                 };
             }
@@ -335,10 +332,7 @@ fn stage_block(roots: &AllowedRoots, id: &str, image: &Path, staging: &Path, rea
             Some(dev) if dev.backs(image) => Err(NodeError::StagedOtherwise {
                 id: id.to_string(),
                 path: staging.to_path_buf(),
-                detail: format!(
-                    "on {}, whose read-only setting differs from the request's access mode",
-                    dev.describe()
-                ),
+                detail: format!("on {}, whose read-only setting differs from the request's access mode", dev.describe()),
             }),
             _ => Err(NodeError::Occupied { path: marker, detail: describe(m) }),
         };
@@ -415,28 +409,21 @@ fn unstage(roots: &AllowedRoots, id: &str, image: &Path, staging: &Path) -> Resu
         unmount_ours(roots, &marker, |m| Ok(loop_of_mount(m)?.is_none_or(|d| d.backs(image))))?;
     }
     match std::fs::symlink_metadata(&marker) {
-        Ok(m) if m.is_file() => {
-            roots.remove(&marker, false).map_err(NodeError::io(format!("removing {}", marker.display())))?
-        }
+        Ok(m) if m.is_file() => roots.remove(&marker, false).map_err(NodeError::io(format!("removing {}", marker.display())))?,
         _ => {}
     }
 
     if let Some(m) = mount_at(&table, staging) {
         match loop_of_mount(m)? {
             Some(dev) if dev.backs(image) => {
-                let others: Vec<PathBuf> = mounts_of(&table, &dev)
-                    .into_iter()
-                    .map(|m| m.mount_point.clone())
-                    .filter(|p| p != staging)
-                    .collect();
+                let others: Vec<PathBuf> =
+                    mounts_of(&table, &dev).into_iter().map(|m| m.mount_point.clone()).filter(|p| p != staging).collect();
                 if !others.is_empty() {
                     return Err(still_published(others));
                 }
                 unmount_ours(roots, staging, |m| Ok(loop_of_mount(m)?.is_some_and(|d| d.backs(image))))?;
             }
-            _ => {
-                return Err(NodeError::Foreign { id: id.to_string(), path: staging.to_path_buf(), detail: describe(m) })
-            }
+            _ => return Err(NodeError::Foreign { id: id.to_string(), path: staging.to_path_buf(), detail: describe(m) }),
         }
     }
 

@@ -12,9 +12,7 @@ use crate::csi::volume_usage::Unit;
 
 use super::capability;
 use super::error::NodeError;
-use super::host::{
-    block_devnum, is_node_bind, loop_by_devnum, loop_of_mount, mount_at, mounts_of, mounts_of_image, LoopInfo,
-};
+use super::host::{block_devnum, is_node_bind, loop_by_devnum, loop_of_mount, mount_at, mounts_of, mounts_of_image, LoopInfo};
 use super::stage::{block_marker, describe};
 use super::{blocking, check_id, Node};
 
@@ -138,10 +136,7 @@ fn host_condition(known: bool, image: &Path, found: &Found) -> Option<String> {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0);
         if errors > 0 {
-            return Some(format!(
-                "ext4 on {} recorded {errors} error(s); unstage it and run fsck.ext4",
-                dev.path().display()
-            ));
+            return Some(format!("ext4 on {} recorded {errors} error(s); unstage it and run fsck.ext4", dev.path().display()));
         }
     }
     None
@@ -163,10 +158,7 @@ impl Node {
         })
     }
 
-    pub(super) async fn stats(
-        &self,
-        req: csi::NodeGetVolumeStatsRequest,
-    ) -> Result<csi::NodeGetVolumeStatsResponse, NodeError> {
+    pub(super) async fn stats(&self, req: csi::NodeGetVolumeStatsRequest) -> Result<csi::NodeGetVolumeStatsResponse, NodeError> {
         let id = check_id(&req.volume_id)?;
         let path = self.lookup_path(&id, "volume_path", &req.volume_path)?;
         if !req.staging_target_path.is_empty() {
@@ -189,9 +181,9 @@ impl Node {
                             ]
                         })
                         .map_err(Into::into),
-                    Found::Block { dev } => loopdev::size_bytes(&dev.path())
-                        .map(|total| vec![usage(Unit::Bytes, total, None, None)])
-                        .map_err(Into::into),
+                    Found::Block { dev } => {
+                        loopdev::size_bytes(&dev.path()).map(|total| vec![usage(Unit::Bytes, total, None, None)]).map_err(Into::into)
+                    }
                 };
                 Ok((found, problem, usage))
             })
@@ -219,10 +211,7 @@ impl Node {
         Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: Some(condition) })
     }
 
-    pub(super) async fn expand(
-        &self,
-        req: csi::NodeExpandVolumeRequest,
-    ) -> Result<csi::NodeExpandVolumeResponse, NodeError> {
+    pub(super) async fn expand(&self, req: csi::NodeExpandVolumeRequest) -> Result<csi::NodeExpandVolumeResponse, NodeError> {
         let id = check_id(&req.volume_id)?;
         let path = self.lookup_path(&id, "volume_path", &req.volume_path)?;
         if !req.staging_target_path.is_empty() {
@@ -273,8 +262,7 @@ impl Node {
                 // Every device of the image: the staged one and any
                 // read-only publish devices.
                 blocking(move || {
-                    let mut devs: Vec<LoopInfo> =
-                        mounts_of_image(&mount_table()?, &image)?.into_iter().map(|(_, d)| d).collect();
+                    let mut devs: Vec<LoopInfo> = mounts_of_image(&mount_table()?, &image)?.into_iter().map(|(_, d)| d).collect();
                     devs.push(dev.clone());
                     devs.sort_by(|a, b| a.name.cmp(&b.name));
                     devs.dedup_by(|a, b| a.name == b.name);

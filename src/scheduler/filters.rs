@@ -5,7 +5,6 @@ use super::{Context, NoValidNode, NodeState, ScheduleRequest, LISTED};
 use crate::units::format_bytes;
 use crate::volume::{Provisioning, Shortfall};
 
-
 pub(super) const AFFINITY: &str = "affinity";
 pub(super) const TRIED: &str = "tried";
 pub(super) const TOPOLOGY: &str = "topology";
@@ -115,9 +114,7 @@ fn below_volume_limit(node: &NodeState, _at: usize, _ctx: &Context) -> Result<()
 }
 
 fn has_room(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
-    node.capacity
-        .fits(ctx.req.size_bytes, ctx.req.provisioning)
-        .map_err(Why::NoRoom)
+    node.capacity.fits(ctx.req.size_bytes, ctx.req.provisioning).map_err(Why::NoRoom)
 }
 
 /// Why a filter turned a node away; cheap to make (no allocation), worded
@@ -142,11 +139,7 @@ impl Why {
             ),
             Why::Tried => format!("{id}: an attempt there failed already"),
             Why::OutsideRequisite => {
-                let zone = if node.zone.is_empty() {
-                    "no zone".to_string()
-                } else {
-                    format!("zone {}", node.zone)
-                };
+                let zone = if node.zone.is_empty() { "no zone".to_string() } else { format!("zone {}", node.zone) };
                 let n = req.requisite.len();
                 let plural = if n == 1 { "y" } else { "ies" };
                 format!("{id} ({zone}) matches none of the {n} requisite topolog{plural}")
@@ -155,17 +148,10 @@ impl Why {
                 if node.last_heartbeat_ms <= 0 {
                     format!("{id}: no heartbeat yet")
                 } else {
-                    format!(
-                        "{id}: last heartbeat {} ago, the limit is {}",
-                        seconds(*age_ms),
-                        seconds(req.heartbeat_timeout_ms)
-                    )
+                    format!("{id}: last heartbeat {} ago, the limit is {}", seconds(*age_ms), seconds(req.heartbeat_timeout_ms))
                 }
             }
-            Why::AtVolumeLimit => format!(
-                "{id}: holds {} volumes, its limit is {}",
-                node.volume_count, node.max_volumes
-            ),
+            Why::AtVolumeLimit => format!("{id}: holds {} volumes, its limit is {}", node.volume_count, node.max_volumes),
             Why::NoRoom(shortfall) => no_room(node, req, shortfall),
         }
     }
@@ -177,11 +163,7 @@ fn no_room(node: &NodeState, req: &ScheduleRequest, shortfall: &Shortfall) -> St
     let id = &node.id;
     let fits = format_bytes(c.max_volume(req.provisioning));
     let usable = format_bytes(c.free.saturating_sub(c.reserved()));
-    let reserve = if c.reserved_percentage > 0 {
-        format!(" after keeping {}% in reserve", c.reserved_percentage)
-    } else {
-        String::new()
-    };
+    let reserve = if c.reserved_percentage > 0 { format!(" after keeping {}% in reserve", c.reserved_percentage) } else { String::new() };
     // Over-committed thin volumes are bounded twice (Cinder's formula): by
     // the ratio over the pool's size, and by the ratio over what is free;
     // say both. At a ratio of 1 that is simply what is free.
@@ -220,20 +202,15 @@ impl Tally {
             self.examples.push((index, why));
             return;
         }
-        let largest = (0..self.examples.len())
-            .max_by(|a, b| nodes[self.examples[*a].0].id.cmp(&nodes[self.examples[*b].0].id))
-            .expect("LISTED > 0");
+        let largest =
+            (0..self.examples.len()).max_by(|a, b| nodes[self.examples[*a].0].id.cmp(&nodes[self.examples[*b].0].id)).expect("LISTED > 0");
         if nodes[index].id < nodes[self.examples[largest].0].id {
             self.examples[largest] = (index, why);
         }
     }
 }
 
-pub(super) fn explain(
-    nodes: &[NodeState],
-    req: &ScheduleRequest,
-    tallies: [Tally; FILTERS.len()],
-) -> NoValidNode {
+pub(super) fn explain(nodes: &[NodeState], req: &ScheduleRequest, tallies: [Tally; FILTERS.len()]) -> NoValidNode {
     let mut rejections: Vec<(&'static str, usize, Vec<String>)> = FILTERS
         .iter()
         .zip(tallies)
@@ -246,11 +223,5 @@ pub(super) fn explain(
         .collect();
     // Stable: equal counts keep filter order.
     rejections.sort_by_key(|r| std::cmp::Reverse(r.1));
-    NoValidNode {
-        considered: nodes.len(),
-        size_bytes: req.size_bytes,
-        provisioning: req.provisioning,
-        rejections,
-    }
+    NoValidNode { considered: nodes.len(), size_bytes: req.size_bytes, provisioning: req.provisioning, rejections }
 }
-

@@ -14,11 +14,11 @@
 //! node against every entry would be quadratic.
 
 mod filters;
+#[cfg(test)]
+mod tests;
 mod topology;
 pub mod view;
 mod weighers;
-#[cfg(test)]
-mod tests;
 
 use std::collections::BTreeMap;
 
@@ -26,10 +26,10 @@ use crate::units::format_bytes;
 use crate::volume::{PoolCapacity, Provisioning};
 
 use filters::{explain, Tally, CAPACITY, FILTERS, VOLUME_LIMIT};
-pub use topology::{matches, node_segments};
 use topology::TopologyIndex;
-use weighers::{descending, sane, weigh, weight_of, Scored, WEIGHERS};
+pub use topology::{matches, node_segments};
 pub use view::{NodeView, Reservation};
+use weighers::{descending, sane, weigh, weight_of, Scored, WEIGHERS};
 
 /// Topology segments of one CSI Topology, e.g. {"topology.cinderblock.dev/zone": "zone-1"}.
 pub type Segments = BTreeMap<String, String>;
@@ -107,11 +107,7 @@ impl NoValidNode {
     /// full rather than misconfigured, so the controller answers
     /// RESOURCE_EXHAUSTED. False when there was nothing to reject.
     pub fn only_capacity(&self) -> bool {
-        !self.rejections.is_empty()
-            && self
-                .rejections
-                .iter()
-                .all(|(name, _, _)| *name == CAPACITY || *name == VOLUME_LIMIT)
+        !self.rejections.is_empty() && self.rejections.iter().all(|(name, _, _)| *name == CAPACITY || *name == VOLUME_LIMIT)
     }
 }
 
@@ -140,12 +136,7 @@ impl std::fmt::Display for NoValidNode {
             }
             write!(f, ")")?;
         }
-        let mut hints = self.rejections.iter().filter_map(|(name, _, _)| {
-            FILTERS
-                .iter()
-                .find(|flt| flt.name == *name)
-                .map(|flt| flt.hint)
-        });
+        let mut hints = self.rejections.iter().filter_map(|(name, _, _)| FILTERS.iter().find(|flt| flt.name == *name).map(|flt| flt.hint));
         if let Some(first) = hints.next() {
             write!(f, ". Next: {first}")?;
             for hint in hints {
@@ -168,21 +159,9 @@ pub fn schedule(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Vec<Candid
 
     // Sort plain integer keys rather than the scored rows: 16 bytes a row,
     // and the node IDs are read only to break a tie.
-    let mut ranking: Vec<(u64, u32)> = weigh(&passing)
-        .zip(&passing)
-        .map(|(w, s)| (descending(w), s.index))
-        .collect();
-    ranking.sort_unstable_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| nodes[a.1 as usize].id.cmp(&nodes[b.1 as usize].id))
-    });
-    Ok(ranking
-        .iter()
-        .map(|&(key, index)| Candidate {
-            node_id: nodes[index as usize].id.clone(),
-            weight: weight_of(key),
-        })
-        .collect())
+    let mut ranking: Vec<(u64, u32)> = weigh(&passing).zip(&passing).map(|(w, s)| (descending(w), s.index)).collect();
+    ranking.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| nodes[a.1 as usize].id.cmp(&nodes[b.1 as usize].id)));
+    Ok(ranking.iter().map(|&(key, index)| Candidate { node_id: nodes[index as usize].id.clone(), weight: weight_of(key) }).collect())
 }
 
 /// The best node only: exactly `schedule(nodes, req)?[0]` (same filters,
@@ -236,9 +215,7 @@ fn best_of(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<C
     // The smallest (sort key, node ID), as the ranking in `schedule` orders
     // them; IDs are compared only when the keys tie.
     let mut weights = weigh(&passing).zip(&passing);
-    let (w, s) = weights
-        .next()
-        .expect("filter_and_score returns at least one node");
+    let (w, s) = weights.next().expect("filter_and_score returns at least one node");
     let mut best = (descending(w), s.index as usize);
     for (w, s) in weights {
         let key = descending(w);
@@ -247,20 +224,13 @@ fn best_of(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<C
             best = (key, index);
         }
     }
-    Ok(Candidate {
-        node_id: nodes[best.1].id.clone(),
-        weight: weight_of(best.0),
-    })
+    Ok(Candidate { node_id: nodes[best.1].id.clone(), weight: weight_of(best.0) })
 }
 
 /// Every node that passes all filters with its raw weigher figures, in
 /// `nodes` order and never empty; when none passes, why each node was
 /// turned away.
-fn filter_and_score(
-    nodes: &[NodeState],
-    req: &ScheduleRequest,
-    order: Order,
-) -> Result<Vec<Scored>, NoValidNode> {
+fn filter_and_score(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<Vec<Scored>, NoValidNode> {
     let ctx = Context::new(nodes, req, order);
 
     let mut tallies: [Tally; FILTERS.len()] = std::array::from_fn(|_| Tally::default());
@@ -277,10 +247,7 @@ fn filter_and_score(
             }
         }
         let raw = std::array::from_fn(|w| sane((WEIGHERS[w].raw)(node, index, &ctx)));
-        passing.push(Scored {
-            index: index as u32,
-            raw,
-        });
+        passing.push(Scored { index: index as u32, raw });
     }
 
     if passing.is_empty() {
@@ -302,11 +269,6 @@ impl<'a> Context<'a> {
         let mut ids = (order == Order::Sorted).then(|| topology::NodeIds::sorted(nodes));
         let requisite = TopologyIndex::new(&req.requisite, nodes, &mut ids);
         let preferred = TopologyIndex::new(&req.preferred, nodes, &mut ids);
-        Context {
-            req,
-            requisite,
-            preferred,
-        }
+        Context { req, requisite, preferred }
     }
 }
-

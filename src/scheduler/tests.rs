@@ -30,12 +30,7 @@ fn node(id: &str, zone: &str, free_gb: u64) -> NodeState {
 }
 
 fn req(size_gb: u64) -> ScheduleRequest {
-    ScheduleRequest {
-        size_bytes: size_gb * GB,
-        now_ms: NOW,
-        heartbeat_timeout_ms: 30_000,
-        ..Default::default()
-    }
+    ScheduleRequest { size_bytes: size_gb * GB, now_ms: NOW, heartbeat_timeout_ms: 30_000, ..Default::default() }
 }
 
 fn zone(z: &str) -> Segments {
@@ -65,10 +60,7 @@ fn healthy_rejects_a_stale_heartbeat_and_names_the_node() {
     assert_eq!(ids(&got), ["node-a"]);
 
     let err = schedule(&[stale], &req(1)).unwrap_err();
-    assert_eq!(
-        only_rejection(&err),
-        (HEALTHY, 1, "node-c: last heartbeat 40s ago, the limit is 30s")
-    );
+    assert_eq!(only_rejection(&err), (HEALTHY, 1, "node-c: last heartbeat 40s ago, the limit is 30s"));
     assert!(!err.only_capacity());
 }
 
@@ -80,31 +72,18 @@ fn healthy_accepts_exactly_the_timeout_and_can_be_turned_off() {
     n.last_heartbeat_ms = 0;
     let err = schedule(std::slice::from_ref(&n), &req(1)).unwrap_err();
     assert_eq!(only_rejection(&err).2, "node-a: no heartbeat yet");
-    let off = ScheduleRequest {
-        heartbeat_timeout_ms: 0,
-        ..req(1)
-    };
+    let off = ScheduleRequest { heartbeat_timeout_ms: 0, ..req(1) };
     assert!(schedule(&[n], &off).is_ok());
 }
 
 #[test]
 fn topology_keeps_only_requisite_matches() {
-    let nodes = [
-        node("node-a", "z1", 50),
-        node("node-b", "z2", 50),
-        node("node-c", "", 50),
-    ];
-    let r = ScheduleRequest {
-        requisite: vec![zone("z2")],
-        ..req(1)
-    };
+    let nodes = [node("node-a", "z1", 50), node("node-b", "z2", 50), node("node-c", "", 50)];
+    let r = ScheduleRequest { requisite: vec![zone("z2")], ..req(1) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
 
     // Any one entry is enough; a node entry matches by ID.
-    let r = ScheduleRequest {
-        requisite: vec![zone("z2"), on_node("node-c")],
-        ..req(1)
-    };
+    let r = ScheduleRequest { requisite: vec![zone("z2"), on_node("node-c")], ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     let mut got = ids(&got);
     got.sort();
@@ -113,17 +92,11 @@ fn topology_keeps_only_requisite_matches() {
     // All keys of an entry must match.
     let mut both = zone("z1");
     both.insert(TOPOLOGY_NODE_KEY.to_string(), "node-b".to_string());
-    let r = ScheduleRequest {
-        requisite: vec![both],
-        ..req(1)
-    };
+    let r = ScheduleRequest { requisite: vec![both], ..req(1) };
     let err = schedule(&nodes, &r).unwrap_err();
     assert_eq!(only_rejection(&err).0, TOPOLOGY);
     assert_eq!(only_rejection(&err).1, 3);
-    assert_eq!(
-        only_rejection(&err).2,
-        "node-a (zone z1) matches none of the 1 requisite topology"
-    );
+    assert_eq!(only_rejection(&err).2, "node-a (zone z1) matches none of the 1 requisite topology");
     assert!(!err.only_capacity());
 }
 
@@ -131,19 +104,10 @@ fn topology_keeps_only_requisite_matches() {
 fn topology_with_an_unknown_key_matches_nothing() {
     let nodes = [node("node-a", "z1", 50)];
     let mut foreign = zone("z1");
-    foreign.insert(
-        "topology.kubernetes.io/region".to_string(),
-        "r1".to_string(),
-    );
-    let r = ScheduleRequest {
-        requisite: vec![foreign],
-        ..req(1)
-    };
+    foreign.insert("topology.kubernetes.io/region".to_string(), "r1".to_string());
+    let r = ScheduleRequest { requisite: vec![foreign], ..req(1) };
     let err = schedule(&nodes, &r).unwrap_err();
-    assert_eq!(
-        only_rejection(&err).2,
-        "node-a (zone z1) matches none of the 1 requisite topology"
-    );
+    assert_eq!(only_rejection(&err).2, "node-a (zone z1) matches none of the 1 requisite topology");
 }
 
 #[test]
@@ -151,10 +115,7 @@ fn capacity_rejects_a_full_pool_with_the_shortfall() {
     let nodes = [node("node-a", "z1", 5), node("node-b", "z1", 20)];
     assert_eq!(ids(&schedule(&nodes, &req(10)).unwrap()), ["node-b"]);
 
-    let r = ScheduleRequest {
-        provisioning: Provisioning::Thick,
-        ..req(30)
-    };
+    let r = ScheduleRequest { provisioning: Provisioning::Thick, ..req(30) };
     let err = schedule(&nodes, &r).unwrap_err();
     let (name, count, example) = only_rejection(&err);
     assert_eq!((name, count), (CAPACITY, 2));
@@ -162,7 +123,12 @@ fn capacity_rejects_a_full_pool_with_the_shortfall() {
     assert_eq!(err.rejections[0].2[1], "node-b: 20.0 GiB free");
     assert!(err.only_capacity());
     let text = err.to_string();
-    assert!(text.starts_with("no node can take a 30.0 GiB thick volume. Of 2 nodes, 2 have too little room (node-a: 5.0 GiB free; node-b: 20.0 GiB free)"), "{text}");
+    assert!(
+        text.starts_with(
+            "no node can take a 30.0 GiB thick volume. Of 2 nodes, 2 have too little room (node-a: 5.0 GiB free; node-b: 20.0 GiB free)"
+        ),
+        "{text}"
+    );
 }
 
 #[test]
@@ -171,36 +137,21 @@ fn capacity_uses_the_thin_formula() {
     let mut n = node("node-a", "", 10);
     n.capacity.max_over_subscription_ratio = 3.0;
     assert!(schedule(std::slice::from_ref(&n), &req(25)).is_ok());
-    let thick = ScheduleRequest {
-        provisioning: Provisioning::Thick,
-        ..req(25)
-    };
-    assert_eq!(
-        only_rejection(&schedule(&[n], &thick).unwrap_err()).0,
-        CAPACITY
-    );
+    let thick = ScheduleRequest { provisioning: Provisioning::Thick, ..req(25) };
+    assert_eq!(only_rejection(&schedule(&[n], &thick).unwrap_err()).0, CAPACITY);
 }
 
 #[test]
 fn affinity_keeps_only_the_pinned_node() {
     let nodes = [node("node-a", "z1", 90), node("node-b", "z1", 10)];
-    let r = ScheduleRequest {
-        pinned_node: Some("node-b".into()),
-        ..req(1)
-    };
+    let r = ScheduleRequest { pinned_node: Some("node-b".into()), ..req(1) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
 
-    let r = ScheduleRequest {
-        pinned_node: Some("node-b".into()),
-        ..req(50)
-    };
+    let r = ScheduleRequest { pinned_node: Some("node-b".into()), ..req(50) };
     let err = schedule(&nodes, &r).unwrap_err();
     assert_eq!(err.considered, 2);
     assert_eq!(err.rejections[0].0, AFFINITY);
-    assert_eq!(
-        err.rejections[0].2,
-        ["node-a: the source lives on node-b, and the volume must be made there"]
-    );
+    assert_eq!(err.rejections[0].2, ["node-a: the source lives on node-b, and the volume must be made there"]);
     assert_eq!(err.rejections[1].0, CAPACITY);
     assert_eq!(err.rejections[1].2, ["node-b: 10.0 GiB free"]);
     assert!(!err.only_capacity());
@@ -208,26 +159,13 @@ fn affinity_keeps_only_the_pinned_node() {
 
 #[test]
 fn tried_nodes_are_excluded() {
-    let nodes = [
-        node("node-a", "z1", 90),
-        node("node-b", "z1", 50),
-        node("node-c", "z1", 10),
-    ];
-    let r = ScheduleRequest {
-        tried: vec!["node-a".into()],
-        ..req(1)
-    };
+    let nodes = [node("node-a", "z1", 90), node("node-b", "z1", 50), node("node-c", "z1", 10)];
+    let r = ScheduleRequest { tried: vec!["node-a".into()], ..req(1) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b", "node-c"]);
 
-    let r = ScheduleRequest {
-        tried: vec!["node-a".into(), "node-b".into(), "node-c".into()],
-        ..req(1)
-    };
+    let r = ScheduleRequest { tried: vec!["node-a".into(), "node-b".into(), "node-c".into()], ..req(1) };
     let err = schedule(&nodes, &r).unwrap_err();
-    assert_eq!(
-        only_rejection(&err),
-        (TRIED, 3, "node-a: an attempt there failed already")
-    );
+    assert_eq!(only_rejection(&err), (TRIED, 3, "node-a: an attempt there failed already"));
 }
 
 #[test]
@@ -237,32 +175,19 @@ fn volume_limit_rejects_a_full_node_and_zero_means_no_limit() {
     full.max_volumes = 10;
     let mut unlimited = node("node-b", "", 50);
     unlimited.volume_count = 10_000;
-    assert_eq!(
-        ids(&schedule(&[full.clone(), unlimited], &req(1)).unwrap()),
-        ["node-b"]
-    );
+    assert_eq!(ids(&schedule(&[full.clone(), unlimited], &req(1)).unwrap()), ["node-b"]);
 
     let err = schedule(&[full], &req(1)).unwrap_err();
-    assert_eq!(
-        only_rejection(&err),
-        (VOLUME_LIMIT, 1, "node-a: holds 10 volumes, its limit is 10")
-    );
+    assert_eq!(only_rejection(&err), (VOLUME_LIMIT, 1, "node-a: holds 10 volumes, its limit is 10"));
     assert!(err.only_capacity());
 }
 
 #[test]
 fn first_preferred_wins_and_no_match_comes_last() {
     // node-c has by far the most room and fewest volumes, yet preference rules.
-    let mut nodes = vec![
-        node("node-a", "z1", 10),
-        node("node-b", "z2", 20),
-        node("node-c", "z3", 90),
-    ];
+    let mut nodes = vec![node("node-a", "z1", 10), node("node-b", "z2", 20), node("node-c", "z3", 90)];
     nodes[0].volume_count = 50;
-    let r = ScheduleRequest {
-        preferred: vec![on_node("node-a"), zone("z2")],
-        ..req(1)
-    };
+    let r = ScheduleRequest { preferred: vec![on_node("node-a"), zone("z2")], ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     assert_eq!(ids(&got), ["node-a", "node-b", "node-c"]);
     assert!(got.windows(2).all(|w| w[0].weight > w[1].weight));
@@ -271,45 +196,23 @@ fn first_preferred_wins_and_no_match_comes_last() {
 #[test]
 fn preferred_is_a_preference_not_a_filter() {
     let nodes = [node("node-a", "z1", 5), node("node-b", "z2", 50)];
-    let r = ScheduleRequest {
-        preferred: vec![zone("z1")],
-        ..req(10)
-    };
+    let r = ScheduleRequest { preferred: vec![zone("z1")], ..req(10) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
 }
 
 #[test]
 fn requisite_and_preferred_together() {
-    let nodes = [
-        node("node-a", "z1", 90),
-        node("node-b", "z2", 20),
-        node("node-c", "z2", 30),
-    ];
-    let r = ScheduleRequest {
-        requisite: vec![zone("z2"), zone("z3")],
-        preferred: vec![on_node("node-b"), zone("z2")],
-        ..req(1)
-    };
+    let nodes = [node("node-a", "z1", 90), node("node-b", "z2", 20), node("node-c", "z2", 30)];
+    let r = ScheduleRequest { requisite: vec![zone("z2"), zone("z3")], preferred: vec![on_node("node-b"), zone("z2")], ..req(1) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b", "node-c"]);
 }
 
 #[test]
 fn spread_takes_the_most_virtual_free_and_stack_the_least() {
-    let nodes = [
-        node("node-a", "", 30),
-        node("node-b", "", 80),
-        node("node-c", "", 50),
-    ];
+    let nodes = [node("node-a", "", 30), node("node-b", "", 80), node("node-c", "", 50)];
     let spread = schedule(&nodes, &req(1)).unwrap();
     assert_eq!(ids(&spread), ["node-b", "node-c", "node-a"]);
-    let stack = schedule(
-        &nodes,
-        &ScheduleRequest {
-            placement: Placement::Stack,
-            ..req(1)
-        },
-    )
-    .unwrap();
+    let stack = schedule(&nodes, &ScheduleRequest { placement: Placement::Stack, ..req(1) }).unwrap();
     assert_eq!(ids(&stack), ["node-a", "node-c", "node-b"]);
 }
 
@@ -319,19 +222,10 @@ fn spread_weighs_thin_by_virtual_free() {
     let mut b = node("node-b", "", 40);
     b.capacity.max_over_subscription_ratio = 4.0;
     let nodes = [node("node-a", "", 40), b];
-    assert_eq!(
-        ids(&schedule(&nodes, &req(1)).unwrap()),
-        ["node-b", "node-a"]
-    );
-    let thick = ScheduleRequest {
-        provisioning: Provisioning::Thick,
-        ..req(1)
-    };
+    assert_eq!(ids(&schedule(&nodes, &req(1)).unwrap()), ["node-b", "node-a"]);
+    let thick = ScheduleRequest { provisioning: Provisioning::Thick, ..req(1) };
     // Thick ignores the ratio: a tie, broken by ID.
-    assert_eq!(
-        ids(&schedule(&nodes, &thick).unwrap()),
-        ["node-a", "node-b"]
-    );
+    assert_eq!(ids(&schedule(&nodes, &thick).unwrap()), ["node-a", "node-b"]);
 }
 
 #[test]
@@ -339,27 +233,16 @@ fn fewer_volumes_break_an_even_capacity() {
     let mut a = node("node-a", "", 50);
     a.volume_count = 7;
     let b = node("node-b", "", 50);
-    assert_eq!(
-        ids(&schedule(&[a, b], &req(1)).unwrap()),
-        ["node-b", "node-a"]
-    );
+    assert_eq!(ids(&schedule(&[a, b], &req(1)).unwrap()), ["node-b", "node-a"]);
 }
 
 #[test]
 fn ties_go_to_the_smaller_id_whatever_the_input_order() {
-    let names = [
-        "n-07", "n-03", "n-10", "n-01", "n-05", "n-02", "n-09", "n-04", "n-08", "n-06",
-    ];
+    let names = ["n-07", "n-03", "n-10", "n-01", "n-05", "n-02", "n-09", "n-04", "n-08", "n-06"];
     let mut nodes: Vec<NodeState> = names.iter().map(|n| node(n, "z1", 50)).collect();
     let first = schedule(&nodes, &req(1)).unwrap();
-    assert_eq!(
-        ids(&first),
-        ["n-01", "n-02", "n-03", "n-04", "n-05", "n-06", "n-07", "n-08", "n-09", "n-10"]
-    );
-    assert!(
-        first.iter().all(|c| c.weight == 0.0),
-        "all-equal weighers normalize to 0"
-    );
+    assert_eq!(ids(&first), ["n-01", "n-02", "n-03", "n-04", "n-05", "n-06", "n-07", "n-08", "n-09", "n-10"]);
+    assert!(first.iter().all(|c| c.weight == 0.0), "all-equal weighers normalize to 0");
     for _ in 0..5 {
         nodes.rotate_left(3);
         nodes.swap(0, 7);
@@ -376,18 +259,13 @@ fn weights_stay_within_the_multipliers() {
             n
         })
         .collect();
-    let r = ScheduleRequest {
-        preferred: vec![zone("z2"), zone("z0")],
-        ..req(1)
-    };
+    let r = ScheduleRequest { preferred: vec![zone("z2"), zone("z0")], ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     assert_eq!(got.len(), 50);
     let max: f64 = WEIGHERS.iter().map(|w| w.multiplier).sum();
     assert!(got.iter().all(|c| (0.0..=max).contains(&c.weight)));
     assert!(got.windows(2).all(|w| w[0].weight >= w[1].weight));
-    assert!(got[..12]
-        .iter()
-        .all(|c| nodes.iter().any(|n| n.id == c.node_id && n.zone == "z2")));
+    assert!(got[..12].iter().all(|c| nodes.iter().any(|n| n.id == c.node_id && n.zone == "z2")));
 }
 
 #[test]
@@ -409,20 +287,9 @@ fn only_capacity_needs_every_rejection_to_be_about_room() {
 #[test]
 fn an_empty_node_list_says_so() {
     let err = schedule(&[], &req(1)).unwrap_err();
-    assert_eq!(
-        err,
-        NoValidNode {
-            considered: 0,
-            size_bytes: GB,
-            provisioning: Provisioning::Thin,
-            rejections: vec![]
-        }
-    );
+    assert_eq!(err, NoValidNode { considered: 0, size_bytes: GB, provisioning: Provisioning::Thin, rejections: vec![] });
     assert!(!err.only_capacity());
-    assert!(
-        err.to_string().contains("no nodes have registered"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("no nodes have registered"), "{err}");
 }
 
 #[test]
@@ -439,17 +306,9 @@ fn the_message_lists_every_nodes_reason_in_plain_words_and_says_what_next() {
         text.starts_with("no node can take a 100.0 TiB thin volume. Of 3 nodes, 2 have too little room (node-a: 2.0 GiB free; node-b: room for 20.0 GiB at most: 1.0 GiB free, and thin volumes may add up to 20 times its 100.0 GiB pool (99.0 GiB promised already)), "),
         "{text}"
     );
-    assert!(
-        text.contains(
-            ", 1 is not reporting (node-c: last heartbeat 40s ago, the limit is 30s). Next: free space"
-        ),
-        "{text}"
-    );
+    assert!(text.contains(", 1 is not reporting (node-c: last heartbeat 40s ago, the limit is 30s). Next: free space"), "{text}");
     assert!(!text.contains("bytes"), "{text}");
-    assert!(
-        text.ends_with("check that the cinderblock node plugin runs on the stale nodes"),
-        "{text}"
-    );
+    assert!(text.ends_with("check that the cinderblock node plugin runs on the stale nodes"), "{text}");
 }
 
 #[test]
@@ -491,10 +350,7 @@ fn node_segments_and_matches() {
     assert!(matches(&zoned, &Segments::new()));
     assert!(!matches(&zoned, &zone("z2")));
     assert!(!matches(&bare, &zone("")));
-    assert!(!matches(
-        &bare,
-        &[("other".to_string(), "x".to_string())].into()
-    ));
+    assert!(!matches(&bare, &[("other".to_string(), "x".to_string())].into()));
     assert!(matches(&bare, &node_segments(&bare)));
 }
 
@@ -542,17 +398,11 @@ fn the_topology_index_agrees_with_matches() {
 fn a_node_per_entry_topology_list_schedules_the_selected_node() {
     // What the external provisioner sends with non-strict topology and
     // WaitForFirstConsumer: every node's topology, the selected one first.
-    let nodes: Vec<NodeState> = (0..200)
-        .map(|i| node(&format!("node-{i:03}"), &format!("z{}", i % 3), 20 + i % 50))
-        .collect();
+    let nodes: Vec<NodeState> = (0..200).map(|i| node(&format!("node-{i:03}"), &format!("z{}", i % 3), 20 + i % 50)).collect();
     let all: Vec<Segments> = nodes.iter().map(node_segments).collect();
     let mut preferred = all.clone();
     preferred.swap(0, 117);
-    let r = ScheduleRequest {
-        requisite: all,
-        preferred,
-        ..req(1)
-    };
+    let r = ScheduleRequest { requisite: all, preferred, ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     assert_eq!(got.len(), 200);
     assert_eq!(got[0].node_id, "node-117");
@@ -595,11 +445,7 @@ fn random_nodes(rng: &mut Rng) -> Vec<NodeState> {
     let ascending = rng.chance(50);
     (0..count)
         .map(|i| {
-            let id = if ascending {
-                format!("node-{i:03}")
-            } else {
-                format!("n{}", rng.below(count + count / 4 + 1))
-            };
+            let id = if ascending { format!("node-{i:03}") } else { format!("n{}", rng.below(count + count / 4 + 1)) };
             let free = rng.pick(&[0, 5, 20, 50, 50, 90]);
             let mut n = node(&id, rng.pick(&ZONES), free);
             n.capacity.provisioned += rng.pick(&[0, 10, 150]) * GB;
@@ -637,10 +483,7 @@ fn random_entry(rng: &mut Rng, nodes: &[NodeState]) -> Segments {
         }
         4 => {
             let mut entry = on_node(&random_id(rng, nodes));
-            entry.insert(
-                "topology.kubernetes.io/region".to_string(),
-                "r1".to_string(),
-            );
+            entry.insert("topology.kubernetes.io/region".to_string(), "r1".to_string());
             entry
         }
         _ => match nodes.len() {
@@ -657,9 +500,7 @@ fn random_list(rng: &mut Rng, nodes: &[NodeState]) -> Vec<Segments> {
     let mut per_node: Vec<Segments> = nodes.iter().map(node_segments).collect();
     match rng.below(6) {
         0 => Vec::new(),
-        1 => (0..rng.below(12))
-            .map(|_| random_entry(rng, nodes))
-            .collect(),
+        1 => (0..rng.below(12)).map(|_| random_entry(rng, nodes)).collect(),
         2 => per_node,
         3 => {
             per_node.rotate_left(rng.below(nodes.len().max(1)));
@@ -687,9 +528,7 @@ fn random_request(rng: &mut Rng, nodes: &[NodeState]) -> ScheduleRequest {
         requisite: random_list(rng, nodes),
         preferred: random_list(rng, nodes),
         pinned_node: rng.chance(10).then(|| random_id(rng, nodes)),
-        tried: (0..rng.pick(&[0, 0, 1, 3]))
-            .map(|_| random_id(rng, nodes))
-            .collect(),
+        tried: (0..rng.pick(&[0, 0, 1, 3])).map(|_| random_id(rng, nodes)).collect(),
         placement: rng.pick(&[Placement::Spread, Placement::Stack]),
         heartbeat_timeout_ms: rng.pick(&[30_000, 0]),
         ..req(0)
@@ -719,10 +558,7 @@ fn schedule_best_is_the_head_of_schedule() {
         }
     }
     // Both outcomes, and a best that only the ID picks, many times over.
-    assert!(
-        chosen > 1000 && tied > 200 && refused > 500,
-        "{chosen} chosen ({tied} tied), {refused} refused"
-    );
+    assert!(chosen > 1000 && tied > 200 && refused > 500, "{chosen} chosen ({tied} tied), {refused} refused");
 }
 
 #[test]
@@ -733,18 +569,11 @@ fn the_topology_index_agrees_with_matches_on_random_lists() {
         let lists = [random_list(&mut rng, &nodes), random_list(&mut rng, &nodes)];
         // Two lists share the node lookup, as in a request.
         let mut ids = None;
-        let indexes = lists
-            .each_ref()
-            .map(|list| TopologyIndex::new(list, &nodes, &mut ids));
+        let indexes = lists.each_ref().map(|list| TopologyIndex::new(list, &nodes, &mut ids));
         for (list, index) in lists.iter().zip(&indexes) {
             for (at, n) in nodes.iter().enumerate() {
                 let linear = list.iter().position(|s| matches(n, s)).map(|p| p as u32);
-                assert_eq!(
-                    index.first_match(n, at),
-                    linear,
-                    "case {case}: {} in {list:?}",
-                    n.id
-                );
+                assert_eq!(index.first_match(n, at), linear, "case {case}: {} in {list:?}", n.id);
             }
         }
     }

@@ -28,7 +28,6 @@ pub fn matches(node: &NodeState, topology: &Segments) -> bool {
     })
 }
 
-
 /// A word-at-a-time multiplicative hash (the Fx scheme): node IDs and
 /// zones are short, and SipHash's flood resistance buys nothing for lists
 /// the external provisioner builds from our own nodes' topology.
@@ -100,23 +99,13 @@ impl<'n> NodeIds<'n> {
     }
 
     fn new(nodes: &'n [NodeState]) -> Self {
-        NodeIds {
-            nodes,
-            ascending: nodes.windows(2).all(|w| w[0].id < w[1].id),
-            searches: 0,
-            map: None,
-        }
+        NodeIds { nodes, ascending: nodes.windows(2).all(|w| w[0].id < w[1].id), searches: 0, map: None }
     }
 
     /// Calls `visit` with the place of every node whose ID is `id`, and
     /// returns the last place visited. `guess` is where the caller expects
     /// the ID; any value is correct, a good one is faster.
-    fn each(
-        &mut self,
-        id: &str,
-        guess: Option<usize>,
-        mut visit: impl FnMut(usize),
-    ) -> Option<usize> {
+    fn each(&mut self, id: &str, guess: Option<usize>, mut visit: impl FnMut(usize)) -> Option<usize> {
         let nodes = self.nodes;
         let unique = self.ascending || self.map.as_ref().is_some_and(IdMap::unique);
         // With unique IDs, a node found at the guess is the only one.
@@ -131,9 +120,7 @@ impl<'n> NodeIds<'n> {
             visit(at);
             return Some(at);
         }
-        self.map
-            .get_or_insert_with(|| IdMap::new(nodes))
-            .each(id, visit)
+        self.map.get_or_insert_with(|| IdMap::new(nodes)).each(id, visit)
     }
 }
 
@@ -194,11 +181,7 @@ pub(super) struct TopologyIndex<'a> {
 }
 
 impl<'a> TopologyIndex<'a> {
-    pub(super) fn new<'n>(
-        list: &'a [Segments],
-        nodes: &'n [NodeState],
-        ids: &mut Option<NodeIds<'n>>,
-    ) -> Self {
+    pub(super) fn new<'n>(list: &'a [Segments], nodes: &'n [NodeState], ids: &mut Option<NodeIds<'n>>) -> Self {
         let mut index = TopologyIndex::default();
         // Where the next entry naming a node most likely finds it: after the
         // node of the entry before. None once the list has shown it is not
@@ -278,4 +261,3 @@ fn known_keys(segments: &Segments) -> Option<(Option<&str>, Option<&str>)> {
     }
     Some((node, zone))
 }
-

@@ -110,14 +110,7 @@ impl NodeView {
     pub fn new(settle_timeout: Duration) -> NodeView {
         let (loaded, _) = watch::channel(false);
         let (applied, _) = watch::channel(0);
-        NodeView {
-            inner: Arc::new(Inner {
-                state: Mutex::new(ViewState::default()),
-                loaded,
-                applied,
-                settle_timeout,
-            }),
-        }
+        NodeView { inner: Arc::new(Inner { state: Mutex::new(ViewState::default()), loaded, applied, settle_timeout }) }
     }
 
     /// A view that follows `store`: subscribes to its changes, reads every
@@ -246,10 +239,7 @@ impl NodeView {
             s.release(volume_id);
         }
         let best: Candidate = schedule_best_sorted(&s.nodes, req)?;
-        s.hold(
-            volume_id,
-            Held { node: best.node_id.clone(), size: req.size_bytes, provisioning: req.provisioning, settled: None },
-        );
+        s.hold(volume_id, Held { node: best.node_id.clone(), size: req.size_bytes, provisioning: req.provisioning, settled: None });
         drop(s);
         crate::metrics::METRICS.scheduler_seconds.observe(started.elapsed().as_secs_f64());
         Ok(Reservation { view: self.clone(), volume_id: volume_id.to_string(), node_id: best.node_id, weight: best.weight, settled: false })
@@ -344,12 +334,8 @@ impl ViewState {
     /// the report is overdue and the reservation goes (the node's own
     /// check still refuses what does not fit).
     fn expire_settled(&mut self, timeout: Duration) {
-        let stale: Vec<String> = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.settled.is_some_and(|t| t.elapsed() > timeout))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let stale: Vec<String> =
+            self.held.iter().filter(|(_, h)| h.settled.is_some_and(|t| t.elapsed() > timeout)).map(|(id, _)| id.clone()).collect();
         for id in stale {
             self.release(&id);
         }

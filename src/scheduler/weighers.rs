@@ -2,7 +2,6 @@
 
 use super::{Context, NodeState, Placement};
 
-
 /// One weigher: a raw figure per node (higher = better), scaled to 0..1 over
 /// the passing nodes, times the multiplier.
 pub(super) struct Weigher {
@@ -19,21 +18,9 @@ pub(super) struct Weigher {
 /// else is useless to it. Its raw figure is 1/(1 + position), so the gap
 /// between the best and any other position is at least half the scale.
 pub(super) const WEIGHERS: [Weigher; 3] = [
-    Weigher {
-        name: "preferred-topology",
-        multiplier: 5.0,
-        raw: preferred_order,
-    },
-    Weigher {
-        name: "capacity",
-        multiplier: 1.0,
-        raw: virtual_free,
-    },
-    Weigher {
-        name: "volume-count",
-        multiplier: 1.0,
-        raw: fewer_volumes,
-    },
+    Weigher { name: "preferred-topology", multiplier: 5.0, raw: preferred_order },
+    Weigher { name: "capacity", multiplier: 1.0, raw: virtual_free },
+    Weigher { name: "volume-count", multiplier: 1.0, raw: fewer_volumes },
 ];
 
 fn preferred_order(node: &NodeState, at: usize, ctx: &Context) -> f64 {
@@ -99,20 +86,11 @@ pub(super) fn weigh(passing: &[Scored]) -> impl Iterator<Item = f64> + '_ {
 /// flip the sign bit of positives, all bits of negatives, then invert).
 pub(super) fn descending(weight: f64) -> u64 {
     let bits = (weight + 0.0).to_bits(); // + 0.0: -0.0 becomes 0.0, a tie
-    let ascending = if bits >> 63 == 1 {
-        !bits
-    } else {
-        bits | 1 << 63
-    };
+    let ascending = if bits >> 63 == 1 { !bits } else { bits | 1 << 63 };
     !ascending
 }
 
 pub(super) fn weight_of(key: u64) -> f64 {
     let ascending = !key;
-    f64::from_bits(if ascending >> 63 == 1 {
-        ascending & !(1 << 63)
-    } else {
-        !ascending
-    })
+    f64::from_bits(if ascending >> 63 == 1 { ascending & !(1 << 63) } else { !ascending })
 }
-

@@ -17,10 +17,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
-use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, Table, TableDefinition,
-    WriteTransaction,
-};
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, Table, TableDefinition, WriteTransaction};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{Change, Feed, Kind, Store, StoreError, Versioned};
@@ -75,19 +72,12 @@ fn decode(path: &Path, kind: Kind, id: &str, row: &[u8]) -> Result<Versioned, St
             row.len()
         )));
     };
-    Ok(Versioned {
-        version: u64::from_be_bytes(*version),
-        value: value.to_vec(),
-    })
+    Ok(Versioned { version: u64::from_be_bytes(*version), value: value.to_vec() })
 }
 
 /// A redb failure as a Backend error that names the file and the operation.
 fn backend(path: &Path, what: &str, err: impl Into<redb::Error>) -> StoreError {
-    StoreError::Backend(format!(
-        "{what} in {}: {}; check the disk and the file's permissions",
-        path.display(),
-        err.into()
-    ))
+    StoreError::Backend(format!("{what} in {}: {}; check the disk and the file's permissions", path.display(), err.into()))
 }
 
 /// What a write does, checked against the row it finds.
@@ -123,48 +113,30 @@ impl EmbeddedStore {
                 ))
             })?;
         }
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|e| match e {
-                DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
-                    "{} is already open in another process (or by another store in this one); stop that process or use a different store file",
-                    path.display()
-                )),
-                e => backend(path, "opening the store", e),
-            })?;
+        let db = Database::builder().set_cache_size(CACHE_BYTES).create(path).map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => StoreError::Backend(format!(
+                "{} is already open in another process (or by another store in this one); stop that process or use a different store file",
+                path.display()
+            )),
+            e => backend(path, "opening the store", e),
+        })?;
         // Create every table now, so that reads never meet a missing table.
-        let txn = db
-            .begin_write()
-            .map_err(|e| backend(path, "creating the tables", e))?;
+        let txn = db.begin_write().map_err(|e| backend(path, "creating the tables", e))?;
         for kind in Kind::ALL {
-            txn.open_table(table(kind))
-                .map_err(|e| backend(path, "creating the tables", e))?;
+            txn.open_table(table(kind)).map_err(|e| backend(path, "creating the tables", e))?;
         }
-        txn.commit()
-            .map_err(|e| backend(path, "creating the tables", e))?;
+        txn.commit().map_err(|e| backend(path, "creating the tables", e))?;
         tracing::debug!(store.path = %path.display(), "embedded store open");
         let db = Arc::new(db);
         let path = Arc::new(path.to_path_buf());
         let changes = Arc::new(Feed::default());
         let (writes, queue) = mpsc::channel();
-        let committer = Committer {
-            db: db.clone(),
-            path: path.clone(),
-            changes: changes.clone(),
-        };
+        let committer = Committer { db: db.clone(), path: path.clone(), changes: changes.clone() };
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
             .spawn(move || committer.run(queue))
             .map_err(|e| StoreError::Backend(format!("starting the store's commit thread: {e}")))?;
-        Ok(EmbeddedStore {
-            db,
-            path,
-            writes: Some(writes),
-            committer: Some(thread),
-            changes,
-            alive: Mutex::new(HashMap::new()),
-        })
+        Ok(EmbeddedStore { db, path, writes: Some(writes), committer: Some(thread), changes, alive: Mutex::new(HashMap::new()) })
     }
 
     /// Runs a read on the blocking pool.
@@ -175,29 +147,20 @@ impl EmbeddedStore {
     {
         let db = self.db.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || f(&db, &path))
-            .await
-            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+        tokio::task::spawn_blocking(move || f(&db, &path)).await.map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
     }
 
     /// Queues one write and waits until the transaction holding it is durable.
     async fn write(&self, kind: Kind, id: &str, op: Op) -> Result<u64, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let write = Write {
-            kind,
-            id: id.to_string(),
-            op,
-            reply,
-        };
+        let write = Write { kind, id: id.to_string(), op, reply };
         let stopped = || StoreError::Backend("the store's commit thread has stopped".into());
         self.writes
             .as_ref()
             .ok_or_else(stopped)?
             .send(write)
             .map_err(|_| StoreError::Backend("the store's commit thread has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Backend("the store's commit thread has stopped".into()))?
+        answer.await.map_err(|_| StoreError::Backend("the store's commit thread has stopped".into()))?
     }
 }
 
@@ -260,57 +223,30 @@ impl Committer {
         let path = &*self.path;
         let (kind, id) = (w.kind, w.id.as_str());
         let what = format!("writing {} {id:?}", kind.as_str());
-        let mut t = txn
-            .open_table(table(kind))
-            .map_err(|e| backend(path, &what, e))?;
+        let mut t = txn.open_table(table(kind)).map_err(|e| backend(path, &what, e))?;
         let current = match t.get(id).map_err(|e| backend(path, &what, e))? {
             Some(row) => Some(decode(path, kind, id, row.value())?),
             None => None,
         };
-        let conflict = |expected: u64, actual: u64| StoreError::Conflict {
-            kind: kind.as_str(),
-            id: id.to_string(),
-            expected,
-            actual,
-        };
+        let conflict = |expected: u64, actual: u64| StoreError::Conflict { kind: kind.as_str(), id: id.to_string(), expected, actual };
         let (version, value) = match (&w.op, current) {
             (Op::Create(_), Some(existing)) => {
-                return Ok(Err(StoreError::AlreadyExists {
-                    kind: kind.as_str(),
-                    id: id.to_string(),
-                    existing,
-                }))
+                return Ok(Err(StoreError::AlreadyExists { kind: kind.as_str(), id: id.to_string(), existing }))
             }
             (Op::Create(value), None) => (1, value),
-            (Op::Update(..), None) => {
-                return Ok(Err(StoreError::NotFound {
-                    kind: kind.as_str(),
-                    id: id.to_string(),
-                }))
-            }
-            (Op::Update(_, expected), Some(cur)) if cur.version != *expected => {
-                return Ok(Err(conflict(*expected, cur.version)))
-            }
+            (Op::Update(..), None) => return Ok(Err(StoreError::NotFound { kind: kind.as_str(), id: id.to_string() })),
+            (Op::Update(_, expected), Some(cur)) if cur.version != *expected => return Ok(Err(conflict(*expected, cur.version))),
             (Op::Update(value, _), Some(cur)) => (cur.version + 1, value),
             (Op::Put(value), cur) => (cur.map_or(1, |c| c.version + 1), value),
             (Op::Delete(_), None) => return Ok(Ok((0, deleted(kind, id)))),
-            (Op::Delete(Some(expected)), Some(cur)) if cur.version != *expected => {
-                return Ok(Err(conflict(*expected, cur.version)))
-            }
+            (Op::Delete(Some(expected)), Some(cur)) if cur.version != *expected => return Ok(Err(conflict(*expected, cur.version))),
             (Op::Delete(_), Some(_)) => {
                 t.remove(id).map_err(|e| backend(path, &what, e))?;
                 return Ok(Ok((0, deleted(kind, id))));
             }
         };
         insert(&mut t, id, version, value).map_err(|e| backend(path, &what, e))?;
-        let change = Change::Record {
-            kind,
-            id: id.to_string(),
-            value: Some(Versioned {
-                version,
-                value: value.clone(),
-            }),
-        };
+        let change = Change::Record { kind, id: id.to_string(), value: Some(Versioned { version, value: value.clone() }) };
         Ok(Ok((version, change)))
     }
 
@@ -319,9 +255,7 @@ impl Committer {
     fn answer(&self, batch: Vec<Write>, results: Vec<Applied>) {
         let mut results = results.into_iter();
         for w in batch {
-            let result = results
-                .next()
-                .unwrap_or_else(|| Err(StoreError::Backend("the write was not applied".into())));
+            let result = results.next().unwrap_or_else(|| Err(StoreError::Backend("the write was not applied".into())));
             match result {
                 Ok((version, change)) => {
                     self.changes.send(change);
@@ -336,19 +270,10 @@ impl Committer {
 }
 
 fn deleted(kind: Kind, id: &str) -> Change {
-    Change::Record {
-        kind,
-        id: id.to_string(),
-        value: None,
-    }
+    Change::Record { kind, id: id.to_string(), value: None }
 }
 
-fn insert(
-    t: &mut Table<&'static str, &'static [u8]>,
-    id: &str,
-    version: u64,
-    value: &[u8],
-) -> Result<(), redb::StorageError> {
+fn insert(t: &mut Table<&'static str, &'static [u8]>, id: &str, version: u64, value: &[u8]) -> Result<(), redb::StorageError> {
     t.insert(id, encode(version, value).as_slice())?;
     Ok(())
 }
@@ -360,9 +285,7 @@ impl Store for EmbeddedStore {
         self.read(move |db, path| {
             let what = format!("reading {} {id:?}", kind.as_str());
             let txn = db.begin_read().map_err(|e| backend(path, &what, e))?;
-            let t = txn
-                .open_table(table(kind))
-                .map_err(|e| backend(path, &what, e))?;
+            let t = txn.open_table(table(kind)).map_err(|e| backend(path, &what, e))?;
             match t.get(id.as_str()).map_err(|e| backend(path, &what, e))? {
                 Some(row) => Ok(Some(decode(path, kind, &id, row.value())?)),
                 None => Ok(None),
@@ -371,19 +294,12 @@ impl Store for EmbeddedStore {
         .await
     }
 
-    async fn list_page(
-        &self,
-        kind: Kind,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+    async fn list_page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Versioned)>, StoreError> {
         let after = after.map(str::to_string);
         self.read(move |db, path| {
             let what = format!("listing {}", kind.as_str());
             let txn = db.begin_read().map_err(|e| backend(path, &what, e))?;
-            let t = txn
-                .open_table(table(kind))
-                .map_err(|e| backend(path, &what, e))?;
+            let t = txn.open_table(table(kind)).map_err(|e| backend(path, &what, e))?;
             // redb orders &str keys by their bytes, which is the order we promise.
             let start = match &after {
                 Some(a) => Bound::Excluded(a.as_str()),
@@ -407,13 +323,7 @@ impl Store for EmbeddedStore {
         self.write(kind, id, Op::Create(value)).await
     }
 
-    async fn update(
-        &self,
-        kind: Kind,
-        id: &str,
-        value: Vec<u8>,
-        expected: u64,
-    ) -> Result<u64, StoreError> {
+    async fn update(&self, kind: Kind, id: &str, value: Vec<u8>, expected: u64) -> Result<u64, StoreError> {
         self.write(kind, id, Op::Update(value, expected)).await
     }
 
@@ -438,14 +348,8 @@ impl Store for EmbeddedStore {
     /// again within one heartbeat.
     async fn renew_liveness(&self, node: &str) -> Result<bool, StoreError> {
         let at_ms = crate::volume::records::now_ms();
-        self.alive
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_string(), at_ms);
-        self.changes.send(Change::Alive {
-            node: node.to_string(),
-            at_ms,
-        });
+        self.alive.lock().unwrap_or_else(|p| p.into_inner()).insert(node.to_string(), at_ms);
+        self.changes.send(Change::Alive { node: node.to_string(), at_ms });
         Ok(self.get(Kind::Node, node).await?.is_none())
     }
 

@@ -63,22 +63,11 @@ pub struct Versioned {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{kind} {id:?} already exists")]
-    AlreadyExists {
-        kind: &'static str,
-        id: String,
-        existing: Versioned,
-    },
+    AlreadyExists { kind: &'static str, id: String, existing: Versioned },
     #[error("{kind} {id:?} does not exist")]
     NotFound { kind: &'static str, id: String },
-    #[error(
-        "{kind} {id:?} changed since it was read (version {expected} expected, {actual} found); read it again"
-    )]
-    Conflict {
-        kind: &'static str,
-        id: String,
-        expected: u64,
-        actual: u64,
-    },
+    #[error("{kind} {id:?} changed since it was read (version {expected} expected, {actual} found); read it again")]
+    Conflict { kind: &'static str, id: String, expected: u64, actual: u64 },
     #[error("store: {0}")]
     Backend(String),
 }
@@ -164,22 +153,11 @@ pub trait Store: Send + Sync + 'static {
     /// At most `limit` records of a kind whose ids come after `after` (all
     /// when None), ordered by id: a page whose cost does not grow with the
     /// number of records.
-    async fn list_page(
-        &self,
-        kind: Kind,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Versioned)>, StoreError>;
+    async fn list_page(&self, kind: Kind, after: Option<&str>, limit: usize) -> Result<Vec<(String, Versioned)>, StoreError>;
     /// Insert; fails with AlreadyExists (carrying the existing value) if the id is taken. Returns version 1.
     async fn create(&self, kind: Kind, id: &str, value: Vec<u8>) -> Result<u64, StoreError>;
     /// Replace only if the stored version equals `expected`; returns the new version.
-    async fn update(
-        &self,
-        kind: Kind,
-        id: &str,
-        value: Vec<u8>,
-        expected: u64,
-    ) -> Result<u64, StoreError>;
+    async fn update(&self, kind: Kind, id: &str, value: Vec<u8>, expected: u64) -> Result<u64, StoreError>;
     /// Insert or replace regardless of version (for heartbeats); returns the new version.
     async fn put(&self, kind: Kind, id: &str, value: Vec<u8>) -> Result<u64, StoreError>;
     /// Remove; with Some(v) only if the version matches (Conflict otherwise); a missing id is Ok.
@@ -210,35 +188,19 @@ fn decode<T: DeserializeOwned>(kind: Kind, id: &str, bytes: &[u8]) -> Result<T, 
 }
 
 fn encode<T: Serialize>(kind: Kind, id: &str, v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| {
-        StoreError::Backend(format!(
-            "{} {id:?} cannot be encoded as JSON: {e}",
-            kind.as_str()
-        ))
-    })
+    serde_json::to_vec(v).map_err(|e| StoreError::Backend(format!("{} {id:?} cannot be encoded as JSON: {e}", kind.as_str())))
 }
 
 /// Typed helpers over any Store for serde records (JSON values).
-pub async fn get_json<T: DeserializeOwned>(
-    s: &dyn Store,
-    kind: Kind,
-    id: &str,
-) -> Result<Option<(T, u64)>, StoreError> {
+pub async fn get_json<T: DeserializeOwned>(s: &dyn Store, kind: Kind, id: &str) -> Result<Option<(T, u64)>, StoreError> {
     match s.get(kind, id).await? {
         Some(v) => Ok(Some((decode(kind, id, &v.value)?, v.version))),
         None => Ok(None),
     }
 }
 
-pub async fn list_json<T: DeserializeOwned>(
-    s: &dyn Store,
-    kind: Kind,
-) -> Result<Vec<(T, u64)>, StoreError> {
-    s.list(kind)
-        .await?
-        .into_iter()
-        .map(|(id, v)| Ok((decode(kind, &id, &v.value)?, v.version)))
-        .collect()
+pub async fn list_json<T: DeserializeOwned>(s: &dyn Store, kind: Kind) -> Result<Vec<(T, u64)>, StoreError> {
+    s.list(kind).await?.into_iter().map(|(id, v)| Ok((decode(kind, &id, &v.value)?, v.version))).collect()
 }
 
 /// One page of records (see `Store::list_page`), decoded.
@@ -260,11 +222,7 @@ pub async fn list_page_json<T: DeserializeOwned>(
 
 /// Calls `visit` with every record of a kind, a page at a time, so that
 /// only one page is ever decoded in memory.
-pub async fn for_each_json<T: DeserializeOwned>(
-    s: &dyn Store,
-    kind: Kind,
-    mut visit: impl FnMut(T, u64),
-) -> Result<(), StoreError> {
+pub async fn for_each_json<T: DeserializeOwned>(s: &dyn Store, kind: Kind, mut visit: impl FnMut(T, u64)) -> Result<(), StoreError> {
     let mut after: Option<String> = None;
     loop {
         let page = list_page_json::<T>(s, kind, after.as_deref(), PAGE).await?;
@@ -283,30 +241,14 @@ pub fn decode_json<T: DeserializeOwned>(kind: Kind, id: &str, bytes: &[u8]) -> R
     decode(kind, id, bytes)
 }
 
-pub async fn create_json<T: Serialize>(
-    s: &dyn Store,
-    kind: Kind,
-    id: &str,
-    v: &T,
-) -> Result<u64, StoreError> {
+pub async fn create_json<T: Serialize>(s: &dyn Store, kind: Kind, id: &str, v: &T) -> Result<u64, StoreError> {
     s.create(kind, id, encode(kind, id, v)?).await
 }
 
-pub async fn update_json<T: Serialize>(
-    s: &dyn Store,
-    kind: Kind,
-    id: &str,
-    v: &T,
-    expected: u64,
-) -> Result<u64, StoreError> {
+pub async fn update_json<T: Serialize>(s: &dyn Store, kind: Kind, id: &str, v: &T, expected: u64) -> Result<u64, StoreError> {
     s.update(kind, id, encode(kind, id, v)?, expected).await
 }
 
-pub async fn put_json<T: Serialize>(
-    s: &dyn Store,
-    kind: Kind,
-    id: &str,
-    v: &T,
-) -> Result<u64, StoreError> {
+pub async fn put_json<T: Serialize>(s: &dyn Store, kind: Kind, id: &str, v: &T) -> Result<u64, StoreError> {
     s.put(kind, id, encode(kind, id, v)?).await
 }

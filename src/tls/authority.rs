@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 
 use super::{files, Peer, TlsError};
@@ -133,8 +133,8 @@ impl Authority {
     /// established by other means. The request contributes only its public
     /// key (its signature is checked); names and uses come from `peer`.
     pub fn sign_request(&self, csr_pem: &str, peer: &Peer, validity: Duration) -> Result<String, TlsError> {
-        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| TlsError::Invalid(format!("certificate request: {e}")))?;
+        let mut csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| TlsError::Invalid(format!("certificate request: {e}")))?;
         csr.params = leaf_params(peer, validity)?;
         Ok(csr.signed_by(&self.issuer).map_err(err)?.pem())
     }

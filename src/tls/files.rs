@@ -130,10 +130,7 @@ impl TlsDir {
     /// Load a certificate folder; it must be complete and consistent now.
     pub fn open(dir: &Path) -> Result<Arc<TlsDir>, TlsError> {
         let current = Arc::new(load(dir, 1)?);
-        Ok(Arc::new(TlsDir {
-            dir: dir.to_path_buf(),
-            state: Mutex::new(State { current, stamp: stamp(dir), checked: Instant::now() }),
-        }))
+        Ok(Arc::new(TlsDir { dir: dir.to_path_buf(), state: Mutex::new(State { current, stamp: stamp(dir), checked: Instant::now() }) }))
     }
 
     pub fn path(&self) -> &Path {
@@ -154,7 +151,9 @@ impl TlsDir {
                         st.current = Arc::new(m);
                         st.stamp = now;
                     }
-                    Err(e) => warn!(dir = %self.dir.display(), error = %e, "certificates changed on disk but do not load yet; keeping the previous ones"),
+                    Err(e) => {
+                        warn!(dir = %self.dir.display(), error = %e, "certificates changed on disk but do not load yet; keeping the previous ones")
+                    }
                 }
             }
         }

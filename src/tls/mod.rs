@@ -102,10 +102,9 @@ pub fn peers_of(cert_der: &[u8]) -> Vec<Peer> {
         .iter()
         .filter_map(|n| match n {
             GeneralName::DNSName(d) if *d == CONTROLLER_NAME => Some(Peer::Controller),
-            GeneralName::DNSName(d) => d
-                .strip_suffix(NODE_NAME_SUFFIX)
-                .filter(|id| node_dns_name(id).is_ok())
-                .map(|id| Peer::Node(id.to_string())),
+            GeneralName::DNSName(d) => {
+                d.strip_suffix(NODE_NAME_SUFFIX).filter(|id| node_dns_name(id).is_ok()).map(|id| Peer::Node(id.to_string()))
+            }
             _ => None,
         })
         .collect()

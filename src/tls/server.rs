@@ -74,10 +74,7 @@ impl ClientCertVerifier for NamedClientVerifier {
         let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let peers = peers_of(end_entity);
         if !self.rule.admits(&peers) {
-            return Err(rustls::Error::General(format!(
-                "client certificate names {peers:?}; this server admits {:?} only",
-                self.rule
-            )));
+            return Err(rustls::Error::General(format!("client certificate names {peers:?}; this server admits {:?} only", self.rule)));
         }
         Ok(ok)
     }
@@ -180,11 +177,7 @@ impl AsyncWrite for TlsConn {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -202,10 +195,7 @@ impl tonic::transport::server::Connected for TlsConn {
 /// Accept on `listener`, handshake each connection on its own task (a slow
 /// or hostile client holds up nobody), and yield the verified ones. Refused
 /// handshakes are logged with the peer's address and the reason.
-pub fn serve_incoming(
-    listener: TcpListener,
-    tls: Arc<ServerTls>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+pub fn serve_incoming(listener: TcpListener, tls: Arc<ServerTls>) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {

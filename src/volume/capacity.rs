@@ -58,14 +58,12 @@ impl std::fmt::Display for Shortfall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Shortfall::NoCapacity => write!(f, "the pool reports no capacity"),
-            Shortfall::OverSubscribed { ratio_after, max_ratio } => write!(
-                f,
-                "provisioned/total would be {ratio_after:.2}, above the max over-subscription ratio {max_ratio:.2}"
-            ),
-            Shortfall::NotEnoughFree { requested, available } => write!(
-                f,
-                "{requested} bytes requested but only {available} bytes usable after the reserve"
-            ),
+            Shortfall::OverSubscribed { ratio_after, max_ratio } => {
+                write!(f, "provisioned/total would be {ratio_after:.2}, above the max over-subscription ratio {max_ratio:.2}")
+            }
+            Shortfall::NotEnoughFree { requested, available } => {
+                write!(f, "{requested} bytes requested but only {available} bytes usable after the reserve")
+            }
         }
     }
 }
@@ -89,19 +87,13 @@ impl PoolCapacity {
         if provisioning == Provisioning::Thin && self.thin_overcommits() {
             let ratio_after = (self.provisioned as f64 + size as f64) / self.total as f64;
             if ratio_after > self.max_over_subscription_ratio {
-                return Err(Shortfall::OverSubscribed {
-                    ratio_after,
-                    max_ratio: self.max_over_subscription_ratio,
-                });
+                return Err(Shortfall::OverSubscribed { ratio_after, max_ratio: self.max_over_subscription_ratio });
             }
             let virtual_free = usable as f64 * self.max_over_subscription_ratio;
             if virtual_free >= size as f64 {
                 return Ok(());
             }
-            return Err(Shortfall::NotEnoughFree {
-                requested: size,
-                available: virtual_free as u64,
-            });
+            return Err(Shortfall::NotEnoughFree { requested: size, available: virtual_free as u64 });
         }
         if usable >= size {
             Ok(())
@@ -163,10 +155,7 @@ mod tests {
         // total 500, free 200, reserve 10% = 50: usable 150.
         let p = pool(500, 200, 0, 1.0, 10);
         assert!(p.fits(150 * GB, Provisioning::Thick).is_ok());
-        assert!(matches!(
-            p.fits(151 * GB, Provisioning::Thick),
-            Err(Shortfall::NotEnoughFree { .. })
-        ));
+        assert!(matches!(p.fits(151 * GB, Provisioning::Thick), Err(Shortfall::NotEnoughFree { .. })));
     }
 
     #[test]
@@ -181,20 +170,14 @@ mod tests {
     fn thin_fails_above_over_subscription_ratio() {
         // (400 + 200) / 500 = 1.2 > 1.0
         let p = pool(500, 200, 400, 1.0, 0);
-        assert!(matches!(
-            p.fits(200 * GB, Provisioning::Thin),
-            Err(Shortfall::OverSubscribed { .. })
-        ));
+        assert!(matches!(p.fits(200 * GB, Provisioning::Thin), Err(Shortfall::OverSubscribed { .. })));
     }
 
     #[test]
     fn thin_fails_when_virtual_free_too_small() {
         // ratio 20: (1000 + 100)/500 = 2.2 fine, but free 10 - reserve 5% (25) < 0.
         let p = pool(500, 10, 1000, 20.0, 5);
-        assert!(matches!(
-            p.fits(100 * GB, Provisioning::Thin),
-            Err(Shortfall::NotEnoughFree { .. })
-        ));
+        assert!(matches!(p.fits(100 * GB, Provisioning::Thin), Err(Shortfall::NotEnoughFree { .. })));
     }
 
     #[test]

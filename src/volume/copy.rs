@@ -34,10 +34,7 @@ pub fn reflink(src: &File, dst: &File) -> io::Result<()> {
 }
 
 fn reflink_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS)
-    )
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS))
 }
 
 /// Copy only the data segments of `src` (found with SEEK_DATA/SEEK_HOLE),

@@ -17,7 +17,11 @@ pub enum VolumeError {
     #[error("size {requested} bytes is out of range: {reason}")]
     OutOfRange { requested: u64, reason: String },
     #[error("{context}: {source}")]
-    Io { context: String, #[source] source: io::Error },
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("snapshot of volume {volume:?} not taken: {reason}")]
     Freeze { volume: String, reason: String },
     #[error("{kind} {id:?} is broken on this node: {reason}; its files are left as they are for a person to repair (deleting it moves them to orphaned/)")]

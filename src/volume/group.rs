@@ -48,10 +48,7 @@ impl GroupFreezes {
     /// The group holding `volume` frozen, and whether its time is still running.
     pub(super) fn holder(&self, volume: &str) -> Option<(String, bool)> {
         let now = Instant::now();
-        self.lock()
-            .iter()
-            .find(|(_, h)| h.members.contains_key(volume))
-            .map(|(g, h)| (g.clone(), now < h.until))
+        self.lock().iter().find(|(_, h)| h.members.contains_key(volume)).map(|(g, h)| (g.clone(), now < h.until))
     }
 }
 
@@ -60,18 +57,10 @@ impl Pool {
     /// them or none, and hold them for group `group` until `thaw_group` or
     /// `max` (then the watchdogs thaw them). Repeating it for a group that
     /// holds the same volumes is success.
-    pub fn freeze_group(
-        &self,
-        group: &str,
-        volumes: &[String],
-        max: Duration,
-    ) -> Result<Vec<String>, VolumeError> {
+    pub fn freeze_group(&self, group: &str, volumes: &[String], max: Duration) -> Result<Vec<String>, VolumeError> {
         validate_id("group snapshot id", group)?;
         if volumes.is_empty() {
-            return Err(VolumeError::Invalid {
-                what: "volume list",
-                reason: "no volume to freeze".into(),
-            });
+            return Err(VolumeError::Invalid { what: "volume list", reason: "no volume to freeze".into() });
         }
         let max = max.min(MAX_GROUP_FREEZE);
         let mut sorted: Vec<String> = volumes.to_vec();
@@ -91,19 +80,11 @@ impl Pool {
                     false => Err(VolumeError::Conflict {
                         kind: "group freeze",
                         id: group.to_string(),
-                        detail: format!(
-                            "it holds volumes {:?} (or its time ran out); thaw it first",
-                            h.members.keys().collect::<Vec<_>>()
-                        ),
+                        detail: format!("it holds volumes {:?} (or its time ran out); thaw it first", h.members.keys().collect::<Vec<_>>()),
                     }),
                 };
             }
-            if let Some((g, v)) = held.iter().find_map(|(g, h)| {
-                sorted
-                    .iter()
-                    .find(|v| h.members.contains_key(*v))
-                    .map(|v| (g, v))
-            }) {
+            if let Some((g, v)) = held.iter().find_map(|(g, h)| sorted.iter().find(|v| h.members.contains_key(*v)).map(|v| (g, v))) {
                 return Err(VolumeError::Freeze {
                     volume: v.clone(),
                     reason: format!("group snapshot {g} holds it frozen; retry when that one ends"),
@@ -114,13 +95,8 @@ impl Pool {
         let mut members = BTreeMap::new();
         for v in &sorted {
             let image = self.volume_image(v);
-            let opened = File::open(&image)
-                .map_err(VolumeError::io(format!("opening {}", image.display())))?;
-            let copy_time = if self.reflink() {
-                0
-            } else {
-                copy::allocated_bytes(&opened).unwrap_or(0) / (20 << 20)
-            };
+            let opened = File::open(&image).map_err(VolumeError::io(format!("opening {}", image.display())))?;
+            let copy_time = if self.reflink() { 0 } else { copy::allocated_bytes(&opened).unwrap_or(0) / (20 << 20) };
             let limit = max + Duration::from_secs(copy_time);
             // On an error the freezes made so far are dropped, which thaws them.
             let frozen = self.freeze_with(&image, limit)?;
@@ -128,13 +104,7 @@ impl Pool {
         }
         let filesystems = members.values().filter(|f| f.is_some()).count();
         info!(group, volumes = ?sorted, filesystems, took_ms = started.elapsed().as_millis() as u64, "volumes frozen for a group snapshot");
-        self.groups.lock().insert(
-            group.to_string(),
-            Held {
-                members,
-                until: started + max,
-            },
-        );
+        self.groups.lock().insert(group.to_string(), Held { members, until: started + max });
         Ok(sorted)
     }
 
@@ -155,11 +125,7 @@ impl Pool {
                 }
             }
         }
-        info!(
-            group,
-            thawed_early = early.len(),
-            "group snapshot's volumes thawed"
-        );
+        info!(group, thawed_early = early.len(), "group snapshot's volumes thawed");
         Ok(early)
     }
 
@@ -230,33 +196,20 @@ mod tests {
         volume(&pool, "vol-b");
         let members = vec!["vol-b".to_string(), "vol-a".to_string()];
         let limit = Duration::from_secs(30);
-        assert_eq!(
-            pool.freeze_group("group-1", &members, limit).unwrap(),
-            ["vol-a", "vol-b"]
-        );
+        assert_eq!(pool.freeze_group("group-1", &members, limit).unwrap(), ["vol-a", "vol-b"]);
         assert_eq!(frozen.load(Ordering::SeqCst), 2);
         // A repeat holds what it holds; another group or other members do not get in.
         pool.freeze_group("group-1", &members, limit).unwrap();
         assert_eq!(frozen.load(Ordering::SeqCst), 2);
-        assert!(matches!(
-            pool.freeze_group("group-2", &["vol-a".to_string()], limit),
-            Err(VolumeError::Freeze { .. })
-        ));
-        assert!(matches!(
-            pool.freeze_group("group-1", &["vol-a".to_string()], limit),
-            Err(VolumeError::Conflict { .. })
-        ));
+        assert!(matches!(pool.freeze_group("group-2", &["vol-a".to_string()], limit), Err(VolumeError::Freeze { .. })));
+        assert!(matches!(pool.freeze_group("group-1", &["vol-a".to_string()], limit), Err(VolumeError::Conflict { .. })));
         // A plain snapshot waits for the group; the group's own is cut without a second freeze.
-        assert!(matches!(
-            pool.create_snapshot("snap-x", "vol-a", Default::default()),
-            Err(VolumeError::Freeze { .. })
-        ));
+        assert!(matches!(pool.create_snapshot("snap-x", "vol-a", Default::default()), Err(VolumeError::Freeze { .. })));
         assert!(matches!(
             pool.create_snapshot_in_group("snap-y", "vol-a", Default::default(), Some("group-2")),
             Err(VolumeError::Freeze { .. })
         ));
-        pool.create_snapshot_in_group("snap-a", "vol-a", Default::default(), Some("group-1"))
-            .unwrap();
+        pool.create_snapshot_in_group("snap-a", "vol-a", Default::default(), Some("group-1")).unwrap();
         assert_eq!(frozen.load(Ordering::SeqCst), 2);
         assert_eq!(pool.thaw_group("group-1").unwrap(), vec![]);
         assert_eq!(thawed.load(Ordering::SeqCst), 2);
@@ -266,26 +219,12 @@ mod tests {
             pool.create_snapshot_in_group("snap-b", "vol-b", Default::default(), Some("group-1")),
             Err(VolumeError::Freeze { .. })
         ));
-        pool.create_snapshot("snap-x", "vol-a", Default::default())
-            .unwrap();
+        pool.create_snapshot("snap-x", "vol-a", Default::default()).unwrap();
         // Unknown volumes and bad IDs change nothing.
-        assert!(matches!(
-            pool.freeze_group("group-3", &["vol-zz".to_string()], limit),
-            Err(VolumeError::NotFound { .. })
-        ));
-        assert!(matches!(
-            pool.freeze_group("../x", &members, limit),
-            Err(VolumeError::Invalid { .. })
-        ));
-        assert!(matches!(
-            pool.freeze_group("group-3", &[], limit),
-            Err(VolumeError::Invalid { .. })
-        ));
-        assert_eq!(
-            frozen.load(Ordering::SeqCst),
-            3,
-            "only the plain snapshot froze again"
-        );
+        assert!(matches!(pool.freeze_group("group-3", &["vol-zz".to_string()], limit), Err(VolumeError::NotFound { .. })));
+        assert!(matches!(pool.freeze_group("../x", &members, limit), Err(VolumeError::Invalid { .. })));
+        assert!(matches!(pool.freeze_group("group-3", &[], limit), Err(VolumeError::Invalid { .. })));
+        assert_eq!(frozen.load(Ordering::SeqCst), 3, "only the plain snapshot froze again");
     }
 }
 
@@ -312,7 +251,13 @@ mod real_freeze {
         let mut cleanup = Cleanup::default();
         let (pool, _) = Pool::open(&dir.path().join("pool"), PoolConfig::default()).unwrap();
         pool.set_freezer(Arc::new(crate::node::freeze::MountedFilesystems));
-        let req = CreateVolume { id: "vol-f".into(), size_bytes: 32 << 20, provisioning: Provisioning::Thin, source: None, metadata: Default::default() };
+        let req = CreateVolume {
+            id: "vol-f".into(),
+            size_bytes: 32 << 20,
+            provisioning: Provisioning::Thin,
+            source: None,
+            metadata: Default::default(),
+        };
         pool.create_volume(req).unwrap();
         let handle = loopdev::attach(&pool.volume_image("vol-f"), AttachOptions::for_filesystem(false)).unwrap();
         cleanup.attached(&handle.device);

@@ -10,11 +10,7 @@ impl Pool {
     /// Why volume `id` is not healthy here, or None. Cheap: a stat and a
     /// statvfs, no data read.
     pub fn volume_problem(&self, id: &str) -> Option<String> {
-        if let Some(b) = self
-            .broken()
-            .into_iter()
-            .find(|b| b.kind == "volume" && b.id == id)
-        {
+        if let Some(b) = self.broken().into_iter().find(|b| b.kind == "volume" && b.id == id) {
             return Some(format!("its image is broken on this node: {}", b.reason));
         }
         let image = self.volume_image(id);
@@ -59,9 +55,7 @@ mod tests {
         pool.create_volume(req).unwrap();
         assert_eq!(pool.volume_problem("vol-h"), None);
         std::fs::remove_file(pool.volume_image("vol-h")).unwrap();
-        let why = pool
-            .volume_problem("vol-h")
-            .expect("a missing image is a problem");
+        let why = pool.volume_problem("vol-h").expect("a missing image is a problem");
         assert!(why.contains("missing"), "{why}");
     }
 }

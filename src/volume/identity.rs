@@ -33,8 +33,7 @@ pub fn read(root: &Path) -> Result<Option<PoolRecord>, VolumeError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(bad(format!("cannot read it: {e}"))),
     };
-    let record: PoolRecord =
-        serde_json::from_slice(&bytes).map_err(|e| bad(format!("it is not a pool record: {e}")))?;
+    let record: PoolRecord = serde_json::from_slice(&bytes).map_err(|e| bad(format!("it is not a pool record: {e}")))?;
     uuid::Uuid::parse_str(&record.uuid).map_err(|e| bad(format!("uuid {:?} is not a UUID: {e}", record.uuid)))?;
     Ok(Some(record))
 }
@@ -45,8 +44,7 @@ pub fn read(root: &Path) -> Result<Option<PoolRecord>, VolumeError> {
 pub fn create(root: &Path, adopted: bool) -> Result<PoolRecord, VolumeError> {
     let record = PoolRecord { uuid: uuid::Uuid::new_v4().to_string(), created_at_ms: records::now_ms() };
     let path = root.join(POOL_RECORD);
-    records::write_record(&path, &record)
-        .map_err(VolumeError::io(format!("writing pool record {}", path.display())))?;
+    records::write_record(&path, &record).map_err(VolumeError::io(format!("writing pool record {}", path.display())))?;
     if adopted {
         warn!(pool = %root.display(), pool.uuid = %record.uuid, "pool had no identity (made by an older version); gave it one");
     } else {

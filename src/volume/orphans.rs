@@ -84,7 +84,8 @@ impl Pool {
         // Record first, image second: a crash between the two leaves an
         // image without a record, which the next open also moves here.
         let pool_dir = self.root.join(k.dir());
-        std::fs::rename(self.path(k, id, "json"), dir.join(format!("{name}.json"))).map_err(VolumeError::io("moving the record to orphaned/"))?;
+        std::fs::rename(self.path(k, id, "json"), dir.join(format!("{name}.json")))
+            .map_err(VolumeError::io("moving the record to orphaned/"))?;
         records::sync_dir(&pool_dir).map_err(VolumeError::io("syncing pool folder"))?;
         match std::fs::rename(self.path(k, id, "img"), dir.join(format!("{name}.img"))) {
             Ok(()) => {}

@@ -28,9 +28,9 @@ use super::copy::{self, CopyMethod};
 use super::error::VolumeError;
 use super::freeze::Freezer;
 use super::identity;
-use crate::keyed_locks::KeyedLocks;
 use super::records::{self, SnapshotRecord, State, VolumeRecord, VolumeSource};
 use super::{validate_id, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES};
+use crate::keyed_locks::KeyedLocks;
 
 mod copy_target;
 
@@ -210,12 +210,9 @@ impl Pool {
         let record = identity::read(root)?;
         let adopted = record.is_none() && root.join("volumes").is_dir();
         for d in ["volumes", "snapshots", "orphaned"] {
-            std::fs::create_dir_all(root.join(d))
-                .map_err(VolumeError::io(format!("creating pool folder {}", root.join(d).display())))?;
+            std::fs::create_dir_all(root.join(d)).map_err(VolumeError::io(format!("creating pool folder {}", root.join(d).display())))?;
         }
-        let root = root
-            .canonicalize()
-            .map_err(VolumeError::io(format!("resolving pool folder {}", root.display())))?;
+        let root = root.canonicalize().map_err(VolumeError::io(format!("resolving pool folder {}", root.display())))?;
         let reflink = config.allow_reflink
             && copy::probe_reflink(&root.join("volumes"))
                 .map_err(VolumeError::io(format!("probing reflink support in {}", root.display())))?;
@@ -345,7 +342,9 @@ impl Pool {
                             warn!(image = %image.display(), "image without a record moved to orphaned/");
                             report.orphaned.push(kind.lock_key(&id));
                         }
-                        Err(e) => warn!(image = %image.display(), error = %e, "image without a record could not be moved to orphaned/; left in place"),
+                        Err(e) => {
+                            warn!(image = %image.display(), error = %e, "image without a record could not be moved to orphaned/; left in place")
+                        }
                     }
                 }
             }
@@ -394,7 +393,9 @@ impl Pool {
                 Ok((Some(entry), Outcome::Finished))
             }
             // A cross-node copy under way goes on from its last durable point.
-            State::Creating if matches!(&entry, Entry::Volume(v) if v.copy.is_some()) && partial.exists() => Ok((Some(entry), Outcome::Kept)),
+            State::Creating if matches!(&entry, Entry::Volume(v) if v.copy.is_some()) && partial.exists() => {
+                Ok((Some(entry), Outcome::Kept))
+            }
             State::Creating => {
                 records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
                 records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
@@ -435,8 +436,11 @@ impl Pool {
                 Outcome::Finished
             }
             Some(_) => {
-                shrink_to(&image, v.size_bytes)
-                    .map_err(VolumeError::io(format!("cutting {} back to {} bytes", image.display(), v.size_bytes)))?;
+                shrink_to(&image, v.size_bytes).map_err(VolumeError::io(format!(
+                    "cutting {} back to {} bytes",
+                    image.display(),
+                    v.size_bytes
+                )))?;
                 Outcome::RolledBack
             }
             None if len < v.size_bytes => {
@@ -460,7 +464,9 @@ impl Pool {
             records::write_record(&rec_path, &v).map_err(VolumeError::io(format!("writing {}", rec_path.display())))?;
             match outcome {
                 Outcome::Finished => info!(volume.id = %v.id, size = target, "finished an interrupted expansion"),
-                _ => warn!(volume.id = %v.id, size = v.size_bytes, wanted = target, "an interrupted expansion was undone; the volume keeps its old size"),
+                _ => {
+                    warn!(volume.id = %v.id, size = v.size_bytes, wanted = target, "an interrupted expansion was undone; the volume keeps its old size")
+                }
             }
         }
         Ok((v, outcome))
@@ -549,9 +555,7 @@ impl Pool {
     fn admit(&self, size: u64, provisioning: Provisioning) -> Result<(), VolumeError> {
         let cap = self.status()?.capacity;
         let ceiling = match provisioning {
-            Provisioning::Thin if cap.max_over_subscription_ratio >= 1.0 => {
-                (cap.total as f64 * cap.max_over_subscription_ratio) as u64
-            }
+            Provisioning::Thin if cap.max_over_subscription_ratio >= 1.0 => (cap.total as f64 * cap.max_over_subscription_ratio) as u64,
             _ => cap.total,
         };
         if size > ceiling {
@@ -568,11 +572,7 @@ impl Pool {
     pub fn get_volume(&self, id: &str) -> Result<VolumeRecord, VolumeError> {
         validate_id("volume id", id)?;
         self.refuse_broken(Kind::Volume, id)?;
-        self.index()
-            .volumes
-            .get(id)
-            .cloned()
-            .ok_or_else(|| VolumeError::NotFound { kind: "volume", id: id.to_string() })
+        self.index().volumes.get(id).cloned().ok_or_else(|| VolumeError::NotFound { kind: "volume", id: id.to_string() })
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeRecord> {
@@ -664,10 +664,12 @@ impl Pool {
         // The source, held by its lock for the whole copy.
         let source_image = match &req.source {
             Some(VolumeSource::Snapshot(s)) => {
-                let snap = self.index().snapshots.get(s).cloned().ok_or_else(|| VolumeError::NotFound {
-                    kind: "source snapshot",
-                    id: s.clone(),
-                })?;
+                let snap = self
+                    .index()
+                    .snapshots
+                    .get(s)
+                    .cloned()
+                    .ok_or_else(|| VolumeError::NotFound { kind: "source snapshot", id: s.clone() })?;
                 if size < snap.size_bytes {
                     return Err(VolumeError::OutOfRange {
                         requested: size,
@@ -677,10 +679,8 @@ impl Pool {
                 Some(self.snapshot_image(s))
             }
             Some(VolumeSource::Volume(v)) => {
-                let vol = self.index().volumes.get(v).cloned().ok_or_else(|| VolumeError::NotFound {
-                    kind: "source volume",
-                    id: v.clone(),
-                })?;
+                let vol =
+                    self.index().volumes.get(v).cloned().ok_or_else(|| VolumeError::NotFound { kind: "source volume", id: v.clone() })?;
                 if size < vol.size_bytes {
                     return Err(VolumeError::OutOfRange {
                         requested: size,
@@ -749,8 +749,11 @@ impl Pool {
             let s = File::open(src).map_err(VolumeError::io(format!("opening source {}", src.display())))?;
             let frozen = if snapshot { self.freeze(src, &s, group)? } else { None };
             let started = Instant::now();
-            let copied = copy::clone_into(&s, &f, self.reflink)
-                .map_err(VolumeError::io(format!("copying {} to {}", src.display(), partial.display())));
+            let copied = copy::clone_into(&s, &f, self.reflink).map_err(VolumeError::io(format!(
+                "copying {} to {}",
+                src.display(),
+                partial.display()
+            )));
             if let Some(frozen) = frozen {
                 // Thawed before anything else, whatever the copy did.
                 let held = frozen.thaw();
@@ -772,8 +775,7 @@ impl Pool {
             copy::allocate(&f, size).map_err(VolumeError::io("allocating thick image"))?;
         }
         if snapshot {
-            f.set_permissions(std::fs::Permissions::from_mode(0o444))
-                .map_err(VolumeError::io("making snapshot read-only"))?;
+            f.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(VolumeError::io("making snapshot read-only"))?;
         }
         f.sync_all().map_err(VolumeError::io(format!("syncing {}", partial.display())))?;
         drop(f);
@@ -800,7 +802,12 @@ impl Pool {
                 })
             }
             (None, Some(g)) => {
-                return Err(VolumeError::Freeze { volume, reason: format!("group snapshot {g} does not hold it frozen (its freeze ended or was never made); start the group snapshot again") })
+                return Err(VolumeError::Freeze {
+                    volume,
+                    reason: format!(
+                        "group snapshot {g} does not hold it frozen (its freeze ended or was never made); start the group snapshot again"
+                    ),
+                })
             }
             (None, None) => {}
         }
@@ -814,10 +821,9 @@ impl Pool {
         let Some(freezer) = self.freezer.read().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(None);
         };
-        freezer.freeze(image, max).map_err(|reason| VolumeError::Freeze {
-            volume: file_id(image),
-            reason: format!("freezing its filesystem failed: {reason}"),
-        })
+        freezer
+            .freeze(image, max)
+            .map_err(|reason| VolumeError::Freeze { volume: file_id(image), reason: format!("freezing its filesystem failed: {reason}") })
     }
 
     /// Undo a failed create as far as possible; whatever remains is a
@@ -900,10 +906,7 @@ impl Pool {
             return Err(VolumeError::Invalid { what: "size", reason: "a volume needs a size above zero".into() });
         }
         if new_size > MAX_VOLUME_BYTES {
-            return Err(VolumeError::OutOfRange {
-                requested: new_size,
-                reason: format!("the largest volume is {MAX_VOLUME_BYTES} bytes"),
-            });
+            return Err(VolumeError::OutOfRange { requested: new_size, reason: format!("the largest volume is {MAX_VOLUME_BYTES} bytes") });
         }
         let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
         let mut current = self.get_volume(id)?;
@@ -945,10 +948,9 @@ impl Pool {
             }
             warn!(volume.id = %id, from = old, to = size, error = %e, "expansion failed; the volume keeps its size");
             return Err(match e {
-                VolumeError::Io { context, source } => VolumeError::Io {
-                    context: format!("volume {id:?} stays at {old} bytes: {context}"),
-                    source,
-                },
+                VolumeError::Io { context, source } => {
+                    VolumeError::Io { context: format!("volume {id:?} stays at {old} bytes: {context}"), source }
+                }
                 other => other,
             });
         }
@@ -965,20 +967,11 @@ impl Pool {
     pub fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord, VolumeError> {
         validate_id("snapshot id", id)?;
         self.refuse_broken(Kind::Snapshot, id)?;
-        self.index()
-            .snapshots
-            .get(id)
-            .cloned()
-            .ok_or_else(|| VolumeError::NotFound { kind: "snapshot", id: id.to_string() })
+        self.index().snapshots.get(id).cloned().ok_or_else(|| VolumeError::NotFound { kind: "snapshot", id: id.to_string() })
     }
 
     pub fn list_snapshots(&self, source_volume_id: Option<&str>) -> Vec<SnapshotRecord> {
-        self.index()
-            .snapshots
-            .values()
-            .filter(|s| source_volume_id.is_none_or(|v| s.source_volume_id == v))
-            .cloned()
-            .collect()
+        self.index().snapshots.values().filter(|s| source_volume_id.is_none_or(|v| s.source_volume_id == v)).cloned().collect()
     }
 
     pub fn create_snapshot(
@@ -1015,10 +1008,12 @@ impl Pool {
                 detail: format!("it is a snapshot of volume {:?}", existing.source_volume_id),
             });
         }
-        let volume = self.index().volumes.get(source_volume_id).cloned().ok_or_else(|| VolumeError::NotFound {
-            kind: "source volume",
-            id: source_volume_id.to_string(),
-        })?;
+        let volume = self
+            .index()
+            .volumes
+            .get(source_volume_id)
+            .cloned()
+            .ok_or_else(|| VolumeError::NotFound { kind: "source volume", id: source_volume_id.to_string() })?;
         let record = SnapshotRecord {
             id: id.to_string(),
             source_volume_id: source_volume_id.to_string(),
@@ -1079,10 +1074,7 @@ fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), VolumeError> {
     if m.len() > MAX_METADATA_ENTRIES || bytes > MAX_METADATA_BYTES {
         return Err(VolumeError::Invalid {
             what: "metadata",
-            reason: format!(
-                "{} entries, {bytes} bytes; at most {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes",
-                m.len()
-            ),
+            reason: format!("{} entries, {bytes} bytes; at most {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes", m.len()),
         });
     }
     Ok(())

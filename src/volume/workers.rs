@@ -125,11 +125,7 @@ impl HeavyGate {
         match got {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; treat it like a timeout anyway.
-            Ok(Err(_)) | Err(_) => Err(Busy {
-                running: self.limit - self.permits.available_permits(),
-                waiting,
-                waited: started.elapsed(),
-            }),
+            Ok(Err(_)) | Err(_) => Err(Busy { running: self.limit - self.permits.available_permits(), waiting, waited: started.elapsed() }),
         }
     }
 

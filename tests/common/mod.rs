@@ -80,18 +80,10 @@ impl TestFs {
         std::fs::create_dir(&mount).unwrap();
         run("truncate", &["-s", size, image.to_str().unwrap()]);
         if kind == "xfs-4k-sectors" {
-            let out = Command::new("losetup")
-                .args(["--find", "--show", "--sector-size", "4096"])
-                .arg(&image)
-                .output()
-                .unwrap();
+            let out = Command::new("losetup").args(["--find", "--show", "--sector-size", "4096"]).arg(&image).output().unwrap();
             assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
             let disk = String::from_utf8(out.stdout).unwrap().trim().to_string();
-            let fs = TestFs {
-                dir,
-                mount,
-                disk: Some(disk.clone()),
-            };
+            let fs = TestFs { dir, mount, disk: Some(disk.clone()) };
             run("mkfs.xfs", &["-q", "-f", &disk]);
             run("mount", &[&disk, fs.mount.to_str().unwrap()]);
             return fs;
@@ -277,13 +269,7 @@ impl NodeProcess {
             assert!(Instant::now() < deadline, "node did not start listening");
             std::thread::sleep(Duration::from_millis(5));
         }
-        NodeProcess {
-            child,
-            agent,
-            endpoint: format!("unix://{}", sock.display()),
-            node_id: node_id.to_string(),
-            controller_tls,
-        }
+        NodeProcess { child, agent, endpoint: format!("unix://{}", sock.display()), node_id: node_id.to_string(), controller_tls }
     }
 
     pub fn kill9(&mut self) {
@@ -315,10 +301,8 @@ impl Standalone {
         let sock = data_dir.join("csi.sock");
         let _ = std::fs::remove_file(&sock);
         std::fs::create_dir_all(data_dir).unwrap();
-        let log = data_dir.join(format!(
-            "standalone-{}.log",
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        ));
+        let log = data_dir
+            .join(format!("standalone-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
         let child = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
             .args(["standalone", "--data-dir", data_dir.to_str().unwrap()])
             .args(["--nodes", &nodes.to_string(), "--zones", &zones.to_string()])
@@ -329,12 +313,7 @@ impl Standalone {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting cinderblock standalone");
-        let mut s = Standalone {
-            child,
-            data_dir: data_dir.to_path_buf(),
-            endpoint: format!("unix://{}", sock.display()),
-            log,
-        };
+        let mut s = Standalone { child, data_dir: data_dir.to_path_buf(), endpoint: format!("unix://{}", sock.display()), log };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             if let Ok(Some(status)) = s.child.try_wait() {
@@ -380,7 +359,8 @@ impl Standalone {
 
     /// SIGTERM and wait: the clean stop a user gets.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let _ = rustix::process::kill_process(rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(), rustix::process::Signal::TERM);
+        let _ =
+            rustix::process::kill_process(rustix::process::Pid::from_raw(self.child.id() as i32).unwrap(), rustix::process::Signal::TERM);
         self.child.wait().unwrap()
     }
 
@@ -396,18 +376,13 @@ impl Drop for Standalone {
 }
 
 pub async fn csi_channel(endpoint: &str) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .unwrap()
-        .connect()
-        .await
-        .expect("connecting to the CSI endpoint")
+    tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.expect("connecting to the CSI endpoint")
 }
 
 /// A plain HTTP/1.1 GET on loopback: the body (panics on anything but 200).
 pub fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP response");
@@ -463,16 +438,11 @@ impl Drop for Leftovers {
 pub fn rwo_capability(block: bool) -> cinderblock::csi::VolumeCapability {
     use cinderblock::csi::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume};
     cinderblock::csi::VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
+        access_mode: Some(AccessMode { mode: Mode::SingleNodeWriter as i32 }),
         access_type: Some(if block {
             AccessType::Block(BlockVolume {})
         } else {
-            AccessType::Mount(MountVolume {
-                fs_type: "ext4".into(),
-                ..Default::default()
-            })
+            AccessType::Mount(MountVolume { fs_type: "ext4".into(), ..Default::default() })
         }),
     }
 }
@@ -484,16 +454,10 @@ pub fn zone_volume_on(name: &str, node: &str, size: i64, block: bool) -> cinderb
     let seg: std::collections::HashMap<String, String> = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
     csi::CreateVolumeRequest {
         name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: size,
-            limit_bytes: 0,
-        }),
+        capacity_range: Some(csi::CapacityRange { required_bytes: size, limit_bytes: 0 }),
         volume_capabilities: vec![rwo_capability(block)],
         parameters: [("accessibility".to_string(), "zone".to_string())].into(),
-        accessibility_requirements: Some(csi::TopologyRequirement {
-            requisite: vec![csi::Topology { segments: seg }],
-            preferred: vec![],
-        }),
+        accessibility_requirements: Some(csi::TopologyRequirement { requisite: vec![csi::Topology { segments: seg }], preferred: vec![] }),
         ..Default::default()
     }
 }
@@ -502,8 +466,7 @@ pub fn zone_volume_on(name: &str, node: &str, size: i64, block: bool) -> cinderb
 #[allow(dead_code)]
 pub fn metrics_address_in_log(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
-    text.lines()
-        .find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
+    text.lines().find_map(|l| l.split("metrics on http://").nth(1).map(|r| r.split('/').next().unwrap().to_string()))
 }
 
 /// Something listens on 127.0.0.1:`port`. A connection to a port in the

@@ -18,9 +18,7 @@ pub const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// A tool the test needs: present, or the test cannot run. Under CI=true a
 /// missing tool fails the test; elsewhere the test says so and passes.
 pub fn have(tool: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
+    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
     if !found {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{tool} is missing; scripts/test-all.sh installs it (nbdkit, libnbd-bin, qemu-utils, fio)");
@@ -87,9 +85,7 @@ impl Pki {
     /// certificates required and checked against the CA.
     pub fn server_tls(&self) -> TlsSetup {
         let leaf = self.leaf(&["localhost", "127.0.0.1"]);
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()), provider())
-            .build()
-            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()), provider()).build().unwrap();
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()

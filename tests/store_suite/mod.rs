@@ -9,16 +9,10 @@
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
-use cinderblock::store::{
-    create_json, get_json, list_json, put_json, update_json, Change, Kind, Store, StoreError,
-    Versioned,
-};
+use cinderblock::store::{create_json, get_json, list_json, put_json, update_json, Change, Kind, Store, StoreError, Versioned};
 
 fn v(version: u64, value: &[u8]) -> Versioned {
-    Versioned {
-        version,
-        value: value.to_vec(),
-    }
+    Versioned { version, value: value.to_vec() }
 }
 
 /// Runs every check in turn against `store`, which must start empty.
@@ -49,40 +43,20 @@ pub async fn behaviour_suite(store: &dyn Store) {
 }
 
 async fn create_then_get(s: &dyn Store) {
-    assert_eq!(
-        s.create(Kind::Volume, "vol-get", b"hello".to_vec())
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.get(Kind::Volume, "vol-get").await.unwrap(),
-        Some(v(1, b"hello"))
-    );
+    assert_eq!(s.create(Kind::Volume, "vol-get", b"hello".to_vec()).await.unwrap(), 1);
+    assert_eq!(s.get(Kind::Volume, "vol-get").await.unwrap(), Some(v(1, b"hello")));
     // Same id, other kind: not there.
     assert_eq!(s.get(Kind::Snapshot, "vol-get").await.unwrap(), None);
     assert_eq!(s.get(Kind::Volume, "vol-never").await.unwrap(), None);
     // An empty value is a value.
-    assert_eq!(
-        s.create(Kind::Volume, "vol-empty", Vec::new())
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.get(Kind::Volume, "vol-empty").await.unwrap(),
-        Some(v(1, b""))
-    );
+    assert_eq!(s.create(Kind::Volume, "vol-empty", Vec::new()).await.unwrap(), 1);
+    assert_eq!(s.get(Kind::Volume, "vol-empty").await.unwrap(), Some(v(1, b"")));
     cleanup(s, Kind::Volume, &["vol-get", "vol-empty"]).await;
 }
 
 async fn create_existing_gives_already_exists(s: &dyn Store) {
-    s.create(Kind::Volume, "vol-dup", b"first".to_vec())
-        .await
-        .unwrap();
-    s.update(Kind::Volume, "vol-dup", b"second".to_vec(), 1)
-        .await
-        .unwrap();
+    s.create(Kind::Volume, "vol-dup", b"first".to_vec()).await.unwrap();
+    s.update(Kind::Volume, "vol-dup", b"second".to_vec(), 1).await.unwrap();
     match s.create(Kind::Volume, "vol-dup", b"third".to_vec()).await {
         Err(StoreError::AlreadyExists { kind, id, existing }) => {
             assert_eq!(kind, "volumes");
@@ -91,43 +65,21 @@ async fn create_existing_gives_already_exists(s: &dyn Store) {
         }
         other => panic!("create of an existing id: expected AlreadyExists, got {other:?}"),
     }
-    assert_eq!(
-        s.get(Kind::Volume, "vol-dup").await.unwrap(),
-        Some(v(2, b"second"))
-    );
+    assert_eq!(s.get(Kind::Volume, "vol-dup").await.unwrap(), Some(v(2, b"second")));
     cleanup(s, Kind::Volume, &["vol-dup"]).await;
 }
 
 async fn update_with_version(s: &dyn Store) {
-    s.create(Kind::Volume, "vol-upd", b"a".to_vec())
-        .await
-        .unwrap();
-    assert_eq!(
-        s.update(Kind::Volume, "vol-upd", b"b".to_vec(), 1)
-            .await
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        s.update(Kind::Volume, "vol-upd", b"c".to_vec(), 2)
-            .await
-            .unwrap(),
-        3
-    );
-    assert_eq!(
-        s.get(Kind::Volume, "vol-upd").await.unwrap(),
-        Some(v(3, b"c"))
-    );
+    s.create(Kind::Volume, "vol-upd", b"a".to_vec()).await.unwrap();
+    assert_eq!(s.update(Kind::Volume, "vol-upd", b"b".to_vec(), 1).await.unwrap(), 2);
+    assert_eq!(s.update(Kind::Volume, "vol-upd", b"c".to_vec(), 2).await.unwrap(), 3);
+    assert_eq!(s.get(Kind::Volume, "vol-upd").await.unwrap(), Some(v(3, b"c")));
     cleanup(s, Kind::Volume, &["vol-upd"]).await;
 }
 
 async fn update_stale_gives_conflict(s: &dyn Store) {
-    s.create(Kind::Volume, "vol-stale", b"a".to_vec())
-        .await
-        .unwrap();
-    s.update(Kind::Volume, "vol-stale", b"b".to_vec(), 1)
-        .await
-        .unwrap();
+    s.create(Kind::Volume, "vol-stale", b"a".to_vec()).await.unwrap();
+    s.update(Kind::Volume, "vol-stale", b"b".to_vec(), 1).await.unwrap();
     for stale in [1, 3, 0] {
         match s.update(Kind::Volume, "vol-stale", b"lost".to_vec(), stale).await {
             Err(StoreError::Conflict { kind, id, expected, actual }) => {
@@ -137,18 +89,12 @@ async fn update_stale_gives_conflict(s: &dyn Store) {
             other => panic!("update with version {stale} of a version-2 record: expected Conflict, got {other:?}"),
         }
     }
-    assert_eq!(
-        s.get(Kind::Volume, "vol-stale").await.unwrap(),
-        Some(v(2, b"b"))
-    );
+    assert_eq!(s.get(Kind::Volume, "vol-stale").await.unwrap(), Some(v(2, b"b")));
     cleanup(s, Kind::Volume, &["vol-stale"]).await;
 }
 
 async fn missing_ids(s: &dyn Store) {
-    match s
-        .update(Kind::Volume, "vol-missing", b"x".to_vec(), 1)
-        .await
-    {
+    match s.update(Kind::Volume, "vol-missing", b"x".to_vec(), 1).await {
         Err(StoreError::NotFound { kind, id }) => {
             assert_eq!((kind, id.as_str()), ("volumes", "vol-missing"));
         }
@@ -156,206 +102,108 @@ async fn missing_ids(s: &dyn Store) {
     }
     // Deleting what is not there is done, whatever version was expected.
     s.delete(Kind::Volume, "vol-missing", None).await.unwrap();
-    s.delete(Kind::Volume, "vol-missing", Some(4))
-        .await
-        .unwrap();
+    s.delete(Kind::Volume, "vol-missing", Some(4)).await.unwrap();
     // Neither call created it.
     assert_eq!(s.get(Kind::Volume, "vol-missing").await.unwrap(), None);
 }
 
 async fn delete_with_version(s: &dyn Store) {
-    s.create(Kind::Snapshot, "snap-del", b"a".to_vec())
-        .await
-        .unwrap();
-    s.update(Kind::Snapshot, "snap-del", b"b".to_vec(), 1)
-        .await
-        .unwrap();
+    s.create(Kind::Snapshot, "snap-del", b"a".to_vec()).await.unwrap();
+    s.update(Kind::Snapshot, "snap-del", b"b".to_vec(), 1).await.unwrap();
     match s.delete(Kind::Snapshot, "snap-del", Some(1)).await {
-        Err(StoreError::Conflict {
-            kind,
-            id,
-            expected,
-            actual,
-        }) => {
+        Err(StoreError::Conflict { kind, id, expected, actual }) => {
             assert_eq!((kind, id.as_str()), ("snapshots", "snap-del"));
             assert_eq!((expected, actual), (1, 2));
         }
         other => panic!("delete with a stale version: expected Conflict, got {other:?}"),
     }
-    assert_eq!(
-        s.get(Kind::Snapshot, "snap-del").await.unwrap(),
-        Some(v(2, b"b"))
-    );
+    assert_eq!(s.get(Kind::Snapshot, "snap-del").await.unwrap(), Some(v(2, b"b")));
     s.delete(Kind::Snapshot, "snap-del", Some(2)).await.unwrap();
     assert_eq!(s.get(Kind::Snapshot, "snap-del").await.unwrap(), None);
 
     // Unconditional delete; then the id is free again and starts over at 1.
-    s.create(Kind::Snapshot, "snap-del", b"c".to_vec())
-        .await
-        .unwrap();
+    s.create(Kind::Snapshot, "snap-del", b"c".to_vec()).await.unwrap();
     s.delete(Kind::Snapshot, "snap-del", None).await.unwrap();
     assert_eq!(s.get(Kind::Snapshot, "snap-del").await.unwrap(), None);
-    assert_eq!(
-        s.create(Kind::Snapshot, "snap-del", b"d".to_vec())
-            .await
-            .unwrap(),
-        1
-    );
+    assert_eq!(s.create(Kind::Snapshot, "snap-del", b"d".to_vec()).await.unwrap(), 1);
     cleanup(s, Kind::Snapshot, &["snap-del"]).await;
 }
 
 async fn list_ordered_and_per_kind(s: &dyn Store) {
     for id in ["vol-c", "vol-a", "vol-b"] {
-        s.create(Kind::Volume, id, id.as_bytes().to_vec())
-            .await
-            .unwrap();
+        s.create(Kind::Volume, id, id.as_bytes().to_vec()).await.unwrap();
     }
-    s.update(Kind::Volume, "vol-b", b"vol-b2".to_vec(), 1)
-        .await
-        .unwrap();
+    s.update(Kind::Volume, "vol-b", b"vol-b2".to_vec(), 1).await.unwrap();
     for id in ["node-2", "node-1"] {
-        s.create(Kind::Node, id, id.as_bytes().to_vec())
-            .await
-            .unwrap();
+        s.create(Kind::Node, id, id.as_bytes().to_vec()).await.unwrap();
     }
-    s.create(Kind::Export, "vol-a", b"export".to_vec())
-        .await
-        .unwrap();
+    s.create(Kind::Export, "vol-a", b"export".to_vec()).await.unwrap();
 
     assert_eq!(
         s.list(Kind::Volume).await.unwrap(),
-        vec![
-            ("vol-a".to_string(), v(1, b"vol-a")),
-            ("vol-b".to_string(), v(2, b"vol-b2")),
-            ("vol-c".to_string(), v(1, b"vol-c")),
-        ]
+        vec![("vol-a".to_string(), v(1, b"vol-a")), ("vol-b".to_string(), v(2, b"vol-b2")), ("vol-c".to_string(), v(1, b"vol-c")),]
     );
-    assert_eq!(
-        s.list(Kind::Node).await.unwrap(),
-        vec![
-            ("node-1".to_string(), v(1, b"node-1")),
-            ("node-2".to_string(), v(1, b"node-2")),
-        ]
-    );
-    assert_eq!(
-        s.list(Kind::Export).await.unwrap(),
-        vec![("vol-a".to_string(), v(1, b"export"))]
-    );
+    assert_eq!(s.list(Kind::Node).await.unwrap(), vec![("node-1".to_string(), v(1, b"node-1")), ("node-2".to_string(), v(1, b"node-2")),]);
+    assert_eq!(s.list(Kind::Export).await.unwrap(), vec![("vol-a".to_string(), v(1, b"export"))]);
     assert_eq!(s.list(Kind::Snapshot).await.unwrap(), vec![]);
 
     // Deleting in one kind leaves the same id in another alone.
     s.delete(Kind::Export, "vol-a", None).await.unwrap();
-    assert_eq!(
-        s.get(Kind::Volume, "vol-a").await.unwrap(),
-        Some(v(1, b"vol-a"))
-    );
+    assert_eq!(s.get(Kind::Volume, "vol-a").await.unwrap(), Some(v(1, b"vol-a")));
 
     cleanup(s, Kind::Volume, &["vol-a", "vol-b", "vol-c"]).await;
     cleanup(s, Kind::Node, &["node-1", "node-2"]).await;
 }
 
 async fn put_upserts(s: &dyn Store) {
-    assert_eq!(
-        s.put(Kind::Node, "node-put", b"beat-1".to_vec())
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.get(Kind::Node, "node-put").await.unwrap(),
-        Some(v(1, b"beat-1"))
-    );
-    assert_eq!(
-        s.put(Kind::Node, "node-put", b"beat-2".to_vec())
-            .await
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        s.get(Kind::Node, "node-put").await.unwrap(),
-        Some(v(2, b"beat-2"))
-    );
+    assert_eq!(s.put(Kind::Node, "node-put", b"beat-1".to_vec()).await.unwrap(), 1);
+    assert_eq!(s.get(Kind::Node, "node-put").await.unwrap(), Some(v(1, b"beat-1")));
+    assert_eq!(s.put(Kind::Node, "node-put", b"beat-2".to_vec()).await.unwrap(), 2);
+    assert_eq!(s.get(Kind::Node, "node-put").await.unwrap(), Some(v(2, b"beat-2")));
     // A put moves the version on, so a reader holding the old one conflicts.
     assert!(matches!(
         s.update(Kind::Node, "node-put", b"late".to_vec(), 1).await,
-        Err(StoreError::Conflict {
-            expected: 1,
-            actual: 2,
-            ..
-        })
+        Err(StoreError::Conflict { expected: 1, actual: 2, .. })
     ));
-    assert_eq!(
-        s.update(Kind::Node, "node-put", b"beat-3".to_vec(), 2)
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(s.update(Kind::Node, "node-put", b"beat-3".to_vec(), 2).await.unwrap(), 3);
     cleanup(s, Kind::Node, &["node-put"]).await;
 }
 
 async fn concurrent_updates_one_wins(s: &dyn Store) {
     const N: usize = 32;
-    s.create(Kind::Volume, "vol-race", b"start".to_vec())
-        .await
-        .unwrap();
-    let results = join_all(
-        (0..N).map(|i| s.update(Kind::Volume, "vol-race", format!("w{i}").into_bytes(), 1)),
-    )
-    .await;
+    s.create(Kind::Volume, "vol-race", b"start".to_vec()).await.unwrap();
+    let results = join_all((0..N).map(|i| s.update(Kind::Volume, "vol-race", format!("w{i}").into_bytes(), 1))).await;
     let winners: Vec<usize> = (0..N).filter(|&i| results[i].is_ok()).collect();
-    assert_eq!(
-        winners.len(),
-        1,
-        "{N} updates from version 1: exactly one may win, got {results:?}"
-    );
+    assert_eq!(winners.len(), 1, "{N} updates from version 1: exactly one may win, got {results:?}");
     let winner = winners[0];
     assert_eq!(*results[winner].as_ref().unwrap(), 2);
     for (i, r) in results.iter().enumerate().filter(|&(i, _)| i != winner) {
         match r {
-            Err(StoreError::Conflict {
-                expected: 1,
-                actual,
-                ..
-            }) if *actual != 1 => {}
+            Err(StoreError::Conflict { expected: 1, actual, .. }) if *actual != 1 => {}
             other => {
                 panic!("update {i} lost the race: expected Conflict from version 1, got {other:?}")
             }
         }
     }
-    assert_eq!(
-        s.get(Kind::Volume, "vol-race").await.unwrap(),
-        Some(v(2, format!("w{winner}").as_bytes()))
-    );
+    assert_eq!(s.get(Kind::Volume, "vol-race").await.unwrap(), Some(v(2, format!("w{winner}").as_bytes())));
     cleanup(s, Kind::Volume, &["vol-race"]).await;
 }
 
 async fn concurrent_creates_one_wins(s: &dyn Store) {
     const N: usize = 64;
-    let results = join_all(
-        (0..N).map(|i| s.create(Kind::Snapshot, "snap-race", format!("c{i}").into_bytes())),
-    )
-    .await;
+    let results = join_all((0..N).map(|i| s.create(Kind::Snapshot, "snap-race", format!("c{i}").into_bytes()))).await;
     let winners: Vec<usize> = (0..N).filter(|&i| results[i].is_ok()).collect();
-    assert_eq!(
-        winners.len(),
-        1,
-        "{N} creates of one id: exactly one may win, got {results:?}"
-    );
+    assert_eq!(winners.len(), 1, "{N} creates of one id: exactly one may win, got {results:?}");
     let winner = winners[0];
     let expected = v(1, format!("c{winner}").as_bytes());
     assert_eq!(*results[winner].as_ref().unwrap(), 1);
     for (i, r) in results.iter().enumerate().filter(|&(i, _)| i != winner) {
         match r {
             Err(StoreError::AlreadyExists { existing, .. }) if *existing == expected => {}
-            other => panic!(
-                "create {i} lost the race: expected AlreadyExists carrying {expected:?}, got {other:?}"
-            ),
+            other => panic!("create {i} lost the race: expected AlreadyExists carrying {expected:?}, got {other:?}"),
         }
     }
-    assert_eq!(
-        s.get(Kind::Snapshot, "snap-race").await.unwrap(),
-        Some(expected)
-    );
+    assert_eq!(s.get(Kind::Snapshot, "snap-race").await.unwrap(), Some(expected));
     cleanup(s, Kind::Snapshot, &["snap-race"]).await;
 }
 
@@ -366,79 +214,27 @@ struct Rec {
 }
 
 async fn json_helpers(s: &dyn Store) {
-    let a = Rec {
-        name: "a".into(),
-        size: 1,
-    };
-    let b = Rec {
-        name: "b".into(),
-        size: 2,
-    };
-    assert_eq!(
-        create_json(s, Kind::Volume, "vol-json-a", &a)
-            .await
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        put_json(s, Kind::Volume, "vol-json-b", &b).await.unwrap(),
-        1
-    );
-    assert_eq!(
-        get_json::<Rec>(s, Kind::Volume, "vol-json-a")
-            .await
-            .unwrap(),
-        Some((a.clone(), 1))
-    );
-    assert_eq!(
-        get_json::<Rec>(s, Kind::Volume, "vol-json-none")
-            .await
-            .unwrap(),
-        None
-    );
+    let a = Rec { name: "a".into(), size: 1 };
+    let b = Rec { name: "b".into(), size: 2 };
+    assert_eq!(create_json(s, Kind::Volume, "vol-json-a", &a).await.unwrap(), 1);
+    assert_eq!(put_json(s, Kind::Volume, "vol-json-b", &b).await.unwrap(), 1);
+    assert_eq!(get_json::<Rec>(s, Kind::Volume, "vol-json-a").await.unwrap(), Some((a.clone(), 1)));
+    assert_eq!(get_json::<Rec>(s, Kind::Volume, "vol-json-none").await.unwrap(), None);
 
-    let a2 = Rec {
-        size: 10,
-        ..a.clone()
-    };
-    assert_eq!(
-        update_json(s, Kind::Volume, "vol-json-a", &a2, 1)
-            .await
-            .unwrap(),
-        2
-    );
-    assert!(matches!(
-        update_json(s, Kind::Volume, "vol-json-a", &a, 1).await,
-        Err(StoreError::Conflict {
-            expected: 1,
-            actual: 2,
-            ..
-        })
-    ));
-    assert_eq!(
-        list_json::<Rec>(s, Kind::Volume).await.unwrap(),
-        vec![(a2, 2), (b, 1)]
-    );
+    let a2 = Rec { size: 10, ..a.clone() };
+    assert_eq!(update_json(s, Kind::Volume, "vol-json-a", &a2, 1).await.unwrap(), 2);
+    assert!(matches!(update_json(s, Kind::Volume, "vol-json-a", &a, 1).await, Err(StoreError::Conflict { expected: 1, actual: 2, .. })));
+    assert_eq!(list_json::<Rec>(s, Kind::Volume).await.unwrap(), vec![(a2, 2), (b, 1)]);
 
     // A value that is not the record is a Backend error naming the record,
     // not a panic and not a silent None.
-    s.create(Kind::Volume, "vol-json-bad", b"not json".to_vec())
-        .await
-        .unwrap();
+    s.create(Kind::Volume, "vol-json-bad", b"not json".to_vec()).await.unwrap();
     match get_json::<Rec>(s, Kind::Volume, "vol-json-bad").await {
         Err(StoreError::Backend(msg)) => assert!(msg.contains("vol-json-bad"), "{msg}"),
         other => panic!("get_json of a non-JSON value: expected Backend, got {other:?}"),
     }
-    assert!(matches!(
-        list_json::<Rec>(s, Kind::Volume).await,
-        Err(StoreError::Backend(_))
-    ));
-    cleanup(
-        s,
-        Kind::Volume,
-        &["vol-json-a", "vol-json-b", "vol-json-bad"],
-    )
-    .await;
+    assert!(matches!(list_json::<Rec>(s, Kind::Volume).await, Err(StoreError::Backend(_))));
+    cleanup(s, Kind::Volume, &["vol-json-a", "vol-json-b", "vol-json-bad"]).await;
 }
 
 async fn pages_by_key(s: &dyn Store) {
@@ -469,12 +265,7 @@ async fn pages_by_key(s: &dyn Store) {
 }
 
 /// Waits for the change feed to show `want` for `id`, skipping others.
-async fn feed_shows(
-    feed: &mut tokio::sync::broadcast::Receiver<(u64, Change)>,
-    last_seq: &mut u64,
-    id: &str,
-    want: Option<u64>,
-) {
+async fn feed_shows(feed: &mut tokio::sync::broadcast::Receiver<(u64, Change)>, last_seq: &mut u64, id: &str, want: Option<u64>) {
     let wait = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         loop {
             let (seq, change) = feed.recv().await.expect("the feed stays open");
@@ -487,8 +278,7 @@ async fn feed_shows(
             }
         }
     });
-    wait.await
-        .unwrap_or_else(|_| panic!("the change feed never showed {id} at version {want:?}"));
+    wait.await.unwrap_or_else(|_| panic!("the change feed never showed {id} at version {want:?}"));
 }
 
 async fn the_feed_tells_every_write(s: &dyn Store) {
@@ -551,10 +341,5 @@ async fn cleanup(s: &dyn Store, kind: Kind, ids: &[&str]) {
     for id in ids {
         s.delete(kind, id, None).await.unwrap();
     }
-    assert_eq!(
-        s.list(kind).await.unwrap(),
-        vec![],
-        "{} left over",
-        kind.as_str()
-    );
+    assert_eq!(s.list(kind).await.unwrap(), vec![], "{} left over", kind.as_str());
 }

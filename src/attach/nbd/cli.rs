@@ -134,9 +134,7 @@ async fn attach(a: AttachArgs) -> Result<(), String> {
     use super::kernel;
     if a.engine == "fuse" {
         let target = super::Target { address: a.address, export: a.export, tls: None };
-        let att = super::fuse::FuseAttachment::attach(target, &a.state_dir, Default::default(), false)
-            .await
-            .map_err(|e| e.to_string())?;
+        let att = super::fuse::FuseAttachment::attach(target, &a.state_dir, Default::default(), false).await.map_err(|e| e.to_string())?;
         println!("{}", att.device.path.display());
         crate::server::shutdown_signal().await;
         return att.detach().await.map_err(|e| e.to_string());

@@ -191,15 +191,8 @@ async fn options<S: Stream + ?Sized>(s: &mut S, target: &Target, structured: boo
     p.extend_from_slice(&1u16.to_be_bytes());
     p.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
     send_option(s, OPT_GO, &p).await?;
-    let mut info = ExportInfo {
-        size: 0,
-        flags: 0,
-        min_block: 1,
-        preferred_block: 4096,
-        max_block: 32 << 20,
-        structured: sr,
-        block_status: meta,
-    };
+    let mut info =
+        ExportInfo { size: 0, flags: 0, min_block: 1, preferred_block: 4096, max_block: 32 << 20, structured: sr, block_status: meta };
     let mut have_export = false;
     loop {
         let (reply, payload) = read_option_reply(s, OPT_GO).await?;
@@ -257,9 +250,7 @@ async fn read_option_reply<S: Stream + ?Sized>(s: &mut S, option: u32) -> Result
 
 /// Export names a server lists to us.
 pub async fn list_exports(target: &Target) -> Result<Vec<String>, NbdError> {
-    let tcp = TcpStream::connect(&target.address)
-        .await
-        .map_err(|error| NbdError::Connect { address: target.address.clone(), error })?;
+    let tcp = TcpStream::connect(&target.address).await.map_err(|error| NbdError::Connect { address: target.address.clone(), error })?;
     let mut s: Box<dyn Stream> = Box::new(tcp);
     greet(&mut s).await?;
     let mut s = start_tls(s, target).await?;
@@ -360,8 +351,7 @@ impl Client {
 
     async fn call(&self, kind: u16, flags: u16, offset: u64, length: u32, payload: &[u8]) -> Result<Vec<(u32, u32)>, NbdError> {
         let (tx, rx) = oneshot::channel();
-        self.send(kind, flags, offset, length, payload, Pending::Other { command: kind, extents: Vec::new(), error: None, tx })
-            .await?;
+        self.send(kind, flags, offset, length, payload, Pending::Other { command: kind, extents: Vec::new(), error: None, tx }).await?;
         rx.await.map_err(|_| NbdError::Closed)?
     }
 

@@ -14,9 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 use tokio::runtime::Handle;
 use tracing::{info, warn};
@@ -64,7 +63,13 @@ impl NbdFile {
             ctime: now,
             crtime: now,
             kind: if dir { FileType::Directory } else { FileType::RegularFile },
-            perm: if dir { 0o700 } else if self.read_only { 0o400 } else { 0o600 },
+            perm: if dir {
+                0o700
+            } else if self.read_only {
+                0o400
+            } else {
+                0o600
+            },
             nlink: if dir { 2 } else { 1 },
             uid: 0,
             gid: 0,
@@ -225,7 +230,11 @@ impl fuser::Filesystem for NbdFile {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let entries = [(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, ".."), (DISK_INO, FileType::RegularFile, DISK_FILE)];
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (DISK_INO, FileType::RegularFile, DISK_FILE),
+        ];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;

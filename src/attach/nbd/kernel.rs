@@ -98,9 +98,7 @@ async fn connect_sockets(address: &str, export: &str, n: usize) -> Result<(Vec<O
     let mut fds = Vec::with_capacity(n);
     let mut info = None;
     for _ in 0..n.max(1) {
-        let tcp = tokio::net::TcpStream::connect(address)
-            .await
-            .map_err(|error| NbdError::Connect { address: address.into(), error })?;
+        let tcp = tokio::net::TcpStream::connect(address).await.map_err(|error| NbdError::Connect { address: address.into(), error })?;
         let _ = tcp.set_nodelay(true);
         let (tcp, i) = handshake_plain_tcp(tcp, export).await?;
         if n > 1 && !i.can_multi_conn() {
@@ -430,7 +428,9 @@ impl Genl {
                 let body = &rest[16..mlen];
                 match mtype {
                     NLMSG_ERROR => {
-                        let code = u32_of(body).map(|c| c as i32).ok_or_else(|| KernelError::Netlink(io::Error::other("short netlink error message")))?;
+                        let code = u32_of(body)
+                            .map(|c| c as i32)
+                            .ok_or_else(|| KernelError::Netlink(io::Error::other("short netlink error message")))?;
                         if code == 0 {
                             return Ok(reply);
                         }

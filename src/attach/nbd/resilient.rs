@@ -34,11 +34,7 @@ pub struct ReconnectPolicy {
 
 impl Default for ReconnectPolicy {
     fn default() -> Self {
-        ReconnectPolicy {
-            give_up_after: Duration::from_secs(300),
-            connect_timeout: Duration::from_secs(10),
-            replay_limit: 64 << 20,
-        }
+        ReconnectPolicy { give_up_after: Duration::from_secs(300), connect_timeout: Duration::from_secs(10), replay_limit: 64 << 20 }
     }
 }
 

@@ -60,16 +60,10 @@ impl Pool {
     pub fn copy_target(&self, id: &str) -> Result<(File, VolumeRecord), VolumeError> {
         let v = self.get_volume(id)?;
         if v.state != State::Creating || v.copy.is_none() {
-            return Err(VolumeError::Invalid {
-                what: "volume",
-                reason: format!("{id} is not being copied"),
-            });
+            return Err(VolumeError::Invalid { what: "volume", reason: format!("{id} is not being copied") });
         }
         let partial = self.path(Kind::Volume, id, "img.partial");
-        let f = File::options()
-            .write(true)
-            .open(&partial)
-            .map_err(VolumeError::io(format!("opening {}", partial.display())))?;
+        let f = File::options().write(true).open(&partial).map_err(VolumeError::io(format!("opening {}", partial.display())))?;
         Ok((f, v))
     }
 
@@ -78,10 +72,7 @@ impl Pool {
     pub fn note_copy_progress(&self, id: &str, resume_at: u64, copied_bytes: u64, total_bytes: u64) -> Result<(), VolumeError> {
         let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
         let Some(mut v) = self.index().volumes.get(id).cloned() else {
-            return Err(VolumeError::NotFound {
-                kind: "volume",
-                id: id.to_string(),
-            });
+            return Err(VolumeError::NotFound { kind: "volume", id: id.to_string() });
         };
         let Some(c) = v.copy.as_mut() else { return Ok(()) };
         (c.resume_at, c.copied_bytes, c.total_bytes) = (resume_at, copied_bytes, total_bytes);
@@ -95,19 +86,13 @@ impl Pool {
     pub fn finish_copy(&self, id: &str) -> Result<VolumeRecord, VolumeError> {
         let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
         let Some(v) = self.index().volumes.get(id).cloned() else {
-            return Err(VolumeError::NotFound {
-                kind: "volume",
-                id: id.to_string(),
-            });
+            return Err(VolumeError::NotFound { kind: "volume", id: id.to_string() });
         };
         if v.state == State::Available {
             return Ok(v);
         }
         let partial = self.path(Kind::Volume, id, "img.partial");
-        let f = File::options()
-            .write(true)
-            .open(&partial)
-            .map_err(VolumeError::io(format!("opening {}", partial.display())))?;
+        let f = File::options().write(true).open(&partial).map_err(VolumeError::io(format!("opening {}", partial.display())))?;
         debug_assert_eq!(v.size_bytes % SIZE_ALIGN, 0);
         if v.provisioning == Provisioning::Thick {
             copy::allocate(&f, v.size_bytes).map_err(VolumeError::io("allocating thick image"))?;
@@ -129,11 +114,6 @@ impl Pool {
 
     /// Volumes whose copy is under way (resumed when the agent starts).
     pub fn copies(&self) -> Vec<VolumeRecord> {
-        self.index()
-            .volumes
-            .values()
-            .filter(|v| v.state == State::Creating && v.copy.is_some())
-            .cloned()
-            .collect()
+        self.index().volumes.values().filter(|v| v.state == State::Creating && v.copy.is_some()).cloned().collect()
     }
 }
