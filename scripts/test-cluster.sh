@@ -396,6 +396,48 @@ else
   fail "pod of the cloned PVC Ready"; k describe pvc cloned | tail -10
 fi
 
+# The same snapshot restored for a pod that must run on the other node: the
+# source's node is not allowed (the pod's node is), so the volume is made on
+# the pod's node and copied there from the snapshot's node over NBD.
+far_node=node-b; [ "$src_node" != node-b ] || far_node=node-a
+say "restore the snapshot onto $far_node, the node without it (cross-node copy)"
+pvc restored-far cinderblock 1Gi Filesystem VolumeSnapshot snap1
+pod restored-far restored-far "$far_node"
+volume_of() { k get pv "$(k get pvc "$1" -o jsonpath='{.spec.volumeName}')" -o jsonpath='{.spec.csi.volumeHandle}'; }
+if ready restored-far 300s; then
+  pass
+  check "the restored volume lives in $far_node's pool" sh -c \
+    "[ \"\$(scripts/cluster.sh run '$dir' kubectl get blockvolume \"$(volume_of restored-far)\" -o jsonpath='{.spec.node}')\" = $far_node ]"
+  check "pod on $far_node reads the snapshot's data" sh -c \
+    "[ \"\$(scripts/cluster.sh run '$dir' kubectl exec restored-far -- cat /data/token)\" = '$token' ]"
+  check "restored-far blob checksum" k exec restored-far -- md5sum -c /data/blob.md5
+else
+  fail "pod of the PVC restored onto $far_node Ready"; k describe pvc restored-far | tail -10
+fi
+k delete pod restored-far --wait=false >/dev/null 2>&1 || true
+
+# ------------------------------------------------------------ health
+say "volume health: the image removed under a running pod raises VolumeAbnormal on its PVC"
+pvc sick cinderblock 256Mi
+pod sick sick node-a
+if ready sick 180s; then
+  pass
+  sick_vol=$(volume_of sick)
+  sick_node=$(k get blockvolume "$sick_vol" -o jsonpath='{.spec.node}')
+  on_node "$sick_node" rm -f "/var/lib/cinderblock/pool/volumes/$sick_vol.img"
+  abnormal_event() {
+    k get events --field-selector involvedObject.kind=PersistentVolumeClaim,involvedObject.name=sick,reason=VolumeAbnormal \
+      -o jsonpath='{.items[*].type}' | grep -qw Warning
+  }
+  check "a VolumeAbnormal Warning event on PVC sick" eventually 150 abnormal_event
+  check "the event says the image is missing" sh -c \
+    "scripts/cluster.sh run '$dir' kubectl get events --field-selector involvedObject.name=sick,reason=VolumeAbnormal -o jsonpath='{.items[*].message}' | grep -qi image"
+  k delete pod sick --wait=true --timeout=90s >/dev/null && pass || fail "pod on a volume whose image is gone deleted (unpublish, unstage)"
+else
+  fail "pod sick Ready"
+fi
+k delete pvc sick --wait=false >/dev/null 2>&1 || true
+
 # ------------------------------------------------------------ expansion
 say "expand the xfs PVC while its pod runs"
 size_kb() { k exec db-xfs-0 -- df -k /data | awk 'NR==2 {print $2}'; }
@@ -468,11 +510,11 @@ check "the node pods run with the new value" sh -c \
 check "the StatefulSet's data survived the upgrade" k exec db-ext4-0 -- md5sum -c /data/blob.md5
 
 say "helm uninstall: the volumes the user still claims stay"
-for p in restored cloned raw; do k delete pod "$p" --wait=false >/dev/null 2>&1 || true; done
+for p in restored restored-far cloned raw; do k delete pod "$p" --wait=false >/dev/null 2>&1 || true; done
 k delete statefulset db-xfs --wait=true >/dev/null
 k delete pod -l test=cluster --wait=true --timeout=90s >/dev/null 2>&1 || true
 k delete volumesnapshot snap1 --wait=true --timeout=60s >/dev/null 2>&1 || true
-k delete pvc restored cloned raw big zoned data-db-xfs-0 --wait=true --timeout=120s >/dev/null 2>&1 ||
+k delete pvc restored restored-far cloned raw big zoned data-db-xfs-0 --wait=true --timeout=120s >/dev/null 2>&1 ||
   fail "PVCs deleted while the driver runs"
 claimed=$(k get pvc data-db-ext4-0 -o jsonpath='{.spec.volumeName}')
 # A released PV goes once its volume is detached (the attach-detach
