@@ -8,7 +8,7 @@
 //! never freed while the kernel may still write into it.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
@@ -50,13 +50,7 @@ impl<T> Ring<T> {
     pub fn new(image: Arc<Image>, entries: usize) -> io::Result<Ring<T>> {
         let entries = entries.clamp(1, 4096);
         let ring = IoUring::new(entries.next_power_of_two() as u32)?;
-        // SAFETY: eventfd returns a new descriptor we own, or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)?;
         ring.submitter().register_eventfd(fd.as_raw_fd())?;
         // SAFETY: the AsyncFd owns the OwnedFd, which stays open (and the
         // same descriptor) until the AsyncFd is dropped.
