@@ -5,7 +5,7 @@
 # containerd under the name its index carries (io.containerd.image.name).
 #
 # Usage: scripts/k8s/images.sh [--binary PATH] [NAME...]
-#   NAME: cinderblock pause busybox agnhost csi-provisioner csi-snapshotter
+#   NAME: cinderblock pause busybox agnhost glibc-dns-testing nginx csi-provisioner csi-snapshotter
 #         csi-resizer csi-attacher csi-node-driver-registrar livenessprobe
 #         snapshot-controller; default all.
 #   --binary: the cinderblock binary to put in the image (default: the
@@ -25,7 +25,11 @@
 # - busybox: Debian's static busybox with a link for every applet.
 # - agnhost: busybox plus the agnhost test binary (built from the
 #   kubernetes module by build.sh), for the e2e suite.
-# pause, busybox and agnhost carry the names Kubernetes' e2e suite asks for
+# - glibc-dns-testing: the cinderblock image's Debian root filesystem
+#   alone (GNU tools on glibc), for the e2e suite's multiVolume tests.
+# - nginx: busybox again; the suite only runs sh and ls in it.
+# pause, busybox, agnhost, glibc-dns-testing and nginx carry the names
+# Kubernetes' e2e suite asks for
 # (test/utils/image/manifest.go), so the suite runs with the images here.
 #
 # Each tar is rebuilt only when its inputs change (a stamp beside it).
@@ -59,10 +63,12 @@ image_ref() { # name
     pause) echo "registry.k8s.io/pause:3.10.2" ;;
     busybox) echo "registry.k8s.io/e2e-test-images/busybox:1.37.0-1" ;;
     agnhost) echo "registry.k8s.io/e2e-test-images/agnhost:2.63.0" ;;
+    glibc-dns-testing) echo "registry.k8s.io/e2e-test-images/glibc-dns-testing:2.0.0" ;;
+    nginx) echo "registry.k8s.io/e2e-test-images/nginx:1.15-4" ;;
     *) die "unknown image $1" ;;
   esac
 }
-all_images=(cinderblock pause busybox agnhost csi-provisioner csi-snapshotter csi-resizer csi-attacher
+all_images=(cinderblock pause busybox agnhost glibc-dns-testing nginx csi-provisioner csi-snapshotter csi-resizer csi-attacher
   csi-node-driver-registrar livenessprobe snapshot-controller)
 
 # A deterministic tar of the folder DIR (owner root, time 0, sorted).
@@ -146,21 +152,28 @@ debian_rootfs() { # out.tar
     "$suite" "$1" ${sources[@]+"${sources[@]}"} >&2
 }
 
-cinderblock_image() {
-  local bin=$1 ref dest user entry cmd pkgs
-  ref=$(image_ref cinderblock)
-  dest=$(dockerfile_binary_path) user=$(dockerfile_user) entry=$(dockerfile_entrypoint) cmd=$(dockerfile_cmd)
-  [ -n "$dest" ] && [ -n "$entry" ] || die "the Dockerfile's runtime stage has no COPY --from or no ENTRYPOINT"
-  pkgs=$(dockerfile_packages | paste -sd, -)
-  local rootfs_key="suite=$(dockerfile_suite) packages=$pkgs no-recommends"
-  if [ ! -f "$out/debian-rootfs.tar" ] || [ "$(cat "$out/debian-rootfs.stamp" 2>/dev/null)" != "$rootfs_key" ]; then
-    log "== cinderblock image: Debian root filesystem"
+# $out/debian-rootfs.tar, made again when the Dockerfile's suite or
+# packages change; prints its key (what it was made from).
+ensure_debian_rootfs() {
+  local pkgs; pkgs=$(dockerfile_packages | paste -sd, -)
+  local key="suite=$(dockerfile_suite) packages=$pkgs no-recommends"
+  if [ ! -f "$out/debian-rootfs.tar" ] || [ "$(cat "$out/debian-rootfs.stamp" 2>/dev/null)" != "$key" ]; then
+    log "== Debian root filesystem (the Dockerfile's runtime stage)"
     local t0=$SECONDS
     debian_rootfs "$out/debian-rootfs.new.tar"
     mv -f "$out/debian-rootfs.new.tar" "$out/debian-rootfs.tar"
-    printf '%s\n' "$rootfs_key" >"$out/debian-rootfs.stamp"
+    printf '%s\n' "$key" >"$out/debian-rootfs.stamp"
     log "   root filesystem in $((SECONDS - t0))s ($(du -h "$out/debian-rootfs.tar" | cut -f1))"
   fi
+  printf '%s\n' "$key"
+}
+
+cinderblock_image() {
+  local bin=$1 ref dest user entry cmd
+  ref=$(image_ref cinderblock)
+  dest=$(dockerfile_binary_path) user=$(dockerfile_user) entry=$(dockerfile_entrypoint) cmd=$(dockerfile_cmd)
+  [ -n "$dest" ] && [ -n "$entry" ] || die "the Dockerfile's runtime stage has no COPY --from or no ENTRYPOINT"
+  local rootfs_key; rootfs_key=$(ensure_debian_rootfs)
   local inputs="$ref $rootfs_key bin=$(sha "$bin") dest=$dest user=$user entry=$entry cmd=$cmd"
   if fresh cinderblock "$inputs"; then log "== cinderblock image ($ref): up to date"; return; fi
   log "== cinderblock image $ref: $bin at $dest"
@@ -221,17 +234,19 @@ busybox_tree() { # dir
   printf 'root:x:0:\nnobody:x:65534:\n' >"$1/etc/group"
 }
 
+# busybox_image NAME: Debian's static busybox under the name the suite asks
+# for NAME as.
 busybox_image() {
-  local ref; ref=$(image_ref busybox)
+  local name=$1 ref; ref=$(image_ref "$1")
   local inputs="$ref $(sha /bin/busybox)"
-  if fresh busybox "$inputs"; then log "== busybox image ($ref): up to date"; return; fi
-  log "== busybox image $ref"
+  if fresh "$name" "$inputs"; then log "== $name image ($ref): up to date"; return; fi
+  log "== $name image $ref: busybox"
   local tmp; tmp=$(mktemp -d)
   busybox_tree "$tmp/l"
   layer_tar "$tmp/l" "$tmp/l.tar"
-  oci_image "$out/busybox.tar" "$ref" '[]' '["sh"]' 0 "$tmp/l.tar"
+  oci_image "$out/$name.tar" "$ref" '[]' '["sh"]' 0 "$tmp/l.tar"
   rm -rf "$tmp"
-  stamp busybox "$inputs"
+  stamp "$name" "$inputs"
 }
 
 agnhost_image() {
@@ -247,6 +262,18 @@ agnhost_image() {
   oci_image "$out/agnhost.tar" "$ref" '["/agnhost"]' '[]' 0 "$tmp/l.tar"
   rm -rf "$tmp"
   stamp agnhost "$inputs"
+}
+
+# The suite's glibc test image (its multiVolume tests run dd, sha256sum and
+# sh there): the same Debian root filesystem, so GNU coreutils on glibc.
+glibc_test_image() {
+  local ref key; ref=$(image_ref glibc-dns-testing)
+  key=$(ensure_debian_rootfs)
+  local inputs="$ref $key"
+  if fresh glibc-dns-testing "$inputs"; then log "== glibc-dns-testing image ($ref): up to date"; return; fi
+  log "== glibc-dns-testing image $ref: the Debian root filesystem"
+  oci_image "$out/glibc-dns-testing.tar" "$ref" '[]' '["sh"]' 0 "$out/debian-rootfs.tar"
+  stamp glibc-dns-testing "$inputs"
 }
 
 # The chart's values for these images (helm install -f values.yaml).
@@ -295,8 +322,12 @@ for n in "${names[@]}"; do
       fi
       cinderblock_image "$binary" ;;
     pause) pause_image ;;
-    busybox) busybox_image ;;
+    busybox) busybox_image busybox ;;
+    # The suite runs only sh and ls in its nginx pods (the volumes suite's
+    # "exec of files on the volume"): busybox under that name.
+    nginx) busybox_image nginx ;;
     agnhost) agnhost_image ;;
+    glibc-dns-testing) glibc_test_image ;;
     csi-provisioner | csi-snapshotter | csi-resizer | csi-attacher | csi-node-driver-registrar | livenessprobe | snapshot-controller)
       static_image "$n" "$K8S_BIN/$n" ;;
     *) die "unknown image $n" ;;
