@@ -97,7 +97,10 @@ pub fn remote_target(context: &HashMap<String, String>) -> Result<Option<RemoteT
 /// when the export allows it, else nowhere.
 fn kernel_target(tls: &TlsDir, opts: &kernel::KernelOptions, volume: &str, t: &RemoteTarget) -> Result<Target, NodeError> {
     let tls = if opts.kernel_tls {
-        Some(crate::attach::nbd::kernel_tls_to_node(tls, &t.owner).map_err(|reason| NodeError::Invalid { what: "publish_context", reason })?)
+        Some(
+            crate::attach::nbd::kernel_tls_to_node(tls, &t.owner)
+                .map_err(|reason| NodeError::Invalid { what: "publish_context", reason })?,
+        )
     } else if t.plain_allowed {
         None
     } else {

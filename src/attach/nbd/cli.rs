@@ -184,9 +184,7 @@ async fn attach(a: AttachArgs) -> Result<(), String> {
         tracing::warn!(device = dev.index, "NBD connection lost; reconnecting");
         let tls = dir.as_deref().map(|d| super::kernel_tls_to_node(d, &owner)).transpose()?;
         let target = super::Target { tls, ..target.clone() };
-        kernel::reconnect(dev.index, &target, &opts, &a.export)
-            .await
-            .map_err(|e| format!("/dev/nbd{} lost its server: {e}", dev.index))?;
+        kernel::reconnect(dev.index, &target, &opts, &a.export).await.map_err(|e| format!("/dev/nbd{} lost its server: {e}", dev.index))?;
     }
 }
 

@@ -152,7 +152,13 @@ pub async fn connect(target: &Target, opts: &KernelOptions, identifier: &str) ->
     drop(fds);
     let index = find_attr(&reply, NBD_ATTR_INDEX).and_then(u32_of);
     let index = index.ok_or_else(|| KernelError::Netlink(io::Error::other("CONNECT reply without a device index")))?;
-    info!(device = index, size = info.size, connections = opts.connections, kernel_tls = target.tls.is_some(), "NBD export connected to the kernel driver");
+    info!(
+        device = index,
+        size = info.size,
+        connections = opts.connections,
+        kernel_tls = target.tls.is_some(),
+        "NBD export connected to the kernel driver"
+    );
     Ok(KernelDevice { index, path: PathBuf::from(format!("/dev/nbd{index}")), size: info.size })
 }
 

@@ -76,7 +76,9 @@ pub enum EngineError {
     Kernel(#[from] kernel::KernelError),
     #[error(transparent)]
     Fuse(#[from] fuse::FuseError),
-    #[error("volume {0}: this node's kernel has no kernel TLS, so its kernel NBD engine can only speak plain text, and the target asks for TLS")]
+    #[error(
+        "volume {0}: this node's kernel has no kernel TLS, so its kernel NBD engine can only speak plain text, and the target asks for TLS"
+    )]
     TlsOnKernel(String),
 }
 
