@@ -186,4 +186,138 @@ mod tests {
             Err(e) => panic!("unexpected: {e}"),
         }
     }
+
+    /// The hand-over without a kernel that has TLS (this machine): a real
+    /// server with a node's certificate folder, our handshake up to GO, and
+    /// then the kernel's part played here: records sealed and opened with
+    /// the extracted keys from the extracted sequence numbers, on the bare
+    /// socket. A write and a read go through; any byte left in rustls, a
+    /// ticket after GO or a wrong sequence number would fail to decrypt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn extracted_keys_carry_on_the_session_on_the_bare_socket() {
+        use crate::export::{Access, ExportName, ExportServer, ExportSpec, ImageSource, Limits};
+        use crate::tls::{authority, Peer, TlsDir};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path().join("pki");
+        authority::ensure_local_pki(&pki, &[Peer::Node("own".into()), Peer::Node("con".into())]).unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+        let own = TlsDir::open(&authority::local_peer_dir(&pki, &Peer::Node("own".into()))).unwrap();
+        let server = ExportServer::new(Some(crate::export::node_tls(own)), Limits::default());
+        let name = ExportName::random();
+        let access = Access { node: "con".into(), plain_from: vec![] };
+        let spec = ExportSpec { name, volume: "vol-k".into(), image: ImageSource::Path(image.clone()), read_only: false, access };
+        server.add(spec).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let s = server.clone();
+        tokio::spawn(async move { s.serve(listener, std::future::pending()).await });
+
+        let con = TlsDir::open(&authority::local_peer_dir(&pki, &Peer::Node("con".into()))).unwrap();
+        let tls = crate::attach::nbd::kernel_tls_to_node(&con, "own").unwrap();
+        let target = crate::attach::nbd::Target { address: address.clone(), export: name.to_string(), tls: Some(tls) };
+        let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let sock = crate::attach::nbd::client::handshake_for_kernel(tcp, &target).await.unwrap();
+        assert_eq!(sock.info.size, 1 << 20);
+        let keys = sock.keys.expect("TLS keys");
+        assert!(keys.tx.seq > 0 && keys.rx.seq > 0, "options went over TLS: tx {} rx {}", keys.tx.seq, keys.rx.seq);
+        let tcp = sock.tcp.into_std().unwrap();
+        tcp.set_nonblocking(false).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        let replies = tokio::task::spawn_blocking(move || {
+            let mut tcp = tcp;
+            let (mut tx_seq, mut rx_seq) = (keys.tx.seq, keys.rx.seq);
+            let request = |kind: u16, handle: u64, offset: u64, len: u32| {
+                let mut r = Vec::new();
+                r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                r.extend_from_slice(&0u16.to_be_bytes());
+                r.extend_from_slice(&kind.to_be_bytes());
+                r.extend_from_slice(&handle.to_be_bytes());
+                r.extend_from_slice(&offset.to_be_bytes());
+                r.extend_from_slice(&len.to_be_bytes());
+                r
+            };
+            let mut write = request(1, 1, 8192, 4096);
+            write.extend_from_slice(&data);
+            let mut send = |tcp: &mut std::net::TcpStream, plain: Vec<u8>| {
+                tcp.write_all(&seal(&keys.tx, tx_seq, &plain)).unwrap();
+                tx_seq += 1;
+            };
+            send(&mut tcp, write);
+            send(&mut tcp, request(3, 2, 0, 0));
+            // Replies in the order their I/O completed: 16 bytes each, the
+            // read's followed by its 4096 bytes. The read goes out once the
+            // write and the flush are answered (NBD orders nothing in flight).
+            let mut got = Vec::new();
+            let mut receive = |tcp: &mut std::net::TcpStream, until: usize| {
+                while got.len() < until {
+                    let mut header = [0u8; 5];
+                    tcp.read_exact(&mut header).unwrap();
+                    let mut body = vec![0u8; u16::from_be_bytes([header[3], header[4]]) as usize];
+                    tcp.read_exact(&mut body).unwrap();
+                    got.extend_from_slice(&open(&keys.rx, rx_seq, &header, body));
+                    rx_seq += 1;
+                }
+            };
+            receive(&mut tcp, 32);
+            send(&mut tcp, request(0, 3, 8192, 4096));
+            receive(&mut tcp, 48 + 4096);
+            (got, data)
+        })
+        .await
+        .unwrap();
+        let (got, data) = replies;
+        let (mut at, mut handles, mut read) = (0, vec![], None);
+        while at < got.len() {
+            assert_eq!(&got[at..at + 4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
+            let handle = u64::from_be_bytes(got[at + 8..at + 16].try_into().unwrap());
+            assert_eq!(&got[at + 4..at + 8], &[0, 0, 0, 0], "no error for handle {handle}");
+            handles.push(handle);
+            at += 16;
+            if handle == 3 {
+                read = Some(got[at..at + 4096].to_vec());
+                at += 4096;
+            }
+        }
+        handles.sort();
+        assert_eq!(handles, [1, 2, 3]);
+        let read = read.unwrap();
+        assert_eq!(read, data, "the read returns what the write stored");
+        let on_disk = std::fs::read(&image).unwrap();
+        assert_eq!(&on_disk[8192..8192 + 4096], &data[..], "the image holds the write");
+    }
+
+    fn aead_key(k: &DirectionKeys) -> ring::aead::LessSafeKey {
+        let alg = if k.key.len() == 16 { &ring::aead::AES_128_GCM } else { &ring::aead::AES_256_GCM };
+        ring::aead::LessSafeKey::new(ring::aead::UnboundKey::new(alg, &k.key).unwrap())
+    }
+
+    fn nonce(k: &DirectionKeys, seq: u64) -> ring::aead::Nonce {
+        let mut n = k.iv;
+        for (i, b) in seq.to_be_bytes().iter().enumerate() {
+            n[4 + i] ^= b;
+        }
+        ring::aead::Nonce::assume_unique_for_key(n)
+    }
+
+    /// One TLS 1.3 application-data record, as kernel TLS would send it.
+    fn seal(k: &DirectionKeys, seq: u64, plain: &[u8]) -> Vec<u8> {
+        let mut inner = plain.to_vec();
+        inner.push(0x17);
+        let len = (inner.len() + 16) as u16;
+        let header = [0x17, 3, 3, (len >> 8) as u8, len as u8];
+        aead_key(k).seal_in_place_append_tag(nonce(k, seq), ring::aead::Aad::from(header), &mut inner).unwrap();
+        [&header[..], &inner].concat()
+    }
+
+    /// The plaintext of one received record, which must be application data.
+    fn open(k: &DirectionKeys, seq: u64, header: &[u8; 5], mut body: Vec<u8>) -> Vec<u8> {
+        assert_eq!(header[0], 0x17, "outer type of a TLS 1.3 record");
+        let plain = aead_key(k).open_in_place(nonce(k, seq), ring::aead::Aad::from(*header), &mut body).expect("record decrypts");
+        let end = plain.iter().rposition(|&b| b != 0).expect("a content type");
+        assert_eq!(plain[end], 0x17, "application data, not a handshake message (a ticket, a key update)");
+        plain[..end].to_vec()
+    }
 }
