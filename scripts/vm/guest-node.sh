@@ -32,9 +32,10 @@ else
   # A TLS-only publication cannot be attached here, and says why.
   # shellcheck disable=SC2086
   out=$(kubelet stage "$VOLUME" --staging-path "$STAGE" --fs-type ext4 $ctx 2>&1) && fail "a TLS-only export attached without kernel TLS"
-  echo "$out" | grep -q "no kernel TLS" || fail "unclear refusal: $out"
+  # "not now": ctl's word for FAILED_PRECONDITION.
+  echo "$out" | grep -q "not now: .*no kernel TLS" || fail "unclear refusal: $out"
   [ "$(connected)" = 0 ] || fail "a refused stage left an nbd device"
-  step "without kernel TLS a TLS-only export is refused: $(echo "$out" | grep -o 'FailedPrecondition\|FAILED_PRECONDITION' | head -n1)"
+  step "without kernel TLS a TLS-only export is refused (FAILED_PRECONDITION): $(echo "$out" | cut -c1-160)"
   ctx="$ctx --context cinderblock.dev/nbd-tls=plain-allowed"
 fi
 
