@@ -274,7 +274,7 @@ fn node_args(d: &Path, pki: &Path, id: &str, addr: &str) -> Vec<String> {
         "--allowed-root",
         d.to_str().unwrap(),
         "--tls-dir",
-        authority::local_peer_dir(&pki, &Peer::Node(id.into())).to_str().unwrap(),
+        authority::local_peer_dir(pki, &Peer::Node(id.into())).to_str().unwrap(),
         "--nbd-listen",
         &format!("{addr}:10809"),
         "--attach-state-dir",
@@ -550,8 +550,8 @@ async fn a_plain_text_export_admits_only_the_consumers_address() {
     let refused = |code: u32| Err(format!("refused {code:#x}"));
 
     // The consumer's address, in plain text: served; with its certificate too.
-    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, None), Ok(16 << 20 as u64));
-    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, Some("con")), Ok(16 << 20 as u64));
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, None), Ok(16u64 << 20));
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, Some("con")), Ok(16u64 << 20));
     // A guessed name from the consumer's address: in plain text the server
     // does not even say whether it exists (TLS required); over TLS with the
     // consumer's certificate, no such export.
@@ -579,7 +579,7 @@ async fn a_plain_text_export_admits_only_the_consumers_address() {
     assert_eq!(ctx.get("cinderblock.dev/nbd-tls"), None, "{ctx:?}");
     let export = ctx["cinderblock.dev/nbd-export"].clone();
     assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, None), refused(REP_ERR_TLS_REQD));
-    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, Some("con")), Ok(16 << 20 as u64));
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, Some("con")), Ok(16u64 << 20));
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Err(e) = ctl.controller_unpublish_volume(unpublish(&vol.volume_id)).await {
         assert!(Instant::now() < deadline, "unpublish: {e}");
