@@ -58,10 +58,11 @@ cargo test --locked --no-fail-fast --lib --bins "${targets[@]}" -- --test-thread
 echo "== tests cannot pass vacuously (no root, a missing tool: they fail)"
 scripts/check-honest-tests.sh
 
-echo "== kernel NBD engine in a qemu guest with Debian's kernel (guest cached in .tools/vm)"
+echo "== kernel NBD engine in a qemu guest with Debian's kernel (guest cached in .tools/vm): kernel TLS, then without it"
 vm_started=$(date +%s)
 scripts/vm/nbd-kernel-test.sh
-echo "   kernel NBD test in $(( $(date +%s) - vm_started ))s"
+scripts/vm/nbd-kernel-test.sh --no-ktls
+echo "   kernel NBD tests in $(( $(date +%s) - vm_started ))s"
 
 echo "== conformance (csi-sanity)"
 scripts/csi-sanity.sh

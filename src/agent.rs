@@ -35,9 +35,18 @@ pub struct AgentService {
     exports: Option<Arc<exports::Exports>>,
     /// Copies from other nodes' exports; None when this node makes none.
     copier: Option<Arc<copier::Copier>>,
+    /// This node's remote attach engine and its TLS mode, for the pool status.
+    attach: Option<(&'static str, &'static str)>,
 }
 
 impl AgentService {
+    /// Report how this node attaches other nodes' volumes (engine, TLS mode)
+    /// in its pool status, so the controller can publish to it accordingly.
+    pub fn with_attach(mut self, engine: &'static str, tls: &'static str) -> Self {
+        self.attach = Some((engine, tls));
+        self
+    }
+
     /// Serve NBD exports of this pool through `exports`.
     pub fn with_exports(mut self, exports: Arc<exports::Exports>) -> Self {
         self.exports = Some(exports);
@@ -74,7 +83,7 @@ impl AgentService {
     pub fn with_limits(pool: Arc<Pool>, node_id: String, fence: Arc<Fence>, limits: WorkLimits) -> Self {
         let workers = Workers::new("agent-worker", limits.threads).expect("starting the agent's worker threads");
         let heavy = HeavyGate::new(limits.heavy, limits.heavy_wait);
-        AgentService { pool, node_id, fence, workers: Arc::new(workers), heavy: Arc::new(heavy), exports: None, copier: None }
+        AgentService { pool, node_id, fence, workers: Arc::new(workers), heavy: Arc::new(heavy), exports: None, copier: None, attach: None }
     }
 
     fn identity(&self) -> Option<pb::AgentIdentity> {
@@ -253,6 +262,9 @@ pub fn status_to_pb(node_id: &str, pool: &Pool) -> Result<pb::PoolStatus, Volume
         broken_count: pool.broken().len() as u32,
         orphan_count: orphans.len() as u32,
         orphan_bytes: orphans.iter().map(|o| o.allocated_bytes).sum(),
+        // The node's process fills these in (`with_attach`).
+        attach_engine: String::new(),
+        attach_tls: String::new(),
     })
 }
 
@@ -404,7 +416,15 @@ impl VolumeManager for AgentService {
         Self::authorize(&request)?;
         let identity = self.identity();
         let node_id = self.node_id.clone();
-        self.run("GetPoolStatus", move |pool| Ok(pb::GetPoolStatusResponse { status: Some(status_to_pb(&node_id, pool)?), identity })).await
+        let attach = self.attach;
+        self.run("GetPoolStatus", move |pool| {
+            let mut status = status_to_pb(&node_id, pool)?;
+            if let Some((engine, tls)) = attach {
+                (status.attach_engine, status.attach_tls) = (engine.to_string(), tls.to_string());
+            }
+            Ok(pb::GetPoolStatusResponse { status: Some(status), identity })
+        })
+        .await
     }
 
     async fn fence(&self, request: Request<pb::FenceRequest>) -> Result<Response<pb::FenceResponse>, Status> {
@@ -435,7 +455,10 @@ impl VolumeManager for AgentService {
         let identity = self.identity();
         let r = request.get_ref().clone();
         let of = exports::ExportOf::from_request(&r.volume_id, &r.snapshot_id, &r.consumer_node, &r.copy_for);
-        self.export_call(&request, move |ex| Ok(pb::CreateExportResponse { export: Some(ex.create(&of, r.read_only)?), identity })).await
+        self.export_call(&request, move |ex| {
+            Ok(pb::CreateExportResponse { export: Some(ex.create(&of, r.read_only, &r.plain_from)?), identity })
+        })
+        .await
     }
 
     async fn delete_export(&self, request: Request<pb::DeleteExportRequest>) -> Result<Response<pb::DeleteExportResponse>, Status> {

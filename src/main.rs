@@ -484,14 +484,15 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     // Volumes of other nodes attach here over NBD (kernel engine where the
     // nbd module answers, FUSE otherwise).
     let engine = Arc::new(cinderblock::attach::nbd::Engine::detect(&args.attach_state_dir).await);
-    info!(engine = engine.name(), "remote attach engine");
+    info!(engine = engine.name(), tls = engine.tls_mode(), "remote attach engine");
     // The CSI socket appears only once the node knows how it attaches
     // (what a caller waiting for the socket may then rely on).
     let csi_incoming = server::bind_unix(&socket).map_err(|e| format!("CSI endpoint {}: {e}", socket.display()))?;
     let remote =
         cinderblock::node::remote::RemoteConfig { engine: engine.clone(), tls: tls_dir.clone(), state_root: args.attach_state_dir.clone() };
     let copier = cinderblock::agent::copier::Copier::new(pool.clone(), tls_dir.clone(), args.node_id.clone());
-    let mut agent_service = AgentService::new(pool.clone(), args.node_id.clone(), fence).with_copier(copier);
+    let mut agent_service =
+        AgentService::new(pool.clone(), args.node_id.clone(), fence).with_copier(copier).with_attach(engine.name(), engine.tls_mode());
     if let Some(listen) = args.nbd_listen {
         let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("NBD server cannot listen on {listen}: {e}"))?;
         let bound = listener.local_addr().map_err(|e| e.to_string())?;
@@ -562,7 +563,8 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
             zone.clone(),
             args.agent_advertise.clone().unwrap_or_else(|| format!("https://{agent_addr}")),
             args.max_volumes.max(0) as u32,
-        );
+        )
+        .with_attach(engine.name(), engine.tls_mode());
         reg.report(&*store, &pool).await.map_err(|e| format!("registering node {}: {e}", args.node_id))?;
         let every = std::time::Duration::try_from_secs_f64(args.heartbeat_interval).map_err(|e| e.to_string())?;
         tokio::spawn(reg.run(store, pool.clone(), every));

@@ -74,6 +74,8 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             orphan_count: 0,
             orphan_bytes: 0,
             broken_count: 0,
+            attach_engine: "kernel-nbd".into(),
+            attach_tls: "kernel-tls".into(),
         }),
         Kind::Export => serde_json::to_vec(&ExportRec {
             id: id.into(),
@@ -85,6 +87,7 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             phase: Phase::Creating,
             owner_node: String::new(),
             read_only: false,
+            plain_text: true,
         }),
         Kind::GroupSnapshot => serde_json::to_vec(&GroupSnapshotRec {
             id: id.into(),

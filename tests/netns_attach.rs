@@ -18,6 +18,11 @@
 //! owner's agent is killed and started again: I/O pauses and resumes, fio
 //! reports no error and every checksum holds. Nothing is left behind.
 //! Needs root (namespaces, FUSE, loop devices, mounts) and fio.
+//!
+//! A second test checks the access rules of an export that admits a
+//! consumer in plain text (a consumer whose kernel NBD engine has no kernel
+//! TLS): only from the consumer's address, never from a fourth host, never
+//! to another node's certificate, never under a guessed name.
 
 mod common;
 
@@ -128,6 +133,15 @@ impl Drop for NodeProc {
     }
 }
 
+/// What the registrars saw of each node's remote attach (engine, TLS mode),
+/// and what they record instead where a test says so.
+#[derive(Default)]
+struct AttachReports {
+    reported: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
+    /// node -> (engine, TLS mode) to record instead of the agent's report.
+    instead: std::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
+}
+
 /// The controller, on its own thread inside the controller's namespace:
 /// an embedded store, a registrar per node asking the node's agent for its
 /// pool status every second, and CSI Controller on a unix socket.
@@ -139,7 +153,13 @@ struct ControllerHost {
 }
 
 impl ControllerHost {
-    fn start(ns: &str, dir: &Path, pki: &Path, nodes: Vec<(String, String, String)>) -> ControllerHost {
+    fn start(
+        ns: &str,
+        dir: &Path,
+        pki: &Path,
+        nodes: Vec<(String, String, String)>,
+        attach: std::sync::Arc<AttachReports>,
+    ) -> ControllerHost {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ns, dir, pki) = (ns.to_string(), dir.to_path_buf(), pki.to_path_buf());
         let registered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -157,7 +177,7 @@ impl ControllerHost {
                     std::sync::Arc::new(cinderblock::store::embedded::EmbeddedStore::open(&dir.join("store.redb")).unwrap());
                 let ctl_tls = authority::local_peer_dir(&pki, &Peer::Controller);
                 for (id, zone, address) in nodes {
-                    let (store, ctl_tls, registered) = (store.clone(), ctl_tls.clone(), registered_count.clone());
+                    let (store, ctl_tls, registered, attach) = (store.clone(), ctl_tls.clone(), registered_count.clone(), attach.clone());
                     tokio::spawn(async move {
                         let mut first = true;
                         let mut reg = Registration::new(id.clone(), zone, format!("https://{address}"), 0);
@@ -175,7 +195,12 @@ impl ControllerHost {
                         let mut agent = cinderblock::agent_proto::volume_manager_client::VolumeManagerClient::new(channel);
                         loop {
                             if let Ok(r) = agent.get_pool_status(cinderblock::agent_proto::GetPoolStatusRequest {}).await {
-                                if let Some(status) = r.into_inner().status {
+                                if let Some(mut status) = r.into_inner().status {
+                                    let seen = (status.attach_engine.clone(), status.attach_tls.clone());
+                                    attach.reported.lock().unwrap().insert(id.clone(), seen);
+                                    if let Some((engine, tls)) = attach.instead.lock().unwrap().get(&id).cloned() {
+                                        (status.attach_engine, status.attach_tls) = (engine, tls);
+                                    }
                                     if reg.report_status(&*store, status).await.is_ok() && first {
                                         first = false;
                                         registered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -231,6 +256,35 @@ impl Drop for ControllerHost {
     }
 }
 
+/// `cinderblock node` arguments for node `id` at `addr`, its files under `d`.
+fn node_args(d: &Path, pki: &Path, id: &str, addr: &str) -> Vec<String> {
+    let home = d.join(id);
+    [
+        "node",
+        "--pool",
+        home.join("pool").to_str().unwrap(),
+        "--node-id",
+        id,
+        "--zone",
+        "zone-1",
+        "--agent-listen",
+        &format!("{addr}:9810"),
+        "--endpoint",
+        &format!("unix://{}", d.join(format!("{id}.sock")).display()),
+        "--allowed-root",
+        d.to_str().unwrap(),
+        "--tls-dir",
+        authority::local_peer_dir(pki, &Peer::Node(id.into())).to_str().unwrap(),
+        "--nbd-listen",
+        &format!("{addr}:10809"),
+        "--attach-state-dir",
+        home.join("attach").to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::os::unix::net::UnixStream::connect(socket).is_err() {
@@ -256,42 +310,15 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     let pki = d.join("tls");
     authority::ensure_local_pki(&pki, &[Peer::Controller, Peer::Node("own".into()), Peer::Node("con".into())]).unwrap();
 
-    let node_args = |id: &str, addr: &str| -> Vec<String> {
-        let home = d.join(id);
-        [
-            "node",
-            "--pool",
-            home.join("pool").to_str().unwrap(),
-            "--node-id",
-            id,
-            "--zone",
-            "zone-1",
-            "--agent-listen",
-            &format!("{addr}:9810"),
-            "--endpoint",
-            &format!("unix://{}", d.join(format!("{id}.sock")).display()),
-            "--allowed-root",
-            d.to_str().unwrap(),
-            "--tls-dir",
-            authority::local_peer_dir(&pki, &Peer::Node(id.into())).to_str().unwrap(),
-            "--nbd-listen",
-            &format!("{addr}:10809"),
-            "--attach-state-dir",
-            home.join("attach").to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
     let own_addr = format!("{SUBNET}.2");
     let con_addr = format!("{SUBNET}.3");
-    let mut owner = NodeProc::start(&net.ns("own"), node_args("own", &own_addr), d.join("own.log"));
-    let _consumer = NodeProc::start(&net.ns("con"), node_args("con", &con_addr), d.join("con.log"));
+    let mut owner = NodeProc::start(&net.ns("own"), node_args(&d, &pki, "own", &own_addr), d.join("own.log"));
+    let _consumer = NodeProc::start(&net.ns("con"), node_args(&d, &pki, "con", &con_addr), d.join("con.log"));
     let nodes = vec![
         ("own".to_string(), "zone-1".to_string(), format!("{own_addr}:9810")),
         ("con".to_string(), "zone-1".to_string(), format!("{con_addr}:9810")),
     ];
-    let controller = ControllerHost::start(&net.ns("ctl"), &d, &pki, nodes);
+    let controller = ControllerHost::start(&net.ns("ctl"), &d, &pki, nodes, Default::default());
 
     let mut ctl = ControllerClient::new(unix_channel(&d.join("controller.sock")).await);
     let mut node = NodeClient::new(unix_channel(&d.join("con.sock")).await);
@@ -427,5 +454,139 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     assert!(loops_on(&attach).is_empty(), "loop devices left: {:?}", loops_on(&attach));
     let exports: Vec<_> = std::fs::read_dir(d.join("own").join("pool").join("exports")).map(|r| r.flatten().collect()).unwrap_or_default();
     assert!(exports.is_empty(), "export records left on the owner: {:?}", exports.iter().map(|e| e.file_name()).collect::<Vec<_>>());
+    let _ = &net;
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (with its own
+/// runtime), so the connections it opens come from that host's address.
+fn in_netns<T: Send, Fut: std::future::Future<Output = T>>(ns: &str, f: impl FnOnce() -> Fut + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+                // SAFETY: setns on a namespace file we opened; it moves only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns into {ns}: {}", std::io::Error::last_os_error());
+                tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f())
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// What the owner's NBD server answers a handshake for `export` from host
+/// `ns`, in plain text or with `node`'s certificate: the export's size, or
+/// the refusal.
+fn open_export(ns: &str, pki: &Path, address: &str, export: &str, tls_as: Option<&str>) -> Result<u64, String> {
+    use cinderblock::attach::nbd::{tls_to_node, Client, NbdError, Target};
+    let tls = tls_as.map(|node| {
+        let dir = cinderblock::tls::TlsDir::open(&authority::local_peer_dir(pki, &Peer::Node(node.into()))).unwrap();
+        tls_to_node(dir, "own").unwrap()
+    });
+    let target = Target { address: address.to_string(), export: export.to_string(), tls };
+    in_netns(ns, || async move {
+        match Client::connect(&target, Duration::from_secs(10)).await {
+            Ok(client) => {
+                // Served for real: a read goes through.
+                let data = client.read(0, 4096).await.map_err(|e| e.to_string())?;
+                assert_eq!(data.len(), 4096);
+                let size = client.info().size;
+                client.disconnect().await.map_err(|e| e.to_string())?;
+                Ok(size)
+            }
+            Err(NbdError::Refused { reply, .. }) => Err(format!("refused {reply:#x}")),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_text_export_admits_only_the_consumers_address() {
+    use cinderblock::export::proto::{REP_ERR_POLICY, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN};
+    require_root!();
+    require_tools!("ip", "nsenter");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().canonicalize().unwrap();
+    let _leftovers = Leftovers(d.clone());
+    let prefix = format!("cp{}", std::process::id() % 100_000);
+    let net = Network::build(&prefix, &["ctl", "own", "con", "oth"]);
+    let pki = d.join("tls");
+    let peers = [Peer::Controller, Peer::Node("own".into()), Peer::Node("con".into()), Peer::Node("oth".into())];
+    authority::ensure_local_pki(&pki, &peers).unwrap();
+    let (own_addr, con_addr) = (format!("{SUBNET}.2"), format!("{SUBNET}.3"));
+    let _owner = NodeProc::start(&net.ns("own"), node_args(&d, &pki, "own", &own_addr), d.join("own.log"));
+    let _consumer = NodeProc::start(&net.ns("con"), node_args(&d, &pki, "con", &con_addr), d.join("con.log"));
+    let nodes = vec![
+        ("own".to_string(), "zone-1".to_string(), format!("{own_addr}:9810")),
+        ("con".to_string(), "zone-1".to_string(), format!("{con_addr}:9810")),
+    ];
+    // This machine's kernel has no nbd module, so no node here can attach
+    // with the kernel engine: the registrar records the consumer as one
+    // without kernel TLS (what such a node's agent reports) in place of its
+    // real report. Everything after the record is real.
+    let attach = std::sync::Arc::new(AttachReports::default());
+    attach.instead.lock().unwrap().insert("con".into(), ("kernel-nbd".into(), "plain".into()));
+    let controller = ControllerHost::start(&net.ns("ctl"), &d, &pki, nodes, attach.clone());
+    let mut ctl = ControllerClient::new(unix_channel(&d.join("controller.sock")).await);
+    controller.wait_for_nodes(2).await;
+    // The agents report what they have: FUSE with TLS in userspace here.
+    let reported = attach.reported.lock().unwrap().clone();
+    assert_eq!(reported.get("own"), Some(&("fuse-nbd".to_string(), "userspace-tls".to_string())), "{reported:?}");
+
+    let publish = |vol: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: "con".into(),
+        volume_capability: Some(rwo_capability(true)),
+        ..Default::default()
+    };
+    let unpublish =
+        |vol: &str| csi::ControllerUnpublishVolumeRequest { volume_id: vol.into(), node_id: "con".into(), ..Default::default() };
+    let vol = ctl.create_volume(zone_volume_on("plain-data", "own", 16 * MIB, true)).await.unwrap().into_inner().volume.unwrap();
+    let ctx = ctl.controller_publish_volume(publish(&vol.volume_id)).await.unwrap().into_inner().publish_context;
+    assert_eq!(ctx.get("cinderblock.dev/nbd-tls").map(String::as_str), Some("plain-allowed"), "{ctx:?}");
+    let address = ctx["cinderblock.dev/nbd-address"].clone();
+    let export = ctx["cinderblock.dev/nbd-export"].clone();
+    let guessed = format!("{:032x}", u128::from_str_radix(&export, 16).unwrap() ^ 1);
+    let refused = |code: u32| Err(format!("refused {code:#x}"));
+
+    // The consumer's address, in plain text: served; with its certificate too.
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, None), Ok(16u64 << 20));
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, Some("con")), Ok(16u64 << 20));
+    // A guessed name from the consumer's address: in plain text the server
+    // does not even say whether it exists (TLS required); over TLS with the
+    // consumer's certificate, no such export.
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &guessed, None), refused(REP_ERR_TLS_REQD));
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &guessed, Some("con")), refused(REP_ERR_UNKNOWN));
+    // Another host in plain text: TLS required; with its own node's
+    // certificate: not the node this export is for.
+    assert_eq!(open_export(&net.ns("oth"), &pki, &address, &export, None), refused(REP_ERR_TLS_REQD));
+    assert_eq!(open_export(&net.ns("oth"), &pki, &address, &export, Some("oth")), refused(REP_ERR_POLICY));
+    // The controller's host, which reaches the owner too, is no consumer either.
+    assert_eq!(open_export(&net.ns("ctl"), &pki, &address, &export, None), refused(REP_ERR_TLS_REQD));
+
+    // Unpublished (once the owner has seen our connections close), the
+    // export is gone; published again to a consumer that now reports kernel
+    // TLS, it admits no plain text at all.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = ctl.controller_unpublish_volume(unpublish(&vol.volume_id)).await {
+        assert!(Instant::now() < deadline, "unpublish: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, None), refused(REP_ERR_TLS_REQD));
+    attach.instead.lock().unwrap().insert("con".into(), ("kernel-nbd".into(), "kernel-tls".into()));
+    tokio::time::sleep(Duration::from_secs(2)).await; // a registrar round
+    let ctx = ctl.controller_publish_volume(publish(&vol.volume_id)).await.unwrap().into_inner().publish_context;
+    assert_eq!(ctx.get("cinderblock.dev/nbd-tls"), None, "{ctx:?}");
+    let export = ctx["cinderblock.dev/nbd-export"].clone();
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, None), refused(REP_ERR_TLS_REQD));
+    assert_eq!(open_export(&net.ns("con"), &pki, &address, &export, Some("con")), Ok(16u64 << 20));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = ctl.controller_unpublish_volume(unpublish(&vol.volume_id)).await {
+        assert!(Instant::now() < deadline, "unpublish: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let exports: Vec<_> = std::fs::read_dir(d.join("own").join("pool").join("exports")).map(|r| r.flatten().collect()).unwrap_or_default();
+    assert!(exports.is_empty(), "export records left on the owner: {:?}", exports.iter().map(|e| e.file_name()).collect::<Vec<_>>());
+    drop(controller);
     let _ = &net;
 }

@@ -56,9 +56,10 @@ for app in $("$root/bin/busybox" --list); do
   [ "$app" = busybox ] || ln -sf busybox "$root/bin/$app"
 done
 
-# Modules, in dependency order, decompressed for busybox insmod.
+# Modules, in dependency order, decompressed for busybox insmod. tls and
+# the AES-GCM ones are kernel TLS (busybox cannot load them on demand).
 : > "$root/lib/modules/load-order"
-for mod in virtio_pci virtio_net 9pnet_virtio 9p nbd loop ext4; do
+for mod in virtio_pci virtio_net 9pnet_virtio 9p nbd loop ext4 tls gcm ghash_generic aesni_intel ghash_clmulni_intel; do
   modprobe -d "$ktree" -S "$kver" --show-depends "$mod" | awk '$1 == "insmod" {print $2}' | while read -r ko; do
     name=$(basename "$ko"); name=${name%.xz}; name=${name%.zst}
     [ -f "$root/lib/modules/$name" ] && continue
@@ -101,13 +102,19 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mkdir -p /run && mount -t tmpfs run /run
-for m in $(cat /lib/modules/load-order); do insmod /lib/modules/$m 2>/dev/null; done
+# cinderblock.skip=a,b on the kernel line leaves modules a.ko and b.ko out
+# (a test of a kernel without them).
+skip=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^cinderblock.skip=//p' | tr ',' ' ')
+for m in $(cat /lib/modules/load-order); do
+  case " $skip " in *" ${m%.ko} "*) continue ;; esac
+  insmod /lib/modules/$m 2>/dev/null
+done
 ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none host /host || echo "GUEST-RESULT: FAIL (no 9p share)"
-echo "guest: kernel $(uname -r), nbd: $(test -e /sys/module/nbd && echo loaded || echo missing)"
+echo "guest: kernel $(uname -r), nbd: $(test -e /sys/module/nbd && echo loaded || echo missing), tls: $(test -e /sys/module/tls && echo loaded || echo missing)"
 if [ -f /host/guest.sh ]; then
   if sh /host/guest.sh; then echo "GUEST-RESULT: PASS"; else echo "GUEST-RESULT: FAIL ($?)"; fi
 else

@@ -10,6 +10,7 @@
 //! snapshot (always read-only), one export per copy, removed when it ends.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +34,9 @@ struct ExportRecord {
     /// The volume on the consumer a copy export feeds; empty for a publication.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     copy_for: String,
+    /// Addresses admitted in plain text (a consumer without kernel TLS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    plain_from: Vec<IpAddr>,
 }
 
 /// What an export serves, to whom, for what: (snapshot?, source ID, consumer, copy_for).
@@ -148,7 +152,7 @@ impl Exports {
             volume: rec.volume_id.clone(),
             image: ImageSource::File(file),
             read_only: rec.read_only,
-            access: Access { node: rec.consumer_node.clone(), plain_from: vec![] },
+            access: Access { node: rec.consumer_node.clone(), plain_from: rec.plain_from.clone() },
         };
         self.server.add(spec).map_err(|e| Status::internal(format!("serving volume {}: {e}", rec.volume_id)))?;
         Ok(())
@@ -166,12 +170,15 @@ impl Exports {
             size_bytes: live.map(|e| e.size).unwrap_or(0),
             snapshot: rec.snapshot,
             copy_for: rec.copy_for.clone(),
+            plain_from: rec.plain_from.iter().map(|a| a.to_string()).collect(),
         }
     }
 
     /// Serve the volume or snapshot `of` names to its consumer (the same
     /// export when it exists already). A snapshot is served read-only.
-    pub fn create(&self, of: &ExportOf, read_only: bool) -> Result<pb::Export, Status> {
+    /// `plain_from`: addresses also admitted without TLS (a publication to a
+    /// consumer whose kernel has no kernel TLS).
+    pub fn create(&self, of: &ExportOf, read_only: bool, plain_from: &[String]) -> Result<pb::Export, Status> {
         let what = if of.snapshot { "snapshot id" } else { "volume id" };
         crate::volume::validate_id(what, &of.id).map_err(Status::from)?;
         if !of.copy_for.is_empty() {
@@ -179,8 +186,26 @@ impl Exports {
         }
         crate::tls::node_dns_name(&of.consumer).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let read_only = read_only || of.snapshot;
+        let mut plain: Vec<IpAddr> = plain_from
+            .iter()
+            .map(|a| a.parse().map_err(|_| Status::invalid_argument(format!("plain_from {a:?} is not an IP address"))))
+            .collect::<Result<_, _>>()?;
+        plain.sort();
+        plain.dedup();
+        if !plain.is_empty() && !of.copy_for.is_empty() {
+            return Err(Status::invalid_argument("a copy export is read over TLS only; plain_from must be empty"));
+        }
         let key = of.key();
         if let Some(rec) = self.records().get(&key).cloned() {
+            if rec.plain_from != plain {
+                return Err(Status::already_exists(format!(
+                    "{} {} is exported to node {} admitting {:?} in plain text; unpublish it first",
+                    rec.what(),
+                    of.id,
+                    of.consumer,
+                    rec.plain_from
+                )));
+            }
             if rec.read_only != read_only {
                 return Err(Status::already_exists(format!(
                     "{} {} is exported to node {} {}; unpublish it first",
@@ -204,6 +229,7 @@ impl Exports {
             read_only,
             snapshot: of.snapshot,
             copy_for: of.copy_for.clone(),
+            plain_from: plain,
         };
         // Durable before it is served: a restart serves it again.
         let path = self.dir.join(format!("{}.json", rec.export_name));
@@ -212,7 +238,11 @@ impl Exports {
             let _ = records::remove_if_exists(&path);
             return Err(e);
         }
-        info!(id = %of.id, snapshot = of.snapshot, consumer = %of.consumer, copy_for = %of.copy_for, "exported");
+        if rec.plain_from.is_empty() {
+            info!(id = %of.id, snapshot = of.snapshot, consumer = %of.consumer, copy_for = %of.copy_for, "exported");
+        } else {
+            warn!(id = %of.id, consumer = %of.consumer, plain_from = ?rec.plain_from, "exported, admitting the consumer's address in PLAIN TEXT (its kernel has no kernel TLS)");
+        }
         let out = self.to_pb(&rec);
         self.records().insert(key, rec);
         Ok(out)

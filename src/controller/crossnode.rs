@@ -100,6 +100,7 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
             consumer_node: node.to_string(),
             read_only: true,
             copy_for: id.clone(),
+            plain_from: vec![],
         })
         .await
         .map_err(|s| Status::new(s.code(), format!("node {source_node} could not export the source to node {node}: {}", s.message())))?

@@ -269,6 +269,7 @@ mod tests {
             phase: Phase::Available,
             owner_node: "node-1".into(),
             read_only: false,
+            plain_text: false,
         };
         assert!(!health_of(&vol("vol-ok", "node-1"), &views, &[export("vol-ok", "node-2")]).abnormal);
         let h = health_of(&vol("vol-gone", "node-1"), &views, &[]);

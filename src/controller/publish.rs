@@ -6,6 +6,12 @@
 //! publication is a record (`ExportRec`, the BlockExport resource), written
 //! before the owner acts, so a controller restart finds it, and removed
 //! only after the owner stopped serving.
+//!
+//! An export admits the consumer's certificate over TLS. A consumer whose
+//! StorageNode says its kernel NBD engine has no kernel TLS (`attach_tls:
+//! plain`) cannot speak TLS on that path: its export also admits the
+//! consumer's address (from its agent address) in plain text, and
+//! `publish_context` says so (docs/nbd.md).
 
 use std::collections::BTreeMap;
 
@@ -15,7 +21,10 @@ use tracing::info;
 use super::manager::{store_status, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
-use crate::attach::nbd::{CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TRANSPORT, TRANSPORT_NBD};
+use crate::attach::nbd::{
+    CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TLS, CONTEXT_TLS_PLAIN_ALLOWED, CONTEXT_TRANSPORT, ENGINE_KERNEL, TLS_PLAIN,
+    TRANSPORT_NBD,
+};
 use crate::store::{self, Kind};
 
 /// `publish_context` transport value for a volume used on its own node.
@@ -38,10 +47,31 @@ fn context_of(rec: &ExportRec) -> BTreeMap<String, String> {
         c.insert(CONTEXT_ADDRESS.to_string(), rec.address.clone());
         c.insert(CONTEXT_EXPORT.to_string(), rec.export_name.clone());
         c.insert(CONTEXT_OWNER.to_string(), rec.owner_node.clone());
+        if rec.plain_text {
+            c.insert(CONTEXT_TLS.to_string(), CONTEXT_TLS_PLAIN_ALLOWED.to_string());
+        }
     } else {
         c.insert(CONTEXT_TRANSPORT.to_string(), TRANSPORT_LOCAL.to_string());
     }
     c
+}
+
+/// The address a consumer without kernel TLS connects from, when it needs
+/// one: `None` for a consumer that speaks TLS.
+fn plain_text_address(consumer: &NodeRec) -> Result<Option<std::net::IpAddr>, Status> {
+    if consumer.attach_engine != ENGINE_KERNEL || consumer.attach_tls != TLS_PLAIN {
+        return Ok(None);
+    }
+    let host = consumer.agent_address.split("://").last().unwrap_or_default();
+    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
+    host.parse().map(Some).map_err(|_| {
+        Status::failed_precondition(format!(
+            "node {} attaches with kernel NBD without kernel TLS, so its export must admit its address in plain text, \
+             but its agent address {:?} names no IP address; advertise the agent by IP (--agent-advertise) or load the \
+             tls module on that node",
+            consumer.id, consumer.agent_address
+        ))
+    })
 }
 
 impl Manager {
@@ -124,6 +154,7 @@ impl Manager {
             phase: if p.node_id == owner { Phase::Available } else { Phase::Creating },
             owner_node: owner.clone(),
             read_only: p.read_only,
+            plain_text: p.node_id != owner && plain_text_address(&consumer)?.is_some(),
         };
         // The record first: a controller restart then knows an export may exist.
         let version = store::create_json(&*self.store, Kind::Export, &id, &rec).await.map_err(store_status)?;
@@ -141,12 +172,28 @@ impl Manager {
             store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
             return Ok(context_of(&rec));
         }
+        let plain_from = if rec.plain_text {
+            let (consumer, _) = self
+                .node(&rec.node_id)
+                .await?
+                .ok_or_else(|| Status::not_found(format!("node {} does not exist (no StorageNode)", rec.node_id)))?;
+            let address = plain_text_address(&consumer)?.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "node {} was published to in plain text but now reports attach_tls {:?}; unpublish and publish again",
+                    rec.node_id, consumer.attach_tls
+                ))
+            })?;
+            vec![address.to_string()]
+        } else {
+            vec![]
+        };
         let mut agent = self.agent_for(&rec.owner_node).await.map_err(|e| Status::new(e.code, e.message))?;
         let made = agent
             .create_export(pb::CreateExportRequest {
                 volume_id: rec.volume_id.clone(),
                 consumer_node: rec.node_id.clone(),
                 read_only: rec.read_only,
+                plain_from,
                 ..Default::default()
             })
             .await
@@ -159,7 +206,11 @@ impl Manager {
         rec.export_name = made.export_name;
         rec.phase = Phase::Available;
         store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
-        info!(volume.id = %rec.volume_id, owner = %rec.owner_node, consumer = %rec.node_id, address = %rec.address, "volume exported over NBD");
+        if rec.plain_text {
+            tracing::warn!(volume.id = %rec.volume_id, owner = %rec.owner_node, consumer = %rec.node_id, address = %rec.address, "volume exported over NBD admitting the consumer's address in PLAIN TEXT: its kernel has no kernel TLS");
+        } else {
+            info!(volume.id = %rec.volume_id, owner = %rec.owner_node, consumer = %rec.node_id, address = %rec.address, "volume exported over NBD");
+        }
         Ok(context_of(&rec))
     }
 
@@ -219,5 +270,36 @@ impl Manager {
             info!(volume.id = %rec.volume_id, node = %rec.node_id, protocol = %rec.protocol, "volume unpublished");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(engine: &str, tls: &str, agent: &str) -> NodeRec {
+        let mut n: NodeRec = serde_json::from_value(serde_json::json!({
+            "id": "con", "zone": "z", "agent_address": agent,
+            "capacity": {"total": 1, "free": 1, "provisioned": 0, "max_over_subscription_ratio": 1.0, "reserved_percentage": 0},
+            "volume_count": 0, "snapshot_count": 0, "max_volumes": 0, "reflink": false, "filesystem": "ext4", "heartbeat_ms": 0
+        }))
+        .unwrap();
+        (n.attach_engine, n.attach_tls) = (engine.into(), tls.into());
+        n
+    }
+
+    #[test]
+    fn only_a_kernel_engine_without_kernel_tls_gets_plain_text_from_its_agent_ip() {
+        let ip = |n: &NodeRec| plain_text_address(n).map_err(|s| s.code());
+        assert_eq!(ip(&node("kernel-nbd", "plain", "https://10.0.0.7:9810")), Ok(Some("10.0.0.7".parse().unwrap())));
+        assert_eq!(ip(&node("kernel-nbd", "plain", "https://[fd00::7]:9810")), Ok(Some("fd00::7".parse().unwrap())));
+        assert_eq!(ip(&node("kernel-nbd", "kernel-tls", "https://10.0.0.7:9810")), Ok(None));
+        assert_eq!(ip(&node("fuse-nbd", "userspace-tls", "https://10.0.0.7:9810")), Ok(None));
+        assert_eq!(ip(&node("", "", "https://10.0.0.7:9810")), Ok(None), "a node that reports nothing gets TLS");
+        assert_eq!(
+            ip(&node("kernel-nbd", "plain", "https://node-7.example:9810")),
+            Err(Code::FailedPrecondition),
+            "a host name is no address"
+        );
     }
 }

@@ -167,6 +167,15 @@ pub struct NodeRec {
     /// Images the pool found damaged when it opened.
     #[serde(default)]
     pub broken_count: u32,
+    /// How the node attaches other nodes' volumes: "kernel-nbd" or
+    /// "fuse-nbd" (empty: not reported).
+    #[serde(default)]
+    pub attach_engine: String,
+    /// How those connections are protected: "kernel-tls", "userspace-tls",
+    /// or "plain" (kernel NBD without kernel TLS: publications to it admit
+    /// its address in plain text).
+    #[serde(default)]
+    pub attach_tls: String,
 }
 
 impl NodeRec {
@@ -204,6 +213,10 @@ pub struct ExportRec {
     pub owner_node: String,
     #[serde(default)]
     pub read_only: bool,
+    /// NBD: the export also admits the consumer's address in plain text
+    /// (its kernel NBD engine has no kernel TLS).
+    #[serde(default)]
+    pub plain_text: bool,
 }
 
 pub fn export_id_for(volume_id: &str, node_id: &str) -> String {
@@ -258,5 +271,7 @@ pub fn pool_status_to_node(id: &str, zone: &str, agent_address: &str, max_volume
         orphan_count: s.orphan_count,
         orphan_bytes: s.orphan_bytes,
         broken_count: s.broken_count,
+        attach_engine: s.attach_engine.clone(),
+        attach_tls: s.attach_tls.clone(),
     }
 }

@@ -452,21 +452,31 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// TLS for a node's NBD server from its certificate folder (read again
+/// when its files change): any node's certificate opens the handshake, each
+/// export then admits only the node it names; no session tickets.
+pub fn node_tls(dir: Arc<crate::tls::TlsDir>) -> TlsSetup {
+    TlsSetup { config: ServerConfigSource::Reloading(crate::tls::ServerTls::for_nbd(dir)), peer_check: Arc::new(CinderblockNodeName) }
+}
+
+/// `config` sending no TLS 1.3 session tickets: a consumer on the kernel
+/// engine hands its session to kernel TLS after GO, and the kernel takes
+/// application data only (docs/nbd.md).
+pub fn without_session_tickets(mut config: rustls::ServerConfig) -> rustls::ServerConfig {
+    config.send_tls13_tickets = 0;
+    config
+}
+
 /// A node's NBD server for its pool: TLS with the node's certificate folder
-/// (any node's certificate opens the handshake; each export then admits only
-/// the node it names), the exports kept on disk served again, and the
-/// listener served until the process stops.
+/// (`node_tls`), the exports kept on disk served again, and the listener
+/// served until the process stops.
 pub fn serve_pool(
     pool: Arc<crate::volume::Pool>,
     tls_dir: Arc<crate::tls::TlsDir>,
     listener: TcpListener,
     address: String,
 ) -> std::io::Result<Arc<crate::agent::exports::Exports>> {
-    let tls = TlsSetup {
-        config: ServerConfigSource::Reloading(crate::tls::ServerTls::new(tls_dir, crate::tls::PeerRule::AnyNode, vec![])),
-        peer_check: Arc::new(CinderblockNodeName),
-    };
-    let server = ExportServer::new(Some(tls), Limits::default());
+    let server = ExportServer::new(Some(node_tls(tls_dir)), Limits::default());
     let exports = Arc::new(crate::agent::exports::Exports::open(pool, server.clone(), address)?);
     tokio::spawn(async move { server.serve(listener, crate::server::shutdown_signal()).await });
     Ok(exports)

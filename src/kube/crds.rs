@@ -66,6 +66,8 @@ pub struct BlockSnapshotSpec {
     printcolumn = r#"{"name":"Provisioned","type":"integer","jsonPath":".spec.capacity.provisioned"}"#,
     printcolumn = r#"{"name":"Volumes","type":"integer","jsonPath":".spec.volume_count"}"#,
     printcolumn = r#"{"name":"Orphans","type":"integer","jsonPath":".spec.orphan_count"}"#,
+    printcolumn = r#"{"name":"Attach","type":"string","jsonPath":".spec.attach_engine"}"#,
+    printcolumn = r#"{"name":"Attach TLS","type":"string","jsonPath":".spec.attach_tls"}"#,
     printcolumn = r#"{"name":"Mismatch","type":"string","jsonPath":".spec.mismatch","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -84,6 +86,7 @@ pub struct StorageNodeSpec {
     printcolumn = r#"{"name":"Volume","type":"string","jsonPath":".spec.volume_id"}"#,
     printcolumn = r#"{"name":"Node","type":"string","jsonPath":".spec.node_id"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".spec.phase"}"#,
+    printcolumn = r#"{"name":"Plain Text","type":"boolean","jsonPath":".spec.plain_text","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct BlockExportSpec {

@@ -27,6 +27,8 @@ pub struct Registration {
     pub zone: String,
     pub agent_address: String,
     pub max_volumes: u32,
+    /// This node's remote attach engine and TLS mode, reported with its pool.
+    attach: Option<(&'static str, &'static str)>,
     /// The record as last written and its version; None until the first
     /// report (which reads what the store holds).
     written: Option<(NodeRec, u64)>,
@@ -34,17 +36,27 @@ pub struct Registration {
 
 impl Registration {
     pub fn new(node_id: String, zone: String, agent_address: String, max_volumes: u32) -> Self {
-        Registration { node_id, zone, agent_address, max_volumes, written: None }
+        Registration { node_id, zone, agent_address, max_volumes, attach: None, written: None }
+    }
+
+    /// Report `engine` and `tls` (see `attach::nbd::Engine`) as how this
+    /// node attaches other nodes' volumes.
+    pub fn with_attach(mut self, engine: &'static str, tls: &'static str) -> Self {
+        self.attach = Some((engine, tls));
+        self
     }
 
     /// Write this node's record if it changed, and say the node is alive.
     pub async fn report(&mut self, store: &dyn Store, pool: &Arc<Pool>) -> Result<(), String> {
         let p = pool.clone();
         let node_id = self.node_id.clone();
-        let status = tokio::task::spawn_blocking(move || crate::agent::status_to_pb(&node_id, &p))
+        let mut status = tokio::task::spawn_blocking(move || crate::agent::status_to_pb(&node_id, &p))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        if let Some((engine, tls)) = self.attach {
+            (status.attach_engine, status.attach_tls) = (engine.to_string(), tls.to_string());
+        }
         self.report_status(store, status).await
     }
 
@@ -181,6 +193,8 @@ mod tests {
             orphan_count: 0,
             orphan_bytes: 0,
             broken_count: 0,
+            attach_engine: String::new(),
+            attach_tls: String::new(),
         }
     }
 

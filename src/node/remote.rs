@@ -6,7 +6,9 @@
 //!
 //! - FUSE engine (this machine's kernel has no nbd module): our NBD client
 //!   behind a one-file FUSE filesystem at `<state>/<volume>/fuse/disk`.
-//! - Kernel engine: `/dev/nbdN` (a loop device on it keeps staging uniform).
+//! - Kernel engine: `/dev/nbdN` (a loop device on it keeps staging uniform),
+//!   over kernel TLS; where the kernel has none, plain text from an export
+//!   that allows this node's address (the publish context says so).
 //!
 //! The attachment lives in this process: the node plugin keeps it while the
 //! volume is staged and lets it go at unstage. After a restart of the node
@@ -21,7 +23,10 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::attach::nbd::fuse::FuseFile;
-use crate::attach::nbd::{kernel, Engine, Target, CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TRANSPORT, TRANSPORT_NBD};
+use crate::attach::nbd::{
+    kernel, Engine, Target, CONTEXT_ADDRESS, CONTEXT_EXPORT, CONTEXT_OWNER, CONTEXT_TLS, CONTEXT_TLS_PLAIN_ALLOWED, CONTEXT_TRANSPORT,
+    TRANSPORT_NBD,
+};
 use crate::tls::TlsDir;
 
 use super::error::NodeError;
@@ -52,16 +57,18 @@ impl Backing {
 
 /// Which export a staged remote volume uses, and the attachment serving it.
 struct Attached {
-    address: String,
-    export: String,
+    target: RemoteTarget,
     backing: Backing,
 }
 
 /// What a publish context says about where a volume is.
+#[derive(Clone)]
 pub struct RemoteTarget {
     pub address: String,
     pub export: String,
     pub owner: String,
+    /// The export also admits this node's address in plain text.
+    pub plain_allowed: bool,
 }
 
 /// `Some` when the publish context names an NBD export (a remote volume).
@@ -77,7 +84,37 @@ pub fn remote_target(context: &HashMap<String, String>) -> Result<Option<RemoteT
             reason: format!("an NBD publication needs {k}; was the volume published by this driver's controller?"),
         })
     };
-    Ok(Some(RemoteTarget { address: get(CONTEXT_ADDRESS)?, export: get(CONTEXT_EXPORT)?, owner: get(CONTEXT_OWNER)? }))
+    let plain_allowed = match context.get(CONTEXT_TLS).map(String::as_str) {
+        None | Some("") | Some("tls") => false,
+        Some(CONTEXT_TLS_PLAIN_ALLOWED) => true,
+        Some(other) => return Err(NodeError::Invalid { what: "publish_context", reason: format!("unknown {CONTEXT_TLS} {other:?}") }),
+    };
+    Ok(Some(RemoteTarget { address: get(CONTEXT_ADDRESS)?, export: get(CONTEXT_EXPORT)?, owner: get(CONTEXT_OWNER)?, plain_allowed }))
+}
+
+/// Where the kernel engine connects for `t`: over kernel TLS when this
+/// kernel has it (even where plain text is allowed too), else in plain text
+/// when the export allows it, else nowhere.
+fn kernel_target(tls: &TlsDir, opts: &kernel::KernelOptions, volume: &str, t: &RemoteTarget) -> Result<Target, NodeError> {
+    let tls = if opts.kernel_tls {
+        Some(
+            crate::attach::nbd::kernel_tls_to_node(tls, &t.owner)
+                .map_err(|reason| NodeError::Invalid { what: "publish_context", reason })?,
+        )
+    } else if t.plain_allowed {
+        None
+    } else {
+        return Err(NodeError::Unusable {
+            id: volume.to_string(),
+            detail: format!(
+                "is served by node {} over TLS only, and this node's kernel has no kernel TLS for its kernel NBD engine; \
+                 load the tls module (modprobe tls) and restart the node plugin, or have the controller publish it again \
+                 now that this node reports attach_tls=plain",
+                t.owner
+            ),
+        });
+    };
+    Ok(Target { address: t.address.clone(), export: t.export.clone(), tls })
 }
 
 pub struct Remote {
@@ -94,7 +131,7 @@ impl Remote {
         if let Engine::Kernel(opts) = &*config.engine {
             match kernel::LinkDeadWatcher::open() {
                 Ok(watcher) => {
-                    tokio::spawn(supervise(watcher, attached.clone(), opts.clone()));
+                    tokio::spawn(supervise(watcher, attached.clone(), opts.clone(), config.tls.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot watch the nbd driver for lost connections; a restarted owner agent will leave kernel-attached volumes without I/O")
@@ -124,7 +161,7 @@ impl Remote {
     pub async fn attach(&self, volume: &str, t: &RemoteTarget, read_only: bool) -> Result<(PathBuf, bool), NodeError> {
         let mut attached = self.attached.lock().await;
         if let Some(a) = attached.get(volume) {
-            if a.export == t.export {
+            if a.target.export == t.export {
                 return Ok((a.backing.path().to_path_buf(), false));
             }
             return Err(NodeError::InUse {
@@ -132,10 +169,10 @@ impl Remote {
                 detail: "is attached here from another export; unstage it first".into(),
             });
         }
-        let tls = crate::attach::nbd::tls_to_node(self.config.tls.clone(), &t.owner)
-            .map_err(|reason| NodeError::Invalid { what: "publish_context", reason })?;
         let backing = match &*self.config.engine {
             Engine::Fuse { policy, .. } => {
+                let tls = crate::attach::nbd::tls_to_node(self.config.tls.clone(), &t.owner)
+                    .map_err(|reason| NodeError::Invalid { what: "publish_context", reason })?;
                 let target = Target { address: t.address.clone(), export: t.export.clone(), tls: Some(tls) };
                 let dir = self.config.state_root.join(volume);
                 let f = FuseFile::mount(target, &dir, policy.clone(), read_only)
@@ -144,18 +181,19 @@ impl Remote {
                 Backing::Fuse(f)
             }
             Engine::Kernel(opts) => {
-                // The kernel carries no TLS session (docs/nbd.md): plain
-                // text, which the export allows from this node's address only.
-                warn!(volume, owner = %t.owner, "kernel NBD engine: the data path to the owner is plain text");
-                let dev = kernel::connect(&t.address, &t.export, opts, volume)
+                let target = kernel_target(&self.config.tls, opts, volume, t)?;
+                if target.tls.is_none() {
+                    warn!(volume, owner = %t.owner, "kernel NBD engine without kernel TLS: the data path to the owner is PLAIN TEXT (docs/nbd.md)");
+                }
+                let dev = kernel::connect(&target, opts, volume)
                     .await
                     .map_err(|e| NodeError::Internal { detail: format!("attaching volume {volume} from {}: {e}", t.address) })?;
                 Backing::Kernel { index: dev.index, path: dev.path.clone() }
             }
         };
         let path = backing.path().to_path_buf();
-        info!(volume, owner = %t.owner, address = %t.address, engine = self.engine_name(), backing = %path.display(), "remote volume attached");
-        attached.insert(volume.to_string(), Attached { address: t.address.clone(), export: t.export.clone(), backing });
+        info!(volume, owner = %t.owner, address = %t.address, engine = self.engine_name(), tls = self.config.engine.tls_mode(), backing = %path.display(), "remote volume attached");
+        attached.insert(volume.to_string(), Attached { target: t.clone(), backing });
         Ok((path, true))
     }
 
@@ -174,11 +212,14 @@ impl Remote {
                 detail: "is not attached by this node plugin; stage it again".into(),
             });
         };
-        match &a.backing {
-            Backing::Kernel { index, .. } => kernel::resize(*index, &a.address, &a.export, volume)
-                .await
-                .map_err(|e| NodeError::Internal { detail: format!("growing the nbd device of volume {volume}: {e}") }),
-            Backing::Fuse(_) => Err(NodeError::Unusable {
+        match (&a.backing, &*self.config.engine) {
+            (Backing::Kernel { index, .. }, Engine::Kernel(opts)) => {
+                let target = kernel_target(&self.config.tls, opts, volume, &a.target)?;
+                kernel::resize(*index, &target, volume)
+                    .await
+                    .map_err(|e| NodeError::Internal { detail: format!("growing the nbd device of volume {volume}: {e}") })
+            }
+            _ => Err(NodeError::Unusable {
                 id: volume.to_string(),
                 detail: "is attached with the FUSE engine, which shows a new size only when the volume is staged again".into(),
             }),
@@ -213,7 +254,12 @@ impl Remote {
 /// lost its connections (the owner's agent restarted), connect new sockets
 /// and RECONFIGURE the device, retrying for its dead-connection timeout.
 /// The driver holds the device's I/O meanwhile, so nothing above it fails.
-async fn supervise(watcher: kernel::LinkDeadWatcher, attached: Arc<Mutex<HashMap<String, Attached>>>, opts: kernel::KernelOptions) {
+async fn supervise(
+    watcher: kernel::LinkDeadWatcher,
+    attached: Arc<Mutex<HashMap<String, Attached>>>,
+    opts: kernel::KernelOptions,
+    tls: Arc<TlsDir>,
+) {
     let watcher = Arc::new(watcher);
     let busy: Arc<std::sync::Mutex<std::collections::HashSet<u32>>> = Arc::default();
     loop {
@@ -229,19 +275,24 @@ async fn supervise(watcher: kernel::LinkDeadWatcher, attached: Arc<Mutex<HashMap
             Err(_) => return,
         };
         let found = attached.lock().await.iter().find_map(|(volume, a)| match a.backing {
-            Backing::Kernel { index, .. } if index == dead => Some((volume.clone(), a.address.clone(), a.export.clone())),
+            Backing::Kernel { index, .. } if index == dead => Some((volume.clone(), a.target.clone())),
             _ => None,
         });
-        let Some((volume, address, export)) = found else { continue };
+        let Some((volume, t)) = found else { continue };
         // Each of its sockets reports its death: one reconnect is enough.
         if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(dead) {
             continue;
         }
-        warn!(volume, device = dead, address, "NBD connection lost; reconnecting");
-        let (opts, busy) = (opts.clone(), busy.clone());
+        warn!(volume, device = dead, address = %t.address, "NBD connection lost; reconnecting");
+        let (opts, busy, tls) = (opts.clone(), busy.clone(), tls.clone());
         // Other devices are watched meanwhile.
         tokio::spawn(async move {
-            match kernel::reconnect(dead, &address, &export, &opts, &volume).await {
+            // Built now: the certificates may have been renewed since the attach.
+            let result = match kernel_target(&tls, &opts, &volume, &t) {
+                Ok(target) => kernel::reconnect(dead, &target, &opts, &volume).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
                 Ok(_) => info!(volume, device = dead, "NBD device reconnected"),
                 Err(e) => warn!(volume, device = dead, error = %e, "could not reconnect the nbd device; its I/O fails now"),
             }

@@ -105,12 +105,21 @@ pub struct ServerTls {
     dir: Arc<TlsDir>,
     rule: PeerRule,
     alpn: Vec<Vec<u8>>,
+    /// Send TLS 1.3 session tickets after the handshake (rustls' default).
+    session_tickets: bool,
     cached: Mutex<Option<(u64, Arc<ServerConfig>)>>,
 }
 
 impl ServerTls {
     pub fn new(dir: Arc<TlsDir>, rule: PeerRule, alpn: Vec<Vec<u8>>) -> Arc<ServerTls> {
-        Arc::new(ServerTls { dir, rule, alpn, cached: Mutex::new(None) })
+        Arc::new(ServerTls { dir, rule, alpn, session_tickets: true, cached: Mutex::new(None) })
+    }
+
+    /// For NBD exports: any node's certificate opens the handshake, and no
+    /// session tickets are sent, since a consumer may hand its session to
+    /// kernel TLS, which takes application data only (`attach::nbd::ktls`).
+    pub fn for_nbd(dir: Arc<TlsDir>) -> Arc<ServerTls> {
+        Arc::new(ServerTls { dir, rule: PeerRule::AnyNode, alpn: vec![], session_tickets: false, cached: Mutex::new(None) })
     }
 
     /// The config for the next handshake.
@@ -132,6 +141,9 @@ impl ServerTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(m.chain.clone(), m.key.clone_key())?;
         cfg.alpn_protocols = self.alpn.clone();
+        if !self.session_tickets {
+            cfg.send_tls13_tickets = 0;
+        }
         let cfg = Arc::new(cfg);
         *cached = Some((m.generation, cfg.clone()));
         Ok(cfg)

@@ -71,6 +71,13 @@ pub struct AttachArgs {
     /// FUSE engine: folder for the FUSE mount.
     #[arg(long, default_value = "/run/cinderblock/nbd")]
     pub state_dir: PathBuf,
+    /// This node's certificate folder (ca.crt, tls.crt, tls.key): connect
+    /// over TLS (the kernel engine then hands the session to kernel TLS).
+    #[arg(long, requires = "owner")]
+    pub tls_dir: Option<PathBuf>,
+    /// With --tls-dir: the node serving the export (its certificate must name it).
+    #[arg(long)]
+    pub owner: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -97,6 +104,10 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// TLS from a node's certificate folder (ca.crt, tls.crt, tls.key) as the
+    /// agent serves it: client certificates must name the node --node.
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub tls_dir: Option<PathBuf>,
     #[arg(long)]
     pub read_only: bool,
     /// Use the page cache for every request instead of O_DIRECT.
@@ -112,12 +123,14 @@ pub async fn run(command: NbdCommand) -> Result<(), String> {
         NbdCommand::Detach { index } => kernel::disconnect(index).await.map_err(|e| e.to_string()),
         NbdCommand::Reconfigure { index, address, export, connections } => {
             let opts = kernel::KernelOptions { connections, ..Default::default() };
-            let size = kernel::reconfigure(index, &address, &export, &opts, &export).await.map_err(|e| e.to_string())?;
+            let target = super::Target { address, export: export.clone(), tls: None };
+            let size = kernel::reconfigure(index, &target, &opts, &export).await.map_err(|e| e.to_string())?;
             println!("/dev/nbd{index} {size}");
             Ok(())
         }
         NbdCommand::Resize { index, address, export } => {
-            let size = kernel::resize(index, &address, &export, &export).await.map_err(|e| e.to_string())?;
+            let target = super::Target { address, export: export.clone(), tls: None };
+            let size = kernel::resize(index, &target, &export).await.map_err(|e| e.to_string())?;
             println!("/dev/nbd{index} {size}");
             Ok(())
         }
@@ -132,8 +145,14 @@ pub async fn run(command: NbdCommand) -> Result<(), String> {
 
 async fn attach(a: AttachArgs) -> Result<(), String> {
     use super::kernel;
+    let dir = match &a.tls_dir {
+        Some(d) => Some(crate::tls::TlsDir::open(d).map_err(|e| format!("certificate folder {}: {e}", d.display()))?),
+        None => None,
+    };
+    let owner = a.owner.clone().unwrap_or_default();
     if a.engine == "fuse" {
-        let target = super::Target { address: a.address, export: a.export, tls: None };
+        let tls = dir.map(|d| super::tls_to_node(d, &owner)).transpose()?;
+        let target = super::Target { address: a.address, export: a.export, tls };
         let att = super::fuse::FuseAttachment::attach(target, &a.state_dir, Default::default(), false).await.map_err(|e| e.to_string())?;
         println!("{}", att.device.path.display());
         crate::server::shutdown_signal().await;
@@ -146,7 +165,9 @@ async fn attach(a: AttachArgs) -> Result<(), String> {
     };
     // Listen before connecting so no notification is missed.
     let watcher = if a.supervise { Some(kernel::LinkDeadWatcher::open().map_err(|e| e.to_string())?) } else { None };
-    let dev = kernel::connect(&a.address, &a.export, &opts, &a.export).await.map_err(|e| e.to_string())?;
+    let tls = dir.as_deref().map(|d| super::kernel_tls_to_node(d, &owner)).transpose()?;
+    let target = super::Target { address: a.address.clone(), export: a.export.clone(), tls };
+    let dev = kernel::connect(&target, &opts, &a.export).await.map_err(|e| e.to_string())?;
     println!("{}", dev.path.display());
     let Some(watcher) = watcher else { return Ok(()) };
     let watcher = std::sync::Arc::new(watcher);
@@ -161,9 +182,9 @@ async fn attach(a: AttachArgs) -> Result<(), String> {
             continue;
         }
         tracing::warn!(device = dev.index, "NBD connection lost; reconnecting");
-        kernel::reconnect(dev.index, &a.address, &a.export, &opts, &a.export)
-            .await
-            .map_err(|e| format!("/dev/nbd{} lost its server: {e}", dev.index))?;
+        let tls = dir.as_deref().map(|d| super::kernel_tls_to_node(d, &owner)).transpose()?;
+        let target = super::Target { tls, ..target.clone() };
+        kernel::reconnect(dev.index, &target, &opts, &a.export).await.map_err(|e| format!("/dev/nbd{} lost its server: {e}", dev.index))?;
     }
 }
 
@@ -188,12 +209,17 @@ pub fn server_tls_from_pem(cert: &PathBuf, key: &PathBuf, ca: &PathBuf) -> Resul
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
+    let config = crate::export::without_session_tickets(config);
     Ok(TlsSetup { config: crate::export::ServerConfigSource::Fixed(Arc::new(config)), peer_check: Arc::new(SubjectAltNameIsNode) })
 }
 
 async fn serve(a: ServeArgs) -> Result<(), String> {
-    let tls = match (&a.tls_cert, &a.tls_key, &a.tls_ca) {
-        (Some(c), Some(k), Some(ca)) => Some(server_tls_from_pem(c, k, ca)?),
+    let tls = match (&a.tls_cert, &a.tls_key, &a.tls_ca, &a.tls_dir) {
+        (Some(c), Some(k), Some(ca), _) => Some(server_tls_from_pem(c, k, ca)?),
+        (_, _, _, Some(d)) => {
+            let dir = crate::tls::TlsDir::open(d).map_err(|e| format!("certificate folder {}: {e}", d.display()))?;
+            Some(crate::export::node_tls(dir))
+        }
         _ => None,
     };
     let name = match &a.name {

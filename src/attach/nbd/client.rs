@@ -104,14 +104,45 @@ pub async fn handshake(target: &Target, structured: bool, timeout: Duration) -> 
         .map_err(|_| NbdError::Protocol(format!("handshake took longer than {timeout:?}")))?
 }
 
-/// The handshake on a connected TCP stream, kept as a `TcpStream` so it can
-/// be handed to the kernel. Plain text only (the kernel cannot take over a
-/// userspace TLS session here).
-pub async fn handshake_plain_tcp(tcp: TcpStream, export: &str) -> Result<(TcpStream, ExportInfo), NbdError> {
-    let mut s = tcp;
-    let target = Target { address: String::new(), export: export.to_string(), tls: None };
-    let info = negotiate_on(&mut s, &target, false).await?;
-    Ok((s, info))
+/// A socket for the kernel's nbd driver: in transmission phase, and under
+/// TLS the session's keys to install with kernel TLS.
+pub struct KernelSocket {
+    pub tcp: TcpStream,
+    /// None: plain text.
+    pub keys: Option<super::ktls::SessionKeys>,
+    pub info: ExportInfo,
+}
+
+/// The handshake on a connected TCP stream for the kernel driver (simple
+/// replies only). With TLS: STARTTLS, the rustls handshake (the target's
+/// config must allow secret extraction: `ktls::client_config`), the option
+/// haggling up to GO's reply over it, then the session taken apart, so the
+/// kernel can carry it on. Nothing may be left in rustls at that point: our
+/// server sends nothing between GO's reply and the first request, and a
+/// leftover is refused here rather than lost.
+pub async fn handshake_for_kernel(mut tcp: TcpStream, target: &Target) -> Result<KernelSocket, NbdError> {
+    greet(&mut tcp).await?;
+    let Some(tls) = &target.tls else {
+        let info = options(&mut tcp, target, false).await?;
+        return Ok(KernelSocket { tcp, keys: None, info });
+    };
+    starttls_option(&mut tcp).await?;
+    let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+    let mut s = connector.connect(tls.server_name.clone(), tcp).await.map_err(|e| NbdError::Tls(e.to_string()))?;
+    let info = options(&mut s, target, false).await?;
+    s.flush().await?;
+    let (tcp, mut conn) = s.into_inner();
+    let state = conn.process_new_packets().map_err(|e| NbdError::Tls(e.to_string()))?;
+    if state.plaintext_bytes_to_read() > 0 || state.tls_bytes_to_write() > 0 || state.peer_has_closed() {
+        return Err(NbdError::Protocol(format!(
+            "the TLS session is not idle after GO ({} bytes from the server unread, {} bytes to send): it cannot be handed to the kernel",
+            state.plaintext_bytes_to_read(),
+            state.tls_bytes_to_write()
+        )));
+    }
+    let secrets = conn.dangerous_extract_secrets().map_err(|e| NbdError::Tls(format!("extracting the session keys: {e}")))?;
+    let keys = super::ktls::SessionKeys::from_rustls(secrets).map_err(NbdError::Tls)?;
+    Ok(KernelSocket { tcp, keys: Some(keys), info })
 }
 
 async fn negotiate(mut s: Box<dyn Stream>, target: &Target, structured: bool) -> Result<(Box<dyn Stream>, ExportInfo), NbdError> {
@@ -125,19 +156,20 @@ async fn negotiate(mut s: Box<dyn Stream>, target: &Target, structured: bool) ->
 /// session (a refusal is an error, never a silent plain-text fallback).
 async fn start_tls(mut s: Box<dyn Stream>, target: &Target) -> Result<Box<dyn Stream>, NbdError> {
     let Some(tls) = &target.tls else { return Ok(s) };
-    send_option(&mut s, OPT_STARTTLS, &[]).await?;
-    let (reply, payload) = read_option_reply(&mut s, OPT_STARTTLS).await?;
-    if reply != REP_ACK {
-        return Err(refused(OPT_STARTTLS, reply, &payload));
-    }
+    starttls_option(&mut s).await?;
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
     let tls_stream = connector.connect(tls.server_name.clone(), s).await.map_err(|e| NbdError::Tls(e.to_string()))?;
     Ok(Box::new(tls_stream))
 }
 
-async fn negotiate_on<S: Stream>(s: &mut S, target: &Target, structured: bool) -> Result<ExportInfo, NbdError> {
-    greet(s).await?;
-    options(s, target, structured).await
+/// NBD_OPT_STARTTLS and its acknowledgement; the TLS handshake comes next.
+async fn starttls_option<S: Stream + ?Sized>(s: &mut S) -> Result<(), NbdError> {
+    send_option(s, OPT_STARTTLS, &[]).await?;
+    let (reply, payload) = read_option_reply(s, OPT_STARTTLS).await?;
+    if reply != REP_ACK {
+        return Err(refused(OPT_STARTTLS, reply, &payload));
+    }
+    Ok(())
 }
 
 async fn greet<S: Stream + ?Sized>(s: &mut S) -> Result<(), NbdError> {

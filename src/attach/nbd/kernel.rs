@@ -3,9 +3,9 @@
 //! netlink family ("nbd"): CONNECT with several sockets, a per-request
 //! timeout and a dead-connection timeout; RECONFIGURE with fresh sockets
 //! (and a new size) when the server came back or the volume grew;
-//! DISCONNECT. Plain text only: the kernel cannot take over a userspace TLS
-//! session without kernel TLS offload, which this engine does not use yet
-//! (docs/nbd.md).
+//! DISCONNECT. Over TLS the handshake's session is handed to kernel TLS on
+//! each socket first (`ktls`); where the kernel has no kernel TLS, plain
+//! text, if the export allows this node's address (docs/nbd.md).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use tracing::info;
 
-use super::client::{handshake_plain_tcp, ExportInfo, NbdError};
+use super::client::{handshake_for_kernel, ExportInfo, NbdError, Target};
+use super::ktls::{self, KtlsError};
 
 // Generic netlink (linux/netlink.h, linux/genetlink.h).
 const NETLINK_GENERIC: i32 = 16;
@@ -65,6 +66,8 @@ pub enum KernelError {
     Refused { command: &'static str, error: io::Error },
     #[error(transparent)]
     Nbd(#[from] NbdError),
+    #[error(transparent)]
+    Ktls(#[from] KtlsError),
 }
 
 /// Settings of a kernel attachment.
@@ -77,11 +80,19 @@ pub struct KernelOptions {
     /// How long the device waits for RECONFIGURE after losing every
     /// connection before failing I/O.
     pub dead_connection_timeout: Duration,
+    /// Kernel TLS works here (`ktls::probe`): TLS targets are carried on
+    /// by the kernel. Without it only plain-text targets can attach.
+    pub kernel_tls: bool,
 }
 
 impl Default for KernelOptions {
     fn default() -> Self {
-        KernelOptions { connections: 2, request_timeout: Duration::from_secs(30), dead_connection_timeout: Duration::from_secs(120) }
+        KernelOptions {
+            connections: 2,
+            request_timeout: Duration::from_secs(30),
+            dead_connection_timeout: Duration::from_secs(120),
+            kernel_tls: false,
+        }
     }
 }
 
@@ -93,28 +104,40 @@ pub struct KernelDevice {
     pub size: u64,
 }
 
-/// Handshake `connections` sockets to `address` / `export`.
-async fn connect_sockets(address: &str, export: &str, n: usize) -> Result<(Vec<OwnedFd>, ExportInfo), KernelError> {
+/// One connection to `target` in transmission phase, under kernel TLS when
+/// the target has TLS, as a blocking socket for the driver.
+async fn connect_socket(target: &Target) -> Result<(OwnedFd, ExportInfo), KernelError> {
+    let tcp = tokio::net::TcpStream::connect(&target.address)
+        .await
+        .map_err(|error| NbdError::Connect { address: target.address.clone(), error })?;
+    let _ = tcp.set_nodelay(true);
+    let sock = handshake_for_kernel(tcp, target).await?;
+    let std = sock.tcp.into_std().map_err(NbdError::Io)?;
+    if let Some(keys) = &sock.keys {
+        ktls::install(&std, keys)?;
+    }
+    std.set_nonblocking(false).map_err(NbdError::Io)?;
+    Ok((OwnedFd::from(std), sock.info))
+}
+
+/// Handshake `n` sockets to `target`.
+async fn connect_sockets(target: &Target, n: usize) -> Result<(Vec<OwnedFd>, ExportInfo), KernelError> {
     let mut fds = Vec::with_capacity(n);
     let mut info = None;
     for _ in 0..n.max(1) {
-        let tcp = tokio::net::TcpStream::connect(address).await.map_err(|error| NbdError::Connect { address: address.into(), error })?;
-        let _ = tcp.set_nodelay(true);
-        let (tcp, i) = handshake_plain_tcp(tcp, export).await?;
+        let (fd, i) = connect_socket(target).await?;
         if n > 1 && !i.can_multi_conn() {
             return Err(NbdError::Unsupported("several connections (CAN_MULTI_CONN)").into());
         }
-        let std = tcp.into_std().map_err(NbdError::Io)?;
-        std.set_nonblocking(false).map_err(NbdError::Io)?;
-        fds.push(OwnedFd::from(std));
+        fds.push(fd);
         info = Some(i);
     }
     Ok((fds, info.expect("at least one connection")))
 }
 
 /// Connect a free nbd device to the export.
-pub async fn connect(address: &str, export: &str, opts: &KernelOptions, identifier: &str) -> Result<KernelDevice, KernelError> {
-    let (fds, info) = connect_sockets(address, export, opts.connections).await?;
+pub async fn connect(target: &Target, opts: &KernelOptions, identifier: &str) -> Result<KernelDevice, KernelError> {
+    let (fds, info) = connect_sockets(target, opts.connections).await?;
     let mut attrs = Vec::new();
     put_u64(&mut attrs, NBD_ATTR_SIZE_BYTES, info.size);
     put_u64(&mut attrs, NBD_ATTR_BLOCK_SIZE_BYTES, 4096);
@@ -129,14 +152,20 @@ pub async fn connect(address: &str, export: &str, opts: &KernelOptions, identifi
     drop(fds);
     let index = find_attr(&reply, NBD_ATTR_INDEX).and_then(u32_of);
     let index = index.ok_or_else(|| KernelError::Netlink(io::Error::other("CONNECT reply without a device index")))?;
-    info!(device = index, size = info.size, connections = opts.connections, "NBD export connected to the kernel driver");
+    info!(
+        device = index,
+        size = info.size,
+        connections = opts.connections,
+        kernel_tls = target.tls.is_some(),
+        "NBD export connected to the kernel driver"
+    );
     Ok(KernelDevice { index, path: PathBuf::from(format!("/dev/nbd{index}")), size: info.size })
 }
 
 /// Give device `index` new connections (after the server restarted) and the
 /// export's current size (after it grew).
-pub async fn reconfigure(index: u32, address: &str, export: &str, opts: &KernelOptions, identifier: &str) -> Result<u64, KernelError> {
-    let (fds, info) = connect_sockets(address, export, opts.connections).await?;
+pub async fn reconfigure(index: u32, target: &Target, opts: &KernelOptions, identifier: &str) -> Result<u64, KernelError> {
+    let (fds, info) = connect_sockets(target, opts.connections).await?;
     let mut attrs = Vec::new();
     put_u32(&mut attrs, NBD_ATTR_INDEX, index);
     put_u64(&mut attrs, NBD_ATTR_SIZE_BYTES, info.size);
@@ -144,17 +173,17 @@ pub async fn reconfigure(index: u32, address: &str, export: &str, opts: &KernelO
     put_sockets(&mut attrs, &fds);
     nbd_request(NBD_CMD_RECONFIGURE, attrs, "RECONFIGURE").await?;
     drop(fds);
-    info!(device = index, size = info.size, "NBD device reconfigured with new connections");
+    info!(device = index, size = info.size, kernel_tls = target.tls.is_some(), "NBD device reconfigured with new connections");
     Ok(info.size)
 }
 
 /// `reconfigure` again and again until it works or the device's
 /// dead-connection timeout has passed (the server is restarting: its
 /// listener comes back a few seconds later).
-pub async fn reconnect(index: u32, address: &str, export: &str, opts: &KernelOptions, identifier: &str) -> Result<u64, KernelError> {
+pub async fn reconnect(index: u32, target: &Target, opts: &KernelOptions, identifier: &str) -> Result<u64, KernelError> {
     let started = std::time::Instant::now();
     loop {
-        match reconfigure(index, address, export, opts, identifier).await {
+        match reconfigure(index, target, opts, identifier).await {
             Ok(size) => return Ok(size),
             Err(e) if started.elapsed() < opts.dead_connection_timeout => {
                 tracing::warn!(device = index, error = %e, "reconnect failed; retrying");
@@ -167,9 +196,11 @@ pub async fn reconnect(index: u32, address: &str, export: &str, opts: &KernelOpt
 
 /// Tell device `index` the export's current size (after the volume grew),
 /// keeping its connections.
-pub async fn resize(index: u32, address: &str, export: &str, identifier: &str) -> Result<u64, KernelError> {
-    let tcp = tokio::net::TcpStream::connect(address).await.map_err(|error| NbdError::Connect { address: address.into(), error })?;
-    let (_tcp, info) = handshake_plain_tcp(tcp, export).await?;
+pub async fn resize(index: u32, target: &Target, identifier: &str) -> Result<u64, KernelError> {
+    let tcp = tokio::net::TcpStream::connect(&target.address)
+        .await
+        .map_err(|error| NbdError::Connect { address: target.address.clone(), error })?;
+    let info = handshake_for_kernel(tcp, target).await?.info;
     let mut attrs = Vec::new();
     put_u32(&mut attrs, NBD_ATTR_INDEX, index);
     put_u64(&mut attrs, NBD_ATTR_SIZE_BYTES, info.size);

@@ -2,7 +2,8 @@
 //! image lives on another node): our protocol client, and two engines that
 //! turn an export into a local block device (docs/nbd.md):
 //!
-//! - `kernel`: the kernel's nbd driver over generic netlink;
+//! - `kernel`: the kernel's nbd driver over generic netlink, over kernel
+//!   TLS (`ktls`) where the kernel has it;
 //! - `fuse`: where the kernel has no nbd module, our client behind a FUSE
 //!   file that is loop-attached like a local image.
 //!
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod fuse;
 pub mod kernel;
+pub mod ktls;
 pub mod resilient;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +31,28 @@ pub const CONTEXT_EXPORT: &str = "cinderblock.dev/nbd-export";
 pub const CONTEXT_OWNER: &str = "cinderblock.dev/nbd-owner";
 /// The value of `CONTEXT_TRANSPORT` for NBD.
 pub const TRANSPORT_NBD: &str = "nbd";
+/// Set to `CONTEXT_TLS_PLAIN_ALLOWED` when the export also admits the
+/// consumer's address in plain text (a kernel engine without kernel TLS);
+/// absent: TLS only.
+pub const CONTEXT_TLS: &str = "cinderblock.dev/nbd-tls";
+pub const CONTEXT_TLS_PLAIN_ALLOWED: &str = "plain-allowed";
+
+/// How this node's engine protects NBD connections (StorageNode `attach_tls`).
+pub const TLS_KERNEL: &str = "kernel-tls";
+pub const TLS_USERSPACE: &str = "userspace-tls";
+pub const TLS_PLAIN: &str = "plain";
+/// Engine names (StorageNode `attach_engine`).
+pub const ENGINE_KERNEL: &str = "kernel-nbd";
+pub const ENGINE_FUSE: &str = "fuse-nbd";
+
+/// TLS for the kernel engine to the NBD server of `node`: as `tls_to_node`,
+/// restricted to what kernel TLS takes, with secret extraction.
+pub fn kernel_tls_to_node(dir: &crate::tls::TlsDir, node: &str) -> Result<ClientTls, String> {
+    let config = ktls::client_config(dir).map_err(|e| format!("TLS for NBD: {e}"))?;
+    let name = crate::tls::node_dns_name(node).map_err(|e| e.to_string())?;
+    let server_name = rustls::pki_types::ServerName::try_from(name).map_err(|e| e.to_string())?;
+    Ok(ClientTls { config, server_name })
+}
 
 /// TLS for our client to the NBD server of `node`: this node's certificate
 /// (which the export admits), and only `node`'s certificate accepted.
@@ -52,7 +76,9 @@ pub enum EngineError {
     Kernel(#[from] kernel::KernelError),
     #[error(transparent)]
     Fuse(#[from] fuse::FuseError),
-    #[error("the kernel engine speaks plain text only; TLS was asked for {0}")]
+    #[error(
+        "volume {0}: this node's kernel has no kernel TLS, so its kernel NBD engine can only speak plain text, and the target asks for TLS"
+    )]
     TlsOnKernel(String),
 }
 
@@ -79,11 +105,25 @@ impl Attachment {
 }
 
 impl Engine {
-    /// The kernel engine where the nbd driver answers on netlink, else FUSE
-    /// with its mounts under `state_root`.
+    /// The kernel engine where the nbd driver answers on netlink (with
+    /// kernel TLS where the self-test passes), else FUSE with its mounts
+    /// under `state_root`.
     pub async fn detect(state_root: &Path) -> Engine {
         match kernel::status().await {
-            Ok(_) => Engine::Kernel(kernel::KernelOptions::default()),
+            Ok(_) => {
+                let probe = tokio::task::spawn_blocking(ktls::probe).await.unwrap_or_else(|e| Err(ktls::KtlsError::Session(e.to_string())));
+                let kernel_tls = match probe {
+                    Ok(()) => {
+                        tracing::info!("kernel TLS works: remote volumes attach over TLS carried on by the kernel");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(reason = %e, "no kernel TLS: the kernel NBD engine attaches remote volumes in PLAIN TEXT, from exports that allow this node's address only");
+                        false
+                    }
+                };
+                Engine::Kernel(kernel::KernelOptions { kernel_tls, ..Default::default() })
+            }
             Err(e) => {
                 tracing::info!(reason = %e, "no kernel NBD: remote volumes attach through FUSE");
                 Engine::Fuse { state_root: state_root.to_path_buf(), policy: Default::default() }
@@ -93,8 +133,18 @@ impl Engine {
 
     pub fn name(&self) -> &'static str {
         match self {
-            Engine::Kernel(_) => "kernel-nbd",
-            Engine::Fuse { .. } => "fuse-nbd",
+            Engine::Kernel(_) => ENGINE_KERNEL,
+            Engine::Fuse { .. } => ENGINE_FUSE,
+        }
+    }
+
+    /// How its NBD connections are protected: `TLS_KERNEL`, `TLS_USERSPACE`
+    /// or `TLS_PLAIN`.
+    pub fn tls_mode(&self) -> &'static str {
+        match self {
+            Engine::Kernel(o) if o.kernel_tls => TLS_KERNEL,
+            Engine::Kernel(_) => TLS_PLAIN,
+            Engine::Fuse { .. } => TLS_USERSPACE,
         }
     }
 
@@ -102,10 +152,10 @@ impl Engine {
     pub async fn connect(&self, volume_id: &str, target: Target, read_only: bool) -> Result<Attachment, EngineError> {
         match self {
             Engine::Kernel(opts) => {
-                if target.tls.is_some() {
+                if target.tls.is_some() && !opts.kernel_tls {
                     return Err(EngineError::TlsOnKernel(volume_id.to_string()));
                 }
-                Ok(Attachment::Kernel(kernel::connect(&target.address, &target.export, opts, volume_id).await?))
+                Ok(Attachment::Kernel(kernel::connect(&target, opts, volume_id).await?))
             }
             Engine::Fuse { state_root, policy } => {
                 let dir = state_root.join(volume_id);
