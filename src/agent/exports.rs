@@ -33,6 +33,10 @@ struct ExportRecord {
     /// The volume on the consumer a copy export feeds; empty for a publication.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     copy_for: String,
+    /// A migration pass's export of a snapshot: served as a layer of what
+    /// changed since this older snapshot (recomputed when served again).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    base_snapshot: String,
 }
 
 /// What an export serves, to whom, for what: (snapshot?, source ID, consumer, copy_for).
@@ -47,6 +51,8 @@ pub struct ExportOf {
     pub consumer: String,
     /// The volume on the consumer a copy feeds; empty for a publication.
     pub copy_for: String,
+    /// A migration pass's snapshot export: the previous pass's snapshot.
+    pub base: String,
 }
 
 impl ExportOf {
@@ -58,7 +64,7 @@ impl ExportOf {
     pub fn from_request(volume_id: &str, snapshot_id: &str, consumer: &str, copy_for: &str) -> ExportOf {
         let snapshot = !snapshot_id.is_empty();
         let id = if snapshot { snapshot_id } else { volume_id };
-        ExportOf { id: id.to_string(), snapshot, consumer: consumer.to_string(), copy_for: copy_for.to_string() }
+        ExportOf { id: id.to_string(), snapshot, consumer: consumer.to_string(), copy_for: copy_for.to_string(), base: String::new() }
     }
 }
 
@@ -143,12 +149,18 @@ impl Exports {
         } else {
             self.pool.open_volume_image(&rec.volume_id).map_err(Status::from)?
         };
+        let changes = if rec.base_snapshot.is_empty() {
+            None
+        } else {
+            Some(Arc::new(self.pool.snapshot_changes(&rec.base_snapshot, &rec.volume_id).map_err(Status::from)?))
+        };
         let spec = ExportSpec {
             name,
             volume: rec.volume_id.clone(),
             image: ImageSource::File(file),
             read_only: rec.read_only,
             access: Access { node: rec.consumer_node.clone(), plain_from: vec![] },
+            changes,
         };
         self.server.add(spec).map_err(|e| Status::internal(format!("serving volume {}: {e}", rec.volume_id)))?;
         Ok(())
@@ -180,7 +192,19 @@ impl Exports {
         crate::tls::node_dns_name(&of.consumer).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let read_only = read_only || of.snapshot;
         let key = of.key();
+        if !of.base.is_empty() {
+            if !of.snapshot || of.copy_for.is_empty() {
+                return Err(Status::invalid_argument("base_snapshot_id goes with a snapshot export that feeds a copy (a migration pass)"));
+            }
+            crate::volume::validate_id("base snapshot id", &of.base).map_err(Status::from)?;
+        }
         if let Some(rec) = self.records().get(&key).cloned() {
+            if rec.base_snapshot != of.base {
+                return Err(Status::already_exists(format!(
+                    "snapshot {} is exported to node {} over base {:?} already",
+                    of.id, of.consumer, rec.base_snapshot
+                )));
+            }
             if rec.read_only != read_only {
                 return Err(Status::already_exists(format!(
                     "{} {} is exported to node {} {}; unpublish it first",
@@ -204,6 +228,7 @@ impl Exports {
             read_only,
             snapshot: of.snapshot,
             copy_for: of.copy_for.clone(),
+            base_snapshot: of.base.clone(),
         };
         // Durable before it is served: a restart serves it again.
         let path = self.dir.join(format!("{}.json", rec.export_name));

@@ -100,6 +100,7 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
             consumer_node: node.to_string(),
             read_only: true,
             copy_for: id.clone(),
+            ..Default::default()
         })
         .await
         .map_err(|s| Status::new(s.code(), format!("node {source_node} could not export the source to node {node}: {}", s.message())))?
@@ -142,7 +143,12 @@ async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::
         provisioning: crate::agent::provisioning_to_pb(ctx.spec.provisioning) as i32,
         source,
         metadata: ctx.rec.metadata.clone().into_iter().collect(),
-        remote: Some(pb::RemoteSource { address: export.address, export_name: export.export_name, server_node: source_node.to_string() }),
+        remote: Some(pb::RemoteSource {
+            address: export.address,
+            export_name: export.export_name,
+            server_node: source_node.to_string(),
+            ..Default::default()
+        }),
     };
     let (mut seen, mut moved_at, mut recorded_at) = (None, Instant::now(), Instant::now());
     loop {

@@ -1,0 +1,373 @@
+//! Volume migration through a real `cinderblock standalone` (controller and
+//! node agents, mutual TLS, NBD between the agents), on real pools:
+//! - a detached thin volume with data at odd offsets and holes, on pools
+//!   without reflink (offline migration, through `ctl volume migrate`):
+//!   byte-identical on the new node, holes kept, the source image gone, the
+//!   record on the new node; bad requests change nothing;
+//! - on XFS with reflink, a volume published on its node and written by fio
+//!   (with verification headers) through a loop device on its image, as a
+//!   local publication does, while live passes copy it; writes stop, the
+//!   volume is unpublished, the last pass and the switch follow, and fio's
+//!   verification over the new node's image passes for every block;
+//! - SIGKILL of the whole process during the copy, between the last pass
+//!   and the switch, and after the switch: after a restart the migration
+//!   ends, the data verifies, and nothing is left on either node.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cinderblock::admin_proto as admin;
+use cinderblock::csi;
+use cinderblock::csi::controller_client::ControllerClient;
+use common::*;
+use tonic::Code;
+
+type Client = ControllerClient<tonic::transport::Channel>;
+type Admin = admin::admin_client::AdminClient<tonic::transport::Channel>;
+
+const MIB: u64 = 1 << 20;
+
+fn start(dir: &Path, nodes: u32) -> Standalone {
+    Standalone::start(dir, nodes, 1, &["--heartbeat-interval", "0.2"])
+}
+
+async fn clients(s: &Standalone) -> (Client, Admin) {
+    let ch = csi_channel(&s.endpoint).await;
+    (ControllerClient::new(ch.clone()), admin::admin_client::AdminClient::new(ch))
+}
+
+async fn create(c: &mut Client, r: csi::CreateVolumeRequest) -> csi::Volume {
+    c.create_volume(r).await.expect("CreateVolume").into_inner().volume.unwrap()
+}
+
+async fn record(a: &mut Admin, id: &str) -> admin::Volume {
+    a.get_volume(admin::GetVolumeRequest { volume: id.into() }).await.expect("admin GetVolume").into_inner().volume.unwrap()
+}
+
+async fn migrate(a: &mut Admin, id: &str, to: &str) -> Result<admin::Volume, tonic::Status> {
+    let req = admin::MigrateVolumeRequest { volume: id.into(), to_node: to.into(), ..Default::default() };
+    a.migrate_volume(req).await.map(|r| r.into_inner().volume.unwrap())
+}
+
+/// Wait until the volume's migration has ended, for at most `limit`.
+async fn migrated(a: &mut Admin, id: &str, limit: Duration) -> admin::Volume {
+    let until = Instant::now() + limit;
+    loop {
+        let v = record(a, id).await;
+        if v.migration.is_none() {
+            return v;
+        }
+        assert!(Instant::now() < until, "the migration did not end in {limit:?}: {:?}", v.migration);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn image(s: &Standalone, node: u32, id: &str) -> PathBuf {
+    s.pool(node).join("volumes").join(format!("{id}.img"))
+}
+
+fn data_bytes(path: &Path) -> u64 {
+    data_segments(path).iter().map(|(a, b)| (b - a) as u64).sum()
+}
+
+/// Every file a pool keeps (volumes, snapshots, exports, orphans) for a test's "nothing leaked".
+fn pool_files(s: &Standalone, node: u32) -> Vec<String> {
+    let mut out = vec![];
+    for sub in ["volumes", "snapshots", "exports", "orphaned"] {
+        if let Ok(rd) = std::fs::read_dir(s.pool(node).join(sub)) {
+            out.extend(rd.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn volume_files(id: &str) -> Vec<String> {
+    vec![format!("volumes/{id}.img"), format!("volumes/{id}.json")]
+}
+
+fn ctl(endpoint: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cinderblock")).arg("ctl").args(args).env("CSI_ENDPOINT", endpoint).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+async fn publish(c: &mut Client, id: &str, node: &str) -> HashMap<String, String> {
+    c.controller_publish_volume(csi::ControllerPublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        volume_capability: Some(rwo_capability(true)),
+        ..Default::default()
+    })
+    .await
+    .expect("ControllerPublishVolume")
+    .into_inner()
+    .publish_context
+}
+
+async fn unpublish(c: &mut Client, id: &str, node: &str) {
+    c.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: id.into(),
+        node_id: node.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("ControllerUnpublishVolume");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_volume_moves_whole_and_bad_requests_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path(), 3);
+    let (mut c, mut a) = clients(&s).await;
+    let size = 64 * MIB;
+    let v = create(&mut c, zone_volume_on("data", "node-1", size as i64, true)).await;
+    let id = v.volume_id.clone();
+    let src = image(&s, 1, &id);
+    write_pattern(&src, MIB + 4097, 300_000, 7);
+    write_pattern(&src, 40 * MIB + 123, 2 * MIB as usize, 9);
+    write_pattern(&src, size - 5000, 5000, 11);
+    let (sum, allocated) = (checksum(&src), data_bytes(&src));
+    assert!(allocated < size / 8, "thin: {allocated}");
+
+    // Bad requests: an error that says what to fix, and nothing changed.
+    let before = (s.images(), pool_files(&s, 1), pool_files(&s, 2));
+    let cases: [(&str, &str, Code); 3] =
+        [("no-such-volume", "node-2", Code::NotFound), (&id, "node-1", Code::InvalidArgument), (&id, "node-9", Code::InvalidArgument)];
+    for (vol, to, code) in cases {
+        let e = migrate(&mut a, vol, to).await.unwrap_err();
+        assert_eq!(e.code(), code, "{vol} -> {to}: {e:?}");
+    }
+    // A volume pinned to its node is outside every other node's topology.
+    let mut pinned = zone_volume_on("pinned", "node-1", 16 * MIB as i64, true);
+    pinned.parameters.clear();
+    let pinned = create(&mut c, pinned).await;
+    let e = migrate(&mut a, &pinned.volume_id, "node-2").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("accessible topology") && e.message().contains("allow-topology-change"), "{}", e.message());
+    // Published, on a pool without reflink: offline only.
+    publish(&mut c, &id, "node-1").await;
+    let e = migrate(&mut a, &id, "node-2").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("offline") && e.message().contains("unpublish"), "{}", e.message());
+    unpublish(&mut c, &id, "node-1").await;
+    // No room on the target: take most of node-2's capacity with another volume.
+    let cap = |node: &str| {
+        let segments = [(cinderblock::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into();
+        csi::GetCapacityRequest { accessible_topology: Some(csi::Topology { segments }), ..Default::default() }
+    };
+    let big_size = 64 << 30;
+    let big = create(&mut c, zone_volume_on("big", "node-1", big_size as i64, true)).await;
+    let mut gone = vec![big.volume_id.clone(), pinned.volume_id.clone()];
+    loop {
+        let room = c.get_capacity(cap("node-2")).await.unwrap().into_inner().available_capacity as u64;
+        if room < big_size {
+            break;
+        }
+        let filler = (room - big_size / 2).min(512 << 30) / MIB * MIB;
+        gone.push(create(&mut c, zone_volume_on(&format!("filler-{}", gone.len()), "node-2", filler as i64, true)).await.volume_id);
+    }
+    let e = migrate(&mut a, &big.volume_id, "node-2").await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    for gone in &gone {
+        c.delete_volume(csi::DeleteVolumeRequest { volume_id: gone.clone(), ..Default::default() }).await.unwrap();
+    }
+    assert_eq!((s.images(), pool_files(&s, 1), pool_files(&s, 2)), before, "refused requests changed nothing");
+    let rec = record(&mut a, &id).await;
+    assert_eq!((rec.node.as_str(), rec.migration.is_none()), ("node-1", true));
+
+    // The migration, as a person runs it.
+    let (ok, out, err) = ctl(&s.endpoint, &["volume", "migrate", "data", "--to", "node-2", "--wait", "-o", "json"]);
+    assert!(ok, "ctl volume migrate: {err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((shown["node"].as_str(), shown["migration"].is_null()), (Some("node-2"), true), "{out}");
+    let rec = record(&mut a, &id).await;
+    assert_eq!((rec.node.as_str(), rec.phase), ("node-2", admin::Phase::Available as i32));
+    let dst = image(&s, 2, &id);
+    assert_eq!(std::fs::metadata(&dst).unwrap().len(), size);
+    assert_eq!(checksum(&dst), sum, "the migrated volume differs");
+    assert_eq!(data_bytes(&dst), allocated, "holes stay holes");
+    assert!(!src.exists(), "the source's image is gone");
+    assert_eq!(pool_files(&s, 1), Vec::<String>::new(), "node-1 keeps nothing of it");
+    assert_eq!(pool_files(&s, 2), volume_files(&id), "node-2 has the volume and nothing else");
+
+    // Once moved, a publication uses the new node: local there, NBD from it elsewhere.
+    let ctx = publish(&mut c, &id, "node-2").await;
+    assert_eq!(ctx.get(cinderblock::attach::nbd::CONTEXT_TRANSPORT).map(String::as_str), Some("local"), "{ctx:?}");
+    unpublish(&mut c, &id, "node-2").await;
+    let ctx = publish(&mut c, &id, "node-3").await;
+    assert_eq!(ctx.get(cinderblock::attach::nbd::CONTEXT_OWNER).map(String::as_str), Some("node-2"), "{ctx:?}");
+    unpublish(&mut c, &id, "node-3").await;
+    c.delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.unwrap();
+    assert!(s.images().is_empty(), "{:?}", s.images());
+}
+
+/// A loop device on `image` with direct I/O, as a local publication stages it.
+struct Loop(String);
+
+impl Loop {
+    fn attach(image: &Path) -> Loop {
+        let out = Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(image).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// fio's random writes of every 4 KiB block of the first `span` bytes
+/// (each block once, in the order `seed` gives), with verification headers;
+/// with `verify`, instead reads them back and checks every block.
+fn fio(target: &str, span: u64, seed: u32, verify: bool, rate: &str) -> String {
+    let mut cmd = Command::new("fio");
+    cmd.args(["--name=migrate", "--rw=randwrite", "--bs=4k", "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1"])
+        .arg(format!("--filename={target}"))
+        .arg(format!("--size={span}"))
+        .arg(format!("--randseed={seed}"));
+    if verify {
+        cmd.arg("--verify_only");
+    } else {
+        cmd.args(["--direct=1", "--do_verify=0"]).arg(format!("--rate={rate}"));
+    }
+    let out = cmd.output().expect("running fio");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fio {}: {text}", if verify { "verify" } else { "write" });
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_in_use_is_copied_live_and_switches_once_unpublished() {
+    require_root!();
+    require_tools!("fio", "losetup", "mkfs.xfs");
+    let fs = TestFs::new("xfs-reflink", "3G");
+    let _leftovers = Leftovers(fs.mount.clone());
+    let s = start(&fs.mount.join("standalone"), 2);
+    let (mut c, mut a) = clients(&s).await;
+    let size = 256 * MIB;
+    let span = 96 * MIB;
+    let v = create(&mut c, zone_volume_on("busy", "node-1", size as i64, true)).await;
+    let id = v.volume_id.clone();
+    let src = image(&s, 1, &id);
+    write_pattern(&src, 200 * MIB + 4097, 100_000, 5);
+
+    // Published on its own node, written through a loop device on its image.
+    publish(&mut c, &id, "node-1").await;
+    let dev = Loop::attach(&src);
+    let started = migrate(&mut a, &id, "node-2").await.expect("MigrateVolume");
+    let m = started.migration.clone().expect("the answer shows the migration");
+    assert_eq!((m.from_node.as_str(), m.to_node.as_str(), m.phase.as_str(), m.live), ("node-1", "node-2", "Copying", true));
+    // Asking again reports the migration under way; another target is refused.
+    let again = migrate(&mut a, &id, "node-2").await.unwrap();
+    assert_eq!(again.migration.unwrap().started_ms, m.started_ms);
+    assert_eq!(migrate(&mut a, &id, "node-1").await.unwrap_err().code(), Code::FailedPrecondition);
+
+    // Two rounds of writes over the same blocks while passes run: the
+    // second overwrites the first, so later passes must carry changes.
+    let writer = {
+        let dev = dev.0.clone();
+        tokio::task::spawn_blocking(move || {
+            fio(&dev, span, 1, false, "24m");
+            fio(&dev, span, 2, false, "24m");
+        })
+    };
+    let mut passes_seen = 0;
+    while !writer.is_finished() {
+        let r = record(&mut a, &id).await;
+        let m = r.migration.expect("the migration goes on");
+        assert_eq!((r.node.as_str(), m.phase.as_str()), ("node-1", "Copying"), "no switch while published");
+        passes_seen = passes_seen.max(m.pass);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    writer.await.unwrap();
+    assert!(passes_seen >= 3, "live passes followed the writes (pass {passes_seen} seen)");
+    // The pod is gone: writes stop, the node unstages, the CO unpublishes.
+    drop(dev);
+    let want = checksum(&src);
+    unpublish(&mut c, &id, "node-1").await;
+    let rec = migrated(&mut a, &id, Duration::from_secs(60)).await;
+    assert_eq!(rec.node, "node-2");
+    let dst = image(&s, 2, &id);
+    assert_eq!(checksum(&dst), want, "the new node's image differs from the source's last state");
+    let verified = fio(dst.to_str().unwrap(), span, 2, true, "");
+    assert!(verified.contains("verify"), "{verified}");
+    assert_eq!(pool_files(&s, 1), Vec::<String>::new(), "node-1 keeps nothing");
+    assert_eq!(pool_files(&s, 2), volume_files(&id));
+    let log = s.log_text();
+    let pass_lines = log.lines().filter(|l| l.contains("migration pass copied")).count();
+    eprintln!("{pass_lines} passes copied; {passes_seen} seen while published");
+}
+
+/// Where a crash test kills the process.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// The target has copied part of the first pass.
+    Copying,
+    /// The target's image is whole, the record still names the source.
+    BeforeSwitch,
+    /// The record names the target; the source's leftovers may remain.
+    AfterSwitch,
+}
+
+fn target_record(s: &Standalone, id: &str) -> serde_json::Value {
+    let p = s.pool(2).join("volumes").join(format!("{id}.json"));
+    std::fs::read(p).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+async fn crash_and_resume(dir: &Path, at: KillAt) {
+    let mut s = start(dir, 2);
+    let (mut c, mut a) = clients(&s).await;
+    let size = 1024 * MIB;
+    let v = create(&mut c, zone_volume_on("crash", "node-1", size as i64, true)).await;
+    let id = v.volume_id.clone();
+    let src = image(&s, 1, &id);
+    for i in 0..4u64 {
+        write_pattern(&src, i * 256 * MIB + 4097, 64 * MIB as usize, i as u8 + 1);
+    }
+    let (want, allocated) = (checksum(&src), data_bytes(&src));
+    migrate(&mut a, &id, "node-2").await.expect("MigrateVolume");
+    let until = Instant::now() + Duration::from_secs(120);
+    let seen = loop {
+        assert!(Instant::now() < until, "never reached {at:?}");
+        let hit = match at {
+            KillAt::Copying => target_record(&s, &id)["copy"]["resume_at"].as_u64().unwrap_or(0) > 0,
+            KillAt::BeforeSwitch => target_record(&s, &id)["state"] == "Available",
+            KillAt::AfterSwitch => record(&mut a, &id).await.node == "node-2",
+        };
+        if hit {
+            s.kill9();
+            break format!("{:?}", target_record(&s, &id)["state"]);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let s = start(dir, 2);
+    let (_, mut a) = clients(&s).await;
+    let at_restart = record(&mut a, &id).await;
+    eprintln!("{at:?}: killed with the target {seen}, restarted with {:?} on {}", at_restart.migration, at_restart.node);
+    let rec = migrated(&mut a, &id, Duration::from_secs(120)).await;
+    assert_eq!(rec.node, "node-2", "{at:?}: the migration ended on the new node");
+    let dst = image(&s, 2, &id);
+    assert_eq!(checksum(&dst), want, "{at:?}: the data differs after the crash");
+    assert_eq!(data_bytes(&dst), allocated, "{at:?}");
+    assert_eq!(pool_files(&s, 1), Vec::<String>::new(), "{at:?}: node-1 keeps nothing");
+    assert_eq!(pool_files(&s, 2), volume_files(&id), "{at:?}: node-2 keeps the volume only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_killed_at_any_step_ends_after_a_restart() {
+    require_root!();
+    require_tools!("mkfs.xfs");
+    let fs = TestFs::new("xfs-reflink", "4G");
+    let _leftovers = Leftovers(fs.mount.clone());
+    for (i, at) in [KillAt::Copying, KillAt::BeforeSwitch, KillAt::AfterSwitch].into_iter().enumerate() {
+        let dir = fs.mount.join(format!("run-{i}"));
+        crash_and_resume(&dir, at).await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
