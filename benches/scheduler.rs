@@ -175,6 +175,7 @@ fn view_of(nodes: &[NodeState]) -> NodeView {
             orphan_count: 0,
             orphan_bytes: 0,
             broken_count: 0,
+            evacuating: false,
         };
         let value = serde_json::to_vec(&rec).unwrap();
         view.apply(Change::Record { kind: Kind::Node, id: n.id.clone(), value: Some(Versioned { version: 1, value }) });

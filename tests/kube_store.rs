@@ -75,6 +75,7 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             orphan_count: 0,
             orphan_bytes: 0,
             broken_count: 0,
+            evacuating: false,
         }),
         Kind::Export => serde_json::to_vec(&ExportRec {
             id: id.into(),

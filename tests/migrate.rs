@@ -247,8 +247,9 @@ async fn a_volume_in_use_is_copied_live_and_switches_once_unpublished() {
     require_root!();
     require_tools!("fio", "losetup", "mkfs.xfs");
     let fs = TestFs::new("xfs-reflink", "3G");
-    let _leftovers = Leftovers(fs.mount.clone());
-    let s = start(&fs.mount.join("standalone"), 2);
+    let data = fs.mount.join("standalone");
+    let _leftovers = Leftovers(data.clone());
+    let s = start(&data, 2);
     let (mut c, mut a) = clients(&s).await;
     let size = 256 * MIB;
     let span = 96 * MIB;
@@ -296,12 +297,15 @@ async fn a_volume_in_use_is_copied_live_and_switches_once_unpublished() {
     let dst = image(&s, 2, &id);
     assert_eq!(checksum(&dst), want, "the new node's image differs from the source's last state");
     let verified = fio(dst.to_str().unwrap(), span, 2, true, "");
-    assert!(verified.contains("verify"), "{verified}");
+    assert!(
+        verified.contains("err= 0") && verified.contains(&format!("io={:.1}MiB", (span / MIB) as f64)),
+        "fio read every block back: {verified}"
+    );
     assert_eq!(pool_files(&s, 1), Vec::<String>::new(), "node-1 keeps nothing");
     assert_eq!(pool_files(&s, 2), volume_files(&id));
     let log = s.log_text();
-    let pass_lines = log.lines().filter(|l| l.contains("migration pass copied")).count();
-    eprintln!("{pass_lines} passes copied; {passes_seen} seen while published");
+    let passes: Vec<&str> = log.lines().filter(|l| l.contains("migration pass copied")).collect();
+    eprintln!("{} passes copied ({passes_seen} seen while published):\n{}", passes.len(), passes.join("\n"));
 }
 
 /// Where a crash test kills the process.
@@ -347,8 +351,31 @@ async fn crash_and_resume(dir: &Path, at: KillAt) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let s = start(dir, 2);
-    let (_, mut a) = clients(&s).await;
+    let (mut c, mut a) = clients(&s).await;
     let at_restart = record(&mut a, &id).await;
+    if at_restart.migration.as_ref().is_some_and(|m| m.phase == "Switching") {
+        // A publication during the last pass and the switch waits for the
+        // switch (then uses the new node) or is told to retry; it never
+        // gets the source, whose writes the switch would lose.
+        let req = csi::ControllerPublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(rwo_capability(true)),
+            ..Default::default()
+        };
+        match c.controller_publish_volume(req).await {
+            Ok(r) => {
+                let ctx = r.into_inner().publish_context;
+                assert_eq!(ctx.get(cinderblock::attach::nbd::CONTEXT_OWNER).map(String::as_str), Some("node-2"), "{ctx:?}");
+                eprintln!("{at:?}: a publication during the switch waited for it and got node-2's export");
+                unpublish(&mut c, &id, "node-1").await;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Aborted, "{e:?}");
+                eprintln!("{at:?}: a publication during the switch was told to retry");
+            }
+        }
+    }
     eprintln!("{at:?}: killed with the target {seen}, restarted with {:?} on {}", at_restart.migration, at_restart.node);
     let rec = migrated(&mut a, &id, Duration::from_secs(120)).await;
     assert_eq!(rec.node, "node-2", "{at:?}: the migration ended on the new node");
@@ -364,10 +391,71 @@ async fn a_migration_killed_at_any_step_ends_after_a_restart() {
     require_root!();
     require_tools!("mkfs.xfs");
     let fs = TestFs::new("xfs-reflink", "4G");
-    let _leftovers = Leftovers(fs.mount.clone());
     for (i, at) in [KillAt::Copying, KillAt::BeforeSwitch, KillAt::AfterSwitch].into_iter().enumerate() {
         let dir = fs.mount.join(format!("run-{i}"));
         crash_and_resume(&dir, at).await;
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evacuated_node_takes_nothing_new_and_its_zone_volumes_move_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Standalone::start(dir.path(), 3, 1, &["--heartbeat-interval", "0.2", "--reconcile-interval", "0.5"]);
+    let (mut c, mut a) = clients(&s).await;
+    let mut moving = vec![];
+    for i in 0..4u8 {
+        let v = create(&mut c, zone_volume_on(&format!("zone-{i}"), "node-1", 32 * MIB as i64, true)).await;
+        write_pattern(&image(&s, 1, &v.volume_id), u64::from(i) * MIB + 4097, 200_000, i + 1);
+        moving.push((v.volume_id.clone(), checksum(&image(&s, 1, &v.volume_id))));
+    }
+    let mut pinned = zone_volume_on("pinned", "node-1", 16 * MIB as i64, true);
+    pinned.parameters.clear();
+    let pinned = create(&mut c, pinned).await;
+
+    let (ok, out, err) = ctl(&s.endpoint, &["node", "evacuate", "node-1", "-o", "json"]);
+    assert!(ok, "ctl node evacuate: {err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["evacuating"], true, "{out}");
+    // Nothing new lands there, asked for or not.
+    let e = c.create_volume(zone_volume_on("new-on-1", "node-1", 16 * MIB as i64, true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    for i in 0..3 {
+        let mut anywhere = zone_volume_on(&format!("anywhere-{i}"), "node-1", 16 * MIB as i64, true);
+        anywhere.accessibility_requirements = None;
+        let v = create(&mut c, anywhere).await;
+        assert_ne!(v.volume_context["cinderblock.dev/node"], "node-1");
+        c.delete_volume(csi::DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await.unwrap();
+    }
+    // The zone volumes move, at most two at a time; the pinned one stays.
+    let until = Instant::now() + Duration::from_secs(120);
+    let mut most_at_once = 0;
+    loop {
+        let mut at_once = 0;
+        let mut left = 0;
+        for (id, _) in &moving {
+            let r = record(&mut a, id).await;
+            at_once += usize::from(r.migration.as_ref().is_some_and(|m| m.evacuation && m.phase != "CleaningUp"));
+            left += usize::from(r.node == "node-1" || r.migration.is_some());
+        }
+        most_at_once = most_at_once.max(at_once);
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < until, "{left} volumes still on node-1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!((1..=2).contains(&most_at_once), "{most_at_once} migrations at once");
+    for (id, sum) in &moving {
+        let r = record(&mut a, id).await;
+        assert_ne!(r.node, "node-1");
+        let node: u32 = r.node.trim_start_matches("node-").parse().unwrap();
+        assert_eq!(checksum(&image(&s, node, id)), *sum, "{id} moved whole");
+    }
+    assert_eq!(record(&mut a, &pinned.volume_id).await.node, "node-1", "a volume pinned to its node stays");
+    assert_eq!(pool_files(&s, 1), volume_files(&pinned.volume_id), "node-1 keeps only the pinned volume");
+
+    let (ok, _, err) = ctl(&s.endpoint, &["node", "evacuate", "node-1", "--stop"]);
+    assert!(ok, "ctl node evacuate --stop: {err}");
+    let back = create(&mut c, zone_volume_on("new-on-1", "node-1", 16 * MIB as i64, true)).await;
+    assert_eq!(back.volume_context["cinderblock.dev/node"], "node-1");
 }

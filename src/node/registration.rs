@@ -183,6 +183,7 @@ mod tests {
             orphan_count: 0,
             orphan_bytes: 0,
             broken_count: 0,
+            evacuating: false,
         }
     }
 
