@@ -36,6 +36,7 @@ use tonic::{Code, Status};
 use tracing::{info, warn};
 
 use super::create::{accessible_from, topology_of};
+use super::crossnode::{copy_refused, source_of, status_of};
 use super::manager::{store_status, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
@@ -65,19 +66,6 @@ pub struct MigrateRequest {
 enum Step {
     Again,
     Done,
-}
-
-fn status_of(e: crate::flow::TaskError) -> Status {
-    Status::new(e.code, e.message)
-}
-
-/// The agent's CreateVolumeRequest source field for the record's source.
-fn source_of(rec: &VolumeRec) -> Option<pb::create_volume_request::Source> {
-    match &rec.source {
-        Some(SourceRef::Snapshot(s)) => Some(pb::create_volume_request::Source::SnapshotId(s.clone())),
-        Some(SourceRef::Volume(v)) => Some(pb::create_volume_request::Source::SourceVolumeId(v.clone())),
-        None => None,
-    }
 }
 
 impl Manager {
@@ -411,7 +399,7 @@ impl Manager {
             volume_id: id.to_string(),
             size_bytes: rec.size_bytes,
             provisioning: crate::agent::provisioning_to_pb(rec.provisioning) as i32,
-            source: source_of(rec),
+            source: source_of(&rec.source),
             metadata: rec.metadata.clone().into_iter().collect(),
             remote: Some(pb::RemoteSource {
                 address: export.address,
@@ -451,17 +439,7 @@ impl Manager {
                     }
                 }
                 // The target refused (capacity, arguments, the fence): the driver retries and notes why.
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::InvalidArgument
-                            | Code::AlreadyExists
-                            | Code::FailedPrecondition
-                            | Code::ResourceExhausted
-                            | Code::OutOfRange
-                            | Code::PermissionDenied
-                    ) =>
-                {
+                Err(s) if copy_refused(s.code()) => {
                     return Err(Status::new(s.code(), format!("node {} refused pass {} of volume {id}: {}", mig.to, mig.pass, s.message())))
                 }
                 Err(s) => warn!(volume.id = %id, node = %mig.to, error = %s.message(), "cannot ask the target about its copy now"),
