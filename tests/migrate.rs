@@ -459,3 +459,56 @@ async fn an_evacuated_node_takes_nothing_new_and_its_zone_volumes_move_away() {
     let back = create(&mut c, zone_volume_on("new-on-1", "node-1", 16 * MIB as i64, true)).await;
     assert_eq!(back.volume_context["cinderblock.dev/node"], "node-1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_deleted_migration_leaves_nothing_on_the_target() {
+    require_root!();
+    require_tools!("mkfs.xfs");
+    let fs = TestFs::new("xfs-reflink", "2G");
+    let s = start(&fs.mount.join("standalone"), 2);
+    let (mut c, mut a) = clients(&s).await;
+    let v = create(&mut c, zone_volume_on("stays", "node-1", 128 * MIB as i64, true)).await;
+    let id = v.volume_id.clone();
+    write_pattern(&image(&s, 1, &id), 3 * MIB + 1, 500_000, 3);
+    let want = checksum(&image(&s, 1, &id));
+    // Published, so the migration keeps copying passes and never switches.
+    publish(&mut c, &id, "node-1").await;
+    let wait_for_pass = |a: &mut Admin| {
+        let mut a = a.clone();
+        let id = id.clone();
+        async move {
+            let until = Instant::now() + Duration::from_secs(60);
+            while record(&mut a, &id).await.migration.is_none_or(|m| m.pass < 2) {
+                assert!(Instant::now() < until, "no second pass");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    migrate(&mut a, &id, "node-2").await.unwrap();
+    wait_for_pass(&mut a).await;
+    let (ok, out, err) = ctl(&s.endpoint, &["volume", "migrate", "stays", "--cancel", "--wait", "-o", "json"]);
+    assert!(ok, "ctl volume migrate --cancel: {err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["node"], "node-1", "{out}");
+    assert_eq!(pool_files(&s, 2), Vec::<String>::new(), "the target keeps nothing");
+    assert_eq!(pool_files(&s, 1), volume_files(&id), "the source keeps the volume only");
+    assert_eq!(checksum(&image(&s, 1, &id)), want);
+    let e = a.migrate_volume(admin::MigrateVolumeRequest { volume: id.clone(), cancel: true, ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "nothing to cancel: {e:?}");
+
+    // A DeleteVolume during the copy cancels it first (ABORTED: retry).
+    migrate(&mut a, &id, "node-2").await.unwrap();
+    wait_for_pass(&mut a).await;
+    let delete = |c: &mut Client| {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move { c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await }
+    };
+    assert_eq!(delete(&mut c).await.unwrap_err().code(), Code::Aborted);
+    migrated(&mut a, &id, Duration::from_secs(60)).await;
+    assert_eq!(pool_files(&s, 2), Vec::<String>::new(), "the target keeps nothing");
+    assert_eq!(delete(&mut c).await.unwrap_err().code(), Code::FailedPrecondition, "still published");
+    unpublish(&mut c, &id, "node-1").await;
+    delete(&mut c).await.expect("DeleteVolume");
+    assert!(s.images().is_empty(), "{:?}", s.images());
+    assert_eq!((pool_files(&s, 1), pool_files(&s, 2)), (vec![], vec![]));
+}
