@@ -47,8 +47,12 @@ use crate::store::{self, Kind, StoreError};
 const POLL: Duration = Duration::from_millis(500);
 /// How often the record takes a pass's progress (one store write).
 const RECORD_EVERY: Duration = Duration::from_secs(2);
-/// The pause between live passes while the volume stays published.
+/// The pause between live passes while the volume stays published; after
+/// a pass that found nothing changed (an idle volume), a longer one, so an
+/// idle published volume costs a snapshot and a record write every few
+/// seconds, not every second.
 const PASS_PAUSE: Duration = Duration::from_secs(1);
+const IDLE_PASS_PAUSE: Duration = Duration::from_secs(5);
 
 /// What a migrate request asks.
 #[derive(Debug, Clone)]
@@ -276,6 +280,7 @@ impl Manager {
                     return Ok(Step::Again);
                 };
                 let published = !self.publications(id).await?.is_empty();
+                let pause = if now.pass_copied_bytes == 0 && mig.pass > 1 { IDLE_PASS_PAUSE } else { PASS_PAUSE };
                 now.copied_bytes += now.pass_copied_bytes;
                 (now.pass, now.pass_copied_bytes, now.pass_total_bytes, now.problem) = (mig.pass + 1, 0, 0, None);
                 if !published {
@@ -285,7 +290,7 @@ impl Manager {
                 store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
                 if published {
                     drop(guard);
-                    tokio::time::sleep(PASS_PAUSE).await;
+                    tokio::time::sleep(pause).await;
                     return Ok(Step::Again);
                 }
                 info!(volume.id = %id, pass = mig.pass + 1, "volume unpublished: last pass and switch");
