@@ -551,15 +551,22 @@ impl AgentService {
         Ok(answer)
     }
 
+    /// An export call, on the blocking pool: it writes and syncs records,
+    /// and a migration pass's export maps two snapshots' extents first.
     async fn export_call<R, T, F>(&self, request: &Request<R>, f: F) -> Result<Response<T>, Status>
     where
-        F: FnOnce(&exports::Exports) -> Result<T, Status>,
+        T: Send + 'static,
+        F: FnOnce(&exports::Exports) -> Result<T, Status> + Send + 'static,
     {
         Self::authorize(request)?;
         let token = fence::token_of(request)?;
         let _admitted = self.fence.admit(token).await?;
         let ex = self.exports()?;
-        f(&ex).map(Response::new).inspect_err(|s| warn!(code = ?s.code(), message = s.message(), "export call failed"))
+        tokio::task::spawn_blocking(move || f(&ex))
+            .await
+            .map_err(|e| Status::internal(format!("export call failed inside the agent: {e}")))?
+            .map(Response::new)
+            .inspect_err(|s| warn!(code = ?s.code(), message = s.message(), "export call failed"))
     }
 
     async fn quarantine(

@@ -512,3 +512,40 @@ async fn a_cancelled_or_deleted_migration_leaves_nothing_on_the_target() {
     assert!(s.images().is_empty(), "{:?}", s.images());
     assert_eq!((pool_files(&s, 1), pool_files(&s, 2)), (vec![], vec![]));
 }
+
+/// What a live pass copies: the ranges whose blocks differ between two
+/// reflinked snapshots of one file, from the extent maps alone.
+#[test]
+fn the_changes_between_two_reflinked_snapshots_are_the_writes_between_them() {
+    require_root!();
+    require_tools!("mkfs.xfs");
+    use cinderblock::volume::changes::{changed_ranges, Changed};
+    use std::os::unix::fs::FileExt;
+    let fs = TestFs::new("xfs-reflink", "512M");
+    let vol_path = fs.mount.join("vol");
+    let vol = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&vol_path).unwrap();
+    vol.set_len(16 * MIB).unwrap();
+    vol.write_all_at(&vec![7u8; 8 * MIB as usize], 0).unwrap();
+    vol.write_all_at(&vec![9u8; 4 * MIB as usize], 12 * MIB).unwrap();
+    vol.sync_all().unwrap();
+    let snapshot = |name: &str| {
+        let f = std::fs::File::create(fs.mount.join(name)).unwrap();
+        cinderblock::volume::copy::reflink(&vol, &f).unwrap();
+        f.sync_all().unwrap();
+        std::fs::File::open(fs.mount.join(name)).unwrap()
+    };
+    let first = snapshot("first");
+    assert_eq!(changed_ranges(&first, &snapshot("same")).unwrap(), vec![], "nothing written, nothing changed");
+    // Between the two snapshots: a block rewritten, a few bytes inside
+    // another, a range punched, data where there was a hole.
+    vol.write_all_at(&[1u8; 4096], MIB).unwrap();
+    vol.write_all_at(b"0123456789", 5 * MIB + 100).unwrap();
+    rustix::fs::fallocate(&vol, rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE, 3 * MIB, 64 << 10).unwrap();
+    vol.write_all_at(&[2u8; 8192], 9 * MIB).unwrap();
+    vol.sync_all().unwrap();
+    let second = snapshot("second");
+    let c = |offset, len, zero| Changed { offset, len, zero };
+    let got = changed_ranges(&first, &second).unwrap();
+    eprintln!("changed ranges: {got:?}");
+    assert_eq!(got, vec![c(MIB, 4096, false), c(3 * MIB, 64 << 10, true), c(5 * MIB, 4096, false), c(9 * MIB, 8192, false)]);
+}
