@@ -11,7 +11,9 @@
 //!   verification over the new node's image passes for every block;
 //! - SIGKILL of the whole process during the copy, between the last pass
 //!   and the switch, and after the switch: after a restart the migration
-//!   ends, the data verifies, and nothing is left on either node.
+//!   ends, the data verifies, and nothing is left on either node;
+//! - a cancel and a delete during the copy, a thick volume, an evacuation,
+//!   and the extent-map diff that live passes copy.
 
 mod common;
 
@@ -548,4 +550,26 @@ fn the_changes_between_two_reflinked_snapshots_are_the_writes_between_them() {
     let got = changed_ranges(&first, &second).unwrap();
     eprintln!("changed ranges: {got:?}");
     assert_eq!(got, vec![c(MIB, 4096, false), c(3 * MIB, 64 << 10, true), c(5 * MIB, 4096, false), c(9 * MIB, 8192, false)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thick_volume_stays_thick_on_its_new_node() {
+    require_root!();
+    require_tools!("mkfs.xfs");
+    let fs = TestFs::new("xfs-reflink", "1G");
+    let s = start(&fs.mount.join("standalone"), 2);
+    let (mut c, mut a) = clients(&s).await;
+    let mut r = zone_volume_on("thick", "node-1", 64 * MIB as i64, true);
+    r.parameters.insert("provisioning".into(), "thick".into());
+    let id = create(&mut c, r).await.volume_id;
+    write_pattern(&image(&s, 1, &id), 7 * MIB + 3, 123_457, 4);
+    let want = checksum(&image(&s, 1, &id));
+    let started = migrate(&mut a, &id, "node-2").await.unwrap();
+    assert!(started.migration.unwrap().live, "XFS with reflink: live passes");
+    let rec = migrated(&mut a, &id, Duration::from_secs(60)).await;
+    assert_eq!((rec.node.as_str(), rec.provisioning.as_str()), ("node-2", "thick"));
+    let dst = image(&s, 2, &id);
+    assert_eq!(checksum(&dst), want);
+    assert!(allocated(&dst) >= 64 * MIB, "thick on the new node too: {} bytes allocated", allocated(&dst));
+    assert_eq!((pool_files(&s, 1), pool_files(&s, 2)), (vec![], volume_files(&id)));
 }
