@@ -177,6 +177,7 @@ fn view_of(nodes: &[NodeState]) -> NodeView {
             broken_count: 0,
             attach_engine: String::new(),
             attach_tls: String::new(),
+            evacuating: false,
         };
         let value = serde_json::to_vec(&rec).unwrap();
         view.apply(Change::Record { kind: Kind::Node, id: n.id.clone(), value: Some(Versioned { version: 1, value }) });

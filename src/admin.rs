@@ -6,7 +6,12 @@
 
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
 use crate::admin_proto as pb;
+use crate::admin_proto::admin_client::AdminClient;
+use crate::controller::forward::LeaderRoute;
+use crate::controller::migrate::MigrateRequest;
 use crate::controller::records::{snapshot_id_for, volume_id_for, NodeRec, Phase, SnapshotRec, SourceRef, VolumeRec};
 use crate::controller::Manager;
 use crate::volume::Provisioning;
@@ -15,15 +20,28 @@ pub use pb::admin_server::AdminServer;
 
 pub struct AdminService {
     manager: Manager,
+    /// Where a standby hands the calls that change something (migrations,
+    /// evacuations) to the leader; None: they run here.
+    route: Option<Arc<LeaderRoute>>,
 }
 
 impl AdminService {
     pub fn new(manager: Manager) -> Self {
-        AdminService { manager }
+        AdminService { manager, route: None }
     }
 
     pub fn server(manager: Manager) -> AdminServer<AdminService> {
         AdminServer::new(AdminService::new(manager))
+    }
+
+    /// The admin API of a replica that hands changes to the leader.
+    pub fn server_with_route(manager: Manager, route: Option<Arc<LeaderRoute>>) -> AdminServer<AdminService> {
+        AdminServer::new(AdminService { manager, route })
+    }
+
+    /// A client of the leader's admin API when another replica leads.
+    fn leader(&self) -> Result<Option<AdminClient<tonic::transport::Channel>>, Status> {
+        Ok(self.route.as_ref().map(|r| r.leader_channel()).transpose()?.flatten().map(|(_, c)| AdminClient::new(c)))
     }
 
     /// By ID when `r` is one of ours, else by name (the ID derives from it).
@@ -90,6 +108,7 @@ fn node_to_pb(n: &NodeRec, healthy: bool, now_ms: i64) -> pb::Node {
         snapshot_count: n.snapshot_count,
         max_volumes: n.max_volumes,
         agent_address: n.agent_address.clone(),
+        evacuating: n.evacuating,
     }
 }
 
@@ -119,6 +138,19 @@ fn volume_to_pb(v: &VolumeRec) -> pb::Volume {
         copied_bytes: v.copy.as_ref().map(|c| c.copied_bytes).unwrap_or(0),
         copy_total_bytes: v.copy.as_ref().map(|c| c.total_bytes).unwrap_or(0),
         copy_finished: v.copy.as_ref().is_some_and(|c| c.finished),
+        migration: v.migration.as_ref().map(|m| pb::Migration {
+            from_node: m.from.clone(),
+            to_node: m.to.clone(),
+            phase: format!("{:?}", m.phase),
+            pass: m.pass,
+            copied_bytes: m.copied_bytes + m.pass_copied_bytes,
+            pass_copied_bytes: m.pass_copied_bytes,
+            pass_total_bytes: m.pass_total_bytes,
+            live: m.live,
+            evacuation: m.evacuation,
+            problem: m.problem.clone().unwrap_or_default(),
+            started_ms: m.started_ms,
+        }),
     }
 }
 
@@ -196,6 +228,35 @@ impl pb::admin_server::Admin for AdminService {
             .ok_or_else(|| Status::not_found(format!("no snapshot has the ID or name {:?}", r.snapshot)))?;
         let name = self.manager.volume(&s.source_volume_id).await?.map(|(v, _)| v.name).unwrap_or_default();
         Ok(Response::new(pb::GetSnapshotResponse { snapshot: Some(snapshot_to_pb(&s, name)) }))
+    }
+
+    async fn migrate_volume(&self, r: Request<pb::MigrateVolumeRequest>) -> Result<Response<pb::MigrateVolumeResponse>, Status> {
+        if let Some(mut leader) = self.leader()? {
+            return leader.migrate_volume(r.into_inner()).await;
+        }
+        let r = r.into_inner();
+        let v =
+            self.find_volume(&r.volume).await?.ok_or_else(|| Status::not_found(format!("no volume has the ID or name {:?}", r.volume)))?;
+        let rec = if r.cancel {
+            self.manager.cancel_migration(&v.id).await?
+        } else {
+            if r.to_node.is_empty() {
+                return Err(Status::invalid_argument("name the node to migrate the volume to"));
+            }
+            let req = MigrateRequest { volume_id: v.id, to: r.to_node, allow_topology_change: r.allow_topology_change, evacuation: false };
+            self.manager.migrate_volume(req).await?
+        };
+        Ok(Response::new(pb::MigrateVolumeResponse { volume: Some(volume_to_pb(&rec)) }))
+    }
+
+    async fn evacuate_node(&self, r: Request<pb::EvacuateNodeRequest>) -> Result<Response<pb::EvacuateNodeResponse>, Status> {
+        if let Some(mut leader) = self.leader()? {
+            return leader.evacuate_node(r.into_inner()).await;
+        }
+        let r = r.into_inner();
+        let n = self.manager.evacuate_node(&r.node, !r.stop).await?;
+        let healthy = self.manager.node_is_healthy(&n);
+        Ok(Response::new(pb::EvacuateNodeResponse { node: Some(node_to_pb(&n, healthy, crate::controller::records::now_ms())) }))
     }
 
     async fn list_orphans(&self, r: Request<pb::ListOrphansRequest>) -> Result<Response<pb::ListOrphansResponse>, Status> {

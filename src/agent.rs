@@ -184,6 +184,8 @@ fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
     let problem = pool.volume_problem(&v.id);
     let (copied_bytes, copy_total_bytes) = v.copy.as_ref().map(|c| (c.copied_bytes, c.total_bytes)).unwrap_or((0, 0));
     pb::Volume {
+        copy_pass: v.copy.as_ref().map(|c| c.pass).unwrap_or(0),
+        copy_pass_done: v.copy.as_ref().is_some_and(|c| c.pass_done),
         abnormal: problem.is_some(),
         condition: problem.unwrap_or_default(),
         copied_bytes,
@@ -309,9 +311,14 @@ impl VolumeManager for AgentService {
         let identity = self.identity();
         let r = request.get_ref().clone();
         let thick = self.pool.get_volume(&r.source_volume_id).is_ok_and(|v| v.provisioning == Provisioning::Thick);
-        self.run_fenced(&request, "CreateSnapshot", thick || !self.pool.reflink(), move |pool| {
+        let heavy = !r.migration_pass && (thick || !self.pool.reflink());
+        self.run_fenced(&request, "CreateSnapshot", heavy, move |pool| {
             let group = Some(r.group_id.as_str()).filter(|g| !g.is_empty());
-            let s = pool.create_snapshot_in_group(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect(), group)?;
+            let s = if r.migration_pass {
+                pool.create_pass_snapshot(&r.snapshot_id, &r.source_volume_id)?
+            } else {
+                pool.create_snapshot_in_group(&r.snapshot_id, &r.source_volume_id, r.metadata.into_iter().collect(), group)?
+            };
             Ok(pb::CreateSnapshotResponse { snapshot: Some(snapshot_to_pb(pool, s)), identity })
         })
         .await
@@ -454,7 +461,8 @@ impl VolumeManager for AgentService {
     async fn create_export(&self, request: Request<pb::CreateExportRequest>) -> Result<Response<pb::CreateExportResponse>, Status> {
         let identity = self.identity();
         let r = request.get_ref().clone();
-        let of = exports::ExportOf::from_request(&r.volume_id, &r.snapshot_id, &r.consumer_node, &r.copy_for);
+        let mut of = exports::ExportOf::from_request(&r.volume_id, &r.snapshot_id, &r.consumer_node, &r.copy_for);
+        of.base = r.base_snapshot_id.clone();
         self.export_call(&request, move |ex| {
             Ok(pb::CreateExportResponse { export: Some(ex.create(&of, r.read_only, &r.plain_from)?), identity })
         })
@@ -538,7 +546,7 @@ impl AgentService {
         let copier = self.copier.clone().ok_or_else(|| {
             Status::failed_precondition(format!("node {} makes no copies from other nodes (no TLS for NBD)", self.node_id))
         })?;
-        if r.source.is_none() {
+        if r.source.is_none() && remote.pass == 0 {
             return Err(Status::invalid_argument("a copy from another node needs its source snapshot or volume"));
         }
         crate::tls::node_dns_name(&remote.server_node).map_err(|e| Status::invalid_argument(format!("remote.server_node: {e}")))?;
@@ -550,6 +558,9 @@ impl AgentService {
             resume_at: 0,
             copied_bytes: 0,
             total_bytes: 0,
+            pass: remote.pass,
+            more_passes: remote.more_passes,
+            pass_done: false,
         };
         let mut answer = self
             .run_fenced(request, "CreateVolume", false, move |pool| {
@@ -563,15 +574,22 @@ impl AgentService {
         Ok(answer)
     }
 
+    /// An export call, on the blocking pool: it writes and syncs records,
+    /// and a migration pass's export maps two snapshots' extents first.
     async fn export_call<R, T, F>(&self, request: &Request<R>, f: F) -> Result<Response<T>, Status>
     where
-        F: FnOnce(&exports::Exports) -> Result<T, Status>,
+        T: Send + 'static,
+        F: FnOnce(&exports::Exports) -> Result<T, Status> + Send + 'static,
     {
         Self::authorize(request)?;
         let token = fence::token_of(request)?;
         let _admitted = self.fence.admit(token).await?;
         let ex = self.exports()?;
-        f(&ex).map(Response::new).inspect_err(|s| warn!(code = ?s.code(), message = s.message(), "export call failed"))
+        tokio::task::spawn_blocking(move || f(&ex))
+            .await
+            .map_err(|e| Status::internal(format!("export call failed inside the agent: {e}")))?
+            .map(Response::new)
+            .inspect_err(|s| warn!(code = ?s.code(), message = s.message(), "export call failed"))
     }
 
     async fn quarantine(

@@ -317,6 +317,7 @@ pub async fn kube_start(kubeconfig: &Path, objects: usize) -> Result<(), String>
                         fingerprint: "bench".into(),
                         accessibility: Default::default(),
                         copy: None,
+                        migration: None,
                         accessible_topology: vec![],
                         attempts: vec![],
                         error: None,

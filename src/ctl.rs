@@ -105,6 +105,26 @@ pub enum VolumeCmd {
         /// The volume's name or ID.
         volume: String,
     },
+    /// Move a volume to another node (docs/migration.md). Where the pool
+    /// reflinks it is copied while in use, and switched once unpublished;
+    /// elsewhere it must be unpublished first. Answers once started; `volume
+    /// get` shows the progress.
+    Migrate {
+        /// The volume's name or ID.
+        volume: String,
+        /// The node to move it to (see `ctl node list`).
+        #[arg(long, required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Stop the migration under way (before its switch) instead.
+        #[arg(long, conflicts_with = "to")]
+        cancel: bool,
+        /// Let a volume pinned to its node (StorageClass accessibility: node) move.
+        #[arg(long)]
+        allow_topology_change: bool,
+        /// Wait until the migration has ended (switched and cleaned up, or cancelled).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Grow a volume (volumes never shrink). A mounted filesystem grows the next time its node stages it.
     Expand {
         /// The volume's name or ID.
@@ -193,6 +213,16 @@ pub enum SnapshotCmd {
 pub enum NodeCmd {
     /// Every node with its zone, health, pool size, free and promised space, and the largest volume it takes now.
     List,
+    /// Move every volume off a node: it takes no new volumes, and the
+    /// controller migrates its zone volumes, a few at a time, to nodes it
+    /// picks (each switches once its pod has left and it is unpublished).
+    Evacuate {
+        /// The node (see `ctl node list`).
+        node: String,
+        /// Stop evacuating: the node takes volumes again.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Images quarantined in a node's orphaned/ folder: what the reconciler
     /// found without a record (never deleted automatically), with why and how old.
     Orphans {
@@ -440,7 +470,43 @@ fn volume_json(v: &admin::Volume, names: &HashMap<String, String>) -> Value {
         "attempts": v.attempts.iter().map(|a| json!({"node": a.node, "error": a.error})).collect::<Vec<_>>(),
         "metadata": v.metadata,
         "created": time_of(v.created_ms),
+        "migration": v.migration.as_ref().map(migration_json),
     })
+}
+
+fn migration_json(m: &admin::Migration) -> Value {
+    json!({
+        "from": m.from_node,
+        "to": m.to_node,
+        "phase": m.phase,
+        "pass": m.pass,
+        "live": m.live,
+        "copied_bytes": m.copied_bytes,
+        "pass_copied_bytes": m.pass_copied_bytes,
+        "pass_total_bytes": m.pass_total_bytes,
+        "evacuation": m.evacuation,
+        "problem": (!m.problem.is_empty()).then_some(&m.problem),
+        "started": time_of(m.started_ms),
+    })
+}
+
+/// One line about a migration under way, for people.
+fn migration_line(m: &Value) -> String {
+    let b = |k: &str| format_bytes(m[k].as_u64().unwrap_or(0));
+    let mut line = format!(
+        "migration: {} -> {}, {}, pass {} ({} of {}), {} copied in all",
+        s(m, "from"),
+        s(m, "to"),
+        s(m, "phase"),
+        s(m, "pass"),
+        b("pass_copied_bytes"),
+        b("pass_total_bytes"),
+        b("copied_bytes")
+    );
+    if let Some(p) = m["problem"].as_str() {
+        line.push_str(&format!("; held up: {p}"));
+    }
+    line
 }
 
 fn snapshot_json(s: &admin::Snapshot) -> Value {
@@ -478,6 +544,7 @@ fn node_json(n: &admin::Node) -> Value {
         "snapshots": n.snapshot_count,
         "filesystem": p.filesystem,
         "reflink": p.reflink,
+        "evacuating": n.evacuating,
     })
 }
 
@@ -528,11 +595,14 @@ const NODE_HEADERS: [&str; 10] =
     ["NODE", "ZONE", "HEALTH", "POOL", "FREE", "PROMISED", "OVERCOMMIT", "RESERVE", "VOLUMES", "LARGEST THIN/THICK"];
 fn node_row(n: &Value) -> Vec<String> {
     let b = |k: &str| format_bytes(n[k].as_u64().unwrap_or(0));
-    let health = if n["healthy"].as_bool() == Some(true) {
+    let mut health = if n["healthy"].as_bool() == Some(true) {
         "ok".to_string()
     } else {
         format!("silent {}s", n["heartbeat_age_ms"].as_i64().unwrap_or(0) / 1000)
     };
+    if n["evacuating"].as_bool() == Some(true) {
+        health.push_str(", evacuating");
+    }
     let volumes = match n["max_volumes"].as_u64() {
         Some(0) | None => s(n, "volumes"),
         Some(m) => format!("{}/{m}", s(n, "volumes")),
@@ -661,6 +731,35 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                 for a in v["attempts"].as_array().into_iter().flatten() {
                     println!("attempt on {}: {}", s(a, "node"), s(a, "error"));
                 }
+                if v["migration"].is_object() {
+                    println!("{}", migration_line(&v["migration"]));
+                }
+            });
+        }
+        CtlCommand::Volume(VolumeCmd::Migrate { volume, to, cancel, allow_topology_change, wait }) => {
+            let req = admin::MigrateVolumeRequest {
+                volume: volume.clone(),
+                to_node: to.clone().unwrap_or_default(),
+                cancel,
+                allow_topology_change,
+            };
+            let what = if cancel { "cancelled" } else { "migrated" };
+            let v = c
+                .admin
+                .migrate_volume(req)
+                .await
+                .map_err(|e| format!("volume {volume:?} was not {what}: {}", status_msg(&e)))?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            let mut last = volume_json(&v, &HashMap::new());
+            while wait && last["migration"].is_object() {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                last = volume_json(&c.volume(&v.id).await?.volume.unwrap_or_default(), &HashMap::new());
+            }
+            out.show(&last, |v| match v["migration"].as_object() {
+                Some(_) => println!("{}", migration_line(&v["migration"])),
+                None => println!("volume {} ({}) is on node {}", s(v, "name"), s(v, "id"), s(v, "node")),
             });
         }
         CtlCommand::Volume(VolumeCmd::Delete { volume }) => {
@@ -775,6 +874,23 @@ pub async fn run(args: CtlArgs) -> Result<(), String> {
                 print_table(&NODE_HEADERS, &list.iter().map(node_row).collect::<Vec<_>>());
                 if list.is_empty() {
                     println!("no node has registered yet");
+                }
+            });
+        }
+        CtlCommand::Node(NodeCmd::Evacuate { node, stop }) => {
+            let n = c
+                .admin
+                .evacuate_node(admin::EvacuateNodeRequest { node: node.clone(), stop })
+                .await
+                .map_err(|e| status_msg(&e))?
+                .into_inner()
+                .node
+                .unwrap_or_default();
+            out.show(&node_json(&n), |_| {
+                if stop {
+                    println!("node {node} takes volumes again (migrations already started go on)");
+                } else {
+                    println!("node {node} is being evacuated: no new volumes; its zone volumes migrate away");
                 }
             });
         }

@@ -888,11 +888,13 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
             cinderblock::tls::serve_incoming(listener, ServerTls::new(tls_dir.clone(), PeerRule::Controller, vec![b"h2".to_vec()]));
         let local = ControllerService::new(manager.clone());
         let local_group = GroupControllerService::new(manager.clone());
+        let local_admin = manager.clone();
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .layer(cinderblock::metrics::CallMetricsLayer)
                 .add_service(ControllerServer::new(local))
                 .add_service(GroupControllerServer::new(local_group))
+                .add_service(cinderblock::admin::AdminService::server(local_admin))
                 .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
                 .await;
             if let Err(e) = served {
@@ -902,13 +904,13 @@ async fn run_controller(a: ControllerArgs) -> Result<(), String> {
         route = Some(r);
     }
     let csi_controller = ControllerServer::new(ForwardingController::new(ControllerService::new(manager.clone()), route.clone()));
-    let csi_group = GroupControllerServer::new(ForwardingGroupController::new(GroupControllerService::new(manager.clone()), route));
+    let csi_group = GroupControllerServer::new(ForwardingGroupController::new(GroupControllerService::new(manager.clone()), route.clone()));
     tonic::transport::Server::builder()
         .layer(cinderblock::metrics::CallMetricsLayer)
         .add_service(IdentityServer::new(IdentityService::new(true, ready)))
         .add_service(csi_controller)
         .add_service(csi_group)
-        .add_service(cinderblock::admin::AdminService::server(manager))
+        .add_service(cinderblock::admin::AdminService::server_with_route(manager, route))
         .serve_with_incoming_shutdown(incoming, server::shutdown_signal())
         .await
         .map_err(|e| format!("CSI server: {e}"))?;

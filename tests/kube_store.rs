@@ -45,6 +45,7 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             updated_ms: 1,
             accessibility: Default::default(),
             copy: None,
+            migration: None,
         }),
         Kind::Snapshot => serde_json::to_vec(&SnapshotRec {
             id: id.into(),
@@ -76,6 +77,7 @@ fn encode(kind: Kind, id: &str, bytes: &[u8]) -> Vec<u8> {
             broken_count: 0,
             attach_engine: "kernel-nbd".into(),
             attach_tls: "kernel-tls".into(),
+            evacuating: false,
         }),
         Kind::Export => serde_json::to_vec(&ExportRec {
             id: id.into(),

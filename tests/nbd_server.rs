@@ -373,6 +373,7 @@ fn a_pool_volume_is_served_through_the_handle_the_volume_manager_opens() {
             image: ImageSource::File(pool.open_volume_image("vol-exported").unwrap()),
             read_only: false,
             access: Access { node: "node-b".into(), plain_from: vec![LOOPBACK] },
+            changes: None,
         })
         .unwrap();
     runtime().block_on(async {

@@ -466,6 +466,7 @@ async fn snapshot_restore_gives_identical_files() {
 
     agent
         .create_snapshot(pb::CreateSnapshotRequest {
+            migration_pass: false,
             snapshot_id: "snap-1".into(),
             source_volume_id: "vol-src".into(),
             metadata: Default::default(),
@@ -1151,6 +1152,7 @@ async fn snapshots_of_a_volume_in_use(pool: Option<&Path>, count: usize) {
     for i in 0..count {
         agent
             .create_snapshot(pb::CreateSnapshotRequest {
+                migration_pass: false,
                 snapshot_id: format!("snap-{i}"),
                 source_volume_id: "vol-busy".into(),
                 metadata: Default::default(),

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use tracing::{info, warn};
 
 use crate::attach::nbd::{tls_to_node, Client, Target};
-use crate::export::proto::STATE_HOLE;
+use crate::export::proto::{STATE_HOLE, STATE_ZERO};
 use crate::metrics::{PoolLabels, METRICS};
 use crate::tls::TlsDir;
 use crate::volume::Pool;
@@ -75,7 +75,7 @@ impl Copier {
     }
 
     fn still_copying(&self, id: &str) -> bool {
-        self.pool.get_volume(id).is_ok_and(|v| v.state == crate::volume::State::Creating && v.copy.is_some())
+        self.pool.get_volume(id).is_ok_and(|v| v.state == crate::volume::State::Creating && v.copy.as_ref().is_some_and(|c| !c.pass_done))
     }
 
     /// Run the copy of `id` unless it runs already (or is done).
@@ -131,7 +131,13 @@ impl Copier {
         }
         let pool = self.pool.clone();
         let vol = id.to_string();
-        match tokio::task::spawn_blocking(move || pool.finish_copy(&vol)).await {
+        // A migration's pass with more to follow waits for the next one;
+        // the last pass (or a one-time copy) makes the volume whole.
+        let finish = move || match pool.get_volume(&vol)?.copy {
+            Some(c) if c.more_passes => pool.note_pass_done(&vol),
+            _ => pool.finish_copy(&vol).map(|_| ()),
+        };
+        match tokio::task::spawn_blocking(finish).await {
             Ok(Ok(_)) => progress.problem.lock().unwrap_or_else(|p| p.into_inner()).clear(),
             Ok(Err(e)) => *progress.problem.lock().unwrap_or_else(|p| p.into_inner()) = format!("finishing the copy: {e}"),
             Err(e) => *progress.problem.lock().unwrap_or_else(|p| p.into_inner()) = format!("finishing the copy: {e}"),
@@ -158,8 +164,11 @@ impl Copier {
         if info.size > rec.size_bytes {
             return Err(format!("the source has {} bytes, more than the new volume's {}", info.size, rec.size_bytes));
         }
-        // Map what is left, then read only the allocated ranges.
+        // Map what is left, then read only the allocated ranges. A
+        // migration pass's export says which ranges became zeroes (ZERO
+        // without HOLE): those are punched here, not read.
         let mut extents: Vec<(u64, u64)> = Vec::new();
+        let mut zeroes: Vec<(u64, u64)> = Vec::new();
         let mut off = from.resume_at.min(info.size);
         while off < info.size {
             let span = (info.size - off).min(MAP_SPAN) as u32;
@@ -169,7 +178,9 @@ impl Copier {
             }
             for (len, flags) in map {
                 let len = (len as u64).min(info.size - off);
-                if flags & STATE_HOLE == 0 {
+                if flags & STATE_HOLE == 0 && flags & STATE_ZERO != 0 {
+                    zeroes.push((off, len));
+                } else if flags & STATE_HOLE == 0 {
                     match extents.last_mut() {
                         Some((o, l)) if *o + *l == off => *l += len,
                         _ => extents.push((off, len)),
@@ -180,6 +191,13 @@ impl Copier {
                     break;
                 }
             }
+        }
+        if !zeroes.is_empty() {
+            let f = file.clone();
+            tokio::task::spawn_blocking(move || punch(&f, &zeroes))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("punching ranges that became zeroes: {e}"))?;
         }
         let left: u64 = extents.iter().map(|(_, l)| l).sum();
         let total = from.copied_bytes + left;
@@ -225,4 +243,25 @@ impl Copier {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// Make `ranges` of the image read as zeroes without keeping blocks for them.
+fn punch(f: &std::fs::File, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+    use rustix::fs::FallocateFlags;
+    for &(off, len) in ranges {
+        match rustix::fs::fallocate(f, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, len) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                let zeroes = vec![0u8; (len as usize).min(1 << 20)];
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(zeroes.len() as u64) as usize;
+                    f.write_all_at(&zeroes[..n], off + done)?;
+                    done += n as u64;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

@@ -37,6 +37,10 @@ struct ExportRecord {
     /// Addresses admitted in plain text (a consumer without kernel TLS).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     plain_from: Vec<IpAddr>,
+    /// A migration pass's export of a snapshot: served as a layer of what
+    /// changed since this older snapshot (recomputed when served again).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    base_snapshot: String,
 }
 
 /// What an export serves, to whom, for what: (snapshot?, source ID, consumer, copy_for).
@@ -51,6 +55,8 @@ pub struct ExportOf {
     pub consumer: String,
     /// The volume on the consumer a copy feeds; empty for a publication.
     pub copy_for: String,
+    /// A migration pass's snapshot export: the previous pass's snapshot.
+    pub base: String,
 }
 
 impl ExportOf {
@@ -62,7 +68,7 @@ impl ExportOf {
     pub fn from_request(volume_id: &str, snapshot_id: &str, consumer: &str, copy_for: &str) -> ExportOf {
         let snapshot = !snapshot_id.is_empty();
         let id = if snapshot { snapshot_id } else { volume_id };
-        ExportOf { id: id.to_string(), snapshot, consumer: consumer.to_string(), copy_for: copy_for.to_string() }
+        ExportOf { id: id.to_string(), snapshot, consumer: consumer.to_string(), copy_for: copy_for.to_string(), base: String::new() }
     }
 }
 
@@ -147,12 +153,18 @@ impl Exports {
         } else {
             self.pool.open_volume_image(&rec.volume_id).map_err(Status::from)?
         };
+        let changes = if rec.base_snapshot.is_empty() {
+            None
+        } else {
+            Some(Arc::new(self.pool.snapshot_changes(&rec.base_snapshot, &rec.volume_id).map_err(Status::from)?))
+        };
         let spec = ExportSpec {
             name,
             volume: rec.volume_id.clone(),
             image: ImageSource::File(file),
             read_only: rec.read_only,
             access: Access { node: rec.consumer_node.clone(), plain_from: rec.plain_from.clone() },
+            changes,
         };
         self.server.add(spec).map_err(|e| Status::internal(format!("serving volume {}: {e}", rec.volume_id)))?;
         Ok(())
@@ -196,6 +208,12 @@ impl Exports {
             return Err(Status::invalid_argument("a copy export is read over TLS only; plain_from must be empty"));
         }
         let key = of.key();
+        if !of.base.is_empty() {
+            if !of.snapshot || of.copy_for.is_empty() {
+                return Err(Status::invalid_argument("base_snapshot_id goes with a snapshot export that feeds a copy (a migration pass)"));
+            }
+            crate::volume::validate_id("base snapshot id", &of.base).map_err(Status::from)?;
+        }
         if let Some(rec) = self.records().get(&key).cloned() {
             if rec.plain_from != plain {
                 return Err(Status::already_exists(format!(
@@ -204,6 +222,12 @@ impl Exports {
                     of.id,
                     of.consumer,
                     rec.plain_from
+                )));
+            }
+            if rec.base_snapshot != of.base {
+                return Err(Status::already_exists(format!(
+                    "snapshot {} is exported to node {} over base {:?} already",
+                    of.id, of.consumer, rec.base_snapshot
                 )));
             }
             if rec.read_only != read_only {
@@ -230,6 +254,7 @@ impl Exports {
             snapshot: of.snapshot,
             copy_for: of.copy_for.clone(),
             plain_from: plain,
+            base_snapshot: of.base.clone(),
         };
         // Durable before it is served: a restart serves it again.
         let path = self.dir.join(format!("{}.json", rec.export_name));

@@ -67,6 +67,7 @@ impl Manager {
                     updated_ms: now,
                     accessibility: spec.accessibility,
                     copy: None,
+                    migration: None,
                 };
                 (rec, 0)
             }

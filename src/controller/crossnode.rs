@@ -41,8 +41,31 @@ fn export_fields(source: &SourceRef) -> (String, String) {
     }
 }
 
-fn status_of(e: crate::flow::TaskError) -> Status {
+/// The agent's CreateVolumeRequest source for a record's source.
+pub(super) fn source_of(source: &Option<SourceRef>) -> Option<pb::create_volume_request::Source> {
+    match source {
+        Some(SourceRef::Snapshot(s)) => Some(pb::create_volume_request::Source::SnapshotId(s.clone())),
+        Some(SourceRef::Volume(v)) => Some(pb::create_volume_request::Source::SourceVolumeId(v.clone())),
+        None => None,
+    }
+}
+
+pub(super) fn status_of(e: crate::flow::TaskError) -> Status {
     Status::new(e.code, e.message)
+}
+
+/// A copy's target answered with a refusal (capacity, arguments, the
+/// fence), not with a passing trouble: waiting does not help.
+pub(super) fn copy_refused(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted
+            | Code::OutOfRange
+            | Code::PermissionDenied
+    )
 }
 
 impl Manager {
@@ -100,7 +123,7 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
             consumer_node: node.to_string(),
             read_only: true,
             copy_for: id.clone(),
-            plain_from: vec![],
+            ..Default::default()
         })
         .await
         .map_err(|s| Status::new(s.code(), format!("node {source_node} could not export the source to node {node}: {}", s.message())))?
@@ -132,18 +155,19 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
 async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::Export) -> Result<pb::Volume, Status> {
     let m = ctx.m.clone();
     let id = ctx.rec.id.clone();
-    let source = match &ctx.spec.source {
-        Some(SourceRef::Snapshot(s)) => Some(pb::create_volume_request::Source::SnapshotId(s.clone())),
-        Some(SourceRef::Volume(v)) => Some(pb::create_volume_request::Source::SourceVolumeId(v.clone())),
-        None => None,
-    };
+    let source = source_of(&ctx.spec.source);
     let req = pb::CreateVolumeRequest {
         volume_id: id.clone(),
         size_bytes: ctx.spec.size_bytes,
         provisioning: crate::agent::provisioning_to_pb(ctx.spec.provisioning) as i32,
         source,
         metadata: ctx.rec.metadata.clone().into_iter().collect(),
-        remote: Some(pb::RemoteSource { address: export.address, export_name: export.export_name, server_node: source_node.to_string() }),
+        remote: Some(pb::RemoteSource {
+            address: export.address,
+            export_name: export.export_name,
+            server_node: source_node.to_string(),
+            ..Default::default()
+        }),
     };
     let (mut seen, mut moved_at, mut recorded_at) = (None, Instant::now(), Instant::now());
     loop {
@@ -174,19 +198,7 @@ async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::
                 }
             }
             // The node refused (capacity, arguments, the fence): no waiting helps.
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::InvalidArgument
-                        | Code::AlreadyExists
-                        | Code::FailedPrecondition
-                        | Code::ResourceExhausted
-                        | Code::OutOfRange
-                        | Code::PermissionDenied
-                ) =>
-            {
-                return Err(s)
-            }
+            Err(s) if copy_refused(s.code()) => return Err(s),
             // Restarting, unreachable: the copy resumes there; wait.
             Err(s) => warn!(volume.id = %id, node, error = %s.message(), "cannot ask the node about its copy now"),
         }

@@ -25,6 +25,23 @@ impl Manager {
         let Some((mut rec, version)) = self.volume(id).await? else {
             return Ok(());
         };
+        if let Some(m) = rec.migration.clone() {
+            // A delete stops a migration that can still stop, and waits for one that cannot.
+            if m.phase == MigrationPhase::Copying {
+                self.mark_cancelling(rec, version).await?;
+                self.ensure_migration_driver(id);
+            }
+            return Err(Status::aborted(format!(
+                "volume {id} is being migrated to node {} ({:?}); {}; retry",
+                m.to,
+                m.phase,
+                if m.phase == MigrationPhase::Switching || m.phase == MigrationPhase::CleaningUp {
+                    "the migration ends first"
+                } else {
+                    "the migration is being cancelled first"
+                }
+            )));
+        }
         let published: Vec<String> = self.publications(id).await?.into_iter().map(|e| e.node_id).collect();
         if !published.is_empty() {
             return Err(Status::failed_precondition(format!(

@@ -25,6 +25,12 @@ impl Manager {
         if size <= rec.size_bytes {
             return Ok(rec);
         }
+        if let Some(m) = &rec.migration {
+            return Err(Status::aborted(format!(
+                "volume {id} is being migrated to node {} ({:?}); it grows once the migration ends; retry",
+                m.to, m.phase
+            )));
+        }
         let mut agent = self.agent_for(&node).await.map_err(|e| Status::unavailable(e.message))?;
         let v = agent
             .expand_volume(pb::ExpandVolumeRequest { volume_id: id.to_string(), size_bytes: size })

@@ -51,7 +51,7 @@ impl LeaderRoute {
     /// A channel to the leader when another replica leads and says where it
     /// serves; None when this replica leads or no leader is known (the call
     /// then runs here and waits for leadership as before).
-    fn leader_channel(&self) -> Result<Option<(String, Channel)>, Status> {
+    pub(crate) fn leader_channel(&self) -> Result<Option<(String, Channel)>, Status> {
         if self.leadership.borrow().leading {
             return Ok(None);
         }

@@ -217,6 +217,7 @@ impl Manager {
                 source_volume_id: m.source_volume_id.clone(),
                 metadata: m.metadata.clone().into_iter().collect(),
                 group_id: group.to_string(),
+                ..Default::default()
             };
             let mut agent = self.agent_for(&m.node).await.map_err(|e| Status::new(e.code, e.message))?;
             match tokio::time::timeout(GROUP_FREEZE_LIMIT, agent.create_snapshot(req)).await {

@@ -240,6 +240,7 @@ mod tests {
             updated_ms: 0,
             accessibility: Accessibility::Zone,
             copy: None,
+            migration: None,
         }
     }
 

@@ -105,6 +105,8 @@ pub struct Manager {
     /// Volumes a delete asked to stop copying from another node: the
     /// create flow that copies gives up (and cleans up) when it sees its ID.
     pub(crate) copy_cancels: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Volumes whose migration a driver task of this controller runs.
+    pub(crate) migrations: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// With leader election: this replica's leadership. Without: None.
     leader: Option<watch::Receiver<Leadership>>,
     /// Whether each volume was last seen abnormal (health.rs), so an event
@@ -140,6 +142,7 @@ impl Manager {
             inflight: Arc::new(Inflight::default()),
             orphan_candidates: Default::default(),
             copy_cancels: Default::default(),
+            migrations: Default::default(),
             events: None,
             leader: None,
             health_seen: Default::default(),

@@ -96,6 +96,14 @@ impl Manager {
         let _guard = self.inflight.acquire(&p.volume_id).await;
         let (vol, _) =
             self.volume(&p.volume_id).await?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", p.volume_id)))?;
+        if let Some(m) = vol.migration.as_ref().filter(|m| m.phase == MigrationPhase::Switching) {
+            // The last pass is being copied (or a restarted controller has
+            // not resumed it yet): a write to the source now would be lost.
+            return Err(Status::aborted(format!(
+                "volume {} is switching to node {} (its migration's last pass); retry in a moment",
+                vol.id, m.to
+            )));
+        }
         let (Phase::Available, Some(owner)) = (vol.phase, vol.node.clone()) else {
             return Err(Status::failed_precondition(format!(
                 "volume {} is {:?}; only an Available volume can be published",

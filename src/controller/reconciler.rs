@@ -65,8 +65,24 @@ impl Manager {
         let mut stuck_volumes = Vec::new();
         let mut expired = Vec::new();
         let mut phases = PhaseCounts::default();
+        let mut migrating = Vec::new();
+        let evacuating: HashSet<String> = self.nodes().await?.into_iter().filter(|n| n.evacuating).map(|n| n.id).collect();
+        let mut on_evacuating = Vec::new();
         store::for_each_json::<VolumeRec>(&*self.store, Kind::Volume, |rec, version| {
             phases.volume(rec.phase);
+            let movable = rec.accessibility != Accessibility::Node || rec.migration.is_some();
+            if let Some(n) = rec.node.as_ref().filter(|n| movable && evacuating.contains(*n)) {
+                on_evacuating.push((rec.id.clone(), Some(n.clone()), rec.migration.is_some()));
+            }
+            if let Some(m) = &rec.migration {
+                // Both nodes hold a copy, and the source its pass snapshots.
+                migrating.push(rec.id.clone());
+                let on_source = owned.entry(m.from.clone()).or_default();
+                on_source.insert(rec.id.clone());
+                on_source.insert(m.pass_snapshot(&rec.id, m.pass));
+                on_source.insert(m.pass_snapshot(&rec.id, m.pass.saturating_sub(1)));
+                owned.entry(m.to.clone()).or_default().insert(rec.id.clone());
+            }
             if rec.phase == Phase::Creating && now - rec.updated_ms > grace {
                 stuck_volumes.push(rec.id.clone());
             }
@@ -96,6 +112,11 @@ impl Manager {
         .await
         .map_err(store_status)?;
         phases.publish();
+        // A migration no driver follows (a restarted or new leader) goes on.
+        for id in &migrating {
+            self.ensure_migration_driver(id);
+        }
+        self.evacuate_some(&on_evacuating).await;
 
         // A stuck record stays owned by its node whatever it resolves to:
         // it becomes Available there, or Error because the node has nothing.
@@ -129,6 +150,22 @@ impl Manager {
             self.quarantine_pass(&node, mine, &mut report).await;
         }
         Ok(report)
+    }
+
+    async fn resume_migrations(&self) -> Result<(), Status> {
+        self.view_ready().await?;
+        let mut migrating = Vec::new();
+        store::for_each_json::<VolumeRec>(&*self.store, Kind::Volume, |rec, _| {
+            if rec.migration.is_some() {
+                migrating.push(rec.id);
+            }
+        })
+        .await
+        .map_err(store_status)?;
+        for id in &migrating {
+            self.ensure_migration_driver(id);
+        }
+        Ok(())
     }
 
     async fn resolve_stuck_volume(&self, id: &str, report: &mut ReconcileReport) -> Result<(), Status> {
@@ -316,6 +353,10 @@ impl Manager {
 
     /// Run `reconcile_once` every `every` until the process stops.
     pub async fn run_reconciler(self, every: Duration) {
+        // Migrations left by a restart go on at once, not a pass later.
+        if let Err(e) = self.resume_migrations().await {
+            warn!(error = %e.message(), "could not look for migrations to resume");
+        }
         loop {
             tokio::time::sleep(every).await;
             match self.reconcile_once().await {

@@ -58,6 +58,60 @@ pub struct VolumeRec {
     /// restore or clone): how far the copy got, and whether it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyRec>,
+    /// A migration to another node under way (`controller/migrate.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationRec>,
+}
+
+/// Where a migration is. `Copying`: passes copy the volume to the target
+/// while it may be in use; `Switching`: the last pass, with the volume
+/// unpublished and publications held off, then the record's node changes
+/// to the target in one write; `CleaningUp`: the record names the target,
+/// and the source's image and pass snapshots are being removed;
+/// `Cancelling`: the target's copy and the pass snapshots are being
+/// removed, the volume stays where it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum MigrationPhase {
+    Copying,
+    Switching,
+    CleaningUp,
+    Cancelling,
+}
+
+/// A volume moving from one node's pool to another's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MigrationRec {
+    pub from: String,
+    pub to: String,
+    pub phase: MigrationPhase,
+    /// The source's pool reflinks: passes copy from successive snapshots,
+    /// each after the first only what changed, while the volume stays in
+    /// use. Without, the single pass reads the unpublished volume itself.
+    pub live: bool,
+    /// The pass under way (1, 2, ...).
+    pub pass: u32,
+    /// Allocated bytes copied by the passes finished so far, and by the
+    /// pass under way, of what it has to copy.
+    pub copied_bytes: u64,
+    pub pass_copied_bytes: u64,
+    pub pass_total_bytes: u64,
+    pub started_ms: i64,
+    /// Started by the evacuation of the source node.
+    #[serde(default)]
+    pub evacuation: bool,
+    /// The last thing that held the migration up (it retries), or None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+impl MigrationRec {
+    /// The ID of pass `pass`'s snapshot on the source node.
+    pub fn pass_snapshot(&self, volume_id: &str, pass: u32) -> String {
+        format!(
+            "snap-{}",
+            uuid::Uuid::new_v5(&NAMESPACE, format!("migration/{volume_id}/{}/{}/{pass}", self.to, self.started_ms).as_bytes())
+        )
+    }
 }
 
 /// A cross-node copy: which node exports the source to the volume's node,
@@ -176,6 +230,11 @@ pub struct NodeRec {
     /// its address in plain text).
     #[serde(default)]
     pub attach_tls: String,
+    /// An operator asked to move every volume off this node
+    /// (`cinderblock ctl node evacuate`): nothing new is placed here, and
+    /// the leader migrates its volumes to nodes the scheduler picks.
+    #[serde(default)]
+    pub evacuating: bool,
 }
 
 impl NodeRec {
@@ -273,5 +332,6 @@ pub fn pool_status_to_node(id: &str, zone: &str, agent_address: &str, max_volume
         broken_count: s.broken_count,
         attach_engine: s.attach_engine.clone(),
         attach_tls: s.attach_tls.clone(),
+        evacuating: false,
     }
 }

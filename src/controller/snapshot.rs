@@ -82,7 +82,7 @@ impl Manager {
             snapshot_id: rec.id.clone(),
             source_volume_id: rec.source_volume_id.clone(),
             metadata: rec.metadata.clone().into_iter().collect(),
-            group_id: String::new(),
+            ..Default::default()
         };
         let result = match self.agent_for(&rec.node).await {
             Ok(mut agent) => agent.create_snapshot(req).await.map(|r| r.snapshot),

@@ -28,6 +28,7 @@ static HARNESS: LazyLock<Harness> = LazyLock::new(|| {
             image: ImageSource::File(image),
             read_only: false,
             access: Access { node: "fuzz".into(), plain_from: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)] },
+            changes: None,
         })
         .expect("fuzz export");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

@@ -15,11 +15,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use rustix::fs::{FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
 
 use super::proto;
+use crate::volume::changes::Changed;
 
 /// Memory alignment of buffers, enough for O_DIRECT on any Linux device.
 pub const BUFFER_ALIGN: usize = 4096;
@@ -29,6 +31,9 @@ pub struct Image {
     direct: Option<File>,
     /// Offsets and lengths must be multiples of this to use `direct`.
     direct_align: u64,
+    /// Set for a migration pass's export: what changed since the previous
+    /// pass's snapshot, which `extents` then describes instead of holes.
+    changes: Option<Arc<Vec<Changed>>>,
 }
 
 impl Image {
@@ -38,7 +43,13 @@ impl Image {
     pub fn new(file: File, direct: bool) -> Image {
         let direct_file = if direct { reopen_direct(&file).ok() } else { None };
         let direct_align = direct_file.as_ref().map(dio_alignment).unwrap_or(u64::MAX);
-        Image { buffered: file, direct: direct_file, direct_align }
+        Image { buffered: file, direct: direct_file, direct_align, changes: None }
+    }
+
+    /// Describe the image as a layer over an older snapshot (see `extents`).
+    pub fn with_changes(mut self, changes: Option<Arc<Vec<Changed>>>) -> Image {
+        self.changes = changes;
+        self
     }
 
     pub fn size_bytes(&self) -> io::Result<u64> {
@@ -155,7 +166,17 @@ impl Image {
 
     /// `base:allocation` extents of `[offset, offset+len)`: (length, flags)
     /// pairs, at most `max` of them, from SEEK_DATA / SEEK_HOLE.
+    ///
+    /// An image with `changes` (a migration pass after the first) answers
+    /// as a layer over the previous pass's snapshot, which the reader holds
+    /// already: unchanged ranges are holes whose content is not promised
+    /// (HOLE without ZERO), changed data is allocated (0), and ranges that
+    /// became zeroes are ZERO without HOLE, so the reader punches them
+    /// without reading. A reader that skips holes thus copies the changes.
     pub fn extents(&self, offset: u64, len: u32, max: usize) -> io::Result<Vec<(u32, u32)>> {
+        if let Some(changes) = &self.changes {
+            return Ok(layer_extents(changes, offset, len, max));
+        }
         let end = offset + len as u64;
         let size = self.size_bytes()?;
         let mut out: Vec<(u32, u32)> = Vec::new();
@@ -197,6 +218,38 @@ impl Image {
         out.truncate(max);
         Ok(out)
     }
+}
+
+/// `extents` of a layer: (length, flags) pairs of `[offset, offset+len)`.
+fn layer_extents(changes: &[Changed], offset: u64, len: u32, max: usize) -> Vec<(u32, u32)> {
+    let end = offset + len as u64;
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut push = |n: u64, flags: u32| match out.last_mut() {
+        Some(last) if last.1 == flags => last.0 += n as u32,
+        _ => out.push((n as u32, flags)),
+    };
+    let mut pos = offset;
+    let first = changes.partition_point(|c| c.offset + c.len <= offset);
+    for c in &changes[first..] {
+        if pos >= end {
+            break;
+        }
+        if c.offset > pos {
+            let stop = c.offset.min(end);
+            push(stop - pos, proto::STATE_HOLE);
+            pos = stop;
+        }
+        if pos < end {
+            let stop = (c.offset + c.len).min(end);
+            push(stop - pos, if c.zero { proto::STATE_ZERO } else { 0 });
+            pos = stop;
+        }
+    }
+    if pos < end {
+        push(end - pos, proto::STATE_HOLE);
+    }
+    out.truncate(max);
+    out
 }
 
 #[derive(Debug)]
@@ -305,6 +358,18 @@ mod tests {
         assert_eq!(&back[..904], &[7u8; 904][..]);
         assert_eq!(&back[904..907], b"xyz");
         assert!(back[907..].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn a_layer_shows_its_changes_and_promises_nothing_elsewhere() {
+        let c = |offset, len, zero| Changed { offset, len, zero };
+        let changes = [c(4096, 4096, false), c(8192, 4096, true), c(65536, 8192, false)];
+        let (h, z) = (proto::STATE_HOLE, proto::STATE_ZERO);
+        assert_eq!(layer_extents(&changes, 0, 131072, 16), vec![(4096, h), (4096, 0), (4096, z), (53248, h), (8192, 0), (57344, h)]);
+        assert_eq!(layer_extents(&changes, 6000, 4000, 16), vec![(2192, 0), (1808, z)]);
+        assert_eq!(layer_extents(&changes, 70000, 100, 16), vec![(100, 0)]);
+        assert_eq!(layer_extents(&changes, 0, 131072, 2), vec![(4096, h), (4096, 0)]);
+        assert_eq!(layer_extents(&[], 0, 512, 16), vec![(512, h)]);
     }
 
     #[test]

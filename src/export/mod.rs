@@ -102,6 +102,9 @@ pub struct ExportSpec {
     pub image: ImageSource,
     pub read_only: bool,
     pub access: Access,
+    /// A migration pass's export: served as a layer of these changes over
+    /// the previous pass's snapshot (`Image::extents`).
+    pub changes: Option<Arc<Vec<crate::volume::changes::Changed>>>,
 }
 
 /// Decides whether a TLS peer's verified certificate names a node.
@@ -293,7 +296,7 @@ impl ExportServer {
                 .open(&path)
                 .map_err(|error| ExportError::Open { path, error })?,
         };
-        let image = Image::new(file, self.shared.limits.direct_io);
+        let image = Image::new(file, self.shared.limits.direct_io).with_changes(spec.changes);
         let size = image.size_bytes().map_err(|error| ExportError::Size { volume: spec.volume.clone(), error })?;
         let export = Arc::new(Export {
             name: spec.name,

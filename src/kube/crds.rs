@@ -27,6 +27,10 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn = r#"{"name":"Size","type":"integer","jsonPath":".spec.size_bytes"}"#,
     printcolumn = r#"{"name":"Copied","type":"integer","jsonPath":".spec.copy.copied_bytes"}"#,
     printcolumn = r#"{"name":"To Copy","type":"integer","jsonPath":".spec.copy.total_bytes"}"#,
+    printcolumn = r#"{"name":"Migrating To","type":"string","jsonPath":".spec.migration.to"}"#,
+    printcolumn = r#"{"name":"Migration","type":"string","jsonPath":".spec.migration.phase"}"#,
+    printcolumn = r#"{"name":"Pass","type":"integer","jsonPath":".spec.migration.pass","priority":1}"#,
+    printcolumn = r#"{"name":"Migrated","type":"integer","jsonPath":".spec.migration.copied_bytes","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct BlockVolumeSpec {
@@ -69,6 +73,7 @@ pub struct BlockSnapshotSpec {
     printcolumn = r#"{"name":"Attach","type":"string","jsonPath":".spec.attach_engine"}"#,
     printcolumn = r#"{"name":"Attach TLS","type":"string","jsonPath":".spec.attach_tls"}"#,
     printcolumn = r#"{"name":"Mismatch","type":"string","jsonPath":".spec.mismatch","priority":1}"#,
+    printcolumn = r#"{"name":"Evacuating","type":"boolean","jsonPath":".spec.evacuating"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct StorageNodeSpec {

@@ -123,6 +123,7 @@ impl Registration {
     async fn settle_identity(&self, store: &dyn Store, rec: &mut NodeRec, old: Option<&NodeRec>, first: bool) -> Result<(), String> {
         if let Some(old) = old {
             rec.mismatch = old.mismatch.clone();
+            rec.evacuating = old.evacuating;
             if !old.pool_uuid.is_empty() && old.pool_uuid != rec.pool_uuid {
                 rec.mismatch = Some(format!(
                     "node {} now serves pool {} but registered with pool {}; delete the StorageNode {} to accept the new pool",
@@ -167,6 +168,7 @@ fn same_report(old: &NodeRec, new: &NodeRec) -> bool {
     (a.capacity.free, b.capacity.free) = (0, 0);
     // The identity fields are settled against the store when written.
     (a.mismatch, b.mismatch) = (None, None);
+    (a.evacuating, b.evacuating) = (false, false);
     b.pool_uuid.clone_from(&a.pool_uuid);
     free_close && a == b
 }
@@ -195,6 +197,7 @@ mod tests {
             broken_count: 0,
             attach_engine: String::new(),
             attach_tls: String::new(),
+            evacuating: false,
         }
     }
 

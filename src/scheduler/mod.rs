@@ -109,6 +109,19 @@ impl NoValidNode {
     pub fn only_capacity(&self) -> bool {
         !self.rejections.is_empty() && self.rejections.iter().all(|(name, _, _)| *name == CAPACITY || *name == VOLUME_LIMIT)
     }
+
+    /// Why one node was turned away: each reason, and whether every one
+    /// was capacity or the volume limit (a request pinned to that node).
+    pub fn why_not(&self, node: &str) -> (Vec<String>, bool) {
+        let prefix = format!("{node}: ");
+        let mine: Vec<(&str, &String)> = self
+            .rejections
+            .iter()
+            .flat_map(|(name, _, reasons)| reasons.iter().filter(|r| r.starts_with(&prefix)).map(move |r| (*name, r)))
+            .collect();
+        let capacity = !mine.is_empty() && mine.iter().all(|(name, _)| *name == CAPACITY || *name == VOLUME_LIMIT);
+        (mine.into_iter().map(|(_, r)| r.clone()).collect(), capacity)
+    }
 }
 
 impl std::fmt::Display for NoValidNode {

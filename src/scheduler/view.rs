@@ -50,7 +50,8 @@ struct ViewState {
     records: BTreeMap<String, NodeRec>,
     /// Last liveness per node, by this process's clock (ms).
     alive: HashMap<String, i64>,
-    /// The nodes the scheduler considers (not mismatched), sorted by ID,
+    /// The nodes the scheduler considers (not mismatched, not being
+    /// evacuated), sorted by ID,
     /// with the reservations on them taken off.
     nodes: Vec<NodeState>,
     /// Reservations by volume ID.
@@ -298,14 +299,15 @@ impl ViewState {
     }
 
     fn rebuild_all(&mut self) {
-        let nodes: Vec<NodeState> = self.records.values().filter(|r| r.mismatch.is_none()).map(|r| self.state_of(r)).collect();
+        let nodes: Vec<NodeState> =
+            self.records.values().filter(|r| r.mismatch.is_none() && !r.evacuating).map(|r| self.state_of(r)).collect();
         self.nodes = nodes; // BTreeMap order: sorted by ID
     }
 
     /// Brings one node's place in `nodes` in line with its record.
     fn rebuild(&mut self, id: &str) {
         let at = self.nodes.binary_search_by(|n| n.id.as_str().cmp(id));
-        let state = self.records.get(id).filter(|r| r.mismatch.is_none()).map(|r| self.state_of(r));
+        let state = self.records.get(id).filter(|r| r.mismatch.is_none() && !r.evacuating).map(|r| self.state_of(r));
         match (at, state) {
             (Ok(i), Some(n)) => self.nodes[i] = n,
             (Ok(i), None) => {

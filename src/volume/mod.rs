@@ -2,6 +2,7 @@
 //! snapshots and clones, and its capacity in Cinder's terms.
 
 pub mod capacity;
+pub mod changes;
 pub mod copy;
 pub mod error;
 pub mod freeze;

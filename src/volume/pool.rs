@@ -33,9 +33,20 @@ use super::{validate_id, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES};
 use crate::keyed_locks::KeyedLocks;
 
 mod copy_target;
+mod passes;
 
 /// Images are sized in whole 4 KiB blocks so any block device can sit on them.
 pub const SIZE_ALIGN: u64 = 4096;
+
+/// Whether making an image from a source freezes the filesystem mounted
+/// from that source: never (volumes, a migration's pass snapshots), for
+/// this snapshot alone, or as a member of a group snapshot that holds it.
+#[derive(Clone, Copy)]
+enum Freeze<'a> {
+    Never,
+    Alone,
+    InGroup(&'a str),
+}
 /// The largest image we make (an ext4/xfs file can be larger; a loop device
 /// offset is a signed 64-bit number).
 pub const MAX_VOLUME_BYTES: u64 = 1 << 50;
@@ -698,7 +709,7 @@ impl Pool {
         // rewritten entirely, so it counts in full, as in Cinder.
         self.admit_and_record(&record)?;
 
-        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), None);
+        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), Freeze::Never);
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
@@ -732,7 +743,7 @@ impl Pool {
         size: u64,
         provisioning: Provisioning,
         source: Option<&Path>,
-        group: Option<&str>,
+        freeze: Freeze<'_>,
     ) -> Result<Option<CopyMethod>, VolumeError> {
         let snapshot = matches!(kind, Kind::Snapshot);
         let partial = self.path(kind, id, "img.partial");
@@ -747,7 +758,11 @@ impl Pool {
         let mut method = None;
         if let Some(src) = source {
             let s = File::open(src).map_err(VolumeError::io(format!("opening source {}", src.display())))?;
-            let frozen = if snapshot { self.freeze(src, &s, group)? } else { None };
+            let frozen = match freeze {
+                Freeze::Never => None,
+                Freeze::Alone => self.freeze(src, &s, None)?,
+                Freeze::InGroup(g) => self.freeze(src, &s, Some(g))?,
+            };
             let started = Instant::now();
             let copied = copy::clone_into(&s, &f, self.reflink).map_err(VolumeError::io(format!(
                 "copying {} to {}",
@@ -992,6 +1007,20 @@ impl Pool {
         metadata: BTreeMap<String, String>,
         group: Option<&str>,
     ) -> Result<SnapshotRecord, VolumeError> {
+        self.snapshot_with(id, source_volume_id, metadata, group, false)
+    }
+
+    /// A snapshot; `pass`: one of a migration's pass snapshots (reflink
+    /// only, never frozen, blocks shared even for a thick volume: it lives
+    /// for one pass of the copy and is compared with the next one).
+    pub(super) fn snapshot_with(
+        &self,
+        id: &str,
+        source_volume_id: &str,
+        metadata: BTreeMap<String, String>,
+        group: Option<&str>,
+        pass: bool,
+    ) -> Result<SnapshotRecord, VolumeError> {
         validate_id("snapshot id", id)?;
         validate_id("source volume id", source_volume_id)?;
         validate_metadata(&metadata)?;
@@ -1025,7 +1054,7 @@ impl Pool {
         let rec_path = self.path(Kind::Snapshot, id, "json");
         {
             let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
-            if !self.reflink || volume.provisioning == Provisioning::Thick {
+            if !pass && (!self.reflink || volume.provisioning == Provisioning::Thick) {
                 // A copied snapshot takes real space: as much as the source
                 // uses. So does one of a thick volume, which is unshared.
                 let used = File::open(self.volume_image(source_volume_id))
@@ -1037,7 +1066,12 @@ impl Pool {
             self.index().snapshots.insert(id.to_string(), record.clone());
         }
         let src = self.volume_image(source_volume_id);
-        let made = self.make_image(Kind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src), group);
+        let made = if pass {
+            self.make_image(Kind::Snapshot, id, volume.size_bytes, Provisioning::Thin, Some(&src), Freeze::Never)
+        } else {
+            let freeze = group.map_or(Freeze::Alone, Freeze::InGroup);
+            self.make_image(Kind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src), freeze)
+        };
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;

@@ -64,6 +64,16 @@ pub struct CopyState {
     /// Allocated bytes of the source, once mapped (0 before).
     #[serde(default)]
     pub total_bytes: u64,
+    /// A migration copies in passes (1, 2, ...), each from a newer
+    /// snapshot of the volume on its owner; 0 for a one-time copy.
+    #[serde(default)]
+    pub pass: u32,
+    /// More passes follow this one: when it is copied the volume stays
+    /// `Creating` with `pass_done`, instead of becoming `Available`.
+    #[serde(default)]
+    pub more_passes: bool,
+    #[serde(default)]
+    pub pass_done: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -191,6 +191,7 @@ impl TestServer {
                 image: ImageSource::Path(image.to_path_buf()),
                 read_only: false,
                 access: Access { node: node.into(), plain_from: if plain { vec![LOOPBACK] } else { vec![] } },
+                changes: None,
             })
             .unwrap();
         name

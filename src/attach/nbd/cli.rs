@@ -234,6 +234,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             image: ImageSource::Path(a.image.clone()),
             read_only: a.read_only,
             access: Access { node: a.node.clone(), plain_from: a.plain_from.clone() },
+            changes: None,
         })
         .map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| format!("listening on {}: {e}", a.listen))?;

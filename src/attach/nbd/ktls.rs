@@ -206,7 +206,8 @@ mod tests {
         let server = ExportServer::new(Some(crate::export::node_tls(own)), Limits::default());
         let name = ExportName::random();
         let access = Access { node: "con".into(), plain_from: vec![] };
-        let spec = ExportSpec { name, volume: "vol-k".into(), image: ImageSource::Path(image.clone()), read_only: false, access };
+        let spec =
+            ExportSpec { name, volume: "vol-k".into(), image: ImageSource::Path(image.clone()), read_only: false, access, changes: None };
         server.add(spec).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();

@@ -33,7 +33,21 @@ impl Pool {
         if let Some(mut existing) = existing {
             Self::same_create(&existing, &req, size)?;
             if let Some(c) = existing.copy.as_mut().filter(|_| existing.state == State::Creating) {
-                if c.address != from.address || c.export_name != from.export_name || c.server_node != from.server_node {
+                if from.pass > c.pass {
+                    // A migration's next pass: from its start, from a newer snapshot.
+                    if !c.pass_done {
+                        return Err(VolumeError::Invalid {
+                            what: "copy pass",
+                            reason: format!("pass {} of volume {} is still being copied; pass {} waits for it", c.pass, req.id, from.pass),
+                        });
+                    }
+                    *c = CopyState { resume_at: 0, copied_bytes: 0, total_bytes: 0, pass_done: false, ..from };
+                    records::write_record(&rec_path, &existing).map_err(VolumeError::io("writing volume record"))?;
+                    self.index().volumes.insert(req.id.clone(), existing.clone());
+                    info!(volume.id = %req.id, pass = from.pass, "next copy pass");
+                } else if from.pass == c.pass
+                    && (c.address != from.address || c.export_name != from.export_name || c.server_node != from.server_node)
+                {
                     (c.address, c.export_name, c.server_node) = (from.address, from.export_name, from.server_node);
                     records::write_record(&rec_path, &existing).map_err(VolumeError::io("writing volume record"))?;
                     self.index().volumes.insert(req.id.clone(), existing.clone());
@@ -41,7 +55,8 @@ impl Pool {
             }
             return Ok(existing);
         }
-        let record = Self::creating(&req, size, Some(CopyState { resume_at: 0, copied_bytes: 0, total_bytes: 0, ..from }));
+        let record =
+            Self::creating(&req, size, Some(CopyState { resume_at: 0, copied_bytes: 0, total_bytes: 0, pass_done: false, ..from }));
         self.admit_and_record(&record)?;
         let partial = self.path(Kind::Volume, &req.id, "img.partial");
         let made = File::create(&partial).and_then(|f| {
@@ -114,6 +129,27 @@ impl Pool {
 
     /// Volumes whose copy is under way (resumed when the agent starts).
     pub fn copies(&self) -> Vec<VolumeRecord> {
-        self.index().volumes.values().filter(|v| v.state == State::Creating && v.copy.is_some()).cloned().collect()
+        self.index()
+            .volumes
+            .values()
+            .filter(|v| v.state == State::Creating && v.copy.as_ref().is_some_and(|c| !c.pass_done))
+            .cloned()
+            .collect()
+    }
+
+    /// A pass of a migration's copy is complete (the caller synced the
+    /// partial image): the volume waits for the next pass.
+    pub fn note_pass_done(&self, id: &str) -> Result<(), VolumeError> {
+        let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
+        let Some(mut v) = self.index().volumes.get(id).cloned() else {
+            return Err(VolumeError::NotFound { kind: "volume", id: id.to_string() });
+        };
+        let Some(c) = v.copy.as_mut().filter(|c| c.more_passes) else { return Ok(()) };
+        c.pass_done = true;
+        c.resume_at = v.size_bytes;
+        records::write_record(&self.path(Kind::Volume, id, "json"), &v).map_err(VolumeError::io("writing volume record"))?;
+        self.index().volumes.insert(id.to_string(), v);
+        info!(volume.id = %id, "copy pass complete");
+        Ok(())
     }
 }
