@@ -737,6 +737,35 @@ async fn expand_mounted_ext4_with_data() {
     }
 }
 
+/// The kubelet's order for a volume grown while no pod used it: the
+/// controller grows the image, then NodeStage, then NodeExpandVolume. The
+/// ext4 grows at the stage, unmounted, where no CAP_SYS_RESOURCE is needed,
+/// and the expansion after it has nothing left to do.
+#[tokio::test]
+async fn ext4_grown_while_unstaged_is_grown_at_the_next_stage() {
+    require_root!();
+    let env = Env::new(&[]);
+    let (mut agent, mut c) = (env.agent().await, env.csi().await);
+    create_volume(&mut agent, "vol-off", 64 * MIB, None).await;
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-off", ext4()).await;
+    let bytes = data(8 * MIB as usize, 5);
+    write_synced(&target.join("data.bin"), &bytes);
+    let before = fs_bytes(&target);
+    unpublish_and_unstage(&mut c, "vol-off", &staging, &target).await;
+
+    let grown = 192 * MIB;
+    agent.expand_volume(pb::ExpandVolumeRequest { volume_id: "vol-off".into(), size_bytes: grown }).await.unwrap();
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-off", ext4()).await;
+    let after = fs_bytes(&target);
+    assert!(after > before + (grown - 64 * MIB) * 8 / 10, "the ext4 did not grow at the stage: {before} -> {after}");
+    assert_eq!(std::fs::read(target.join("data.bin")).unwrap(), bytes);
+    let r = c.node_expand_volume(expand_req("vol-off", &target, &staging, grown)).await.unwrap().into_inner();
+    assert_eq!(r.capacity_bytes, grown as i64);
+    assert_eq!(fs_bytes(&target), after);
+    unpublish_and_unstage(&mut c, "vol-off", &staging, &target).await;
+    env.assert_clean("after growing at the stage");
+}
+
 #[tokio::test]
 async fn expand_block_volume() {
     require_root!();

@@ -212,6 +212,42 @@ pub async fn grow(device: &Path, fs_type: &str, mount_point: &Path) -> Result<()
     Ok(())
 }
 
+/// Before mounting: grow an unmounted ext4 on `device` that is smaller than
+/// the device (its volume was expanded while it was not staged). Offline
+/// growth needs no CAP_SYS_RESOURCE, which growing a mounted ext4 does, and
+/// the kubelet's NodeExpandVolume after the stage then finds nothing to do.
+/// resize2fs wants a fresh check first, so e2fsck runs before it, and only
+/// when the sizes differ. Returns whether it grew. xfs grows only mounted,
+/// so other filesystems are left alone.
+pub async fn grow_unmounted_ext4(device: &Path) -> Result<bool> {
+    let output = run_checked("dumpe2fs", "e2fsprogs", &[OsStr::new("-h"), device.as_os_str()], device, BLKID_TIMEOUT).await?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |key: &str| {
+        text.lines().filter_map(|l| l.split_once(':')).find(|(k, _)| k.trim() == key).and_then(|(_, v)| v.trim().parse::<u64>().ok())
+    };
+    let (Some(blocks), Some(block_size)) = (field("Block count"), field("Block size")) else {
+        return Err(AttachError::CommandFailed {
+            program: "dumpe2fs",
+            path: device.to_path_buf(),
+            status: output.status.to_string(),
+            stderr: "no block count or block size in its summary".into(),
+            hint: "",
+        });
+    };
+    let device_bytes = super::loopdev::size_bytes(device)?;
+    if blocks >= device_bytes / block_size.max(1) {
+        return Ok(false);
+    }
+    // -p: repair only what is safe without a person; 1 means it did.
+    let check = run("e2fsck", "e2fsprogs", &[OsStr::new("-f"), OsStr::new("-p"), device.as_os_str()], device, GROW_TIMEOUT).await?;
+    if !matches!(check.status.code(), Some(0) | Some(1)) {
+        return Err(failed("e2fsck", device, &check));
+    }
+    run_checked("resize2fs", "e2fsprogs", &[device.as_os_str()], device, GROW_TIMEOUT).await?;
+    tracing::info!(device = %device.display(), from_bytes = blocks * block_size, device_bytes, "grew ext4 before mounting it");
+    Ok(true)
+}
+
 /// Usage of the filesystem holding `path`, as NodeGetVolumeStats reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FsStats {

@@ -250,6 +250,11 @@ async fn stage_filesystem(
             }
         },
     };
+    // A volume expanded while it was not staged: its ext4 grows here,
+    // unmounted, where it needs no CAP_SYS_RESOURCE (see the function).
+    if fs == Filesystem::Ext4 && !read_only {
+        filesystem::grow_unmounted_ext4(&device).await?;
+    }
     blocking(move || {
         let mut flags = flags;
         // Volumes restored from a snapshot or cloned carry their source's
