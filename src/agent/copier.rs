@@ -206,27 +206,44 @@ impl Copier {
         let chunks =
             extents.into_iter().flat_map(|(o, l)| (0..l.div_ceil(CHUNK)).map(move |i| (o + i * CHUNK, (l - i * CHUNK).min(CHUNK))));
         let client = &client;
-        let mut reads =
+        let reads =
             futures::stream::iter(chunks).map(|(o, l)| async move { client.read(o, l as u32).await.map(|d| (o, d)) }).buffered(DEPTH);
         let counter = METRICS.volume_copy_bytes.get_or_create(&PoolLabels { node: self.node_id.clone() }).clone();
-        let (mut copied, mut unnoted, mut noted_at) = (from.copied_bytes, 0u64, Instant::now());
-        while let Some(read) = reads.next().await {
-            let (o, data) = read.map_err(|e| format!("reading the source: {e}"))?;
-            let len = data.len() as u64;
-            let f = file.clone();
-            tokio::task::spawn_blocking(move || f.write_all_at(&data, o))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("writing the new image: {e}"))?;
-            copied += len;
-            unnoted += len;
-            counter.inc_by(len);
-            progress.copied.store(copied, Ordering::Relaxed);
-            if unnoted >= NOTE_BYTES || noted_at.elapsed() >= NOTE_EVERY {
-                self.note(id, &file, o + len, copied, total).await?;
-                (unnoted, noted_at) = (0, Instant::now());
+        // Reading and writing overlap: the reads go on (DEPTH of them in
+        // flight) while the chunks read so far are written, in order, so
+        // each noted resume point has everything before it on disk.
+        let (to_writer, mut written) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(DEPTH);
+        let reader = async move {
+            let mut reads = std::pin::pin!(reads);
+            while let Some(read) = reads.next().await {
+                let chunk = read.map_err(|e| format!("reading the source: {e}"))?;
+                if to_writer.send(chunk).await.is_err() {
+                    break; // the writer failed; its error is the one returned
+                }
             }
-        }
+            Ok::<(), String>(())
+        };
+        let writer = async {
+            let (mut copied, mut unnoted, mut noted_at) = (from.copied_bytes, 0u64, Instant::now());
+            while let Some((o, data)) = written.recv().await {
+                let len = data.len() as u64;
+                let f = file.clone();
+                tokio::task::spawn_blocking(move || f.write_all_at(&data, o))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("writing the new image: {e}"))?;
+                copied += len;
+                unnoted += len;
+                counter.inc_by(len);
+                progress.copied.store(copied, Ordering::Relaxed);
+                if unnoted >= NOTE_BYTES || noted_at.elapsed() >= NOTE_EVERY {
+                    self.note(id, &file, o + len, copied, total).await?;
+                    (unnoted, noted_at) = (0, Instant::now());
+                }
+            }
+            Ok::<u64, String>(copied)
+        };
+        let ((), copied) = tokio::try_join!(reader, writer)?;
         self.note(id, &file, info.size, copied, total).await?;
         let _ = client.disconnect().await;
         info!(volume.id = %id, copied, server = %from.server_node, "cross-node copy complete");
