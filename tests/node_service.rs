@@ -739,31 +739,42 @@ async fn expand_mounted_ext4_with_data() {
 
 /// The kubelet's order for a volume grown while no pod used it: the
 /// controller grows the image, then NodeStage, then NodeExpandVolume. The
-/// ext4 grows at the stage, unmounted, where no CAP_SYS_RESOURCE is needed,
-/// and the expansion after it has nothing left to do.
-#[tokio::test]
-async fn ext4_grown_while_unstaged_is_grown_at_the_next_stage() {
-    require_root!();
+/// filesystem fills its device once staged (ext4 grown unmounted, where no
+/// CAP_SYS_RESOURCE is needed; xfs right after its mount), and the
+/// expansion after it has nothing left to do.
+async fn grown_while_unstaged(fs: &str, size: u64, grown: u64) {
     let env = Env::new(&[]);
     let (mut agent, mut c) = (env.agent().await, env.csi().await);
-    create_volume(&mut agent, "vol-off", 64 * MIB, None).await;
-    let (staging, target) = stage_and_publish(&env, &mut c, "vol-off", ext4()).await;
+    create_volume(&mut agent, "vol-off", size, None).await;
+    let cap = mount_cap(fs, &[], Mode::SingleNodeWriter);
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-off", cap.clone()).await;
     let bytes = data(8 * MIB as usize, 5);
     write_synced(&target.join("data.bin"), &bytes);
     let before = fs_bytes(&target);
     unpublish_and_unstage(&mut c, "vol-off", &staging, &target).await;
 
-    let grown = 192 * MIB;
     agent.expand_volume(pb::ExpandVolumeRequest { volume_id: "vol-off".into(), size_bytes: grown }).await.unwrap();
-    let (staging, target) = stage_and_publish(&env, &mut c, "vol-off", ext4()).await;
+    let (staging, target) = stage_and_publish(&env, &mut c, "vol-off", cap).await;
     let after = fs_bytes(&target);
-    assert!(after > before + (grown - 64 * MIB) * 8 / 10, "the ext4 did not grow at the stage: {before} -> {after}");
+    assert!(after > before + (grown - size) * 8 / 10, "{fs} did not grow at the stage: {before} -> {after}");
     assert_eq!(std::fs::read(target.join("data.bin")).unwrap(), bytes);
     let r = c.node_expand_volume(expand_req("vol-off", &target, &staging, grown)).await.unwrap().into_inner();
     assert_eq!(r.capacity_bytes, grown as i64);
     assert_eq!(fs_bytes(&target), after);
     unpublish_and_unstage(&mut c, "vol-off", &staging, &target).await;
     env.assert_clean("after growing at the stage");
+}
+
+#[tokio::test]
+async fn ext4_grown_while_unstaged_fills_its_device_at_the_next_stage() {
+    require_root!();
+    grown_while_unstaged("ext4", 64 * MIB, 192 * MIB).await;
+}
+
+#[tokio::test]
+async fn xfs_grown_while_unstaged_fills_its_device_at_the_next_stage() {
+    require_root!();
+    grown_while_unstaged("xfs", XFS_MIN, 2 * XFS_MIN).await;
 }
 
 #[tokio::test]

@@ -208,7 +208,7 @@ pub async fn grow(device: &Path, fs_type: &str, mount_point: &Path) -> Result<()
             run_checked("xfs_growfs", package_of(fs), &[OsStr::new("-d"), mount_point.as_os_str()], mount_point, GROW_TIMEOUT).await?;
         }
     }
-    tracing::info!(device = %device.display(), mount_point = %mount_point.display(), fs_type = fs.as_str(), "grew filesystem");
+    tracing::info!(device = %device.display(), mount_point = %mount_point.display(), fs_type = fs.as_str(), "filesystem fills its device");
     Ok(())
 }
 

@@ -250,11 +250,13 @@ async fn stage_filesystem(
             }
         },
     };
-    // A volume expanded while it was not staged: its ext4 grows here,
-    // unmounted, where it needs no CAP_SYS_RESOURCE (see the function).
+    // A volume expanded while it was not staged, or a restore or clone
+    // into a larger volume: its ext4 grows here, unmounted, where it needs
+    // no CAP_SYS_RESOURCE (see the function).
     if fs == Filesystem::Ext4 && !read_only {
         filesystem::grow_unmounted_ext4(&device).await?;
     }
+    let (mounted_device, mounted_at) = (device.clone(), staging.clone());
     blocking(move || {
         let mut flags = flags;
         // Volumes restored from a snapshot or cloned carry their source's
@@ -271,7 +273,18 @@ async fn stage_filesystem(
         info!(volume.id = %id, device = %device.display(), staging = %staging.display(), fs_type = %fs, read_only, "staged");
         Ok(())
     })
-    .await
+    .await?;
+    // xfs grows only mounted: one that is smaller than its device (a
+    // restore or clone into a larger volume, or a volume expanded while
+    // unstaged) grows now; xfs_growfs leaves a full-size one as it is. A
+    // failure leaves the volume usable at its old size and is retried by
+    // the kubelet's NodeExpandVolume, so it is only logged.
+    if fs == Filesystem::Xfs && !read_only {
+        if let Err(e) = filesystem::grow(&mounted_device, fs.as_str(), &mounted_at).await {
+            tracing::warn!(device = %mounted_device.display(), error = %e, "xfs not grown to its device at stage");
+        }
+    }
+    Ok(())
 }
 
 fn already_staged_filesystem(
