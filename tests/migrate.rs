@@ -294,8 +294,27 @@ async fn a_volume_in_use_is_copied_live_and_switches_once_unpublished() {
     drop(dev);
     let want = checksum(&src);
     unpublish(&mut c, &id, "node-1").await;
+    // At once its new pod wants it on node-2 (a drain): the publish waits
+    // for the switch (ABORTED until then) and then finds the volume local,
+    // rather than being served from node-1 over NBD.
+    let req = csi::ControllerPublishVolumeRequest {
+        volume_id: id.clone(),
+        node_id: "node-2".into(),
+        volume_capability: Some(rwo_capability(true)),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ctx = loop {
+        match c.controller_publish_volume(req.clone()).await {
+            Ok(r) => break r.into_inner().publish_context,
+            Err(e) if e.code() == Code::Aborted && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("publish to node-2 after the release: {e:?}"),
+        }
+    };
+    assert!(!ctx.contains_key("cinderblock.dev/nbd-address"), "published over NBD from the old node: {ctx:?}");
     let rec = migrated(&mut a, &id, Duration::from_secs(60)).await;
     assert_eq!(rec.node, "node-2");
+    unpublish(&mut c, &id, "node-2").await;
     let dst = image(&s, 2, &id);
     assert_eq!(checksum(&dst), want, "the new node's image differs from the source's last state");
     let verified = fio(dst.to_str().unwrap(), span, 2, true, "");

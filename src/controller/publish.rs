@@ -96,6 +96,25 @@ impl Manager {
         let _guard = self.inflight.acquire(&p.volume_id).await;
         let (vol, _) =
             self.volume(&p.volume_id).await?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", p.volume_id)))?;
+        // A volume coming back into use while a live migration has a full
+        // copy on its target (a drain: the pod was evicted, its volume
+        // released, and its new pod wants it): refused until the switch,
+        // which the migration makes at the end of its current pass because
+        // nothing is published, so the new pod uses the new node rather than
+        // the old one (which would hold the migration off while it runs).
+        // A migration that is held up (a problem noted) does not hold the
+        // volume back.
+        if let Some(m) =
+            vol.migration.as_ref().filter(|m| m.phase == MigrationPhase::Copying && m.live && m.pass > 1 && m.problem.is_none())
+        {
+            if self.publications(&vol.id).await?.is_empty() {
+                self.ensure_migration_driver(&vol.id);
+                return Err(Status::aborted(format!(
+                    "volume {} is moving to node {}: it switches at the end of its current pass; retry in a moment",
+                    vol.id, m.to
+                )));
+            }
+        }
         if let Some(m) = vol.migration.as_ref().filter(|m| m.phase == MigrationPhase::Switching) {
             // The last pass is being copied (or a restarted controller has
             // not resumed it yet): a write to the source now would be lost.
