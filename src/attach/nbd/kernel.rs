@@ -8,9 +8,12 @@
 //! text, if the export allows this node's address (docs/nbd.md).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
+
+use rustix::net::sockopt::Timeout;
+use rustix::net::{netlink, AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 
 use tracing::info;
 
@@ -18,7 +21,6 @@ use super::client::{handshake_for_kernel, ExportInfo, NbdError, Target};
 use super::ktls::{self, KtlsError};
 
 // Generic netlink (linux/netlink.h, linux/genetlink.h).
-const NETLINK_GENERIC: i32 = 16;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLMSG_ERROR: u16 = 2;
@@ -284,28 +286,21 @@ impl LinkDeadWatcher {
 
     /// Wait up to `timeout` for a notification; the device index, if any.
     pub fn next(&self, timeout: Duration) -> Result<Option<u32>, KernelError> {
-        let tv = libc::timeval { tv_sec: timeout.as_secs() as i64, tv_usec: timeout.subsec_micros() as i64 };
-        // SAFETY: setsockopt with a valid timeval.
-        unsafe {
-            libc::setsockopt(
-                self.nl.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
+        // A zero timeout would mean "wait for ever".
+        rustix::net::sockopt::set_socket_timeout(&self.nl.fd, Timeout::Recv, Some(timeout.max(Duration::from_millis(1))))
+            .map_err(|e| KernelError::Netlink(e.into()))?;
         let mut buf = vec![0u8; 8192];
-        // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(self.nl.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => Ok(None),
-                _ => Err(KernelError::Netlink(e)),
-            };
-        }
-        let msg = &buf[..n as usize];
+        let n = match rustix::net::recv(&self.nl.fd, &mut buf[..], RecvFlags::empty()) {
+            Ok((n, _)) => n,
+            Err(e) => {
+                let e = io::Error::from(e);
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => Ok(None),
+                    _ => Err(KernelError::Netlink(e)),
+                };
+            }
+        };
+        let msg = &buf[..n];
         if msg.len() < 20 || msg[16] != NBD_CMD_LINK_DEAD {
             return Ok(None);
         }
@@ -376,24 +371,10 @@ struct Genl {
 
 impl Genl {
     fn open() -> Result<Genl, KernelError> {
-        // SAFETY: plain socket(2); the result is checked and owned.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_GENERIC) };
-        if fd < 0 {
-            return Err(KernelError::Netlink(io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a new descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let tv = libc::timeval { tv_sec: 30, tv_usec: 0 };
-        // SAFETY: setsockopt with a valid timeval.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-        }
+        let fd = rustix::net::socket_with(AddressFamily::NETLINK, SocketType::RAW, SocketFlags::CLOEXEC, Some(netlink::GENERIC))
+            .map_err(|e| KernelError::Netlink(e.into()))?;
+        rustix::net::sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(Duration::from_secs(30)))
+            .map_err(|e| KernelError::Netlink(e.into()))?;
         Ok(Genl { fd })
     }
 
@@ -424,32 +405,14 @@ impl Genl {
         msg.push(version);
         msg.extend_from_slice(&0u16.to_ne_bytes());
         msg.extend_from_slice(payload);
-        // SAFETY: sockaddr_nl zeroed is "the kernel".
-        let mut dest: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        dest.nl_family = libc::AF_NETLINK as u16;
-        // SAFETY: valid buffer and address.
-        let sent = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                msg.as_ptr() as *const libc::c_void,
-                msg.len(),
-                0,
-                &dest as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if sent < 0 {
-            return Err(KernelError::Netlink(io::Error::last_os_error()));
-        }
+        // To the kernel: port 0, no groups.
+        rustix::net::sendto(&self.fd, &msg, SendFlags::empty(), &netlink::SocketAddrNetlink::new(0, 0))
+            .map_err(|e| KernelError::Netlink(e.into()))?;
         let mut reply = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            // SAFETY: buf is valid for its length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-            if n < 0 {
-                return Err(KernelError::Netlink(io::Error::last_os_error()));
-            }
-            let mut rest = &buf[..n as usize];
+            let (n, _) = rustix::net::recv(&self.fd, &mut buf[..], RecvFlags::empty()).map_err(|e| KernelError::Netlink(e.into()))?;
+            let mut rest = &buf[..n];
             while rest.len() >= 16 {
                 let mlen = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
                 let mtype = u16::from_ne_bytes([rest[4], rest[5]]);
