@@ -9,12 +9,15 @@
 #         csi-snapshotter snapshot-controller csi-resizer crds helm
 #         kube-scheduler kubelet kube-proxy e2e.test containerd
 #         containerd-shim-runc-v2 ctr csi-attacher csi-node-driver-registrar
-#         livenessprobe agnhost ginkgo, or
+#         livenessprobe agnhost ginkgo hello-populator
+#         volume-data-source-validator, or
 #         testbed (what the kubelet-less end-to-end test needs), or
 #         cluster (testbed, helm and what scripts/cluster.sh adds: the
 #         scheduler, kubelet, kube-proxy, containerd, the node sidecars;
 #         not e2e.test), or
-#         e2e (e2e.test, agnhost: its test image, ginkgo: its runner), or
+#         e2e (e2e.test, agnhost: its test image, ginkgo: its runner,
+#         hello-populator and volume-data-source-validator: the images of
+#         its "any volume data source" test), or
 #         all (the default: cluster and e2e).
 #
 # A binary is skipped when its stamp (.tools/k8s/stamps/NAME) matches. The
@@ -39,7 +42,10 @@
 # livenessprobe (scripts/k8s/node-sidecars/: the proxy serves neither
 # upstream module); the kubernetes wrapper builds e2e.test from
 # scripts/k8s/e2e/ (`go test -c`). Such local folders are copied into the
-# wrapper, and their content is part of the stamp.
+# wrapper, and their content is part of the stamp. The populators group
+# builds our hello-populator and volume-data-source-validator
+# (scripts/k8s/populators/: the proxy serves neither upstream module) on
+# client-go at SIDECARS_K8S_STAGING.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=versions.sh
@@ -142,6 +148,13 @@ group() { # name -> g_mods g_pkgs g_align g_local
       g_pkgs=()
       local c
       for c in containerd containerd-shim-runc-v2 ctr; do g_pkgs+=("$containerd/cmd/$c@$CONTAINERD_VERSION"); done ;;
+    populators)
+      g_mods=("k8s.io/client-go@$SIDECARS_K8S_STAGING:" "k8s.io/api@$SIDECARS_K8S_STAGING:"
+        "k8s.io/apimachinery@$SIDECARS_K8S_STAGING:")
+      g_pkgs=("k8s.io/client-go/kubernetes@$SIDECARS_K8S_STAGING" "k8s.io/client-go/dynamic@$SIDECARS_K8S_STAGING"
+        "k8s.io/client-go/tools/clientcmd@$SIDECARS_K8S_STAGING")
+      g_local=("$here/populators/hello-populator:hello-populator"
+        "$here/populators/volume-data-source-validator:volume-data-source-validator") ;;
     helm)
       g_mods=("helm.sh/helm/v4@$HELM_VERSION:")
       g_pkgs=("helm.sh/helm/v4/cmd/helm@$HELM_VERSION") ;;
@@ -281,6 +294,10 @@ one() {
       build "$1" sidecars "$snapshotter/cmd/$1@$SNAPSHOTTER_VERSION" "" "-s -w -X main.version=$SNAPSHOTTER_VERSION" ;;
     csi-resizer)
       build "$1" sidecars "$resizer/cmd/$1@$RESIZER_VERSION" "" "-s -w -X main.version=$RESIZER_VERSION" ;;
+    hello-populator)
+      build "$1" populators "./$1" "" "-s -w -X main.version=$HELLO_POPULATOR_VERSION" ;;
+    volume-data-source-validator)
+      build "$1" populators "./$1" "" "-s -w -X main.version=$DATA_SOURCE_VALIDATOR_VERSION" ;;
     helm) build helm helm "helm.sh/helm/v4/cmd/helm@$HELM_VERSION" "" \
       "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION -X helm.sh/helm/v4/internal/version.gitTreeState=clean" ;;
     crds) crds ;;
@@ -293,11 +310,12 @@ testbed=(etcd kube-apiserver kube-controller-manager kubectl csi-provisioner csi
   snapshot-controller csi-resizer crds)
 cluster=("${testbed[@]}" helm kube-scheduler kubelet kube-proxy containerd containerd-shim-runc-v2 ctr
   csi-attacher csi-node-driver-registrar livenessprobe)
+e2e=(e2e.test agnhost ginkgo hello-populator volume-data-source-validator)
 parts=()
 for arg in "${@:-all}"; do
   case $arg in
-    all) parts+=("${cluster[@]}" e2e.test agnhost ginkgo) ;;
-    e2e) parts+=(e2e.test agnhost ginkgo) ;;
+    all) parts+=("${cluster[@]}" "${e2e[@]}") ;;
+    e2e) parts+=("${e2e[@]}") ;;
     cluster) parts+=("${cluster[@]}") ;;
     testbed) parts+=("${testbed[@]}") ;;
     *) parts+=("$arg") ;;

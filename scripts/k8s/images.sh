@@ -28,6 +28,11 @@
 # - glibc-dns-testing: the cinderblock image's Debian root filesystem
 #   alone (GNU tools on glibc), for the e2e suite's multiVolume tests.
 # - nginx: busybox again; the suite only runs sh and ls in it.
+# - hello-populator, volume-data-source-validator: our own (build.sh,
+#   scripts/k8s/populators/), one static binary at /NAME like the
+#   sidecars, under the registry.k8s.io/sig-storage names the suite's "any
+#   volume data source" manifests use (the controller runs its populator
+#   pods from the same image).
 # pause, busybox, agnhost, glibc-dns-testing and nginx carry the names
 # Kubernetes' e2e suite asks for
 # (test/utils/image/manifest.go), so the suite runs with the images here.
@@ -60,6 +65,8 @@ image_ref() { # name
     csi-attacher) echo "$LOCAL_REPO/csi-attacher:$ATTACHER_VERSION" ;;
     csi-node-driver-registrar) echo "$LOCAL_REPO/csi-node-driver-registrar:$NODE_SIDECARS_VERSION" ;;
     livenessprobe) echo "$LOCAL_REPO/livenessprobe:$NODE_SIDECARS_VERSION" ;;
+    hello-populator) echo "registry.k8s.io/sig-storage/hello-populator:$HELLO_POPULATOR_VERSION" ;;
+    volume-data-source-validator) echo "registry.k8s.io/sig-storage/volume-data-source-validator:$DATA_SOURCE_VALIDATOR_VERSION" ;;
     pause) echo "registry.k8s.io/pause:3.10.2" ;;
     busybox) echo "registry.k8s.io/e2e-test-images/busybox:1.37.0-1" ;;
     agnhost) echo "registry.k8s.io/e2e-test-images/agnhost:2.63.0" ;;
@@ -69,7 +76,7 @@ image_ref() { # name
   esac
 }
 all_images=(cinderblock pause busybox agnhost glibc-dns-testing nginx csi-provisioner csi-snapshotter csi-resizer csi-attacher
-  csi-node-driver-registrar livenessprobe snapshot-controller)
+  csi-node-driver-registrar livenessprobe snapshot-controller hello-populator volume-data-source-validator)
 
 # A deterministic tar of the folder DIR (owner root, time 0, sorted).
 layer_tar() { # dir out
@@ -328,7 +335,8 @@ for n in "${names[@]}"; do
     nginx) busybox_image nginx ;;
     agnhost) agnhost_image ;;
     glibc-dns-testing) glibc_test_image ;;
-    csi-provisioner | csi-snapshotter | csi-resizer | csi-attacher | csi-node-driver-registrar | livenessprobe | snapshot-controller)
+    csi-provisioner | csi-snapshotter | csi-resizer | csi-attacher | csi-node-driver-registrar | livenessprobe | snapshot-controller | \
+      hello-populator | volume-data-source-validator)
       static_image "$n" "$K8S_BIN/$n" ;;
     *) die "unknown image $n" ;;
   esac

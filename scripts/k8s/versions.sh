@@ -20,6 +20,15 @@ CONTAINERD_VERSION=v2.2.9     # github.com/containerd/containerd/v2: containerd,
 # with the same flags and the same kubelet plugin-registration protocol.
 # They build in the sidecars group; this is the version their images carry.
 NODE_SIDECARS_VERSION=v0.1.0
+# The two images of the e2e suite's "any volume data source" test: the
+# proxy serves no version of kubernetes-csi/lib-volume-populator (whose
+# example is hello-populator) or kubernetes-csi/volume-data-source-validator
+# (403 "not available" for every tag), so scripts/k8s/populators/ has our
+# own, built on client-go at SIDECARS_K8S_STAGING. These are the tags the
+# suite's manifests ask for (test/e2e/testing-manifests/storage-csi/
+# any-volume-datasource/), which their images carry.
+HELLO_POPULATOR_VERSION=v1.0.1
+DATA_SOURCE_VALIDATOR_VERSION=v1.0.0
 
 # From Debian's packages (scripts/cluster.sh installs them with apt-get):
 # runc, the CNI plugins (bridge, host-local, loopback, portmap), iptables and
