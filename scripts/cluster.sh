@@ -83,7 +83,10 @@ state_set() { echo "$2=$3" >>"$1/state"; }
 ours() { # pid dir
   local pid=$1
   [ -n "$pid" ] && [ -r "/proc/$pid/environ" ] || return 1
-  { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qxF -- "CINDERBLOCK_CLUSTER=$2"
+  # grep reads the file itself (-z: NUL-separated entries): a `tr | grep -q`
+  # pipeline fails under pipefail when grep quits before tr's last write
+  # (an environment larger than one read), which took a live process for dead.
+  grep -qzxF -- "CINDERBLOCK_CLUSTER=$2" "/proc/$pid/environ" 2>/dev/null
 }
 
 # Signals PID (TERM, then KILL after SECS) if it is one of ours.

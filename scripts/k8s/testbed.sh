@@ -53,7 +53,10 @@ abs_dir() { mkdir -p "$1" && (cd "$1" && pwd); }
 ours() { # pid dir
   local pid=$1 dir=$2
   [ -n "$pid" ] && [ -r "/proc/$pid/environ" ] || return 1
-  { tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null | grep -qxF -- "CINDERBLOCK_TESTBED=$dir"
+  # grep reads the file itself (-z: NUL-separated entries): a `tr | grep -q`
+  # pipeline fails under pipefail when grep quits before tr's last write
+  # (an environment larger than one read), which took a live process for dead.
+  grep -qzxF -- "CINDERBLOCK_TESTBED=$dir" "/proc/$pid/environ" 2>/dev/null
 }
 
 running() { # dir name
@@ -241,7 +244,7 @@ up_once() {
     --listen-client-urls="$etcd_url" --advertise-client-urls="$etcd_url"
     --listen-peer-urls="http://127.0.0.1:$peer_port" --initial-advertise-peer-urls="http://127.0.0.1:$peer_port"
     --initial-cluster="testbed=http://127.0.0.1:$peer_port" --log-level=warn)
-  "$K8S_BIN/etcd" --help 2>&1 | grep -q -- --unsafe-no-fsync && etcd_args+=(--unsafe-no-fsync=true)
+  grep -q -- --unsafe-no-fsync <<<"$("$K8S_BIN/etcd" --help 2>&1)" && etcd_args+=(--unsafe-no-fsync=true)
   start_one "$dir" etcd "$K8S_BIN/etcd" "${etcd_args[@]}"
 
   make_pki "$pki"
