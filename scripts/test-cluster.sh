@@ -5,7 +5,9 @@
 # would: pods using ext4, xfs and raw block PVCs across pod restarts,
 # snapshots, restores and clones of a volume in use, online expansion,
 # the node plugin restarted under a writing pod, the StorageNode, CSINode
-# and CSIStorageCapacity objects and the scheduler following them, then
+# and CSIStorageCapacity objects and the scheduler following them, a node
+# evacuated and drained with its zone volume migrating under a writing pod
+# that then runs on the other node, then
 # (optionally) Kubernetes' External Storage e2e suite, `helm upgrade` and
 # `helm uninstall`.
 #
@@ -491,6 +493,94 @@ else
   fail "writer pod Ready"
 fi
 
+# ------------------------------------------------------------ drain
+# The admin's path of docs/migration.md: `ctl node evacuate` on the node of
+# a Deployment's zone volume, then `kubectl drain`.
+# The pod appends numbered lines all along; its successor on the other
+# node must find every line, and the volume in that node's pool.
+say "node drained: its zone volume migrates, the pod follows to the other node and reads its data"
+# ctl runs in a standby replica when there is one (not the Lease's holder),
+# so the leader gets the call handed over from it.
+leader=$(k -n cinderblock get lease cinderblock-controller -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+ctl_pod=$(k -n cinderblock get pods -l app.kubernetes.io/component=controller -o name | grep -vx "pod/$leader" | head -n1 || true)
+[ -n "$ctl_pod" ] || ctl_pod=deploy/cinderblock-controller
+echo "   ctl runs in $ctl_pod (leader: ${leader:-?})"
+ctl() { k -n cinderblock exec "$ctl_pod" -c cinderblock -- /usr/local/bin/cinderblock ctl --endpoint unix:///csi/csi.sock "$@"; }
+pvc mover cinderblock-zone 256Mi
+k apply -f - >/dev/null <<EOF
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: mover, namespace: default}
+spec:
+  replicas: 1
+  strategy: {type: Recreate}
+  selector: {matchLabels: {app: mover}}
+  template:
+    metadata: {labels: {app: mover}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: app
+        image: $busybox
+        imagePullPolicy: Never
+        command: [sh, -c, 'i=0; [ -f /data/log ] && i=\$(wc -l </data/log); while true; do i=\$((i+1)); echo \$i >>/data/log; sync; sleep 0.2; done']
+        volumeMounts: [{name: v, mountPath: /data}]
+      volumes: [{name: v, persistentVolumeClaim: {claimName: mover}}]
+EOF
+# The Ready pod of the Deployment on NODE (not one that is terminating).
+mover_on() { # node
+  k get pods -l app=mover --field-selector "spec.nodeName=$1" \
+    -o jsonpath='{range .items[?(@.status.containerStatuses[0].ready==true)]}{.metadata.name} {.metadata.deletionTimestamp}{"\n"}{end}' |
+    awk 'NF == 1 { print; exit }'
+}
+mover_ready_on() { [ -n "$(mover_on "$1")" ]; }
+if k rollout status deployment/mover --timeout=180s >/dev/null; then
+  pass
+  mvol=$(volume_of mover)
+  from=$(k get blockvolume "$mvol" -o jsonpath='{.spec.node}')
+  to=node-b; [ "$from" != node-b ] || to=node-a
+  # The pod goes to the volume's node first (the zone class may have put
+  # the image on the other one): the other node cordoned while it moves.
+  if ! mover_ready_on "$from"; then
+    k cordon "$to" >/dev/null
+    k delete pod -l app=mover --wait=true --timeout=90s >/dev/null
+    eventually 180 mover_ready_on "$from" || fail "the mover pod Ready on its volume's node $from"
+    k uncordon "$to" >/dev/null
+  fi
+  check "write a blob on $from" k exec "$(mover_on "$from")" -- sh -c \
+    'dd if=/dev/urandom of=/data/blob bs=1M count=16 2>/dev/null && md5sum /data/blob >/data/blob.md5 && sync'
+  check "ctl node evacuate $from" ctl node evacuate "$from"
+  check "StorageNode $from is evacuating" eventually 30 field "storagenode/$from" '{.spec.evacuating}' true
+  check "the volume migrates to $to" eventually 90 field "blockvolume/$mvol" '{.spec.migration.to}' "$to"
+  # Pass 2 on, the target holds a full copy: the drain's switch can come.
+  full_copy() { local p; p=$(k get blockvolume "$mvol" -o jsonpath='{.spec.migration.pass}') && [ "${p:-0}" -ge 2 ]; }
+  check "the migration copies pass after pass while the pod writes" eventually 180 full_copy
+  lines_before=$(k exec "$(mover_on "$from")" -- sh -c 'wc -l </data/log' || echo 0)
+  t_drain=$SECONDS
+  check "kubectl drain $from (evicts the pod)" k drain "$from" --pod-selector app=mover --ignore-daemonsets --timeout=120s
+  if eventually 240 mover_ready_on "$to"; then
+    pass
+    echo "   pod Ready on $to $((SECONDS - t_drain))s after the drain began"
+    moved=$(mover_on "$to")
+    check "the volume now lives in $to's pool" eventually 60 field "blockvolume/$mvol" '{.spec.node}' "$to"
+    check "the migration has ended" eventually 60 field "blockvolume/$mvol" '{.spec.migration}' ""
+    check "$to attaches it from its own pool (no NBD)" sh -c \
+      "! scripts/cluster.sh run '$dir' kubectl get volumeattachments -o jsonpath='{range .items[*]}{.spec.nodeName} {.status.attachmentMetadata.cinderblock\\.dev/transport}{\"\\n\"}{end}' | grep -qx '$to nbd'"
+    check "the blob reads back on $to" k exec "$moved" -- md5sum -c /data/blob.md5
+    sleep 1
+    check "every line written on $from is there, in order (${lines_before} before the drain)" sh -c \
+      "n=\$(scripts/cluster.sh run '$dir' kubectl exec '$moved' -- awk '\$1 != NR { exit 1 } END { print NR }' /data/log) && [ \"\$n\" -ge '$lines_before' ]"
+  else
+    fail "the mover pod Ready on $to after the drain"; k describe pods -l app=mover | tail -20
+    k get blockvolume "$mvol" -o yaml | sed -n '/^spec:/,$p' | head -40
+  fi
+  k uncordon "$from" >/dev/null
+  check "ctl node evacuate $from --stop" ctl node evacuate "$from" --stop
+else
+  fail "the mover Deployment available"; k describe pods -l app=mover | tail -20
+fi
+k delete deployment mover --wait=true --timeout=90s >/dev/null 2>&1 || true
+
 fi # checks
 
 # ------------------------------------------------------------ e2e
@@ -514,7 +604,7 @@ for p in restored restored-far cloned raw; do k delete pod "$p" --wait=false >/d
 k delete statefulset db-xfs --wait=true >/dev/null
 k delete pod -l test=cluster --wait=true --timeout=90s >/dev/null 2>&1 || true
 k delete volumesnapshot snap1 --wait=true --timeout=60s >/dev/null 2>&1 || true
-k delete pvc restored restored-far cloned raw big zoned data-db-xfs-0 --wait=true --timeout=120s >/dev/null 2>&1 ||
+k delete pvc restored restored-far cloned raw big zoned mover data-db-xfs-0 --wait=true --timeout=120s >/dev/null 2>&1 ||
   fail "PVCs deleted while the driver runs"
 claimed=$(k get pvc data-db-ext4-0 -o jsonpath='{.spec.volumeName}')
 # A released PV goes once its volume is detached (the attach-detach

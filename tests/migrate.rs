@@ -20,6 +20,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cinderblock::admin_proto as admin;
@@ -271,25 +273,36 @@ async fn a_volume_in_use_is_copied_live_and_switches_once_unpublished() {
     assert_eq!(again.migration.unwrap().started_ms, m.started_ms);
     assert_eq!(migrate(&mut a, &id, "node-1").await.unwrap_err().code(), Code::FailedPrecondition);
 
-    // Two rounds of writes over the same blocks while passes run: the
-    // second overwrites the first, so later passes must carry changes.
+    // Rounds of writes over the same blocks while passes run, each with
+    // its own seed, so each overwrites the one before and later passes
+    // must carry changes. They go on (at least two) until pass 3 has
+    // begun: on a busy machine pass 1 alone can outlast two rounds.
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let dev = dev.0.clone();
+        let (dev, stop) = (dev.0.clone(), stop.clone());
         tokio::task::spawn_blocking(move || {
-            fio(&dev, span, 1, false, "24m");
-            fio(&dev, span, 2, false, "24m");
+            let mut seed = 0;
+            while seed < 2 || !stop.load(Ordering::SeqCst) {
+                seed += 1;
+                fio(&dev, span, seed, false, "24m");
+            }
+            seed
         })
     };
     let mut passes_seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
     while !writer.is_finished() {
         let r = record(&mut a, &id).await;
         let m = r.migration.expect("the migration goes on");
         assert_eq!((r.node.as_str(), m.phase.as_str()), ("node-1", "Copying"), "no switch while published");
         passes_seen = passes_seen.max(m.pass);
+        if passes_seen >= 3 || Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    writer.await.unwrap();
-    assert!(passes_seen >= 3, "live passes followed the writes (pass {passes_seen} seen)");
+    let last_seed = writer.await.unwrap();
+    assert!(passes_seen >= 3, "live passes followed the writes (pass {passes_seen} seen in 240 s, {last_seed} rounds written)");
     // The pod is gone: writes stop, the node unstages, the CO unpublishes.
     drop(dev);
     let want = checksum(&src);
@@ -317,7 +330,7 @@ async fn a_volume_in_use_is_copied_live_and_switches_once_unpublished() {
     unpublish(&mut c, &id, "node-2").await;
     let dst = image(&s, 2, &id);
     assert_eq!(checksum(&dst), want, "the new node's image differs from the source's last state");
-    let verified = fio(dst.to_str().unwrap(), span, 2, true, "");
+    let verified = fio(dst.to_str().unwrap(), span, last_seed, true, "");
     assert!(
         verified.contains("err= 0") && verified.contains(&format!("io={:.1}MiB", (span / MIB) as f64)),
         "fio read every block back: {verified}"

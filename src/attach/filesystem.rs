@@ -212,6 +212,33 @@ pub async fn grow(device: &Path, fs_type: &str, mount_point: &Path) -> Result<()
     Ok(())
 }
 
+/// Whether the xfs on `device` would grow by `xfs_growfs`: its data
+/// section (from the primary superblock) is smaller than the device by at
+/// least the smallest allocation group tail xfs_growfs adds (64 blocks; a
+/// smaller remainder it leaves unused). Reading the superblock costs one
+/// 16-byte read instead of a process per stage. `None` when the device
+/// does not start with an xfs superblock.
+pub fn xfs_would_grow(device: &Path, device_bytes: u64) -> Result<Option<bool>> {
+    Ok(xfs_data_section(device)?.map(|(block_size, data_bytes)| data_bytes + 64 * block_size <= device_bytes))
+}
+
+/// The block size and data section size in bytes of the xfs on `device`,
+/// read from its primary superblock at byte 0: magic "XFSB", then
+/// sb_blocksize (big-endian u32) and sb_dblocks (big-endian u64).
+fn xfs_data_section(device: &Path) -> Result<Option<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    let open_err = |error| AttachError::OpenDevice { device: device.to_path_buf(), error };
+    let file = std::fs::File::open(device).map_err(open_err)?;
+    let mut sb = [0u8; 16];
+    file.read_exact_at(&mut sb, 0).map_err(open_err)?;
+    if &sb[0..4] != b"XFSB" {
+        return Ok(None);
+    }
+    let block_size = u64::from(u32::from_be_bytes(sb[4..8].try_into().expect("4 bytes")));
+    let blocks = u64::from_be_bytes(sb[8..16].try_into().expect("8 bytes"));
+    Ok(Some((block_size, blocks.saturating_mul(block_size))))
+}
+
 /// Before mounting: grow an unmounted ext4 on `device` that is smaller than
 /// the device (its volume was expanded while it was not staged). Offline
 /// growth needs no CAP_SYS_RESOURCE, which growing a mounted ext4 does, and
@@ -438,6 +465,28 @@ mod tests {
             return;
         }
         grow_online("ext4", 64 * MIB, 192 * MIB).await.unwrap();
+    }
+
+    /// The superblock read agrees with mkfs.xfs's size, and a larger device
+    /// (or not) is told apart; a file that is not xfs gives None.
+    #[tokio::test]
+    async fn xfs_superblock_tells_whether_it_would_grow() {
+        if !have_program("mkfs.xfs") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("xfs.img");
+        File::create(&image).unwrap().set_len(320 * MIB).unwrap();
+        format(&image, "xfs", &[]).await.unwrap();
+        let (block_size, data_bytes) = xfs_data_section(&image).unwrap().expect("an xfs superblock");
+        assert_eq!(data_bytes, 320 * MIB, "block size {block_size}");
+        assert_eq!(xfs_would_grow(&image, 320 * MIB).unwrap(), Some(false));
+        assert_eq!(xfs_would_grow(&image, 320 * MIB + 63 * block_size).unwrap(), Some(false));
+        assert_eq!(xfs_would_grow(&image, 320 * MIB + 64 * block_size).unwrap(), Some(true));
+        assert_eq!(xfs_would_grow(&image, 640 * MIB).unwrap(), Some(true));
+        let other = dir.path().join("zeros.img");
+        File::create(&other).unwrap().set_len(MIB).unwrap();
+        assert_eq!(xfs_would_grow(&other, MIB).unwrap(), None);
     }
 
     #[tokio::test]

@@ -276,12 +276,17 @@ async fn stage_filesystem(
     .await?;
     // xfs grows only mounted: one that is smaller than its device (a
     // restore or clone into a larger volume, or a volume expanded while
-    // unstaged) grows now; xfs_growfs leaves a full-size one as it is. A
-    // failure leaves the volume usable at its old size and is retried by
-    // the kubelet's NodeExpandVolume, so it is only logged.
+    // unstaged) grows now; one that fills it (its superblock says so) is
+    // left alone without running xfs_growfs. A failure leaves the volume
+    // usable at its old size and is retried by the kubelet's
+    // NodeExpandVolume, so it is only logged.
     if fs == Filesystem::Xfs && !read_only {
-        if let Err(e) = filesystem::grow(&mounted_device, fs.as_str(), &mounted_at).await {
-            tracing::warn!(device = %mounted_device.display(), error = %e, "xfs not grown to its device at stage");
+        let would_grow =
+            loopdev::size_bytes(&mounted_device).and_then(|device_bytes| filesystem::xfs_would_grow(&mounted_device, device_bytes));
+        if !matches!(would_grow, Ok(Some(false))) {
+            if let Err(e) = filesystem::grow(&mounted_device, fs.as_str(), &mounted_at).await {
+                tracing::warn!(device = %mounted_device.display(), error = %e, "xfs not grown to its device at stage");
+            }
         }
     }
     Ok(())
