@@ -2,7 +2,6 @@
 //! image while the node deletes it), then the node deletes the image, then
 //! the record goes. A failure leaves `Deleting` for the CO's retry.
 
-use tonic::Code;
 use tracing::info;
 
 use super::error::ControllerError;
@@ -50,16 +49,10 @@ impl Manager {
         }
         if let Some(node) = &rec.node {
             let mut agent = self.agent_for(node).await?;
-            agent.delete_volume(pb::DeleteVolumeRequest { volume_id: id.to_string() }).await.map_err(|s| {
-                // A refusal by the node (a volume in use there) stays one; anything else is worth a retry.
-                let precondition = s.code() == Code::FailedPrecondition;
-                let e = ControllerError::during(format!("node {node} could not delete volume {id}"))(s);
-                if precondition {
-                    e
-                } else {
-                    ControllerError::Unfinished(Box::new(e))
-                }
-            })?;
+            agent
+                .delete_volume(pb::DeleteVolumeRequest { volume_id: id.to_string() })
+                .await
+                .map_err(ControllerError::unfinished_unless_refused(format!("node {node} could not delete volume {id}")))?;
         }
         if let (Some(c), Some(source)) = (rec.copy_under_way(), &rec.source) {
             self.drop_copy_export(id, source, &c.source_node, &c.node).await.map_err(|e| ControllerError::Unfinished(Box::new(e)))?;

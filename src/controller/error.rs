@@ -145,6 +145,22 @@ impl ControllerError {
         move |status| ControllerError::During { what, cause: Box::new(ControllerError::Agent(status)) }
     }
 
+    /// Wraps an agent's failure at a change that is safe to repeat: the
+    /// node's refusal (FAILED_PRECONDITION: say, the volume is in use there)
+    /// stays one; anything else is `Unfinished`, for a retry.
+    pub fn unfinished_unless_refused(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControllerError {
+        let what = what.into();
+        move |status| {
+            let refused = status.code() == Code::FailedPrecondition;
+            let e = ControllerError::during(what)(status);
+            if refused {
+                e
+            } else {
+                ControllerError::Unfinished(Box::new(e))
+            }
+        }
+    }
+
     /// The gRPC code the CSI spec names for this failure.
     pub fn code(&self) -> Code {
         use ControllerError::*;
@@ -184,6 +200,7 @@ impl ControllerError {
             AttemptsFailed { rescheduled: true, .. } => Code::Internal,
             AttemptsFailed { last, .. } => last.code(),
             FlowFailed(f) => f.error.error.code(),
+            // As `From<StoreError> for tonic::Status` (store/mod.rs).
             Store(e) => match e {
                 // ABORTED is what the CSI sidecars retry, which is what a lost
                 // compare-and-set needs: the retry reads the record again.
@@ -329,7 +346,15 @@ mod tests {
         assert_eq!(m, "volume v is published to node(s) a, b; unpublish it first");
         let (_, m) = status(E::PublishedOtherwise { volume: "v".into(), node: "n".into(), read_only: true });
         assert_eq!(m, "volume v is published to node n read-only already; unpublish it first");
-        let (_, m) = status(E::Unfinished(boxed(E::during("node n could not delete volume v")(tonic::Status::internal("busy")))));
-        assert_eq!(m, "node n could not delete volume v: busy; retry");
+        let unfinished = E::unfinished_unless_refused("node n could not delete volume v");
+        assert_eq!(
+            status(unfinished(tonic::Status::internal("busy"))),
+            (Code::Unavailable, "node n could not delete volume v: busy; retry".into())
+        );
+        let refused = E::unfinished_unless_refused("node n could not delete volume v");
+        assert_eq!(
+            status(refused(tonic::Status::failed_precondition("in use"))),
+            (Code::FailedPrecondition, "node n could not delete volume v: in use".into())
+        );
     }
 }

@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 
-use tonic::Code;
 use tracing::info;
 
 use super::error::ControllerError;
@@ -253,17 +252,10 @@ impl Manager {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|s| {
-                        // A refusal by the owner stays one; anything else is worth a retry.
-                        let precondition = s.code() == Code::FailedPrecondition;
-                        let what = format!("node {} still serves volume {} to node {}", rec.owner_node, rec.volume_id, rec.node_id);
-                        let e = ControllerError::during(what)(s);
-                        if precondition {
-                            e
-                        } else {
-                            ControllerError::Unfinished(Box::new(e))
-                        }
-                    })?;
+                    .map_err(ControllerError::unfinished_unless_refused(format!(
+                        "node {} still serves volume {} to node {}",
+                        rec.owner_node, rec.volume_id, rec.node_id
+                    )))?;
             }
             self.store.delete(Kind::Export, &rec.id, Some(version)).await?;
             info!(volume.id = %rec.volume_id, node = %rec.node_id, protocol = %rec.protocol, "volume unpublished");
@@ -275,6 +267,7 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     fn node(engine: &str, tls: &str, agent: &str) -> NodeRec {
         let mut n: NodeRec = serde_json::from_value(serde_json::json!({
