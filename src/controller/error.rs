@@ -292,6 +292,14 @@ mod tests {
             (E::Store(StoreError::Conflict { kind: "volume", id: "v".into(), expected: 1, actual: 2 }), Code::Aborted),
             (E::Store(StoreError::NotFound { kind: "volume", id: "v".into() }), Code::NotFound),
             (E::Store(StoreError::Backend("down".into())), Code::Unavailable),
+            (
+                E::Store(StoreError::AlreadyExists {
+                    kind: "volume",
+                    id: "v".into(),
+                    existing: crate::store::Versioned { version: 1, value: vec![] },
+                }),
+                Code::AlreadyExists,
+            ),
             (E::AgentTls("x".into()), Code::FailedPrecondition),
             (E::BadAgentAddress { node: "n".into(), address: "a".into(), reason: "r".into() }, Code::Internal),
             (E::IncompleteAnswer("a volume"), Code::Internal),
@@ -327,6 +335,19 @@ mod tests {
         let failed = |rescheduled| E::AttemptsFailed { attempts: 1, reasons: "n: bad".into(), last: last(), rescheduled };
         assert_eq!(status(failed(true)).0, Code::Internal);
         assert_eq!(status(failed(false)), (Code::InvalidArgument, "volume could not be created after 1 attempt(s): n: bad".into()));
+    }
+
+    #[test]
+    fn a_failed_flow_answers_with_its_failing_tasks_code_and_every_reason() {
+        let failure = FlowFailure {
+            flow: "create_volume",
+            task: "schedule_and_create",
+            error: TaskError::new(E::NoNodeFits { reasons: "no node can take it".into() }),
+            revert_errors: vec![("record", TaskError::new(E::Store(StoreError::Backend("down".into()))))],
+        };
+        let (code, message) = status(E::FlowFailed(Box::new(failure)));
+        assert_eq!(code, Code::ResourceExhausted);
+        assert_eq!(message, "create_volume failed at schedule_and_create: no node can take it; revert of record also failed: store: down");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The controller's domain, shared by its flows: the store, the node agents,
 //! leadership and fencing, and what the controller tells people. The flows
 //! live beside it: `create.rs` (Cinder's create-volume flow), `snapshot.rs`,
-//! `delete.rs`, `expand.rs`, and the reconciler (`reconciler.rs`). The CSI
-//! layer (`service.rs`) only maps requests and answers onto these.
+//! `delete.rs`, `expand.rs`, and the reconciler (`reconciler.rs`). They fail
+//! with `ControllerError` (`error.rs`); the CSI layer (`service.rs`) only
+//! maps requests, answers and errors onto these.
 
 use std::collections::BTreeMap;
 use std::future::Future;
