@@ -1,14 +1,16 @@
 //! A linear flow of tasks, as in Cinder's taskflow: each task can execute and
 //! revert; when one fails, the tasks that finished revert in reverse order,
 //! and the failure (with any revert failures) is kept as the reason.
+//!
+//! The flow is generic over its domain's error `E` (the controller's is
+//! `ControllerError`); it never decides what an error means for a caller.
 
 use std::fmt;
 
 /// Why a task failed, and whether another node could do better.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TaskError {
-    pub code: tonic::Code,
-    pub message: String,
+pub struct TaskError<E> {
+    pub error: E,
     /// True when the failure belongs to the node tried (full, down, broken
     /// pool), so the request may be rescheduled elsewhere.
     pub reschedulable: bool,
@@ -18,9 +20,9 @@ pub struct TaskError {
     pub pending: bool,
 }
 
-impl TaskError {
-    pub fn new(code: tonic::Code, message: impl Into<String>) -> Self {
-        TaskError { code, message: message.into(), reschedulable: false, pending: false }
+impl<E> TaskError<E> {
+    pub fn new(error: E) -> Self {
+        TaskError { error, reschedulable: false, pending: false }
     }
     pub fn reschedulable(mut self) -> Self {
         self.reschedulable = true;
@@ -32,18 +34,25 @@ impl TaskError {
     }
 }
 
-impl fmt::Display for TaskError {
+/// A domain error is a task's failure as it is (neither reschedulable nor pending).
+impl<E> From<E> for TaskError<E> {
+    fn from(error: E) -> Self {
+        TaskError::new(error)
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for TaskError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.message)
+        write!(f, "{}", self.error)
     }
 }
 
 #[tonic::async_trait]
-pub trait Task<C: Send>: Send + Sync {
+pub trait Task<C: Send, E: Send + Sync>: Send + Sync {
     fn name(&self) -> &'static str;
-    async fn execute(&self, ctx: &mut C) -> Result<(), TaskError>;
+    async fn execute(&self, ctx: &mut C) -> Result<(), TaskError<E>>;
     /// Undo what `execute` did; `cause` is the failure that stopped the flow.
-    async fn revert(&self, _ctx: &mut C, _cause: &TaskError) -> Result<(), TaskError> {
+    async fn revert(&self, _ctx: &mut C, _cause: &TaskError<E>) -> Result<(), TaskError<E>> {
         Ok(())
     }
 }
@@ -51,14 +60,14 @@ pub trait Task<C: Send>: Send + Sync {
 /// The outcome of a failed flow: which task failed, why, and what could not
 /// be undone.
 #[derive(Debug, Clone, PartialEq)]
-pub struct FlowFailure {
+pub struct FlowFailure<E> {
     pub flow: &'static str,
     pub task: &'static str,
-    pub error: TaskError,
-    pub revert_errors: Vec<(&'static str, TaskError)>,
+    pub error: TaskError<E>,
+    pub revert_errors: Vec<(&'static str, TaskError<E>)>,
 }
 
-impl fmt::Display for FlowFailure {
+impl<E: fmt::Display> fmt::Display for FlowFailure<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} failed at {}: {}", self.flow, self.task, self.error)?;
         for (task, e) in &self.revert_errors {
@@ -68,22 +77,22 @@ impl fmt::Display for FlowFailure {
     }
 }
 
-pub struct Flow<C: Send> {
+pub struct Flow<C: Send, E: Send + Sync> {
     name: &'static str,
-    tasks: Vec<Box<dyn Task<C>>>,
+    tasks: Vec<Box<dyn Task<C, E>>>,
 }
 
-impl<C: Send> Flow<C> {
+impl<C: Send, E: Send + Sync + fmt::Display> Flow<C, E> {
     pub fn new(name: &'static str) -> Self {
         Flow { name, tasks: Vec::new() }
     }
 
-    pub fn then(mut self, task: impl Task<C> + 'static) -> Self {
+    pub fn then(mut self, task: impl Task<C, E> + 'static) -> Self {
         self.tasks.push(Box::new(task));
         self
     }
 
-    pub async fn run(&self, ctx: &mut C) -> Result<(), FlowFailure> {
+    pub async fn run(&self, ctx: &mut C) -> Result<(), FlowFailure<E>> {
         for (i, task) in self.tasks.iter().enumerate() {
             if let Err(error) = task.execute(ctx).await {
                 if error.pending {
@@ -117,22 +126,22 @@ mod tests {
     }
 
     #[tonic::async_trait]
-    impl Task<Vec<String>> for Step {
+    impl Task<Vec<String>, String> for Step {
         fn name(&self) -> &'static str {
             self.name
         }
-        async fn execute(&self, log: &mut Vec<String>) -> Result<(), TaskError> {
+        async fn execute(&self, log: &mut Vec<String>) -> Result<(), TaskError<String>> {
             log.push(format!("do {}", self.name));
             if self.fail {
-                Err(TaskError::new(tonic::Code::Internal, format!("{} broke", self.name)))
+                Err(TaskError::new(format!("{} broke", self.name)))
             } else {
                 Ok(())
             }
         }
-        async fn revert(&self, log: &mut Vec<String>, cause: &TaskError) -> Result<(), TaskError> {
-            log.push(format!("undo {} ({})", self.name, cause.message));
+        async fn revert(&self, log: &mut Vec<String>, cause: &TaskError<String>) -> Result<(), TaskError<String>> {
+            log.push(format!("undo {} ({})", self.name, cause.error));
             if self.fail_revert {
-                Err(TaskError::new(tonic::Code::Internal, "cannot undo"))
+                Err(TaskError::new("cannot undo".to_string()))
             } else {
                 Ok(())
             }
@@ -162,7 +171,7 @@ mod tests {
         let failure = flow.run(&mut log).await.unwrap_err();
         assert_eq!(log, ["do a", "do b", "do c", "undo b (c broke)", "undo a (c broke)"]);
         assert_eq!(failure.task, "c");
-        assert_eq!(failure.error.message, "c broke");
+        assert_eq!(failure.error.error, "c broke");
         assert_eq!(failure.revert_errors.len(), 1);
         assert_eq!(failure.revert_errors[0].0, "b");
         assert!(failure.to_string().contains("revert of b also failed"));

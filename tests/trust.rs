@@ -146,6 +146,8 @@ impl Cluster {
                 accessibility: Default::default(),
             })
             .await
+            // As a CSI caller would see it.
+            .map_err(tonic::Status::from)
     }
 
     /// Every file of every pool with its size and checksum.

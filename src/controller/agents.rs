@@ -7,6 +7,11 @@
 //! - checks that every answer comes from the node and pool the node's record
 //!   names; a mismatch marks the node (status, event, metric) and the answer
 //!   is not acted on.
+//!
+//! `NodeAgent`'s calls answer `tonic::Status`, as the agent API does; its
+//! own refusals (no longer leading, a mismatched answer) take the shape the
+//! agent's would, so a flow handles them alike. Flows wrap what they pass on
+//! in `ControllerError::Agent`, which keeps the agent's code.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,6 +20,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
+use super::error::ControllerError;
 use super::records::NodeRec;
 use crate::agent::fence;
 use crate::agent_proto as pb;
@@ -43,7 +49,7 @@ impl Agents {
 
     /// A client for `node`'s agent at the address its record names, which
     /// talks only to a certificate naming that node.
-    pub fn client(&self, node: &NodeRec) -> Result<AgentClient, Status> {
+    pub fn client(&self, node: &NodeRec) -> Result<AgentClient, ControllerError> {
         let key = (node.id.clone(), node.agent_address.clone());
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(&key) {
@@ -51,9 +57,9 @@ impl Agents {
         }
         let address = &node.agent_address;
         let connector = AgentConnector::new(self.tls.clone(), &Peer::Node(node.id.clone()), vec![b"h2".to_vec()])
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            .map_err(|e| ControllerError::AgentTls(e.to_string()))?;
         let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|e| Status::internal(format!("node {} agent address {address:?} is not a URL: {e}", node.id)))?
+            .map_err(|e| ControllerError::BadAgentAddress { node: node.id.clone(), address: address.clone(), reason: e.to_string() })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(self.call_timeout);
         let channel = endpoint.connect_with_connector_lazy(connector);
@@ -167,14 +173,4 @@ async fn hold_for_tests() {
     while path.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// True for a failure that says nothing about what the node did: the call
-/// may or may not have happened (timeout, broken connection).
-pub fn outcome_unknown(s: &Status) -> bool {
-    matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled | Code::Unknown)
-}
-
-pub fn is_mismatch(s: &Status) -> bool {
-    s.code() == Code::FailedPrecondition && s.message().starts_with(MISMATCH)
 }

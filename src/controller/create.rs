@@ -11,39 +11,40 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tonic::{Code, Status};
+use tonic::Code;
 use tracing::{info, warn};
 
-use super::agents::{is_mismatch, outcome_unknown};
 use super::crossnode;
-use super::manager::{status_task, task_err, CreateVolumeSpec, Manager};
+use super::error::{ControllerError, TaskError};
+use super::manager::{CreateVolumeSpec, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
-use crate::flow::{Flow, FlowFailure, Task, TaskError};
+use crate::flow::{Flow, Task};
 use crate::scheduler::{Reservation, ScheduleRequest, Segments};
 use crate::store::{self, Kind, StoreError};
 
 impl Manager {
-    pub async fn create_volume(&self, spec: CreateVolumeSpec) -> Result<VolumeRec, Status> {
+    pub async fn create_volume(&self, spec: CreateVolumeSpec) -> Result<VolumeRec, ControllerError> {
         self.wait_leader().await?;
         let m = self.clone();
         self.detached(async move { m.create_volume_now(spec).await }).await
     }
 
-    async fn create_volume_now(&self, spec: CreateVolumeSpec) -> Result<VolumeRec, Status> {
+    async fn create_volume_now(&self, spec: CreateVolumeSpec) -> Result<VolumeRec, ControllerError> {
         let id = volume_id_for(&spec.name);
         let _guard = self.inflight.acquire(&id).await;
         let existing: Option<(VolumeRec, u64)> = self.volume(&id).await?;
         let (rec, version) = match existing {
             Some((rec, _)) if rec.fingerprint != spec.fingerprint => {
-                return Err(Status::already_exists(format!(
-                    "volume name {:?} is taken by a volume with other arguments ({}); pick another name or repeat the original request",
-                    spec.name, rec.fingerprint
-                )));
+                return Err(ControllerError::NameTaken {
+                    kind: "volume",
+                    name: spec.name,
+                    holder: format!("a volume with other arguments ({})", rec.fingerprint),
+                });
             }
             Some((rec, _)) if rec.phase == Phase::Available => return Ok(rec),
             Some((rec, _)) if rec.phase == Phase::Deleting => {
-                return Err(Status::aborted(format!("volume {:?} is being deleted; retry when it is gone", spec.name)));
+                return Err(ControllerError::BeingDeleted { kind: "volume", name: spec.name });
             }
             // Creating (an interrupted or earlier attempt) or Error (retry): run the flow again.
             Some((rec, version)) => (rec, version),
@@ -78,10 +79,10 @@ impl Manager {
             Ok(()) => Ok(ctx.rec),
             Err(f) => {
                 if !f.error.pending {
-                    let reason = if f.error.code == Code::ResourceExhausted { "NoNodeFits" } else { "ProvisioningFailed" };
+                    let reason = if f.error.error.code() == Code::ResourceExhausted { "NoNodeFits" } else { "ProvisioningFailed" };
                     self.event(&ctx.rec, true, reason, f.to_string()).await;
                 }
-                Err(flow_status(&f))
+                Err(ControllerError::FlowFailed(Box::new(f)))
             }
         }
     }
@@ -95,10 +96,6 @@ impl CreateCtx {
             r.settle();
         }
     }
-}
-
-pub(crate) fn flow_status(f: &FlowFailure) -> Status {
-    Status::new(f.error.code, f.to_string())
 }
 
 pub(super) struct CreateCtx {
@@ -126,12 +123,13 @@ impl CreateCtx {
                     Ok(())
                 }
                 Err(StoreError::AlreadyExists { .. }) => {
-                    Err(TaskError::new(Code::Aborted, "another controller is creating this volume; retry"))
+                    Err(ControllerError::InProgress("another controller is creating this volume; retry".into()).into())
                 }
-                Err(e) => Err(task_err(e)),
+                Err(e) => Err(ControllerError::from(e).into()),
             };
         }
-        self.version = store::update_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec, self.version).await.map_err(task_err)?;
+        self.version =
+            store::update_json(&*self.m.store, Kind::Volume, &self.rec.id, &self.rec, self.version).await.map_err(ControllerError::from)?;
         Ok(())
     }
 }
@@ -143,7 +141,7 @@ impl CreateCtx {
 struct RecordVolume;
 
 #[tonic::async_trait]
-impl Task<CreateCtx> for RecordVolume {
+impl Task<CreateCtx, ControllerError> for RecordVolume {
     fn name(&self) -> &'static str {
         "record"
     }
@@ -151,39 +149,27 @@ impl Task<CreateCtx> for RecordVolume {
         // The source decides the node (a reflink needs the same filesystem).
         match &ctx.spec.source {
             Some(SourceRef::Snapshot(s)) => {
-                let (snap, _) = ctx
-                    .m
-                    .snapshot(s)
-                    .await
-                    .map_err(status_task)?
-                    .ok_or_else(|| TaskError::new(Code::NotFound, format!("source snapshot {s} does not exist")))?;
+                let (snap, _) = ctx.m.snapshot(s).await?.ok_or_else(|| ControllerError::not_found("source snapshot", s))?;
                 if snap.phase != Phase::Available {
-                    return Err(TaskError::new(Code::FailedPrecondition, format!("source snapshot {s} is {:?}, not ready", snap.phase)));
+                    let what = format!("source snapshot {s}");
+                    return Err(ControllerError::NotAvailable { what, phase: snap.phase, then: "wait until it is ready" }.into());
                 }
                 if ctx.spec.size_bytes < snap.size_bytes {
-                    return Err(TaskError::new(
-                        Code::OutOfRange,
-                        format!("{} bytes is smaller than snapshot {s} ({} bytes)", ctx.spec.size_bytes, snap.size_bytes),
-                    ));
+                    let of = format!("snapshot {s}");
+                    return Err(ControllerError::SmallerThanSource { size: ctx.spec.size_bytes, of, of_size: snap.size_bytes }.into());
                 }
                 ctx.pinned = Some(snap.node.clone());
                 ctx.source_metadata = snap.metadata.clone();
             }
             Some(SourceRef::Volume(v)) => {
-                let (vol, _) = ctx
-                    .m
-                    .volume(v)
-                    .await
-                    .map_err(status_task)?
-                    .ok_or_else(|| TaskError::new(Code::NotFound, format!("source volume {v} does not exist")))?;
+                let (vol, _) = ctx.m.volume(v).await?.ok_or_else(|| ControllerError::not_found("source volume", v))?;
                 let (Phase::Available, Some(node)) = (vol.phase, vol.node.clone()) else {
-                    return Err(TaskError::new(Code::FailedPrecondition, format!("source volume {v} is {:?}, not Available", vol.phase)));
+                    let what = format!("source volume {v}");
+                    return Err(ControllerError::NotAvailable { what, phase: vol.phase, then: "wait for it or pick another" }.into());
                 };
                 if ctx.spec.size_bytes < vol.size_bytes {
-                    return Err(TaskError::new(
-                        Code::OutOfRange,
-                        format!("{} bytes is smaller than volume {v} ({} bytes)", ctx.spec.size_bytes, vol.size_bytes),
-                    ));
+                    let of = format!("volume {v}");
+                    return Err(ControllerError::SmallerThanSource { size: ctx.spec.size_bytes, of, of_size: vol.size_bytes }.into());
                 }
                 ctx.pinned = Some(node);
                 ctx.source_metadata = vol.metadata.clone();
@@ -208,7 +194,7 @@ impl Task<CreateCtx> for RecordVolume {
         ctx.reservation = None;
         ctx.rec.phase = Phase::Error;
         ctx.rec.node = None;
-        ctx.rec.error = Some(cause.message.clone());
+        ctx.rec.error = Some(cause.to_string());
         ctx.save().await
     }
 }
@@ -219,7 +205,7 @@ enum Asked {
     Created(pb::Volume),
     Absent,
     StillCreating,
-    CannotAsk(Status),
+    CannotAsk(ControllerError),
 }
 
 /// Ask `node` about volume `id` until it has an answer other than "still
@@ -240,9 +226,9 @@ async fn ask_node(m: &Manager, node: &str, id: &str, patience: Duration) -> Aske
                     None
                 }
                 Err(s) if s.code() == Code::NotFound => return Asked::Absent,
-                Err(s) => Some(s),
+                Err(s) => Some(ControllerError::Agent(s)),
             },
-            Err(e) => Some(Status::new(e.code, e.message)),
+            Err(e) => Some(e),
         };
         if Instant::now() >= until {
             return match last_err {
@@ -259,7 +245,7 @@ async fn ask_node(m: &Manager, node: &str, id: &str, patience: Duration) -> Aske
 struct ScheduleAndCreate;
 
 #[tonic::async_trait]
-impl Task<CreateCtx> for ScheduleAndCreate {
+impl Task<CreateCtx, ControllerError> for ScheduleAndCreate {
     fn name(&self) -> &'static str {
         "schedule_and_create"
     }
@@ -273,7 +259,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             let node = match resume.take() {
                 Some(n) => n,
                 None => {
-                    ctx.m.view_ready().await.map_err(status_task)?;
+                    ctx.m.view_ready().await?;
                     let mut req = ScheduleRequest {
                         size_bytes: ctx.spec.size_bytes,
                         provisioning: ctx.spec.provisioning,
@@ -312,7 +298,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                             for a in &ctx.rec.attempts {
                                 msg.push_str(&format!("; attempt on {} failed: {}", a.node, a.error));
                             }
-                            return Err(TaskError::new(Code::ResourceExhausted, msg));
+                            return Err(ControllerError::NoNodeFits { reasons: msg }.into());
                         }
                     }
                 }
@@ -332,14 +318,14 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                     ctx.settle();
                     return Ok(());
                 }
-                Err(s) if crate::tls::client::never_sent(&s) => {
+                Err(e) if e.never_sent() => {
                     // Nothing reached the node: another node may do, nothing to clean.
-                    TaskError::new(s.code(), format!("node {node}: {}", s.message())).reschedulable()
+                    TaskError::new(ControllerError::During { what: format!("node {node}"), cause: Box::new(e) }).reschedulable()
                 }
-                Err(s) if outcome_unknown(&s) => {
+                Err(e) if e.outcome_unknown() => {
                     // The node may have done it, may be doing it, or may not
                     // have heard: ask before deciding anything.
-                    warn!(volume.id = %ctx.rec.id, node = %node, error = %s.message(), "create's outcome unknown; asking the node");
+                    warn!(volume.id = %ctx.rec.id, node = %node, error = %e, "create's outcome unknown; asking the node");
                     match ask_node(&ctx.m, &node, &ctx.rec.id, ctx.m.config.agent_timeout).await {
                         Asked::Created(v) => {
                             ctx.rec.size_bytes = v.size_bytes;
@@ -347,44 +333,38 @@ impl Task<CreateCtx> for ScheduleAndCreate {
                             return Ok(());
                         }
                         Asked::Absent => {
-                            TaskError::new(s.code(), format!("node {node}: {} (the node has no such volume)", s.message())).reschedulable()
+                            let what = format!("node {node} (it has no such volume)");
+                            TaskError::new(ControllerError::During { what, cause: Box::new(e) }).reschedulable()
                         }
                         Asked::StillCreating => {
-                            return Err(TaskError::new(
-                                Code::Aborted,
-                                format!("volume is still being created on node {node}; retry to collect it"),
-                            )
-                            .pending());
+                            let busy = format!("volume is still being created on node {node}; retry to collect it");
+                            return Err(TaskError::new(ControllerError::InProgress(busy)).pending());
                         }
-                        Asked::CannotAsk(e) => {
-                            return Err(TaskError::new(
-                                Code::Unavailable,
-                                format!(
-                                    "node {node} did not answer ({}) and cannot be asked what it did ({}); retry",
-                                    s.message(),
-                                    e.message()
-                                ),
-                            )
-                            .pending());
+                        Asked::CannotAsk(asked) => {
+                            let unknown =
+                                ControllerError::OutcomeUnknown { node: node.clone(), call: e.to_string(), asked: asked.to_string() };
+                            return Err(TaskError::new(unknown).pending());
                         }
                     }
                 }
-                Err(s) if is_mismatch(&s) => {
+                Err(e) if e.is_mismatch() => {
                     // Not the node we meant: write nothing there, not even a cleanup.
-                    TaskError::new(s.code(), s.message()).reschedulable()
+                    TaskError::new(e).reschedulable()
                 }
-                Err(s) => {
-                    warn!(volume.id = %ctx.rec.id, node = %node, error = %s.message(), "create on node failed; cleaning up there");
+                Err(e) => {
+                    warn!(volume.id = %ctx.rec.id, node = %node, error = %e, "create on node failed; cleaning up there");
                     if let Ok(mut agent) = ctx.m.agent_for(&node).await {
                         let _ = agent.delete_volume(pb::DeleteVolumeRequest { volume_id: ctx.rec.id.clone() }).await;
                     }
-                    let e = TaskError::new(s.code(), format!("node {node}: {}", s.message()));
                     // The node's own trouble (full, broken pool): another node
                     // may do. Not a refusal by the fence: then this replica
                     // no longer leads and must stop.
-                    match s.code() {
-                        Code::Internal | Code::ResourceExhausted => e.reschedulable(),
-                        _ => e,
+                    let own_trouble = matches!(e.code(), Code::Internal | Code::ResourceExhausted);
+                    let e = TaskError::new(ControllerError::During { what: format!("node {node}"), cause: Box::new(e) });
+                    if own_trouble {
+                        e.reschedulable()
+                    } else {
+                        e
                     }
                 }
             };
@@ -392,7 +372,7 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             ctx.reservation = None;
             ctx.rec.attempts.push(Attempt {
                 node: node.clone(),
-                error: format!("{:?}: {}", failure.code, failure.message),
+                error: format!("{:?}: {}", failure.error.code(), failure.error),
                 at_ms: now_ms(),
             });
             ctx.rec.node = None;
@@ -402,16 +382,18 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             let again = failure.reschedulable && !pinned && ctx.rec.attempts.len() < max;
             if again {
                 crate::metrics::METRICS.reschedules.inc();
-                let note = format!("node {node} failed ({}); rescheduling", failure.message);
+                let note = format!("node {node} failed ({}); rescheduling", failure.error);
                 ctx.m.event(&ctx.rec, true, "Rescheduling", note).await;
                 continue;
             }
             let reasons: Vec<String> = ctx.rec.attempts.iter().map(|a| format!("{}: {}", a.node, a.error)).collect();
-            let code = if failure.reschedulable && !pinned { Code::Internal } else { failure.code };
-            return Err(TaskError::new(
-                code,
-                format!("volume could not be created after {} attempt(s): {}", ctx.rec.attempts.len(), reasons.join("; ")),
-            ));
+            return Err(ControllerError::AttemptsFailed {
+                attempts: ctx.rec.attempts.len(),
+                reasons: reasons.join("; "),
+                rescheduled: failure.reschedulable && !pinned,
+                last: Box::new(failure.error),
+            }
+            .into());
         }
     }
     async fn revert(&self, ctx: &mut CreateCtx, _cause: &TaskError) -> Result<(), TaskError> {
@@ -420,14 +402,14 @@ impl Task<CreateCtx> for ScheduleAndCreate {
             agent
                 .delete_volume(pb::DeleteVolumeRequest { volume_id: ctx.rec.id.clone() })
                 .await
-                .map_err(|s| TaskError::new(s.code(), format!("cleanup on {node}: {}", s.message())))?;
+                .map_err(ControllerError::during(format!("cleanup on {node}")))?;
         }
         Ok(())
     }
 }
 
-async fn create_on(ctx: &CreateCtx, node: &str) -> Result<pb::Volume, Status> {
-    let mut agent = ctx.m.agent_for(node).await.map_err(|e| Status::new(e.code, e.message))?;
+async fn create_on(ctx: &CreateCtx, node: &str) -> Result<pb::Volume, ControllerError> {
+    let mut agent = ctx.m.agent_for(node).await?;
     let source = match &ctx.spec.source {
         Some(SourceRef::Snapshot(s)) => Some(pb::create_volume_request::Source::SnapshotId(s.clone())),
         Some(SourceRef::Volume(v)) => Some(pb::create_volume_request::Source::SourceVolumeId(v.clone())),
@@ -441,20 +423,20 @@ async fn create_on(ctx: &CreateCtx, node: &str) -> Result<pb::Volume, Status> {
         metadata: ctx.rec.metadata.clone().into_iter().collect(),
         remote: None,
     };
-    agent.create_volume(req).await?.volume.ok_or_else(|| Status::internal("agent answered without a volume"))
+    agent.create_volume(req).await.map_err(ControllerError::Agent)?.volume.ok_or(ControllerError::IncompleteAnswer("a volume"))
 }
 
 /// Mark the record Available with where it can be reached from.
 struct MarkAvailable;
 
 #[tonic::async_trait]
-impl Task<CreateCtx> for MarkAvailable {
+impl Task<CreateCtx, ControllerError> for MarkAvailable {
     fn name(&self) -> &'static str {
         "mark_available"
     }
     async fn execute(&self, ctx: &mut CreateCtx) -> Result<(), TaskError> {
         let node = ctx.rec.node.clone().unwrap_or_default();
-        let zone = ctx.m.node_in_view(&node).await.map_err(status_task)?.map(|n| n.zone).unwrap_or_default();
+        let zone = ctx.m.node_in_view(&node).await?.map(|n| n.zone).unwrap_or_default();
         ctx.rec.accessible_topology = vec![accessible_from(&node, &zone, ctx.rec.accessibility)];
         ctx.rec.phase = Phase::Available;
         ctx.rec.error = None;

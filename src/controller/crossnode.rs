@@ -10,10 +10,11 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::{Code, Status};
+use tonic::Code;
 use tracing::{info, warn};
 
 use super::create::CreateCtx;
+use super::error::ControllerError;
 use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
@@ -50,10 +51,6 @@ pub(super) fn source_of(source: &Option<SourceRef>) -> Option<pb::create_volume_
     }
 }
 
-pub(super) fn status_of(e: crate::flow::TaskError) -> Status {
-    Status::new(e.code, e.message)
-}
-
 /// A copy's target answered with a refusal (capacity, arguments, the
 /// fence), not with a passing trouble: waiting does not help.
 pub(super) fn copy_refused(code: Code) -> bool {
@@ -84,11 +81,17 @@ impl Manager {
 
     /// Remove the export that fed `volume_id`'s copy from `source` on
     /// `source_node` to `node`. A source node that is gone has nothing to remove.
-    pub(super) async fn drop_copy_export(&self, volume_id: &str, source: &SourceRef, source_node: &str, node: &str) -> Result<(), Status> {
+    pub(super) async fn drop_copy_export(
+        &self,
+        volume_id: &str,
+        source: &SourceRef,
+        source_node: &str,
+        node: &str,
+    ) -> Result<(), ControllerError> {
         if self.node_in_view(source_node).await?.is_none() {
             return Ok(());
         }
-        let mut agent = self.agent_for(source_node).await.map_err(status_of)?;
+        let mut agent = self.agent_for(source_node).await?;
         let (v, s) = export_fields(source);
         agent
             .delete_export(pb::DeleteExportRequest {
@@ -99,9 +102,7 @@ impl Manager {
                 copy_for: volume_id.to_string(),
             })
             .await
-            .map_err(|e| {
-                Status::new(e.code(), format!("node {source_node} still exports the source of volume {volume_id}: {}", e.message()))
-            })?;
+            .map_err(ControllerError::during(format!("node {source_node} still exports the source of volume {volume_id}")))?;
         info!(volume.id = %volume_id, source_node, node, "copy export removed");
         Ok(())
     }
@@ -110,12 +111,12 @@ impl Manager {
 /// Make the volume on `node` by copying its source from `source_node`, and
 /// follow the copy to its end. Fails (after removing the export) when the
 /// volume is deleted meanwhile, when the copy stalls, or when a node refuses.
-pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) -> Result<pb::Volume, Status> {
+pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) -> Result<pb::Volume, ControllerError> {
     let m = ctx.m.clone();
-    let source = ctx.spec.source.clone().ok_or_else(|| Status::internal("a copy without a source"))?;
+    let source = ctx.spec.source.clone().ok_or_else(|| ControllerError::Internal("a copy without a source".into()))?;
     let id = ctx.rec.id.clone();
     let (volume_id, snapshot_id) = export_fields(&source);
-    let mut src = m.agent_for(source_node).await.map_err(status_of)?;
+    let mut src = m.agent_for(source_node).await?;
     let export = src
         .create_export(pb::CreateExportRequest {
             volume_id,
@@ -126,9 +127,9 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
             ..Default::default()
         })
         .await
-        .map_err(|s| Status::new(s.code(), format!("node {source_node} could not export the source to node {node}: {}", s.message())))?
+        .map_err(ControllerError::during(format!("node {source_node} could not export the source to node {node}")))?
         .export
-        .ok_or_else(|| Status::internal("the agent answered without an export"))?;
+        .ok_or(ControllerError::IncompleteAnswer("an export"))?;
     if ctx.rec.copy.as_ref().is_none_or(|c| c.source_node != source_node || c.node != node) {
         ctx.rec.copy = Some(CopyRec {
             source_node: source_node.to_string(),
@@ -137,13 +138,13 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
             total_bytes: 0,
             finished: false,
         });
-        ctx.save().await.map_err(status_of)?;
+        ctx.save().await.map_err(|t| t.error)?;
     }
     info!(volume.id = %id, source_node, node, "copying the source from another node");
     let result = follow(ctx, node, source_node, export).await;
     // The export goes whatever happened: a failed copy's volume is deleted.
     if let Err(e) = m.drop_copy_export(&id, &source, source_node, node).await {
-        warn!(volume.id = %id, error = %e.message(), "the copy's export could not be removed now; deleting the volume removes it");
+        warn!(volume.id = %id, error = %e, "the copy's export could not be removed now; deleting the volume removes it");
         return result;
     }
     if let (Ok(v), Some(c)) = (&result, ctx.rec.copy.as_mut()) {
@@ -152,7 +153,7 @@ pub(super) async fn copy_on(ctx: &mut CreateCtx, node: &str, source_node: &str) 
     result
 }
 
-async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::Export) -> Result<pb::Volume, Status> {
+async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::Export) -> Result<pb::Volume, ControllerError> {
     let m = ctx.m.clone();
     let id = ctx.rec.id.clone();
     let source = source_of(&ctx.spec.source);
@@ -172,11 +173,13 @@ async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::
     let (mut seen, mut moved_at, mut recorded_at) = (None, Instant::now(), Instant::now());
     loop {
         if m.copy_cancelled(&id) {
-            return Err(Status::aborted(format!("volume {id} is being deleted; its copy from node {source_node} was stopped")));
+            return Err(ControllerError::CopyGivenUp(format!(
+                "volume {id} is being deleted; its copy from node {source_node} was stopped"
+            )));
         }
         let answer = match m.agent_for(node).await {
-            Ok(mut agent) => agent.create_volume(req.clone()).await.map(|r| r.volume.unwrap_or_default()),
-            Err(e) => Err(status_of(e)),
+            Ok(mut agent) => agent.create_volume(req.clone()).await.map(|r| r.volume.unwrap_or_default()).map_err(ControllerError::Agent),
+            Err(e) => Err(e),
         };
         match answer {
             Ok(v) if v.state == pb::ImageState::Available as i32 => return Ok(v),
@@ -193,17 +196,17 @@ async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::
                 };
                 if ctx.rec.copy.as_ref() != Some(&now) && recorded_at.elapsed() >= RECORD_EVERY {
                     ctx.rec.copy = Some(now);
-                    ctx.save().await.map_err(status_of)?;
+                    ctx.save().await.map_err(|t| t.error)?;
                     recorded_at = Instant::now();
                 }
             }
             // The node refused (capacity, arguments, the fence): no waiting helps.
-            Err(s) if copy_refused(s.code()) => return Err(s),
+            Err(e) if copy_refused(e.code()) => return Err(e),
             // Restarting, unreachable: the copy resumes there; wait.
-            Err(s) => warn!(volume.id = %id, node, error = %s.message(), "cannot ask the node about its copy now"),
+            Err(e) => warn!(volume.id = %id, node, error = %e, "cannot ask the node about its copy now"),
         }
         if moved_at.elapsed() > STALL {
-            return Err(Status::aborted(format!(
+            return Err(ControllerError::CopyGivenUp(format!(
                 "the copy of volume {id} from node {source_node} to node {node} made no progress for {} s; retry",
                 STALL.as_secs()
             )));

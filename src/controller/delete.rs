@@ -2,22 +2,22 @@
 //! image while the node deletes it), then the node deletes the image, then
 //! the record goes. A failure leaves `Deleting` for the CO's retry.
 
-use tonic::{Code, Status};
 use tracing::info;
 
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::store::{self, Kind};
 
 impl Manager {
-    pub async fn delete_volume(&self, id: &str) -> Result<(), Status> {
+    pub async fn delete_volume(&self, id: &str) -> Result<(), ControllerError> {
         self.wait_leader().await?;
         let (m, id) = (self.clone(), id.to_string());
         self.detached(async move { m.delete_volume_now(&id).await }).await
     }
 
-    async fn delete_volume_now(&self, id: &str) -> Result<(), Status> {
+    async fn delete_volume_now(&self, id: &str) -> Result<(), ControllerError> {
         // A copy from another node in progress stops (its flow holds the key).
         self.cancel_copy(id);
         let _guard = self.inflight.acquire(id).await;
@@ -31,43 +31,34 @@ impl Manager {
                 self.mark_cancelling(rec, version).await?;
                 self.ensure_migration_driver(id);
             }
-            return Err(Status::aborted(format!(
-                "volume {id} is being migrated to node {} ({:?}); {}; retry",
-                m.to,
-                m.phase,
-                if m.phase == MigrationPhase::Switching || m.phase == MigrationPhase::CleaningUp {
-                    "the migration ends first"
-                } else {
-                    "the migration is being cancelled first"
-                }
-            )));
+            let then = if m.phase == MigrationPhase::Switching || m.phase == MigrationPhase::CleaningUp {
+                "the migration ends first"
+            } else {
+                "the migration is being cancelled first"
+            };
+            return Err(ControllerError::Migrating { volume: id.to_string(), to: m.to, phase: m.phase, then });
         }
         let published: Vec<String> = self.publications(id).await?.into_iter().map(|e| e.node_id).collect();
         if !published.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "volume {id} is published to node(s) {}; unpublish it first",
-                published.join(", ")
-            )));
+            return Err(ControllerError::InUse { volume: id.to_string(), nodes: published, why: "unpublish it first".into() });
         }
         if rec.phase != Phase::Deleting {
             rec.phase = Phase::Deleting;
             rec.updated_ms = now_ms();
-            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
         }
         if let Some(node) = &rec.node {
-            let mut agent = self.agent_for(node).await.map_err(|e| Status::new(e.code, e.message))?;
-            agent.delete_volume(pb::DeleteVolumeRequest { volume_id: id.to_string() }).await.map_err(|s| {
-                let code = if s.code() == Code::FailedPrecondition { Code::FailedPrecondition } else { Code::Unavailable };
-                Status::new(code, format!("node {node} could not delete volume {id}: {}; retry", s.message()))
-            })?;
+            let mut agent = self.agent_for(node).await?;
+            agent
+                .delete_volume(pb::DeleteVolumeRequest { volume_id: id.to_string() })
+                .await
+                .map_err(ControllerError::unfinished_unless_refused(format!("node {node} could not delete volume {id}")))?;
         }
         if let (Some(c), Some(source)) = (rec.copy_under_way(), &rec.source) {
-            self.drop_copy_export(id, source, &c.source_node, &c.node)
-                .await
-                .map_err(|s| Status::unavailable(format!("{}; retry", s.message())))?;
+            self.drop_copy_export(id, source, &c.source_node, &c.node).await.map_err(|e| ControllerError::Unfinished(Box::new(e)))?;
         }
-        let (_, version) = self.volume(id).await?.ok_or_else(|| Status::aborted("volume vanished during delete"))?;
-        self.store.delete(Kind::Volume, id, Some(version)).await.map_err(store_status)?;
+        let (_, version) = self.volume(id).await?.ok_or_else(|| ControllerError::InProgress("volume vanished during delete".into()))?;
+        self.store.delete(Kind::Volume, id, Some(version)).await?;
         info!(volume.id = %id, volume.name = %rec.name, "volume deleted");
         Ok(())
     }

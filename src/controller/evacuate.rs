@@ -6,10 +6,10 @@
 //! live passes while a volume is published, its switch once it is not
 //! (after a drain evicted its pod and the CO unpublished it).
 
-use tonic::Status;
 use tracing::{info, warn};
 
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::migrate::MigrateRequest;
 use super::records::*;
 use crate::scheduler::ScheduleRequest;
@@ -20,13 +20,10 @@ pub const EVACUATING_AT_ONCE: usize = 2;
 
 impl Manager {
     /// Mark (or unmark) a node for evacuation.
-    pub async fn evacuate_node(&self, node: &str, evacuate: bool) -> Result<NodeRec, Status> {
+    pub async fn evacuate_node(&self, node: &str, evacuate: bool) -> Result<NodeRec, ControllerError> {
         self.wait_leader().await?;
         for _ in 0..5 {
-            let (mut rec, version) = self
-                .node(node)
-                .await?
-                .ok_or_else(|| Status::not_found(format!("no node {node:?} is registered (cinderblock ctl node list)")))?;
+            let (mut rec, version) = self.node(node).await?.ok_or_else(|| ControllerError::NodeNotFound { node: node.to_string() })?;
             if rec.evacuating == evacuate {
                 return Ok(rec);
             }
@@ -39,10 +36,10 @@ impl Manager {
                     return Ok(rec);
                 }
                 Err(StoreError::Conflict { .. }) => continue,
-                Err(e) => return Err(store_status(e)),
+                Err(e) => return Err(e.into()),
             }
         }
-        Err(Status::aborted(format!("node {node}'s record kept changing; retry")))
+        Err(ControllerError::InProgress(format!("node {node}'s record kept changing; retry")))
     }
 
     /// One reconciler pass's share of the evacuations: start migrations
@@ -54,13 +51,13 @@ impl Manager {
             let running = on_node.clone().filter(|(_, _, migrating)| *migrating).count();
             for (id, _, _) in on_node.filter(|(_, _, migrating)| !migrating).take(EVACUATING_AT_ONCE.saturating_sub(running)) {
                 if let Err(e) = self.evacuate_one(id, &node.id).await {
-                    warn!(volume.id = %id, node = %node.id, error = %e.message(), "evacuation could not start this volume's migration");
+                    warn!(volume.id = %id, node = %node.id, error = %e, "evacuation could not start this volume's migration");
                 }
             }
         }
     }
 
-    async fn evacuate_one(&self, id: &str, from: &str) -> Result<(), Status> {
+    async fn evacuate_one(&self, id: &str, from: &str) -> Result<(), ControllerError> {
         let Some((rec, _)) = self.volume(id).await? else { return Ok(()) };
         // A volume pinned to its node stays: its users (a PV's node
         // affinity) could not follow it. Zone volumes move within their zone.
@@ -81,7 +78,12 @@ impl Manager {
             ..Default::default()
         };
         // A trial placement only names the node; the migration reserves its own.
-        let to = self.view.place(&format!("{id}/evacuation"), &req).map_err(|e| Status::resource_exhausted(e.to_string()))?.node_id.clone();
+        let to = self
+            .view
+            .place(&format!("{id}/evacuation"), &req)
+            .map_err(|e| ControllerError::NoNodeFits { reasons: e.to_string() })?
+            .node_id
+            .clone();
         self.migrate_volume(MigrateRequest { volume_id: id.to_string(), to, allow_topology_change: false, evacuation: true }).await?;
         Ok(())
     }

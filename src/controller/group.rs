@@ -20,10 +20,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::future::join_all;
-use tonic::{Code, Status};
 use tracing::{info, warn};
 
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::store::{self, Kind, StoreError};
@@ -33,12 +33,12 @@ use crate::store::{self, Kind, StoreError};
 pub const GROUP_FREEZE_LIMIT: Duration = Duration::from_secs(30);
 
 impl Manager {
-    pub async fn group_snapshot(&self, id: &str) -> Result<Option<(GroupSnapshotRec, u64)>, Status> {
-        store::get_json(&*self.store, Kind::GroupSnapshot, id).await.map_err(store_status)
+    pub async fn group_snapshot(&self, id: &str) -> Result<Option<(GroupSnapshotRec, u64)>, ControllerError> {
+        store::get_json(&*self.store, Kind::GroupSnapshot, id).await.map_err(ControllerError::from)
     }
 
     /// The group and its members' records (a member whose record is gone is left out).
-    pub async fn group_members(&self, group: &GroupSnapshotRec) -> Result<Vec<SnapshotRec>, Status> {
+    pub async fn group_members(&self, group: &GroupSnapshotRec) -> Result<Vec<SnapshotRec>, ControllerError> {
         let mut out = Vec::with_capacity(group.snapshot_ids.len());
         for id in &group.snapshot_ids {
             if let Some((s, _)) = self.snapshot(id).await? {
@@ -48,26 +48,24 @@ impl Manager {
         Ok(out)
     }
 
-    pub async fn create_group_snapshot(&self, name: &str, sources: Vec<String>) -> Result<GroupSnapshotRec, Status> {
+    pub async fn create_group_snapshot(&self, name: &str, sources: Vec<String>) -> Result<GroupSnapshotRec, ControllerError> {
         self.wait_leader().await?;
         let (m, name) = (self.clone(), name.to_string());
         self.detached(async move { m.create_group_now(&name, sources).await }).await
     }
 
-    async fn create_group_now(&self, name: &str, sources: Vec<String>) -> Result<GroupSnapshotRec, Status> {
+    async fn create_group_now(&self, name: &str, sources: Vec<String>) -> Result<GroupSnapshotRec, ControllerError> {
         let id = group_snapshot_id_for(name);
         let _guard = self.inflight.acquire(&id).await;
         let sources: Vec<String> = sources.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
         if let Some((rec, version)) = self.group_snapshot(&id).await? {
             if rec.source_volume_ids != sources {
-                return Err(Status::already_exists(format!(
-                    "group snapshot name {name:?} is taken by a group of volumes {}; pick another name",
-                    rec.source_volume_ids.join(", ")
-                )));
+                let holder = format!("a group of volumes {}", rec.source_volume_ids.join(", "));
+                return Err(ControllerError::NameTaken { kind: "group snapshot", name: name.to_string(), holder });
             }
             return match rec.phase {
                 Phase::Available => Ok(rec),
-                Phase::Deleting => Err(Status::aborted(format!("group snapshot {name:?} is being deleted; retry"))),
+                Phase::Deleting => Err(ControllerError::BeingDeleted { kind: "group snapshot", name: name.to_string() }),
                 _ => self.run_group(rec, version).await,
             };
         }
@@ -83,18 +81,16 @@ impl Manager {
             error: None,
             created_ms: now_ms(),
         };
-        let version = store::create_json(&*self.store, Kind::GroupSnapshot, &id, &rec).await.map_err(store_status)?;
+        let version = store::create_json(&*self.store, Kind::GroupSnapshot, &id, &rec).await?;
         self.run_group(rec, version).await
     }
 
     /// A group's source: it must exist and be Available on a node.
-    async fn source_volume(&self, id: &str) -> Result<VolumeRec, Status> {
-        let (volume, _) = self.volume(id).await?.ok_or_else(|| Status::not_found(format!("source volume {id} does not exist")))?;
+    async fn source_volume(&self, id: &str) -> Result<VolumeRec, ControllerError> {
+        let (volume, _) = self.volume(id).await?.ok_or_else(|| ControllerError::not_found("source volume", id))?;
         if volume.phase != Phase::Available || volume.node.is_none() {
-            return Err(Status::failed_precondition(format!(
-                "source volume {id} is {:?}, not Available; wait for it or leave it out of the group",
-                volume.phase
-            )));
+            let what = format!("source volume {id}");
+            return Err(ControllerError::NotAvailable { what, phase: volume.phase, then: "wait for it or leave it out of the group" });
         }
         Ok(volume)
     }
@@ -102,7 +98,7 @@ impl Manager {
     /// The members' records, written `Creating` where missing (a first try,
     /// or one interrupted before it wrote them all), before any node makes
     /// an image: the reconciler never takes one for an orphan.
-    async fn ensure_members(&self, rec: &GroupSnapshotRec) -> Result<Vec<SnapshotRec>, Status> {
+    async fn ensure_members(&self, rec: &GroupSnapshotRec) -> Result<Vec<SnapshotRec>, ControllerError> {
         let mut out = Vec::with_capacity(rec.snapshot_ids.len());
         for (volume_id, snap_id) in rec.source_volume_ids.iter().zip(&rec.snapshot_ids) {
             if let Some((s, _)) = self.snapshot(snap_id).await? {
@@ -124,14 +120,14 @@ impl Manager {
             };
             match store::create_json(&*self.store, Kind::Snapshot, snap_id, &member).await {
                 Ok(_) | Err(StoreError::AlreadyExists { .. }) => out.push(member),
-                Err(e) => return Err(store_status(e)),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(out)
     }
 
     /// Freeze all, snapshot all, thaw all; record the outcome.
-    async fn run_group(&self, mut rec: GroupSnapshotRec, version: u64) -> Result<GroupSnapshotRec, Status> {
+    async fn run_group(&self, mut rec: GroupSnapshotRec, version: u64) -> Result<GroupSnapshotRec, ControllerError> {
         let members = self.ensure_members(&rec).await?;
         // Whatever an earlier try left on the nodes was cut at another instant.
         self.delete_member_images(&members).await?;
@@ -157,31 +153,27 @@ impl Manager {
                     }
                     m.phase = Phase::Available;
                     m.error = None;
-                    store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m).await.map_err(store_status)?;
+                    store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m).await?;
                 }
                 rec.created_ms = snaps.values().map(|s| s.created_at_ms).max().unwrap_or(rec.created_ms);
                 rec.phase = Phase::Available;
                 rec.error = None;
-                store::update_json(&*self.store, Kind::GroupSnapshot, &rec.id, &rec, version).await.map_err(store_status)?;
+                store::update_json(&*self.store, Kind::GroupSnapshot, &rec.id, &rec, version).await?;
                 info!(group.id = %rec.id, members = rec.snapshot_ids.len(), nodes = by_node.len(), frozen_ms, "group snapshot ready");
                 Ok(rec)
             }
             Err(e) => {
-                warn!(group.id = %rec.id, error = %e.message(), "group snapshot failed; undoing it");
+                warn!(group.id = %rec.id, error = %e, "group snapshot failed; undoing it");
                 let _ = self.delete_member_images(&members).await;
                 for mut m in members {
                     m.phase = Phase::Error;
-                    m.error = Some(e.message().to_string());
+                    m.error = Some(e.to_string());
                     let _ = store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m).await;
                 }
                 rec.phase = Phase::Error;
-                rec.error = Some(e.message().to_string());
+                rec.error = Some(e.to_string());
                 let _ = store::update_json(&*self.store, Kind::GroupSnapshot, &rec.id, &rec, version).await;
-                let code = match e.code() {
-                    Code::NotFound | Code::ResourceExhausted | Code::Unavailable | Code::FailedPrecondition | Code::Aborted => e.code(),
-                    _ => Code::Internal,
-                };
-                Err(Status::new(code, format!("group snapshot {} failed: {}", rec.name, e.message())))
+                Err(ControllerError::GroupSnapshotFailed { group: rec.name, cause: Box::new(e) })
             }
         }
     }
@@ -193,19 +185,17 @@ impl Manager {
         group: &str,
         by_node: &BTreeMap<String, Vec<String>>,
         members: &[SnapshotRec],
-    ) -> Result<BTreeMap<String, pb::Snapshot>, Status> {
+    ) -> Result<BTreeMap<String, pb::Snapshot>, ControllerError> {
         let freezes = by_node.iter().map(|(node, volumes)| async move {
             let req = pb::FreezeVolumesRequest {
                 group_id: group.to_string(),
                 volume_ids: volumes.clone(),
                 max_ms: GROUP_FREEZE_LIMIT.as_millis() as u64,
             };
-            let mut agent = self.agent_for(node).await.map_err(|e| Status::new(e.code, e.message))?;
+            let mut agent = self.agent_for(node).await?;
             match tokio::time::timeout(GROUP_FREEZE_LIMIT, agent.freeze_volumes(req)).await {
-                Ok(r) => r
-                    .map(|_| ())
-                    .map_err(|s| Status::new(s.code(), format!("node {node} could not freeze {}: {}", volumes.join(", "), s.message()))),
-                Err(_) => Err(Status::aborted(format!("node {node} did not freeze {} in time", volumes.join(", ")))),
+                Ok(r) => r.map(|_| ()).map_err(ControllerError::during(format!("node {node} could not freeze {}", volumes.join(", ")))),
+                Err(_) => Err(ControllerError::NotCutTogether(format!("node {node} did not freeze {} in time", volumes.join(", ")))),
             }
         });
         for r in join_all(freezes).await {
@@ -219,11 +209,11 @@ impl Manager {
                 group_id: group.to_string(),
                 ..Default::default()
             };
-            let mut agent = self.agent_for(&m.node).await.map_err(|e| Status::new(e.code, e.message))?;
+            let mut agent = self.agent_for(&m.node).await?;
             match tokio::time::timeout(GROUP_FREEZE_LIMIT, agent.create_snapshot(req)).await {
                 Ok(Ok(r)) => Ok((m.id.clone(), r.snapshot.unwrap_or_default())),
-                Ok(Err(s)) => Err(Status::new(s.code(), format!("snapshot of {} on node {}: {}", m.source_volume_id, m.node, s.message()))),
-                Err(_) => Err(Status::aborted(format!(
+                Ok(Err(s)) => Err(ControllerError::during(format!("snapshot of {} on node {}", m.source_volume_id, m.node))(s)),
+                Err(_) => Err(ControllerError::NotCutTogether(format!(
                     "the snapshot of {} on node {} took longer than the freeze may last",
                     m.source_volume_id, m.node
                 ))),
@@ -235,7 +225,7 @@ impl Manager {
     /// Step 3, on every path: thaw on every node (a few tries each). An
     /// error when a member did not stay frozen, or a node could not be
     /// reached (its watchdog thaws it; the cut cannot be trusted).
-    async fn thaw_nodes<'a>(&self, group: &str, nodes: impl Iterator<Item = &'a String>) -> Result<(), Status> {
+    async fn thaw_nodes<'a>(&self, group: &str, nodes: impl Iterator<Item = &'a String>) -> Result<(), ControllerError> {
         let thaws = nodes.map(|node| async move {
             let mut last = String::new();
             for attempt in 0..3 {
@@ -245,7 +235,7 @@ impl Manager {
                 let mut agent = match self.agent_for(node).await {
                     Ok(a) => a,
                     Err(e) => {
-                        last = e.message;
+                        last = e.to_string();
                         continue;
                     }
                 };
@@ -261,50 +251,53 @@ impl Manager {
         let problems: Vec<String> = join_all(thaws).await.into_iter().filter_map(|r| r.err()).collect();
         match problems.is_empty() {
             true => Ok(()),
-            false => Err(Status::aborted(format!("the members did not stay frozen together ({}); retry", problems.join("; ")))),
+            false => {
+                Err(ControllerError::NotCutTogether(format!("the members did not stay frozen together ({}); retry", problems.join("; "))))
+            }
         }
     }
 
     /// Delete the members' images on their nodes (an absent one is fine).
-    async fn delete_member_images(&self, members: &[SnapshotRec]) -> Result<(), Status> {
+    async fn delete_member_images(&self, members: &[SnapshotRec]) -> Result<(), ControllerError> {
         let deletes = members.iter().map(|m| async move {
-            let mut agent = self.agent_for(&m.node).await.map_err(|e| Status::new(e.code, e.message))?;
-            agent
-                .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: m.id.clone() })
-                .await
-                .map(|_| ())
-                .map_err(|s| Status::unavailable(format!("node {} could not delete snapshot {}: {}; retry", m.node, m.id, s.message())))
+            let mut agent = self.agent_for(&m.node).await?;
+            agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: m.id.clone() }).await.map(|_| ()).map_err(|s| {
+                ControllerError::Unfinished(Box::new(ControllerError::during(format!(
+                    "node {} could not delete snapshot {}",
+                    m.node, m.id
+                ))(s)))
+            })
         });
         join_all(deletes).await.into_iter().collect()
     }
 
-    pub async fn delete_group_snapshot(&self, id: &str) -> Result<(), Status> {
+    pub async fn delete_group_snapshot(&self, id: &str) -> Result<(), ControllerError> {
         self.wait_leader().await?;
         let (m, id) = (self.clone(), id.to_string());
         self.detached(async move { m.delete_group_now(&id).await }).await
     }
 
-    async fn delete_group_now(&self, id: &str) -> Result<(), Status> {
+    async fn delete_group_now(&self, id: &str) -> Result<(), ControllerError> {
         let _guard = self.inflight.acquire(id).await;
         let Some((mut rec, version)) = self.group_snapshot(id).await? else {
             return Ok(());
         };
         if rec.phase != Phase::Deleting {
             rec.phase = Phase::Deleting;
-            store::update_json(&*self.store, Kind::GroupSnapshot, id, &rec, version).await.map_err(store_status)?;
+            store::update_json(&*self.store, Kind::GroupSnapshot, id, &rec, version).await?;
         }
         let members = self.group_members(&rec).await?;
         for mut m in members.clone() {
             if m.phase != Phase::Deleting {
                 m.phase = Phase::Deleting;
-                store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m).await.map_err(store_status)?;
+                store::put_json(&*self.store, Kind::Snapshot, &m.id.clone(), &m).await?;
             }
         }
         self.delete_member_images(&members).await?;
         for m in &members {
-            self.store.delete(Kind::Snapshot, &m.id, None).await.map_err(store_status)?;
+            self.store.delete(Kind::Snapshot, &m.id, None).await?;
         }
-        self.store.delete(Kind::GroupSnapshot, id, None).await.map_err(store_status)?;
+        self.store.delete(Kind::GroupSnapshot, id, None).await?;
         info!(group.id = %id, members = members.len(), "group snapshot deleted");
         Ok(())
     }

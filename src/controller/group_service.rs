@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 
 use tonic::{Request, Response, Status};
 
+use super::error::ControllerError;
 use super::manager::Manager;
 use super::records::{GroupSnapshotRec, Phase};
 use super::service::{is_our_id, logged, require, to_csi_snapshot};
@@ -105,11 +106,8 @@ impl csi::group_controller_server::GroupController for GroupControllerService {
             // The same name with other sources conflicts even when a source is unknown.
             if let Some((g, _)) = self.manager.group_snapshot(&super::records::group_snapshot_id_for(&r.name)).await? {
                 if g.source_volume_ids != sources {
-                    return Err(Status::already_exists(format!(
-                        "group snapshot name {:?} is taken by a group of volumes {}",
-                        r.name,
-                        g.source_volume_ids.join(", ")
-                    )));
+                    let holder = format!("a group of volumes {}", g.source_volume_ids.join(", "));
+                    return Err(ControllerError::NameTaken { kind: "group snapshot", name: r.name.clone(), holder }.into());
                 }
             }
             if let Some(v) = sources.iter().find(|v| !is_our_id("vol-", v)) {

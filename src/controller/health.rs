@@ -10,10 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures::future::join_all;
-use tonic::{Code, Status};
+use tonic::Code;
 use tracing::{info, warn};
 
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::store::{self, Kind};
@@ -58,7 +59,7 @@ type ExportsByVolume = HashMap<String, Vec<ExportRec>>;
 impl Manager {
     /// The health and publications of each volume, by ID: one read of the
     /// publications and one question to each node holding one of them.
-    pub async fn volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, Status> {
+    pub async fn volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
         let mut exports = self.exports_by_volume().await?;
         let mut views = BTreeMap::new();
         self.ask_nodes_of(volumes, &mut views).await;
@@ -71,14 +72,14 @@ impl Manager {
         Ok(out)
     }
 
-    pub async fn volume_status(&self, v: &VolumeRec) -> Result<VolumeStatus, Status> {
+    pub async fn volume_status(&self, v: &VolumeRec) -> Result<VolumeStatus, ControllerError> {
         let mut all = self.volumes_status(std::slice::from_ref(v)).await?;
         Ok(all.remove(&v.id).unwrap_or_else(|| VolumeStatus { health: Health::bad("unknown"), published: vec![] }))
     }
 
-    async fn exports_by_volume(&self) -> Result<ExportsByVolume, Status> {
+    async fn exports_by_volume(&self) -> Result<ExportsByVolume, ControllerError> {
         let mut exports: ExportsByVolume = HashMap::new();
-        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export).await.map_err(store_status)? {
+        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export).await? {
             exports.entry(e.volume_id.clone()).or_default().push(e);
         }
         Ok(exports)
@@ -110,7 +111,7 @@ impl Manager {
     async fn ask_node(&self, node: &str) -> NodeView {
         let mut agent = match self.agent_for(node).await {
             Ok(a) => a,
-            Err(e) => return NodeView { volumes: Err(e.message), exports: None },
+            Err(e) => return NodeView { volumes: Err(e.to_string()), exports: None },
         };
         let volumes = match tokio::time::timeout(ASK_TIMEOUT, agent.list_volumes(pb::ListVolumesRequest {})).await {
             Ok(Ok(r)) => Ok(r.volumes.into_iter().map(|v| (v.volume_id.clone(), v)).collect()),
@@ -152,16 +153,14 @@ impl Manager {
 
     /// Look at every Available volume (the reconciler calls it every pass),
     /// so a volume that turns abnormal gets its event even when no CO asks.
-    pub async fn check_health(&self) -> Result<(), Status> {
+    pub async fn check_health(&self) -> Result<(), ControllerError> {
         // One read of the publications and one question per node for the
         // whole pass, however many pages of volumes.
         let exports = self.exports_by_volume().await?;
         let mut views = BTreeMap::new();
         let mut after: Option<String> = None;
         loop {
-            let page = store::list_page_json::<VolumeRec>(&*self.store, Kind::Volume, after.as_deref(), store::PAGE)
-                .await
-                .map_err(store_status)?;
+            let page = store::list_page_json::<VolumeRec>(&*self.store, Kind::Volume, after.as_deref(), store::PAGE).await?;
             let done = page.len() < store::PAGE;
             after = page.last().map(|(id, _, _)| id.clone());
             let vols: Vec<VolumeRec> = page.into_iter().map(|(_, v, _)| v).filter(|v| v.phase == Phase::Available).collect();

@@ -3,12 +3,11 @@
 //! of records, and a volume created or deleted between two pages moves
 //! nothing else (no entry is skipped or repeated, as offsets would).
 
-use serde::de::DeserializeOwned;
-use tonic::Status;
-
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::{Phase, SnapshotRec, VolumeRec};
 use crate::store::{self, Kind};
+use serde::de::DeserializeOwned;
 
 /// A page of records and the token of the next one ("" at the end).
 pub struct Page<T> {
@@ -21,14 +20,14 @@ const READ: usize = 256;
 
 impl Manager {
     /// Available volumes: at most `max_entries` (0: all) after `token`.
-    pub async fn volume_page(&self, max_entries: i32, token: &str) -> Result<Page<VolumeRec>, Status> {
+    pub async fn volume_page(&self, max_entries: i32, token: &str) -> Result<Page<VolumeRec>, ControllerError> {
         let after = start_after(token, "vol-")?;
         self.page(Kind::Volume, max_entries, after, |v: &VolumeRec| v.phase == Phase::Available, |v| &v.id).await
     }
 
     /// Available snapshots, of one source volume when given: at most
     /// `max_entries` (0: all) after `token`.
-    pub async fn snapshot_page(&self, max_entries: i32, token: &str, source_volume_id: &str) -> Result<Page<SnapshotRec>, Status> {
+    pub async fn snapshot_page(&self, max_entries: i32, token: &str, source_volume_id: &str) -> Result<Page<SnapshotRec>, ControllerError> {
         let after = start_after(token, "snap-")?;
         let keep = |s: &SnapshotRec| s.phase == Phase::Available && (source_volume_id.is_empty() || s.source_volume_id == source_volume_id);
         self.page(Kind::Snapshot, max_entries, after, keep, |s| &s.id).await
@@ -41,15 +40,15 @@ impl Manager {
         mut after: Option<String>,
         keep: impl Fn(&T) -> bool,
         id_of: impl Fn(&T) -> &String,
-    ) -> Result<Page<T>, Status> {
+    ) -> Result<Page<T>, ControllerError> {
         if max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
+            return Err(ControllerError::Invalid("max_entries must not be negative".into()));
         }
         let max = if max_entries == 0 { usize::MAX } else { max_entries as usize };
         let mut items = Vec::new();
         loop {
             let want = READ.max(max.saturating_sub(items.len()).min(4096));
-            let batch = store::list_page_json::<T>(&*self.store, kind, after.as_deref(), want).await.map_err(store_status)?;
+            let batch = store::list_page_json::<T>(&*self.store, kind, after.as_deref(), want).await?;
             let exhausted = batch.len() < want;
             for (id, rec, _) in batch {
                 after = Some(id);
@@ -72,13 +71,13 @@ impl Manager {
 
 /// The key a page starts after: "" is the start; anything but one of our
 /// IDs is ABORTED, as the spec asks for a token the plugin cannot use.
-fn start_after(token: &str, prefix: &str) -> Result<Option<String>, Status> {
+fn start_after(token: &str, prefix: &str) -> Result<Option<String>, ControllerError> {
     if token.is_empty() {
         return Ok(None);
     }
     let ours = token.strip_prefix(prefix).is_some_and(|u| uuid::Uuid::parse_str(u).is_ok());
     if !ours {
-        return Err(Status::aborted(format!("starting_token {token:?} is not valid; list again from the start")));
+        return Err(ControllerError::BadPageToken { token: token.to_string() });
     }
     Ok(Some(token.to_string()))
 }

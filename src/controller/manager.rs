@@ -1,8 +1,9 @@
 //! The controller's domain, shared by its flows: the store, the node agents,
 //! leadership and fencing, and what the controller tells people. The flows
 //! live beside it: `create.rs` (Cinder's create-volume flow), `snapshot.rs`,
-//! `delete.rs`, `expand.rs`, and the reconciler (`reconciler.rs`). The CSI
-//! layer (`service.rs`) only maps requests and answers onto these.
+//! `delete.rs`, `expand.rs`, and the reconciler (`reconciler.rs`). They fail
+//! with `ControllerError` (`error.rs`); the CSI layer (`service.rs`) only
+//! maps requests, answers and errors onto these.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -10,13 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tonic::{Code, Status};
 use tracing::warn;
 
 use super::agents::{Agents, MismatchSink, NodeAgent};
+use super::error::ControllerError;
 use super::inflight::Inflight;
 use super::records::*;
-use crate::flow::TaskError;
 use crate::scheduler::{NodeView, Placement, Segments};
 use crate::store::{self, Kind, Store, StoreError};
 use crate::tls::TlsDir;
@@ -117,19 +117,6 @@ pub struct Manager {
 /// How long a caller waits for the node view's first read of the store.
 const VIEW_PATIENCE: Duration = Duration::from_secs(30);
 
-pub fn store_status(e: StoreError) -> Status {
-    Status::from(e)
-}
-
-pub(crate) fn task_err(e: StoreError) -> TaskError {
-    let s = Status::from(e);
-    TaskError::new(s.code(), s.message().to_string())
-}
-
-pub(crate) fn status_task(s: Status) -> TaskError {
-    TaskError::new(s.code(), s.message().to_string())
-}
-
 impl Manager {
     /// `tls`: the controller's certificate folder (its client certificate
     /// and the cluster CA) for calling node agents.
@@ -216,12 +203,12 @@ impl Manager {
 
     /// Only the leader changes records; a standby waits a little (a
     /// takeover may be under way), then asks the caller to retry.
-    pub async fn wait_leader(&self) -> Result<(), Status> {
+    pub async fn wait_leader(&self) -> Result<(), ControllerError> {
         let Some(mut rx) = self.leader.clone() else { return Ok(()) };
         let wait = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| l.leading)).await;
         match wait {
             Ok(Ok(_)) => Ok(()),
-            _ => Err(Status::unavailable("this controller replica is not the leader; retry (the leader answers)")),
+            _ => Err(ControllerError::NotLeader),
         }
     }
 
@@ -229,12 +216,12 @@ impl Manager {
     /// reverted) even when the CSI call that started it is cancelled by the
     /// caller's timeout. A retry waits for it on the record's key and then
     /// sees what it left.
-    pub(crate) async fn detached<T, F>(&self, op: F) -> Result<T, Status>
+    pub(crate) async fn detached<T, F>(&self, op: F) -> Result<T, ControllerError>
     where
         T: Send + 'static,
-        F: Future<Output = Result<T, Status>> + Send + 'static,
+        F: Future<Output = Result<T, ControllerError>> + Send + 'static,
     {
-        tokio::spawn(op).await.map_err(|e| Status::internal(format!("controller operation failed: {e}")))?
+        tokio::spawn(op).await.map_err(|e| ControllerError::Internal(format!("controller operation failed: {e}")))?
     }
 
     pub(crate) async fn event(&self, volume: &VolumeRec, warning: bool, reason: &str, note: String) {
@@ -253,37 +240,37 @@ impl Manager {
         &*self.store
     }
 
-    pub async fn volume(&self, id: &str) -> Result<Option<(VolumeRec, u64)>, Status> {
-        store::get_json(&*self.store, Kind::Volume, id).await.map_err(store_status)
+    pub async fn volume(&self, id: &str) -> Result<Option<(VolumeRec, u64)>, ControllerError> {
+        store::get_json(&*self.store, Kind::Volume, id).await.map_err(ControllerError::from)
     }
-    pub async fn snapshot(&self, id: &str) -> Result<Option<(SnapshotRec, u64)>, Status> {
-        store::get_json(&*self.store, Kind::Snapshot, id).await.map_err(store_status)
+    pub async fn snapshot(&self, id: &str) -> Result<Option<(SnapshotRec, u64)>, ControllerError> {
+        store::get_json(&*self.store, Kind::Snapshot, id).await.map_err(ControllerError::from)
     }
     /// A node's record as stored, with its version (to change it).
-    pub async fn node(&self, id: &str) -> Result<Option<(NodeRec, u64)>, Status> {
-        store::get_json(&*self.store, Kind::Node, id).await.map_err(store_status)
+    pub async fn node(&self, id: &str) -> Result<Option<(NodeRec, u64)>, ControllerError> {
+        store::get_json(&*self.store, Kind::Node, id).await.map_err(ControllerError::from)
     }
     /// Every node as the node view has it (no store read), with its latest
     /// liveness as the heartbeat.
-    pub async fn nodes(&self) -> Result<Vec<NodeRec>, Status> {
+    pub async fn nodes(&self) -> Result<Vec<NodeRec>, ControllerError> {
         self.view_ready().await?;
         Ok(self.view.nodes())
     }
     /// One node as the node view has it.
-    pub async fn node_in_view(&self, id: &str) -> Result<Option<NodeRec>, Status> {
+    pub async fn node_in_view(&self, id: &str) -> Result<Option<NodeRec>, ControllerError> {
         self.view_ready().await?;
         Ok(self.view.node(id))
     }
-    pub(crate) async fn view_ready(&self) -> Result<(), Status> {
+    pub(crate) async fn view_ready(&self) -> Result<(), ControllerError> {
         if self.view.caught_up(self.store.change_seq(), VIEW_PATIENCE).await {
             Ok(())
         } else {
-            Err(Status::unavailable("the controller has not read the nodes from its store yet; retry"))
+            Err(ControllerError::ViewNotReady)
         }
     }
     /// The largest volume the scheduler would place now, on a node inside
     /// `topology` when given (GetCapacity).
-    pub async fn largest_volume(&self, provisioning: Provisioning, topology: Option<Segments>) -> Result<u64, Status> {
+    pub async fn largest_volume(&self, provisioning: Provisioning, topology: Option<Segments>) -> Result<u64, ControllerError> {
         self.view_ready().await?;
         let req = crate::scheduler::ScheduleRequest {
             provisioning,
@@ -298,11 +285,11 @@ impl Manager {
     pub fn view(&self) -> &NodeView {
         &self.view
     }
-    pub async fn volumes(&self) -> Result<Vec<VolumeRec>, Status> {
-        Ok(store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await.map_err(store_status)?.into_iter().map(|(v, _)| v).collect())
+    pub async fn volumes(&self) -> Result<Vec<VolumeRec>, ControllerError> {
+        Ok(store::list_json::<VolumeRec>(&*self.store, Kind::Volume).await?.into_iter().map(|(v, _)| v).collect())
     }
-    pub async fn snapshots(&self) -> Result<Vec<SnapshotRec>, Status> {
-        Ok(store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await.map_err(store_status)?.into_iter().map(|(s, _)| s).collect())
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotRec>, ControllerError> {
+        Ok(store::list_json::<SnapshotRec>(&*self.store, Kind::Snapshot).await?.into_iter().map(|(s, _)| s).collect())
     }
 
     pub fn node_is_healthy(&self, n: &NodeRec) -> bool {
@@ -311,26 +298,18 @@ impl Manager {
 
     /// The agent of a node, as its record names it. A mismatched node is
     /// refused: nothing is written there until an operator resolves it.
-    pub(crate) fn agent_of(&self, node: NodeRec) -> Result<NodeAgent, Status> {
+    pub(crate) fn agent_of(&self, node: NodeRec) -> Result<NodeAgent, ControllerError> {
         if let Some(m) = &node.mismatch {
-            return Err(Status::failed_precondition(format!(
-                "{} on node {}: {m}; nothing is written there until an operator resolves it (docs/security.md)",
-                super::agents::MISMATCH,
-                node.id
-            )));
+            return Err(ControllerError::Mismatch { node: node.id.clone(), reason: m.clone() });
         }
         let client = self.agents.client(&node)?;
         let sink: Arc<dyn MismatchSink> = Arc::new(self.clone());
         Ok(NodeAgent::new(node, client, self.fencing_token(), sink))
     }
 
-    pub(crate) async fn agent_for(&self, node_id: &str) -> Result<NodeAgent, TaskError> {
-        let node = self
-            .node_in_view(node_id)
-            .await
-            .map_err(status_task)?
-            .ok_or_else(|| TaskError::new(Code::Unavailable, format!("node {node_id} is not registered")).reschedulable())?;
-        self.agent_of(node).map_err(status_task)
+    pub(crate) async fn agent_for(&self, node_id: &str) -> Result<NodeAgent, ControllerError> {
+        let node = self.node_in_view(node_id).await?.ok_or_else(|| ControllerError::NodeNotRegistered { node: node_id.to_string() })?;
+        self.agent_of(node)
     }
 
     /// Record that `node`'s agent answered as another node or pool: the

@@ -32,12 +32,13 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::{Code, Status};
+use tonic::Code;
 use tracing::{info, warn};
 
 use super::create::{accessible_from, topology_of};
-use super::crossnode::{copy_refused, source_of, status_of};
-use super::manager::{store_status, Manager};
+use super::crossnode::{copy_refused, source_of};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::scheduler::ScheduleRequest;
@@ -75,7 +76,7 @@ enum Step {
 impl Manager {
     /// Start migrating a volume (or report the migration to the same
     /// target that runs already). Nothing is changed when it is refused.
-    pub async fn migrate_volume(&self, r: MigrateRequest) -> Result<VolumeRec, Status> {
+    pub async fn migrate_volume(&self, r: MigrateRequest) -> Result<VolumeRec, ControllerError> {
         self.wait_leader().await?;
         let m = self.clone();
         let rec = self.detached(async move { m.start_migration(r).await }).await?;
@@ -83,41 +84,37 @@ impl Manager {
         Ok(rec)
     }
 
-    async fn start_migration(&self, r: MigrateRequest) -> Result<VolumeRec, Status> {
+    async fn start_migration(&self, r: MigrateRequest) -> Result<VolumeRec, ControllerError> {
         let id = r.volume_id.as_str();
         let _guard = self.inflight.acquire(id).await;
-        let (mut rec, version) = self.volume(id).await?.ok_or_else(|| Status::not_found(format!("volume {id} does not exist")))?;
+        let (mut rec, version) = self.volume(id).await?.ok_or_else(|| ControllerError::not_found("volume", id))?;
         if let Some(mig) = &rec.migration {
             if mig.to == r.to && mig.phase != MigrationPhase::Cancelling {
                 return Ok(rec);
             }
-            return Err(Status::failed_precondition(format!(
-                "volume {id} is being migrated to node {} already ({:?}); wait for it, or cancel it first (cinderblock ctl volume migrate {id} --cancel)",
-                mig.to, mig.phase
-            )));
+            return Err(ControllerError::MigrationUnderWay { volume: id.to_string(), to: mig.to.clone(), phase: mig.phase });
         }
         let (Phase::Available, Some(from)) = (rec.phase, rec.node.clone()) else {
-            return Err(Status::failed_precondition(format!("volume {id} is {:?}; only an Available volume can migrate", rec.phase)));
+            let what = format!("volume {id}");
+            return Err(ControllerError::NotAvailable { what, phase: rec.phase, then: "only an Available volume can migrate" });
         };
         if r.to == from {
-            return Err(Status::invalid_argument(format!("volume {id} lives on node {from} already; name another node")));
+            return Err(ControllerError::Invalid(format!("volume {id} lives on node {from} already; name another node")));
         }
         let target = self
             .node_in_view(&r.to)
             .await?
-            .ok_or_else(|| Status::invalid_argument(format!("no node {:?} is registered (cinderblock ctl node list)", r.to)))?;
+            .ok_or_else(|| ControllerError::Invalid(format!("no node {:?} is registered (cinderblock ctl node list)", r.to)))?;
+        let unfit = |why: String| ControllerError::NodeUnfit { node: r.to.clone(), why };
         if let Some(why) = &target.mismatch {
-            return Err(Status::failed_precondition(format!("node {} is marked mismatched ({why}); nothing is written there", r.to)));
+            return Err(unfit(format!("is marked mismatched ({why}); nothing is written there")));
         }
         if !self.node_is_healthy(&target) {
-            return Err(Status::failed_precondition(format!(
-                "node {} has not reported for over {} s; migrate to a node that is up",
-                r.to,
-                self.config.heartbeat_timeout.as_secs()
-            )));
+            let secs = self.config.heartbeat_timeout.as_secs();
+            return Err(unfit(format!("has not reported for over {secs} s; migrate to a node that is up")));
         }
         if target.evacuating {
-            return Err(Status::failed_precondition(format!("node {} is being evacuated; it takes no volumes", r.to)));
+            return Err(unfit("is being evacuated; it takes no volumes".into()));
         }
         let at = topology_of(&r.to, &target.zone);
         let inside = rec.accessible_topology.is_empty()
@@ -132,7 +129,7 @@ impl Manager {
             } else {
                 ""
             };
-            return Err(Status::failed_precondition(format!(
+            return Err(ControllerError::TopologyUnmet(format!(
                 "node {} (zone {:?}) is outside volume {id}'s accessible topology {:?}{hint}",
                 r.to, target.zone, rec.accessible_topology
             )));
@@ -141,10 +138,8 @@ impl Manager {
         if !live {
             let published: Vec<String> = self.publications(id).await?.into_iter().map(|e| e.node_id).collect();
             if !published.is_empty() {
-                return Err(Status::failed_precondition(format!(
-                    "node {from}'s pool cannot reflink, so volume {id} migrates offline only: unpublish it first (it is published to {})",
-                    published.join(", ")
-                )));
+                let why = format!("node {from}'s pool cannot reflink, so the volume migrates offline only: unpublish it first");
+                return Err(ControllerError::InUse { volume: id.to_string(), nodes: published, why });
             }
         }
         let req = ScheduleRequest {
@@ -156,13 +151,9 @@ impl Manager {
             ..Default::default()
         };
         let reservation = self.view.place(&format!("{id}/migration"), &req).map_err(|e| {
-            let (why, capacity) = e.why_not(&r.to);
-            let msg = format!("node {} cannot take volume {id} ({}): {}", r.to, crate::units::format_bytes(rec.size_bytes), why.join("; "));
-            if capacity {
-                Status::resource_exhausted(format!("{msg}; free space there or pick another node"))
-            } else {
-                Status::failed_precondition(msg)
-            }
+            let (reasons, capacity) = e.why_not(&r.to);
+            let size = crate::units::format_bytes(rec.size_bytes);
+            ControllerError::TargetCannotTake { node: r.to.clone(), volume: id.to_string(), size, reasons, capacity }
         })?;
         let phase = if live { MigrationPhase::Copying } else { MigrationPhase::Switching };
         rec.migration = Some(MigrationRec {
@@ -179,7 +170,7 @@ impl Manager {
             problem: None,
         });
         rec.updated_ms = now_ms();
-        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
         reservation.settle();
         info!(volume.id = %id, from = %from, to = %r.to, live, evacuation = r.evacuation, "migration started");
         self.event(&rec, false, "Migrating", format!("migrating from node {from} to node {}", r.to)).await;
@@ -188,13 +179,13 @@ impl Manager {
 
     /// Stop a migration that has not reached its switch: the target's copy
     /// and the pass snapshots are removed, the volume stays where it is.
-    pub async fn cancel_migration(&self, id: &str) -> Result<VolumeRec, Status> {
+    pub async fn cancel_migration(&self, id: &str) -> Result<VolumeRec, ControllerError> {
         self.wait_leader().await?;
         let (m, i) = (self.clone(), id.to_string());
         let rec = self
             .detached(async move {
                 let _guard = m.inflight.acquire(&i).await;
-                let (rec, version) = m.volume(&i).await?.ok_or_else(|| Status::not_found(format!("volume {i} does not exist")))?;
+                let (rec, version) = m.volume(&i).await?.ok_or_else(|| ControllerError::not_found("volume", &i))?;
                 m.mark_cancelling(rec, version).await
             })
             .await?;
@@ -203,23 +194,18 @@ impl Manager {
     }
 
     /// With the in-flight guard held: `Copying` becomes `Cancelling`.
-    pub(super) async fn mark_cancelling(&self, mut rec: VolumeRec, version: u64) -> Result<VolumeRec, Status> {
+    pub(super) async fn mark_cancelling(&self, mut rec: VolumeRec, version: u64) -> Result<VolumeRec, ControllerError> {
         let id = rec.id.clone();
         let Some(mig) = rec.migration.as_mut() else {
-            return Err(Status::failed_precondition(format!("volume {id} is not being migrated")));
+            return Err(ControllerError::NotMigrating { volume: id });
         };
         match mig.phase {
             MigrationPhase::Cancelling => return Ok(rec),
             MigrationPhase::Copying => mig.phase = MigrationPhase::Cancelling,
-            p => {
-                return Err(Status::failed_precondition(format!(
-                    "volume {id}'s migration to node {} is {p:?}: too late to cancel; it ends in a moment",
-                    mig.to
-                )))
-            }
+            phase => return Err(ControllerError::TooLateToCancel { volume: id, to: mig.to.clone(), phase }),
         }
         rec.updated_ms = now_ms();
-        store::update_json(&*self.store, Kind::Volume, &id, &rec, version).await.map_err(store_status)?;
+        store::update_json(&*self.store, Kind::Volume, &id, &rec, version).await?;
         info!(volume.id = %id, "migration cancelled");
         Ok(rec)
     }
@@ -246,8 +232,8 @@ impl Manager {
                 Ok(Step::Again) => backoff = Duration::from_secs(1),
                 Ok(Step::Done) => return,
                 Err(e) => {
-                    warn!(volume.id = %id, code = ?e.code(), error = %e.message(), "migration held up; retrying");
-                    self.note_migration_problem(id, e.message()).await;
+                    warn!(volume.id = %id, code = ?e.code(), error = %e, "migration held up; retrying");
+                    self.note_migration_problem(id, &e.to_string()).await;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
@@ -265,7 +251,7 @@ impl Manager {
         let _ = store::update_json(&*self.store, Kind::Volume, id, &rec, version).await;
     }
 
-    async fn migration_step(&self, id: &str) -> Result<Step, Status> {
+    async fn migration_step(&self, id: &str) -> Result<Step, ControllerError> {
         let Some((rec, _)) = self.volume(id).await? else { return Ok(Step::Done) };
         let Some(mig) = rec.migration.clone() else { return Ok(Step::Done) };
         match mig.phase {
@@ -287,7 +273,7 @@ impl Manager {
                     now.phase = MigrationPhase::Switching;
                 }
                 rec.updated_ms = now_ms();
-                store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+                store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
                 if published {
                     drop(guard);
                     tokio::time::sleep(pause).await;
@@ -307,7 +293,7 @@ impl Manager {
 
     /// The last pass and the switch, with the volume's in-flight guard held
     /// throughout (publications wait).
-    async fn switch(&self, id: &str, _guard: crate::keyed_locks::KeyGuard) -> Result<Step, Status> {
+    async fn switch(&self, id: &str, _guard: crate::keyed_locks::KeyGuard) -> Result<Step, ControllerError> {
         let Some((rec, version)) = self.volume(id).await? else { return Ok(Step::Done) };
         let Some(mig) = rec.migration.clone().filter(|m| m.phase == MigrationPhase::Switching) else { return Ok(Step::Again) };
         let published: Vec<String> = self.publications(id).await?.into_iter().map(|e| e.node_id).collect();
@@ -315,16 +301,14 @@ impl Manager {
             // Published before `Switching` was written (an older controller):
             // back to live passes, or wait where they are impossible.
             if !mig.live {
-                return Err(Status::failed_precondition(format!(
-                    "volume {id} is published to {} again; its offline migration waits until it is unpublished",
-                    published.join(", ")
-                )));
+                let why = "again: its offline migration waits until it is unpublished".into();
+                return Err(ControllerError::InUse { volume: id.to_string(), nodes: published, why });
             }
             let mut rec = rec;
             if let Some(m) = rec.migration.as_mut() {
                 m.phase = MigrationPhase::Copying;
             }
-            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
             return Ok(Step::Again);
         }
         if !self.run_pass(&rec, &mig, false).await? {
@@ -341,7 +325,7 @@ impl Manager {
         rec.accessible_topology = vec![accessible_from(&mig.to, &zone, rec.accessibility)];
         rec.updated_ms = now_ms();
         // The switch: one compare-and-set. Before it the source is the volume, after it the target.
-        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
         info!(volume.id = %id, from = %mig.from, to = %mig.to, passes = mig.pass, "volume switched to its new node");
         self.event(&rec, false, "Migrated", format!("the volume now lives on node {} (was {})", mig.to, mig.from)).await;
         Ok(Step::Again)
@@ -349,7 +333,7 @@ impl Manager {
 
     /// Copy pass `mig.pass` to the target and follow it until it is done
     /// (true), or until the record moves on (false: cancelled, say).
-    async fn run_pass(&self, rec: &VolumeRec, mig: &MigrationRec, more: bool) -> Result<bool, Status> {
+    async fn run_pass(&self, rec: &VolumeRec, mig: &MigrationRec, more: bool) -> Result<bool, ControllerError> {
         let id = rec.id.as_str();
         let finished = |v: &pb::Volume| {
             if more {
@@ -359,16 +343,16 @@ impl Manager {
             }
         };
         // Done already (a restart after the pass): its export and its base may be gone.
-        let mut target = self.agent_for(&mig.to).await.map_err(status_of)?;
+        let mut target = self.agent_for(&mig.to).await?;
         match target.get_volume(pb::GetVolumeRequest { volume_id: id.to_string() }).await {
             Ok(r) if r.volume.as_ref().is_some_and(finished) => return Ok(true),
             Ok(_) => {}
             Err(s) if s.code() == Code::NotFound => {}
-            Err(s) => return Err(s),
+            Err(s) => return Err(ControllerError::during(format!("node {}", mig.to))(s)),
         }
         let snapshot = mig.live.then(|| mig.pass_snapshot(id, mig.pass));
         let base = (mig.live && mig.pass > 1).then(|| mig.pass_snapshot(id, mig.pass - 1));
-        let mut source = self.agent_for(&mig.from).await.map_err(status_of)?;
+        let mut source = self.agent_for(&mig.from).await?;
         if let Some(s) = &snapshot {
             source
                 .create_snapshot(pb::CreateSnapshotRequest {
@@ -378,12 +362,7 @@ impl Manager {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| {
-                    Status::new(
-                        e.code(),
-                        format!("node {} could not snapshot volume {id} for pass {}: {}", mig.from, mig.pass, e.message()),
-                    )
-                })?;
+                .map_err(ControllerError::during(format!("node {} could not snapshot volume {id} for pass {}", mig.from, mig.pass)))?;
         }
         let export = source
             .create_export(pb::CreateExportRequest {
@@ -397,11 +376,9 @@ impl Manager {
                 plain_from: vec![],
             })
             .await
-            .map_err(|e| {
-                Status::new(e.code(), format!("node {} could not export volume {id} to node {}: {}", mig.from, mig.to, e.message()))
-            })?
+            .map_err(ControllerError::during(format!("node {} could not export volume {id} to node {}", mig.from, mig.to)))?
             .export
-            .ok_or_else(|| Status::internal("the agent answered without an export"))?;
+            .ok_or(ControllerError::IncompleteAnswer("an export"))?;
         let req = pb::CreateVolumeRequest {
             volume_id: id.to_string(),
             size_bytes: rec.size_bytes,
@@ -421,14 +398,16 @@ impl Manager {
             let Some((mut now, version)) = self.volume(id).await? else { return Ok(false) };
             let Some(cur) = now.migration.as_mut().filter(|m| m.phase == mig.phase && m.pass == mig.pass) else { return Ok(false) };
             let answer = match self.agent_for(&mig.to).await {
-                Ok(mut agent) => agent.create_volume(req.clone()).await.map(|r| r.volume.unwrap_or_default()),
-                Err(e) => Err(status_of(e)),
+                Ok(mut agent) => {
+                    agent.create_volume(req.clone()).await.map(|r| r.volume.unwrap_or_default()).map_err(ControllerError::Agent)
+                }
+                Err(e) => Err(e),
             };
             match answer {
                 Ok(v) if finished(&v) => {
                     if (cur.pass_copied_bytes, cur.pass_total_bytes) != (v.copied_bytes, v.copy_total_bytes) {
                         (cur.pass_copied_bytes, cur.pass_total_bytes) = (v.copied_bytes, v.copy_total_bytes);
-                        store::update_json(&*self.store, Kind::Volume, id, &now, version).await.map_err(store_status)?;
+                        store::update_json(&*self.store, Kind::Volume, id, &now, version).await?;
                     }
                     info!(volume.id = %id, pass = mig.pass, copied = v.copied_bytes, last = !more, "migration pass copied");
                     return Ok(true);
@@ -440,16 +419,17 @@ impl Manager {
                         cur.problem = Some(v.problem).filter(|p| !p.is_empty());
                         match store::update_json(&*self.store, Kind::Volume, id, &now, version).await {
                             Ok(_) | Err(StoreError::Conflict { .. }) => {}
-                            Err(e) => return Err(store_status(e)),
+                            Err(e) => return Err(e.into()),
                         }
                         recorded_at = Instant::now();
                     }
                 }
                 // The target refused (capacity, arguments, the fence): the driver retries and notes why.
-                Err(s) if copy_refused(s.code()) => {
-                    return Err(Status::new(s.code(), format!("node {} refused pass {} of volume {id}: {}", mig.to, mig.pass, s.message())))
+                Err(e) if copy_refused(e.code()) => {
+                    let what = format!("node {} refused pass {} of volume {id}", mig.to, mig.pass);
+                    return Err(ControllerError::During { what, cause: Box::new(e) });
                 }
-                Err(s) => warn!(volume.id = %id, node = %mig.to, error = %s.message(), "cannot ask the target about its copy now"),
+                Err(e) => warn!(volume.id = %id, node = %mig.to, error = %e, "cannot ask the target about its copy now"),
             }
             tokio::time::sleep(POLL).await;
         }
@@ -457,7 +437,7 @@ impl Manager {
 
     /// A live pass is copied: its export goes, and so does the previous
     /// pass's snapshot (this pass's is the next one's base).
-    async fn end_pass(&self, id: &str, mig: &MigrationRec) -> Result<(), Status> {
+    async fn end_pass(&self, id: &str, mig: &MigrationRec) -> Result<(), ControllerError> {
         self.drop_pass_export(id, mig).await?;
         if mig.pass > 1 {
             self.delete_pass_snapshot(id, mig, mig.pass - 1).await?;
@@ -465,56 +445,57 @@ impl Manager {
         Ok(())
     }
 
-    async fn drop_pass_export(&self, id: &str, mig: &MigrationRec) -> Result<(), Status> {
+    async fn drop_pass_export(&self, id: &str, mig: &MigrationRec) -> Result<(), ControllerError> {
         let source = if mig.live { SourceRef::Snapshot(mig.pass_snapshot(id, mig.pass)) } else { SourceRef::Volume(id.to_string()) };
         self.drop_copy_export(id, &source, &mig.from, &mig.to).await
     }
 
-    async fn delete_pass_snapshot(&self, id: &str, mig: &MigrationRec, pass: u32) -> Result<(), Status> {
+    async fn delete_pass_snapshot(&self, id: &str, mig: &MigrationRec, pass: u32) -> Result<(), ControllerError> {
         if !mig.live || self.node_in_view(&mig.from).await?.is_none() {
             return Ok(());
         }
         let snapshot_id = mig.pass_snapshot(id, pass);
-        let mut agent = self.agent_for(&mig.from).await.map_err(status_of)?;
-        agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: snapshot_id.clone() }).await.map_err(|e| {
-            Status::new(e.code(), format!("node {} could not delete pass snapshot {snapshot_id}: {}", mig.from, e.message()))
-        })?;
+        let mut agent = self.agent_for(&mig.from).await?;
+        agent
+            .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: snapshot_id.clone() })
+            .await
+            .map_err(ControllerError::during(format!("node {} could not delete pass snapshot {snapshot_id}", mig.from)))?;
         Ok(())
     }
 
     /// Remove everything of the migration on `node` (the export, the pass
     /// snapshots, and the volume's image there), then the migration from
     /// the record.
-    async fn remove_leftovers(&self, id: &str, mig: &MigrationRec, image_on: &str) -> Result<(), Status> {
+    async fn remove_leftovers(&self, id: &str, mig: &MigrationRec, image_on: &str) -> Result<(), ControllerError> {
         self.drop_pass_export(id, mig).await?;
         self.delete_pass_snapshot(id, mig, mig.pass).await?;
         if mig.pass > 1 {
             self.delete_pass_snapshot(id, mig, mig.pass - 1).await?;
         }
         if self.node_in_view(image_on).await?.is_some() {
-            let mut agent = self.agent_for(image_on).await.map_err(status_of)?;
+            let mut agent = self.agent_for(image_on).await?;
             agent
                 .delete_volume(pb::DeleteVolumeRequest { volume_id: id.to_string() })
                 .await
-                .map_err(|e| Status::new(e.code(), format!("node {image_on} could not delete its copy of volume {id}: {}", e.message())))?;
+                .map_err(ControllerError::during(format!("node {image_on} could not delete its copy of volume {id}")))?;
         }
         let _guard = self.inflight.acquire(id).await;
         let Some((mut rec, version)) = self.volume(id).await? else { return Ok(()) };
         if rec.migration.as_ref().is_some_and(|m| m.phase == mig.phase && m.to == mig.to) {
             rec.migration = None;
             rec.updated_ms = now_ms();
-            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
         }
         Ok(())
     }
 
-    async fn clean_up(&self, id: &str, mig: &MigrationRec) -> Result<Step, Status> {
+    async fn clean_up(&self, id: &str, mig: &MigrationRec) -> Result<Step, ControllerError> {
         self.remove_leftovers(id, mig, &mig.from).await?;
         info!(volume.id = %id, from = %mig.from, to = %mig.to, copied = mig.copied_bytes, "migration complete; the source's image is gone");
         Ok(Step::Done)
     }
 
-    async fn roll_back(&self, id: &str, mig: &MigrationRec) -> Result<Step, Status> {
+    async fn roll_back(&self, id: &str, mig: &MigrationRec) -> Result<Step, ControllerError> {
         self.remove_leftovers(id, mig, &mig.to).await?;
         info!(volume.id = %id, from = %mig.from, to = %mig.to, "migration cancelled; the target's copy is gone");
         Ok(Step::Done)

@@ -5,6 +5,7 @@ pub mod agents;
 mod create;
 mod crossnode;
 mod delete;
+pub mod error;
 pub mod evacuate;
 mod expand;
 pub mod forward;
@@ -21,6 +22,7 @@ pub mod records;
 pub mod service;
 mod snapshot;
 
+pub use error::ControllerError;
 pub use group_service::GroupControllerService;
 pub use manager::{ControllerConfig, Leadership, Manager};
 pub use reconciler::ReconcileReport;

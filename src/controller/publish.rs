@@ -15,10 +15,10 @@
 
 use std::collections::BTreeMap;
 
-use tonic::{Code, Status};
 use tracing::info;
 
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::attach::nbd::{
@@ -58,44 +58,43 @@ fn context_of(rec: &ExportRec) -> BTreeMap<String, String> {
 
 /// The address a consumer without kernel TLS connects from, when it needs
 /// one: `None` for a consumer that speaks TLS.
-fn plain_text_address(consumer: &NodeRec) -> Result<Option<std::net::IpAddr>, Status> {
+fn plain_text_address(consumer: &NodeRec) -> Result<Option<std::net::IpAddr>, ControllerError> {
     if consumer.attach_engine != ENGINE_KERNEL || consumer.attach_tls != TLS_PLAIN {
         return Ok(None);
     }
     let host = consumer.agent_address.split("://").last().unwrap_or_default();
     let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_start_matches('[').trim_end_matches(']');
-    host.parse().map(Some).map_err(|_| {
-        Status::failed_precondition(format!(
-            "node {} attaches with kernel NBD without kernel TLS, so its export must admit its address in plain text, \
+    host.parse().map(Some).map_err(|_| ControllerError::NodeUnfit {
+        node: consumer.id.clone(),
+        why: format!(
+            "attaches with kernel NBD without kernel TLS, so its export must admit its address in plain text, \
              but its agent address {:?} names no IP address; advertise the agent by IP (--agent-advertise) or load the \
              tls module on that node",
-            consumer.id, consumer.agent_address
-        ))
+            consumer.agent_address
+        ),
     })
 }
 
 impl Manager {
     /// Every publication of a volume.
-    pub async fn publications(&self, volume_id: &str) -> Result<Vec<ExportRec>, Status> {
+    pub async fn publications(&self, volume_id: &str) -> Result<Vec<ExportRec>, ControllerError> {
         Ok(store::list_json::<ExportRec>(&*self.store, Kind::Export)
-            .await
-            .map_err(store_status)?
+            .await?
             .into_iter()
             .map(|(e, _)| e)
             .filter(|e| e.volume_id == volume_id)
             .collect())
     }
 
-    pub async fn publish_volume(&self, p: Publish) -> Result<BTreeMap<String, String>, Status> {
+    pub async fn publish_volume(&self, p: Publish) -> Result<BTreeMap<String, String>, ControllerError> {
         self.wait_leader().await?;
         let m = self.clone();
         self.detached(async move { m.publish_now(p).await }).await
     }
 
-    async fn publish_now(&self, p: Publish) -> Result<BTreeMap<String, String>, Status> {
+    async fn publish_now(&self, p: Publish) -> Result<BTreeMap<String, String>, ControllerError> {
         let _guard = self.inflight.acquire(&p.volume_id).await;
-        let (vol, _) =
-            self.volume(&p.volume_id).await?.ok_or_else(|| Status::not_found(format!("volume {} does not exist", p.volume_id)))?;
+        let (vol, _) = self.volume(&p.volume_id).await?.ok_or_else(|| ControllerError::not_found("volume", &p.volume_id))?;
         // A volume coming back into use while a live migration has a full
         // copy on its target (a drain: the pod was evicted, its volume
         // released, and its new pod wants it): refused until the switch,
@@ -109,28 +108,21 @@ impl Manager {
         {
             if self.publications(&vol.id).await?.is_empty() {
                 self.ensure_migration_driver(&vol.id);
-                return Err(Status::aborted(format!(
-                    "volume {} is moving to node {}: it switches at the end of its current pass; retry in a moment",
-                    vol.id, m.to
-                )));
+                let (volume, to, phase) = (vol.id.clone(), m.to.clone(), m.phase);
+                return Err(ControllerError::Migrating { volume, to, phase, then: "it switches at the end of its current pass" });
             }
         }
         if let Some(m) = vol.migration.as_ref().filter(|m| m.phase == MigrationPhase::Switching) {
             // The last pass is being copied (or a restarted controller has
             // not resumed it yet): a write to the source now would be lost.
-            return Err(Status::aborted(format!(
-                "volume {} is switching to node {} (its migration's last pass); retry in a moment",
-                vol.id, m.to
-            )));
+            let (volume, to, phase) = (vol.id.clone(), m.to.clone(), m.phase);
+            return Err(ControllerError::Migrating { volume, to, phase, then: "its last pass is being copied, then it switches" });
         }
         let (Phase::Available, Some(owner)) = (vol.phase, vol.node.clone()) else {
-            return Err(Status::failed_precondition(format!(
-                "volume {} is {:?}; only an Available volume can be published",
-                vol.id, vol.phase
-            )));
+            let what = format!("volume {}", vol.id);
+            return Err(ControllerError::NotAvailable { what, phase: vol.phase, then: "only an Available volume can be published" });
         };
-        let (consumer, _) =
-            self.node(&p.node_id).await?.ok_or_else(|| Status::not_found(format!("node {} does not exist (no StorageNode)", p.node_id)))?;
+        let (consumer, _) = self.node(&p.node_id).await?.ok_or_else(|| ControllerError::NodeNotFound { node: p.node_id.clone() })?;
         // Where it may go at all comes first: a node it can never reach is
         // told so, whoever holds the volume now.
         if p.node_id != owner {
@@ -143,27 +135,20 @@ impl Manager {
                         format!("it is accessible from zone {owner_zone:?} only, and node {} is in zone {:?}", p.node_id, consumer.zone)
                     }
                 };
-                return Err(Status::failed_precondition(format!("volume {} cannot be published to node {}: {why}", vol.id, p.node_id)));
+                return Err(ControllerError::TopologyUnmet(format!("volume {} cannot be published to node {}: {why}", vol.id, p.node_id)));
             }
         }
         let id = export_id_for(&p.volume_id, &p.node_id);
         let others: Vec<ExportRec> = self.publications(&p.volume_id).await?.into_iter().filter(|e| e.node_id != p.node_id).collect();
         if p.single_node {
             if let Some(o) = others.first() {
-                return Err(Status::failed_precondition(format!(
-                    "volume {} is published to node {} already, and its access mode allows one node at a time",
-                    vol.id, o.node_id
-                )));
+                let why = "its access mode allows one node at a time".into();
+                return Err(ControllerError::InUse { volume: vol.id.clone(), nodes: vec![o.node_id.clone()], why });
             }
         }
-        if let Some((rec, version)) = store::get_json::<ExportRec>(&*self.store, Kind::Export, &id).await.map_err(store_status)? {
+        if let Some((rec, version)) = store::get_json::<ExportRec>(&*self.store, Kind::Export, &id).await? {
             if rec.read_only != p.read_only {
-                return Err(Status::already_exists(format!(
-                    "volume {} is published to node {} {} already; unpublish it first",
-                    vol.id,
-                    p.node_id,
-                    if rec.read_only { "read-only" } else { "read-write" }
-                )));
+                return Err(ControllerError::PublishedOtherwise { volume: vol.id, node: p.node_id, read_only: rec.read_only });
             }
             if rec.phase == Phase::Available {
                 return Ok(context_of(&rec));
@@ -184,7 +169,7 @@ impl Manager {
             plain_text: p.node_id != owner && plain_text_address(&consumer)?.is_some(),
         };
         // The record first: a controller restart then knows an export may exist.
-        let version = store::create_json(&*self.store, Kind::Export, &id, &rec).await.map_err(store_status)?;
+        let version = store::create_json(&*self.store, Kind::Export, &id, &rec).await?;
         if rec.protocol == TRANSPORT_LOCAL {
             info!(volume.id = %vol.id, node = %p.node_id, "volume published on its own node");
             return Ok(context_of(&rec));
@@ -193,28 +178,27 @@ impl Manager {
     }
 
     /// Have the owner export the volume to the consumer and record where.
-    async fn export(&self, mut rec: ExportRec, version: u64) -> Result<BTreeMap<String, String>, Status> {
+    async fn export(&self, mut rec: ExportRec, version: u64) -> Result<BTreeMap<String, String>, ControllerError> {
         if rec.protocol == TRANSPORT_LOCAL {
             rec.phase = Phase::Available;
-            store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
+            store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await?;
             return Ok(context_of(&rec));
         }
         let plain_from = if rec.plain_text {
-            let (consumer, _) = self
-                .node(&rec.node_id)
-                .await?
-                .ok_or_else(|| Status::not_found(format!("node {} does not exist (no StorageNode)", rec.node_id)))?;
-            let address = plain_text_address(&consumer)?.ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "node {} was published to in plain text but now reports attach_tls {:?}; unpublish and publish again",
-                    rec.node_id, consumer.attach_tls
-                ))
+            let (consumer, _) =
+                self.node(&rec.node_id).await?.ok_or_else(|| ControllerError::NodeNotFound { node: rec.node_id.clone() })?;
+            let address = plain_text_address(&consumer)?.ok_or_else(|| ControllerError::NodeUnfit {
+                node: rec.node_id.clone(),
+                why: format!(
+                    "was published to in plain text but now reports attach_tls {:?}; unpublish and publish again",
+                    consumer.attach_tls
+                ),
             })?;
             vec![address.to_string()]
         } else {
             vec![]
         };
-        let mut agent = self.agent_for(&rec.owner_node).await.map_err(|e| Status::new(e.code, e.message))?;
+        let mut agent = self.agent_for(&rec.owner_node).await?;
         let made = agent
             .create_export(pb::CreateExportRequest {
                 volume_id: rec.volume_id.clone(),
@@ -224,15 +208,13 @@ impl Manager {
                 ..Default::default()
             })
             .await
-            .map_err(|s| {
-                Status::new(s.code(), format!("node {} could not export volume {}: {}", rec.owner_node, rec.volume_id, s.message()))
-            })?
+            .map_err(ControllerError::during(format!("node {} could not export volume {}", rec.owner_node, rec.volume_id)))?
             .export
-            .ok_or_else(|| Status::internal("the agent answered without an export"))?;
+            .ok_or(ControllerError::IncompleteAnswer("an export"))?;
         rec.address = made.address;
         rec.export_name = made.export_name;
         rec.phase = Phase::Available;
-        store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
+        store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await?;
         if rec.plain_text {
             tracing::warn!(volume.id = %rec.volume_id, owner = %rec.owner_node, consumer = %rec.node_id, address = %rec.address, "volume exported over NBD admitting the consumer's address in PLAIN TEXT: its kernel has no kernel TLS");
         } else {
@@ -241,36 +223,27 @@ impl Manager {
         Ok(context_of(&rec))
     }
 
-    pub async fn unpublish_volume(&self, volume_id: &str, node_id: &str) -> Result<(), Status> {
+    pub async fn unpublish_volume(&self, volume_id: &str, node_id: &str) -> Result<(), ControllerError> {
         self.wait_leader().await?;
         let (m, v, n) = (self.clone(), volume_id.to_string(), node_id.to_string());
         self.detached(async move { m.unpublish_now(&v, &n).await }).await
     }
 
-    async fn unpublish_now(&self, volume_id: &str, node_id: &str) -> Result<(), Status> {
+    async fn unpublish_now(&self, volume_id: &str, node_id: &str) -> Result<(), ControllerError> {
         let _guard = self.inflight.acquire(volume_id).await;
         let targets: Vec<(ExportRec, u64)> = if node_id.is_empty() {
             // No node: unpublish everywhere (CSI allows it).
-            store::list_json::<ExportRec>(&*self.store, Kind::Export)
-                .await
-                .map_err(store_status)?
-                .into_iter()
-                .filter(|(e, _)| e.volume_id == volume_id)
-                .collect()
+            store::list_json::<ExportRec>(&*self.store, Kind::Export).await?.into_iter().filter(|(e, _)| e.volume_id == volume_id).collect()
         } else {
-            store::get_json::<ExportRec>(&*self.store, Kind::Export, &export_id_for(volume_id, node_id))
-                .await
-                .map_err(store_status)?
-                .into_iter()
-                .collect()
+            store::get_json::<ExportRec>(&*self.store, Kind::Export, &export_id_for(volume_id, node_id)).await?.into_iter().collect()
         };
         for (mut rec, mut version) in targets {
             if rec.phase != Phase::Deleting {
                 rec.phase = Phase::Deleting;
-                version = store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await.map_err(store_status)?;
+                version = store::update_json(&*self.store, Kind::Export, &rec.id, &rec, version).await?;
             }
             if rec.protocol == TRANSPORT_NBD {
-                let mut agent = self.agent_for(&rec.owner_node).await.map_err(|e| Status::new(e.code, e.message))?;
+                let mut agent = self.agent_for(&rec.owner_node).await?;
                 agent
                     .delete_export(pb::DeleteExportRequest {
                         volume_id: rec.volume_id.clone(),
@@ -279,21 +252,12 @@ impl Manager {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|s| {
-                        let code = if s.code() == Code::FailedPrecondition { Code::FailedPrecondition } else { Code::Unavailable };
-                        Status::new(
-                            code,
-                            format!(
-                                "node {} still serves volume {} to node {}: {}; retry",
-                                rec.owner_node,
-                                rec.volume_id,
-                                rec.node_id,
-                                s.message()
-                            ),
-                        )
-                    })?;
+                    .map_err(ControllerError::unfinished_unless_refused(format!(
+                        "node {} still serves volume {} to node {}",
+                        rec.owner_node, rec.volume_id, rec.node_id
+                    )))?;
             }
-            self.store.delete(Kind::Export, &rec.id, Some(version)).await.map_err(store_status)?;
+            self.store.delete(Kind::Export, &rec.id, Some(version)).await?;
             info!(volume.id = %rec.volume_id, node = %rec.node_id, protocol = %rec.protocol, "volume unpublished");
         }
         Ok(())
@@ -303,6 +267,7 @@ impl Manager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     fn node(engine: &str, tls: &str, agent: &str) -> NodeRec {
         let mut n: NodeRec = serde_json::from_value(serde_json::json!({
@@ -317,7 +282,7 @@ mod tests {
 
     #[test]
     fn only_a_kernel_engine_without_kernel_tls_gets_plain_text_from_its_agent_ip() {
-        let ip = |n: &NodeRec| plain_text_address(n).map_err(|s| s.code());
+        let ip = |n: &NodeRec| plain_text_address(n).map_err(|e| e.code());
         assert_eq!(ip(&node("kernel-nbd", "plain", "https://10.0.0.7:9810")), Ok(Some("10.0.0.7".parse().unwrap())));
         assert_eq!(ip(&node("kernel-nbd", "plain", "https://[fd00::7]:9810")), Ok(Some("fd00::7".parse().unwrap())));
         assert_eq!(ip(&node("kernel-nbd", "kernel-tls", "https://10.0.0.7:9810")), Ok(None));

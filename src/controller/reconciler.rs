@@ -22,11 +22,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use tonic::{Code, Status};
+use tonic::Code;
 use tracing::{info, warn};
 
 use super::create::accessible_from;
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::metrics::{PoolLabels, METRICS};
@@ -51,7 +52,7 @@ impl Manager {
     /// The records are read once, a page at a time, keeping only what the
     /// pass needs (IDs per node, the few stuck or expired records): its
     /// memory does not grow with the records' size, only with their number.
-    pub async fn reconcile_once(&self) -> Result<ReconcileReport, Status> {
+    pub async fn reconcile_once(&self) -> Result<ReconcileReport, ControllerError> {
         let mut report = ReconcileReport::default();
         if !self.is_leader() {
             // A later term starts its watch afresh.
@@ -96,8 +97,7 @@ impl Manager {
                 owned.entry(n).or_default().insert(rec.id);
             }
         })
-        .await
-        .map_err(store_status)?;
+        .await?;
         let mut stuck_snapshots = Vec::new();
         store::for_each_json::<SnapshotRec>(&*self.store, Kind::Snapshot, |s, _| {
             phases.snapshot(s.phase);
@@ -109,8 +109,7 @@ impl Manager {
             }
             owned.entry(s.node).or_default().insert(s.id);
         })
-        .await
-        .map_err(store_status)?;
+        .await?;
         phases.publish();
         // A migration no driver follows (a restarted or new leader) goes on.
         for id in &migrating {
@@ -152,7 +151,7 @@ impl Manager {
         Ok(report)
     }
 
-    async fn resume_migrations(&self) -> Result<(), Status> {
+    async fn resume_migrations(&self) -> Result<(), ControllerError> {
         self.view_ready().await?;
         let mut migrating = Vec::new();
         store::for_each_json::<VolumeRec>(&*self.store, Kind::Volume, |rec, _| {
@@ -160,15 +159,14 @@ impl Manager {
                 migrating.push(rec.id);
             }
         })
-        .await
-        .map_err(store_status)?;
+        .await?;
         for id in &migrating {
             self.ensure_migration_driver(id);
         }
         Ok(())
     }
 
-    async fn resolve_stuck_volume(&self, id: &str, report: &mut ReconcileReport) -> Result<(), Status> {
+    async fn resolve_stuck_volume(&self, id: &str, report: &mut ReconcileReport) -> Result<(), ControllerError> {
         let _guard = self.inflight.acquire(id).await;
         let Some((mut rec, version)) = self.volume(id).await? else { return Ok(()) };
         if rec.phase != Phase::Creating {
@@ -185,7 +183,7 @@ impl Manager {
                         if let Some(c) = rec.copy.as_mut().filter(|c| c.copied_bytes != v.copied_bytes) {
                             (c.copied_bytes, c.total_bytes) = (v.copied_bytes, v.copy_total_bytes);
                             rec.updated_ms = now_ms();
-                            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+                            store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
                         }
                         return Ok(());
                     }
@@ -200,7 +198,7 @@ impl Manager {
                     rec.phase = Phase::Available;
                     rec.error = None;
                     rec.updated_ms = now_ms();
-                    store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+                    store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
                     info!(volume.id = %id, node = %node, "interrupted creation finished: the node had made the volume");
                     report.stuck_finished.push(id.to_string());
                     return Ok(());
@@ -214,12 +212,12 @@ impl Manager {
         rec.node = None;
         rec.error = Some("creation was interrupted before the node made the volume; a retry of CreateVolume starts it again".into());
         rec.updated_ms = now_ms();
-        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await.map_err(store_status)?;
+        store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
         report.stuck_failed.push(id.to_string());
         Ok(())
     }
 
-    async fn resolve_stuck_snapshot(&self, id: &str, report: &mut ReconcileReport) -> Result<(), Status> {
+    async fn resolve_stuck_snapshot(&self, id: &str, report: &mut ReconcileReport) -> Result<(), ControllerError> {
         let _guard = self.inflight.acquire(id).await;
         let Some((mut rec, version)) = self.snapshot(id).await? else { return Ok(()) };
         if rec.phase != Phase::Creating {
@@ -244,7 +242,7 @@ impl Manager {
             }
             Err(_) => return Ok(()),
         }
-        store::update_json(&*self.store, Kind::Snapshot, id, &rec, version).await.map_err(store_status)?;
+        store::update_json(&*self.store, Kind::Snapshot, id, &rec, version).await?;
         Ok(())
     }
 
@@ -324,19 +322,23 @@ impl Manager {
     }
 
     /// A node's quarantined images.
-    pub async fn list_orphans(&self, node: &str) -> Result<Vec<pb::Orphan>, Status> {
-        let (rec, _) = self.node(node).await?.ok_or_else(|| Status::not_found(format!("no node is called {node:?}")))?;
+    pub async fn list_orphans(&self, node: &str) -> Result<Vec<pb::Orphan>, ControllerError> {
+        let (rec, _) = self.node(node).await?.ok_or_else(|| ControllerError::NodeNotFound { node: node.to_string() })?;
         let mut agent = self.agent_of(rec)?;
-        Ok(agent.list_orphans(pb::ListOrphansRequest {}).await?.orphans)
+        Ok(agent.list_orphans(pb::ListOrphansRequest {}).await.map_err(ControllerError::during(format!("node {node}")))?.orphans)
     }
 
     /// Delete a node's quarantined images older than `older_than` (node
     /// clock): an operator's request, the leader carries it out.
-    pub async fn purge_orphans(&self, node: &str, older_than: Duration, dry_run: bool) -> Result<Vec<pb::Orphan>, Status> {
+    pub async fn purge_orphans(&self, node: &str, older_than: Duration, dry_run: bool) -> Result<Vec<pb::Orphan>, ControllerError> {
         self.wait_leader().await?;
-        let (rec, _) = self.node(node).await?.ok_or_else(|| Status::not_found(format!("no node is called {node:?}")))?;
+        let (rec, _) = self.node(node).await?.ok_or_else(|| ControllerError::NodeNotFound { node: node.to_string() })?;
         let mut agent = self.agent_of(rec)?;
-        let purged = agent.purge_orphans(pb::PurgeOrphansRequest { older_than_ms: older_than.as_millis() as u64, dry_run }).await?.purged;
+        let purged = agent
+            .purge_orphans(pb::PurgeOrphansRequest { older_than_ms: older_than.as_millis() as u64, dry_run })
+            .await
+            .map_err(ControllerError::during(format!("node {node}")))?
+            .purged;
         if !dry_run && !purged.is_empty() {
             let bytes: u64 = purged.iter().map(|o| o.allocated_bytes).sum();
             warn!(node, count = purged.len(), bytes, "quarantined images purged on an operator's request");
@@ -355,18 +357,18 @@ impl Manager {
     pub async fn run_reconciler(self, every: Duration) {
         // Migrations left by a restart go on at once, not a pass later.
         if let Err(e) = self.resume_migrations().await {
-            warn!(error = %e.message(), "could not look for migrations to resume");
+            warn!(error = %e, "could not look for migrations to resume");
         }
         loop {
             tokio::time::sleep(every).await;
             match self.reconcile_once().await {
                 Ok(r) if r != ReconcileReport::default() => info!(?r, "reconciler acted"),
                 Ok(_) => {}
-                Err(e) => warn!(error = %e.message(), "reconciler pass failed"),
+                Err(e) => warn!(error = %e, "reconciler pass failed"),
             }
             if self.is_leader() {
                 if let Err(e) = self.check_health().await {
-                    warn!(error = %e.message(), "volume health check failed");
+                    warn!(error = %e, "volume health check failed");
                 }
             }
         }

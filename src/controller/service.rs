@@ -1,10 +1,13 @@
-//! CSI Controller: validate, map to the manager, map the answer. Thin.
+//! CSI Controller: validate, map to the manager, map the answer. Thin: a
+//! gRPC edge, where the manager's `ControllerError` becomes a `Status`
+//! (`controller/error.rs` picks the code).
 
 use std::collections::BTreeMap;
 
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
+use super::error::ControllerError;
 use super::manager::{CreateVolumeSpec, Manager};
 use super::publish::Publish;
 use super::records::{Accessibility, Phase, SnapshotRec, SourceRef, VolumeRec};
@@ -471,10 +474,8 @@ impl csi::controller_server::Controller for ControllerService {
             if !is_our_id("vol-", &r.source_volume_id) {
                 // Same name with another source is a conflict even if that source is unknown.
                 if let Some((s, _)) = self.manager.snapshot(&super::records::snapshot_id_for(&r.name)).await? {
-                    return Err(Status::already_exists(format!(
-                        "snapshot name {:?} is taken by a snapshot of volume {}",
-                        r.name, s.source_volume_id
-                    )));
+                    let holder = format!("a snapshot of volume {}", s.source_volume_id);
+                    return Err(ControllerError::NameTaken { kind: "snapshot", name: r.name.clone(), holder }.into());
                 }
                 return Err(Status::not_found(format!("source volume {} does not exist", r.source_volume_id)));
             }

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tonic::{Code, Status};
+use tonic::Code;
 use tracing::{info, warn};
 
-use super::agents::{is_mismatch, outcome_unknown};
-use super::manager::{store_status, Manager};
+use super::error::ControllerError;
+use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::store::{self, Kind};
@@ -20,7 +20,7 @@ impl Manager {
         name: &str,
         source_volume_id: &str,
         parameters: BTreeMap<String, String>,
-    ) -> Result<SnapshotRec, Status> {
+    ) -> Result<SnapshotRec, ControllerError> {
         self.wait_leader().await?;
         let (m, name, source) = (self.clone(), name.to_string(), source_volume_id.to_string());
         self.detached(async move { m.create_snapshot_now(&name, &source, parameters).await }).await
@@ -31,19 +31,17 @@ impl Manager {
         name: &str,
         source_volume_id: &str,
         parameters: BTreeMap<String, String>,
-    ) -> Result<SnapshotRec, Status> {
+    ) -> Result<SnapshotRec, ControllerError> {
         let id = snapshot_id_for(name);
         let _guard = self.inflight.acquire(&id).await;
         if let Some((rec, version)) = self.snapshot(&id).await? {
             if rec.source_volume_id != source_volume_id {
-                return Err(Status::already_exists(format!(
-                    "snapshot name {name:?} is taken by a snapshot of volume {}; pick another name",
-                    rec.source_volume_id
-                )));
+                let holder = format!("a snapshot of volume {}", rec.source_volume_id);
+                return Err(ControllerError::NameTaken { kind: "snapshot", name: name.to_string(), holder });
             }
             match rec.phase {
                 Phase::Available => return Ok(rec),
-                Phase::Deleting => return Err(Status::aborted(format!("snapshot {name:?} is being deleted; retry"))),
+                Phase::Deleting => return Err(ControllerError::BeingDeleted { kind: "snapshot", name: name.to_string() }),
                 // Creating after an interruption, or Error: again, on the same node.
                 _ => return self.run_snapshot(rec, version).await,
             }
@@ -52,12 +50,10 @@ impl Manager {
             .volume(source_volume_id)
             .await?
             .map(|(v, _)| v)
-            .ok_or_else(|| Status::not_found(format!("source volume {source_volume_id} does not exist")))?;
+            .ok_or_else(|| ControllerError::not_found("source volume", source_volume_id))?;
         let (Phase::Available, Some(node)) = (volume.phase, volume.node.clone()) else {
-            return Err(Status::failed_precondition(format!(
-                "source volume {source_volume_id} is {:?}, not Available; wait for it or pick another",
-                volume.phase
-            )));
+            let what = format!("source volume {source_volume_id}");
+            return Err(ControllerError::NotAvailable { what, phase: volume.phase, then: "wait for it or pick another" });
         };
         let mut metadata = volume.metadata.clone();
         metadata.extend(parameters.into_iter().filter(|(k, _)| k.starts_with("csi.storage.k8s.io/volumesnapshot")));
@@ -73,11 +69,11 @@ impl Manager {
             created_ms: now_ms(),
             group_id: None,
         };
-        let version = store::create_json(&*self.store, Kind::Snapshot, &id, &rec).await.map_err(store_status)?;
+        let version = store::create_json(&*self.store, Kind::Snapshot, &id, &rec).await?;
         self.run_snapshot(rec, version).await
     }
 
-    async fn run_snapshot(&self, mut rec: SnapshotRec, version: u64) -> Result<SnapshotRec, Status> {
+    async fn run_snapshot(&self, mut rec: SnapshotRec, version: u64) -> Result<SnapshotRec, ControllerError> {
         let req = pb::CreateSnapshotRequest {
             snapshot_id: rec.id.clone(),
             source_volume_id: rec.source_volume_id.clone(),
@@ -85,22 +81,17 @@ impl Manager {
             ..Default::default()
         };
         let result = match self.agent_for(&rec.node).await {
-            Ok(mut agent) => agent.create_snapshot(req).await.map(|r| r.snapshot),
-            Err(e) => Err(Status::new(e.code, e.message)),
+            Ok(mut agent) => agent.create_snapshot(req).await.map(|r| r.snapshot).map_err(ControllerError::Agent),
+            Err(e) => Err(e),
         };
         let result = match result {
-            Err(s) if outcome_unknown(&s) && !crate::tls::client::never_sent(&s) => {
-                warn!(snapshot.id = %rec.id, node = %rec.node, error = %s.message(), "snapshot's outcome unknown; asking the node");
+            Err(e) if e.outcome_unknown() && !e.never_sent() => {
+                warn!(snapshot.id = %rec.id, node = %rec.node, error = %e, "snapshot's outcome unknown; asking the node");
                 match self.ask_snapshot(&rec.node, &rec.id).await {
                     Ok(Some(snap)) => Ok(Some(snap)),
-                    Ok(None) => Err(s),
+                    Ok(None) => Err(e),
                     Err(asked) => {
-                        return Err(Status::unavailable(format!(
-                            "node {} did not answer ({}) and cannot be asked what it did ({}); retry",
-                            rec.node,
-                            s.message(),
-                            asked.message()
-                        )))
+                        return Err(ControllerError::OutcomeUnknown { node: rec.node, call: e.to_string(), asked: asked.to_string() })
                     }
                 }
             }
@@ -114,39 +105,37 @@ impl Manager {
                 }
                 rec.phase = Phase::Available;
                 rec.error = None;
-                store::update_json(&*self.store, Kind::Snapshot, &rec.id, &rec, version).await.map_err(store_status)?;
+                store::update_json(&*self.store, Kind::Snapshot, &rec.id, &rec, version).await?;
                 info!(snapshot.id = %rec.id, volume.id = %rec.source_volume_id, node = %rec.node, "snapshot ready");
                 Ok(rec)
             }
             Err(e) => {
                 // Revert what this call made; the record says why. Never on
                 // a node whose identity did not match.
-                if !is_mismatch(&e) {
+                if !e.is_mismatch() {
                     if let Ok(mut agent) = self.agent_for(&rec.node).await {
                         let _ = agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: rec.id.clone() }).await;
                     }
                 }
                 rec.phase = Phase::Error;
-                rec.error = Some(e.message().to_string());
+                rec.error = Some(e.to_string());
                 let _ = store::update_json(&*self.store, Kind::Snapshot, &rec.id, &rec, version).await;
-                warn!(snapshot.id = %rec.id, error = %e.message(), "snapshot failed");
-                let code = match e.code() {
-                    Code::NotFound | Code::ResourceExhausted | Code::Unavailable | Code::FailedPrecondition => e.code(),
-                    _ => Code::Internal,
-                };
-                Err(Status::new(code, format!("snapshot {} failed on node {}: {}", rec.name, rec.node, e.message())))
+                warn!(snapshot.id = %rec.id, error = %e, "snapshot failed");
+                Err(ControllerError::SnapshotFailed { snapshot: rec.name, node: rec.node, cause: Box::new(e) })
             }
         }
     }
 
     /// The snapshot as the node has it (None: it has none), asking for up
     /// to the agent deadline while the node is still making it.
-    async fn ask_snapshot(&self, node: &str, id: &str) -> Result<Option<pb::Snapshot>, Status> {
+    async fn ask_snapshot(&self, node: &str, id: &str) -> Result<Option<pb::Snapshot>, ControllerError> {
         let until = Instant::now() + self.config.agent_timeout;
         loop {
             let asked = match self.agent_for(node).await {
-                Ok(mut agent) => agent.get_snapshot(pb::GetSnapshotRequest { snapshot_id: id.to_string() }).await,
-                Err(e) => Err(Status::new(e.code, e.message)),
+                Ok(mut agent) => {
+                    agent.get_snapshot(pb::GetSnapshotRequest { snapshot_id: id.to_string() }).await.map_err(ControllerError::Agent)
+                }
+                Err(e) => Err(e),
             };
             match asked {
                 Ok(r) => {
@@ -155,38 +144,37 @@ impl Manager {
                         return Ok(Some(s));
                     }
                     if Instant::now() >= until {
-                        return Err(Status::aborted(format!("snapshot {id} is still being made on node {node}")));
+                        return Err(ControllerError::InProgress(format!("snapshot {id} is still being made on node {node}")));
                     }
                 }
-                Err(s) if s.code() == Code::NotFound => return Ok(None),
-                Err(s) if Instant::now() >= until => return Err(s),
+                Err(e) if e.code() == Code::NotFound => return Ok(None),
+                Err(e) if Instant::now() >= until => return Err(e),
                 Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
-    pub async fn delete_snapshot(&self, id: &str) -> Result<(), Status> {
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ControllerError> {
         self.wait_leader().await?;
         let (m, id) = (self.clone(), id.to_string());
         self.detached(async move { m.delete_snapshot_now(&id).await }).await
     }
 
-    async fn delete_snapshot_now(&self, id: &str) -> Result<(), Status> {
+    async fn delete_snapshot_now(&self, id: &str) -> Result<(), ControllerError> {
         let _guard = self.inflight.acquire(id).await;
         let Some((mut rec, version)) = self.snapshot(id).await? else {
             return Ok(());
         };
         if rec.phase != Phase::Deleting {
             rec.phase = Phase::Deleting;
-            store::update_json(&*self.store, Kind::Snapshot, id, &rec, version).await.map_err(store_status)?;
+            store::update_json(&*self.store, Kind::Snapshot, id, &rec, version).await?;
         }
-        let mut agent = self.agent_for(&rec.node).await.map_err(|e| Status::unavailable(e.message))?;
-        agent
-            .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: id.to_string() })
-            .await
-            .map_err(|s| Status::unavailable(format!("node {} could not delete snapshot {id}: {}; retry", rec.node, s.message())))?;
-        self.store.delete(Kind::Snapshot, id, None).await.map_err(store_status)?;
+        let mut agent = self.agent_for(&rec.node).await.map_err(|e| ControllerError::Unfinished(Box::new(e)))?;
+        agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: id.to_string() }).await.map_err(|s| {
+            ControllerError::Unfinished(Box::new(ControllerError::during(format!("node {} could not delete snapshot {id}", rec.node))(s)))
+        })?;
+        self.store.delete(Kind::Snapshot, id, None).await?;
         info!(snapshot.id = %id, "snapshot deleted");
         Ok(())
     }
