@@ -46,8 +46,11 @@ pub struct Orphan {
 const NOTE: &str = ".note.json";
 const ORPHANS_LOCK: &str = "orphaned/";
 
+/// The entry a file of `orphaned/` belongs to. A note being written is
+/// `<entry>.note.json.tmp` for a moment: it belongs to its entry, not to
+/// one called `<entry>.note` (a listing that raced a quarantine showed one).
 fn entry_stem(file: &str) -> Option<&str> {
-    [NOTE, ".img.partial", ".img", ".json.tmp", ".json"].iter().find_map(|s| file.strip_suffix(s))
+    [".note.json.tmp", NOTE, ".img.partial", ".img", ".json.tmp", ".json"].iter().find_map(|s| file.strip_suffix(s))
 }
 
 impl Pool {
@@ -184,4 +187,18 @@ fn remove(path: &Path) -> Result<(), VolumeError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entry_stem;
+
+    #[test]
+    fn every_file_of_an_entry_names_the_entry() {
+        for file in ["1-vol-a.img", "1-vol-a.img.partial", "1-vol-a.json", "1-vol-a.json.tmp", "1-vol-a.note.json", "1-vol-a.note.json.tmp"]
+        {
+            assert_eq!(entry_stem(file), Some("1-vol-a"), "{file}");
+        }
+        assert_eq!(entry_stem("README"), None);
+    }
 }
