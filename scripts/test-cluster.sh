@@ -531,7 +531,7 @@ EOF
 mover_on() { # node
   k get pods -l app=mover --field-selector "spec.nodeName=$1" \
     -o jsonpath='{range .items[?(@.status.containerStatuses[0].ready==true)]}{.metadata.name} {.metadata.deletionTimestamp}{"\n"}{end}' |
-    awk 'NF == 1 { print; exit }'
+    awk 'NF == 1 { print $1; exit }'
 }
 mover_ready_on() { [ -n "$(mover_on "$1")" ]; }
 if k rollout status deployment/mover --timeout=180s >/dev/null; then
