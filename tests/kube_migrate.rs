@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use cinderblock::admin_proto as admin;
 use cinderblock::controller::records::{MigrationPhase, VolumeRec};
 use cinderblock::csi;
-use cinderblock::kube::crds::{BlockExport, BlockSnapshot, BlockVolume};
+use cinderblock::kube::crds::{BlockExport, BlockSnapshot, BlockVolume, StorageNode};
 use common::*;
 use kube::api::{Api, ListParams};
 use kube::Client;
@@ -79,6 +79,8 @@ struct Bed {
     /// The fixed agent port of each node (a restart listens where it did).
     agent_ports: BTreeMap<String, u16>,
     bvols: Api<BlockVolume>,
+    /// Names this run's volumes (the bed may hold an earlier run's records).
+    run: u64,
 }
 
 impl Bed {
@@ -170,6 +172,17 @@ fn phase_of(rec: &VolumeRec) -> String {
     }
 }
 
+/// A free port not in `taken` (the nodes keep theirs across restarts, as a DaemonSet's do).
+fn unused_port(taken: &mut Vec<u16>) -> u16 {
+    loop {
+        let p = free_port();
+        if !taken.contains(&p) {
+            taken.push(p);
+            return p;
+        }
+    }
+}
+
 fn seed() -> u64 {
     match std::env::var("CINDERBLOCK_TEST_SEED") {
         Ok(s) => s.parse().unwrap_or_else(|_| panic!("CINDERBLOCK_TEST_SEED={s:?} is not a number")),
@@ -198,6 +211,12 @@ async fn migrations_end_whole_when_the_leader_the_source_or_the_target_is_killed
     let kc = kubeconfig.as_str();
     apply_crds(&client, &cinderblock::kube::crds::all_yaml()).await;
     register_nodes(&client, &NODES).await;
+    // A StorageNode of an earlier run on this bed names another pool: the
+    // node would register as mismatched. Removed, as an operator would.
+    let storage_nodes: Api<StorageNode> = Api::all(client.clone());
+    for (name, _) in NODES {
+        let _ = storage_nodes.delete(name, &Default::default()).await;
+    }
 
     let cb = PathBuf::from(env!("CARGO_BIN_EXE_cinderblock"));
     let pki = local_pki(d, &NODES.map(|(n, _)| n));
@@ -208,10 +227,12 @@ async fn migrations_end_whole_when_the_leader_the_source_or_the_target_is_killed
         pools: BTreeMap::new(),
         agent_ports: BTreeMap::new(),
         bvols: Api::all(client.clone()),
+        run: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
     };
+    let mut taken = vec![];
     for (name, zone) in NODES {
         let pool = if zone == "zone-1" { fs.mount.join(name).join("pool") } else { d.join(name).join("pool") };
-        let (agent_port, nbd_port) = (free_port(), free_port());
+        let (agent_port, nbd_port) = (unused_port(&mut taken), unused_port(&mut taken));
         let args = node_args(d, name, &pool, kc, &pki, &format!("127.0.0.1:{agent_port}"), &format!("127.0.0.1:{nbd_port}"));
         bed.procs.insert(name.to_string(), Proc::start(d, name, &cb, &args, &[]));
         bed.pools.insert(name.to_string(), pool);
@@ -268,7 +289,7 @@ async fn kill_and_restart(bed: &mut Bed, victim: Victim, wait_for_takeover: bool
 
 async fn migrate_and_kill(bed: &mut Bed, rng: &mut rand::rngs::StdRng, round: u32, victim: Victim) {
     let (leader, standby) = bed.leader_and_standby().await;
-    let name = format!("moving-{round}");
+    let name = format!("moving-{}-{round}", bed.run);
     let v =
         retrying("CreateVolume", || async { bed.csi(&leader).await.create_volume(zone_volume_on(&name, SOURCE, SIZE as i64, true)).await })
             .await
@@ -346,14 +367,32 @@ async fn migrate_and_kill(bed: &mut Bed, rng: &mut rand::rngs::StdRng, round: u3
     let (leader, _) = bed.leader_and_standby().await;
     let unpublish = csi::ControllerUnpublishVolumeRequest { volume_id: id.clone(), node_id: SOURCE.into(), ..Default::default() };
     retrying("ControllerUnpublishVolume", || async { bed.csi(&leader).await.controller_unpublish_volume(unpublish.clone()).await }).await;
-    let delay = Duration::from_millis(rng.random_range(0..2500));
+    // The pass under way (or the pause after it) ends, then the last pass and the switch follow.
+    let unpublished = Instant::now();
+    let leaving = loop {
+        let r = bed.record(&id).await;
+        if r.migration.as_ref().is_none_or(|m| m.phase != MigrationPhase::Copying) {
+            break r;
+        }
+        assert!(
+            unpublished.elapsed() < Duration::from_secs(60),
+            "{victim:?}: still Copying a minute after the unpublish: {}",
+            phase_of(&r)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let left_copying = unpublished.elapsed();
+    let delay = Duration::from_millis(rng.random_range(0..800));
     tokio::time::sleep(delay).await;
     let before = bed.record(&id).await;
     let killed = kill_and_restart(bed, victim, false).await;
     let after = bed.record(&id).await;
     eprintln!(
-        "{victim:?}: killed {killed} {} ms after the unpublish (before the kill: {}; after it: {}); restarted",
+        "{victim:?}: killed {killed} {} ms after the migration left Copying ({} ms after the unpublish; then {}; \
+         before the kill {}; after it {}); restarted",
         delay.as_millis(),
+        left_copying.as_millis(),
+        phase_of(&leaving),
         phase_of(&before),
         phase_of(&after)
     );
@@ -384,10 +423,12 @@ async fn migrate_and_kill(bed: &mut Bed, rng: &mut rand::rngs::StdRng, round: u3
     );
     assert_eq!(pool_files(&bed.pools["mig-b"]), Vec::<String>::new());
     let exports: Api<BlockExport> = Api::all(bed.client.clone());
-    let left: Vec<_> = exports.list(&ListParams::default()).await.unwrap().items.into_iter().map(|e| e.spec.record).collect();
+    let all = exports.list(&ListParams::default()).await.unwrap().items;
+    let left: Vec<_> = all.into_iter().map(|e| e.spec.record).filter(|e| e.volume_id == id).collect();
     assert!(left.is_empty(), "{victim:?}: BlockExports left: {left:?}");
     let snapshots: Api<BlockSnapshot> = Api::all(bed.client.clone());
-    let left: Vec<_> = snapshots.list(&ListParams::default()).await.unwrap().items.into_iter().map(|s| s.spec.record.id).collect();
+    let all = snapshots.list(&ListParams::default()).await.unwrap().items;
+    let left: Vec<_> = all.into_iter().map(|s| s.spec.record).filter(|s| s.source_volume_id == id).collect();
     assert!(left.is_empty(), "{victim:?}: BlockSnapshots left: {left:?}");
 
     // Gone for good, from its new node.
