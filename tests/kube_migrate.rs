@@ -56,13 +56,15 @@ const CONTROLLERS: [&str; 2] = ["ctrl-a", "ctrl-b"];
 /// Its own Lease, so the controllers of other tests on the bed do not compete.
 const LEASE: &str = "cinderblock-migrate";
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 128 * MIB;
+const SIZE: u64 = 256 * MIB;
 /// fio writes every block of the first FIO_SPAN bytes, twice over.
 const FIO_SPAN: u64 = 24 * MIB;
-/// Data beyond fio's span, at odd offsets: (offset, length).
-const DATA: [(u64, usize); 3] = [(40 * MIB + 4097, 300_000), (70 * MIB + 123, 2 * MIB as usize), (SIZE - 5000, 5000)];
+/// Data beyond fio's span, at odd offsets: (offset, length). The large
+/// piece makes the first pass long enough to be killed in the middle of.
+const DATA: [(u64, usize); 4] =
+    [(40 * MIB + 4097, 300_000), (70 * MIB + 123, 2 * MIB as usize), (128 * MIB + 1, 96 * MIB as usize), (SIZE - 5000, 5000)];
 /// Ranges nothing writes: they must stay holes on the target.
-const HOLES: [(u64, u64); 3] = [(32 * MIB, 40 * MIB), (48 * MIB, 64 * MIB), (80 * MIB, 120 * MIB)];
+const HOLES: [(u64, u64); 4] = [(32 * MIB, 40 * MIB), (48 * MIB, 64 * MIB), (80 * MIB, 120 * MIB), (232 * MIB, 250 * MIB)];
 
 #[derive(Debug, Clone, Copy)]
 enum Victim {
@@ -104,6 +106,17 @@ impl Bed {
         .await;
         let standby = CONTROLLERS.iter().find(|c| **c != leader).unwrap().to_string();
         (leader, standby)
+    }
+
+    /// How far the target's copy is, from its record in its pool.
+    fn target_copy(&self, id: &str) -> String {
+        let path = self.pools[TARGET].join("volumes").join(format!("{id}.json"));
+        let Some(rec) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) else {
+            return "no copy yet".into();
+        };
+        let copy = &rec["copy"];
+        let pass = if copy["pass_done"] == true { "done" } else { "under way" };
+        format!("{}, pass {} {pass}, {} of {} bytes copied", rec["state"], copy["pass"], copy["copied_bytes"], copy["total_bytes"])
     }
 
     async fn record(&self, id: &str) -> VolumeRec {
@@ -202,8 +215,9 @@ async fn migrations_end_whole_when_the_leader_the_source_or_the_target_is_killed
 
     // Pools of the zone-1 nodes on XFS with reflink; sockets, logs,
     // certificates beside them (kept on failure: the folder is printed).
-    let fs = TestFs::new("xfs-reflink", "1G");
-    let _leftovers = Leftovers(fs.mount.clone());
+    let fs = TestFs::new("xfs-reflink", "2G");
+    let pools = fs.mount.join("pools");
+    let _leftovers = Leftovers(pools.clone());
     let work = tempfile::Builder::new().prefix("cinderblock-migrate-").tempdir().unwrap().keep();
     let d = work.as_path();
     eprintln!("work folder (logs): {}", d.display());
@@ -231,7 +245,7 @@ async fn migrations_end_whole_when_the_leader_the_source_or_the_target_is_killed
     };
     let mut taken = vec![];
     for (name, zone) in NODES {
-        let pool = if zone == "zone-1" { fs.mount.join(name).join("pool") } else { d.join(name).join("pool") };
+        let pool = if zone == "zone-1" { pools.join(name).join("pool") } else { d.join(name).join("pool") };
         let (agent_port, nbd_port) = (unused_port(&mut taken), unused_port(&mut taken));
         let args = node_args(d, name, &pool, kc, &pki, &format!("127.0.0.1:{agent_port}"), &format!("127.0.0.1:{nbd_port}"));
         bed.procs.insert(name.to_string(), Proc::start(d, name, &cb, &args, &[]));
@@ -341,13 +355,18 @@ async fn migrate_and_kill(bed: &mut Bed, rng: &mut rand::rngs::StdRng, round: u3
             fio(&dev, FIO_SPAN, seed_2, false, "12m");
         })
     };
-    let delay = Duration::from_millis(rng.random_range(300..3500));
+    let delay = Duration::from_millis(rng.random_range(0..3500));
     tokio::time::sleep(delay).await;
     let at_kill = bed.record(&id).await;
+    let target_copy = bed.target_copy(&id);
     let copying = at_kill.migration.clone().expect("the migration goes on");
     assert_eq!(copying.phase, MigrationPhase::Copying, "no switch while published");
     let killed = kill_and_restart(bed, victim, matches!(victim, Victim::Leader)).await;
-    eprintln!("{victim:?}: killed {killed} {} ms into the copy ({}); restarted", delay.as_millis(), phase_of(&at_kill));
+    eprintln!(
+        "{victim:?}: killed {killed} {} ms into the copy ({}; the target: {target_copy}); restarted",
+        delay.as_millis(),
+        phase_of(&at_kill)
+    );
     writer.await.unwrap();
     // The copy goes on after the restart: the pass under way at the kill ends, and another follows.
     let resumed = Instant::now();
@@ -382,7 +401,7 @@ async fn migrate_and_kill(bed: &mut Bed, rng: &mut rand::rngs::StdRng, round: u3
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let left_copying = unpublished.elapsed();
-    let delay = Duration::from_millis(rng.random_range(0..800));
+    let delay = Duration::from_millis(rng.random_range(0..600));
     tokio::time::sleep(delay).await;
     let before = bed.record(&id).await;
     let killed = kill_and_restart(bed, victim, false).await;
@@ -396,6 +415,29 @@ async fn migrate_and_kill(bed: &mut Bed, rng: &mut rand::rngs::StdRng, round: u3
         phase_of(&before),
         phase_of(&after)
     );
+    if after.migration.as_ref().is_some_and(|m| m.phase == MigrationPhase::Switching) {
+        // A pod asking for the volume now waits for the switch and gets the
+        // target, or is told to retry: never the source, whose writes the
+        // switch would lose.
+        let (leader, _) = bed.leader_and_standby().await;
+        let mut req = tonic::Request::new(publish.clone());
+        req.set_timeout(Duration::from_secs(60));
+        match bed.csi(&leader).await.controller_publish_volume(req).await {
+            Ok(r) => {
+                let ctx = r.into_inner().publish_context;
+                assert_eq!(ctx.get(cinderblock::attach::nbd::CONTEXT_OWNER).map(String::as_str), Some(TARGET), "{victim:?}: {ctx:?}");
+                eprintln!("   a publication during the switch waited for it and got {TARGET}'s export");
+                retrying("ControllerUnpublishVolume", || async {
+                    bed.csi(&leader).await.controller_unpublish_volume(unpublish.clone()).await
+                })
+                .await;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Aborted, "{victim:?}: a publication during the switch: {e:?}");
+                eprintln!("   a publication during the switch was told to retry");
+            }
+        }
+    }
 
     let done = eventually("the migration ends", Duration::from_secs(120), || async {
         let r = bed.record(&id).await;
