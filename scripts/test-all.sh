@@ -92,7 +92,8 @@ cargo test --locked --test kube_store
 cargo test --locked --test kube_requests -- --nocapture
 cargo test --locked --test kube_e2e -- --nocapture
 cargo test --locked --test kube_trust -- --nocapture
-echo "   kube store, end to end and trust in $(( $(date +%s) - e2e_started ))s"
+cargo test --locked --test kube_migrate -- --nocapture
+echo "   kube store, end to end, trust and migration crashes in $(( $(date +%s) - e2e_started ))s"
 scripts/k8s/testbed.sh down "$bed"
 unset CINDERBLOCK_TEST_KUBECONFIG
 

@@ -13,103 +13,28 @@
 //! sets both.
 
 mod common;
+#[path = "common/kube.rs"]
+mod kube_bed;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, Node, PersistentVolume, PersistentVolumeClaim};
-use k8s_openapi::api::storage::v1::{CSIDriver, CSINode, StorageClass, VolumeAttachment};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttachment};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::Client;
+use kube_bed::*;
 use serde_json::json;
 
-const DRIVER: &str = "cinderblock.dev";
 /// The nodes and their zones: two share zone-1, so a zone volume can be
 /// published from one to the other.
 const NODES: [(&str, &str); 3] = [("node-a", "zone-1"), ("node-b", "zone-2"), ("node-c", "zone-1")];
 const MI: i64 = 1 << 20;
 
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    fn start(dir: &Path, name: &str, cmd: &Path, args: &[String], env: &[(&str, &str)]) -> Proc {
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(cmd)
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name} ({}): {e}", cmd.display()));
-        Proc { name: name.to_string(), child }
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-        let _ = &self.name;
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 fn gvk_resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
 }
-
-async fn apply_crds(client: &Client, yaml: &str) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut names = vec![];
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let v = serde_yaml::Value::deserialize(doc).unwrap();
-        if v.is_null() {
-            continue;
-        }
-        let crd: CustomResourceDefinition = serde_yaml::from_value(v).unwrap();
-        let name = crd.metadata.name.clone().unwrap();
-        api.patch(&name, &PatchParams::apply("cinderblock-e2e").force(), &Patch::Apply(&crd)).await.unwrap();
-        names.push(name);
-    }
-    for name in names {
-        eventually(&format!("CRD {name} established"), Duration::from_secs(30), || {
-            let api = api.clone();
-            let name = name.clone();
-            async move {
-                let c = api.get(&name).await.ok()?;
-                c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
-            }
-        })
-        .await;
-    }
-}
-
-use serde::Deserialize;
 
 fn pvc(name: &str, size: i64, data_source: Option<serde_json::Value>) -> PersistentVolumeClaim {
     let mut spec = json!({
@@ -192,25 +117,7 @@ async fn kubernetes_end_to_end() {
     apply_crds(&client, &snapshot_crds).await;
 
     // The nodes, registered as kubelet would do it.
-    let nodes: Api<Node> = Api::all(client.clone());
-    let csinodes: Api<CSINode> = Api::all(client.clone());
-    for (name, zone) in NODES {
-        let node: Node = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name,
-                "labels": {"topology.kubernetes.io/zone": zone, cinderblock::TOPOLOGY_NODE_KEY: name, cinderblock::TOPOLOGY_ZONE_KEY: zone},
-                "annotations": {"csi.volume.kubernetes.io/nodeid": format!("{{\"{DRIVER}\":\"{name}\"}}")}}
-        }))
-        .unwrap();
-        let _ = nodes.create(&PostParams::default(), &node).await;
-        let csinode: CSINode = serde_json::from_value(json!({
-            "apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": name},
-            "spec": {"drivers": [{"name": DRIVER, "nodeID": name,
-                "topologyKeys": [cinderblock::TOPOLOGY_NODE_KEY, cinderblock::TOPOLOGY_ZONE_KEY]}]}
-        }))
-        .unwrap();
-        let _ = csinodes.create(&PostParams::default(), &csinode).await;
-    }
+    register_nodes(&client, &NODES).await;
     let drivers: Api<CSIDriver> = Api::all(client.clone());
     let driver: CSIDriver = serde_json::from_value(json!({
         "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": {"name": DRIVER},
@@ -243,75 +150,17 @@ async fn kubernetes_end_to_end() {
     // cinderblock: two nodes with real pools, two controller replicas, with
     // certificates from a CA made here (tests/kube_trust.rs covers the
     // cluster's own CA and certificate requests).
-    let pki = d.join("tls");
-    let mut peers = vec![cinderblock::tls::Peer::Controller];
-    peers.extend(NODES.iter().map(|(n, _)| cinderblock::tls::Peer::Node(n.to_string())));
-    cinderblock::tls::authority::ensure_local_pki(&pki, &peers).unwrap();
-    let tls_of = |p: &cinderblock::tls::Peer| cinderblock::tls::authority::local_peer_dir(&pki, p).display().to_string();
+    let pki = local_pki(d, &NODES.map(|(n, _)| n));
     let mut pools = vec![];
     let mut procs = vec![];
     for (name, _) in NODES {
         let pool = d.join(name).join("pool");
         pools.push((name.to_string(), pool.clone()));
-        let args: Vec<String> = [
-            "node",
-            "--pool",
-            pool.to_str().unwrap(),
-            "--node-id",
-            name,
-            "--agent-listen",
-            "127.0.0.1:0",
-            "--endpoint",
-            &format!("unix://{}/{name}.sock", d.display()),
-            "--allowed-root",
-            d.to_str().unwrap(),
-            "--register",
-            "--kubeconfig",
-            kc,
-            "--heartbeat-interval",
-            "1",
-            "--nbd-listen",
-            "127.0.0.1:0",
-            "--tls-dir",
-            &tls_of(&cinderblock::tls::Peer::Node(name.to_string())),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args = node_args(d, name, &pool, kc, &pki, "127.0.0.1:0", "127.0.0.1:0");
         procs.push(Proc::start(d, name, &cb, &args, &[]));
     }
-    let controller_args = |id: &str| -> Vec<String> {
-        [
-            "controller",
-            "--endpoint",
-            &format!("unix://{}/{id}.sock", d.display()),
-            "--kubeconfig",
-            kc,
-            "--leader-election",
-            "--leader-election-namespace",
-            "default",
-            "--identity",
-            id,
-            "--lease-duration",
-            "4",
-            "--heartbeat-timeout",
-            "10",
-            "--reconcile-interval",
-            "2",
-            "--stuck-grace",
-            "8",
-            "--tls-dir",
-            &tls_of(&cinderblock::tls::Peer::Controller),
-            "--peer-listen",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let mut ctrl_a = Proc::start(d, "ctrl-a", &cb, &controller_args("ctrl-a"), &[]);
+    let replica_args = |id: &str| controller_args(d, id, kc, &pki, "cinderblock-controller");
+    let mut ctrl_a = Proc::start(d, "ctrl-a", &cb, &replica_args("ctrl-a"), &[]);
     // Let ctrl-a take the Lease first.
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), "default");
     eventually("ctrl-a leads", Duration::from_secs(30), || async {
@@ -319,7 +168,7 @@ async fn kubernetes_end_to_end() {
         (l.spec?.holder_identity.as_deref() == Some("ctrl-a")).then_some(())
     })
     .await;
-    let _ctrl_b = Proc::start(d, "ctrl-b", &cb, &controller_args("ctrl-b"), &[]);
+    let _ctrl_b = Proc::start(d, "ctrl-b", &cb, &replica_args("ctrl-b"), &[]);
 
     let sidecar = |name: &str, sock: &str, extra: &[&str]| -> Proc {
         let mut args: Vec<String> = vec![format!("--csi-address={}/{sock}.sock", d.display()), format!("--kubeconfig={kc}")];

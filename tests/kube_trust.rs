@@ -16,6 +16,8 @@
 //! names the bed's admin kubeconfig (scripts/test-all.sh sets it).
 
 mod common;
+#[path = "common/kube.rs"]
+mod kube_bed;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
 use kube::Client;
+use kube_bed::eventually;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -64,21 +67,6 @@ impl Drop for Proc {
         self.signal(rustix::process::Signal::CONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

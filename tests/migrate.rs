@@ -78,16 +78,8 @@ fn data_bytes(path: &Path) -> u64 {
     data_segments(path).iter().map(|(a, b)| (b - a) as u64).sum()
 }
 
-/// Every file a pool keeps (volumes, snapshots, exports, orphans) for a test's "nothing leaked".
 fn pool_files(s: &Standalone, node: u32) -> Vec<String> {
-    let mut out = vec![];
-    for sub in ["volumes", "snapshots", "exports", "orphaned"] {
-        if let Ok(rd) = std::fs::read_dir(s.pool(node).join(sub)) {
-            out.extend(rd.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
-        }
-    }
-    out.sort();
-    out
+    common::pool_files(&s.pool(node))
 }
 
 fn volume_files(id: &str) -> Vec<String> {
@@ -207,43 +199,6 @@ async fn a_detached_volume_moves_whole_and_bad_requests_change_nothing() {
     unpublish(&mut c, &id, "node-3").await;
     c.delete_volume(csi::DeleteVolumeRequest { volume_id: id.clone(), ..Default::default() }).await.unwrap();
     assert!(s.images().is_empty(), "{:?}", s.images());
-}
-
-/// A loop device on `image` with direct I/O, as a local publication stages it.
-struct Loop(String);
-
-impl Loop {
-    fn attach(image: &Path) -> Loop {
-        let out = Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(image).output().unwrap();
-        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
-        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
-
-/// fio's random writes of every 4 KiB block of the first `span` bytes
-/// (each block once, in the order `seed` gives), with verification headers;
-/// with `verify`, instead reads them back and checks every block.
-fn fio(target: &str, span: u64, seed: u32, verify: bool, rate: &str) -> String {
-    let mut cmd = Command::new("fio");
-    cmd.args(["--name=migrate", "--rw=randwrite", "--bs=4k", "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1"])
-        .arg(format!("--filename={target}"))
-        .arg(format!("--size={span}"))
-        .arg(format!("--randseed={seed}"));
-    if verify {
-        cmd.arg("--verify_only");
-    } else {
-        cmd.args(["--direct=1", "--do_verify=0"]).arg(format!("--rate={rate}"));
-    }
-    let out = cmd.output().expect("running fio");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "fio {}: {text}", if verify { "verify" } else { "write" });
-    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -510,3 +510,53 @@ pub async fn stage_and_publish_rwo(
     .await
     .unwrap_or_else(|e| panic!("NodePublishVolume {volume_id}: {e}"));
 }
+
+/// Every file a pool keeps (volumes, snapshots, exports, orphans), as
+/// "volumes/<file>" and so on, sorted: for a test's "nothing leaked".
+pub fn pool_files(pool: &Path) -> Vec<String> {
+    let mut out = vec![];
+    for sub in ["volumes", "snapshots", "exports", "orphaned"] {
+        if let Ok(rd) = std::fs::read_dir(pool.join(sub)) {
+            out.extend(rd.flatten().map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A loop device on `image` with direct I/O, as a local publication stages it.
+pub struct Loop(pub String);
+
+impl Loop {
+    pub fn attach(image: &Path) -> Loop {
+        let out = Command::new("losetup").args(["--find", "--show", "--direct-io=on"]).arg(image).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// fio's random writes of every 4 KiB block of the first `span` bytes
+/// (each block once, in the order `seed` gives), with verification headers;
+/// with `verify`, instead reads them back and checks every block.
+pub fn fio(target: &str, span: u64, seed: u32, verify: bool, rate: &str) -> String {
+    let mut cmd = Command::new("fio");
+    cmd.args(["--name=migrate", "--rw=randwrite", "--bs=4k", "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1"])
+        .arg(format!("--filename={target}"))
+        .arg(format!("--size={span}"))
+        .arg(format!("--randseed={seed}"));
+    if verify {
+        cmd.arg("--verify_only");
+    } else {
+        cmd.args(["--direct=1", "--do_verify=0"]).arg(format!("--rate={rate}"));
+    }
+    let out = cmd.output().expect("running fio");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fio {}: {text}", if verify { "verify" } else { "write" });
+    text
+}
