@@ -265,3 +265,160 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     }
     run("umount", &[c_mount.to_str().unwrap()]);
 }
+
+/// Like `writer`, but most records stay in the page cache: only every
+/// `sync_every`-th is made durable. Only a freeze of each member's
+/// filesystem, where it is mounted, brings the others to its image.
+fn buffered_writer(dirs: [PathBuf; 3], sync_every: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut files: Vec<std::fs::File> =
+            dirs.iter().map(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("records")).unwrap()).collect();
+        let mut i = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            let f = &mut files[(i % 3) as usize];
+            f.write_all(format!("{i}\n").as_bytes()).unwrap();
+            if i % sync_every == 0 {
+                f.sync_data().unwrap();
+            }
+            i += 1;
+            done.store(i, Ordering::SeqCst);
+            if i % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    })
+}
+
+/// Two of the three members live on node-2 and are used from node-1 over
+/// NBD (FUSE engine): their filesystems are mounted on node-1, their
+/// consumer, not on their owner. The group must freeze them there, before
+/// any member is cut, and thaw them after; a writer that leaves most
+/// records unsynced sees every member cut at one point of its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_freezes_members_where_another_node_mounts_them() {
+    require_root!();
+    require_tools!("mkfs.ext4", "mount");
+    if !Path::new("/dev/fuse").exists() {
+        cannot_run("a_group_freezes_members_where_another_node_mounts_them", "needs /dev/fuse (modprobe fuse)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Leftovers(dir.path().to_path_buf());
+    let s = Standalone::start(dir.path(), 2, 1, &[]);
+    let ch = csi_channel(&s.endpoint).await;
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut group = GroupControllerClient::new(ch.clone());
+    let mut node = NodeClient::new(ch.clone());
+
+    // a on node-1, used there; b and c on node-2, used from node-1.
+    let mut vols = vec![];
+    for (name, on) in [("cgrp-a", "node-1"), ("cgrp-b", "node-2"), ("cgrp-c", "node-2")] {
+        let v = ctl.create_volume(zone_volume_on(name, on, 64 * MIB, false)).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(v.volume_context["cinderblock.dev/node"], on);
+        vols.push(v);
+    }
+    let mut mounts = vec![];
+    let mut staged = vec![];
+    for v in &vols {
+        let publish = csi::ControllerPublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(rwo_capability(false)),
+            ..Default::default()
+        };
+        let ctx = ctl.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
+        let remote = ctx.get("cinderblock.dev/transport").map(String::as_str) == Some("nbd");
+        assert_eq!(remote, v.volume_context["cinderblock.dev/node"] == "node-2", "{ctx:?}");
+        let staging = dir.path().join("kubelet").join(format!("{}-staging", v.volume_id));
+        let target = dir.path().join("kubelet").join(format!("{}-target", v.volume_id));
+        stage_and_publish_rwo(&mut node, &v.volume_id, &staging, &target, false, &ctx).await;
+        staged.push((v.volume_id.clone(), staging));
+        mounts.push(target);
+    }
+    let sources: Vec<String> = vols.iter().map(|v| v.volume_id.clone()).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
+    let w = buffered_writer(dirs, 16, stop.clone(), done.clone());
+    while done.load(Ordering::SeqCst) < 600 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let create =
+        csi::CreateVolumeGroupSnapshotRequest { name: "cgrp-snap".into(), source_volume_ids: sources.clone(), ..Default::default() };
+    let before = done.load(Ordering::SeqCst);
+    let made = group.create_volume_group_snapshot(create).await;
+    let after_cut = done.load(Ordering::SeqCst);
+    while made.is_ok() && done.load(Ordering::SeqCst) < after_cut + 600 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let total = done.load(Ordering::SeqCst);
+    let made = made.unwrap().into_inner().group_snapshot.unwrap();
+    assert!(made.ready_to_use);
+    assert_eq!(made.snapshots.len(), 3);
+
+    // node-1 froze its own member and, as their consumer, b's and c's
+    // filesystems (the staged mounts of their NBD attachments); node-2,
+    // their owner, had nothing of them mounted and only held them.
+    let log = s.log_text();
+    let froze: Vec<&str> =
+        log.lines().filter(|l| l.contains("volumes frozen for a group snapshot") && l.contains(&made.group_snapshot_id)).collect();
+    assert_eq!(froze.len(), 2, "{froze:?}");
+    assert!(froze.iter().any(|l| l.contains("filesystems=1") && l.contains("consumed_filesystems=2")), "{froze:?}");
+    assert!(froze.iter().any(|l| l.contains("filesystems=0") && l.contains("consumed_filesystems=0")), "{froze:?}");
+    for v in &sources[1..] {
+        assert!(
+            log.lines().any(|l| l.contains("frozen on this node, its consumer") && l.contains(v.as_str()) && l.contains("kubelet")),
+            "{v}'s filesystem was not frozen on node-1"
+        );
+    }
+    // And thawed them, all frozen all along.
+    let thawed: Vec<&str> =
+        log.lines().filter(|l| l.contains("group snapshot's volumes thawed") && l.contains(&made.group_snapshot_id)).collect();
+    assert_eq!(thawed.len(), 2, "{thawed:?}");
+    assert!(thawed.iter().all(|l| l.contains("thawed_early=0")), "{thawed:?}");
+
+    // Every member restored, read: one prefix of the stream.
+    let mut seen = BTreeSet::new();
+    for (k, snap) in made.snapshots.iter().enumerate() {
+        let restore = csi::CreateVolumeRequest {
+            name: format!("cgrp-restore-{k}"),
+            volume_capabilities: vec![rwo_capability(false)],
+            volume_content_source: Some(csi::VolumeContentSource {
+                r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                })),
+            }),
+            ..Default::default()
+        };
+        let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+        let on = &r.volume_context["cinderblock.dev/node"];
+        let n: u32 = on.trim_start_matches("node-").parse().unwrap();
+        let records = records_in(&s.pool(n).join("volumes").join(format!("{}.img", r.volume_id)));
+        let slot = sources.iter().position(|v| *v == snap.source_volume_id).unwrap() as u64;
+        assert!(records.windows(2).all(|p| p[0] + 3 == p[1]), "volume {slot} holds {records:?}");
+        assert!(records.iter().all(|r| r % 3 == slot));
+        eprintln!("member {slot} ({}) holds {} records, last {:?}", snap.source_volume_id, records.len(), records.last());
+        seen.extend(records);
+    }
+    let n = seen.len() as u64;
+    assert_eq!(seen, (0..n).collect::<BTreeSet<_>>(), "the members are not a consistent prefix: {} records, highest {:?}", n, seen.last());
+    assert!(n >= before && n <= after_cut + 1, "the cut ({n} records) lies outside the call ({before}..{after_cut})");
+    assert!(n < total, "the writer went on after the cut");
+    eprintln!("group snapshot cut after record {n} of {total} (the call began after {before})");
+
+    // All thawed: one more durable record on each; then unstaged cleanly.
+    for m in &mounts {
+        let mut f = std::fs::OpenOptions::new().append(true).open(m.join("records")).unwrap();
+        f.write_all(b"end\n").unwrap();
+        f.sync_data().unwrap();
+    }
+    for ((id, staging), target) in staged.iter().zip(&mounts) {
+        let unpublish = csi::NodeUnpublishVolumeRequest { volume_id: id.clone(), target_path: target.display().to_string() };
+        node.node_unpublish_volume(unpublish).await.unwrap();
+        let unstage = csi::NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: staging.display().to_string() };
+        node.node_unstage_volume(unstage).await.unwrap();
+    }
+}
