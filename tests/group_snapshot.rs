@@ -7,7 +7,11 @@
 //! cut mid-run; each member is restored to a new volume, and together they
 //! must hold records 0..n with none missing: no record k present while an
 //! earlier one is absent. Then the CSI error cases and the deletion.
-//! Needs root (loop devices, mkfs, mounts).
+//! A second test stages two members of node-2 on node-1 over NBD (FUSE
+//! engine), so their filesystems are mounted on their consumer, and
+//! checks that node-1 freezes them there for the group (and for a single
+//! snapshot of one of them), with a writer that syncs only now and then.
+//! Needs root (loop devices, mkfs, mounts; FUSE for the second).
 
 mod common;
 
@@ -277,12 +281,12 @@ fn buffered_writer(dirs: [PathBuf; 3], sync_every: u64, stop: Arc<AtomicBool>, d
         while !stop.load(Ordering::SeqCst) {
             let f = &mut files[(i % 3) as usize];
             f.write_all(format!("{i}\n").as_bytes()).unwrap();
-            if i % sync_every == 0 {
+            if i.is_multiple_of(sync_every) {
                 f.sync_data().unwrap();
             }
             i += 1;
             done.store(i, Ordering::SeqCst);
-            if i % 64 == 0 {
+            if i.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -352,6 +356,12 @@ async fn a_group_freezes_members_where_another_node_mounts_them() {
     while made.is_ok() && done.load(Ordering::SeqCst) < after_cut + 600 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A plain snapshot of b, still being written from node-1, is cut with
+    // b's filesystem frozen there too: it holds every record written to b
+    // before the call, synced or not.
+    let single = csi::CreateSnapshotRequest { name: "cgrp-single-b".into(), source_volume_id: sources[1].clone(), ..Default::default() };
+    let before_single = done.load(Ordering::SeqCst);
+    let single = if made.is_ok() { Some(ctl.create_snapshot(single).await) } else { None };
     stop.store(true, Ordering::SeqCst);
     w.join().unwrap();
     let total = done.load(Ordering::SeqCst);
@@ -408,6 +418,31 @@ async fn a_group_freezes_members_where_another_node_mounts_them() {
     assert!(n >= before && n <= after_cut + 1, "the cut ({n} records) lies outside the call ({before}..{after_cut})");
     assert!(n < total, "the writer went on after the cut");
     eprintln!("group snapshot cut after record {n} of {total} (the call began after {before})");
+
+    let single = single.unwrap().unwrap().into_inner().snapshot.unwrap();
+    assert!(single.ready_to_use);
+    assert!(
+        log.lines().any(|l| l.contains("volumes frozen for a group snapshot")
+            && l.contains(&single.snapshot_id)
+            && l.contains("consumed_filesystems=1")),
+        "b's filesystem was not frozen on node-1 for its snapshot"
+    );
+    let restore = csi::CreateVolumeRequest {
+        name: "cgrp-single-restore".into(),
+        volume_capabilities: vec![rwo_capability(false)],
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                snapshot_id: single.snapshot_id.clone(),
+            })),
+        }),
+        ..Default::default()
+    };
+    let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    let records = records_in(&s.pool(2).join("volumes").join(format!("{}.img", r.volume_id)));
+    let want = (0..before_single).rev().find(|i| i % 3 == 1).unwrap();
+    assert!(records.windows(2).all(|p| p[0] + 3 == p[1]) && records.first() == Some(&1), "b's snapshot holds {records:?}");
+    assert!(records.last().is_some_and(|&l| l >= want), "b's snapshot ends at {:?}; written before the call: {want}", records.last());
+    eprintln!("snapshot of b ends at record {:?} (the call began after {before_single})", records.last());
 
     // All thawed: one more durable record on each; then unstaged cleanly.
     for m in &mounts {

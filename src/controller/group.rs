@@ -36,7 +36,7 @@ pub const GROUP_FREEZE_LIMIT: Duration = Duration::from_secs(30);
 
 /// What one node freezes for a group.
 #[derive(Default)]
-struct NodeFreeze {
+pub(super) struct NodeFreeze {
     /// Members in its pool.
     owned: Vec<String>,
     /// Members of other nodes' pools it has mounted (published to it over NBD).
@@ -198,7 +198,7 @@ impl Manager {
     /// the group and cuts them), and each node a member is published to
     /// over NBD the filesystem it has mounted from it (read-only
     /// publications are at rest).
-    async fn freeze_plan(&self, members: &[SnapshotRec]) -> Result<BTreeMap<String, NodeFreeze>, ControllerError> {
+    pub(super) async fn freeze_plan(&self, members: &[SnapshotRec]) -> Result<BTreeMap<String, NodeFreeze>, ControllerError> {
         let mut plan: BTreeMap<String, NodeFreeze> = BTreeMap::new();
         for m in members {
             plan.entry(m.node.clone()).or_default().owned.push(m.source_volume_id.clone());
@@ -211,15 +211,9 @@ impl Manager {
         Ok(plan)
     }
 
-    /// Steps 1 and 2: every node freezes its members and what it consumes
-    /// of them; only then every member is cut. The snapshots as the nodes
-    /// made them, by member ID.
-    async fn freeze_and_cut(
-        &self,
-        group: &str,
-        by_node: &BTreeMap<String, NodeFreeze>,
-        members: &[SnapshotRec],
-    ) -> Result<BTreeMap<String, pb::Snapshot>, ControllerError> {
+    /// Step 1: every node freezes what the plan gives it, all or none
+    /// there; an error when one could not (the caller thaws them all).
+    pub(super) async fn freeze_nodes(&self, group: &str, by_node: &BTreeMap<String, NodeFreeze>) -> Result<(), ControllerError> {
         let freezes = by_node.iter().map(|(node, f)| async move {
             let req = pb::FreezeVolumesRequest {
                 group_id: group.to_string(),
@@ -234,9 +228,19 @@ impl Manager {
                 Err(_) => Err(ControllerError::NotCutTogether(format!("node {node} did not freeze {what} in time"))),
             }
         });
-        for r in join_all(freezes).await {
-            r?;
-        }
+        join_all(freezes).await.into_iter().collect()
+    }
+
+    /// Steps 1 and 2: every node freezes its members and what it consumes
+    /// of them; only then every member is cut. The snapshots as the nodes
+    /// made them, by member ID.
+    async fn freeze_and_cut(
+        &self,
+        group: &str,
+        by_node: &BTreeMap<String, NodeFreeze>,
+        members: &[SnapshotRec],
+    ) -> Result<BTreeMap<String, pb::Snapshot>, ControllerError> {
+        self.freeze_nodes(group, by_node).await?;
         let cuts = members.iter().map(|m| async move {
             let req = pb::CreateSnapshotRequest {
                 snapshot_id: m.id.clone(),
@@ -261,7 +265,7 @@ impl Manager {
     /// Step 3, on every path: thaw on every node (a few tries each). An
     /// error when a member did not stay frozen, or a node could not be
     /// reached (its watchdog thaws it; the cut cannot be trusted).
-    async fn thaw_nodes<'a>(&self, group: &str, nodes: impl Iterator<Item = &'a String>) -> Result<(), ControllerError> {
+    pub(super) async fn thaw_nodes<'a>(&self, group: &str, nodes: impl Iterator<Item = &'a String>) -> Result<(), ControllerError> {
         let thaws = nodes.map(|node| async move {
             let mut last = String::new();
             for attempt in 0..3 {

@@ -222,6 +222,9 @@ mod tests {
             self.frozen.fetch_add(1, Ordering::SeqCst);
             Ok(Some(Box::new(CountingThaw(self.thawed.clone()))))
         }
+        fn freeze_consumed(&self, volume: &str, max: Duration) -> Result<Option<Box<dyn Thaw>>, String> {
+            self.freeze(Path::new(volume), max)
+        }
     }
 
     fn volume(pool: &Pool, id: &str) {
@@ -275,6 +278,37 @@ mod tests {
         assert!(matches!(pool.freeze_group("../x", &members, limit), Err(VolumeError::Invalid { .. })));
         assert!(matches!(pool.freeze_group("group-3", &[], limit), Err(VolumeError::Invalid { .. })));
         assert_eq!(frozen.load(Ordering::SeqCst), 3, "only the plain snapshot froze again");
+    }
+
+    /// This node mounts volumes of another node's pool (its consumer): a
+    /// group freezes them here, with or without members of its own, holds
+    /// them for no snapshot here and thaws them with the rest.
+    #[test]
+    fn a_group_freezes_what_this_node_mounts_of_other_nodes_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+        let counting = Counting::default();
+        let (frozen, thawed) = (counting.frozen.clone(), counting.thawed.clone());
+        pool.set_freezer(Arc::new(counting));
+        volume(&pool, "vol-own");
+        let limit = Duration::from_secs(30);
+        let elsewhere = vec!["vol-remote".to_string()];
+        // Not in this pool, and that is fine: only its mount here is frozen.
+        assert_eq!(pool.freeze_group_with_consumed("group-1", &[], &elsewhere, limit).unwrap(), Vec::<String>::new());
+        assert_eq!(frozen.load(Ordering::SeqCst), 1);
+        pool.freeze_group_with_consumed("group-1", &[], &elsewhere, limit).unwrap();
+        assert_eq!(frozen.load(Ordering::SeqCst), 1, "a repeat holds what it holds");
+        let e = pool.freeze_group_with_consumed("group-2", &["vol-own".to_string()], &elsewhere, limit).unwrap_err();
+        assert!(matches!(e, VolumeError::Freeze { .. }), "{e}");
+        assert!(matches!(pool.freeze_group("group-1", &["vol-own".to_string()], limit), Err(VolumeError::Conflict { .. })));
+        // Holding a consumed volume does not hold this pool's own volumes.
+        pool.create_snapshot("snap-own", "vol-own", Default::default()).unwrap();
+        assert_eq!(frozen.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.thaw_group("group-1").unwrap(), vec![]);
+        assert_eq!(thawed.load(Ordering::SeqCst), 2);
+        let bad = vec!["../x".to_string()];
+        assert!(matches!(pool.freeze_group_with_consumed("group-3", &[], &bad, limit), Err(VolumeError::Invalid { .. })));
+        assert!(matches!(pool.freeze_group_with_consumed("group-3", &[], &[], limit), Err(VolumeError::Invalid { .. })));
     }
 }
 
