@@ -32,9 +32,10 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-/// Append "i\n" to `dir/records` of volume i % 3 and make it durable, then
-/// the next; `done` counts the records made durable.
-fn writer(dirs: [PathBuf; 3], stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+/// Append "i\n" to `dir/records` of volume i % 3, then the next; every
+/// `sync_every`-th record is made durable before the next is written (1:
+/// each of them). `done` counts the records written.
+fn writer(dirs: [PathBuf; 3], sync_every: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut files: Vec<std::fs::File> =
             dirs.iter().map(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("records")).unwrap()).collect();
@@ -42,9 +43,15 @@ fn writer(dirs: [PathBuf; 3], stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> st
         while !stop.load(Ordering::SeqCst) {
             let f = &mut files[(i % 3) as usize];
             f.write_all(format!("{i}\n").as_bytes()).unwrap();
-            f.sync_data().unwrap();
+            if i.is_multiple_of(sync_every) {
+                f.sync_data().unwrap();
+            }
             i += 1;
             done.store(i, Ordering::SeqCst);
+            if i.is_multiple_of(64) {
+                // Unsynced records would otherwise pile up by the million.
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     })
 }
@@ -57,6 +64,52 @@ fn records_in(image: &Path) -> Vec<u64> {
     let text = std::fs::read_to_string(m.path().join("records"));
     run("umount", &[m.path().to_str().unwrap()]);
     text.unwrap().lines().map(|l| l.parse().unwrap_or_else(|_| panic!("a torn record {l:?} in {}", image.display()))).collect()
+}
+
+/// Restore a snapshot to a new volume `name` and read its records.
+async fn restored_records(
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    s: &Standalone,
+    name: &str,
+    snapshot_id: &str,
+) -> Vec<u64> {
+    let restore = csi::CreateVolumeRequest {
+        name: name.to_string(),
+        volume_capabilities: vec![rwo_capability(false)],
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot_id.to_string(),
+            })),
+        }),
+        ..Default::default()
+    };
+    let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    let on = &r.volume_context["cinderblock.dev/node"];
+    let n: u32 = on.trim_start_matches("node-").parse().unwrap();
+    records_in(&s.pool(n).join("volumes").join(format!("{}.img", r.volume_id)))
+}
+
+/// Restore every member of `made` and read its records: each holds its
+/// own records in order, and together they hold 0..n with none missing.
+/// Returns n.
+async fn members_hold_one_prefix(
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    s: &Standalone,
+    made: &csi::VolumeGroupSnapshot,
+    sources: &[String],
+) -> u64 {
+    let mut seen = BTreeSet::new();
+    for snap in &made.snapshots {
+        let slot = sources.iter().position(|v| *v == snap.source_volume_id).unwrap() as u64;
+        let records = restored_records(ctl, s, &format!("{}-restore-{slot}", made.group_snapshot_id), &snap.snapshot_id).await;
+        assert!(records.windows(2).all(|p| p[0] + 3 == p[1]), "volume {slot} holds {records:?}");
+        assert!(records.iter().all(|r| r % 3 == slot));
+        eprintln!("member {slot} ({}) holds {} records, last {:?}", snap.source_volume_id, records.len(), records.last());
+        seen.extend(records);
+    }
+    let n = seen.len() as u64;
+    assert_eq!(seen, (0..n).collect::<BTreeSet<_>>(), "the members are not a consistent prefix: {} records, highest {:?}", n, seen.last());
+    n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +197,7 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
-    let w = writer(dirs, stop.clone(), done.clone());
+    let w = writer(dirs, 1, stop.clone(), done.clone());
     while done.load(Ordering::SeqCst) < 300 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -183,30 +236,7 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     );
 
     // Restore every member and read its records.
-    let mut seen = BTreeSet::new();
-    for (k, snap) in made.snapshots.iter().enumerate() {
-        let restore = csi::CreateVolumeRequest {
-            name: format!("grp-restore-{k}"),
-            volume_capabilities: vec![rwo_capability(false)],
-            volume_content_source: Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-                    snapshot_id: snap.snapshot_id.clone(),
-                })),
-            }),
-            ..Default::default()
-        };
-        let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
-        let on = &r.volume_context["cinderblock.dev/node"];
-        let n: u32 = on.trim_start_matches("node-").parse().unwrap();
-        let records = records_in(&s.pool(n).join("volumes").join(format!("{}.img", r.volume_id)));
-        let slot = sources.iter().position(|v| *v == snap.source_volume_id).unwrap() as u64;
-        // Each volume's own records, in order, only its own.
-        assert!(records.windows(2).all(|p| p[0] + 3 == p[1]), "volume {slot} holds {records:?}");
-        assert!(records.iter().all(|r| r % 3 == slot));
-        seen.extend(records);
-    }
-    let n = seen.len() as u64;
-    assert_eq!(seen, (0..n).collect::<BTreeSet<_>>(), "the members are not a consistent prefix: {} records, highest {:?}", n, seen.last());
+    let n = members_hold_one_prefix(&mut ctl, &s, &made, &sources).await;
     // A record written but not yet synced when the freeze came is flushed by it: one more at most.
     assert!(n >= before && n <= after_cut + 1, "the cut ({n} records) lies outside the call ({before}..{after_cut})");
     assert!(n < total, "the writer went on after the cut");
@@ -270,29 +300,6 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     run("umount", &[c_mount.to_str().unwrap()]);
 }
 
-/// Like `writer`, but most records stay in the page cache: only every
-/// `sync_every`-th is made durable. Only a freeze of each member's
-/// filesystem, where it is mounted, brings the others to its image.
-fn buffered_writer(dirs: [PathBuf; 3], sync_every: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut files: Vec<std::fs::File> =
-            dirs.iter().map(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("records")).unwrap()).collect();
-        let mut i = 0u64;
-        while !stop.load(Ordering::SeqCst) {
-            let f = &mut files[(i % 3) as usize];
-            f.write_all(format!("{i}\n").as_bytes()).unwrap();
-            if i.is_multiple_of(sync_every) {
-                f.sync_data().unwrap();
-            }
-            i += 1;
-            done.store(i, Ordering::SeqCst);
-            if i.is_multiple_of(64) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    })
-}
-
 /// Two of the three members live on node-2 and are used from node-1 over
 /// NBD (FUSE engine): their filesystems are mounted on node-1, their
 /// consumer, not on their owner. The group must freeze them there, before
@@ -344,7 +351,7 @@ async fn a_group_freezes_members_where_another_node_mounts_them() {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
-    let w = buffered_writer(dirs, 16, stop.clone(), done.clone());
+    let w = writer(dirs, 16, stop.clone(), done.clone());
     while done.load(Ordering::SeqCst) < 600 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -391,30 +398,7 @@ async fn a_group_freezes_members_where_another_node_mounts_them() {
     assert!(thawed.iter().all(|l| l.contains("thawed_early=0")), "{thawed:?}");
 
     // Every member restored, read: one prefix of the stream.
-    let mut seen = BTreeSet::new();
-    for (k, snap) in made.snapshots.iter().enumerate() {
-        let restore = csi::CreateVolumeRequest {
-            name: format!("cgrp-restore-{k}"),
-            volume_capabilities: vec![rwo_capability(false)],
-            volume_content_source: Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-                    snapshot_id: snap.snapshot_id.clone(),
-                })),
-            }),
-            ..Default::default()
-        };
-        let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
-        let on = &r.volume_context["cinderblock.dev/node"];
-        let n: u32 = on.trim_start_matches("node-").parse().unwrap();
-        let records = records_in(&s.pool(n).join("volumes").join(format!("{}.img", r.volume_id)));
-        let slot = sources.iter().position(|v| *v == snap.source_volume_id).unwrap() as u64;
-        assert!(records.windows(2).all(|p| p[0] + 3 == p[1]), "volume {slot} holds {records:?}");
-        assert!(records.iter().all(|r| r % 3 == slot));
-        eprintln!("member {slot} ({}) holds {} records, last {:?}", snap.source_volume_id, records.len(), records.last());
-        seen.extend(records);
-    }
-    let n = seen.len() as u64;
-    assert_eq!(seen, (0..n).collect::<BTreeSet<_>>(), "the members are not a consistent prefix: {} records, highest {:?}", n, seen.last());
+    let n = members_hold_one_prefix(&mut ctl, &s, &made, &sources).await;
     assert!(n >= before && n <= after_cut + 1, "the cut ({n} records) lies outside the call ({before}..{after_cut})");
     assert!(n < total, "the writer went on after the cut");
     eprintln!("group snapshot cut after record {n} of {total} (the call began after {before})");
@@ -427,18 +411,7 @@ async fn a_group_freezes_members_where_another_node_mounts_them() {
             && l.contains("consumed_filesystems=1")),
         "b's filesystem was not frozen on node-1 for its snapshot"
     );
-    let restore = csi::CreateVolumeRequest {
-        name: "cgrp-single-restore".into(),
-        volume_capabilities: vec![rwo_capability(false)],
-        volume_content_source: Some(csi::VolumeContentSource {
-            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-                snapshot_id: single.snapshot_id.clone(),
-            })),
-        }),
-        ..Default::default()
-    };
-    let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
-    let records = records_in(&s.pool(2).join("volumes").join(format!("{}.img", r.volume_id)));
+    let records = restored_records(&mut ctl, &s, "cgrp-single-restore", &single.snapshot_id).await;
     let want = (0..before_single).rev().find(|i| i % 3 == 1).unwrap();
     assert!(records.windows(2).all(|p| p[0] + 3 == p[1]) && records.first() == Some(&1), "b's snapshot holds {records:?}");
     assert!(records.last().is_some_and(|&l| l >= want), "b's snapshot ends at {:?}; written before the call: {want}", records.last());
