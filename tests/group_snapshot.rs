@@ -7,7 +7,11 @@
 //! cut mid-run; each member is restored to a new volume, and together they
 //! must hold records 0..n with none missing: no record k present while an
 //! earlier one is absent. Then the CSI error cases and the deletion.
-//! Needs root (loop devices, mkfs, mounts).
+//! A second test stages two members of node-2 on node-1 over NBD (FUSE
+//! engine), so their filesystems are mounted on their consumer, and
+//! checks that node-1 freezes them there for the group (and for a single
+//! snapshot of one of them), with a writer that syncs only now and then.
+//! Needs root (loop devices, mkfs, mounts; FUSE for the second).
 
 mod common;
 
@@ -28,9 +32,10 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-/// Append "i\n" to `dir/records` of volume i % 3 and make it durable, then
-/// the next; `done` counts the records made durable.
-fn writer(dirs: [PathBuf; 3], stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+/// Append "i\n" to `dir/records` of volume i % 3, then the next; every
+/// `sync_every`-th record is made durable before the next is written (1:
+/// each of them). `done` counts the records written.
+fn writer(dirs: [PathBuf; 3], sync_every: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut files: Vec<std::fs::File> =
             dirs.iter().map(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("records")).unwrap()).collect();
@@ -38,9 +43,15 @@ fn writer(dirs: [PathBuf; 3], stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> st
         while !stop.load(Ordering::SeqCst) {
             let f = &mut files[(i % 3) as usize];
             f.write_all(format!("{i}\n").as_bytes()).unwrap();
-            f.sync_data().unwrap();
+            if i.is_multiple_of(sync_every) {
+                f.sync_data().unwrap();
+            }
             i += 1;
             done.store(i, Ordering::SeqCst);
+            if i.is_multiple_of(64) {
+                // Unsynced records would otherwise pile up by the million.
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
     })
 }
@@ -53,6 +64,52 @@ fn records_in(image: &Path) -> Vec<u64> {
     let text = std::fs::read_to_string(m.path().join("records"));
     run("umount", &[m.path().to_str().unwrap()]);
     text.unwrap().lines().map(|l| l.parse().unwrap_or_else(|_| panic!("a torn record {l:?} in {}", image.display()))).collect()
+}
+
+/// Restore a snapshot to a new volume `name` and read its records.
+async fn restored_records(
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    s: &Standalone,
+    name: &str,
+    snapshot_id: &str,
+) -> Vec<u64> {
+    let restore = csi::CreateVolumeRequest {
+        name: name.to_string(),
+        volume_capabilities: vec![rwo_capability(false)],
+        volume_content_source: Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot_id.to_string(),
+            })),
+        }),
+        ..Default::default()
+    };
+    let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
+    let on = &r.volume_context["cinderblock.dev/node"];
+    let n: u32 = on.trim_start_matches("node-").parse().unwrap();
+    records_in(&s.pool(n).join("volumes").join(format!("{}.img", r.volume_id)))
+}
+
+/// Restore every member of `made` and read its records: each holds its
+/// own records in order, and together they hold 0..n with none missing.
+/// Returns n.
+async fn members_hold_one_prefix(
+    ctl: &mut ControllerClient<tonic::transport::Channel>,
+    s: &Standalone,
+    made: &csi::VolumeGroupSnapshot,
+    sources: &[String],
+) -> u64 {
+    let mut seen = BTreeSet::new();
+    for snap in &made.snapshots {
+        let slot = sources.iter().position(|v| *v == snap.source_volume_id).unwrap() as u64;
+        let records = restored_records(ctl, s, &format!("{}-restore-{slot}", made.group_snapshot_id), &snap.snapshot_id).await;
+        assert!(records.windows(2).all(|p| p[0] + 3 == p[1]), "volume {slot} holds {records:?}");
+        assert!(records.iter().all(|r| r % 3 == slot));
+        eprintln!("member {slot} ({}) holds {} records, last {:?}", snap.source_volume_id, records.len(), records.last());
+        seen.extend(records);
+    }
+    let n = seen.len() as u64;
+    assert_eq!(seen, (0..n).collect::<BTreeSet<_>>(), "the members are not a consistent prefix: {} records, highest {:?}", n, seen.last());
+    n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,7 +197,7 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
-    let w = writer(dirs, stop.clone(), done.clone());
+    let w = writer(dirs, 1, stop.clone(), done.clone());
     while done.load(Ordering::SeqCst) < 300 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -179,30 +236,7 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     );
 
     // Restore every member and read its records.
-    let mut seen = BTreeSet::new();
-    for (k, snap) in made.snapshots.iter().enumerate() {
-        let restore = csi::CreateVolumeRequest {
-            name: format!("grp-restore-{k}"),
-            volume_capabilities: vec![rwo_capability(false)],
-            volume_content_source: Some(csi::VolumeContentSource {
-                r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-                    snapshot_id: snap.snapshot_id.clone(),
-                })),
-            }),
-            ..Default::default()
-        };
-        let r = ctl.create_volume(restore).await.unwrap().into_inner().volume.unwrap();
-        let on = &r.volume_context["cinderblock.dev/node"];
-        let n: u32 = on.trim_start_matches("node-").parse().unwrap();
-        let records = records_in(&s.pool(n).join("volumes").join(format!("{}.img", r.volume_id)));
-        let slot = sources.iter().position(|v| *v == snap.source_volume_id).unwrap() as u64;
-        // Each volume's own records, in order, only its own.
-        assert!(records.windows(2).all(|p| p[0] + 3 == p[1]), "volume {slot} holds {records:?}");
-        assert!(records.iter().all(|r| r % 3 == slot));
-        seen.extend(records);
-    }
-    let n = seen.len() as u64;
-    assert_eq!(seen, (0..n).collect::<BTreeSet<_>>(), "the members are not a consistent prefix: {} records, highest {:?}", n, seen.last());
+    let n = members_hold_one_prefix(&mut ctl, &s, &made, &sources).await;
     // A record written but not yet synced when the freeze came is flushed by it: one more at most.
     assert!(n >= before && n <= after_cut + 1, "the cut ({n} records) lies outside the call ({before}..{after_cut})");
     assert!(n < total, "the writer went on after the cut");
@@ -264,4 +298,135 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
         f.sync_data().unwrap();
     }
     run("umount", &[c_mount.to_str().unwrap()]);
+}
+
+/// Two of the three members live on node-2 and are used from node-1 over
+/// NBD (FUSE engine): their filesystems are mounted on node-1, their
+/// consumer, not on their owner. The group must freeze them there, before
+/// any member is cut, and thaw them after; a writer that leaves most
+/// records unsynced sees every member cut at one point of its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_freezes_members_where_another_node_mounts_them() {
+    require_root!();
+    require_tools!("mkfs.ext4", "mount");
+    if !Path::new("/dev/fuse").exists() {
+        cannot_run("a_group_freezes_members_where_another_node_mounts_them", "needs /dev/fuse (modprobe fuse)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Leftovers(dir.path().to_path_buf());
+    let s = Standalone::start(dir.path(), 2, 1, &[]);
+    let ch = csi_channel(&s.endpoint).await;
+    let mut ctl = ControllerClient::new(ch.clone());
+    let mut group = GroupControllerClient::new(ch.clone());
+    let mut node = NodeClient::new(ch.clone());
+
+    // a on node-1, used there; b and c on node-2, used from node-1.
+    let mut vols = vec![];
+    for (name, on) in [("cgrp-a", "node-1"), ("cgrp-b", "node-2"), ("cgrp-c", "node-2")] {
+        let v = ctl.create_volume(zone_volume_on(name, on, 64 * MIB, false)).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(v.volume_context["cinderblock.dev/node"], on);
+        vols.push(v);
+    }
+    let mut mounts = vec![];
+    let mut staged = vec![];
+    for v in &vols {
+        let publish = csi::ControllerPublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: "node-1".into(),
+            volume_capability: Some(rwo_capability(false)),
+            ..Default::default()
+        };
+        let ctx = ctl.controller_publish_volume(publish).await.unwrap().into_inner().publish_context;
+        let remote = ctx.get("cinderblock.dev/transport").map(String::as_str) == Some("nbd");
+        assert_eq!(remote, v.volume_context["cinderblock.dev/node"] == "node-2", "{ctx:?}");
+        let staging = dir.path().join("kubelet").join(format!("{}-staging", v.volume_id));
+        let target = dir.path().join("kubelet").join(format!("{}-target", v.volume_id));
+        stage_and_publish_rwo(&mut node, &v.volume_id, &staging, &target, false, &ctx).await;
+        staged.push((v.volume_id.clone(), staging));
+        mounts.push(target);
+    }
+    let sources: Vec<String> = vols.iter().map(|v| v.volume_id.clone()).collect();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
+    let w = writer(dirs, 16, stop.clone(), done.clone());
+    while done.load(Ordering::SeqCst) < 600 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let create =
+        csi::CreateVolumeGroupSnapshotRequest { name: "cgrp-snap".into(), source_volume_ids: sources.clone(), ..Default::default() };
+    let before = done.load(Ordering::SeqCst);
+    let made = group.create_volume_group_snapshot(create).await;
+    let after_cut = done.load(Ordering::SeqCst);
+    while made.is_ok() && done.load(Ordering::SeqCst) < after_cut + 600 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A plain snapshot of b, still being written from node-1, is cut with
+    // b's filesystem frozen there too: it holds every record written to b
+    // before the call, synced or not.
+    let single = csi::CreateSnapshotRequest { name: "cgrp-single-b".into(), source_volume_id: sources[1].clone(), ..Default::default() };
+    let before_single = done.load(Ordering::SeqCst);
+    let single = if made.is_ok() { Some(ctl.create_snapshot(single).await) } else { None };
+    stop.store(true, Ordering::SeqCst);
+    w.join().unwrap();
+    let total = done.load(Ordering::SeqCst);
+    let made = made.unwrap().into_inner().group_snapshot.unwrap();
+    assert!(made.ready_to_use);
+    assert_eq!(made.snapshots.len(), 3);
+
+    // node-1 froze its own member and, as their consumer, b's and c's
+    // filesystems (the staged mounts of their NBD attachments); node-2,
+    // their owner, had nothing of them mounted and only held them.
+    let log = s.log_text();
+    let froze: Vec<&str> =
+        log.lines().filter(|l| l.contains("volumes frozen for a group snapshot") && l.contains(&made.group_snapshot_id)).collect();
+    assert_eq!(froze.len(), 2, "{froze:?}");
+    assert!(froze.iter().any(|l| l.contains("filesystems=1") && l.contains("consumed_filesystems=2")), "{froze:?}");
+    assert!(froze.iter().any(|l| l.contains("filesystems=0") && l.contains("consumed_filesystems=0")), "{froze:?}");
+    for v in &sources[1..] {
+        assert!(
+            log.lines().any(|l| l.contains("frozen on this node, its consumer") && l.contains(v.as_str()) && l.contains("kubelet")),
+            "{v}'s filesystem was not frozen on node-1"
+        );
+    }
+    // And thawed them, all frozen all along.
+    let thawed: Vec<&str> =
+        log.lines().filter(|l| l.contains("group snapshot's volumes thawed") && l.contains(&made.group_snapshot_id)).collect();
+    assert_eq!(thawed.len(), 2, "{thawed:?}");
+    assert!(thawed.iter().all(|l| l.contains("thawed_early=0")), "{thawed:?}");
+
+    // Every member restored, read: one prefix of the stream.
+    let n = members_hold_one_prefix(&mut ctl, &s, &made, &sources).await;
+    assert!(n >= before && n <= after_cut + 1, "the cut ({n} records) lies outside the call ({before}..{after_cut})");
+    assert!(n < total, "the writer went on after the cut");
+    eprintln!("group snapshot cut after record {n} of {total} (the call began after {before})");
+
+    let single = single.unwrap().unwrap().into_inner().snapshot.unwrap();
+    assert!(single.ready_to_use);
+    assert!(
+        log.lines().any(|l| l.contains("volumes frozen for a group snapshot")
+            && l.contains(&single.snapshot_id)
+            && l.contains("consumed_filesystems=1")),
+        "b's filesystem was not frozen on node-1 for its snapshot"
+    );
+    let records = restored_records(&mut ctl, &s, "cgrp-single-restore", &single.snapshot_id).await;
+    let want = (0..before_single).rev().find(|i| i % 3 == 1).unwrap();
+    assert!(records.windows(2).all(|p| p[0] + 3 == p[1]) && records.first() == Some(&1), "b's snapshot holds {records:?}");
+    assert!(records.last().is_some_and(|&l| l >= want), "b's snapshot ends at {:?}; written before the call: {want}", records.last());
+    eprintln!("snapshot of b ends at record {:?} (the call began after {before_single})", records.last());
+
+    // All thawed: one more durable record on each; then unstaged cleanly.
+    for m in &mounts {
+        let mut f = std::fs::OpenOptions::new().append(true).open(m.join("records")).unwrap();
+        f.write_all(b"end\n").unwrap();
+        f.sync_data().unwrap();
+    }
+    for ((id, staging), target) in staged.iter().zip(&mounts) {
+        let unpublish = csi::NodeUnpublishVolumeRequest { volume_id: id.clone(), target_path: target.display().to_string() };
+        node.node_unpublish_volume(unpublish).await.unwrap();
+        let unstage = csi::NodeUnstageVolumeRequest { volume_id: id.clone(), staging_target_path: staging.display().to_string() };
+        node.node_unstage_volume(unstage).await.unwrap();
+    }
 }

@@ -3,6 +3,8 @@
 //! the nodes that hold the sources:
 //! 1. every node freezes the filesystems of its members (`FreezeVolumes`),
 //!    each for a bounded time (its watchdog thaws it if we never come back);
+//!    a member published to another node (used there over NBD) is also
+//!    frozen on that node, its consumer, where its filesystem is mounted;
 //!    a node that fails undoes the step everywhere;
 //! 2. only once every member everywhere is frozen, each member's snapshot
 //!    is taken (a reflink, constant time);
@@ -31,6 +33,23 @@ use crate::store::{self, Kind, StoreError};
 /// How long the members may stay frozen, from the first freeze to the last
 /// thaw (the agents' watchdogs enforce it). A reflink takes milliseconds.
 pub const GROUP_FREEZE_LIMIT: Duration = Duration::from_secs(30);
+
+/// What one node freezes for a group.
+#[derive(Default)]
+pub(super) struct NodeFreeze {
+    /// Members in its pool.
+    owned: Vec<String>,
+    /// Members of other nodes' pools it has mounted (published to it over NBD).
+    consumed: Vec<String>,
+}
+
+impl NodeFreeze {
+    fn describe(&self) -> String {
+        let mut parts = self.owned.clone();
+        parts.extend(self.consumed.iter().map(|v| format!("{v} (mounted there from its owner)")));
+        parts.join(", ")
+    }
+}
 
 impl Manager {
     pub async fn group_snapshot(&self, id: &str) -> Result<Option<(GroupSnapshotRec, u64)>, ControllerError> {
@@ -131,10 +150,7 @@ impl Manager {
         let members = self.ensure_members(&rec).await?;
         // Whatever an earlier try left on the nodes was cut at another instant.
         self.delete_member_images(&members).await?;
-        let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for m in &members {
-            by_node.entry(m.node.clone()).or_default().push(m.source_volume_id.clone());
-        }
+        let by_node = self.freeze_plan(&members).await?;
         let started = std::time::Instant::now();
         let cut = self.freeze_and_cut(&rec.id, &by_node, &members).await;
         let thawed = self.thaw_nodes(&rec.id, by_node.keys()).await;
@@ -178,29 +194,53 @@ impl Manager {
         }
     }
 
-    /// Steps 1 and 2: every node freezes its members; only then every
-    /// member is cut. The snapshots as the nodes made them, by member ID.
+    /// Which node freezes what: each owner its members (it holds them for
+    /// the group and cuts them), and each node a member is published to
+    /// over NBD the filesystem it has mounted from it (read-only
+    /// publications are at rest).
+    pub(super) async fn freeze_plan(&self, members: &[SnapshotRec]) -> Result<BTreeMap<String, NodeFreeze>, ControllerError> {
+        let mut plan: BTreeMap<String, NodeFreeze> = BTreeMap::new();
+        for m in members {
+            plan.entry(m.node.clone()).or_default().owned.push(m.source_volume_id.clone());
+            for e in self.publications(&m.source_volume_id).await? {
+                if e.node_id != m.node && !e.read_only {
+                    plan.entry(e.node_id).or_default().consumed.push(m.source_volume_id.clone());
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Step 1: every node freezes what the plan gives it, all or none
+    /// there; an error when one could not (the caller thaws them all).
+    pub(super) async fn freeze_nodes(&self, group: &str, by_node: &BTreeMap<String, NodeFreeze>) -> Result<(), ControllerError> {
+        let freezes = by_node.iter().map(|(node, f)| async move {
+            let req = pb::FreezeVolumesRequest {
+                group_id: group.to_string(),
+                volume_ids: f.owned.clone(),
+                max_ms: GROUP_FREEZE_LIMIT.as_millis() as u64,
+                consumed_volume_ids: f.consumed.clone(),
+            };
+            let what = f.describe();
+            let mut agent = self.agent_for(node).await?;
+            match tokio::time::timeout(GROUP_FREEZE_LIMIT, agent.freeze_volumes(req)).await {
+                Ok(r) => r.map(|_| ()).map_err(ControllerError::during(format!("node {node} could not freeze {what}"))),
+                Err(_) => Err(ControllerError::NotCutTogether(format!("node {node} did not freeze {what} in time"))),
+            }
+        });
+        join_all(freezes).await.into_iter().collect()
+    }
+
+    /// Steps 1 and 2: every node freezes its members and what it consumes
+    /// of them; only then every member is cut. The snapshots as the nodes
+    /// made them, by member ID.
     async fn freeze_and_cut(
         &self,
         group: &str,
-        by_node: &BTreeMap<String, Vec<String>>,
+        by_node: &BTreeMap<String, NodeFreeze>,
         members: &[SnapshotRec],
     ) -> Result<BTreeMap<String, pb::Snapshot>, ControllerError> {
-        let freezes = by_node.iter().map(|(node, volumes)| async move {
-            let req = pb::FreezeVolumesRequest {
-                group_id: group.to_string(),
-                volume_ids: volumes.clone(),
-                max_ms: GROUP_FREEZE_LIMIT.as_millis() as u64,
-            };
-            let mut agent = self.agent_for(node).await?;
-            match tokio::time::timeout(GROUP_FREEZE_LIMIT, agent.freeze_volumes(req)).await {
-                Ok(r) => r.map(|_| ()).map_err(ControllerError::during(format!("node {node} could not freeze {}", volumes.join(", ")))),
-                Err(_) => Err(ControllerError::NotCutTogether(format!("node {node} did not freeze {} in time", volumes.join(", ")))),
-            }
-        });
-        for r in join_all(freezes).await {
-            r?;
-        }
+        self.freeze_nodes(group, by_node).await?;
         let cuts = members.iter().map(|m| async move {
             let req = pb::CreateSnapshotRequest {
                 snapshot_id: m.id.clone(),
@@ -225,7 +265,7 @@ impl Manager {
     /// Step 3, on every path: thaw on every node (a few tries each). An
     /// error when a member did not stay frozen, or a node could not be
     /// reached (its watchdog thaws it; the cut cannot be trusted).
-    async fn thaw_nodes<'a>(&self, group: &str, nodes: impl Iterator<Item = &'a String>) -> Result<(), ControllerError> {
+    pub(super) async fn thaw_nodes<'a>(&self, group: &str, nodes: impl Iterator<Item = &'a String>) -> Result<(), ControllerError> {
         let thaws = nodes.map(|node| async move {
             let mut last = String::new();
             for attempt in 0..3 {

@@ -1,6 +1,12 @@
 //! Snapshots: record `Creating`, take the snapshot on the source volume's
 //! node, record `Available` (ready to use) or `Error`. A lost answer is
 //! followed by asking the node; deletion marks the record `Deleting` first.
+//!
+//! The owner freezes a filesystem mounted from the source's image itself.
+//! A source used from another node over NBD has its filesystem mounted
+//! there: it is frozen there like a group of one (`group.rs`: the owner
+//! holds it, its consumer freezes it, the owner cuts, both thaw, and a
+//! freeze that did not hold fails the snapshot).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -74,15 +80,24 @@ impl Manager {
     }
 
     async fn run_snapshot(&self, mut rec: SnapshotRec, version: u64) -> Result<SnapshotRec, ControllerError> {
+        // Published to another node: frozen there under the snapshot's own ID.
+        let plan = self.freeze_plan(std::slice::from_ref(&rec)).await?;
+        let held = plan.len() > 1;
         let req = pb::CreateSnapshotRequest {
             snapshot_id: rec.id.clone(),
             source_volume_id: rec.source_volume_id.clone(),
             metadata: rec.metadata.clone().into_iter().collect(),
+            group_id: if held { rec.id.clone() } else { String::new() },
             ..Default::default()
         };
-        let result = match self.agent_for(&rec.node).await {
-            Ok(mut agent) => agent.create_snapshot(req).await.map(|r| r.snapshot).map_err(ControllerError::Agent),
-            Err(e) => Err(e),
+        let frozen = match held {
+            true => self.freeze_nodes(&rec.id, &plan).await,
+            false => Ok(()),
+        };
+        let result = match (frozen, self.agent_for(&rec.node).await) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Ok(mut agent)) => agent.create_snapshot(req).await.map(|r| r.snapshot).map_err(ControllerError::Agent),
+            (Ok(()), Err(e)) => Err(e),
         };
         let result = match result {
             Err(e) if e.outcome_unknown() && !e.never_sent() => {
@@ -91,11 +106,22 @@ impl Manager {
                     Ok(Some(snap)) => Ok(Some(snap)),
                     Ok(None) => Err(e),
                     Err(asked) => {
-                        return Err(ControllerError::OutcomeUnknown { node: rec.node, call: e.to_string(), asked: asked.to_string() })
+                        if held {
+                            let _ = self.thaw_nodes(&rec.id, plan.keys()).await;
+                        }
+                        return Err(ControllerError::OutcomeUnknown { node: rec.node, call: e.to_string(), asked: asked.to_string() });
                     }
                 }
             }
             other => other,
+        };
+        let result = match (result, held) {
+            (Ok(snap), true) => self.thaw_nodes(&rec.id, plan.keys()).await.map(|()| snap),
+            (Err(e), true) => {
+                let _ = self.thaw_nodes(&rec.id, plan.keys()).await;
+                Err(e)
+            }
+            (result, false) => result,
         };
         match result {
             Ok(snap) => {

@@ -73,15 +73,19 @@ struct Node {
     config: NodeConfig,
     roots: AllowedRoots,
     inflight: InFlight,
-    remote: Option<remote::Remote>,
+    remote: Option<Arc<remote::Remote>>,
 }
 
 impl NodeService {
     pub fn new(config: NodeConfig) -> Self {
-        // Snapshots of volumes staged here are cut with their filesystem frozen.
-        config.pool.set_freezer(Arc::new(freeze::MountedFilesystems));
+        let remote = config.remote.clone().map(|c| Arc::new(remote::Remote::new(c)));
+        // Snapshots of volumes staged here are cut with their filesystem
+        // frozen; so are group members of other nodes staged here.
+        match &remote {
+            Some(remote) => config.pool.set_freezer(Arc::new(freeze::MountedAndAttached { remote: remote.clone() })),
+            None => config.pool.set_freezer(Arc::new(freeze::MountedFilesystems)),
+        }
         let roots = AllowedRoots::new(config.allowed_roots.clone());
-        let remote = config.remote.clone().map(remote::Remote::new);
         NodeService { node: Arc::new(Node { config, roots, inflight: InFlight::default(), remote }) }
     }
 

@@ -202,6 +202,22 @@ impl Remote {
         self.attached.lock().await.get(volume).map(|a| a.backing.path().to_path_buf())
     }
 
+    /// `backing_of` for a caller on a blocking thread (the agent's
+    /// workers, freezing a group's members); also finds a kernel NBD
+    /// device an earlier node plugin attached (its backend identifier is
+    /// the volume's ID). Not to be called on an async thread.
+    pub fn backing_of_blocking(&self, volume: &str) -> Option<PathBuf> {
+        if let Some(path) = self.attached.blocking_lock().get(volume).map(|a| a.backing.path().to_path_buf()) {
+            return Some(path);
+        }
+        let Ok(entries) = std::fs::read_dir("/sys/block") else { return None };
+        entries.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let backend = std::fs::read_to_string(e.path().join("backend")).ok()?;
+            (name.starts_with("nbd") && backend.trim() == volume).then(|| PathBuf::from("/dev").join(name))
+        })
+    }
+
     /// The attached volume grew on its owner: make the local device show the
     /// new size. Returns that size in bytes.
     pub async fn grow(&self, volume: &str) -> Result<u64, NodeError> {

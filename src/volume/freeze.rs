@@ -12,6 +12,14 @@ pub trait Freezer: Send + Sync {
     /// it is thawed whatever happens). `None` when nothing writable is
     /// mounted from it: the image is already at rest.
     fn freeze(&self, image: &Path, max: Duration) -> Result<Option<Box<dyn Thaw>>, String>;
+
+    /// Freeze the filesystem this node has mounted from `volume`, a volume
+    /// of another node's pool used here over NBD (this node is its
+    /// consumer), for at most `max`. `None` when nothing writable of it is
+    /// mounted here. A node that attaches no other node's volumes has none.
+    fn freeze_consumed(&self, _volume: &str, _max: Duration) -> Result<Option<Box<dyn Thaw>>, String> {
+        Ok(None)
+    }
 }
 
 /// A frozen filesystem. Dropping it thaws too, but only `thaw` says

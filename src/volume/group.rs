@@ -6,6 +6,12 @@
 //! volume. Each is bounded by the freezer's watchdog: a controller that
 //! dies between the steps leaves the filesystems frozen for at most the
 //! limit it asked for.
+//!
+//! A member used from another node over NBD has its filesystem mounted on
+//! that node, its consumer: the owner holds it (nothing of it is mounted
+//! there, so its snapshot is cut as the group's and no other is) and the
+//! consumer freezes its mount of it (`consumed`, through the node's
+//! freezer), under the same group, watchdog and thaw report.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -32,6 +38,9 @@ struct Held {
     /// Per member volume: the frozen filesystem (None: nothing writable was
     /// mounted from it, it is at rest already).
     members: BTreeMap<String, Option<Box<dyn Thaw>>>,
+    /// Per volume of another node mounted here (this node is its
+    /// consumer): the frozen filesystem (None: not mounted writable here).
+    consumed: BTreeMap<String, Option<Box<dyn Thaw>>>,
     until: Instant,
 }
 
@@ -58,8 +67,21 @@ impl Pool {
     /// `max` (then the watchdogs thaw them). Repeating it for a group that
     /// holds the same volumes is success.
     pub fn freeze_group(&self, group: &str, volumes: &[String], max: Duration) -> Result<Vec<String>, VolumeError> {
+        self.freeze_group_with_consumed(group, volumes, &[], max)
+    }
+
+    /// `freeze_group`, and also the filesystems this node has mounted from
+    /// `consumed`, volumes of other nodes used here over NBD (their owners
+    /// hold them for the group and cut them). All of them or none.
+    pub fn freeze_group_with_consumed(
+        &self,
+        group: &str,
+        volumes: &[String],
+        consumed: &[String],
+        max: Duration,
+    ) -> Result<Vec<String>, VolumeError> {
         validate_id("group snapshot id", group)?;
-        if volumes.is_empty() {
+        if volumes.is_empty() && consumed.is_empty() {
             return Err(VolumeError::Invalid { what: "volume list", reason: "no volume to freeze".into() });
         }
         let max = max.min(MAX_GROUP_FREEZE);
@@ -70,11 +92,17 @@ impl Pool {
             validate_id("volume id", v)?;
             self.get_volume(v)?;
         }
+        let mut sorted_consumed: Vec<String> = consumed.to_vec();
+        sorted_consumed.sort();
+        sorted_consumed.dedup();
+        for v in &sorted_consumed {
+            validate_id("consumed volume id", v)?;
+        }
         self.forget_stale_groups();
         {
             let held = self.groups.lock();
             if let Some(h) = held.get(group) {
-                let same = h.members.keys().eq(sorted.iter());
+                let same = h.members.keys().eq(sorted.iter()) && h.consumed.keys().eq(sorted_consumed.iter());
                 return match same && Instant::now() < h.until {
                     true => Ok(sorted),
                     false => Err(VolumeError::Conflict {
@@ -90,6 +118,14 @@ impl Pool {
                     reason: format!("group snapshot {g} holds it frozen; retry when that one ends"),
                 });
             }
+            if let Some((g, v)) =
+                held.iter().find_map(|(g, h)| sorted_consumed.iter().find(|v| h.consumed.contains_key(*v)).map(|v| (g, v)))
+            {
+                return Err(VolumeError::Freeze {
+                    volume: v.clone(),
+                    reason: format!("group snapshot {g} holds its filesystem on this node frozen; retry when that one ends"),
+                });
+            }
         }
         let started = Instant::now();
         let mut members = BTreeMap::new();
@@ -102,9 +138,23 @@ impl Pool {
             let frozen = self.freeze_with(&image, limit)?;
             members.insert(v.clone(), frozen);
         }
+        let mut consumed = BTreeMap::new();
+        for v in &sorted_consumed {
+            let frozen = self.freeze_consumed_with(v, max)?;
+            consumed.insert(v.clone(), frozen);
+        }
         let filesystems = members.values().filter(|f| f.is_some()).count();
-        info!(group, volumes = ?sorted, filesystems, took_ms = started.elapsed().as_millis() as u64, "volumes frozen for a group snapshot");
-        self.groups.lock().insert(group.to_string(), Held { members, until: started + max });
+        let consumed_filesystems = consumed.values().filter(|f| f.is_some()).count();
+        info!(
+            group,
+            volumes = ?sorted,
+            filesystems,
+            consumed = ?sorted_consumed,
+            consumed_filesystems,
+            took_ms = started.elapsed().as_millis() as u64,
+            "volumes frozen for a group snapshot"
+        );
+        self.groups.lock().insert(group.to_string(), Held { members, consumed, until: started + max });
         Ok(sorted)
     }
 
@@ -117,7 +167,7 @@ impl Pool {
             return Ok(vec![]);
         };
         let mut early = vec![];
-        for (volume, frozen) in held.members {
+        for (volume, frozen) in held.members.into_iter().chain(held.consumed) {
             if let Some(f) = frozen {
                 if let Err(reason) = f.thaw() {
                     warn!(group, volume.id = %volume, %reason, "a group member did not stay frozen");
@@ -172,6 +222,9 @@ mod tests {
             self.frozen.fetch_add(1, Ordering::SeqCst);
             Ok(Some(Box::new(CountingThaw(self.thawed.clone()))))
         }
+        fn freeze_consumed(&self, volume: &str, max: Duration) -> Result<Option<Box<dyn Thaw>>, String> {
+            self.freeze(Path::new(volume), max)
+        }
     }
 
     fn volume(pool: &Pool, id: &str) {
@@ -225,6 +278,37 @@ mod tests {
         assert!(matches!(pool.freeze_group("../x", &members, limit), Err(VolumeError::Invalid { .. })));
         assert!(matches!(pool.freeze_group("group-3", &[], limit), Err(VolumeError::Invalid { .. })));
         assert_eq!(frozen.load(Ordering::SeqCst), 3, "only the plain snapshot froze again");
+    }
+
+    /// This node mounts volumes of another node's pool (its consumer): a
+    /// group freezes them here, with or without members of its own, holds
+    /// them for no snapshot here and thaws them with the rest.
+    #[test]
+    fn a_group_freezes_what_this_node_mounts_of_other_nodes_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+        let counting = Counting::default();
+        let (frozen, thawed) = (counting.frozen.clone(), counting.thawed.clone());
+        pool.set_freezer(Arc::new(counting));
+        volume(&pool, "vol-own");
+        let limit = Duration::from_secs(30);
+        let elsewhere = vec!["vol-remote".to_string()];
+        // Not in this pool, and that is fine: only its mount here is frozen.
+        assert_eq!(pool.freeze_group_with_consumed("group-1", &[], &elsewhere, limit).unwrap(), Vec::<String>::new());
+        assert_eq!(frozen.load(Ordering::SeqCst), 1);
+        pool.freeze_group_with_consumed("group-1", &[], &elsewhere, limit).unwrap();
+        assert_eq!(frozen.load(Ordering::SeqCst), 1, "a repeat holds what it holds");
+        let e = pool.freeze_group_with_consumed("group-2", &["vol-own".to_string()], &elsewhere, limit).unwrap_err();
+        assert!(matches!(e, VolumeError::Freeze { .. }), "{e}");
+        assert!(matches!(pool.freeze_group("group-1", &["vol-own".to_string()], limit), Err(VolumeError::Conflict { .. })));
+        // Holding a consumed volume does not hold this pool's own volumes.
+        pool.create_snapshot("snap-own", "vol-own", Default::default()).unwrap();
+        assert_eq!(frozen.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.thaw_group("group-1").unwrap(), vec![]);
+        assert_eq!(thawed.load(Ordering::SeqCst), 2);
+        let bad = vec!["../x".to_string()];
+        assert!(matches!(pool.freeze_group_with_consumed("group-3", &[], &bad, limit), Err(VolumeError::Invalid { .. })));
+        assert!(matches!(pool.freeze_group_with_consumed("group-3", &[], &[], limit), Err(VolumeError::Invalid { .. })));
     }
 }
 

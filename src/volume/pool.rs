@@ -841,6 +841,19 @@ impl Pool {
             .map_err(|reason| VolumeError::Freeze { volume: file_id(image), reason: format!("freezing its filesystem failed: {reason}") })
     }
 
+    /// Freeze, through the node's freezer, what this node has mounted from
+    /// `volume` of another node's pool; None when there is no freezer or
+    /// nothing writable of it is mounted here.
+    pub(super) fn freeze_consumed_with(&self, volume: &str, max: Duration) -> Result<Option<Box<dyn super::freeze::Thaw>>, VolumeError> {
+        let Some(freezer) = self.freezer.read().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(None);
+        };
+        freezer.freeze_consumed(volume, max).map_err(|reason| VolumeError::Freeze {
+            volume: volume.to_string(),
+            reason: format!("freezing its filesystem mounted on this node (from its owner over NBD) failed: {reason}"),
+        })
+    }
+
     /// Undo a failed create as far as possible; whatever remains is a
     /// `Creating` record the next reconcile rolls back.
     fn undo_create(&self, kind: Kind, id: &str) {
