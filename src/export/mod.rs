@@ -349,6 +349,9 @@ impl ExportServer {
     /// Accept connections on `listener` until `shutdown` resolves.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        // Dropped when this loop ends: the connection threads then close
+        // their connections, as tasks of this runtime would be dropped.
+        let (_serving, serving) = watch::channel(());
         let addr = listener.local_addr().ok();
         info!(?addr, tls = self.shared.tls.is_some(), "NBD server listening");
         loop {
@@ -369,7 +372,45 @@ impl ExportServer {
                 continue;
             }
             let _ = stream.set_nodelay(true);
-            self.spawn_connection(stream, peer);
+            self.spawn_tcp_connection(stream, peer, serving.clone());
+        }
+    }
+
+    /// Serve a TCP connection on a thread of its own with a single-threaded
+    /// runtime: the connection's event loop, its socket's poller and its
+    /// io_uring submissions then stay on one thread, so a completion wakes
+    /// that thread only, with no hand-off between the workers of a shared
+    /// runtime (docs/nbd.md, "I/O"; docs/benchmarks.md measured a small
+    /// gain at best on a loaded two-vCPU machine). It
+    /// ends with its connection, or when `serving`'s sender is dropped.
+    fn spawn_tcp_connection(&self, stream: tokio::net::TcpStream, peer: SocketAddr, mut serving: watch::Receiver<()>) {
+        let shared = self.shared.clone();
+        // Out of this runtime's poller; the thread's runtime takes it.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => return warn!(%peer, error = %e, "could not hand an NBD connection to its thread"),
+        };
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        let thread_shared = shared.clone();
+        let spawned = std::thread::Builder::new().name("nbd-connection".into()).spawn(move || {
+            let shared = thread_shared;
+            let result = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ConnectionError::from).and_then(|rt| {
+                rt.block_on(async {
+                    let stream = tokio::net::TcpStream::from_std(stream)?;
+                    tokio::select! {
+                        r = serve_connection(&shared, Box::new(stream), peer) => r,
+                        _ = serving.changed() => Ok(()),
+                    }
+                })
+            });
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "NBD connection closed");
+            }
+        });
+        if let Err(e) = spawned {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            warn!(%peer, error = %e, "could not start a thread for an NBD connection");
         }
     }
 

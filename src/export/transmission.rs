@@ -1,6 +1,7 @@
-//! The transmission phase. One task per connection does all of it from one
-//! event loop: it reads requests from the socket, submits reads and writes
-//! of the image with io_uring (`uring`), collects their completions and
+//! The transmission phase. One task per connection (on a thread of its own
+//! for TCP, see `ExportServer::serve`) does all of it from one event loop:
+//! it reads requests from the socket, submits reads and writes of the image
+//! with io_uring (`uring`), collects their completions and
 //! writes the replies, several per vectored write. FLUSH, TRIM,
 //! WRITE_ZEROES and BLOCK_STATUS (and reads and writes where the kernel
 //! refuses io_uring) run on tokio's blocking pool and come back over a
@@ -187,6 +188,10 @@ impl Connection<'_> {
             if let Some(ring) = &mut self.ring {
                 ring.submit()?;
             }
+            // Completions the kernel posted while this task was busy (it
+            // posts them at our system calls): reply now, not after a trip
+            // through the eventfd and the runtime's poller.
+            self.reap();
             let writing = !self.out.is_empty() || self.need_flush;
             if self.closing && self.in_flight == 0 && !writing {
                 let _ = tokio::time::timeout(self.limits.stall_timeout, self.wr.shutdown()).await;
@@ -236,12 +241,7 @@ impl Connection<'_> {
                 Event::Wrote(Err(e)) => return Err(e.into()),
                 Event::Ring(r) => {
                     r?;
-                    let mut done = std::mem::take(&mut self.completions);
-                    self.ring.as_mut().expect("a ring").reap(&mut done);
-                    for c in done.drain(..) {
-                        self.io_done(c);
-                    }
-                    self.completions = done;
+                    self.reap();
                 }
                 Event::Done(f) => self.reply(f.req, f.body),
                 Event::Stalled => return Err(ConnectionError::Stalled(self.limits.stall_timeout)),
@@ -367,6 +367,19 @@ impl Connection<'_> {
             let body = execute(&image, command, buf);
             let _ = tx.send(Finished { req, body });
         });
+    }
+
+    /// Reply to the reads and writes that completed (no waiting).
+    fn reap(&mut self) {
+        let Some(ring) = self.ring.as_mut().filter(|r| r.pending() > 0) else {
+            return;
+        };
+        let mut done = std::mem::take(&mut self.completions);
+        ring.reap(&mut done);
+        for c in done.drain(..) {
+            self.io_done(c);
+        }
+        self.completions = done;
     }
 
     fn io_done(&mut self, c: Completion<Request>) {

@@ -49,7 +49,13 @@ impl<T> Ring<T> {
     /// then uses the blocking pool.
     pub fn new(image: Arc<Image>, entries: usize) -> io::Result<Ring<T>> {
         let entries = entries.clamp(1, 4096);
-        let ring = IoUring::new(entries.next_power_of_two() as u32)?;
+        let size = entries.next_power_of_two() as u32;
+        // Cooperative task running: a completion does not interrupt the
+        // submitting thread with an IPI (costly in a VM) but is posted at its
+        // next entry into the kernel, or when it sleeps, at once; the
+        // connection makes a system call for nearly every event anyway.
+        // Kernels before 5.19 refuse the flags: the plain ring then.
+        let ring = IoUring::builder().setup_coop_taskrun().setup_taskrun_flag().build(size).or_else(|_| IoUring::new(size))?;
         let fd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)?;
         ring.submitter().register_eventfd(fd.as_raw_fd())?;
         // SAFETY: the AsyncFd owns the OwnedFd, which stays open (and the
@@ -107,9 +113,13 @@ impl<T> Ring<T> {
         }
     }
 
-    /// Hand what was queued to the kernel.
+    /// Hand what was queued to the kernel, and have it post completions
+    /// still waiting for this thread (`taskrun`).
     pub fn submit(&mut self) -> io::Result<()> {
-        if !self.ring.submission().is_empty() {
+        let sq = self.ring.submission();
+        let (queued, unposted) = (!sq.is_empty(), sq.taskrun());
+        drop(sq);
+        if queued || unposted {
             self.ring.submit()?;
         }
         Ok(())
