@@ -547,6 +547,8 @@ impl Drop for Loop {
 pub fn fio(target: &str, span: u64, seed: u32, verify: bool, rate: &str) -> String {
     let mut cmd = Command::new("fio");
     cmd.args(["--name=migrate", "--rw=randwrite", "--bs=4k", "--ioengine=psync", "--verify=crc32c", "--verify_fatal=1"])
+        // No verify state file in the working folder: the seed says what to verify.
+        .arg("--verify_state_save=0")
         .arg(format!("--filename={target}"))
         .arg(format!("--size={span}"))
         .arg(format!("--randseed={seed}"));
