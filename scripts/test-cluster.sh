@@ -318,7 +318,7 @@ else
 fi
 
 # ------------------------------------------------------------ zone volume
-say "zone volume: used from the node without its image over NBD, then on its owner again"
+say "zone volume: used from the node without its image over NBD, then on its owner, then over NBD again"
 pv_of_zone() { # pvc
   local pv; pv=$(k get pvc "$1" -o jsonpath='{.spec.volumeName}')
   k get pv "$pv" -o jsonpath='{.spec.nodeAffinity}' | grep -q 'topology.cinderblock.dev/zone' &&
@@ -352,10 +352,23 @@ if ready zoned-a 180s; then
     if ready zoned-a2 180s; then
       pass
       check "back on the owner: both writes there" k exec zoned-a2 -- sh -c 'grep -qx from-a /data/a && grep -qx from-b /data/b && md5sum -c /data/blob.md5'
+      check "write on the owner $owner" k exec zoned-a2 -- sh -c 'echo from-owner >/data/c && sync'
+      # And away again: the export is made anew for the other node.
+      k delete pod zoned-a2 --wait=true --timeout=90s >/dev/null
+      pod zoned-b2 zoned "$other"
+      if ready zoned-b2 180s; then
+        pass
+        check "VolumeAttachment to $other over NBD again" eventually 60 attached_over_nbd "$other"
+        check "on $other again: every write there" k exec zoned-b2 -- sh -c \
+          'grep -qx from-a /data/a && grep -qx from-b /data/b && grep -qx from-owner /data/c && md5sum -c /data/blob.md5'
+      else
+        fail "zone volume pod Ready on $other again"; k describe pod zoned-b2 | tail -15
+      fi
+      k delete pod zoned-b2 --wait=false >/dev/null 2>&1 || true
     else
       fail "zone volume pod Ready again on node-a"; k describe pod zoned-a2 | tail -15
+      k delete pod zoned-a2 --wait=false >/dev/null 2>&1 || true
     fi
-    k delete pod zoned-a2 --wait=false >/dev/null 2>&1 || true
   else
     fail "zone volume pod Ready on node-b (remote attach)"; k describe pod zoned-b | tail -15
     k delete pod zoned-b --wait=false >/dev/null 2>&1 || true
