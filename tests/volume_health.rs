@@ -85,3 +85,68 @@ async fn an_image_removed_under_a_mounted_volume_turns_it_abnormal_everywhere() 
         .await
         .unwrap();
 }
+
+/// A volume deleted between the controller's read of its record and its
+/// node's answer is missing from that node, which says nothing of its
+/// health: deletions while the controller looks (ListVolumes in a loop, its
+/// own pass every second) raise no abnormal turn and no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_deleted_while_the_controller_looks_do_not_turn_abnormal() {
+    require_root!();
+    let dir = tempfile::tempdir().unwrap();
+    let _cleanup = Leftovers(dir.path().to_path_buf());
+    let s = Standalone::start(dir.path(), 1, 1, &["--reconcile-interval", "1"]);
+    let ch = csi_channel(&s.endpoint).await;
+    let mut ctl = ControllerClient::new(ch.clone());
+
+    const VOLUMES: usize = 240;
+    let mut ids = vec![];
+    for i in 0..VOLUMES {
+        let v = ctl.create_volume(zone_volume_on(&format!("churn-{i}"), "node-1", MIB, false)).await.unwrap().into_inner();
+        ids.push(v.volume.unwrap().volume_id);
+    }
+    // Lookers: ListVolumes over and over, as a health monitor polls.
+    let looking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let lookers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = ctl.clone();
+            let looking = looking.clone();
+            tokio::spawn(async move {
+                let mut looks = 0;
+                while looking.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.list_volumes(csi::ListVolumesRequest::default()).await.unwrap();
+                    looks += 1;
+                }
+                looks
+            })
+        })
+        .collect();
+    // Deleters: four at a time, each volume once.
+    let chunks: Vec<Vec<String>> = ids.chunks(VOLUMES / 4).map(<[String]>::to_vec).collect();
+    let deleters: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let mut c = ctl.clone();
+            tokio::spawn(async move {
+                for id in chunk {
+                    c.delete_volume(csi::DeleteVolumeRequest { volume_id: id, ..Default::default() }).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    for d in deleters {
+        d.await.unwrap();
+    }
+    looking.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut looks = 0;
+    for l in lookers {
+        looks += l.await.unwrap();
+    }
+    assert!(looks >= 10, "the lookers looked only {looks} times while the volumes went");
+    let log = s.log_text();
+    let turns: Vec<&str> = log.lines().filter(|l| l.contains("volume turned abnormal")).collect();
+    assert!(turns.is_empty(), "{} deletions seen as abnormal volumes ({looks} looks), e.g. {:?}", turns.len(), turns.first());
+    let listed = ctl.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.entries.is_empty(), "{:?}", listed.entries.len());
+}

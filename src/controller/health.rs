@@ -104,8 +104,27 @@ impl Manager {
     /// A volume's health from what its node said, with its event.
     async fn judge(&self, v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &ExportsByVolume) -> Health {
         let h = health_of(v, views, exports.get(&v.id).map(Vec::as_slice).unwrap_or_default());
+        if h.abnormal && self.changed_since(v).await {
+            // The node answered after the record was read: a volume being
+            // deleted, or switched to another node by a migration, is
+            // missing there, which says nothing of its health. No turn is
+            // noted; the next look judges the record as it is then.
+            return Health::ok(
+                "its record changed while it was looked at (deleted, or moved to another node); judged again at the next look",
+            );
+        }
         self.note_health(v, &h).await;
         h
+    }
+
+    /// Whether `v`'s record is gone, or names another phase or node than
+    /// `v` does. A store that cannot say leaves the judgement as it is.
+    async fn changed_since(&self, v: &VolumeRec) -> bool {
+        match store::get_json::<VolumeRec>(&*self.store, Kind::Volume, &v.id).await {
+            Ok(None) => true,
+            Ok(Some((now, _))) => now.phase != v.phase || now.node != v.node,
+            Err(_) => false,
+        }
     }
 
     async fn ask_node(&self, node: &str) -> NodeView {
