@@ -51,6 +51,17 @@ macro_rules! require_tools {
     };
 }
 
+/// Tests of the remote attach engine's FUSE file need /dev/fuse.
+#[macro_export]
+macro_rules! require_fuse {
+    () => {
+        if !std::path::Path::new("/dev/fuse").exists() {
+            common::cannot_run(module_path!(), "needs /dev/fuse (modprobe fuse)");
+            return;
+        }
+    };
+}
+
 pub fn have_tool(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
@@ -422,12 +433,16 @@ pub struct Leftovers(pub PathBuf);
 
 impl Drop for Leftovers {
     fn drop(&mut self) {
+        // Found before the unmounts: a loop device on a file inside a FUSE
+        // mount (the remote attach engine) names its backing file relative
+        // to that mount once it is gone ("/disk"), no longer below our folder.
+        let loops = loops_on(&self.0);
         let mut mounts = mounted_under(&self.0);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in mounts {
             let _ = Command::new("umount").args(["-l", &m]).status();
         }
-        for dev in loops_on(&self.0) {
+        for dev in loops {
             let _ = Command::new("losetup").args(["-d", &dev]).status();
         }
     }
