@@ -485,7 +485,7 @@ impl VolumeManager for AgentService {
         let r = request.get_ref().clone();
         self.run_fenced(&request, "FreezeVolumes", false, move |pool| {
             let max = std::time::Duration::from_millis(r.max_ms.max(1000));
-            let volume_ids = pool.freeze_group_with_consumed(&r.group_id, &r.volume_ids, &r.consumed_volume_ids, max)?;
+            let volume_ids = pool.freeze_group(&r.group_id, &r.volume_ids, &r.consumed_volume_ids, max)?;
             Ok(pb::FreezeVolumesResponse { volume_ids, identity })
         })
         .await

@@ -82,7 +82,7 @@ pub async fn run(cfg: StandaloneConfig) -> Result<(), String> {
         let pool = Arc::new(pool);
         // Every node's snapshots freeze what is mounted from its images
         // (all nodes share this host's mount table), not only node 1's.
-        pool.set_freezer(Arc::new(crate::node::freeze::MountedFilesystems));
+        pool.set_freezer(Arc::new(crate::node::freeze::MountedFilesystems::default()));
         let fence = Arc::new(Fence::open(pool.root()).map_err(|e| format!("fencing state of {id}: {e}"))?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;

@@ -32,28 +32,59 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-/// Append "i\n" to `dir/records` of volume i % 3, then the next; every
-/// `sync_every`-th record is made durable before the next is written (1:
-/// each of them). `done` counts the records written.
-fn writer(dirs: [PathBuf; 3], sync_every: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+/// A thread appending "i\n" to `records` in the folder of volume i % 3,
+/// then the next; every `sync_every`-th record is made durable before the
+/// next is written (1: each of them).
+struct Writer {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(mounts: &[PathBuf], sync_every: u64) -> Writer {
+        let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
         let mut files: Vec<std::fs::File> =
-            dirs.iter().map(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("records")).unwrap()).collect();
-        let mut i = 0u64;
-        while !stop.load(Ordering::SeqCst) {
-            let f = &mut files[(i % 3) as usize];
-            f.write_all(format!("{i}\n").as_bytes()).unwrap();
-            if i.is_multiple_of(sync_every) {
-                f.sync_data().unwrap();
+            mounts.iter().map(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("records")).unwrap()).collect();
+        assert_eq!(files.len(), 3);
+        let (stopping, counting) = (stop.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stopping.load(Ordering::SeqCst) {
+                let f = &mut files[(i % 3) as usize];
+                f.write_all(format!("{i}\n").as_bytes()).unwrap();
+                if i.is_multiple_of(sync_every) {
+                    f.sync_data().unwrap();
+                }
+                i += 1;
+                counting.store(i, Ordering::SeqCst);
+                if i.is_multiple_of(64) {
+                    // Unsynced records would otherwise pile up by the million.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
-            i += 1;
-            done.store(i, Ordering::SeqCst);
-            if i.is_multiple_of(64) {
-                // Unsynced records would otherwise pile up by the million.
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        });
+        Writer { stop, done, thread }
+    }
+
+    /// Records written so far.
+    fn written(&self) -> u64 {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    async fn until(&self, records: u64) {
+        while self.written() < records {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    })
+    }
+
+    /// Stops the writer; the records it wrote in all.
+    fn stop(self) -> u64 {
+        let Writer { stop, done, thread } = self;
+        stop.store(true, Ordering::SeqCst);
+        thread.join().unwrap();
+        done.load(Ordering::SeqCst)
+    }
 }
 
 /// The records in an image's `records` file, mounted read-only (a
@@ -194,25 +225,16 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
     let del = csi::DeleteVolumeGroupSnapshotRequest { group_snapshot_id: retried.group_snapshot_id.clone(), ..Default::default() };
     group.delete_volume_group_snapshot(del).await.unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
-    let w = writer(dirs, 1, stop.clone(), done.clone());
-    while done.load(Ordering::SeqCst) < 300 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let w = Writer::start(&mounts, 1);
+    w.until(300).await;
     let create =
         csi::CreateVolumeGroupSnapshotRequest { name: "grp-snap".into(), source_volume_ids: sources.clone(), ..Default::default() };
-    let before = done.load(Ordering::SeqCst);
+    let before = w.written();
     let made = group.create_volume_group_snapshot(create.clone()).await.unwrap().into_inner().group_snapshot.unwrap();
-    let after_cut = done.load(Ordering::SeqCst);
+    let after_cut = w.written();
     // The writer goes on after the thaw.
-    while done.load(Ordering::SeqCst) < after_cut + 300 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    w.join().unwrap();
-    let total = done.load(Ordering::SeqCst);
+    w.until(after_cut + 300).await;
+    let total = w.stop();
 
     assert!(made.ready_to_use);
     // Both nodes froze the filesystems mounted from their members.
@@ -309,10 +331,7 @@ async fn a_group_snapshot_across_two_nodes_holds_a_consistent_prefix() {
 async fn a_group_freezes_members_where_another_node_mounts_them() {
     require_root!();
     require_tools!("mkfs.ext4", "mount");
-    if !Path::new("/dev/fuse").exists() {
-        cannot_run("a_group_freezes_members_where_another_node_mounts_them", "needs /dev/fuse (modprobe fuse)");
-        return;
-    }
+    require_fuse!();
     let dir = tempfile::tempdir().unwrap();
     let _cleanup = Leftovers(dir.path().to_path_buf());
     let s = Standalone::start(dir.path(), 2, 1, &[]);
@@ -348,30 +367,23 @@ async fn a_group_freezes_members_where_another_node_mounts_them() {
     }
     let sources: Vec<String> = vols.iter().map(|v| v.volume_id.clone()).collect();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let dirs: [PathBuf; 3] = [mounts[0].clone(), mounts[1].clone(), mounts[2].clone()];
-    let w = writer(dirs, 16, stop.clone(), done.clone());
-    while done.load(Ordering::SeqCst) < 600 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let w = Writer::start(&mounts, 16);
+    w.until(600).await;
     let create =
         csi::CreateVolumeGroupSnapshotRequest { name: "cgrp-snap".into(), source_volume_ids: sources.clone(), ..Default::default() };
-    let before = done.load(Ordering::SeqCst);
+    let before = w.written();
     let made = group.create_volume_group_snapshot(create).await;
-    let after_cut = done.load(Ordering::SeqCst);
-    while made.is_ok() && done.load(Ordering::SeqCst) < after_cut + 600 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let after_cut = w.written();
+    if made.is_ok() {
+        w.until(after_cut + 600).await;
     }
     // A plain snapshot of b, still being written from node-1, is cut with
     // b's filesystem frozen there too: it holds every record written to b
     // before the call, synced or not.
     let single = csi::CreateSnapshotRequest { name: "cgrp-single-b".into(), source_volume_id: sources[1].clone(), ..Default::default() };
-    let before_single = done.load(Ordering::SeqCst);
+    let before_single = w.written();
     let single = if made.is_ok() { Some(ctl.create_snapshot(single).await) } else { None };
-    stop.store(true, Ordering::SeqCst);
-    w.join().unwrap();
-    let total = done.load(Ordering::SeqCst);
+    let total = w.stop();
     let made = made.unwrap().into_inner().group_snapshot.unwrap();
     assert!(made.ready_to_use);
     assert_eq!(made.snapshots.len(), 3);

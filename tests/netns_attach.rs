@@ -298,10 +298,7 @@ async fn unix_channel(socket: &Path) -> tonic::transport::Channel {
 async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_restart() {
     require_root!();
     require_tools!("ip", "nsenter", "fio", "mkfs.ext4", "mount", "losetup");
-    if !Path::new("/dev/fuse").exists() {
-        cannot_run("three_hosts_in_network_namespaces", "needs /dev/fuse (modprobe fuse)");
-        return;
-    }
+    require_fuse!();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().canonicalize().unwrap();
     let _leftovers = Leftovers(d.clone());

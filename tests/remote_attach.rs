@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use cinderblock::csi;
@@ -22,10 +21,7 @@ const MIB: i64 = 1 << 20;
 async fn a_zone_volume_is_used_from_another_node_over_nbd() {
     require_root!();
     require_tools!("mkfs.ext4", "mount");
-    if !Path::new("/dev/fuse").exists() {
-        cannot_run("a_zone_volume_is_used_from_another_node_over_nbd", "needs /dev/fuse (modprobe fuse)");
-        return;
-    }
+    require_fuse!();
     let dir = tempfile::tempdir().unwrap();
     let _cleanup = Leftovers(dir.path().to_path_buf());
     let s = Standalone::start(dir.path(), 2, 1, &[]);

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Request, Status};
 
 use super::error::ControllerError;
 use super::records::NodeRec;
@@ -133,10 +133,7 @@ impl NodeAgent {
 
     fn mismatched(&self, reason: String) -> Status {
         self.sink.mismatch(&self.node, reason.clone());
-        Status::new(
-            Code::FailedPrecondition,
-            format!("{MISMATCH} on node {}: {reason}; nothing is written there until an operator resolves it", self.node.id),
-        )
+        ControllerError::Mismatch { node: self.node.id.clone(), reason }.into()
     }
 
     mutating!(create_volume, pb::CreateVolumeRequest, pb::CreateVolumeResponse);

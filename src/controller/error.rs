@@ -145,19 +145,21 @@ impl ControllerError {
         move |status| ControllerError::During { what, cause: Box::new(ControllerError::Agent(status)) }
     }
 
+    /// Wraps an agent's failure at a change that is safe to repeat, with
+    /// what the flow was doing: `Unfinished`, for a retry.
+    pub fn unfinished(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControllerError {
+        let during = ControllerError::during(what);
+        move |status| ControllerError::Unfinished(Box::new(during(status)))
+    }
+
     /// Wraps an agent's failure at a change that is safe to repeat: the
     /// node's refusal (FAILED_PRECONDITION: say, the volume is in use there)
     /// stays one; anything else is `Unfinished`, for a retry.
     pub fn unfinished_unless_refused(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControllerError {
         let what = what.into();
-        move |status| {
-            let refused = status.code() == Code::FailedPrecondition;
-            let e = ControllerError::during(what)(status);
-            if refused {
-                e
-            } else {
-                ControllerError::Unfinished(Box::new(e))
-            }
+        move |status| match status.code() {
+            Code::FailedPrecondition => ControllerError::during(what)(status),
+            _ => ControllerError::unfinished(what)(status),
         }
     }
 
@@ -200,15 +202,7 @@ impl ControllerError {
             AttemptsFailed { rescheduled: true, .. } => Code::Internal,
             AttemptsFailed { last, .. } => last.code(),
             FlowFailed(f) => f.error.error.code(),
-            // As `From<StoreError> for tonic::Status` (store/mod.rs).
-            Store(e) => match e {
-                // ABORTED is what the CSI sidecars retry, which is what a lost
-                // compare-and-set needs: the retry reads the record again.
-                StoreError::Conflict { .. } => Code::Aborted,
-                StoreError::NotFound { .. } => Code::NotFound,
-                StoreError::AlreadyExists { .. } => Code::AlreadyExists,
-                StoreError::Backend(_) => Code::Unavailable,
-            },
+            Store(e) => e.code(),
             BadAgentAddress { .. } | IncompleteAnswer(_) | Internal(_) => Code::Internal,
         }
     }

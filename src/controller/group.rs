@@ -301,12 +301,11 @@ impl Manager {
     async fn delete_member_images(&self, members: &[SnapshotRec]) -> Result<(), ControllerError> {
         let deletes = members.iter().map(|m| async move {
             let mut agent = self.agent_for(&m.node).await?;
-            agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: m.id.clone() }).await.map(|_| ()).map_err(|s| {
-                ControllerError::Unfinished(Box::new(ControllerError::during(format!(
-                    "node {} could not delete snapshot {}",
-                    m.node, m.id
-                ))(s)))
-            })
+            agent
+                .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: m.id.clone() })
+                .await
+                .map(|_| ())
+                .map_err(ControllerError::unfinished(format!("node {} could not delete snapshot {}", m.node, m.id)))
         });
         join_all(deletes).await.into_iter().collect()
     }

@@ -197,9 +197,10 @@ impl Manager {
             store::update_json(&*self.store, Kind::Snapshot, id, &rec, version).await?;
         }
         let mut agent = self.agent_for(&rec.node).await.map_err(|e| ControllerError::Unfinished(Box::new(e)))?;
-        agent.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: id.to_string() }).await.map_err(|s| {
-            ControllerError::Unfinished(Box::new(ControllerError::during(format!("node {} could not delete snapshot {id}", rec.node))(s)))
-        })?;
+        agent
+            .delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: id.to_string() })
+            .await
+            .map_err(ControllerError::unfinished(format!("node {} could not delete snapshot {id}", rec.node)))?;
         self.store.delete(Kind::Snapshot, id, None).await?;
         info!(snapshot.id = %id, "snapshot deleted");
         Ok(())

@@ -2,7 +2,7 @@
 //! image (through its loop device) is found in the mount table and frozen
 //! with a watchdog (`attach::freeze`), so a snapshot of a volume in use is
 //! clean, not merely crash-consistent. A node that attaches other nodes'
-//! volumes (`MountedAndAttached`) also freezes, for a group snapshot, the
+//! volumes (`MountedFilesystems::remote`) also freezes, for a group snapshot, the
 //! filesystem it has staged from such a volume (a loop device on the
 //! attachment's backing path: the FUSE file or the nbd device).
 
@@ -17,28 +17,22 @@ use crate::volume::freeze::{Freezer, Thaw};
 use super::host::{is_node_bind, mounts_of_image};
 use super::remote::Remote;
 
-pub struct MountedFilesystems;
+/// The filesystems mounted here from this pool's images, and (with
+/// `remote`, on a node that attaches other nodes' volumes) those staged
+/// here from other nodes' volumes, found from the node plugin's attachments.
+#[derive(Default)]
+pub struct MountedFilesystems {
+    pub remote: Option<Arc<Remote>>,
+}
 
 impl Freezer for MountedFilesystems {
-    fn freeze(&self, image: &Path, max: Duration) -> Result<Option<Box<dyn Thaw>>, String> {
-        freeze_mounted(image, max).map(boxed)
-    }
-}
-
-/// `MountedFilesystems`, and the filesystems staged here from other
-/// nodes' volumes (found from the node plugin's attachments).
-pub struct MountedAndAttached {
-    pub remote: Arc<Remote>,
-}
-
-impl Freezer for MountedAndAttached {
     fn freeze(&self, image: &Path, max: Duration) -> Result<Option<Box<dyn Thaw>>, String> {
         freeze_mounted(image, max).map(boxed)
     }
 
     fn freeze_consumed(&self, volume: &str, max: Duration) -> Result<Option<Box<dyn Thaw>>, String> {
         // Published here but not (or no longer) staged: nothing writes it here.
-        let Some(backing) = self.remote.backing_of_blocking(volume) else { return Ok(None) };
+        let Some(backing) = self.remote.as_ref().and_then(|r| r.backing_of_blocking(volume)) else { return Ok(None) };
         let frozen = freeze_mounted(&backing, max)?;
         if let Some(f) = &frozen {
             let mount_point = f.mount_point().display();

@@ -81,10 +81,7 @@ impl NodeService {
         let remote = config.remote.clone().map(|c| Arc::new(remote::Remote::new(c)));
         // Snapshots of volumes staged here are cut with their filesystem
         // frozen; so are group members of other nodes staged here.
-        match &remote {
-            Some(remote) => config.pool.set_freezer(Arc::new(freeze::MountedAndAttached { remote: remote.clone() })),
-            None => config.pool.set_freezer(Arc::new(freeze::MountedFilesystems)),
-        }
+        config.pool.set_freezer(Arc::new(freeze::MountedFilesystems { remote: remote.clone() }));
         let roots = AllowedRoots::new(config.allowed_roots.clone());
         NodeService { node: Arc::new(Node { config, roots, inflight: InFlight::default(), remote }) }
     }

@@ -72,17 +72,23 @@ pub enum StoreError {
     Backend(String),
 }
 
-impl From<StoreError> for tonic::Status {
-    fn from(err: StoreError) -> Self {
-        let message = err.to_string();
-        match err {
+impl StoreError {
+    /// The gRPC code a caller gets for this failure.
+    pub fn code(&self) -> tonic::Code {
+        match self {
             // ABORTED is what the CSI sidecars retry, which is what a lost
             // compare-and-set needs: the retry reads the record again.
-            StoreError::Conflict { .. } => tonic::Status::aborted(message),
-            StoreError::NotFound { .. } => tonic::Status::not_found(message),
-            StoreError::AlreadyExists { .. } => tonic::Status::already_exists(message),
-            StoreError::Backend(_) => tonic::Status::unavailable(message),
+            StoreError::Conflict { .. } => tonic::Code::Aborted,
+            StoreError::NotFound { .. } => tonic::Code::NotFound,
+            StoreError::AlreadyExists { .. } => tonic::Code::AlreadyExists,
+            StoreError::Backend(_) => tonic::Code::Unavailable,
         }
+    }
+}
+
+impl From<StoreError> for tonic::Status {
+    fn from(err: StoreError) -> Self {
+        tonic::Status::new(err.code(), err.to_string())
     }
 }
 

@@ -66,20 +66,10 @@ impl Pool {
     /// them or none, and hold them for group `group` until `thaw_group` or
     /// `max` (then the watchdogs thaw them). Repeating it for a group that
     /// holds the same volumes is success.
-    pub fn freeze_group(&self, group: &str, volumes: &[String], max: Duration) -> Result<Vec<String>, VolumeError> {
-        self.freeze_group_with_consumed(group, volumes, &[], max)
-    }
-
-    /// `freeze_group`, and also the filesystems this node has mounted from
-    /// `consumed`, volumes of other nodes used here over NBD (their owners
-    /// hold them for the group and cut them). All of them or none.
-    pub fn freeze_group_with_consumed(
-        &self,
-        group: &str,
-        volumes: &[String],
-        consumed: &[String],
-        max: Duration,
-    ) -> Result<Vec<String>, VolumeError> {
+    /// With them, the filesystems this node has mounted from `consumed`,
+    /// volumes of other nodes used here over NBD (their owners hold them
+    /// for the group and cut them). All of them or none.
+    pub fn freeze_group(&self, group: &str, volumes: &[String], consumed: &[String], max: Duration) -> Result<Vec<String>, VolumeError> {
         validate_id("group snapshot id", group)?;
         if volumes.is_empty() && consumed.is_empty() {
             return Err(VolumeError::Invalid { what: "volume list", reason: "no volume to freeze".into() });
@@ -249,13 +239,13 @@ mod tests {
         volume(&pool, "vol-b");
         let members = vec!["vol-b".to_string(), "vol-a".to_string()];
         let limit = Duration::from_secs(30);
-        assert_eq!(pool.freeze_group("group-1", &members, limit).unwrap(), ["vol-a", "vol-b"]);
+        assert_eq!(pool.freeze_group("group-1", &members, &[], limit).unwrap(), ["vol-a", "vol-b"]);
         assert_eq!(frozen.load(Ordering::SeqCst), 2);
         // A repeat holds what it holds; another group or other members do not get in.
-        pool.freeze_group("group-1", &members, limit).unwrap();
+        pool.freeze_group("group-1", &members, &[], limit).unwrap();
         assert_eq!(frozen.load(Ordering::SeqCst), 2);
-        assert!(matches!(pool.freeze_group("group-2", &["vol-a".to_string()], limit), Err(VolumeError::Freeze { .. })));
-        assert!(matches!(pool.freeze_group("group-1", &["vol-a".to_string()], limit), Err(VolumeError::Conflict { .. })));
+        assert!(matches!(pool.freeze_group("group-2", &["vol-a".to_string()], &[], limit), Err(VolumeError::Freeze { .. })));
+        assert!(matches!(pool.freeze_group("group-1", &["vol-a".to_string()], &[], limit), Err(VolumeError::Conflict { .. })));
         // A plain snapshot waits for the group; the group's own is cut without a second freeze.
         assert!(matches!(pool.create_snapshot("snap-x", "vol-a", Default::default()), Err(VolumeError::Freeze { .. })));
         assert!(matches!(
@@ -274,9 +264,9 @@ mod tests {
         ));
         pool.create_snapshot("snap-x", "vol-a", Default::default()).unwrap();
         // Unknown volumes and bad IDs change nothing.
-        assert!(matches!(pool.freeze_group("group-3", &["vol-zz".to_string()], limit), Err(VolumeError::NotFound { .. })));
-        assert!(matches!(pool.freeze_group("../x", &members, limit), Err(VolumeError::Invalid { .. })));
-        assert!(matches!(pool.freeze_group("group-3", &[], limit), Err(VolumeError::Invalid { .. })));
+        assert!(matches!(pool.freeze_group("group-3", &["vol-zz".to_string()], &[], limit), Err(VolumeError::NotFound { .. })));
+        assert!(matches!(pool.freeze_group("../x", &members, &[], limit), Err(VolumeError::Invalid { .. })));
+        assert!(matches!(pool.freeze_group("group-3", &[], &[], limit), Err(VolumeError::Invalid { .. })));
         assert_eq!(frozen.load(Ordering::SeqCst), 3, "only the plain snapshot froze again");
     }
 
@@ -294,21 +284,21 @@ mod tests {
         let limit = Duration::from_secs(30);
         let elsewhere = vec!["vol-remote".to_string()];
         // Not in this pool, and that is fine: only its mount here is frozen.
-        assert_eq!(pool.freeze_group_with_consumed("group-1", &[], &elsewhere, limit).unwrap(), Vec::<String>::new());
+        assert_eq!(pool.freeze_group("group-1", &[], &elsewhere, limit).unwrap(), Vec::<String>::new());
         assert_eq!(frozen.load(Ordering::SeqCst), 1);
-        pool.freeze_group_with_consumed("group-1", &[], &elsewhere, limit).unwrap();
+        pool.freeze_group("group-1", &[], &elsewhere, limit).unwrap();
         assert_eq!(frozen.load(Ordering::SeqCst), 1, "a repeat holds what it holds");
-        let e = pool.freeze_group_with_consumed("group-2", &["vol-own".to_string()], &elsewhere, limit).unwrap_err();
+        let e = pool.freeze_group("group-2", &["vol-own".to_string()], &elsewhere, limit).unwrap_err();
         assert!(matches!(e, VolumeError::Freeze { .. }), "{e}");
-        assert!(matches!(pool.freeze_group("group-1", &["vol-own".to_string()], limit), Err(VolumeError::Conflict { .. })));
+        assert!(matches!(pool.freeze_group("group-1", &["vol-own".to_string()], &[], limit), Err(VolumeError::Conflict { .. })));
         // Holding a consumed volume does not hold this pool's own volumes.
         pool.create_snapshot("snap-own", "vol-own", Default::default()).unwrap();
         assert_eq!(frozen.load(Ordering::SeqCst), 2);
         assert_eq!(pool.thaw_group("group-1").unwrap(), vec![]);
         assert_eq!(thawed.load(Ordering::SeqCst), 2);
         let bad = vec!["../x".to_string()];
-        assert!(matches!(pool.freeze_group_with_consumed("group-3", &[], &bad, limit), Err(VolumeError::Invalid { .. })));
-        assert!(matches!(pool.freeze_group_with_consumed("group-3", &[], &[], limit), Err(VolumeError::Invalid { .. })));
+        assert!(matches!(pool.freeze_group("group-3", &[], &bad, limit), Err(VolumeError::Invalid { .. })));
+        assert!(matches!(pool.freeze_group("group-3", &[], &[], limit), Err(VolumeError::Invalid { .. })));
     }
 }
 
@@ -334,7 +324,7 @@ mod real_freeze {
         let dir = tempfile::tempdir().unwrap();
         let mut cleanup = Cleanup::default();
         let (pool, _) = Pool::open(&dir.path().join("pool"), PoolConfig::default()).unwrap();
-        pool.set_freezer(Arc::new(crate::node::freeze::MountedFilesystems));
+        pool.set_freezer(Arc::new(crate::node::freeze::MountedFilesystems::default()));
         let req = CreateVolume {
             id: "vol-f".into(),
             size_bytes: 32 << 20,
@@ -352,7 +342,7 @@ mod real_freeze {
         mount::mount_fs(&handle.device.path, &mnt, "ext4", &[], false).unwrap();
 
         let started = Instant::now();
-        pool.freeze_group("group-gone", &["vol-f".to_string()], Duration::from_millis(1500)).unwrap();
+        pool.freeze_group("group-gone", &["vol-f".to_string()], &[], Duration::from_millis(1500)).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let file = mnt.join("after");
         std::thread::spawn(move || {
