@@ -9,10 +9,15 @@
 //! ```
 //!
 //! Order of writes, so a crash at any instant is recoverable: the record is
-//! written `Creating`, the image is made under a `.partial` name and fsynced,
-//! renamed into place, then the record becomes `Available`. Deletion marks the
-//! record `Deleting`, removes the image, then the record. `Pool::open`
-//! reconciles whatever it finds.
+//! written `Creating` under its pending name (`<id>.json.tmp`), the image is
+//! made under a `.partial` name and fsynced, renamed into place, then the
+//! record is rewritten `Available` in that same file and renamed to
+//! `<id>.json`. Deletion renames the record to `<id>.json.deleting`, removes
+//! the image, then the record. `Pool::open` reconciles whatever it finds.
+//!
+//! A create and its delete make two files (the pending record and the
+//! image) and rewrite none: creating a file is the costly step on some
+//! filesystems (ext4 without a journal scans its recently freed inodes).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -293,7 +298,8 @@ impl Pool {
     // ---------------------------------------------------------------- reconcile
 
     /// Bring the folder to a consistent state and load the index: finish or
-    /// undo half-made records and expansions, finish deletions, move images
+    /// undo half-made records and expansions, roll back creates whose record
+    /// is still pending, finish deletions, move images
     /// that have no record to `orphaned/`, and drop stray temporary files.
     /// A volume or snapshot that cannot be brought back is marked broken,
     /// with the reason, and left as it is: one bad volume never stops the
@@ -306,6 +312,8 @@ impl Pool {
             let mut records: BTreeMap<String, PathBuf> = BTreeMap::new();
             let mut images: Vec<(String, PathBuf)> = Vec::new();
             let mut stray: Vec<PathBuf> = Vec::new();
+            let mut pending: Vec<String> = Vec::new();
+            let mut deleting: Vec<String> = Vec::new();
             for entry in std::fs::read_dir(&dir).map_err(VolumeError::io(format!("reading {}", dir.display())))? {
                 let entry = entry.map_err(VolumeError::io(format!("reading {}", dir.display())))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
@@ -314,7 +322,12 @@ impl Pool {
                     records.insert(id.to_string(), path);
                 } else if let Some(id) = name.strip_suffix(".img") {
                     images.push((id.to_string(), path));
+                } else if let Some(id) = name.strip_suffix(".json.deleting") {
+                    deleting.push(id.to_string());
                 } else {
+                    if let Some(id) = name.strip_suffix(".json.tmp") {
+                        pending.push(id.to_string());
+                    }
                     // *.json.tmp, *.img.partial, probes: resolved below via the records
                     stray.push(path);
                 }
@@ -346,8 +359,33 @@ impl Pool {
                     }
                 }
             }
+            // A record moved aside for deletion: finish the deletion. A
+            // pending record alone: a create that never answered, rolled back.
+            let mut settled = std::collections::BTreeSet::new();
+            pending.sort();
+            deleting.sort();
+            let unfinished = deleting.into_iter().map(|id| (id, true)).chain(pending.into_iter().map(|id| (id, false)));
+            for (id, delete) in unfinished {
+                if records.contains_key(&id) {
+                    // A torn rewrite beside its record (dropped with the
+                    // strays), or the file of an earlier, finished deletion.
+                    if delete {
+                        let leftover = records::deleting_path(&self.path(kind, &id, "json"));
+                        if let Err(e) = records::remove_if_exists(&leftover) {
+                            warn!(file = %leftover.display(), error = %e, "could not remove a stray file");
+                        }
+                    }
+                    continue;
+                }
+                match self.remove_unfinished(kind, &id, delete) {
+                    Ok(()) if delete => report.deleted.push(kind.lock_key(&id)),
+                    Ok(()) => report.rolled_back.push(kind.lock_key(&id)),
+                    Err(e) => warn!(kind = kind.name(), id = %id, error = %e, "could not finish removing it; the next start tries again"),
+                }
+                settled.insert(id);
+            }
             for (id, image) in images {
-                if !records.contains_key(&id) {
+                if !records.contains_key(&id) && !settled.contains(&id) {
                     match self.move_to_orphaned(&image) {
                         Ok(()) => {
                             warn!(image = %image.display(), "image without a record moved to orphaned/");
@@ -430,6 +468,20 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Remove what an unfinished create (`delete` false) or a decided
+    /// deletion left: the images first, durably, then the record's file.
+    fn remove_unfinished(&self, kind: Kind, id: &str, delete: bool) -> std::io::Result<()> {
+        let rec_path = self.path(kind, id, "json");
+        records::remove_if_exists(&self.path(kind, id, "img"))?;
+        records::remove_if_exists(&self.path(kind, id, "img.partial"))?;
+        records::sync_dir(&self.root.join(kind.dir()))?;
+        records::remove_if_exists(&records::pending_path(&rec_path))?;
+        if delete {
+            records::remove_if_exists(&records::deleting_path(&rec_path))?;
+        }
+        Ok(())
     }
 
     /// Make a volume's record and image agree on its size. An expansion
@@ -635,10 +687,15 @@ impl Pool {
 
     /// Admit a new volume against the pool's capacity and write its
     /// `Creating` record, as one step racing creates cannot interleave.
-    fn admit_and_record(&self, record: &VolumeRecord) -> Result<(), VolumeError> {
+    /// `pending`: under the record's pending name (a create that rolls back
+    /// if it never finishes); otherwise under its own (a cross-node copy,
+    /// which resumes).
+    fn admit_and_record(&self, record: &VolumeRecord, pending: bool) -> Result<(), VolumeError> {
         let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
         self.admit(record.size_bytes, record.provisioning)?;
-        records::write_record(&self.path(Kind::Volume, &record.id, "json"), record).map_err(VolumeError::io("writing volume record"))?;
+        let path = self.path(Kind::Volume, &record.id, "json");
+        let written = if pending { records::write_pending(&path, record) } else { records::write_record(&path, record) };
+        written.map_err(VolumeError::io("writing volume record"))?;
         self.index().volumes.insert(record.id.clone(), record.clone());
         Ok(())
     }
@@ -707,7 +764,7 @@ impl Pool {
         let rec_path = self.path(Kind::Volume, &req.id, "json");
         // A clone by reflink shares its source's blocks, but it may be
         // rewritten entirely, so it counts in full, as in Cinder.
-        self.admit_and_record(&record)?;
+        self.admit_and_record(&record, true)?;
 
         let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), Freeze::Never);
         let result = made.and_then(|method| {
@@ -863,6 +920,7 @@ impl Pool {
         let mut ok = records::remove_if_exists(&partial).is_ok();
         ok &= records::remove_if_exists(&image).is_ok();
         ok &= records::remove_if_exists(&rec).is_ok();
+        ok &= records::remove_if_exists(&records::pending_path(&rec)).is_ok();
         ok &= records::sync_dir(&self.root.join(kind.dir())).is_ok();
         if ok {
             let mut index = self.index();
@@ -889,27 +947,36 @@ impl Pool {
         if self.set_aside_broken(kind, id)? {
             return Ok(());
         }
-        let rec_path = self.path(kind, id, "json");
         let known = match kind {
-            Kind::Volume => self.index().volumes.get(id).cloned().map(|mut v| {
-                v.state = State::Deleting;
-                serde_json::to_vec_pretty(&v)
-            }),
-            Kind::Snapshot => self.index().snapshots.get(id).cloned().map(|mut s| {
-                s.state = State::Deleting;
-                serde_json::to_vec_pretty(&s)
-            }),
+            Kind::Volume => self.index().volumes.contains_key(id),
+            Kind::Snapshot => self.index().snapshots.contains_key(id),
         };
-        let Some(bytes) = known else {
+        if !known {
             return Ok(()); // already gone: deletion is idempotent
+        }
+        let rec_path = self.path(kind, id, "json");
+        let dir = self.root.join(kind.dir());
+        // The decision, made durable by a rename (nothing is rewritten, no
+        // file is made): from here a crash finishes the deletion at the
+        // next start. A record still pending is one whose create failed
+        // and could not be undone.
+        let deleting = records::deleting_path(&rec_path);
+        let moved = match std::fs::rename(&rec_path, &deleting) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::rename(records::pending_path(&rec_path), &deleting),
+            other => other,
         };
-        let bytes = bytes.map_err(|e| VolumeError::io("encoding record")(std::io::Error::other(e)))?;
-        records::write_atomically(&rec_path, &bytes).map_err(VolumeError::io("marking record Deleting"))?;
+        match moved {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(VolumeError::io("moving the record aside for deletion")(e)),
+            _ => {}
+        }
+        records::sync_dir(&dir).map_err(VolumeError::io("syncing pool folder"))?;
         records::remove_if_exists(&self.path(kind, id, "img")).map_err(VolumeError::io("removing image"))?;
         records::remove_if_exists(&self.path(kind, id, "img.partial")).map_err(VolumeError::io("removing image"))?;
-        records::sync_dir(&self.root.join(kind.dir())).map_err(VolumeError::io("syncing pool folder"))?;
-        records::remove_if_exists(&rec_path).map_err(VolumeError::io("removing record"))?;
-        records::sync_dir(&self.root.join(kind.dir())).map_err(VolumeError::io("syncing pool folder"))?;
+        // The images are gone for good before the record goes: a record
+        // whose removal is lost in a crash comes back as `.deleting` and
+        // its deletion is finished again, so that removal needs no sync.
+        records::sync_dir(&dir).map_err(VolumeError::io("syncing pool folder"))?;
+        records::remove_if_exists(&deleting).map_err(VolumeError::io("removing record"))?;
         let mut index = self.index();
         match kind {
             Kind::Volume => {
@@ -1075,7 +1142,7 @@ impl Pool {
                     .map_err(VolumeError::io("reading source volume"))?;
                 self.admit(used.max(1), Provisioning::Thick)?;
             }
-            records::write_record(&rec_path, &record).map_err(VolumeError::io("writing snapshot record"))?;
+            records::write_pending(&rec_path, &record).map_err(VolumeError::io("writing snapshot record"))?;
             self.index().snapshots.insert(id.to_string(), record.clone());
         }
         let src = self.volume_image(source_volume_id);

@@ -88,19 +88,52 @@ pub struct SnapshotRecord {
 }
 
 /// Write `bytes` to `path` so that a crash leaves either the old file or the
-/// new one: write a temporary file, fsync it, rename it over, fsync the folder.
+/// new one: write a temporary file (`pending_path`), fsync it, rename it
+/// over, fsync the folder. A temporary file that is there already is
+/// rewritten in place (no new inode), as a create's `Available` record
+/// replaces its pending `Creating` one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("record path has no folder"))?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    {
-        let mut f = File::options().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+    let tmp = pending_path(path);
+    write_synced(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;
     sync_dir(dir)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = File::options().write(true).create(true).truncate(true).open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// `<id>.json.tmp`: the temporary name of a record being rewritten, and the
+/// name a new volume's or snapshot's record has while it is created. Found
+/// at start-up beside its record, it is a torn rewrite (dropped); alone, a
+/// create that never answered (rolled back: its images are removed).
+pub fn pending_path(record: &Path) -> PathBuf {
+    with_suffix(record, ".tmp")
+}
+
+/// `<id>.json.deleting`: a record moved aside (renamed, nothing rewritten)
+/// once its deletion is decided; a start-up finishes that deletion.
+pub fn deleting_path(record: &Path) -> PathBuf {
+    with_suffix(record, ".deleting")
+}
+
+/// Write the record of a volume or snapshot about to be created under its
+/// pending name, durably (the file and its folder entry), so no image is
+/// made before something on disk says whose it is. The create's last write
+/// (`write_record` to the real name) reuses this file.
+pub fn write_pending<T: Serialize>(record: &Path, value: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    write_synced(&pending_path(record), &bytes)?;
+    sync_dir(record.parent().ok_or_else(|| io::Error::other("record path has no folder"))?)
 }
 
 pub fn write_record<T: Serialize>(path: &Path, record: &T) -> io::Result<()> {
