@@ -241,25 +241,29 @@ fn reconcile_finishes_or_removes_half_made_records() {
     write_file(&vols.join("vol-ok.json.tmp"), b"{\"id\": \"vol-o");
     // Creates whose record was still pending (never answered): rolled
     // back, their images removed, not kept as orphans. One crashed with its
-    // image in place, just before the record's last rename; one while its
-    // record was being rewritten.
+    // image in place, just before the record's rename; one while its
+    // record was being written.
     write_file(&vols.join("vol-pending.json.tmp"), &serde_json::to_vec(&rec("vol-pending", State::Available)).unwrap());
     write_file(&vols.join("vol-pending.img"), &[0u8; 4096]);
     write_file(&vols.join("vol-torn.json.tmp"), b"{\"id\": \"vol-t");
     write_file(&vols.join("vol-torn.img.partial"), b"partial");
+    // A create whose record reached its name while its image was still
+    // partial (the two renames landed apart): finished.
+    write_file(&vols.join("vol-renamed.json"), &serde_json::to_vec(&rec("vol-renamed", State::Available)).unwrap());
+    write_file(&vols.join("vol-renamed.img.partial"), &vec![0u8; MIB as usize]);
     // A deletion that was decided (record moved aside): finished.
     write_file(&vols.join("vol-moved.json.deleting"), &serde_json::to_vec(&rec("vol-moved", State::Available)).unwrap());
     write_file(&vols.join("vol-moved.img"), &[0u8; 4096]);
 
     let (pool, report) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
     assert_eq!(report.rolled_back, vec!["volumes/vol-half", "volumes/vol-pending", "volumes/vol-torn"]);
-    assert_eq!(report.finished, vec!["volumes/vol-done"]);
+    assert_eq!(report.finished, vec!["volumes/vol-done", "volumes/vol-renamed"]);
     assert_eq!(report.deleted, vec!["volumes/vol-going", "volumes/vol-moved"]);
     assert_eq!(report.orphaned, vec!["volumes/vol-stray"]);
     let ids: Vec<_> = pool.list_volumes().into_iter().map(|v| v.id).collect();
-    assert_eq!(ids, vec!["vol-done", "vol-ok"]);
+    assert_eq!(ids, vec!["vol-done", "vol-ok", "vol-renamed"]);
     let files: Vec<_> = tree(&vols).into_keys().collect();
-    assert_eq!(files, vec!["vol-done.img", "vol-done.json", "vol-ok.img", "vol-ok.json"]);
+    assert_eq!(files, vec!["vol-done.img", "vol-done.json", "vol-ok.img", "vol-ok.json", "vol-renamed.img", "vol-renamed.json"]);
     assert_eq!(std::fs::read_dir(dir.path().join("orphaned")).unwrap().count(), 1);
 }
 

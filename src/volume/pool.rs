@@ -8,16 +8,20 @@
 //! <pool>/pool.json           the pool's identity (its UUID)
 //! ```
 //!
-//! Order of writes, so a crash at any instant is recoverable: the record is
-//! written `Creating` under its pending name (`<id>.json.tmp`), the image is
-//! made under a `.partial` name and fsynced, renamed into place, then the
-//! record is rewritten `Available` in that same file and renamed to
-//! `<id>.json`. Deletion renames the record to `<id>.json.deleting`, removes
-//! the image, then the record. `Pool::open` reconciles whatever it finds.
+//! Order of writes, so a crash at any instant is recoverable: a create makes
+//! its image under a `.partial` name and fsyncs it; then writes its
+//! `Available` record under the pending name `<id>.json.tmp` and fsyncs it;
+//! syncs the folder; renames the image, then the record, into place; syncs
+//! the folder again. Deletion renames the record to `<id>.json.deleting`,
+//! removes the image, then the record. `Pool::open` reconciles whatever it
+//! finds: a partial image alone is dropped, a pending record alone is a
+//! create that never answered (rolled back), a record whose image is still
+//! partial finishes the rename, a `.deleting` record finishes its deletion.
 //!
-//! A create and its delete make two files (the pending record and the
-//! image) and rewrite none: creating a file is the costly step on some
-//! filesystems (ext4 without a journal scans its recently freed inodes).
+//! A create and its delete make two files, rewrite none, and cost two file
+//! fsyncs: creating a file is the costly step on some filesystems (ext4
+//! without a journal scans its recently freed inodes), and file fsyncs are
+//! the ones concurrent creates cannot share (folder syncs are shared).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -456,6 +460,16 @@ impl Pool {
                 records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
                 Ok((None, Outcome::Deleted))
             }
+            // Crashed between a create's two renames: the partial image was
+            // complete and durable before the record was written.
+            State::Available if !image_exists && partial.exists() => {
+                std::fs::rename(&partial, &image).map_err(failed("renaming", &partial))?;
+                records::sync_dir(&self.root.join(kind.dir())).map_err(failed("syncing", &self.root.join(kind.dir())))?;
+                match entry {
+                    Entry::Volume(v) => Ok((Some(Entry::Volume(self.settle_size(v).map_err(|e| e.to_string())?.0)), Outcome::Finished)),
+                    snapshot => Ok((Some(snapshot), Outcome::Finished)),
+                }
+            }
             State::Available if !image_exists => Err(format!("its image {} is missing", image.display())),
             State::Available => {
                 records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
@@ -685,17 +699,18 @@ impl Pool {
         }
     }
 
-    /// Admit a new volume against the pool's capacity and write its
-    /// `Creating` record, as one step racing creates cannot interleave.
-    /// `pending`: under the record's pending name (a create that rolls back
-    /// if it never finishes); otherwise under its own (a cross-node copy,
-    /// which resumes).
-    fn admit_and_record(&self, record: &VolumeRecord, pending: bool) -> Result<(), VolumeError> {
+    /// Admit a new volume against the pool's capacity and enter it in the
+    /// index as `Creating`, as one step racing creates cannot interleave.
+    /// `resumable` (a cross-node copy): its `Creating` record is written to
+    /// disk now, so a restart resumes the copy. Any other create writes its
+    /// record once its image is made (`finish_create`).
+    fn admit_and_record(&self, record: &VolumeRecord, resumable: bool) -> Result<(), VolumeError> {
         let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
         self.admit(record.size_bytes, record.provisioning)?;
-        let path = self.path(Kind::Volume, &record.id, "json");
-        let written = if pending { records::write_pending(&path, record) } else { records::write_record(&path, record) };
-        written.map_err(VolumeError::io("writing volume record"))?;
+        if resumable {
+            let path = self.path(Kind::Volume, &record.id, "json");
+            records::write_record(&path, record).map_err(VolumeError::io("writing volume record"))?;
+        }
         self.index().volumes.insert(record.id.clone(), record.clone());
         Ok(())
     }
@@ -761,16 +776,15 @@ impl Pool {
         };
 
         let record = Self::creating(&req, size, None);
-        let rec_path = self.path(Kind::Volume, &req.id, "json");
         // A clone by reflink shares its source's blocks, but it may be
         // rewritten entirely, so it counts in full, as in Cinder.
-        self.admit_and_record(&record, true)?;
+        self.admit_and_record(&record, false)?;
 
         let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), Freeze::Never);
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
-            records::write_record(&rec_path, &done).map_err(VolumeError::io("writing volume record"))?;
+            self.finish_create(Kind::Volume, &req.id, &done)?;
             Ok((done, method))
         });
         match result {
@@ -786,8 +800,8 @@ impl Pool {
         }
     }
 
-    /// Make `<id>.img` under its partial name, fill it, make it durable and
-    /// rename it into place. Returns how the content was produced.
+    /// Make `<id>.img.partial`, fill it and make it durable (`finish_create`
+    /// renames it into place). Returns how the content was produced.
     ///
     /// A snapshot is read-only, and its source's filesystem is frozen while
     /// it is copied. A thick image owns every block: one made by reflink is
@@ -804,7 +818,6 @@ impl Pool {
     ) -> Result<Option<CopyMethod>, VolumeError> {
         let snapshot = matches!(kind, Kind::Snapshot);
         let partial = self.path(kind, id, "img.partial");
-        let image = self.path(kind, id, "img");
         let f = File::options()
             .read(true)
             .write(true)
@@ -850,10 +863,26 @@ impl Pool {
             f.set_permissions(std::fs::Permissions::from_mode(0o444)).map_err(VolumeError::io("making snapshot read-only"))?;
         }
         f.sync_all().map_err(VolumeError::io(format!("syncing {}", partial.display())))?;
-        drop(f);
-        std::fs::rename(&partial, &image).map_err(VolumeError::io(format!("renaming {}", partial.display())))?;
-        records::sync_dir(&self.root.join(kind.dir())).map_err(VolumeError::io("syncing pool folder"))?;
         Ok(method)
+    }
+
+    /// The last steps of a create, once its partial image is complete and
+    /// durable: the `Available` record under its pending name, fsynced; the
+    /// folder synced, so both files are there after a crash; the image and
+    /// then the record renamed into place; the folder synced again. A crash
+    /// before the record's rename leaves a pending record alone, which the
+    /// next start rolls back (the create never answered); one after it, with
+    /// the image still partial, finishes that rename.
+    fn finish_create<T: serde::Serialize>(&self, kind: Kind, id: &str, done: &T) -> Result<(), VolumeError> {
+        let rec_path = self.path(kind, id, "json");
+        let dir = self.root.join(kind.dir());
+        let partial = self.path(kind, id, "img.partial");
+        records::write_pending(&rec_path, done).map_err(VolumeError::io(format!("writing {} record", kind.name())))?;
+        records::sync_dir(&dir).map_err(VolumeError::io("syncing pool folder"))?;
+        std::fs::rename(&partial, self.path(kind, id, "img")).map_err(VolumeError::io(format!("renaming {}", partial.display())))?;
+        std::fs::rename(records::pending_path(&rec_path), &rec_path)
+            .map_err(VolumeError::io(format!("renaming {} record", kind.name())))?;
+        records::sync_dir(&dir).map_err(VolumeError::io("syncing pool folder"))
     }
 
     /// Freeze the filesystem mounted from `image`, if any, through the
@@ -1131,7 +1160,6 @@ impl Pool {
             created_at_ms: records::now_ms(),
             state: State::Creating,
         };
-        let rec_path = self.path(Kind::Snapshot, id, "json");
         {
             let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
             if !pass && (!self.reflink || volume.provisioning == Provisioning::Thick) {
@@ -1142,7 +1170,6 @@ impl Pool {
                     .map_err(VolumeError::io("reading source volume"))?;
                 self.admit(used.max(1), Provisioning::Thick)?;
             }
-            records::write_pending(&rec_path, &record).map_err(VolumeError::io("writing snapshot record"))?;
             self.index().snapshots.insert(id.to_string(), record.clone());
         }
         let src = self.volume_image(source_volume_id);
@@ -1155,7 +1182,7 @@ impl Pool {
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
-            records::write_record(&rec_path, &done).map_err(VolumeError::io("writing snapshot record"))?;
+            self.finish_create(Kind::Snapshot, id, &done)?;
             Ok((done, method))
         });
         match result {

@@ -89,9 +89,7 @@ pub struct SnapshotRecord {
 
 /// Write `bytes` to `path` so that a crash leaves either the old file or the
 /// new one: write a temporary file (`pending_path`), fsync it, rename it
-/// over, fsync the folder. A temporary file that is there already is
-/// rewritten in place (no new inode), as a create's `Available` record
-/// replaces its pending `Creating` one.
+/// over, fsync the folder.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().ok_or_else(|| io::Error::other("record path has no folder"))?;
     let tmp = pending_path(path);
@@ -113,9 +111,10 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// `<id>.json.tmp`: the temporary name of a record being rewritten, and the
-/// name a new volume's or snapshot's record has while it is created. Found
-/// at start-up beside its record, it is a torn rewrite (dropped); alone, a
-/// create that never answered (rolled back: its images are removed).
+/// name a new volume's or snapshot's record has for a moment at the end of
+/// its create. Found at start-up beside its record, it is a torn rewrite
+/// (dropped); alone, a create that never answered (rolled back: its images
+/// are removed).
 pub fn pending_path(record: &Path) -> PathBuf {
     with_suffix(record, ".tmp")
 }
@@ -126,14 +125,11 @@ pub fn deleting_path(record: &Path) -> PathBuf {
     with_suffix(record, ".deleting")
 }
 
-/// Write the record of a volume or snapshot about to be created under its
-/// pending name, durably (the file and its folder entry), so no image is
-/// made before something on disk says whose it is. The create's last write
-/// (`write_record` to the real name) reuses this file.
+/// Write a new volume's or snapshot's record under its pending name,
+/// fsynced; the caller syncs the folder and renames it into place.
 pub fn write_pending<T: Serialize>(record: &Path, value: &T) -> io::Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    write_synced(&pending_path(record), &bytes)?;
-    sync_dir(record.parent().ok_or_else(|| io::Error::other("record path has no folder"))?)
+    write_synced(&pending_path(record), &bytes)
 }
 
 pub fn write_record<T: Serialize>(path: &Path, record: &T) -> io::Result<()> {
