@@ -599,3 +599,34 @@ fn thick_copies_by_reflink_own_their_blocks_and_take_a_full_overwrite_on_a_full_
     }
     assert_eq!(checksum(&pool.snapshot_image("snap-src")), original, "the snapshot changed");
 }
+
+#[test]
+fn a_copy_from_another_node_is_kept_across_a_restart_before_any_progress() {
+    use cinderblock::volume::records::CopyState;
+    use cinderblock::volume::State;
+    let dir = tempfile::tempdir().unwrap();
+    let from = CopyState {
+        address: "127.0.0.1:10809".into(),
+        export_name: "export-1".into(),
+        server_node: "node-2".into(),
+        resume_at: 0,
+        copied_bytes: 0,
+        total_bytes: 0,
+        pass: 0,
+        more_passes: false,
+        pass_done: false,
+    };
+    {
+        let (pool, _) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+        pool.begin_copy(blank("vol-copy", MIB), from.clone()).unwrap();
+        // A plain create whose image is made but whose record is not written yet
+        // would be rolled back; a copy's record is on disk from the start.
+    }
+    let (pool, report) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
+    assert_eq!(report, Default::default());
+    let v = pool.get_volume("vol-copy").unwrap();
+    assert_eq!(v.state, State::Creating);
+    assert_eq!(v.copy.as_ref().map(|c| c.server_node.as_str()), Some("node-2"));
+    let files: Vec<_> = tree(&dir.path().join("volumes")).into_keys().collect();
+    assert_eq!(files, vec!["vol-copy.img.partial", "vol-copy.json"]);
+}

@@ -57,7 +57,7 @@ impl Pool {
         }
         let record =
             Self::creating(&req, size, Some(CopyState { resume_at: 0, copied_bytes: 0, total_bytes: 0, pass_done: false, ..from }));
-        self.admit_and_record(&record, false)?;
+        self.admit_and_record(&record, true)?;
         let partial = self.path(Kind::Volume, &req.id, "img.partial");
         let made = File::create(&partial).and_then(|f| {
             f.set_len(size)?;
