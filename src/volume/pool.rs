@@ -326,13 +326,14 @@ impl Pool {
                     records.insert(id.to_string(), path);
                 } else if let Some(id) = name.strip_suffix(".img") {
                     images.push((id.to_string(), path));
-                } else if let Some(id) = name.strip_suffix(".json.deleting") {
-                    deleting.push(id.to_string());
                 } else {
                     if let Some(id) = name.strip_suffix(".json.tmp") {
                         pending.push(id.to_string());
+                    } else if let Some(id) = name.strip_suffix(".json.deleting") {
+                        deleting.push(id.to_string());
                     }
-                    // *.json.tmp, *.img.partial, probes: resolved below via the records
+                    // *.json.tmp, *.json.deleting, *.img.partial, probes:
+                    // resolved below via the records
                     stray.push(path);
                 }
             }
@@ -370,18 +371,13 @@ impl Pool {
             deleting.sort();
             let unfinished = deleting.into_iter().map(|id| (id, true)).chain(pending.into_iter().map(|id| (id, false)));
             for (id, delete) in unfinished {
-                if records.contains_key(&id) {
-                    // A torn rewrite beside its record (dropped with the
-                    // strays), or the file of an earlier, finished deletion.
-                    if delete {
-                        let leftover = records::deleting_path(&self.path(kind, &id, "json"));
-                        if let Err(e) = records::remove_if_exists(&leftover) {
-                            warn!(file = %leftover.display(), error = %e, "could not remove a stray file");
-                        }
-                    }
+                if records.contains_key(&id) || settled.contains(&id) {
+                    // A torn rewrite beside its record, or the file of an
+                    // earlier, finished deletion: dropped with the strays.
+                    // (Or a pending record beside a `.deleting` one, settled.)
                     continue;
                 }
-                match self.remove_unfinished(kind, &id, delete) {
+                match self.remove_unfinished(kind, &id) {
                     Ok(()) if delete => report.deleted.push(kind.lock_key(&id)),
                     Ok(()) => report.rolled_back.push(kind.lock_key(&id)),
                     Err(e) => warn!(kind = kind.name(), id = %id, error = %e, "could not finish removing it; the next start tries again"),
@@ -405,7 +401,9 @@ impl Pool {
                 let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
                 let owner = name.split('.').next().unwrap_or_default().to_string();
                 let live_partial = name.ends_with(".img.partial") && records.contains_key(&owner);
-                if !live_partial && path.is_file() {
+                // Settled ones' files are gone, or stay for the next start
+                // when their removal failed.
+                if !live_partial && !settled.contains(&owner) && path.is_file() {
                     if let Err(e) = records::remove_if_exists(&path) {
                         warn!(file = %path.display(), error = %e, "could not remove a stray file");
                     }
@@ -460,41 +458,39 @@ impl Pool {
                 records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
                 Ok((None, Outcome::Deleted))
             }
-            // Crashed between a create's two renames: the partial image was
-            // complete and durable before the record was written.
-            State::Available if !image_exists && partial.exists() => {
-                std::fs::rename(&partial, &image).map_err(failed("renaming", &partial))?;
-                records::sync_dir(&self.root.join(kind.dir())).map_err(failed("syncing", &self.root.join(kind.dir())))?;
-                match entry {
-                    Entry::Volume(v) => Ok((Some(Entry::Volume(self.settle_size(v).map_err(|e| e.to_string())?.0)), Outcome::Finished)),
-                    snapshot => Ok((Some(snapshot), Outcome::Finished)),
-                }
-            }
-            State::Available if !image_exists => Err(format!("its image {} is missing", image.display())),
+            State::Available if !image_exists && !partial.exists() => Err(format!("its image {} is missing", image.display())),
             State::Available => {
-                records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
-                match entry {
+                let renamed = !image_exists;
+                if renamed {
+                    // Crashed between a create's two renames: the partial image
+                    // was complete and durable before the record was written.
+                    let dir = self.root.join(kind.dir());
+                    std::fs::rename(&partial, &image).map_err(failed("renaming", &partial))?;
+                    records::sync_dir(&dir).map_err(failed("syncing", &dir))?;
+                } else {
+                    records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
+                }
+                let (entry, outcome) = match entry {
                     Entry::Volume(v) => {
                         let (v, outcome) = self.settle_size(v).map_err(|e| e.to_string())?;
-                        Ok((Some(Entry::Volume(v)), outcome))
+                        (Entry::Volume(v), outcome)
                     }
-                    snapshot => Ok((Some(snapshot), Outcome::Kept)),
-                }
+                    snapshot => (snapshot, Outcome::Kept),
+                };
+                Ok((Some(entry), if renamed { Outcome::Finished } else { outcome }))
             }
         }
     }
 
-    /// Remove what an unfinished create (`delete` false) or a decided
-    /// deletion left: the images first, durably, then the record's file.
-    fn remove_unfinished(&self, kind: Kind, id: &str, delete: bool) -> std::io::Result<()> {
+    /// Remove what an unfinished create or a decided deletion left: the
+    /// images first, durably, then the record's pending or `.deleting` file.
+    fn remove_unfinished(&self, kind: Kind, id: &str) -> std::io::Result<()> {
         let rec_path = self.path(kind, id, "json");
         records::remove_if_exists(&self.path(kind, id, "img"))?;
         records::remove_if_exists(&self.path(kind, id, "img.partial"))?;
         records::sync_dir(&self.root.join(kind.dir()))?;
         records::remove_if_exists(&records::pending_path(&rec_path))?;
-        if delete {
-            records::remove_if_exists(&records::deleting_path(&rec_path))?;
-        }
+        records::remove_if_exists(&records::deleting_path(&rec_path))?;
         Ok(())
     }
 
@@ -940,8 +936,9 @@ impl Pool {
         })
     }
 
-    /// Undo a failed create as far as possible; whatever remains is a
-    /// `Creating` record the next reconcile rolls back.
+    /// Undo a failed create as far as possible; whatever remains (a partial
+    /// image, a pending record, a copy's `Creating` record) the next start
+    /// drops, rolls back or resumes.
     fn undo_create(&self, kind: Kind, id: &str) {
         let partial = self.path(kind, id, "img.partial");
         let image = self.path(kind, id, "img");
