@@ -15,7 +15,10 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use cinderblock::controller::records::NodeRec;
-use cinderblock::scheduler::{node_segments, schedule, schedule_best, NodeState, NodeView, Placement, ScheduleRequest, Segments};
+use cinderblock::csi;
+use cinderblock::scheduler::{
+    node_segments, schedule, schedule_best, Entry, NodeState, NodeView, Placement, ScheduleRequest, Segments, TopologyList,
+};
 use cinderblock::store::{Change, Kind, Versioned};
 use cinderblock::volume::{PoolCapacity, Provisioning};
 use cinderblock::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};
@@ -86,7 +89,7 @@ fn base() -> ScheduleRequest {
     }
 }
 
-const PER_NODE: &str = "per-node lists";
+const PER_NODE: &str = "per-node lists, sorted";
 
 /// The requests timed at each size.
 fn scenarios(nodes: &[NodeState]) -> Vec<(&'static str, ScheduleRequest)> {
@@ -107,10 +110,13 @@ fn scenarios(nodes: &[NodeState]) -> Vec<(&'static str, ScheduleRequest)> {
     }
     let [any_order, any_order_preferred] = shuffled;
     vec![
-        ("zones, spread", ScheduleRequest { requisite: vec![zone(1), zone(3), zone(5)], preferred: vec![zone(3), zone(1)], ..base() }),
+        (
+            "zones, spread",
+            ScheduleRequest { requisite: vec![zone(1), zone(3), zone(5)].into(), preferred: vec![zone(3), zone(1)].into(), ..base() },
+        ),
         ("no topology, stack", ScheduleRequest { placement: Placement::Stack, ..base() }),
-        (PER_NODE, ScheduleRequest { requisite: every_node, preferred: selected_first, ..base() }),
-        ("per-node lists, shuffled", ScheduleRequest { requisite: any_order, preferred: any_order_preferred, ..base() }),
+        (PER_NODE, ScheduleRequest { requisite: every_node.into(), preferred: selected_first.into(), ..base() }),
+        ("per-node lists, shuffled", ScheduleRequest { requisite: any_order.into(), preferred: any_order_preferred.into(), ..base() }),
         ("nothing fits", ScheduleRequest { size_bytes: 1 << 60, provisioning: Provisioning::Thick, ..base() }),
     ]
 }
@@ -142,16 +148,39 @@ fn micros(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-/// What any reader of the per-node lists pays: every key compared with a
-/// topology key, every value's bytes touched, once. The floor under the
-/// "per-node lists" row.
+/// What any reader of the per-node lists pays: every entry and the last
+/// byte of its value touched, once. The floor under the "per-node lists" row.
 fn read_lists(req: &ScheduleRequest) -> usize {
     req.requisite
         .iter()
-        .chain(&req.preferred)
-        .flat_map(|segments| segments.iter())
-        .map(|(key, value)| usize::from(key == TOPOLOGY_NODE_KEY) + usize::from(value.as_bytes()[value.len() - 1]))
+        .chain(req.preferred.iter())
+        .map(|entry| match entry {
+            Entry::Node(v) | Entry::Zone(v) | Entry::NodeInZone { node: v, .. } => usize::from(v.as_bytes().last().copied().unwrap_or(0)),
+            Entry::Any | Entry::Never => 0,
+        })
         .sum()
+}
+
+/// The request's lists as CSI's CreateVolume carries them: one map per entry.
+fn as_csi(list: &TopologyList) -> Vec<csi::Topology> {
+    list.iter()
+        .map(|entry| {
+            let segments = match entry {
+                Entry::Node(n) => vec![(TOPOLOGY_NODE_KEY, n)],
+                Entry::NodeInZone { node, zone } => vec![(TOPOLOGY_NODE_KEY, node), (TOPOLOGY_ZONE_KEY, zone)],
+                _ => unreachable!("the per-node lists name nodes"),
+            };
+            csi::Topology { segments: segments.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+        })
+        .collect()
+}
+
+/// What the controller does with each CreateVolume before it schedules:
+/// both lists made from the message, as its gRPC service does.
+fn make_lists(requisite: &[csi::Topology], preferred: &[csi::Topology]) -> (TopologyList, TopologyList) {
+    let compact =
+        |list: &[csi::Topology]| TopologyList::build(list.iter().map(|t| t.segments.iter().map(|(k, v)| (k.as_str(), v.as_str()))));
+    (compact(requisite), compact(preferred))
 }
 
 /// A node view filled with `nodes` in the given order, as registrations
@@ -240,6 +269,11 @@ fn main() {
             if name == PER_NODE {
                 let (median, p99) = time(runs, || read_lists(black_box(&req)));
                 let name = "  (reading them alone)";
+                println!("{size:>7}  {name:<24} {:>8} {runs:>6}  {:>11} {:>11}", "-", micros(median), micros(p99));
+                let (requisite, preferred) = (as_csi(&req.requisite), as_csi(&req.preferred));
+                assert_eq!(make_lists(&requisite, &preferred), (req.requisite.clone(), req.preferred.clone()));
+                let (median, p99) = time(runs, || make_lists(black_box(&requisite), black_box(&preferred)));
+                let name = "  (made from CSI's maps)";
                 println!("{size:>7}  {name:<24} {:>8} {runs:>6}  {:>11} {:>11}", "-", micros(median), micros(p99));
             }
         }

@@ -12,7 +12,7 @@ use super::error::ControllerError;
 use super::manager::Manager;
 use super::migrate::MigrateRequest;
 use super::records::*;
-use crate::scheduler::ScheduleRequest;
+use crate::scheduler::{ScheduleRequest, TopologyList};
 use crate::store::{self, Kind, StoreError};
 
 /// Migrations off one evacuating node under way at once.
@@ -67,11 +67,11 @@ impl Manager {
         let req = ScheduleRequest {
             size_bytes: rec.size_bytes,
             provisioning: rec.provisioning,
-            requisite: rec
-                .accessible_topology
-                .iter()
-                .map(|t| t.iter().filter(|(k, _)| *k != crate::TOPOLOGY_NODE_KEY).map(|(k, v)| (k.clone(), v.clone())).collect())
-                .collect(),
+            requisite: TopologyList::build(
+                rec.accessible_topology
+                    .iter()
+                    .map(|t| t.iter().filter(|(k, _)| *k != crate::TOPOLOGY_NODE_KEY).map(|(k, v)| (k.as_str(), v.as_str()))),
+            ),
             tried: vec![from.to_string()],
             now_ms: now_ms(),
             heartbeat_timeout_ms: self.config.heartbeat_timeout.as_millis() as i64,

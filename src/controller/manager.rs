@@ -17,7 +17,7 @@ use super::agents::{Agents, MismatchSink, NodeAgent};
 use super::error::ControllerError;
 use super::inflight::Inflight;
 use super::records::*;
-use crate::scheduler::{NodeView, Placement, Segments};
+use crate::scheduler::{NodeView, Placement, Segments, TopologyList};
 use crate::store::{self, Kind, Store, StoreError};
 use crate::tls::TlsDir;
 use crate::volume::Provisioning;
@@ -62,8 +62,8 @@ pub struct CreateVolumeSpec {
     pub provisioning: Provisioning,
     pub placement: Placement,
     pub source: Option<SourceRef>,
-    pub requisite: Vec<Segments>,
-    pub preferred: Vec<Segments>,
+    pub requisite: TopologyList,
+    pub preferred: TopologyList,
     pub parameters: BTreeMap<String, String>,
     pub metadata: BTreeMap<String, String>,
     pub fingerprint: String,

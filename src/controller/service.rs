@@ -13,7 +13,7 @@ use super::publish::Publish;
 use super::records::{Accessibility, Phase, SnapshotRec, SourceRef, VolumeRec};
 use crate::csi;
 use crate::csi::volume_capability::access_mode::Mode;
-use crate::scheduler::{Placement, Segments};
+use crate::scheduler::{Placement, Segments, TopologyList};
 use crate::volume::Provisioning;
 
 /// Size given when the request names none (and there is no source).
@@ -171,8 +171,8 @@ pub fn pick_size(range: Option<&csi::CapacityRange>, default: u64) -> Result<u64
     Ok(size)
 }
 
-fn topology_list(t: &[csi::Topology]) -> Vec<Segments> {
-    t.iter().map(|t| t.segments.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).collect()
+fn topology_list(t: &[csi::Topology]) -> TopologyList {
+    TopologyList::build(t.iter().map(|t| t.segments.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
 }
 
 fn to_csi_volume(v: &VolumeRec) -> csi::Volume {
@@ -251,12 +251,8 @@ impl ControllerService {
         if params.accessibility == Accessibility::Zone {
             // A zone volume may live on any pool of the requested zones (its
             // pod's node comes first, through the preferred list).
-            for seg in requisite.iter_mut().chain(preferred.iter_mut()) {
-                if seg.contains_key(crate::TOPOLOGY_ZONE_KEY) {
-                    seg.remove(crate::TOPOLOGY_NODE_KEY);
-                }
-            }
-            requisite.dedup();
+            requisite = requisite.zones_only();
+            preferred = preferred.zones_only();
         }
         let fingerprint = format!(
             "size={size} provisioning={} source={} parameters={:?}",

@@ -72,15 +72,15 @@ pub(super) const FILTERS: [Filter; 6] = [
     },
 ];
 
-fn pinned_node(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
-    match &ctx.req.pinned_node {
-        Some(pinned) if *pinned != node.id => Err(Why::NotPinned),
+fn pinned_node(_node: &NodeState, at: usize, ctx: &Context) -> Result<(), Why> {
+    match &ctx.pinned {
+        Some(places) if !places.contains(&at) => Err(Why::NotPinned),
         _ => Ok(()),
     }
 }
 
-fn not_yet_tried(node: &NodeState, _at: usize, ctx: &Context) -> Result<(), Why> {
-    if ctx.req.tried.contains(&node.id) {
+fn not_yet_tried(_node: &NodeState, at: usize, ctx: &Context) -> Result<(), Why> {
+    if ctx.tried.contains(&at) {
         Err(Why::Tried)
     } else {
         Ok(())
@@ -193,6 +193,9 @@ fn seconds(ms: i64) -> String {
 pub(super) struct Tally {
     count: usize,
     examples: Vec<(usize, Why)>,
+    /// Once `examples` is full: which of them has the largest ID, the one a
+    /// smaller ID replaces. Kept, so that a node costs one ID comparison.
+    largest: usize,
 }
 
 impl Tally {
@@ -200,13 +203,19 @@ impl Tally {
         self.count += 1;
         if self.examples.len() < LISTED {
             self.examples.push((index, why));
+            if self.examples.len() == LISTED {
+                self.largest = self.find_largest(nodes);
+            }
             return;
         }
-        let largest =
-            (0..self.examples.len()).max_by(|a, b| nodes[self.examples[*a].0].id.cmp(&nodes[self.examples[*b].0].id)).expect("LISTED > 0");
-        if nodes[index].id < nodes[self.examples[largest].0].id {
-            self.examples[largest] = (index, why);
+        if nodes[index].id < nodes[self.examples[self.largest].0].id {
+            self.examples[self.largest] = (index, why);
+            self.largest = self.find_largest(nodes);
         }
+    }
+
+    fn find_largest(&self, nodes: &[NodeState]) -> usize {
+        (0..self.examples.len()).max_by(|a, b| nodes[self.examples[*a].0].id.cmp(&nodes[self.examples[*b].0].id)).expect("LISTED > 0")
     }
 }
 

@@ -27,7 +27,7 @@ use crate::volume::{PoolCapacity, Provisioning};
 
 use filters::{explain, Tally, CAPACITY, FILTERS, VOLUME_LIMIT};
 use topology::TopologyIndex;
-pub use topology::{matches, node_segments};
+pub use topology::{matches, node_segments, Entry, TopologyList};
 pub use view::{NodeView, Reservation};
 use weighers::{descending, sane, weigh, weight_of, Scored, WEIGHERS};
 
@@ -64,9 +64,9 @@ pub struct ScheduleRequest {
     pub size_bytes: u64,
     pub provisioning: Provisioning,
     /// The node must match at least one entry (all its keys) when non-empty.
-    pub requisite: Vec<Segments>,
+    pub requisite: TopologyList,
     /// Earlier = better.
-    pub preferred: Vec<Segments>,
+    pub preferred: TopologyList,
     /// Source affinity: only this node.
     pub pinned_node: Option<String>,
     /// Nodes already tried for this request.
@@ -270,11 +270,16 @@ fn filter_and_score(nodes: &[NodeState], req: &ScheduleRequest, order: Order) ->
     }
 }
 
-/// A request with its topology lists resolved against the nodes.
+/// A request resolved against the nodes: its topology lists, and the nodes
+/// it names (tried, pinned) as places in `nodes`, so that no filter
+/// compares a node's ID string per node.
 struct Context<'a> {
     req: &'a ScheduleRequest,
     requisite: TopologyIndex<'a>,
     preferred: TopologyIndex<'a>,
+    tried: Vec<usize>,
+    /// None: not pinned.
+    pinned: Option<Vec<usize>>,
 }
 
 impl<'a> Context<'a> {
@@ -282,6 +287,18 @@ impl<'a> Context<'a> {
         let mut ids = (order == Order::Sorted).then(|| topology::NodeIds::sorted(nodes));
         let requisite = TopologyIndex::new(&req.requisite, nodes, &mut ids);
         let preferred = TopologyIndex::new(&req.preferred, nodes, &mut ids);
-        Context { req, requisite, preferred }
+        let tried = places_of(nodes, &req.tried, order);
+        let pinned = req.pinned_node.as_ref().map(|id| places_of(nodes, std::slice::from_ref(id), order));
+        Context { req, requisite, preferred, tried, pinned }
+    }
+}
+
+/// Every place in `nodes` whose node has one of `ids`: a binary search per
+/// ID on sorted nodes, else one pass (the IDs are few, often none).
+fn places_of(nodes: &[NodeState], ids: &[String], order: Order) -> Vec<usize> {
+    match order {
+        _ if ids.is_empty() => Vec::new(),
+        Order::Sorted => ids.iter().filter_map(|id| nodes.binary_search_by(|n| n.id.as_str().cmp(id)).ok()).collect(),
+        Order::Unknown => (0..nodes.len()).filter(|at| ids.contains(&nodes[*at].id)).collect(),
     }
 }

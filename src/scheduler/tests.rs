@@ -79,11 +79,11 @@ fn healthy_accepts_exactly_the_timeout_and_can_be_turned_off() {
 #[test]
 fn topology_keeps_only_requisite_matches() {
     let nodes = [node("node-a", "z1", 50), node("node-b", "z2", 50), node("node-c", "", 50)];
-    let r = ScheduleRequest { requisite: vec![zone("z2")], ..req(1) };
+    let r = ScheduleRequest { requisite: vec![zone("z2")].into(), ..req(1) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
 
     // Any one entry is enough; a node entry matches by ID.
-    let r = ScheduleRequest { requisite: vec![zone("z2"), on_node("node-c")], ..req(1) };
+    let r = ScheduleRequest { requisite: vec![zone("z2"), on_node("node-c")].into(), ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     let mut got = ids(&got);
     got.sort();
@@ -92,7 +92,7 @@ fn topology_keeps_only_requisite_matches() {
     // All keys of an entry must match.
     let mut both = zone("z1");
     both.insert(TOPOLOGY_NODE_KEY.to_string(), "node-b".to_string());
-    let r = ScheduleRequest { requisite: vec![both], ..req(1) };
+    let r = ScheduleRequest { requisite: vec![both].into(), ..req(1) };
     let err = schedule(&nodes, &r).unwrap_err();
     assert_eq!(only_rejection(&err).0, TOPOLOGY);
     assert_eq!(only_rejection(&err).1, 3);
@@ -105,7 +105,7 @@ fn topology_with_an_unknown_key_matches_nothing() {
     let nodes = [node("node-a", "z1", 50)];
     let mut foreign = zone("z1");
     foreign.insert("topology.kubernetes.io/region".to_string(), "r1".to_string());
-    let r = ScheduleRequest { requisite: vec![foreign], ..req(1) };
+    let r = ScheduleRequest { requisite: vec![foreign].into(), ..req(1) };
     let err = schedule(&nodes, &r).unwrap_err();
     assert_eq!(only_rejection(&err).2, "node-a (zone z1) matches none of the 1 requisite topology");
 }
@@ -187,7 +187,7 @@ fn first_preferred_wins_and_no_match_comes_last() {
     // node-c has by far the most room and fewest volumes, yet preference rules.
     let mut nodes = vec![node("node-a", "z1", 10), node("node-b", "z2", 20), node("node-c", "z3", 90)];
     nodes[0].volume_count = 50;
-    let r = ScheduleRequest { preferred: vec![on_node("node-a"), zone("z2")], ..req(1) };
+    let r = ScheduleRequest { preferred: vec![on_node("node-a"), zone("z2")].into(), ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     assert_eq!(ids(&got), ["node-a", "node-b", "node-c"]);
     assert!(got.windows(2).all(|w| w[0].weight > w[1].weight));
@@ -196,14 +196,15 @@ fn first_preferred_wins_and_no_match_comes_last() {
 #[test]
 fn preferred_is_a_preference_not_a_filter() {
     let nodes = [node("node-a", "z1", 5), node("node-b", "z2", 50)];
-    let r = ScheduleRequest { preferred: vec![zone("z1")], ..req(10) };
+    let r = ScheduleRequest { preferred: vec![zone("z1")].into(), ..req(10) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b"]);
 }
 
 #[test]
 fn requisite_and_preferred_together() {
     let nodes = [node("node-a", "z1", 90), node("node-b", "z2", 20), node("node-c", "z2", 30)];
-    let r = ScheduleRequest { requisite: vec![zone("z2"), zone("z3")], preferred: vec![on_node("node-b"), zone("z2")], ..req(1) };
+    let r =
+        ScheduleRequest { requisite: vec![zone("z2"), zone("z3")].into(), preferred: vec![on_node("node-b"), zone("z2")].into(), ..req(1) };
     assert_eq!(ids(&schedule(&nodes, &r).unwrap()), ["node-b", "node-c"]);
 }
 
@@ -259,7 +260,7 @@ fn weights_stay_within_the_multipliers() {
             n
         })
         .collect();
-    let r = ScheduleRequest { preferred: vec![zone("z2"), zone("z0")], ..req(1) };
+    let r = ScheduleRequest { preferred: vec![zone("z2"), zone("z0")].into(), ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     assert_eq!(got.len(), 50);
     let max: f64 = WEIGHERS.iter().map(|w| w.multiplier).sum();
@@ -313,15 +314,17 @@ fn the_message_lists_every_nodes_reason_in_plain_words_and_says_what_next() {
 
 #[test]
 fn a_large_cluster_lists_the_first_nodes_and_counts_the_rest() {
-    let nodes: Vec<NodeState> = (0..25).rev().map(|i| node(&format!("node-{i:02}"), "", 1)).collect();
-    let r = ScheduleRequest { provisioning: Provisioning::Thick, ..req(10) };
-    let err = schedule(&nodes, &r).unwrap_err();
-    let (_, count, reasons) = &err.rejections[0];
-    assert_eq!(*count, 25);
-    assert_eq!(reasons.len(), LISTED);
-    assert_eq!(reasons[0], "node-00: 1.0 GiB free");
-    assert_eq!(reasons[LISTED - 1], "node-09: 1.0 GiB free");
-    assert!(err.to_string().contains("node-09: 1.0 GiB free; and 15 more)"), "{err}");
+    // Descending, and mixed (7 steps around 25), so the examples get replaced.
+    for order in [(0..25).rev().collect::<Vec<u32>>(), (0..25).map(|i| i * 7 % 25).collect()] {
+        let nodes: Vec<NodeState> = order.iter().map(|i| node(&format!("node-{i:02}"), "", 1)).collect();
+        let r = ScheduleRequest { provisioning: Provisioning::Thick, ..req(10) };
+        let err = schedule(&nodes, &r).unwrap_err();
+        let (_, count, reasons) = &err.rejections[0];
+        assert_eq!(*count, 25);
+        let listed: Vec<String> = (0..LISTED).map(|i| format!("node-{i:02}: 1.0 GiB free")).collect();
+        assert_eq!(*reasons, listed, "{order:?}");
+        assert!(err.to_string().contains("node-09: 1.0 GiB free; and 15 more)"), "{err}");
+    }
 }
 
 #[test]
@@ -385,7 +388,8 @@ fn the_topology_index_agrees_with_matches() {
     for start in 0..entries.len() {
         for end in start..=entries.len() {
             let list = &entries[start..end];
-            let index = TopologyIndex::new(list, &nodes, &mut None);
+            let compact = TopologyList::from(list);
+            let index = TopologyIndex::new(&compact, &nodes, &mut None);
             for (at, n) in nodes.iter().enumerate() {
                 let linear = list.iter().position(|s| matches(n, s)).map(|p| p as u32);
                 assert_eq!(index.first_match(n, at), linear, "{} in {list:?}", n.id);
@@ -402,7 +406,7 @@ fn a_node_per_entry_topology_list_schedules_the_selected_node() {
     let all: Vec<Segments> = nodes.iter().map(node_segments).collect();
     let mut preferred = all.clone();
     preferred.swap(0, 117);
-    let r = ScheduleRequest { requisite: all, preferred, ..req(1) };
+    let r = ScheduleRequest { requisite: all.into(), preferred: preferred.into(), ..req(1) };
     let got = schedule(&nodes, &r).unwrap();
     assert_eq!(got.len(), 200);
     assert_eq!(got[0].node_id, "node-117");
@@ -525,8 +529,8 @@ fn random_request(rng: &mut Rng, nodes: &[NodeState]) -> ScheduleRequest {
     ScheduleRequest {
         size_bytes: rng.pick(&[1, 10, 30, 60]) * GB,
         provisioning: rng.pick(&[Provisioning::Thin, Provisioning::Thick]),
-        requisite: random_list(rng, nodes),
-        preferred: random_list(rng, nodes),
+        requisite: random_list(rng, nodes).into(),
+        preferred: random_list(rng, nodes).into(),
         pinned_node: rng.chance(10).then(|| random_id(rng, nodes)),
         tried: (0..rng.pick(&[0, 0, 1, 3])).map(|_| random_id(rng, nodes)).collect(),
         placement: rng.pick(&[Placement::Spread, Placement::Stack]),
@@ -569,7 +573,8 @@ fn the_topology_index_agrees_with_matches_on_random_lists() {
         let lists = [random_list(&mut rng, &nodes), random_list(&mut rng, &nodes)];
         // Two lists share the node lookup, as in a request.
         let mut ids = None;
-        let indexes = lists.each_ref().map(|list| TopologyIndex::new(list, &nodes, &mut ids));
+        let compact = lists.each_ref().map(|list| TopologyList::from(list.as_slice()));
+        let indexes = compact.each_ref().map(|list| TopologyIndex::new(list, &nodes, &mut ids));
         for (list, index) in lists.iter().zip(&indexes) {
             for (at, n) in nodes.iter().enumerate() {
                 let linear = list.iter().position(|s| matches(n, s)).map(|p| p as u32);
@@ -587,4 +592,56 @@ fn an_infinite_ratio_does_not_poison_the_weights() {
     let got = schedule(&nodes, &req(1)).unwrap();
     assert!(got.iter().all(|c| c.weight.is_finite()), "{got:?}");
     assert_eq!(ids(&got), ["node-a", "node-b", "node-c"]);
+}
+
+#[test]
+fn a_topology_list_keeps_only_what_a_node_can_match() {
+    let mut both = zone("z1");
+    both.insert(TOPOLOGY_NODE_KEY.to_string(), "node-a".to_string());
+    let foreign: Segments = [("other".to_string(), "x".to_string())].into();
+    let list = TopologyList::from(vec![on_node("node-a"), both, zone(""), foreign, Segments::new(), zone("z2")]);
+    let entries: Vec<Entry> = list.iter().collect();
+    assert_eq!(
+        entries,
+        [
+            Entry::Node("node-a"),
+            Entry::NodeInZone { node: "node-a", zone: "z1" },
+            Entry::Never,
+            Entry::Never,
+            Entry::Any,
+            Entry::Zone("z2")
+        ]
+    );
+    // A zone volume's list: a zone entry stops naming its node; positions stay.
+    let zoned = list.zones_only();
+    let zones: Vec<Entry> = zoned.iter().collect();
+    assert_eq!(zones[1], Entry::Zone("z1"));
+    assert_eq!(zones[0], Entry::Node("node-a"));
+    assert_eq!(zones.len(), entries.len());
+    // Cloning shares the entries; equality is by what they match.
+    assert_eq!(list.clone(), list);
+    assert_ne!(list.zones_only(), list);
+    assert_eq!(format!("{:?}", TopologyList::from(vec![zone("z1")])), format!("[{{{TOPOLOGY_ZONE_KEY:?}: \"z1\"}}]"));
+}
+
+#[test]
+fn same_agrees_with_string_equality() {
+    let words = [
+        "",
+        "a",
+        "node-1",
+        "node-2",
+        "node-0001",
+        "node-0002",
+        "node-00001",
+        "abcdefgh",
+        "abcdefgi",
+        "abcdefghabcdefgh",
+        "abcdefghabcdefgx",
+    ];
+    for a in words {
+        for b in words {
+            assert_eq!(super::topology::same(a, b), a == b, "{a:?} {b:?}");
+        }
+    }
 }

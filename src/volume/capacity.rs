@@ -69,9 +69,11 @@ impl std::fmt::Display for Shortfall {
 }
 
 impl PoolCapacity {
-    /// Bytes held back by reserved_percentage (Cinder floors it).
+    /// Bytes held back by reserved_percentage (Cinder floors it: the cast
+    /// truncates, which is the floor of a figure that is never negative,
+    /// without a call into libm for every node of every decision).
     pub fn reserved(&self) -> u64 {
-        ((self.total as f64) * f64::from(self.reserved_percentage.min(100)) / 100.0).floor() as u64
+        ((self.total as f64) * f64::from(self.reserved_percentage.min(100)) / 100.0) as u64
     }
 
     fn thin_overcommits(&self) -> bool {
@@ -123,7 +125,7 @@ impl PoolCapacity {
         if provisioning == Provisioning::Thin && self.thin_overcommits() {
             let by_ratio = self.total as f64 * self.max_over_subscription_ratio - self.provisioned as f64;
             let by_free = usable * self.max_over_subscription_ratio;
-            by_ratio.min(by_free).max(0.0).floor() as u64
+            by_ratio.min(by_free).max(0.0) as u64 // truncation: the floor of a figure >= 0
         } else {
             usable as u64
         }
