@@ -188,26 +188,7 @@ fn make_lists(requisite: &[csi::Topology], preferred: &[csi::Topology]) -> (Topo
 fn view_of(nodes: &[NodeState]) -> NodeView {
     let view = NodeView::new(Duration::from_secs(60));
     for n in nodes {
-        let rec = NodeRec {
-            id: n.id.clone(),
-            zone: n.zone.clone(),
-            agent_address: String::new(),
-            capacity: n.capacity,
-            volume_count: n.volume_count,
-            snapshot_count: 0,
-            max_volumes: n.max_volumes,
-            reflink: n.reflink,
-            filesystem: String::new(),
-            heartbeat_ms: n.last_heartbeat_ms,
-            pool_uuid: String::new(),
-            mismatch: None,
-            orphan_count: 0,
-            orphan_bytes: 0,
-            broken_count: 0,
-            attach_engine: String::new(),
-            attach_tls: String::new(),
-            evacuating: false,
-        };
+        let rec = NodeRec::of_state(n);
         let value = serde_json::to_vec(&rec).unwrap();
         view.apply(Change::Record { kind: Kind::Node, id: n.id.clone(), value: Some(Versioned { version: 1, value }) });
     }

@@ -238,6 +238,32 @@ pub struct NodeRec {
 }
 
 impl NodeRec {
+    /// A record holding what the scheduler reads of `state` and nothing
+    /// else (no agent address, no pool identity): for filling a node view
+    /// in tests and benchmarks.
+    pub fn of_state(state: &NodeState) -> NodeRec {
+        NodeRec {
+            id: state.id.clone(),
+            zone: state.zone.clone(),
+            agent_address: String::new(),
+            capacity: state.capacity,
+            volume_count: state.volume_count,
+            snapshot_count: 0,
+            max_volumes: state.max_volumes,
+            reflink: state.reflink,
+            filesystem: String::new(),
+            heartbeat_ms: state.last_heartbeat_ms,
+            pool_uuid: String::new(),
+            mismatch: None,
+            orphan_count: 0,
+            orphan_bytes: 0,
+            broken_count: 0,
+            attach_engine: String::new(),
+            attach_tls: String::new(),
+            evacuating: false,
+        }
+    }
+
     pub fn state(&self) -> NodeState {
         NodeState {
             id: self.id.clone(),

@@ -179,25 +179,20 @@ mod tests {
     use crate::volume::PoolCapacity;
 
     fn rec(free: u64) -> NodeRec {
-        NodeRec {
+        let state = crate::scheduler::NodeState {
             id: "n1".into(),
             zone: String::new(),
-            agent_address: "https://127.0.0.1:1".into(),
             capacity: PoolCapacity { total: 1000 << 20, free, provisioned: 0, max_over_subscription_ratio: 20.0, reserved_percentage: 0 },
             volume_count: 0,
-            snapshot_count: 0,
             max_volumes: 0,
+            last_heartbeat_ms: 1,
             reflink: false,
+        };
+        NodeRec {
+            agent_address: "https://127.0.0.1:1".into(),
             filesystem: "ext4".into(),
-            heartbeat_ms: 1,
             pool_uuid: "p".into(),
-            mismatch: None,
-            orphan_count: 0,
-            orphan_bytes: 0,
-            broken_count: 0,
-            attach_engine: String::new(),
-            attach_tls: String::new(),
-            evacuating: false,
+            ..NodeRec::of_state(&state)
         }
     }
 

@@ -645,3 +645,54 @@ fn same_agrees_with_string_equality() {
         }
     }
 }
+
+/// A node record as a registration or report writes it, for the view.
+fn report(n: &NodeState) -> crate::store::Change {
+    let value = serde_json::to_vec(&crate::controller::records::NodeRec::of_state(n)).unwrap();
+    crate::store::Change::Record {
+        kind: crate::store::Kind::Node,
+        id: n.id.clone(),
+        value: Some(crate::store::Versioned { version: 1, value }),
+    }
+}
+
+#[test]
+fn the_view_decides_as_the_sorted_list_whatever_order_nodes_register_and_report_in() {
+    let mut rng = Rng(0x71e3);
+    let mut nodes: Vec<NodeState> =
+        (0..300).map(|i| node(&format!("node-{i:03}"), &format!("z{}", i % 4), 5 + rng.below(90) as u64)).collect();
+    // Register one by one in a mixed order: the view lays its list out
+    // again several times on the way.
+    let view = NodeView::new(std::time::Duration::from_secs(60));
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    for &i in &order {
+        view.apply(report(&nodes[i]));
+    }
+    // Reports: new capacity everywhere, a zone moved, a node gone.
+    for n in nodes.iter_mut() {
+        n.capacity = pool(100, 5 + rng.below(90) as u64);
+    }
+    nodes[17].zone = "z9".into();
+    for &i in order.iter().rev() {
+        view.apply(report(&nodes[i]));
+    }
+    let gone = nodes.remove(200);
+    view.apply(crate::store::Change::Record { kind: crate::store::Kind::Node, id: gone.id, value: None });
+
+    let listed: Vec<String> = view.nodes().into_iter().map(|r| r.id).collect();
+    assert_eq!(listed, nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>());
+    let every_node: Vec<Segments> = nodes.iter().map(node_segments).collect();
+    let requests = [
+        req(1),
+        ScheduleRequest { requisite: vec![zone("z9")].into(), ..req(1) },
+        ScheduleRequest { requisite: every_node.clone().into(), preferred: every_node[150..].to_vec().into(), ..req(1) },
+    ];
+    for r in requests {
+        let want = schedule_best(&nodes, &r).unwrap();
+        let placed = view.place("vol-1", &r).unwrap();
+        assert_eq!((placed.node_id.as_str(), placed.weight), (want.node_id.as_str(), want.weight), "{r:?}");
+    }
+}
