@@ -206,50 +206,72 @@ impl Drop for Peer {
     }
 }
 
+/// A port nothing listened on a moment ago, never the same one twice in
+/// this process: tests run in parallel, and two servers given one port
+/// would leave one of them waiting on the other's listener.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
-fn wait_listening(port: u16, child: &mut Child) {
-    let t = Instant::now();
-    while !listening_on(port) {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the server exited early: {status}");
+/// Starts the server `command(port)` makes on a free port and waits until
+/// it listens. Another process can take the port between our check and the
+/// server's bind (a client's outgoing connection draws on the same range):
+/// the server then exits, and it is started again on another port. The
+/// listener is taken for the server's only once the server still runs.
+fn serve(mut command: impl FnMut(u16) -> Command) -> Peer {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = command(port).stdout(Stdio::null()).spawn().unwrap();
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break; // it could not listen there: another port
+            }
+            if listening_on(port) && child.try_wait().is_ok_and(|s| s.is_none()) {
+                return Peer { child, port };
+            }
+            assert!(t.elapsed() < T, "server on port {port} did not start");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(t.elapsed() < T, "server on port {port} did not start");
-        std::thread::sleep(Duration::from_millis(50));
     }
+    panic!("the server exited at once on five ports in turn");
 }
 
 fn nbdkit(image: &Path, tls: Option<&Path>) -> Peer {
-    let port = free_port();
-    let mut cmd = Command::new("nbdkit");
-    cmd.args(["-f", "--exit-with-parent", "-p", &port.to_string(), "-i", "127.0.0.1"]);
-    if let Some(d) = tls {
-        cmd.args(["--tls=require", "--tls-verify-peer"]).arg(format!("--tls-certificates={}", d.display()));
-    }
-    cmd.arg("file").arg(image).stdout(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    wait_listening(port, &mut child);
-    Peer { child, port }
+    serve(|port| {
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "--exit-with-parent", "-p", &port.to_string(), "-i", "127.0.0.1"]);
+        if let Some(d) = tls {
+            cmd.args(["--tls=require", "--tls-verify-peer"]).arg(format!("--tls-certificates={}", d.display()));
+        }
+        cmd.arg("file").arg(image);
+        cmd
+    })
 }
 
 fn qemu_nbd(image: &Path, tls: Option<&Path>) -> Peer {
-    let port = free_port();
-    let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-f", "raw", "-x", "vol", "-b", "127.0.0.1", "-p", &port.to_string(), "--persistent", "--shared=4"]);
-    if let Some(d) = tls {
-        cmd.args([
-            "--object",
-            &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", d.display()),
-            "--tls-creds",
-            "tls0",
-        ]);
-    }
-    cmd.arg(image).stdout(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    wait_listening(port, &mut child);
-    Peer { child, port }
+    serve(|port| {
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-f", "raw", "-x", "vol", "-b", "127.0.0.1", "-p", &port.to_string(), "--persistent", "--shared=4"]);
+        if let Some(d) = tls {
+            cmd.args([
+                "--object",
+                &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", d.display()),
+                "--tls-creds",
+                "tls0",
+            ]);
+        }
+        cmd.arg(image);
+        cmd
+    })
 }
 
 async fn exercise(target: &Target, image: &Path) {
