@@ -6,6 +6,7 @@
 //! scripts/test-all.sh installs the packages; a missing tool fails under
 //! CI=true.
 
+mod common;
 mod nbd_support;
 
 use std::path::Path;
@@ -206,21 +207,6 @@ impl Drop for Peer {
     }
 }
 
-/// A port nothing listened on a moment ago, never the same one twice in
-/// this process: tests run in parallel, and two servers given one port
-/// would leave one of them waiting on the other's listener.
-fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
-}
-
 /// Starts the server `command(port)` makes on a free port and waits until
 /// it listens. Another process can take the port between our check and the
 /// server's bind (a client's outgoing connection draws on the same range):
@@ -228,7 +214,7 @@ fn free_port() -> u16 {
 /// listener is taken for the server's only once the server still runs.
 fn serve(mut command: impl FnMut(u16) -> Command) -> Peer {
     for _ in 0..5 {
-        let port = free_port();
+        let port = common::free_port();
         let mut child = command(port).stdout(Stdio::null()).spawn().unwrap();
         let t = Instant::now();
         loop {
