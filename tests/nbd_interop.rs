@@ -6,12 +6,11 @@
 //! scripts/test-all.sh installs the packages; a missing tool fails under
 //! CI=true.
 
-mod common;
 mod nbd_support;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cinderblock::attach::nbd::{Client, NbdError, Target};
 use cinderblock::export::{proto, Limits};
@@ -207,57 +206,60 @@ impl Drop for Peer {
     }
 }
 
-/// Starts the server `command(port)` makes on a free port and waits until
-/// it listens. Another process can take the port between our check and the
-/// server's bind (a client's outgoing connection draws on the same range):
-/// the server then exits, and it is started again on another port. The
-/// listener is taken for the server's only once the server still runs.
-fn serve(mut command: impl FnMut(u16) -> Command) -> Peer {
-    for _ in 0..5 {
-        let port = common::free_port();
-        let mut child = command(port).stdout(Stdio::null()).spawn().unwrap();
-        let t = Instant::now();
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                break; // it could not listen there: another port
+/// Starts `program` with a socket we already listen on, by socket
+/// activation (LISTEN_FDS, LISTEN_PID; both nbdkit and qemu-nbd take it).
+/// The port is ours from the bind on, so no other test's server can hold
+/// it, and a client's connect waits in the backlog until the server
+/// accepts: no poll for readiness. (Handing the server a port number to
+/// bind raced with other tests' servers binding port 0: a CI run once
+/// talked to another test's server, reset when that test ended.)
+fn serve(program: &str, args: &[String]) -> Peer {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    // The shell's PID is the server's once it execs.
+    cmd.args(["-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"", "sh", program]).args(args);
+    cmd.env("LISTEN_FDS", "1").env_remove("LISTEN_FDNAMES").stdout(Stdio::null());
+    // SAFETY: between fork and exec only dup2 and fcntl run, both
+    // async-signal-safe, on a descriptor this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = if fd == 3 { libc::fcntl(3, libc::F_SETFD, 0) } else { libc::dup2(fd, 3) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
             }
-            if listening_on(port) && child.try_wait().is_ok_and(|s| s.is_none()) {
-                return Peer { child, port };
-            }
-            assert!(t.elapsed() < T, "server on port {port} did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Ok(())
+        });
     }
-    panic!("the server exited at once on five ports in turn");
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {program}: {e}"));
+    drop(listener); // the server holds its own copy
+    Peer { child, port }
 }
 
 fn nbdkit(image: &Path, tls: Option<&Path>) -> Peer {
-    serve(|port| {
-        let mut cmd = Command::new("nbdkit");
-        cmd.args(["-f", "--exit-with-parent", "-p", &port.to_string(), "-i", "127.0.0.1"]);
-        if let Some(d) = tls {
-            cmd.args(["--tls=require", "--tls-verify-peer"]).arg(format!("--tls-certificates={}", d.display()));
-        }
-        cmd.arg("file").arg(image);
-        cmd
-    })
+    let mut args: Vec<String> = vec!["-f".into(), "--exit-with-parent".into()];
+    if let Some(d) = tls {
+        args.extend(["--tls=require".into(), "--tls-verify-peer".into(), format!("--tls-certificates={}", d.display())]);
+    }
+    args.extend(["file".into(), image.display().to_string()]);
+    serve("nbdkit", &args)
 }
 
 fn qemu_nbd(image: &Path, tls: Option<&Path>) -> Peer {
-    serve(|port| {
-        let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-f", "raw", "-x", "vol", "-b", "127.0.0.1", "-p", &port.to_string(), "--persistent", "--shared=4"]);
-        if let Some(d) = tls {
-            cmd.args([
-                "--object",
-                &format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", d.display()),
-                "--tls-creds",
-                "tls0",
-            ]);
-        }
-        cmd.arg(image);
-        cmd
-    })
+    let mut args: Vec<String> = ["-f", "raw", "-x", "vol", "--persistent", "--shared=4"].map(String::from).into();
+    if let Some(d) = tls {
+        args.extend([
+            "--object".into(),
+            format!("tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on", d.display()),
+            "--tls-creds".into(),
+            "tls0".into(),
+        ]);
+    }
+    args.push(image.display().to_string());
+    serve("qemu-nbd", &args)
 }
 
 async fn exercise(target: &Target, image: &Path) {
