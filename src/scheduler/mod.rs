@@ -26,10 +26,11 @@ use crate::units::format_bytes;
 use crate::volume::{PoolCapacity, Provisioning};
 
 use filters::{explain, Tally, CAPACITY, FILTERS, VOLUME_LIMIT};
+pub(crate) use topology::Names;
 use topology::TopologyIndex;
 pub use topology::{matches, node_segments, Entry, TopologyList};
 pub use view::{NodeView, Reservation};
-use weighers::{descending, sane, weigh, weight_of, Scored, WEIGHERS};
+use weighers::{descending, sane, weigh, weight_of, Passing, WEIGHERS};
 
 /// Topology segments of one CSI Topology, e.g. {"topology.cinderblock.dev/zone": "zone-1"}.
 pub type Segments = BTreeMap<String, String>;
@@ -172,7 +173,7 @@ pub fn schedule(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Vec<Candid
 
     // Sort plain integer keys rather than the scored rows: 16 bytes a row,
     // and the node IDs are read only to break a tie.
-    let mut ranking: Vec<(u64, u32)> = weigh(&passing).zip(&passing).map(|(w, s)| (descending(w), s.index)).collect();
+    let mut ranking: Vec<(u64, u32)> = weigh(&passing).zip(&passing.rows).map(|(w, s)| (descending(w), s.index)).collect();
     ranking.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| nodes[a.1 as usize].id.cmp(&nodes[b.1 as usize].id)));
     Ok(ranking.iter().map(|&(key, index)| Candidate { node_id: nodes[index as usize].id.clone(), weight: weight_of(key) }).collect())
 }
@@ -184,11 +185,12 @@ pub fn schedule_best(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Candi
     best_of(nodes, req, Order::Unknown)
 }
 
-/// `schedule_best` for nodes the caller keeps sorted by ID (the node view):
-/// the lookups by node ID skip checking the order.
-pub(crate) fn schedule_best_sorted(nodes: &[NodeState], req: &ScheduleRequest) -> Result<Candidate, NoValidNode> {
+/// `schedule_best` for nodes the caller keeps sorted by ID, with their
+/// names laid out flat (`Names::of(nodes)`; the node view keeps both): the
+/// lookups by node ID skip checking the order and read the flat names.
+pub(crate) fn schedule_best_sorted(nodes: &[NodeState], names: &Names, req: &ScheduleRequest) -> Result<Candidate, NoValidNode> {
     debug_assert!(nodes.windows(2).all(|w| w[0].id < w[1].id));
-    best_of(nodes, req, Order::Sorted)
+    best_of(nodes, req, Order::Sorted(names))
 }
 
 /// The largest volume the scheduler would place now (GetCapacity): the
@@ -210,16 +212,16 @@ fn largest_of(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn largest_volume_sorted(nodes: &[NodeState], req: &ScheduleRequest) -> u64 {
-    largest_of(nodes, req, Order::Sorted)
+pub(crate) fn largest_volume_sorted(nodes: &[NodeState], names: &Names, req: &ScheduleRequest) -> u64 {
+    largest_of(nodes, req, Order::Sorted(names))
 }
 
 /// What the caller knows of the nodes' order.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Order {
+#[derive(Clone, Copy)]
+enum Order<'n> {
     Unknown,
-    /// Strictly ascending IDs.
-    Sorted,
+    /// Strictly ascending IDs, and their names laid out flat.
+    Sorted(&'n Names),
 }
 
 fn best_of(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<Candidate, NoValidNode> {
@@ -227,7 +229,7 @@ fn best_of(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<C
 
     // The smallest (sort key, node ID), as the ranking in `schedule` orders
     // them; IDs are compared only when the keys tie.
-    let mut weights = weigh(&passing).zip(&passing);
+    let mut weights = weigh(&passing).zip(&passing.rows);
     let (w, s) = weights.next().expect("filter_and_score returns at least one node");
     let mut best = (descending(w), s.index as usize);
     for (w, s) in weights {
@@ -243,27 +245,27 @@ fn best_of(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<C
 /// Every node that passes all filters with its raw weigher figures, in
 /// `nodes` order and never empty; when none passes, why each node was
 /// turned away.
-fn filter_and_score(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<Vec<Scored>, NoValidNode> {
+fn filter_and_score(nodes: &[NodeState], req: &ScheduleRequest, order: Order) -> Result<Passing, NoValidNode> {
     let ctx = Context::new(nodes, req, order);
 
     let mut tallies: [Tally; FILTERS.len()] = std::array::from_fn(|_| Tally::default());
-    let mut passing: Vec<Scored> = Vec::with_capacity(nodes.len());
+    let mut passing = Passing::with_capacity(nodes.len());
     'nodes: for (index, node) in nodes.iter().enumerate() {
         for (filter, tally) in FILTERS.iter().zip(tallies.iter_mut()) {
             if let Err(why) = (filter.check)(node, index, &ctx) {
                 // The tallies explain an empty result only: once a node
                 // has passed, finding each filter's example is waste.
-                if passing.is_empty() {
+                if passing.rows.is_empty() {
                     tally.record(nodes, index, why);
                 }
                 continue 'nodes;
             }
         }
         let raw = std::array::from_fn(|w| sane((WEIGHERS[w].raw)(node, index, &ctx)));
-        passing.push(Scored { index: index as u32, raw });
+        passing.push(index, raw);
     }
 
-    if passing.is_empty() {
+    if passing.rows.is_empty() {
         Err(explain(nodes, req, tallies))
     } else {
         Ok(passing)
@@ -284,7 +286,10 @@ struct Context<'a> {
 
 impl<'a> Context<'a> {
     fn new(nodes: &[NodeState], req: &'a ScheduleRequest, order: Order) -> Self {
-        let mut ids = (order == Order::Sorted).then(|| topology::NodeIds::sorted(nodes));
+        let mut ids = match order {
+            Order::Unknown => None,
+            Order::Sorted(names) => Some(topology::NodeIds::sorted(topology::Lookup::named(nodes, names))),
+        };
         let requisite = TopologyIndex::new(&req.requisite, nodes, &mut ids);
         let preferred = TopologyIndex::new(&req.preferred, nodes, &mut ids);
         let tried = places_of(nodes, &req.tried, order);
@@ -298,7 +303,7 @@ impl<'a> Context<'a> {
 fn places_of(nodes: &[NodeState], ids: &[String], order: Order) -> Vec<usize> {
     match order {
         _ if ids.is_empty() => Vec::new(),
-        Order::Sorted => ids.iter().filter_map(|id| nodes.binary_search_by(|n| n.id.as_str().cmp(id)).ok()).collect(),
+        Order::Sorted(_) => ids.iter().filter_map(|id| nodes.binary_search_by(|n| n.id.as_str().cmp(id)).ok()).collect(),
         Order::Unknown => (0..nodes.len()).filter(|at| ids.contains(&nodes[*at].id)).collect(),
     }
 }

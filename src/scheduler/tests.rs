@@ -641,7 +641,20 @@ fn same_agrees_with_string_equality() {
     ];
     for a in words {
         for b in words {
-            assert_eq!(super::topology::same(a, b), a == b, "{a:?} {b:?}");
+            assert_eq!(super::topology::same(a.as_bytes(), b.as_bytes()), a == b, "{a:?} {b:?}");
+        }
+    }
+    // Every length up to 40, each differing in one byte at every position.
+    for n in 0..=40usize {
+        let a: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+        assert!(super::topology::same(&a, &a.clone()), "length {n}");
+        for at in 0..n {
+            let mut b = a.clone();
+            b[at] ^= 0x20;
+            assert!(!super::topology::same(&a, &b), "length {n}, byte {at}");
+        }
+        if n > 0 {
+            assert!(!super::topology::same(&a, &a[..n - 1]), "length {n} against {}", n - 1);
         }
     }
 }
@@ -695,4 +708,11 @@ fn the_view_decides_as_the_sorted_list_whatever_order_nodes_register_and_report_
         let placed = view.place("vol-1", &r).unwrap();
         assert_eq!((placed.node_id.as_str(), placed.weight), (want.node_id.as_str(), want.weight), "{r:?}");
     }
+    // A zone change alone, after decisions have read the view's names: an
+    // entry naming the node in its new zone finds it there.
+    nodes[17].zone = "z8".into();
+    view.apply(report(&nodes[17]));
+    let r = ScheduleRequest { requisite: vec![node_segments(&nodes[17])].into(), ..req(1) };
+    assert_eq!(schedule_best(&nodes, &r).unwrap().node_id, nodes[17].id);
+    assert_eq!(view.place("vol-2", &r).unwrap().node_id, nodes[17].id);
 }

@@ -66,6 +66,12 @@ struct Span {
     end: u32,
 }
 
+impl Span {
+    fn range(self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
+
 /// One entry of a [`TopologyList`], its values borrowed from the list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Entry<'a> {
@@ -101,7 +107,7 @@ impl TopologyList {
     }
 
     fn value(&self, span: Span) -> &str {
-        &self.text[span.start as usize..span.end as usize]
+        &self.text[span.range()]
     }
 
     fn entry(&self, term: Term) -> Entry<'_> {
@@ -261,6 +267,102 @@ type FastMap<K> = HashMap<K, u32, BuildHasherDefault<Fx>>;
 
 const NONE: u32 = u32::MAX;
 
+/// The nodes' IDs and zones, flat, in `nodes` order: every ID in one byte
+/// array, each zone once. The node view keeps one beside its node list
+/// (made again only when a node comes, goes or changes zone), because a
+/// list with an entry per node compares every entry with a node's ID and
+/// zone, and read from each node's own allocations those loads were most
+/// of a decision's time (`perf`, docs/benchmarks.md).
+#[derive(Debug, Default, Clone)]
+pub struct Names {
+    /// Every ID, one after the other.
+    ids: Vec<u8>,
+    /// ID `i` is `ids[id_ends[i]..id_ends[i + 1]]`; `nodes.len() + 1` entries.
+    id_ends: Vec<u32>,
+    /// Per node, its zone in `zones`.
+    zone_of: Vec<u32>,
+    /// The distinct zones; the first is "" (no zone).
+    zones: Vec<Box<[u8]>>,
+}
+
+impl Names {
+    pub fn of(nodes: &[NodeState]) -> Names {
+        let mut names = Names {
+            ids: Vec::with_capacity(nodes.iter().map(|n| n.id.len()).sum()),
+            id_ends: Vec::with_capacity(nodes.len() + 1),
+            zone_of: Vec::with_capacity(nodes.len()),
+            zones: vec![Box::default()],
+        };
+        let mut known: FastMap<&str> = FastMap::default();
+        known.insert("", 0);
+        names.id_ends.push(0);
+        for node in nodes {
+            names.ids.extend_from_slice(node.id.as_bytes());
+            names.id_ends.push(u32::try_from(names.ids.len()).expect("node IDs under 4 GiB in all"));
+            let zones = &mut names.zones;
+            let zone = *known.entry(node.zone.as_str()).or_insert_with(|| {
+                zones.push(node.zone.as_bytes().into());
+                (zones.len() - 1) as u32
+            });
+            names.zone_of.push(zone);
+        }
+        names
+    }
+
+    /// How many nodes.
+    pub fn count(&self) -> usize {
+        self.zone_of.len()
+    }
+
+    fn id(&self, at: usize) -> &[u8] {
+        &self.ids[self.id_ends[at] as usize..self.id_ends[at + 1] as usize]
+    }
+
+    fn zone(&self, at: usize) -> &[u8] {
+        &self.zones[self.zone_of[at] as usize]
+    }
+}
+
+/// A node's ID and zone by its place: from the flat `Names` when the caller
+/// keeps them, else from the node itself.
+#[derive(Clone, Copy)]
+pub(super) struct Lookup<'n> {
+    nodes: &'n [NodeState],
+    names: Option<&'n Names>,
+}
+
+impl<'n> Lookup<'n> {
+    pub(super) fn of(nodes: &'n [NodeState]) -> Self {
+        Lookup { nodes, names: None }
+    }
+
+    /// `names` must be `Names::of(nodes)`.
+    pub(super) fn named(nodes: &'n [NodeState], names: &'n Names) -> Self {
+        debug_assert_eq!(names.count(), nodes.len());
+        Lookup { nodes, names: Some(names) }
+    }
+
+    fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    #[inline]
+    fn id(&self, at: usize) -> &'n [u8] {
+        match self.names {
+            Some(names) => names.id(at),
+            None => self.nodes[at].id.as_bytes(),
+        }
+    }
+
+    #[inline]
+    fn zone(&self, at: usize) -> &'n [u8] {
+        match self.names {
+            Some(names) => names.zone(at),
+            None => self.nodes[at].zone.as_bytes(),
+        }
+    }
+}
+
 /// Every node with a given ID, by place in `nodes`; made once per request
 /// and only when a topology list names nodes.
 ///
@@ -274,7 +376,7 @@ const NONE: u32 = u32::MAX;
 /// else to a hash map built on first need. Any order gives the same
 /// answer; only the cost differs.
 pub(super) struct NodeIds<'n> {
-    nodes: &'n [NodeState],
+    nodes: Lookup<'n>,
     /// Strictly ascending IDs: each ID is on one node, found by binary search.
     ascending: bool,
     /// Binary searches so far; past `SEARCHES` the list is not in node
@@ -289,56 +391,86 @@ const SEARCHES: usize = 16;
 
 impl<'n> NodeIds<'n> {
     /// For nodes known to be in strictly ascending ID order.
-    pub(super) fn sorted(nodes: &'n [NodeState]) -> Self {
+    pub(super) fn sorted(nodes: Lookup<'n>) -> Self {
         NodeIds { nodes, ascending: true, searches: 0, map: None }
     }
 
     fn new(nodes: &'n [NodeState]) -> Self {
-        NodeIds { nodes, ascending: nodes.windows(2).all(|w| w[0].id < w[1].id), searches: 0, map: None }
+        let ascending = nodes.windows(2).all(|w| w[0].id < w[1].id);
+        NodeIds { nodes: Lookup::of(nodes), ascending, searches: 0, map: None }
+    }
+
+    /// Whether each ID is on one node only.
+    #[inline]
+    fn unique(&self) -> bool {
+        self.ascending || self.map.as_ref().is_some_and(IdMap::unique)
+    }
+
+    /// The place of a node whose ID is `id`, where the caller expects it;
+    /// with unique IDs, the only one. One comparison.
+    #[inline]
+    fn at_guess(&self, id: &[u8], guess: Option<usize>) -> Option<usize> {
+        guess.filter(|&at| self.unique() && at < self.nodes.len() && same(self.nodes.id(at), id))
     }
 
     /// Calls `visit` with the place of every node whose ID is `id`, and
-    /// returns the last place visited. `guess` is where the caller expects
-    /// the ID; any value is correct, a good one is faster.
-    fn each(&mut self, id: &str, guess: Option<usize>, mut visit: impl FnMut(usize)) -> Option<usize> {
+    /// returns the last place visited: by binary search while the IDs
+    /// ascend and the searches are few, else by the map.
+    fn each(&mut self, id: &[u8], mut visit: impl FnMut(usize)) -> Option<usize> {
         let nodes = self.nodes;
-        let unique = self.ascending || self.map.as_ref().is_some_and(IdMap::unique);
-        // With unique IDs, a node found at the guess is the only one.
-        let hit = |at: &usize| unique && nodes.get(*at).is_some_and(|n| same(&n.id, id));
-        if let Some(at) = guess.filter(hit) {
-            visit(at);
-            return Some(at);
-        }
         if self.ascending && self.map.is_none() && self.searches < SEARCHES {
             self.searches += 1;
-            let at = nodes.binary_search_by(|n| n.id.as_str().cmp(id)).ok()?;
+            // Byte order is `str`'s order.
+            let at = binary_search(nodes, id)?;
             visit(at);
             return Some(at);
         }
-        self.map.get_or_insert_with(|| IdMap::new(nodes)).each(id, visit)
+        self.map.get_or_insert_with(|| IdMap::new(nodes.nodes)).each(id, visit)
     }
 }
 
-/// `a == b` for short strings such as node IDs, 8 bytes at a time and
-/// inline: a list with an entry per node makes one such check per entry,
-/// and a call into libc's memcmp for each cost more than the comparing.
-pub(super) fn same(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    if a.len() != b.len() {
+/// The place of the node with this ID among nodes in ascending ID order
+/// (byte order is `str`'s order).
+fn binary_search(nodes: Lookup, id: &[u8]) -> Option<usize> {
+    let (mut low, mut high) = (0, nodes.len());
+    while low < high {
+        let mid = low + (high - low) / 2;
+        match nodes.id(mid).cmp(id) {
+            std::cmp::Ordering::Less => low = mid + 1,
+            std::cmp::Ordering::Greater => high = mid,
+            std::cmp::Ordering::Equal => return Some(mid),
+        }
+    }
+    None
+}
+
+/// `a == b` for short byte strings such as node IDs and zones, inline and
+/// without a loop up to 16 bytes: two loads of each side that overlap in
+/// the middle cover every byte. A list with an entry per node makes one or
+/// two such checks per entry, and a call into libc's memcmp for each cost
+/// more than the comparing.
+#[inline(always)]
+pub(super) fn same(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
         return false;
     }
-    let word = |chunk: &[u8]| u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-    let (mut wa, mut wb) = (a.chunks_exact(8), b.chunks_exact(8));
-    if !(&mut wa).zip(&mut wb).all(|(x, y)| word(x) == word(y)) {
-        return false;
+    let u64_at = |s: &[u8], at: usize| u64::from_le_bytes(s[at..at + 8].try_into().expect("8 bytes"));
+    let u32_at = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().expect("4 bytes"));
+    match n {
+        0 => true,
+        // Bytes 0, n/2 and n-1 are every byte.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => u32_at(a, 0) == u32_at(b, 0) && u32_at(a, n - 4) == u32_at(b, n - 4),
+        8..=16 => u64_at(a, 0) == u64_at(b, 0) && u64_at(a, n - 8) == u64_at(b, n - 8),
+        _ => a.chunks_exact(8).zip(b.chunks_exact(8)).all(|(x, y)| x == y) && u64_at(a, n - 8) == u64_at(b, n - 8),
     }
-    wa.remainder().iter().zip(wb.remainder()).all(|(x, y)| x == y)
 }
 
 /// Node ID to place in `nodes`, for IDs in any order, repeated or not.
 struct IdMap<'n> {
     /// The last node with each ID.
-    last: FastMap<&'n str>,
+    last: FastMap<&'n [u8]>,
     /// The previous node with the same ID (NONE at the end); empty while the
     /// IDs are unique, as they are when nodes come from the store.
     previous: Vec<u32>,
@@ -349,7 +481,7 @@ impl<'n> IdMap<'n> {
         let mut last = FastMap::with_capacity_and_hasher(nodes.len(), Default::default());
         let mut previous = Vec::new();
         for (at, node) in nodes.iter().enumerate() {
-            if let Some(before) = last.insert(node.id.as_str(), at as u32) {
+            if let Some(before) = last.insert(node.id.as_bytes(), at as u32) {
                 if previous.is_empty() {
                     previous = vec![NONE; nodes.len()];
                 }
@@ -364,7 +496,7 @@ impl<'n> IdMap<'n> {
     }
 
     /// The nodes with this ID, last first; returns the first node's place.
-    fn each(&self, id: &str, mut visit: impl FnMut(usize)) -> Option<usize> {
+    fn each(&self, id: &[u8], mut visit: impl FnMut(usize)) -> Option<usize> {
         let mut at = self.last.get(id).copied().unwrap_or(NONE);
         let mut visited = None;
         while at != NONE {
@@ -393,38 +525,53 @@ pub(super) struct TopologyIndex<'a> {
 
 impl<'a> TopologyIndex<'a> {
     pub(super) fn new<'n>(list: &'a TopologyList, nodes: &'n [NodeState], ids: &mut Option<NodeIds<'n>>) -> Self {
+        let lookup = ids.as_ref().map_or(Lookup::of(nodes), |ids| ids.nodes);
         let mut index = TopologyIndex::default();
         // Where the next entry naming a node most likely finds it: after the
         // node of the entry before. None once the list has shown it is not
         // in node order, so that a wrong guess does not cost a read per entry.
         let mut guess = Some(0);
         let mut misses = 0;
-        for (position, entry) in list.iter().enumerate() {
+        // The entries' values as bytes: sliced without the check for a
+        // character boundary (the list's own spans are whole values).
+        let text = list.text.as_bytes();
+        for (position, term) in list.terms.iter().enumerate() {
             let position = position as u32;
             // Entries come in order: the first one to land is the best.
-            let (id, zone) = match entry {
-                Entry::Never => continue,
-                Entry::Any => {
+            let (id, zone) = match *term {
+                Term::Never => continue,
+                Term::Any => {
                     index.any.get_or_insert(position);
                     continue;
                 }
-                Entry::Zone(zone) => {
-                    index.by_zone.entry(zone).or_insert(position);
+                Term::Zone(zone) => {
+                    index.by_zone.entry(list.value(zone)).or_insert(position);
                     continue;
                 }
-                Entry::Node(id) => (id, None),
-                Entry::NodeInZone { node, zone } => (node, Some(zone)),
+                Term::Node(id) => (&text[id.range()], None),
+                Term::NodeInZone { node, zone } => (&text[node.range()], Some(&text[zone.range()])),
             };
             if index.by_node.is_empty() {
                 index.by_node = vec![NONE; nodes.len()];
             }
             let by_node = &mut index.by_node;
             let ids = ids.get_or_insert_with(|| NodeIds::new(nodes));
-            let found = ids.each(id, guess, |at| {
-                if by_node[at] == NONE && zone.is_none_or(|z| same(z, &nodes[at].zone)) {
-                    by_node[at] = position;
+            // The usual case, inline: the entry names the node after the
+            // last entry's, the only node with that ID.
+            let hit = ids.at_guess(id, guess);
+            let found = match hit {
+                Some(at) => {
+                    if by_node[at] == NONE && zone.is_none_or(|z| same(z, lookup.zone(at))) {
+                        by_node[at] = position;
+                    }
+                    hit
                 }
-            });
+                None => ids.each(id, |at| {
+                    if by_node[at] == NONE && zone.is_none_or(|z| same(z, lookup.zone(at))) {
+                        by_node[at] = position;
+                    }
+                }),
+            };
             if guess.is_some() {
                 if found != guess {
                     misses += 1;

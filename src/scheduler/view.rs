@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use tracing::warn;
 
-use super::{schedule_best_sorted, Candidate, NoValidNode, NodeState, ScheduleRequest};
+use super::{schedule_best_sorted, Candidate, Names, NoValidNode, NodeState, ScheduleRequest};
 use crate::controller::records::NodeRec;
 use crate::store::{self, Change, Kind, Store, StoreError};
 use crate::volume::{PoolCapacity, Provisioning};
@@ -58,15 +58,22 @@ struct ViewState {
     held: HashMap<String, Held>,
     /// Nodes added to `nodes` one at a time since it was last laid out.
     added: usize,
+    /// The IDs and zones of `nodes`, flat, for the decisions' lookups;
+    /// made again before a decision when `names_stale` (a node came, went
+    /// or changed zone), not on every report.
+    names: Names,
+    names_stale: bool,
 }
 
-/// A decision reads every node's ID and zone, each in an allocation of its
-/// own. Laid out in ID order (a full rebuild clones them in that order),
-/// they are read front to back; nodes that registered one by one in any
-/// order scatter them, and a decision at 10,000 nodes with a topology
-/// entry per node then costs about a third more (docs/benchmarks.md). So
-/// once this share of the list was added since the last layout, it is
-/// laid out again: a copy of the list, amortized over the additions.
+/// Each node's ID and zone live in allocations of their own. Laid out in
+/// ID order (a full rebuild clones them in that order), a decision reads
+/// them front to back; nodes that registered one by one in any order
+/// scatter them. Before `names` existed, a decision at 10,000 nodes with a
+/// topology entry per node cost about a third more that way
+/// (docs/benchmarks.md); entries that name nodes now read `names`, but a
+/// zone list still reads each node's zone string. So once this share of
+/// the list was added since the last layout, it is laid out again: a copy
+/// of the list, amortized over the additions.
 const ADDED_BEFORE_LAYOUT: usize = 8; // 1/8 of the list
 
 struct Held {
@@ -250,7 +257,8 @@ impl NodeView {
         if s.held.contains_key(volume_id) {
             s.release(volume_id);
         }
-        let best: Candidate = schedule_best_sorted(&s.nodes, req)?;
+        s.refresh_names();
+        let best: Candidate = schedule_best_sorted(&s.nodes, &s.names, req)?;
         s.hold(volume_id, Held { node: best.node_id.clone(), size: req.size_bytes, provisioning: req.provisioning, settled: None });
         drop(s);
         crate::metrics::METRICS.scheduler_seconds.observe(started.elapsed().as_secs_f64());
@@ -275,8 +283,9 @@ impl NodeView {
     /// The largest volume the scheduler would place now (GetCapacity), on
     /// the nodes it considers, with the reservations taken off.
     pub fn largest_volume(&self, req: &ScheduleRequest) -> u64 {
-        let s = self.lock();
-        super::largest_volume_sorted(&s.nodes, req)
+        let mut s = self.lock();
+        s.refresh_names();
+        super::largest_volume_sorted(&s.nodes, &s.names, req)
     }
 
     /// How many placements hold capacity right now (for tests and metrics).
@@ -314,6 +323,14 @@ impl ViewState {
             self.records.values().filter(|r| r.mismatch.is_none() && !r.evacuating).map(|r| self.state_of(r)).collect();
         self.nodes = nodes; // BTreeMap order: sorted by ID, laid out in it
         self.added = 0;
+        self.names_stale = true;
+    }
+
+    fn refresh_names(&mut self) {
+        if self.names_stale || self.names.count() != self.nodes.len() {
+            self.names = Names::of(&self.nodes);
+            self.names_stale = false;
+        }
     }
 
     /// Brings one node's place in `nodes` in line with its record.
@@ -325,14 +342,21 @@ impl ViewState {
             // (where the layout put them) unless the zone changed.
             (Ok(i), Some(n)) => {
                 let old = &mut self.nodes[i];
-                let zone = if old.zone == n.zone { std::mem::take(&mut old.zone) } else { n.zone };
+                let zone = if old.zone == n.zone {
+                    std::mem::take(&mut old.zone)
+                } else {
+                    self.names_stale = true;
+                    n.zone
+                };
                 *old = NodeState { id: std::mem::take(&mut old.id), zone, ..n };
             }
             (Ok(i), None) => {
                 self.nodes.remove(i);
+                self.names_stale = true;
             }
             (Err(i), Some(n)) => {
                 self.nodes.insert(i, n);
+                self.names_stale = true;
                 self.added += 1;
                 if self.added * ADDED_BEFORE_LAYOUT > self.nodes.len() {
                     self.lay_out();

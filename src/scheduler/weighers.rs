@@ -58,20 +58,42 @@ pub(super) struct Scored {
     pub(super) raw: [f64; WEIGHERS.len()],
 }
 
-/// Each passing node's total weight, in `passing` order: per weigher,
-/// min-max normalization as Cinder does it (all equal: 0), times the multiplier.
-pub(super) fn weigh(passing: &[Scored]) -> impl Iterator<Item = f64> + '_ {
-    let mut scale = [(0.0, 0.0, 0.0); WEIGHERS.len()];
-    for (w, weigher) in WEIGHERS.iter().enumerate() {
-        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-        for s in passing {
-            min = min.min(s.raw[w]);
-            max = max.max(s.raw[w]);
-        }
-        let range = max - min;
-        scale[w] = (min, range, weigher.multiplier);
+/// The nodes that pass every filter, with each weigher's smallest and
+/// largest raw figure among them, gathered in the same pass.
+pub(super) struct Passing {
+    pub(super) rows: Vec<Scored>,
+    /// Per weigher, (min, max).
+    bounds: [(f64, f64); WEIGHERS.len()],
+}
+
+impl Passing {
+    pub(super) fn with_capacity(n: usize) -> Passing {
+        Passing { rows: Vec::with_capacity(n), bounds: [(f64::INFINITY, f64::NEG_INFINITY); WEIGHERS.len()] }
     }
-    passing.iter().map(move |s| {
+
+    /// `raw` has been through `sane`: no NaN, so plain comparisons agree
+    /// with `f64::min` and `max`.
+    pub(super) fn push(&mut self, index: usize, raw: [f64; WEIGHERS.len()]) {
+        for (x, (min, max)) in raw.iter().zip(self.bounds.iter_mut()) {
+            if *x < *min {
+                *min = *x;
+            }
+            if *x > *max {
+                *max = *x;
+            }
+        }
+        self.rows.push(Scored { index: index as u32, raw });
+    }
+}
+
+/// Each passing node's total weight, in `passing.rows` order: per weigher,
+/// min-max normalization as Cinder does it (all equal: 0), times the multiplier.
+pub(super) fn weigh(passing: &Passing) -> impl Iterator<Item = f64> + '_ {
+    let mut scale = [(0.0, 0.0, 0.0); WEIGHERS.len()];
+    for ((w, weigher), (min, max)) in WEIGHERS.iter().enumerate().zip(passing.bounds) {
+        scale[w] = (min, max - min, weigher.multiplier);
+    }
+    passing.rows.iter().map(move |s| {
         let mut total = 0.0;
         for (raw, (min, range, multiplier)) in s.raw.iter().zip(scale) {
             if range > 0.0 {

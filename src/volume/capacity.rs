@@ -69,11 +69,17 @@ impl std::fmt::Display for Shortfall {
 }
 
 impl PoolCapacity {
-    /// Bytes held back by reserved_percentage (Cinder floors it: the cast
-    /// truncates, which is the floor of a figure that is never negative,
-    /// without a call into libm for every node of every decision).
+    /// Bytes held back by reserved_percentage, floored as Cinder does. In
+    /// integers: the exact floor, with no floating-point division for
+    /// every node of every decision (a float product loses the last bits
+    /// of a total over 2^53 bytes, and its rounding could lift the floor
+    /// by one only for a reserve over about 2^45 bytes).
     pub fn reserved(&self) -> u64 {
-        ((self.total as f64) * f64::from(self.reserved_percentage.min(100)) / 100.0) as u64
+        let percent = u64::from(self.reserved_percentage.min(100));
+        match self.total.checked_mul(percent) {
+            Some(product) => product / 100,
+            None => (u128::from(self.total) * u128::from(percent) / 100) as u64,
+        }
     }
 
     fn thin_overcommits(&self) -> bool {
@@ -151,6 +157,23 @@ mod tests {
     // The cases below follow the scenarios Cinder documents for its capacity
     // filter (thin with over-subscription, thick, reserved percentage); the
     // expected outcomes are worked out by hand from the formula above.
+
+    #[test]
+    fn the_reserve_is_the_exact_floor_for_any_total() {
+        let reserve = |total: u64, percent: u32| {
+            PoolCapacity { total, free: 0, provisioned: 0, max_over_subscription_ratio: 1.0, reserved_percentage: percent }.reserved()
+        };
+        assert_eq!(reserve(999, 10), 99);
+        assert_eq!(reserve(1000, 10), 100);
+        assert_eq!(reserve(500 * GB, 5), 25 * GB);
+        assert_eq!(reserve(12345, 0), 0);
+        assert_eq!(reserve(12345, 100), 12345);
+        assert_eq!(reserve(12345, 250), 12345, "above 100% counts as 100%");
+        // Where total * percent overflows 64 bits.
+        assert_eq!(reserve(u64::MAX, 100), u64::MAX);
+        assert_eq!(reserve(u64::MAX, 50), u64::MAX / 2);
+        assert_eq!(reserve(u64::MAX / 3, 99), ((u128::from(u64::MAX / 3) * 99) / 100) as u64);
+    }
 
     #[test]
     fn thick_passes_when_free_minus_reserve_covers_size() {
