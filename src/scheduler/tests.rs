@@ -698,10 +698,17 @@ fn the_view_decides_as_the_sorted_list_whatever_order_nodes_register_and_report_
     let listed: Vec<String> = view.nodes().into_iter().map(|r| r.id).collect();
     assert_eq!(listed, nodes.iter().map(|n| n.id.clone()).collect::<Vec<_>>());
     let every_node: Vec<Segments> = nodes.iter().map(node_segments).collect();
+    // The same lists in no order, naming the node that went too.
+    let mut any_order = every_node.clone();
+    for i in (1..any_order.len()).rev() {
+        any_order.swap(i, rng.below(i + 1));
+    }
+    any_order.insert(7, [(TOPOLOGY_NODE_KEY.to_string(), "node-200".to_string())].into());
     let requests = [
         req(1),
         ScheduleRequest { requisite: vec![zone("z9")].into(), ..req(1) },
         ScheduleRequest { requisite: every_node.clone().into(), preferred: every_node[150..].to_vec().into(), ..req(1) },
+        ScheduleRequest { requisite: any_order[..200].to_vec().into(), preferred: any_order[100..].to_vec().into(), ..req(1) },
     ];
     for r in requests {
         let want = schedule_best(&nodes, &r).unwrap();

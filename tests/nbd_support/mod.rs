@@ -267,12 +267,3 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
-
-/// Something listens on 127.0.0.1:`port`. A connection to a port in the
-/// ephemeral range where nothing listens yet can connect to itself (TCP
-/// simultaneous open, when the kernel picks that same port as the source):
-/// such a connection is not a listener.
-#[allow(dead_code)]
-pub fn listening_on(port: u16) -> bool {
-    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
-}
