@@ -14,6 +14,12 @@
 # modules). Nothing of the peer is kept in this repository. The plot needs
 # matplotlib, installed from PyPI into .tools/python/ on first use.
 # COUNT (default 1024) volumes per level; LEVELS (default 1,16,64,256).
+#
+# POOL_FS says where both drivers keep their data (pools, store, the peer's
+# state folder): `xfs` (the default) is an XFS filesystem with reflink made
+# for this run on a 4 GiB file on the machine's disk, loop-mounted (needs
+# root), the filesystem the README names for pools; `folder` is a temporary
+# folder on whatever filesystem holds /tmp.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -41,21 +47,44 @@ if [ ! -x "$bin" ]; then
   fi
 fi
 
+pool_fs=${POOL_FS:-xfs}
+case $pool_fs in
+  xfs | folder) ;;
+  *) echo "bench-create.sh: POOL_FS is xfs or folder, not '$pool_fs'" >&2; exit 2 ;;
+esac
+if [ "$pool_fs" = xfs ] && [ "$(id -u)" != 0 ]; then
+  echo "bench-create.sh: POOL_FS=xfs mounts a filesystem and needs root (POOL_FS=folder does not)" >&2
+  exit 2
+fi
+
 work=$(mktemp -d /tmp/cinderblock-bench-create.XXXXXX)
 peer=''
+mounted=''
 cleanup() {
   [ -n "$peer" ] && kill "$peer" 2>/dev/null && wait "$peer" 2>/dev/null
+  [ -n "$mounted" ] && umount "$mounted"
   rm -rf "$work"
 }
 trap cleanup EXIT
 
+data=$work
+if [ "$pool_fs" = xfs ]; then
+  truncate -s 4G "$work/pools.xfs"
+  mkfs.xfs -f -q -m reflink=1 "$work/pools.xfs"
+  mkdir "$work/data"
+  mount -o loop "$work/pools.xfs" "$work/data"
+  mounted=$work/data
+  data=$work/data
+fi
+echo "== data on: $pool_fs ($(df --output=fstype "$data" | tail -1))" >&2
+
 rows=$work/rows.csv
 echo "== cinderblock standalone (3 nodes), $count volumes per level" >&2
-"$cb" bench create --csv --label cinderblock --concurrency "$levels" --count "$count" --data-dir "$work/cinderblock" >>"$rows"
+"$cb" bench create --csv --label cinderblock --concurrency "$levels" --count "$count" --data-dir "$data/cinderblock" >>"$rows"
 echo "== csi-driver-host-path $version" >&2
-mkdir -p "$work/hostpath"
+mkdir -p "$data/hostpath"
 "$bin" --endpoint "unix://$work/hostpath.sock" --nodeid bench-node --drivername hostpath.csi.k8s.io \
-  --statedir "$work/hostpath" --v=0 >"$work/hostpath.log" 2>&1 &
+  --statedir "$data/hostpath" --v=0 >"$work/hostpath.log" 2>&1 &
 peer=$!
 "$cb" bench create --csv --label hostpath --concurrency "$levels" --count "$count" --endpoint "unix://$work/hostpath.sock" >>"$rows"
 
@@ -77,5 +106,9 @@ if [ ! -x "$py" ] || ! "$py" -c 'import matplotlib' 2>/dev/null; then
   python3 -m venv "$root/.tools/python"
   "$root/.tools/python/bin/pip" install -q matplotlib
 fi
-"$py" scripts/plot-bench-create.py "$rows" "$out"
+case $pool_fs in
+  xfs) where="data on a new XFS (reflink)" ;;
+  folder) where="data in a folder on $(df --output=fstype "$data" | tail -1)" ;;
+esac
+"$py" scripts/plot-bench-create.py "$rows" "$out" "$where, $count volumes per level, $(date -u +%F)"
 echo "plot: $out, figures: ${out%.png}.csv" >&2
