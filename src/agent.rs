@@ -10,7 +10,7 @@ pub mod copier;
 pub mod exports;
 pub mod fence;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::agent_proto as pb;
 use crate::agent_proto::volume_manager_server::VolumeManager;
 use crate::tls::{Peer, PeerInfo};
+use crate::volume::health::ImageLooker;
 use crate::volume::pool::CreateVolume;
 use crate::volume::workers::{HeavyGate, WorkLimits, Workers};
 use crate::volume::{ImageKind, Orphan, Pool, Provisioning, SnapshotRecord, State, VolumeError, VolumeRecord, VolumeSource};
@@ -180,8 +181,14 @@ fn age_ms(created_at_ms: i64) -> u64 {
 }
 
 fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
-    let image = pool.volume_image(&v.id);
-    let problem = pool.volume_problem(&v.id);
+    volume_seen_by(&pool.image_looker(), v)
+}
+
+/// A volume as the agent tells it, its image looked at by `looker` (one per
+/// answer, however many volumes it holds).
+fn volume_seen_by(looker: &ImageLooker<'_>, v: VolumeRecord) -> pb::Volume {
+    let look = looker.look(&v.id);
+    let problem = look.problem;
     let (copied_bytes, copy_total_bytes) = v.copy.as_ref().map(|c| (c.copied_bytes, c.total_bytes)).unwrap_or((0, 0));
     pb::Volume {
         copy_pass: v.copy.as_ref().map(|c| c.pass).unwrap_or(0),
@@ -190,8 +197,8 @@ fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
         condition: problem.unwrap_or_default(),
         copied_bytes,
         copy_total_bytes,
-        allocated_bytes: pool.allocated_bytes(&image),
-        image_path: image.display().to_string(),
+        allocated_bytes: look.allocated_bytes,
+        image_path: looker.image_path(&v.id),
         state: state_to_pb(v.state) as i32,
         age_ms: age_ms(v.created_at_ms),
         problem: String::new(),
@@ -204,6 +211,15 @@ fn volume_to_pb(pool: &Pool, v: VolumeRecord) -> pb::Volume {
         }),
         metadata: v.metadata.into_iter().collect(),
         created_at_ms: v.created_at_ms,
+    }
+}
+
+/// A listing's page size: `max_entries`, or no limit when 0.
+fn page_limit(max_entries: u32) -> usize {
+    if max_entries == 0 {
+        usize::MAX
+    } else {
+        max_entries as usize
     }
 }
 
@@ -390,11 +406,26 @@ impl VolumeManager for AgentService {
         Self::authorize(&request)?;
         let identity = self.identity();
         let exports = self.exports.clone();
+        let r = request.into_inner();
         self.run("ListVolumes", move |pool| {
-            let mut volumes: Vec<pb::Volume> = pool.list_volumes().into_iter().map(|v| volume_to_pb(pool, v)).collect();
+            let limit = page_limit(r.max_entries);
+            let after = (!r.after.is_empty()).then_some(r.after.as_str());
+            // Broken volumes are listed too, so nothing on the node is
+            // invisible; in a page, those whose IDs fall within it.
+            let (records, broken) = if r.volume_ids.is_empty() {
+                let page = pool.volumes_after(after, limit);
+                let through = if page.len() == limit { page.last().map(|v| v.id.clone()) } else { None };
+                let broken = pool.broken_between("volume", after, through.as_deref());
+                (page, broken)
+            } else {
+                let named: HashSet<&str> = r.volume_ids.iter().map(String::as_str).collect();
+                let broken = pool.broken_between("volume", None, None).into_iter().filter(|b| named.contains(b.id.as_str())).collect();
+                (pool.volumes_named(&r.volume_ids), broken)
+            };
+            let looker = pool.image_looker();
+            let mut volumes: Vec<pb::Volume> = records.into_iter().map(|v| volume_seen_by(&looker, v)).collect();
             volumes.iter_mut().for_each(|v| export_health(exports.as_deref(), v));
-            // Broken volumes are listed too, so nothing on the node is invisible.
-            volumes.extend(pool.broken().into_iter().filter(|b| b.kind == "volume").map(|b| pb::Volume {
+            volumes.extend(broken.into_iter().map(|b| pb::Volume {
                 volume_id: b.id,
                 state: pb::ImageState::Broken as i32,
                 abnormal: true,
@@ -402,6 +433,11 @@ impl VolumeManager for AgentService {
                 problem: b.reason,
                 ..Default::default()
             }));
+            if r.volume_ids.is_empty() {
+                // What a full page leaves out comes in the next one.
+                volumes.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+                volumes.truncate(limit);
+            }
             Ok(pb::ListVolumesResponse { volumes, identity })
         })
         .await
@@ -410,10 +446,12 @@ impl VolumeManager for AgentService {
     async fn list_snapshots(&self, request: Request<pb::ListSnapshotsRequest>) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         Self::authorize(&request)?;
         let identity = self.identity();
-        let source = request.into_inner().source_volume_id;
+        let r = request.into_inner();
         self.run("ListSnapshots", move |pool| {
-            let filter = (!source.is_empty()).then_some(source.as_str());
-            let snapshots = pool.list_snapshots(filter).into_iter().map(|s| snapshot_to_pb(pool, s)).collect();
+            let source = (!r.source_volume_id.is_empty()).then_some(r.source_volume_id.as_str());
+            let after = (!r.after.is_empty()).then_some(r.after.as_str());
+            let page = pool.snapshots_after(source, after, page_limit(r.max_entries));
+            let snapshots = page.into_iter().map(|s| snapshot_to_pb(pool, s)).collect();
             Ok(pb::ListSnapshotsResponse { snapshots, identity })
         })
         .await

@@ -120,6 +120,97 @@ async fn pool_status_reports_capacity_and_counts() {
     assert!(s.max_thick_volume_bytes <= s.free_bytes);
 }
 
+/// A node lists its volumes and snapshots in pages by ID (every one once,
+/// broken ones in their place) and answers for named volumes only, so no
+/// answer grows with the whole pool.
+#[tokio::test]
+async fn listings_come_in_pages_by_id_and_for_named_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = dir.path().join("pool");
+    let sock = dir.path().join("csi.sock");
+    let ids = ["vol-a", "vol-b", "vol-c", "vol-d", "vol-e", "vol-f"];
+    {
+        let node = NodeProcess::start(&pool, &sock, "node-1", &[]);
+        let mut c = client(&node).await;
+        for id in ids {
+            c.create_volume(create(id, MIB, None)).await.unwrap();
+        }
+        for (snap, of) in [("snap-1", "vol-a"), ("snap-2", "vol-b"), ("snap-3", "vol-a"), ("snap-4", "vol-c")] {
+            let req = pb::CreateSnapshotRequest { snapshot_id: snap.into(), source_volume_id: of.into(), ..Default::default() };
+            c.create_snapshot(req).await.unwrap();
+        }
+    }
+    // vol-c's record torn: the pool holds it as broken, listed in its place.
+    std::fs::write(pool.join("volumes/vol-c.json"), b"{\"id\": ").unwrap();
+    let node = NodeProcess::start(&pool, &sock, "node-1", &[]);
+    let mut c = client(&node).await;
+
+    let everything: Vec<String> =
+        c.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().into_inner().volumes.into_iter().map(|v| v.volume_id).collect();
+    let mut sorted = everything.clone();
+    sorted.sort();
+    assert_eq!(sorted, ids, "the whole listing");
+    for size in 1..=7u32 {
+        let mut paged: Vec<String> = Vec::new();
+        let mut calls = 0;
+        loop {
+            let after = paged.last().cloned().unwrap_or_default();
+            let page = c
+                .list_volumes(pb::ListVolumesRequest { after, max_entries: size, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes;
+            calls += 1;
+            assert!(page.len() <= size as usize, "page of {size}: {} entries", page.len());
+            let short = page.len() < size as usize;
+            paged.extend(page.into_iter().map(|v| v.volume_id));
+            if short {
+                break;
+            }
+            assert!(calls <= ids.len() + 1, "paging by {size} does not end");
+        }
+        assert_eq!(paged, ids, "pages of {size}: each volume once, in ID order, the broken one in its place");
+    }
+
+    let named = pb::ListVolumesRequest { volume_ids: vec!["vol-e".into(), "vol-c".into(), "vol-nope".into()], ..Default::default() };
+    let mut answered: Vec<(String, i32)> =
+        c.list_volumes(named).await.unwrap().into_inner().volumes.into_iter().map(|v| (v.volume_id, v.state)).collect();
+    answered.sort();
+    assert_eq!(
+        answered,
+        [("vol-c".to_string(), pb::ImageState::Broken as i32), ("vol-e".to_string(), pb::ImageState::Available as i32)],
+        "only the named volumes the pool holds, the broken one as broken"
+    );
+
+    let snapshots = |source: &str, after: &str, max_entries: u32| pb::ListSnapshotsRequest {
+        source_volume_id: source.into(),
+        after: after.into(),
+        max_entries,
+    };
+    let mut paged: Vec<String> = Vec::new();
+    loop {
+        let after = paged.last().cloned().unwrap_or_default();
+        let page = c.list_snapshots(snapshots("", &after, 3)).await.unwrap().into_inner().snapshots;
+        let short = page.len() < 3;
+        paged.extend(page.into_iter().map(|s| s.snapshot_id));
+        if short {
+            break;
+        }
+    }
+    assert_eq!(paged, ["snap-1", "snap-2", "snap-3", "snap-4"]);
+    let of_a: Vec<String> = c
+        .list_snapshots(snapshots("vol-a", "snap-1", 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots
+        .into_iter()
+        .map(|s| s.snapshot_id)
+        .collect();
+    assert_eq!(of_a, ["snap-3"], "a page of vol-a's snapshots after snap-1");
+}
+
 /// One volume whose record is torn and one whose image is gone: the node
 /// plugin still starts, serves the others, and says what is wrong with those two.
 #[tokio::test]
@@ -139,7 +230,7 @@ async fn a_node_with_broken_volumes_starts_and_serves_the_rest() {
 
     let node = NodeProcess::start(&pool, &sock, "node-1", &[]);
     let mut c = client(&node).await;
-    let listed = c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;
+    let listed = c.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
     let state = |id: &str| listed.iter().find(|v| v.volume_id == id).map(|v| (v.state, v.problem.clone()));
     assert_eq!(state("vol-good").map(|s| s.0), Some(pb::ImageState::Available as i32));
     // The broken ones are listed as broken, with why, so nothing on the node is invisible.
@@ -327,8 +418,15 @@ async fn sigkill_at_random_moments_never_tears_the_pool() {
         }
         let c = client(&node).await;
         let mut listed = c.clone();
-        let via_api: Vec<String> =
-            listed.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes.into_iter().map(|v| v.volume_id).collect();
+        let via_api: Vec<String> = listed
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes
+            .into_iter()
+            .map(|v| v.volume_id)
+            .collect();
         let mut sorted_vols = vols.clone();
         sorted_vols.sort();
         assert_eq!(via_api, sorted_vols, "round {round}: API and folder disagree");

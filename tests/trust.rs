@@ -271,7 +271,7 @@ async fn the_agent_answers_only_the_controllers_certificate() {
             Ok(ch) => {
                 let mut cl = pb::volume_manager_client::VolumeManagerClient::new(ch);
                 let r = cl.create_volume(create_req("vol-intruder")).await;
-                let listed = cl.list_volumes(pb::ListVolumesRequest {}).await;
+                let listed = cl.list_volumes(pb::ListVolumesRequest::default()).await;
                 r.is_err() && listed.is_err()
             }
         };
@@ -326,7 +326,7 @@ async fn certificates_replaced_on_disk_are_used_without_a_restart() {
     let ctl_dir = authority::local_peer_dir(&c.pki, &Peer::Controller);
     let old = agent_client(&c.nodes[0].address(), "node-1", &ctl_dir, 0).await;
     let mut old2 = old.clone();
-    old2.list_volumes(pb::ListVolumesRequest {}).await.expect("works before the rotation");
+    old2.list_volumes(pb::ListVolumesRequest::default()).await.expect("works before the rotation");
 
     // A new CA: the node's and a new controller's certificates, written over the old files.
     let new_ca = Authority::generate("rotated CA").unwrap();
@@ -349,7 +349,7 @@ async fn certificates_replaced_on_disk_are_used_without_a_restart() {
     };
     assert!(refused, "the rotated agent still accepts the old CA");
     let mut fresh = agent_client(&c.nodes[0].address(), "node-1", &rotated_ctl, 0).await;
-    fresh.list_volumes(pb::ListVolumesRequest {}).await.expect("the rotated certificates work without a restart");
+    fresh.list_volumes(pb::ListVolumesRequest::default()).await.expect("the rotated certificates work without a restart");
 }
 
 // ------------------------------------------------------------- nothing lost

@@ -73,7 +73,9 @@ pub trait MismatchSink: Send + Sync {
     fn mismatch(&self, node: &NodeRec, reason: String);
 }
 
-/// One node's agent, as the controller uses it.
+/// One node's agent, as the controller uses it. A clone shares the
+/// connection (for calls made side by side).
+#[derive(Clone)]
 pub struct NodeAgent {
     pub node: NodeRec,
     client: AgentClient,
@@ -156,7 +158,41 @@ impl NodeAgent {
     reading!(list_snapshots, pb::ListSnapshotsRequest, pb::ListSnapshotsResponse);
     reading!(list_orphans, pb::ListOrphansRequest, pb::ListOrphansResponse);
     reading!(get_pool_status, pb::GetPoolStatusRequest, pb::GetPoolStatusResponse);
+
+    /// Every volume on the node, asked for in pages of `LISTING_PAGE` (one
+    /// answer for a whole pool of tens of thousands would outgrow gRPC's
+    /// message limit).
+    pub async fn every_volume(&mut self) -> Result<Vec<pb::Volume>, Status> {
+        let mut all: Vec<pb::Volume> = Vec::new();
+        loop {
+            let after = all.last().map(|v| v.volume_id.clone()).unwrap_or_default();
+            let page = self.list_volumes(pb::ListVolumesRequest { after, max_entries: LISTING_PAGE, ..Default::default() }).await?.volumes;
+            let last = page.len() < LISTING_PAGE as usize;
+            all.extend(page);
+            if last {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Every snapshot on the node, in pages like `every_volume`.
+    pub async fn every_snapshot(&mut self) -> Result<Vec<pb::Snapshot>, Status> {
+        let mut all: Vec<pb::Snapshot> = Vec::new();
+        loop {
+            let after = all.last().map(|s| s.snapshot_id.clone()).unwrap_or_default();
+            let page =
+                self.list_snapshots(pb::ListSnapshotsRequest { after, max_entries: LISTING_PAGE, ..Default::default() }).await?.snapshots;
+            let last = page.len() < LISTING_PAGE as usize;
+            all.extend(page);
+            if last {
+                return Ok(all);
+            }
+        }
+    }
 }
+
+/// How many volumes or snapshots one listing call asks a node for.
+const LISTING_PAGE: u32 = 1000;
 
 /// Fault injection for the fencing test (tests/kube_e2e.rs), off unless
 /// the environment names a file: while that file exists, a call that

@@ -3,10 +3,10 @@
 //! owner's agent says of the image (missing, broken, pool read-only, I/O
 //! errors on its NBD export), whether the owner answers at all, and whether
 //! each NBD publication is still served. One agent call per node for any
-//! number of volumes. A volume that turns abnormal gets a Warning event on
+//! number of volumes, about those volumes only. A volume that turns abnormal gets a Warning event on
 //! its PVC (`VolumeAbnormal`), once per turn; a recovery a Normal one.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -61,8 +61,7 @@ impl Manager {
     /// publications and one question to each node holding one of them.
     pub async fn volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
         let mut exports = self.exports_by_volume().await?;
-        let mut views = BTreeMap::new();
-        self.ask_nodes_of(volumes, &mut views).await;
+        let views = self.ask_nodes_of(volumes, &exports).await;
         let mut out = HashMap::new();
         for v in volumes {
             let health = self.judge(v, &views, &exports).await;
@@ -85,20 +84,18 @@ impl Manager {
         Ok(exports)
     }
 
-    /// Asks each node holding one of `volumes` that `views` does not hold yet.
-    async fn ask_nodes_of(&self, volumes: &[VolumeRec], views: &mut BTreeMap<String, NodeView>) {
-        let nodes: BTreeSet<String> = volumes
-            .iter()
-            .filter(|v| v.phase == Phase::Available)
-            .filter_map(|v| v.node.clone())
-            .filter(|n| !views.contains_key(n))
-            .collect();
-        let asked = join_all(nodes.into_iter().map(|n| async move {
-            let view = self.ask_node(&n).await;
+    /// Asks each node holding one of `volumes` about those volumes only (a
+    /// page of them costs the page, not every volume the node holds), and
+    /// each node serving one of their NBD publications which exports it
+    /// serves; no other node, nothing else.
+    async fn ask_nodes_of(&self, volumes: &[VolumeRec], exports: &ExportsByVolume) -> BTreeMap<String, NodeView> {
+        join_all(whom_to_ask(volumes, exports).into_iter().map(|(n, (ids, with_exports))| async move {
+            let view = self.ask_node(&n, ids, with_exports).await;
             (n, view)
         }))
-        .await;
-        views.extend(asked);
+        .await
+        .into_iter()
+        .collect()
     }
 
     /// A volume's health from what its node said, with its event.
@@ -127,22 +124,37 @@ impl Manager {
         }
     }
 
-    async fn ask_node(&self, node: &str) -> NodeView {
-        let mut agent = match self.agent_for(node).await {
+    /// What `node` says of the volumes `ids` (none: not asked) and, when
+    /// `with_exports`, of the exports it serves (otherwise None, which no
+    /// judgement reads: the node serves none of the volumes' publications).
+    async fn ask_node(&self, node: &str, ids: Vec<String>, with_exports: bool) -> NodeView {
+        let agent = match self.agent_for(node).await {
             Ok(a) => a,
             Err(e) => return NodeView { volumes: Err(e.to_string()), exports: None },
         };
-        let volumes = match tokio::time::timeout(ASK_TIMEOUT, agent.list_volumes(pb::ListVolumesRequest {})).await {
-            Ok(Ok(r)) => Ok(r.volumes.into_iter().map(|v| (v.volume_id.clone(), v)).collect()),
-            Ok(Err(s)) => Err(s.message().to_string()),
-            Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
+        let volumes = async {
+            if ids.is_empty() {
+                return Ok(HashMap::new());
+            }
+            let asked = pb::ListVolumesRequest { volume_ids: ids, ..Default::default() };
+            match tokio::time::timeout(ASK_TIMEOUT, agent.clone().list_volumes(asked)).await {
+                Ok(Ok(r)) => Ok(r.volumes.into_iter().map(|v| (v.volume_id.clone(), v)).collect()),
+                Ok(Err(s)) => Err(s.message().to_string()),
+                Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
+            }
         };
-        let exports = match tokio::time::timeout(ASK_TIMEOUT, agent.list_exports(pb::ListExportsRequest {})).await {
-            Ok(Ok(r)) => Some(r.exports.into_iter().map(|e| (e.volume_id, e.consumer_node)).collect()),
-            // A node without NBD exports serves none: only local publications there.
-            Ok(Err(s)) if s.code() == Code::FailedPrecondition => Some(BTreeSet::new()),
-            _ => None,
+        let exports = async {
+            if !with_exports {
+                return None;
+            }
+            match tokio::time::timeout(ASK_TIMEOUT, agent.clone().list_exports(pb::ListExportsRequest {})).await {
+                Ok(Ok(r)) => Some(r.exports.into_iter().map(|e| (e.volume_id, e.consumer_node)).collect()),
+                // A node without NBD exports serves none: only local publications there.
+                Ok(Err(s)) if s.code() == Code::FailedPrecondition => Some(BTreeSet::new()),
+                _ => None,
+            }
         };
+        let (volumes, exports) = futures::join!(volumes, exports);
         NodeView { volumes, exports }
     }
 
@@ -153,16 +165,22 @@ impl Manager {
         if !self.is_leader() {
             return;
         }
-        let before = {
-            let mut seen = self.health_seen.lock().unwrap_or_else(|p| p.into_inner());
-            seen.insert(v.id.clone(), h.abnormal)
+        // Only the abnormal are noted: the notes grow with the volumes in
+        // trouble, not with every volume.
+        let was_abnormal = {
+            let mut abnormal = self.health_seen.lock().unwrap_or_else(|p| p.into_inner());
+            if h.abnormal {
+                !abnormal.insert(v.id.clone())
+            } else {
+                abnormal.remove(&v.id)
+            }
         };
-        match (before, h.abnormal) {
-            (Some(false) | None, true) => {
+        match (was_abnormal, h.abnormal) {
+            (false, true) => {
                 warn!(volume.id = %v.id, condition = %h.message, "volume turned abnormal");
                 self.event(v, true, "VolumeAbnormal", h.message.clone()).await;
             }
-            (Some(true), false) => {
+            (true, false) => {
                 info!(volume.id = %v.id, "volume is healthy again");
                 self.event(v, false, "VolumeHealthy", h.message.clone()).await;
             }
@@ -173,24 +191,59 @@ impl Manager {
     /// Look at every Available volume (the reconciler calls it every pass),
     /// so a volume that turns abnormal gets its event even when no CO asks.
     pub async fn check_health(&self) -> Result<(), ControllerError> {
-        // One read of the publications and one question per node for the
-        // whole pass, however many pages of volumes.
+        // One read of the publications for the whole pass; for each page of
+        // volumes, one question to each node holding some of them, about
+        // those only (so no answer grows with the node's whole pool).
         let exports = self.exports_by_volume().await?;
-        let mut views = BTreeMap::new();
+        let mut judged: HashSet<String> = HashSet::new();
         let mut after: Option<String> = None;
         loop {
             let page = store::list_page_json::<VolumeRec>(&*self.store, Kind::Volume, after.as_deref(), store::PAGE).await?;
             let done = page.len() < store::PAGE;
             after = page.last().map(|(id, _, _)| id.clone());
             let vols: Vec<VolumeRec> = page.into_iter().map(|(_, v, _)| v).filter(|v| v.phase == Phase::Available).collect();
-            self.ask_nodes_of(&vols, &mut views).await;
+            let views = self.ask_nodes_of(&vols, &exports).await;
             for v in &vols {
                 self.judge(v, &views, &exports).await;
+                judged.insert(v.id.clone());
             }
             if done {
-                return Ok(());
+                break;
             }
         }
+        // Volumes noted abnormal that are no longer Available (deleted,
+        // failed) are forgotten, so the notes do not keep every one ever made.
+        self.health_seen.lock().unwrap_or_else(|p| p.into_inner()).retain(|id| judged.contains(id));
+        Ok(())
+    }
+}
+
+/// Node -> (the volumes of `volumes` to ask it about, whether to ask it
+/// for the exports it serves): the nodes holding Available volumes, and the
+/// nodes serving their NBD publications.
+fn whom_to_ask(volumes: &[VolumeRec], exports: &ExportsByVolume) -> BTreeMap<String, (Vec<String>, bool)> {
+    let mut wanted: BTreeMap<String, (Vec<String>, bool)> = BTreeMap::new();
+    for v in volumes.iter().filter(|v| v.phase == Phase::Available) {
+        let Some(node) = &v.node else { continue };
+        wanted.entry(node.clone()).or_default().0.push(v.id.clone());
+        for e in exports.get(&v.id).into_iter().flatten().filter(|e| serves_nbd(e)) {
+            wanted.entry(owner_of(e, node).to_string()).or_default().1 = true;
+        }
+    }
+    wanted
+}
+
+/// A publication an NBD export serves (one the owner must still serve).
+fn serves_nbd(e: &ExportRec) -> bool {
+    e.protocol == "nbd" && e.phase == Phase::Available
+}
+
+/// The node serving publication `e` of a volume held by `node`.
+fn owner_of<'a>(e: &'a ExportRec, node: &'a str) -> &'a str {
+    if e.owner_node.is_empty() {
+        node
+    } else {
+        &e.owner_node
     }
 }
 
@@ -218,8 +271,8 @@ fn health_of(v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &[Expor
     if on_node.abnormal {
         return Health::bad(format!("on node {node}: {}", on_node.condition));
     }
-    for e in exports.iter().filter(|e| e.protocol == "nbd" && e.phase == Phase::Available) {
-        let owner = if e.owner_node.is_empty() { node } else { &e.owner_node };
+    for e in exports.iter().filter(|e| serves_nbd(e)) {
+        let owner = owner_of(e, node);
         let served = views.get(owner).and_then(|w| w.exports.as_ref()).map(|s| s.contains(&(e.volume_id.clone(), e.node_id.clone())));
         match served {
             Some(true) => {}
@@ -260,6 +313,39 @@ mod tests {
             copy: None,
             migration: None,
         }
+    }
+
+    #[test]
+    fn only_the_holders_are_asked_and_only_about_their_volumes() {
+        let export = |vol: &str, to: &str, protocol: &str, owner: &str| ExportRec {
+            id: export_id_for(vol, to),
+            volume_id: vol.into(),
+            node_id: to.into(),
+            protocol: protocol.into(),
+            address: String::new(),
+            export_name: String::new(),
+            phase: Phase::Available,
+            owner_node: owner.into(),
+            read_only: false,
+            plain_text: false,
+        };
+        let mut failed = vol("vol-err", "node-4");
+        failed.phase = Phase::Error;
+        let volumes = [vol("vol-a", "node-1"), vol("vol-b", "node-2"), vol("vol-c", "node-1"), failed];
+        let exports: ExportsByVolume = [
+            ("vol-a".to_string(), vec![export("vol-a", "node-2", "local", "")]),
+            // Served by its holder (owner left empty by older records) and,
+            // during a migration, by another node.
+            ("vol-b".to_string(), vec![export("vol-b", "node-3", "nbd", ""), export("vol-b", "node-1", "nbd", "node-5")]),
+        ]
+        .into();
+        let asked = whom_to_ask(&volumes, &exports);
+        let expected: BTreeMap<String, (Vec<String>, bool)> =
+            [("node-1", (vec!["vol-a", "vol-c"], false)), ("node-2", (vec!["vol-b"], true)), ("node-5", (vec![], true))]
+                .into_iter()
+                .map(|(n, (ids, ex))| (n.to_string(), (ids.into_iter().map(String::from).collect(), ex)))
+                .collect();
+        assert_eq!(asked, expected, "no node holding nothing Available, no export list where no NBD publication is served");
     }
 
     #[test]

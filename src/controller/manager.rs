@@ -109,9 +109,9 @@ pub struct Manager {
     pub(crate) migrations: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// With leader election: this replica's leadership. Without: None.
     leader: Option<watch::Receiver<Leadership>>,
-    /// Whether each volume was last seen abnormal (health.rs), so an event
-    /// marks each turn once.
-    pub(crate) health_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
+    /// The volumes last seen abnormal (health.rs), so an event marks each
+    /// turn once.
+    pub(crate) health_seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// How long a caller waits for the node view's first read of the store.

@@ -250,12 +250,21 @@ impl Manager {
     /// that would be more than the breaker allows.
     async fn quarantine_pass(&self, node: &NodeRec, owned: &HashSet<String>, report: &mut ReconcileReport) {
         let Ok(mut agent) = self.agent_of(node.clone()) else { return };
-        let Ok(vols) = agent.list_volumes(pb::ListVolumesRequest {}).await else { return };
-        let Ok(snaps) = agent.list_snapshots(pb::ListSnapshotsRequest::default()).await else { return };
+        let listed = match agent.every_volume().await {
+            Ok(vols) => agent.every_snapshot().await.map(|snaps| (vols, snaps)),
+            Err(e) => Err(e),
+        };
+        let (vols, snaps) = match listed {
+            Ok(both) => both,
+            Err(e) => {
+                warn!(node = %node.id, error = %e.message(), "could not list the node's images; its orphans are looked for at the next pass");
+                return;
+            }
+        };
         let grace = self.config.stuck_grace.as_millis() as u64;
         let available = pb::ImageState::Available as i32;
-        let mut images: Vec<(bool, String, u64, i32)> = vols.volumes.into_iter().map(|v| (true, v.volume_id, v.age_ms, v.state)).collect();
-        images.extend(snaps.snapshots.into_iter().map(|s| (false, s.snapshot_id, s.age_ms, s.state)));
+        let mut images: Vec<(bool, String, u64, i32)> = vols.into_iter().map(|v| (true, v.volume_id, v.age_ms, v.state)).collect();
+        images.extend(snaps.into_iter().map(|s| (false, s.snapshot_id, s.age_ms, s.state)));
         let total = images.len();
         let candidates: Vec<(bool, String)> = images
             .into_iter()

@@ -4,35 +4,71 @@
 //! (ControllerGetVolume, ListVolumes); the node plugin adds what only the
 //! host of the mount sees (NodeGetVolumeStats).
 
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+
 use super::pool::Pool;
 
+/// What a look at one volume's image found.
+pub struct ImageLook {
+    /// Why the volume is not healthy here, or None.
+    pub problem: Option<String>,
+    /// The blocks its image holds, in bytes (0 when it cannot be read).
+    pub allocated_bytes: u64,
+}
+
+/// Looks at volumes of one pool for one answer: the pool's broken list and
+/// its filesystem are read once, then each image costs one stat (a listing
+/// of many volumes does not repeat the pool-wide checks per volume).
+pub struct ImageLooker<'a> {
+    pool: &'a Pool,
+    broken: HashMap<String, String>,
+    /// Why the pool's filesystem takes no writes, or None.
+    filesystem: Option<String>,
+}
+
 impl Pool {
-    /// Why volume `id` is not healthy here, or None. Cheap: a stat and a
-    /// statvfs, no data read.
-    pub fn volume_problem(&self, id: &str) -> Option<String> {
-        if let Some(b) = self.broken().into_iter().find(|b| b.kind == "volume" && b.id == id) {
-            return Some(format!("its image is broken on this node: {}", b.reason));
-        }
-        let image = self.volume_image(id);
-        match std::fs::symlink_metadata(&image) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => return Some(format!("its image {} is not a regular file any more; a person must look at the pool", image.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Some(format!(
-                    "its image {} is missing from the pool; data written to it now is lost: copy out what a pod still sees, then restore from a snapshot",
-                    image.display()
-                ))
-            }
-            Err(e) => return Some(format!("its image {} cannot be inspected: {e}", image.display())),
-        }
-        match rustix::fs::statvfs(self.root()) {
+    /// A looker for one answer about any number of this pool's volumes.
+    pub fn image_looker(&self) -> ImageLooker<'_> {
+        let broken = self.broken().into_iter().filter(|b| b.kind == "volume").map(|b| (b.id, b.reason)).collect();
+        let filesystem = match rustix::fs::statvfs(self.root()) {
             Ok(s) if s.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) => Some(format!(
                 "the pool's filesystem at {} is read-only (remounted after errors?); writes fail: see the node's kernel log",
                 self.root().display()
             )),
             Ok(_) => None,
             Err(e) => Some(format!("the pool's filesystem at {} cannot be inspected: {e}", self.root().display())),
+        };
+        ImageLooker { pool: self, broken, filesystem }
+    }
+}
+
+impl ImageLooker<'_> {
+    /// Where volume `id`'s image is (or would be).
+    pub fn image_path(&self, id: &str) -> String {
+        self.pool.volume_image(id).display().to_string()
+    }
+
+    /// Volume `id`'s image: broken, missing, not a file, on a filesystem
+    /// that takes no writes, or healthy; and what it holds.
+    pub fn look(&self, id: &str) -> ImageLook {
+        let image = self.pool.volume_image(id);
+        let bad = |problem: String| ImageLook { problem: Some(problem), allocated_bytes: 0 };
+        if let Some(reason) = self.broken.get(id) {
+            return bad(format!("its image is broken on this node: {reason}"));
         }
+        let allocated_bytes = match std::fs::symlink_metadata(&image) {
+            Ok(m) if m.is_file() => m.blocks() * 512,
+            Ok(_) => return bad(format!("its image {} is not a regular file any more; a person must look at the pool", image.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return bad(format!(
+                    "its image {} is missing from the pool; data written to it now is lost: copy out what a pod still sees, then restore from a snapshot",
+                    image.display()
+                ))
+            }
+            Err(e) => return bad(format!("its image {} cannot be inspected: {e}", image.display())),
+        };
+        ImageLook { problem: self.filesystem.clone(), allocated_bytes }
     }
 }
 
@@ -53,9 +89,9 @@ mod tests {
             metadata: Default::default(),
         };
         pool.create_volume(req).unwrap();
-        assert_eq!(pool.volume_problem("vol-h"), None);
+        assert_eq!(pool.image_looker().look("vol-h").problem, None);
         std::fs::remove_file(pool.volume_image("vol-h")).unwrap();
-        let why = pool.volume_problem("vol-h").expect("a missing image is a problem");
+        let why = pool.image_looker().look("vol-h").problem.expect("a missing image is a problem");
         assert!(why.contains("missing"), "{why}");
     }
 }

@@ -652,6 +652,31 @@ impl Pool {
         self.index().volumes.values().cloned().collect()
     }
 
+    /// At most `limit` volumes whose IDs sort after `after` (from the
+    /// first when None), in ID order: a page costs its own length, not the
+    /// pool's.
+    pub fn volumes_after(&self, after: Option<&str>, limit: usize) -> Vec<VolumeRecord> {
+        page_after(&self.index().volumes, after, limit, |_| true)
+    }
+
+    /// The volumes among `ids` the pool holds.
+    pub fn volumes_named(&self, ids: &[String]) -> Vec<VolumeRecord> {
+        let index = self.index();
+        ids.iter().filter_map(|id| index.volumes.get(id).cloned()).collect()
+    }
+
+    /// The pool's broken volumes or snapshots (`kind` is "volume" or
+    /// "snapshot") whose IDs sort after `after`, up to and including
+    /// `through` when given.
+    pub fn broken_between(&self, kind: &str, after: Option<&str>, through: Option<&str>) -> Vec<Broken> {
+        self.index()
+            .broken
+            .values()
+            .filter(|b| b.kind == kind && after.is_none_or(|a| b.id.as_str() > a) && through.is_none_or(|t| b.id.as_str() <= t))
+            .cloned()
+            .collect()
+    }
+
     /// Check a create's ID, metadata and size; the size rounded up to whole blocks.
     fn checked_size(req: &CreateVolume) -> Result<u64, VolumeError> {
         validate_id("volume id", &req.id)?;
@@ -1095,6 +1120,12 @@ impl Pool {
         self.index().snapshots.values().filter(|s| source_volume_id.is_none_or(|v| s.source_volume_id == v)).cloned().collect()
     }
 
+    /// Snapshots as `volumes_after` pages volumes, of one source volume
+    /// only when `source_volume_id` is given.
+    pub fn snapshots_after(&self, source_volume_id: Option<&str>, after: Option<&str>, limit: usize) -> Vec<SnapshotRecord> {
+        page_after(&self.index().snapshots, after, limit, |s| source_volume_id.is_none_or(|v| s.source_volume_id == v))
+    }
+
     pub fn create_snapshot(
         &self,
         id: &str,
@@ -1205,6 +1236,17 @@ impl Pool {
     pub fn allocated_bytes(&self, image: &Path) -> u64 {
         File::open(image).and_then(|f| copy::allocated_bytes(&f)).unwrap_or(0)
     }
+}
+
+/// Up to `limit` values of `map` that `keep` accepts, whose keys sort
+/// after `after`, in key order.
+fn page_after<T: Clone>(map: &BTreeMap<String, T>, after: Option<&str>, limit: usize, keep: impl Fn(&T) -> bool) -> Vec<T> {
+    use std::ops::Bound;
+    let from = match after {
+        Some(a) => Bound::Excluded(a),
+        None => Bound::Unbounded,
+    };
+    map.range::<str, _>((from, Bound::Unbounded)).map(|(_, v)| v).filter(|v| keep(v)).take(limit).cloned().collect()
 }
 
 fn validate_metadata(m: &BTreeMap<String, String>) -> Result<(), VolumeError> {
