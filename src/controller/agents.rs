@@ -166,7 +166,11 @@ impl NodeAgent {
         let mut all: Vec<pb::Volume> = Vec::new();
         loop {
             let after = all.last().map(|v| v.volume_id.clone()).unwrap_or_default();
-            let page = self.list_volumes(pb::ListVolumesRequest { after, max_entries: LISTING_PAGE, ..Default::default() }).await?.volumes;
+            let asked = pb::ListVolumesRequest { after: after.clone(), max_entries: LISTING_PAGE, ..Default::default() };
+            let page = self.list_volumes(asked).await?.volumes;
+            if ignored_paging(page.len(), page.first().map(|v| v.volume_id.as_str()), &after) {
+                return Ok(page);
+            }
             let last = page.len() < LISTING_PAGE as usize;
             all.extend(page);
             if last {
@@ -180,8 +184,11 @@ impl NodeAgent {
         let mut all: Vec<pb::Snapshot> = Vec::new();
         loop {
             let after = all.last().map(|s| s.snapshot_id.clone()).unwrap_or_default();
-            let page =
-                self.list_snapshots(pb::ListSnapshotsRequest { after, max_entries: LISTING_PAGE, ..Default::default() }).await?.snapshots;
+            let asked = pb::ListSnapshotsRequest { after: after.clone(), max_entries: LISTING_PAGE, ..Default::default() };
+            let page = self.list_snapshots(asked).await?.snapshots;
+            if ignored_paging(page.len(), page.first().map(|s| s.snapshot_id.as_str()), &after) {
+                return Ok(page);
+            }
             let last = page.len() < LISTING_PAGE as usize;
             all.extend(page);
             if last {
@@ -194,6 +201,14 @@ impl NodeAgent {
 /// How many volumes or snapshots one listing call asks a node for.
 const LISTING_PAGE: u32 = 1000;
 
+/// Whether an answer to a page request shows an agent that does not page
+/// (one older than paging, during an upgrade): more entries than asked for,
+/// or a first entry not after `after`. Its answer is then the whole
+/// listing, and asking again would never end.
+fn ignored_paging(len: usize, first: Option<&str>, after: &str) -> bool {
+    len > LISTING_PAGE as usize || (!after.is_empty() && first.is_some_and(|f| f <= after))
+}
+
 /// Fault injection for the fencing test (tests/kube_e2e.rs), off unless
 /// the environment names a file: while that file exists, a call that
 /// changes data waits after this replica checked that it leads and before
@@ -205,5 +220,20 @@ async fn hold_for_tests() {
     let path = std::path::PathBuf::from(path);
     while path.exists() {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_that_does_not_page_is_recognised() {
+        assert!(!ignored_paging(0, None, ""), "an empty pool");
+        assert!(!ignored_paging(LISTING_PAGE as usize, Some("vol-a"), ""), "a full first page");
+        assert!(!ignored_paging(3, Some("vol-k"), "vol-j"), "a later page");
+        assert!(ignored_paging(LISTING_PAGE as usize + 1, Some("vol-a"), ""), "more than asked for");
+        assert!(ignored_paging(LISTING_PAGE as usize, Some("vol-a"), "vol-j"), "from the start again");
+        assert!(ignored_paging(2, Some("vol-j"), "vol-j"), "the last ID again");
     }
 }
