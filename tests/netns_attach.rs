@@ -411,7 +411,20 @@ async fn three_hosts_in_network_namespaces_attach_over_nbd_through_an_owner_rest
     let mut err = String::new();
     std::io::Read::read_to_string(fio.stderr.as_mut().unwrap(), &mut err).unwrap();
     let report = std::fs::read_to_string(&fio_out).unwrap_or_default();
-    assert!(status.success(), "fio failed across the owner's restart ({status}): {err}\n{report}");
+    if !status.success() {
+        // What the consumer's NBD client and the owner said, to tell a slow
+        // restart from an error answer.
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(d.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("NBD")).collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        panic!(
+            "fio failed across the owner's restart ({status}): {err}\n--- consumer's log (warnings, NBD) ---\n{}\n--- owner's log ---\n{}\n{report}",
+            tail("con.log"),
+            tail("own.log")
+        );
+    }
     let job: serde_json::Value = serde_json::from_str(&report[report.find('{').unwrap_or(0)..]).expect("fio's JSON report");
     assert_eq!(job["jobs"][0]["error"], 0, "fio saw an I/O error: {report}");
     eprintln!("fio finished {:?} after the owner went down", down_at.elapsed());

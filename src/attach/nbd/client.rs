@@ -99,9 +99,13 @@ pub async fn handshake(target: &Target, structured: bool, timeout: Duration) -> 
         .map_err(|_| NbdError::Connect { address: target.address.clone(), error: std::io::ErrorKind::TimedOut.into() })?
         .map_err(|error| NbdError::Connect { address: target.address.clone(), error })?;
     let _ = tcp.set_nodelay(true);
-    tokio::time::timeout(timeout, negotiate(Box::new(tcp), target, structured))
-        .await
-        .map_err(|_| NbdError::Protocol(format!("handshake took longer than {timeout:?}")))?
+    // A server that took the connection but not the handshake in time (one
+    // starting, or overloaded) is unreachable for now, like one that refused
+    // it: a reconnect tries again rather than failing the device's I/O.
+    tokio::time::timeout(timeout, negotiate(Box::new(tcp), target, structured)).await.map_err(|_| NbdError::Connect {
+        address: target.address.clone(),
+        error: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the handshake took longer than {timeout:?}")),
+    })?
 }
 
 /// A socket for the kernel's nbd driver: in transmission phase, and under
@@ -563,5 +567,32 @@ fn finish(p: Pending) {
                 Some((errno, message)) => Err(NbdError::Server { command: proto::command_name(command), errno, message }),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that takes the connection and then says nothing (one still
+    /// starting, or overloaded): the handshake's time runs out, and that
+    /// counts as a lost connection, which a reconnect tries again.
+    #[tokio::test]
+    async fn a_server_silent_through_the_handshake_is_unreachable_for_now() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let silent = tokio::spawn(async move {
+            let (held, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(held);
+        });
+        let target = Target { address, export: "vol-x".into(), tls: None };
+        let e = match handshake(&target, true, Duration::from_millis(200)).await {
+            Ok(_) => panic!("a silent server completed a handshake"),
+            Err(e) => e,
+        };
+        assert!(e.is_connection_loss(), "{e}");
+        assert!(e.to_string().contains("handshake took longer"), "{e}");
+        silent.abort();
     }
 }
