@@ -198,7 +198,7 @@ fn volume_seen_by(looker: &ImageLooker<'_>, v: VolumeRecord) -> pb::Volume {
         copied_bytes,
         copy_total_bytes,
         allocated_bytes: look.allocated_bytes,
-        image_path: looker.image_path(&v.id),
+        image_path: look.image.display().to_string(),
         state: state_to_pb(v.state) as i32,
         age_ms: age_ms(v.created_at_ms),
         problem: String::new(),

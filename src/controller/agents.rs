@@ -162,38 +162,56 @@ impl NodeAgent {
     /// Every volume on the node, asked for in pages of `LISTING_PAGE` (one
     /// answer for a whole pool of tens of thousands would outgrow gRPC's
     /// message limit).
-    pub async fn every_volume(&mut self) -> Result<Vec<pb::Volume>, Status> {
-        let mut all: Vec<pb::Volume> = Vec::new();
-        loop {
-            let after = all.last().map(|v| v.volume_id.clone()).unwrap_or_default();
-            let asked = pb::ListVolumesRequest { after: after.clone(), max_entries: LISTING_PAGE, ..Default::default() };
-            let page = self.list_volumes(asked).await?.volumes;
-            if ignored_paging(page.len(), page.first().map(|v| v.volume_id.as_str()), &after) {
-                return Ok(page);
-            }
-            let last = page.len() < LISTING_PAGE as usize;
-            all.extend(page);
-            if last {
-                return Ok(all);
-            }
-        }
+    pub async fn every_volume(&self) -> Result<Vec<pb::Volume>, Status> {
+        let agent = self.clone();
+        every_page(
+            move |after| {
+                let mut agent = agent.clone();
+                async move {
+                    let asked = pb::ListVolumesRequest { after, max_entries: LISTING_PAGE, ..Default::default() };
+                    Ok(agent.list_volumes(asked).await?.volumes)
+                }
+            },
+            |v| &v.volume_id,
+        )
+        .await
     }
 
     /// Every snapshot on the node, in pages like `every_volume`.
-    pub async fn every_snapshot(&mut self) -> Result<Vec<pb::Snapshot>, Status> {
-        let mut all: Vec<pb::Snapshot> = Vec::new();
-        loop {
-            let after = all.last().map(|s| s.snapshot_id.clone()).unwrap_or_default();
-            let asked = pb::ListSnapshotsRequest { after: after.clone(), max_entries: LISTING_PAGE, ..Default::default() };
-            let page = self.list_snapshots(asked).await?.snapshots;
-            if ignored_paging(page.len(), page.first().map(|s| s.snapshot_id.as_str()), &after) {
-                return Ok(page);
-            }
-            let last = page.len() < LISTING_PAGE as usize;
-            all.extend(page);
-            if last {
-                return Ok(all);
-            }
+    pub async fn every_snapshot(&self) -> Result<Vec<pb::Snapshot>, Status> {
+        let agent = self.clone();
+        every_page(
+            move |after| {
+                let mut agent = agent.clone();
+                async move {
+                    let asked = pb::ListSnapshotsRequest { after, max_entries: LISTING_PAGE, ..Default::default() };
+                    Ok(agent.list_snapshots(asked).await?.snapshots)
+                }
+            },
+            |s| &s.snapshot_id,
+        )
+        .await
+    }
+}
+
+/// Every entry of a listing asked for page by page: `page(after)` answers
+/// the entries after that ID (from the first when empty), `id` names one.
+async fn every_page<T, F, Fut>(mut page: F, id: impl Fn(&T) -> &String) -> Result<Vec<T>, Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, Status>>,
+{
+    let mut all: Vec<T> = Vec::new();
+    loop {
+        let after = all.last().map(|e| id(e).clone()).unwrap_or_default();
+        let got = page(after.clone()).await?;
+        if ignored_paging(got.len(), got.first().map(|e| id(e).as_str()), &after) {
+            return Ok(got);
+        }
+        let last = got.len() < LISTING_PAGE as usize;
+        all.extend(got);
+        if last {
+            return Ok(all);
         }
     }
 }

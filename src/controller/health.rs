@@ -3,8 +3,9 @@
 //! owner's agent says of the image (missing, broken, pool read-only, I/O
 //! errors on its NBD export), whether the owner answers at all, and whether
 //! each NBD publication is still served. One agent call per node for any
-//! number of volumes, about those volumes only. A volume that turns abnormal gets a Warning event on
-//! its PVC (`VolumeAbnormal`), once per turn; a recovery a Normal one.
+//! number of volumes, about those volumes only. A volume that turns
+//! abnormal gets a Warning event on its PVC (`VolumeAbnormal`), once per
+//! turn; a recovery a Normal one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;

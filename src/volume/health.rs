@@ -15,6 +15,8 @@ pub struct ImageLook {
     pub problem: Option<String>,
     /// The blocks its image holds, in bytes (0 when it cannot be read).
     pub allocated_bytes: u64,
+    /// Where its image is (or would be).
+    pub image: std::path::PathBuf,
 }
 
 /// Looks at volumes of one pool for one answer: the pool's broken list and
@@ -44,31 +46,27 @@ impl Pool {
 }
 
 impl ImageLooker<'_> {
-    /// Where volume `id`'s image is (or would be).
-    pub fn image_path(&self, id: &str) -> String {
-        self.pool.volume_image(id).display().to_string()
-    }
-
     /// Volume `id`'s image: broken, missing, not a file, on a filesystem
     /// that takes no writes, or healthy; and what it holds.
     pub fn look(&self, id: &str) -> ImageLook {
         let image = self.pool.volume_image(id);
-        let bad = |problem: String| ImageLook { problem: Some(problem), allocated_bytes: 0 };
-        if let Some(reason) = self.broken.get(id) {
-            return bad(format!("its image is broken on this node: {reason}"));
-        }
-        let allocated_bytes = match std::fs::symlink_metadata(&image) {
-            Ok(m) if m.is_file() => m.blocks() * 512,
-            Ok(_) => return bad(format!("its image {} is not a regular file any more; a person must look at the pool", image.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return bad(format!(
-                    "its image {} is missing from the pool; data written to it now is lost: copy out what a pod still sees, then restore from a snapshot",
-                    image.display()
-                ))
+        let (problem, allocated_bytes) = if let Some(reason) = self.broken.get(id) {
+            (Some(format!("its image is broken on this node: {reason}")), 0)
+        } else {
+            match std::fs::symlink_metadata(&image) {
+                Ok(m) if m.is_file() => (self.filesystem.clone(), m.blocks() * 512),
+                Ok(_) => (Some(format!("its image {} is not a regular file any more; a person must look at the pool", image.display())), 0),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (
+                    Some(format!(
+                        "its image {} is missing from the pool; data written to it now is lost: copy out what a pod still sees, then restore from a snapshot",
+                        image.display()
+                    )),
+                    0,
+                ),
+                Err(e) => (Some(format!("its image {} cannot be inspected: {e}", image.display())), 0),
             }
-            Err(e) => return bad(format!("its image {} cannot be inspected: {e}", image.display())),
         };
-        ImageLook { problem: self.filesystem.clone(), allocated_bytes }
+        ImageLook { problem, allocated_bytes, image }
     }
 }
 

@@ -649,7 +649,7 @@ impl Pool {
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeRecord> {
-        self.index().volumes.values().cloned().collect()
+        self.volumes_after(None, usize::MAX)
     }
 
     /// At most `limit` volumes whose IDs sort after `after` (from the
@@ -1117,7 +1117,7 @@ impl Pool {
     }
 
     pub fn list_snapshots(&self, source_volume_id: Option<&str>) -> Vec<SnapshotRecord> {
-        self.index().snapshots.values().filter(|s| source_volume_id.is_none_or(|v| s.source_volume_id == v)).cloned().collect()
+        self.snapshots_after(source_volume_id, None, usize::MAX)
     }
 
     /// Snapshots as `volumes_after` pages volumes, of one source volume
