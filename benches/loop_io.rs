@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cinderblock::agent_proto as pb;
-use cinderblock::attach::loopdev::{self, LoopDevice};
+use cinderblock::attach::loopdev;
 use cinderblock::attach::mount;
 use cinderblock::csi;
 use cinderblock::csi::node_client::NodeClient;
@@ -93,13 +93,9 @@ impl Drop for Cleanup {
                 let _ = mount::unmount(&m.mount_point);
             }
         }
-        for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(number) = name.strip_prefix("loop").and_then(|n| n.parse().ok()) else { continue };
-            let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) else { continue };
-            let b = PathBuf::from(b.trim_end_matches('\n').trim_end_matches(" (deleted)"));
-            if b.starts_with(&self.root) {
-                let _ = loopdev::detach(&LoopDevice { path: format!("/dev/{name}").into(), number, backing_file: b });
+        for dev in loopdev::bound_devices().unwrap_or_default() {
+            if dev.backing_file.starts_with(&self.root) {
+                let _ = loopdev::detach(&dev);
             }
         }
         let _ = std::fs::remove_dir_all(&self.root);
@@ -184,7 +180,11 @@ async fn main() {
         .expect("publish");
 
     let dev = loopdev::find_by_backing_file(&image).unwrap().expect("a loop device for the volume");
-    let dio = std::fs::read_to_string(format!("/sys/block/loop{}/loop/dio", dev.number)).unwrap_or_default();
+    let dio = match loopdev::direct_io(dev.number) {
+        Ok(Some(true)) => "1",
+        Ok(Some(false)) => "0",
+        _ => "",
+    };
     let fs = mount::mount_table()
         .unwrap()
         .into_iter()

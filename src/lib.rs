@@ -16,6 +16,7 @@ pub mod kube;
 pub mod metrics;
 pub mod node;
 pub mod pool_placement;
+pub mod reconcile_report;
 pub mod scheduler;
 pub mod server;
 pub mod standalone;

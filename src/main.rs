@@ -274,7 +274,9 @@ enum BenchCommand {
     },
     /// Many volumes in the embedded store: fills a standalone with
     /// --volumes volumes (through CSI), then prints its memory (RSS), the
-    /// time a restart takes to answer again, and ListVolumes page times.
+    /// time a restart takes to answer again, and ListVolumes page times
+    /// (asked of the nodes before the restarted controller's first health
+    /// pass, and answered from that pass after it).
     Scale {
         /// Volumes to hold (made if the data folder has fewer).
         #[arg(long, default_value_t = 100_000)]
@@ -453,7 +455,7 @@ async fn run() -> std::process::ExitCode {
     init_logging(&cli.log_format);
     let result = match cli.command {
         Command::Node(args) => run_node(args).await,
-        Command::Bench(b) => run_bench(b).await,
+        Command::Bench(b) => bench::run(b).await,
         Command::Standalone(a) => run_standalone(a).await,
         Command::Controller(a) => run_controller(a).await,
         Command::Crds => {
@@ -605,175 +607,6 @@ async fn run_node(args: NodeArgs) -> Result<(), String> {
     a.map_err(|e| format!("agent server: {e}"))?;
     c.map_err(|e| format!("CSI server: {e}"))?;
     info!("node stopped");
-    Ok(())
-}
-
-async fn run_bench(cmd: BenchCommand) -> Result<(), String> {
-    match cmd {
-        BenchCommand::Create { concurrency, count, nodes, data_dir, endpoint, label, csv, size } => {
-            let tmp = std::env::temp_dir().join(format!("cinderblock-bench-create-{}", std::process::id()));
-            let dir = data_dir.unwrap_or_else(|| tmp.clone());
-            let mut child = None;
-            let endpoint = match endpoint {
-                Some(e) => e,
-                None => {
-                    let sock = dir.join("csi.sock");
-                    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                    child = Some(
-                        tokio::process::Command::new(exe)
-                            .args(["standalone", "--data-dir"])
-                            .arg(&dir)
-                            .args(["--nodes", &nodes.to_string(), "--endpoint"])
-                            .arg(format!("unix://{}", sock.display()))
-                            .env("RUST_LOG", "warn")
-                            .kill_on_drop(true)
-                            .spawn()
-                            .map_err(|e| e.to_string())?,
-                    );
-                    format!("unix://{}", sock.display())
-                }
-            };
-            let sock = server::unix_endpoint_path(&endpoint)?;
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            while tokio::net::UnixStream::connect(&sock).await.is_err() {
-                if std::time::Instant::now() > deadline {
-                    return Err(format!("nothing answers on {endpoint}"));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            if !csv {
-                println!("{label}: {count} volumes of {} per level", cinderblock::units::format_bytes(size));
-                println!("{:>11} {:>7} {:>12} {:>10} {:>10} {:>6}", "concurrency", "volumes", "volumes/s", "p50 ms", "p99 ms", "load");
-            }
-            for c in concurrency {
-                let n = count.max(c * 4);
-                let r = bench::create_volumes(&endpoint, c, n, &format!("{label}-c{c}"), size).await?;
-                let load = bench::load_average();
-                let rate = r.count as f64 / r.elapsed.as_secs_f64();
-                if csv {
-                    println!("{label},{},{},{rate:.1},{:.2},{:.2},{load:.1}", r.concurrency, r.count, bench::ms(r.p50), bench::ms(r.p99));
-                } else {
-                    println!(
-                        "{:>11} {:>7} {:>12.1} {:>10.2} {:>10.2} {:>6.1}",
-                        r.concurrency,
-                        r.count,
-                        rate,
-                        bench::ms(r.p50),
-                        bench::ms(r.p99),
-                        load
-                    );
-                }
-            }
-            if let Some(mut child) = child {
-                let _ = child.kill().await;
-            }
-            if dir == tmp {
-                let _ = std::fs::remove_dir_all(&tmp);
-            }
-            Ok(())
-        }
-        BenchCommand::Scale { volumes, data_dir, concurrency } => bench_scale(volumes, data_dir, concurrency).await,
-        BenchCommand::KubeStart { kubeconfig, objects } => bench::kube_start(&kubeconfig, objects).await,
-        BenchCommand::Pool { pool, sizes_gib, runs, no_reflink } => {
-            println!(
-                "{:<10} {:>8} {:>10} {:>14} {:>14} {:>14} {:>14}",
-                "filesystem", "data", "method", "snapshot p50", "snapshot max", "clone p50", "clone max"
-            );
-            for gib in sizes_gib {
-                let dir = pool.clone();
-                let r = tokio::task::spawn_blocking(move || bench::snapshot_and_clone(&dir, gib << 30, runs, !no_reflink))
-                    .await
-                    .map_err(|e| e.to_string())??;
-                let fs = cinderblock::volume::Pool::open(&pool, PoolConfig::default())
-                    .map(|(p, _)| p.status().map(|s| s.filesystem).unwrap_or_default())
-                    .unwrap_or_default();
-                let max = |v: &[std::time::Duration]| v.iter().max().copied().unwrap_or_default();
-                use bench::{median, ms};
-                println!(
-                    "{:<10} {:>6}Gi {:>10} {:>11.2} ms {:>11.2} ms {:>11.2} ms {:>11.2} ms",
-                    fs,
-                    r.data_bytes >> 30,
-                    if r.reflink { "reflink" } else { "copy" },
-                    ms(median(&r.snapshot)),
-                    ms(max(&r.snapshot)),
-                    ms(median(&r.clone)),
-                    ms(max(&r.clone))
-                );
-            }
-            Ok(())
-        }
-    }
-}
-
-/// See `BenchCommand::Scale`.
-async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize) -> Result<(), String> {
-    std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
-    let data_dir = data_dir.canonicalize().map_err(|e| e.to_string())?;
-    let sock = data_dir.join("csi.sock");
-    let endpoint = format!("unix://{}", sock.display());
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let start = || {
-        let _ = std::fs::remove_file(&sock);
-        tokio::process::Command::new(&exe)
-            .args(["standalone", "--data-dir"])
-            .arg(&data_dir)
-            .args(["--nodes", "3", "--endpoint", &endpoint, "--reconcile-interval", "3600"])
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| e.to_string())
-    };
-    // Ready: the socket answers a first page of ListVolumes.
-    let ready = |t0: std::time::Instant| {
-        let endpoint = endpoint.clone();
-        async move {
-            loop {
-                if bench::walk_pages(&endpoint, 1, 1).await.is_ok() {
-                    return Ok::<_, String>(t0.elapsed());
-                }
-                if t0.elapsed() > std::time::Duration::from_secs(600) {
-                    return Err("the standalone did not answer within 10 minutes".to_string());
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-        }
-    };
-    let mut child = start()?;
-    ready(std::time::Instant::now()).await?;
-    println!("filling to {volumes} volumes ({concurrency} at a time; existing ones answer at once)");
-    let took = bench::fill_volumes(&endpoint, volumes, concurrency).await?;
-    println!("{volumes} volumes in place after {:.1} s (load {:.1})", took.as_secs_f64(), bench::load_average());
-    // Let the reports and a reconciler-free steady state settle, then measure.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    let pid = child.id().unwrap_or(0);
-    let (seen, _) = bench::walk_pages(&endpoint, 1000, usize::MAX).await?;
-    let rss = bench::rss_bytes(pid);
-    println!("volumes listed: {seen}");
-    println!(
-        "RSS of the standalone (controller + 3 nodes' pools) after a full listing: {:.1} MiB (load {:.1})",
-        rss as f64 / (1 << 20) as f64,
-        bench::load_average()
-    );
-    let _ = child.kill().await;
-    let t0 = std::time::Instant::now();
-    let mut child = start()?;
-    let restart = ready(t0).await?;
-    println!(
-        "restart to ready (process start to the first ListVolumes answer): {:.2} s (load {:.1})",
-        restart.as_secs_f64(),
-        bench::load_average()
-    );
-    let (_, times) = bench::walk_pages(&endpoint, 100, 300).await?;
-    println!(
-        "ListVolumes, pages of 100: {} pages, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (load {:.1})",
-        times.len(),
-        bench::ms(bench::percentile(&times, 0.5)),
-        bench::ms(bench::percentile(&times, 0.99)),
-        bench::ms(times.iter().max().copied().unwrap_or_default()),
-        bench::load_average()
-    );
-    println!("RSS after restart and 300 pages: {:.1} MiB", bench::rss_bytes(child.id().unwrap_or(0)) as f64 / (1 << 20) as f64);
-    let _ = child.kill().await;
     Ok(())
 }
 

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use cinderblock::attach::loopdev;
@@ -51,8 +50,8 @@ fn loop_bound_in_a_gone_mount_namespace_is_found_by_its_image() {
     let _guard = Attached(device.clone());
     let number: u32 = device.trim_start_matches("/dev/loop").parse().expect("a /dev/loopN path");
 
-    let shown = std::fs::read_to_string(format!("/sys/block/loop{number}/loop/backing_file")).unwrap();
-    assert_ne!(Path::new(shown.trim()), image, "sysfs shows the path of the gone mount, not the image's");
+    let (shown, _) = loopdev::sysfs_backing_file(number).unwrap().expect("the device is bound");
+    assert_ne!(shown, image, "sysfs shows the path of the gone mount, not the image's");
 
     let found = loopdev::find_by_backing_file(&image).unwrap().expect("the device bound to the image");
     assert_eq!(found.number, number);

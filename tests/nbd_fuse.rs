@@ -84,7 +84,8 @@ fn a_filesystem_on_a_remote_volume_lands_in_the_owners_image() {
     let state = tempfile::tempdir().unwrap();
     let mut att = attach(&rt, &srv, &name, state.path());
     let dev = att.device();
-    assert_eq!(std::fs::read_to_string(format!("/sys/block/{}/loop/dio", dev.file_name().unwrap().to_str().unwrap())).unwrap().trim(), "1");
+    let number: u32 = dev.file_name().unwrap().to_str().unwrap().trim_start_matches("loop").parse().unwrap();
+    assert_eq!(cinderblock::attach::loopdev::direct_io(number).unwrap(), Some(true));
 
     run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&dev));
     let mnt = tempfile::tempdir().unwrap();

@@ -171,18 +171,7 @@ impl Drop for Env {
 }
 
 fn loops_under(dir: &Path) -> Vec<LoopDevice> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(number) = name.strip_prefix("loop").and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else { continue };
-        let backing = backing.trim_end_matches('\n');
-        let backing = PathBuf::from(backing.strip_suffix(" (deleted)").unwrap_or(backing));
-        if backing.starts_with(dir) {
-            out.push(LoopDevice { path: PathBuf::from(format!("/dev/{name}")), number, backing_file: backing });
-        }
-    }
-    out
+    loopdev::bound_devices().unwrap().into_iter().filter(|d| d.backing_file.starts_with(dir)).collect()
 }
 
 fn loops_of(image: &Path) -> usize {
@@ -364,8 +353,8 @@ async fn filesystem_stage_publish_write_unpublish_unstage() {
     assert!(m.mount_options.iter().any(|o| o == "noatime"), "{m:?}");
     assert_eq!(loops_of(&env.image("vol-a")), 1);
     // Direct I/O is on.
-    let dev_name = m.source.trim_start_matches("/dev/");
-    assert_eq!(std::fs::read_to_string(format!("/sys/block/{dev_name}/loop/dio")).unwrap().trim(), "1");
+    let number: u32 = m.source.trim_start_matches("/dev/loop").parse().unwrap();
+    assert_eq!(loopdev::direct_io(number).unwrap(), Some(true));
 
     // Idempotent; other capabilities on the same staging path are refused.
     c.node_stage_volume(stage_req("vol-a", &staging, Some(mount_cap("ext4", &["noatime"], Mode::SingleNodeWriter)))).await.unwrap();

@@ -1,8 +1,10 @@
 //! Volume health end to end on a real `cinderblock standalone`: a mounted
 //! volume whose image is removed from the pool turns abnormal in
-//! NodeGetVolumeStats, ControllerGetVolume and ListVolumes at the next call,
-//! and the controller's own pass notes the turn once (the Warning event on
-//! the PVC in a cluster; standalone has no API server, so its log shows it).
+//! NodeGetVolumeStats and ControllerGetVolume at the next call, in
+//! ListVolumes (which answers from the controller's health pass) by the
+//! next pass, and the controller's own pass notes the turn once (the
+//! Warning event on the PVC in a cluster; standalone has no API server, so
+//! its log shows it).
 //! Needs root (loop devices, mkfs, mounts).
 
 mod common;
@@ -60,9 +62,17 @@ async fn an_image_removed_under_a_mounted_volume_turns_it_abnormal_everywhere() 
     assert!(node_cond.abnormal && node_cond.message.contains("deleted"), "{node_cond:?}");
     let cond = ctl.controller_get_volume(get.clone()).await.unwrap().into_inner().status.unwrap().volume_condition.unwrap();
     assert!(cond.abnormal && cond.message.contains("missing"), "{cond:?}");
-    let listed = ctl.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
-    let status = listed.entries.iter().find(|e| e.volume.as_ref().unwrap().volume_id == id).unwrap().status.clone().unwrap();
-    let cond = status.volume_condition.unwrap();
+    // ListVolumes by the next health pass (one a second here).
+    let until = Instant::now() + Duration::from_secs(10);
+    let cond = loop {
+        let listed = ctl.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+        let status = listed.entries.iter().find(|e| e.volume.as_ref().unwrap().volume_id == id).unwrap().status.clone().unwrap();
+        let cond = status.volume_condition.unwrap();
+        if cond.abnormal || Instant::now() > until {
+            break cond;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(cond.abnormal && cond.message.contains("missing"), "{cond:?}");
 
     // The controller notes the turn once, whoever looked first, however

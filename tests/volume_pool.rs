@@ -259,7 +259,7 @@ fn reconcile_finishes_or_removes_half_made_records() {
     assert_eq!(report.rolled_back, vec!["volumes/vol-half", "volumes/vol-pending", "volumes/vol-torn"]);
     assert_eq!(report.finished, vec!["volumes/vol-done", "volumes/vol-renamed"]);
     assert_eq!(report.deleted, vec!["volumes/vol-going", "volumes/vol-moved"]);
-    assert_eq!(report.orphaned, vec!["volumes/vol-stray"]);
+    assert_eq!(report.quarantined, vec!["volumes/vol-stray"]);
     let ids: Vec<_> = pool.list_volumes().into_iter().map(|v| v.id).collect();
     assert_eq!(ids, vec!["vol-done", "vol-ok", "vol-renamed"]);
     let files: Vec<_> = tree(&vols).into_keys().collect();
@@ -485,7 +485,7 @@ fn a_broken_volume_is_marked_and_the_rest_of_the_pool_is_served() {
 
     let (pool, report) = Pool::open(dir.path(), PoolConfig::default()).unwrap();
     assert_eq!(report.broken, vec!["volumes/vol-lost", "volumes/vol-torn"]);
-    assert!(report.orphaned.is_empty(), "the torn record's image is not an orphan: {report:?}");
+    assert!(report.quarantined.is_empty(), "the torn record's image is not an orphan: {report:?}");
     assert_eq!(tree(dir.path()), before, "broken volumes are left exactly as they were");
     let broken = pool.broken();
     assert_eq!(broken.len(), 2);

@@ -380,6 +380,29 @@ pub fn sysfs_backing_file(number: u32) -> Result<Option<(PathBuf, bool)>> {
     }))
 }
 
+/// Every bound loop device, lowest number first, with the path sysfs shows
+/// for its file (without the mark of a deleted one).
+pub fn bound_devices() -> Result<Vec<LoopDevice>> {
+    let mut out = Vec::new();
+    for number in loop_numbers()? {
+        if let Some((path, _)) = sysfs_backing_file(number)? {
+            out.push(LoopDevice::new(number, path));
+        }
+    }
+    Ok(out)
+}
+
+/// Whether loop device `number` reads and writes its file with direct I/O
+/// (sysfs `loop/dio`); `None` when there is no such device.
+pub fn direct_io(number: u32) -> Result<Option<bool>> {
+    let path = PathBuf::from(format!("/sys/block/loop{number}/loop/dio"));
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s.trim() == "1")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(AttachError::Sysfs { path, error }),
+    }
+}
+
 /// Numbers of the loop devices the kernel knows, in order.
 fn loop_numbers() -> Result<Vec<u32>> {
     let dir = Path::new("/sys/block");

@@ -8,19 +8,20 @@
 //!   names; a mismatch marks the node (status, event, metric) and the answer
 //!   is not acted on.
 //!
-//! `NodeAgent`'s calls answer `tonic::Status`, as the agent API does; its
-//! own refusals (no longer leading, a mismatched answer) take the shape the
-//! agent's would, so a flow handles them alike. Flows wrap what they pass on
-//! in `ControllerError::Agent`, which keeps the agent's code.
+//! `NodeAgent` is where the agent API's gRPC codes end: its calls answer an
+//! `AgentError` (the class of the failure and the agent's message). Its own
+//! refusals (no longer leading, a mismatched answer) take the same shape, so
+//! a flow handles them alike. Flows wrap what they pass on in
+//! `ControllerError::Agent`, which keeps the class.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status};
+use tonic::Request;
 
-use super::error::ControllerError;
+use super::error::{AgentError, ControllerError, Failure};
 use super::records::NodeRec;
 use crate::agent::fence;
 use crate::agent_proto as pb;
@@ -87,11 +88,11 @@ pub struct NodeAgent {
 
 macro_rules! mutating {
     ($name:ident, $req:ty, $resp:ty) => {
-        pub async fn $name(&mut self, req: $req) -> Result<$resp, Status> {
+        pub async fn $name(&mut self, req: $req) -> Result<$resp, AgentError> {
             let mut r = Request::new(req);
             fence::attach(&mut r, self.leading()?);
             hold_for_tests().await;
-            let resp = self.client.$name(r).await?.into_inner();
+            let resp = self.client.$name(r).await.map_err(AgentError::from)?.into_inner();
             self.check(resp.identity.as_ref())?;
             Ok(resp)
         }
@@ -100,8 +101,8 @@ macro_rules! mutating {
 
 macro_rules! reading {
     ($name:ident, $req:ty, $resp:ty) => {
-        pub async fn $name(&mut self, req: $req) -> Result<$resp, Status> {
-            let resp = self.client.$name(Request::new(req)).await?.into_inner();
+        pub async fn $name(&mut self, req: $req) -> Result<$resp, AgentError> {
+            let resp = self.client.$name(Request::new(req)).await.map_err(AgentError::from)?.into_inner();
             self.check(resp.identity.as_ref())?;
             Ok(resp)
         }
@@ -113,12 +114,13 @@ impl NodeAgent {
         NodeAgent { node, client, token, sink }
     }
 
-    fn leading(&self) -> Result<u64, Status> {
-        self.token.ok_or_else(|| Status::unavailable("this controller replica no longer leads; the new leader answers (retry)"))
+    fn leading(&self) -> Result<u64, AgentError> {
+        self.token
+            .ok_or_else(|| AgentError::new(Failure::Unavailable, "this controller replica no longer leads; the new leader answers (retry)"))
     }
 
     /// The answer must come from the node and pool the record names.
-    fn check(&self, identity: Option<&pb::AgentIdentity>) -> Result<(), Status> {
+    fn check(&self, identity: Option<&pb::AgentIdentity>) -> Result<(), AgentError> {
         let Some(id) = identity else {
             return Err(self.mismatched("the answer carries no identity".into()));
         };
@@ -133,9 +135,10 @@ impl NodeAgent {
         Ok(())
     }
 
-    fn mismatched(&self, reason: String) -> Status {
+    fn mismatched(&self, reason: String) -> AgentError {
         self.sink.mismatch(&self.node, reason.clone());
-        ControllerError::Mismatch { node: self.node.id.clone(), reason }.into()
+        let e = ControllerError::Mismatch { node: self.node.id.clone(), reason };
+        AgentError::new(e.failure(), e.to_string())
     }
 
     mutating!(create_volume, pb::CreateVolumeRequest, pb::CreateVolumeResponse);
@@ -162,7 +165,7 @@ impl NodeAgent {
     /// Every volume on the node, asked for in pages of `LISTING_PAGE` (one
     /// answer for a whole pool of tens of thousands would outgrow gRPC's
     /// message limit).
-    pub async fn every_volume(&self) -> Result<Vec<pb::Volume>, Status> {
+    pub async fn every_volume(&self) -> Result<Vec<pb::Volume>, AgentError> {
         let agent = self.clone();
         every_page(
             move |after| {
@@ -178,7 +181,7 @@ impl NodeAgent {
     }
 
     /// Every snapshot on the node, in pages like `every_volume`.
-    pub async fn every_snapshot(&self) -> Result<Vec<pb::Snapshot>, Status> {
+    pub async fn every_snapshot(&self) -> Result<Vec<pb::Snapshot>, AgentError> {
         let agent = self.clone();
         every_page(
             move |after| {
@@ -196,10 +199,10 @@ impl NodeAgent {
 
 /// Every entry of a listing asked for page by page: `page(after)` answers
 /// the entries after that ID (from the first when empty), `id` names one.
-async fn every_page<T, F, Fut>(mut page: F, id: impl Fn(&T) -> &String) -> Result<Vec<T>, Status>
+async fn every_page<T, F, Fut>(mut page: F, id: impl Fn(&T) -> &String) -> Result<Vec<T>, AgentError>
 where
     F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = Result<Vec<T>, Status>>,
+    Fut: std::future::Future<Output = Result<Vec<T>, AgentError>>,
 {
     let mut all: Vec<T> = Vec::new();
     loop {

@@ -11,11 +11,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tonic::Code;
 use tracing::{info, warn};
 
 use super::crossnode;
-use super::error::{ControllerError, TaskError};
+use super::error::{ControllerError, Failure, TaskError};
 use super::manager::{CreateVolumeSpec, Manager};
 use super::records::*;
 use crate::agent_proto as pb;
@@ -79,7 +78,7 @@ impl Manager {
             Ok(()) => Ok(ctx.rec),
             Err(f) => {
                 if !f.error.pending {
-                    let reason = if f.error.error.code() == Code::ResourceExhausted { "NoNodeFits" } else { "ProvisioningFailed" };
+                    let reason = if f.error.error.failure() == Failure::NoSpace { "NoNodeFits" } else { "ProvisioningFailed" };
                     self.event(&ctx.rec, true, reason, f.to_string()).await;
                 }
                 Err(ControllerError::FlowFailed(Box::new(f)))
@@ -225,8 +224,8 @@ async fn ask_node(m: &Manager, node: &str, id: &str, patience: Duration) -> Aske
                     }
                     None
                 }
-                Err(s) if s.code() == Code::NotFound => return Asked::Absent,
-                Err(s) => Some(ControllerError::Agent(s)),
+                Err(e) if e.failure == Failure::NotFound => return Asked::Absent,
+                Err(e) => Some(ControllerError::Agent(e)),
             },
             Err(e) => Some(e),
         };
@@ -359,7 +358,7 @@ impl Task<CreateCtx, ControllerError> for ScheduleAndCreate {
                     // The node's own trouble (full, broken pool): another node
                     // may do. Not a refusal by the fence: then this replica
                     // no longer leads and must stop.
-                    let own_trouble = matches!(e.code(), Code::Internal | Code::ResourceExhausted);
+                    let own_trouble = matches!(e.failure(), Failure::Internal | Failure::NoSpace);
                     let e = TaskError::new(ControllerError::During { what: format!("node {node}"), cause: Box::new(e) });
                     if own_trouble {
                         e.reschedulable()
@@ -372,7 +371,7 @@ impl Task<CreateCtx, ControllerError> for ScheduleAndCreate {
             ctx.reservation = None;
             ctx.rec.attempts.push(Attempt {
                 node: node.clone(),
-                error: format!("{:?}: {}", failure.error.code(), failure.error),
+                error: format!("{:?}: {}", failure.error.failure(), failure.error),
                 at_ms: now_ms(),
             });
             ctx.rec.node = None;

@@ -10,11 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::Code;
 use tracing::{info, warn};
 
 use super::create::CreateCtx;
-use super::error::ControllerError;
+use super::error::{ControllerError, Failure};
 use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
@@ -53,15 +52,10 @@ pub(super) fn source_of(source: &Option<SourceRef>) -> Option<pb::create_volume_
 
 /// A copy's target answered with a refusal (capacity, arguments, the
 /// fence), not with a passing trouble: waiting does not help.
-pub(super) fn copy_refused(code: Code) -> bool {
+pub(super) fn copy_refused(failure: Failure) -> bool {
     matches!(
-        code,
-        Code::InvalidArgument
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::ResourceExhausted
-            | Code::OutOfRange
-            | Code::PermissionDenied
+        failure,
+        Failure::Invalid | Failure::AlreadyExists | Failure::Refused | Failure::NoSpace | Failure::OutOfRange | Failure::Denied
     )
 }
 
@@ -201,7 +195,7 @@ async fn follow(ctx: &mut CreateCtx, node: &str, source_node: &str, export: pb::
                 }
             }
             // The node refused (capacity, arguments, the fence): no waiting helps.
-            Err(e) if copy_refused(e.code()) => return Err(e),
+            Err(e) if copy_refused(e.failure()) => return Err(e),
             // Restarting, unreachable: the copy resumes there; wait.
             Err(e) => warn!(volume.id = %id, node, error = %e, "cannot ask the node about its copy now"),
         }

@@ -6,9 +6,12 @@
 //! `From<ControllerError> for tonic::Status` below, which picks the code
 //! the CSI spec names for each variant.
 //!
-//! Calls to node agents still answer `tonic::Status` (the agent API is gRPC
-//! too): a flow that passes an agent's answer on wraps it in `Agent`, which
-//! keeps the agent's code, and says what it was doing with `During`.
+//! Flows decide on `Failure`, the class of a failure (not found, refused,
+//! no space, busy, ...), not on gRPC codes. The agent API is gRPC too: its
+//! answers become an `AgentError` (a `Failure` and the agent's message) in
+//! `agents.rs`, as they arrive. A flow that passes one on wraps it in
+//! `Agent`, which keeps its class, and says what it was doing with `During`.
+//! `Failure::code` is the one place a class becomes a code.
 
 use tonic::Code;
 
@@ -19,6 +22,108 @@ use crate::store::StoreError;
 
 /// A task of a controller flow failed (see `crate::flow`).
 pub type TaskError = crate::flow::TaskError<ControllerError>;
+
+/// The class of a failure: what a caller can do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    NotFound,
+    AlreadyExists,
+    /// An argument that cannot be acted on.
+    Invalid,
+    /// A size or range out of bounds.
+    OutOfRange,
+    /// Not in this state of things (in use, being migrated, mismatched):
+    /// the caller changes something first.
+    Refused,
+    /// No room (capacity, no node fits).
+    NoSpace,
+    /// Something else is under way on the object: retry.
+    Busy,
+    /// Not now (a node or the store unreachable, not the leader): retry.
+    Unavailable,
+    /// No answer in time; the call may or may not have happened.
+    TimedOut,
+    Cancelled,
+    /// Nothing is known of what happened.
+    Unknown,
+    /// Refused for who asked (a node's fence, its certificates).
+    Denied,
+    Unauthenticated,
+    /// A call the other side does not know (an older agent).
+    Unsupported,
+    /// A fault of the controller or of a node.
+    Internal,
+    DataLoss,
+}
+
+impl Failure {
+    /// The gRPC code the CSI spec names for this class.
+    pub fn code(self) -> Code {
+        match self {
+            Failure::NotFound => Code::NotFound,
+            Failure::AlreadyExists => Code::AlreadyExists,
+            Failure::Invalid => Code::InvalidArgument,
+            Failure::OutOfRange => Code::OutOfRange,
+            Failure::Refused => Code::FailedPrecondition,
+            Failure::NoSpace => Code::ResourceExhausted,
+            Failure::Busy => Code::Aborted,
+            Failure::Unavailable => Code::Unavailable,
+            Failure::TimedOut => Code::DeadlineExceeded,
+            Failure::Cancelled => Code::Cancelled,
+            Failure::Unknown => Code::Unknown,
+            Failure::Denied => Code::PermissionDenied,
+            Failure::Unauthenticated => Code::Unauthenticated,
+            Failure::Unsupported => Code::Unimplemented,
+            Failure::Internal => Code::Internal,
+            Failure::DataLoss => Code::DataLoss,
+        }
+    }
+
+    /// The class of a gRPC code (a node agent's answer, the store's).
+    pub fn of(code: Code) -> Failure {
+        match code {
+            Code::NotFound => Failure::NotFound,
+            Code::AlreadyExists => Failure::AlreadyExists,
+            Code::InvalidArgument => Failure::Invalid,
+            Code::OutOfRange => Failure::OutOfRange,
+            Code::FailedPrecondition => Failure::Refused,
+            Code::ResourceExhausted => Failure::NoSpace,
+            Code::Aborted => Failure::Busy,
+            Code::Unavailable => Failure::Unavailable,
+            Code::DeadlineExceeded => Failure::TimedOut,
+            Code::Cancelled => Failure::Cancelled,
+            Code::PermissionDenied => Failure::Denied,
+            Code::Unauthenticated => Failure::Unauthenticated,
+            Code::Unimplemented => Failure::Unsupported,
+            Code::Internal => Failure::Internal,
+            Code::DataLoss => Failure::DataLoss,
+            // OK is no failure: an error that says it is knows nothing.
+            Code::Ok | Code::Unknown => Failure::Unknown,
+        }
+    }
+}
+
+/// A node agent's answer that is not a success: its class and the agent's
+/// message. `NodeAgent`'s own refusals (no longer leading, a mismatched
+/// answer) take the same shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AgentError {
+    pub failure: Failure,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(failure: Failure, message: impl Into<String>) -> Self {
+        AgentError { failure, message: message.into() }
+    }
+}
+
+impl From<tonic::Status> for AgentError {
+    fn from(s: tonic::Status) -> Self {
+        AgentError { failure: Failure::of(s.code()), message: s.message().to_string() }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
@@ -93,9 +198,9 @@ pub enum ControllerError {
     /// A call to a node whose outcome is unknown, and the node cannot be asked.
     #[error("node {node} did not answer ({call}) and cannot be asked what it did ({asked}); retry")]
     OutcomeUnknown { node: String, call: String, asked: String },
-    /// A node's agent answered with an error: passed on with the agent's code and message.
-    #[error("{}", .0.message())]
-    Agent(tonic::Status),
+    /// A node's agent answered with an error: passed on with its class and message.
+    #[error("{0}")]
+    Agent(AgentError),
     /// What the flow was doing (on which node) when `cause` happened; `cause`'s code is kept.
     #[error("{what}: {cause}")]
     During { what: String, cause: Box<ControllerError> },
@@ -140,40 +245,45 @@ impl ControllerError {
     }
 
     /// Wraps an agent's answer with what the flow was doing.
-    pub fn during(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControllerError {
+    pub fn during(what: impl Into<String>) -> impl FnOnce(AgentError) -> ControllerError {
         let what = what.into();
-        move |status| ControllerError::During { what, cause: Box::new(ControllerError::Agent(status)) }
+        move |e| ControllerError::During { what, cause: Box::new(ControllerError::Agent(e)) }
     }
 
     /// Wraps an agent's failure at a change that is safe to repeat, with
     /// what the flow was doing: `Unfinished`, for a retry.
-    pub fn unfinished(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControllerError {
+    pub fn unfinished(what: impl Into<String>) -> impl FnOnce(AgentError) -> ControllerError {
         let during = ControllerError::during(what);
-        move |status| ControllerError::Unfinished(Box::new(during(status)))
+        move |e| ControllerError::Unfinished(Box::new(during(e)))
     }
 
     /// Wraps an agent's failure at a change that is safe to repeat: the
-    /// node's refusal (FAILED_PRECONDITION: say, the volume is in use there)
-    /// stays one; anything else is `Unfinished`, for a retry.
-    pub fn unfinished_unless_refused(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> ControllerError {
+    /// node's refusal (say, the volume is in use there) stays one; anything
+    /// else is `Unfinished`, for a retry.
+    pub fn unfinished_unless_refused(what: impl Into<String>) -> impl FnOnce(AgentError) -> ControllerError {
         let what = what.into();
-        move |status| match status.code() {
-            Code::FailedPrecondition => ControllerError::during(what)(status),
-            _ => ControllerError::unfinished(what)(status),
+        move |e| match e.failure {
+            Failure::Refused => ControllerError::during(what)(e),
+            _ => ControllerError::unfinished(what)(e),
         }
     }
 
-    /// The gRPC code the CSI spec names for this failure.
+    /// The gRPC code the CSI spec names for this failure (for the gRPC edges).
     pub fn code(&self) -> Code {
+        self.failure().code()
+    }
+
+    /// The class of this failure.
+    pub fn failure(&self) -> Failure {
         use ControllerError::*;
         match self {
-            NotFound { .. } | NodeNotFound { .. } => Code::NotFound,
-            NameTaken { .. } | PublishedOtherwise { .. } => Code::AlreadyExists,
-            Invalid(_) => Code::InvalidArgument,
-            // The spec's answer to a token the plugin cannot use.
-            BadPageToken { .. } => Code::Aborted,
+            NotFound { .. } | NodeNotFound { .. } => Failure::NotFound,
+            NameTaken { .. } | PublishedOtherwise { .. } => Failure::AlreadyExists,
+            Invalid(_) => Failure::Invalid,
+            // The spec's answer to a token the plugin cannot use is ABORTED.
+            BadPageToken { .. } => Failure::Busy,
             // Something else is under way on the object: the sidecars retry ABORTED.
-            BeingDeleted { .. } | Migrating { .. } | InProgress(_) | CopyGivenUp(_) | NotCutTogether(_) => Code::Aborted,
+            BeingDeleted { .. } | Migrating { .. } | InProgress(_) | CopyGivenUp(_) | NotCutTogether(_) => Failure::Busy,
             NotAvailable { .. }
             | InUse { .. }
             | MigrationUnderWay { .. }
@@ -182,35 +292,35 @@ impl ControllerError {
             | NodeUnfit { .. }
             | TopologyUnmet(_)
             | Mismatch { .. }
-            | AgentTls(_) => Code::FailedPrecondition,
-            NoNodeFits { .. } => Code::ResourceExhausted,
-            TargetCannotTake { capacity: true, .. } => Code::ResourceExhausted,
-            TargetCannotTake { capacity: false, .. } => Code::FailedPrecondition,
-            SmallerThanSource { .. } => Code::OutOfRange,
-            NodeNotRegistered { .. } | OutcomeUnknown { .. } | Unfinished(_) | NotLeader | ViewNotReady => Code::Unavailable,
-            Agent(status) => status.code(),
-            During { cause, .. } => cause.code(),
+            | AgentTls(_) => Failure::Refused,
+            NoNodeFits { .. } => Failure::NoSpace,
+            TargetCannotTake { capacity: true, .. } => Failure::NoSpace,
+            TargetCannotTake { capacity: false, .. } => Failure::Refused,
+            SmallerThanSource { .. } => Failure::OutOfRange,
+            NodeNotRegistered { .. } | OutcomeUnknown { .. } | Unfinished(_) | NotLeader | ViewNotReady => Failure::Unavailable,
+            Agent(e) => e.failure,
+            During { cause, .. } => cause.failure(),
             // What a caller can act on passes; anything else is the node's trouble.
-            SnapshotFailed { cause, .. } => match cause.code() {
-                c @ (Code::NotFound | Code::ResourceExhausted | Code::Unavailable | Code::FailedPrecondition) => c,
-                _ => Code::Internal,
+            SnapshotFailed { cause, .. } => match cause.failure() {
+                f @ (Failure::NotFound | Failure::NoSpace | Failure::Unavailable | Failure::Refused) => f,
+                _ => Failure::Internal,
             },
-            GroupSnapshotFailed { cause, .. } => match cause.code() {
-                c @ (Code::NotFound | Code::ResourceExhausted | Code::Unavailable | Code::FailedPrecondition | Code::Aborted) => c,
-                _ => Code::Internal,
+            GroupSnapshotFailed { cause, .. } => match cause.failure() {
+                f @ (Failure::NotFound | Failure::NoSpace | Failure::Unavailable | Failure::Refused | Failure::Busy) => f,
+                _ => Failure::Internal,
             },
-            AttemptsFailed { rescheduled: true, .. } => Code::Internal,
-            AttemptsFailed { last, .. } => last.code(),
-            FlowFailed(f) => f.error.error.code(),
-            Store(e) => e.code(),
-            BadAgentAddress { .. } | IncompleteAnswer(_) | Internal(_) => Code::Internal,
+            AttemptsFailed { rescheduled: true, .. } => Failure::Internal,
+            AttemptsFailed { last, .. } => last.failure(),
+            FlowFailed(f) => f.error.error.failure(),
+            Store(e) => Failure::of(e.code()),
+            BadAgentAddress { .. } | IncompleteAnswer(_) | Internal(_) => Failure::Internal,
         }
     }
 
     /// True for a failure that says nothing about what the node did: the
     /// call may or may not have happened (timeout, broken connection).
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self.code(), Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled | Code::Unknown)
+        matches!(self.failure(), Failure::TimedOut | Failure::Unavailable | Failure::Cancelled | Failure::Unknown)
     }
 
     /// True when the call to a node never left (no connection).
@@ -221,7 +331,7 @@ impl ControllerError {
     /// True when a node answered as another node or pool (nothing may be
     /// written there, not even a cleanup).
     pub fn is_mismatch(&self) -> bool {
-        self.code() == Code::FailedPrecondition && self.to_string().starts_with(MISMATCH)
+        self.failure() == Failure::Refused && self.to_string().starts_with(MISMATCH)
     }
 }
 
@@ -280,7 +390,7 @@ mod tests {
             (E::SmallerThanSource { size: 1, of: "volume v".into(), of_size: 2 }, Code::OutOfRange),
             (E::NodeNotRegistered { node: "n".into() }, Code::Unavailable),
             (E::OutcomeUnknown { node: "n".into(), call: "a".into(), asked: "b".into() }, Code::Unavailable),
-            (E::Unfinished(boxed(E::Agent(tonic::Status::internal("x")))), Code::Unavailable),
+            (E::Unfinished(boxed(E::Agent(tonic::Status::internal("x").into()))), Code::Unavailable),
             (E::NotLeader, Code::Unavailable),
             (E::ViewNotReady, Code::Unavailable),
             (E::Store(StoreError::Conflict { kind: "volume", id: "v".into(), expected: 1, actual: 2 }), Code::Aborted),
@@ -306,26 +416,54 @@ mod tests {
     }
 
     #[test]
+    fn every_code_an_agent_can_answer_keeps_its_class_and_comes_back_the_same() {
+        let codes = [
+            Code::Cancelled,
+            Code::Unknown,
+            Code::InvalidArgument,
+            Code::DeadlineExceeded,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unavailable,
+            Code::DataLoss,
+            Code::Unauthenticated,
+        ];
+        for code in codes {
+            let e = AgentError::from(tonic::Status::new(code, "m"));
+            assert_eq!((e.failure.code(), e.message.as_str()), (code, "m"));
+            assert_eq!(status(E::Agent(e)), (code, "m".to_string()));
+        }
+        assert_eq!(Failure::of(Code::Ok), Failure::Unknown, "an error that says OK");
+    }
+
+    #[test]
     fn an_agents_answer_keeps_its_code_and_message_with_what_the_flow_did() {
-        let e = E::during("node n1 could not export volume v")(tonic::Status::resource_exhausted("pool full"));
+        let e = E::during("node n1 could not export volume v")(tonic::Status::resource_exhausted("pool full").into());
         assert_eq!(status(e), (Code::ResourceExhausted, "node n1 could not export volume v: pool full".into()));
-        assert_eq!(status(E::Agent(tonic::Status::not_found("gone"))), (Code::NotFound, "gone".into()));
+        assert_eq!(status(E::Agent(tonic::Status::not_found("gone").into())), (Code::NotFound, "gone".into()));
     }
 
     #[test]
     fn failed_snapshots_pass_on_only_what_a_caller_can_act_on() {
-        let snap = |c: tonic::Status| E::SnapshotFailed { snapshot: "s".into(), node: "n".into(), cause: boxed(E::Agent(c)) };
+        let snap = |c: tonic::Status| E::SnapshotFailed { snapshot: "s".into(), node: "n".into(), cause: boxed(E::Agent(c.into())) };
         assert_eq!(status(snap(tonic::Status::resource_exhausted("full"))).0, Code::ResourceExhausted);
         assert_eq!(status(snap(tonic::Status::invalid_argument("x"))).0, Code::Internal);
         assert_eq!(status(snap(tonic::Status::aborted("x"))).0, Code::Internal);
         let group = |c: ControllerError| E::GroupSnapshotFailed { group: "g".into(), cause: boxed(c) };
         assert_eq!(status(group(E::NotCutTogether("thawed early".into()))).0, Code::Aborted);
-        assert_eq!(status(group(E::Agent(tonic::Status::data_loss("x")))).0, Code::Internal);
+        assert_eq!(status(group(E::Agent(tonic::Status::data_loss("x").into()))).0, Code::Internal);
     }
 
     #[test]
     fn a_create_out_of_attempts_is_internal_only_when_another_node_might_have_done() {
-        let last = || boxed(E::During { what: "node n".into(), cause: boxed(E::Agent(tonic::Status::invalid_argument("bad"))) });
+        let last = || boxed(E::During { what: "node n".into(), cause: boxed(E::Agent(tonic::Status::invalid_argument("bad").into())) });
         let failed = |rescheduled| E::AttemptsFailed { attempts: 1, reasons: "n: bad".into(), last: last(), rescheduled };
         assert_eq!(status(failed(true)).0, Code::Internal);
         assert_eq!(status(failed(false)), (Code::InvalidArgument, "volume could not be created after 1 attempt(s): n: bad".into()));
@@ -349,9 +487,9 @@ mod tests {
         let m = E::Mismatch { node: "n".into(), reason: "answered as node m".into() };
         assert!(m.is_mismatch() && !m.outcome_unknown());
         assert!(status(m).1.starts_with(MISMATCH));
-        let lost = E::Agent(tonic::Status::deadline_exceeded("timeout"));
+        let lost = E::Agent(tonic::Status::deadline_exceeded("timeout").into());
         assert!(lost.outcome_unknown() && !lost.never_sent());
-        let unsent = E::Agent(tonic::Status::unavailable(format!("{} node n", crate::tls::client::NOT_CONNECTED)));
+        let unsent = E::Agent(tonic::Status::unavailable(format!("{} node n", crate::tls::client::NOT_CONNECTED)).into());
         assert!(unsent.never_sent());
     }
 
@@ -363,12 +501,12 @@ mod tests {
         assert_eq!(m, "volume v is published to node n read-only already; unpublish it first");
         let unfinished = E::unfinished_unless_refused("node n could not delete volume v");
         assert_eq!(
-            status(unfinished(tonic::Status::internal("busy"))),
+            status(unfinished(tonic::Status::internal("busy").into())),
             (Code::Unavailable, "node n could not delete volume v: busy; retry".into())
         );
         let refused = E::unfinished_unless_refused("node n could not delete volume v");
         assert_eq!(
-            status(refused(tonic::Status::failed_precondition("in use"))),
+            status(refused(tonic::Status::failed_precondition("in use").into())),
             (Code::FailedPrecondition, "node n could not delete volume v: in use".into())
         );
     }

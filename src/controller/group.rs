@@ -282,7 +282,7 @@ impl Manager {
                 match agent.thaw_volumes(pb::ThawVolumesRequest { group_id: group.to_string() }).await {
                     Ok(r) if r.thawed_early.is_empty() => return Ok(()),
                     Ok(r) => return Err(format!("on node {node} not frozen all along: {}", r.thawed_early.join("; "))),
-                    Err(s) => last = s.message().to_string(),
+                    Err(s) => last = s.message,
                 }
             }
             warn!(group.id = %group, node = %node, error = %last, "could not thaw; the node's watchdog thaws within the freeze limit");

@@ -6,15 +6,23 @@
 //! number of volumes, about those volumes only. A volume that turns
 //! abnormal gets a Warning event on its PVC (`VolumeAbnormal`), once per
 //! turn; a recovery a Normal one.
+//!
+//! ControllerGetVolume asks the nodes at each call. ListVolumes, which a
+//! health monitor calls over every volume again and again, answers from the
+//! reconciler's last pass (`LastPass`), which looked at every Available
+//! volume a moment ago: a page is then a read of the store, not a question
+//! to each node. The nodes are still asked about the volumes that pass did
+//! not see as they are (made or changed since it began), about those with
+//! an NBD publication (whose exports it did not keep), and about every
+//! volume when no pass is recent (a replica that has not led long).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::join_all;
-use tonic::Code;
 use tracing::{info, warn};
 
-use super::error::ControllerError;
+use super::error::{ControllerError, Failure};
 use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
@@ -57,6 +65,36 @@ pub struct VolumeStatus {
 /// Publications by volume ID.
 type ExportsByVolume = HashMap<String, Vec<ExportRec>>;
 
+/// What the reconciler's last health pass found: when it began, until when
+/// its findings stand in for asking the nodes, and the volumes it judged
+/// abnormal, with why. Only the abnormal are kept: the memory grows with
+/// the volumes in trouble, not with every volume.
+#[derive(Debug, Clone, Default)]
+pub struct LastPass {
+    began_ms: i64,
+    good_until_ms: i64,
+    abnormal: HashMap<String, Health>,
+}
+
+impl LastPass {
+    /// `v`'s health as this pass judged it, when the pass can speak for
+    /// it at `now_ms`: still good, `v` Available and unchanged since the pass
+    /// began (so the pass read it as it is), and without an NBD publication
+    /// (whose export the pass did not keep). None: ask its node.
+    fn health_of(&self, v: &VolumeRec, exports: &[ExportRec], now_ms: i64) -> Option<Health> {
+        let seen_as_is = v.created_ms.max(v.updated_ms) < self.began_ms;
+        if now_ms > self.good_until_ms || !seen_as_is || v.phase != Phase::Available || exports.iter().any(serves_nbd) {
+            return None;
+        }
+        if let Some(h) = self.abnormal.get(&v.id) {
+            return Some(h.clone());
+        }
+        let node = v.node.as_deref()?;
+        let ago = (now_ms - self.began_ms).max(0) / 1000;
+        Some(Health::ok(format!("available on node {node}; its image was present at the health check {ago} s ago")))
+    }
+}
+
 impl Manager {
     /// The health and publications of each volume, by ID: one read of the
     /// publications and one question to each node holding one of them.
@@ -70,6 +108,45 @@ impl Manager {
             out.insert(v.id.clone(), VolumeStatus { health, published });
         }
         Ok(out)
+    }
+
+    /// Like `volumes_status`, for ListVolumes: the health of each volume the
+    /// last health pass can speak for comes from it (see `LastPass`); only
+    /// the nodes of the others are asked.
+    pub async fn listed_volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
+        let mut exports = self.exports_by_volume().await?;
+        let now = now_ms();
+        let (mut out, to_ask) = {
+            let pass = self.last_health_pass.lock().unwrap_or_else(|p| p.into_inner());
+            let mut out = HashMap::new();
+            let mut to_ask = Vec::new();
+            for v in volumes {
+                let on_record = exports.get(&v.id).map(Vec::as_slice).unwrap_or_default();
+                match pass.as_ref().and_then(|p| p.health_of(v, on_record, now)) {
+                    Some(health) => {
+                        out.insert(v.id.clone(), VolumeStatus { health, published: vec![] });
+                    }
+                    None => to_ask.push(v.clone()),
+                }
+            }
+            (out, to_ask)
+        };
+        if !to_ask.is_empty() {
+            let views = self.ask_nodes_of(&to_ask, &exports).await;
+            for v in &to_ask {
+                let health = self.judge(v, &views, &exports).await;
+                out.insert(v.id.clone(), VolumeStatus { health, published: vec![] });
+            }
+        }
+        for (id, status) in out.iter_mut() {
+            status.published = exports.remove(id).unwrap_or_default().into_iter().map(|e| e.node_id).collect();
+        }
+        Ok(out)
+    }
+
+    /// Forgets the last health pass (this replica no longer leads).
+    pub(crate) fn forget_health_pass(&self) {
+        *self.last_health_pass.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     pub async fn volume_status(&self, v: &VolumeRec) -> Result<VolumeStatus, ControllerError> {
@@ -140,7 +217,7 @@ impl Manager {
             let asked = pb::ListVolumesRequest { volume_ids: ids, ..Default::default() };
             match tokio::time::timeout(ASK_TIMEOUT, agent.clone().list_volumes(asked)).await {
                 Ok(Ok(r)) => Ok(r.volumes.into_iter().map(|v| (v.volume_id.clone(), v)).collect()),
-                Ok(Err(s)) => Err(s.message().to_string()),
+                Ok(Err(e)) => Err(e.message),
                 Err(_) => Err(format!("no answer within {} s", ASK_TIMEOUT.as_secs())),
             }
         };
@@ -151,7 +228,7 @@ impl Manager {
             match tokio::time::timeout(ASK_TIMEOUT, agent.clone().list_exports(pb::ListExportsRequest {})).await {
                 Ok(Ok(r)) => Some(r.exports.into_iter().map(|e| (e.volume_id, e.consumer_node)).collect()),
                 // A node without NBD exports serves none: only local publications there.
-                Ok(Err(s)) if s.code() == Code::FailedPrecondition => Some(BTreeSet::new()),
+                Ok(Err(e)) if e.failure == Failure::Refused => Some(BTreeSet::new()),
                 _ => None,
             }
         };
@@ -191,7 +268,11 @@ impl Manager {
 
     /// Look at every Available volume (the reconciler calls it every pass),
     /// so a volume that turns abnormal gets its event even when no CO asks.
-    pub async fn check_health(&self) -> Result<(), ControllerError> {
+    /// What it finds answers ListVolumes for `good_for` after it ends.
+    pub async fn check_health(&self, good_for: Duration) -> Result<(), ControllerError> {
+        let began = std::time::Instant::now();
+        let began_ms = now_ms();
+        let mut abnormal: HashMap<String, Health> = HashMap::new();
         // One read of the publications for the whole pass; for each page of
         // volumes, one question to each node holding some of them, about
         // those only (so no answer grows with the node's whole pool).
@@ -205,7 +286,10 @@ impl Manager {
             let vols: Vec<VolumeRec> = page.into_iter().map(|(_, v, _)| v).filter(|v| v.phase == Phase::Available).collect();
             let views = self.ask_nodes_of(&vols, &exports).await;
             for v in &vols {
-                self.judge(v, &views, &exports).await;
+                let h = self.judge(v, &views, &exports).await;
+                if h.abnormal {
+                    abnormal.insert(v.id.clone(), h);
+                }
                 judged.insert(v.id.clone());
             }
             if done {
@@ -215,6 +299,14 @@ impl Manager {
         // Volumes noted abnormal that are no longer Available (deleted,
         // failed) are forgotten, so the notes do not keep every one ever made.
         self.health_seen.lock().unwrap_or_else(|p| p.into_inner()).retain(|id| judged.contains(id));
+        info!(
+            volumes = judged.len(),
+            abnormal = abnormal.len(),
+            seconds = format!("{:.2}", began.elapsed().as_secs_f64()),
+            "volume health checked"
+        );
+        let good_until_ms = now_ms() + good_for.as_millis() as i64;
+        *self.last_health_pass.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastPass { began_ms, good_until_ms, abnormal });
         Ok(())
     }
 }
@@ -390,5 +482,45 @@ mod tests {
         failed.phase = Phase::Error;
         failed.error = Some("no node fits".into());
         assert_eq!(health_of(&failed, &views, &[]), Health::bad("Error: no node fits"));
+    }
+
+    #[test]
+    fn the_last_pass_speaks_only_for_volumes_it_saw_as_they_are() {
+        let pass = LastPass {
+            began_ms: 1_000,
+            good_until_ms: 60_000,
+            abnormal: [("vol-bad".to_string(), Health::bad("on node node-1: the pool's filesystem is read-only"))].into(),
+        };
+        let seen = |id: &str| {
+            let mut v = vol(id, "node-1");
+            (v.created_ms, v.updated_ms) = (500, 900);
+            v
+        };
+        let h = pass.health_of(&seen("vol-ok"), &[], 31_000).unwrap();
+        assert!(!h.abnormal && h.message.contains("at the health check 30 s ago"), "{h:?}");
+        assert_eq!(pass.health_of(&seen("vol-bad"), &[], 31_000), Some(Health::bad("on node node-1: the pool's filesystem is read-only")));
+
+        let mut changed = seen("vol-ok");
+        changed.updated_ms = 1_000;
+        assert_eq!(pass.health_of(&changed, &[], 31_000), None, "changed as the pass began: its node is asked");
+        let mut made = seen("vol-new");
+        made.created_ms = 2_000;
+        assert_eq!(pass.health_of(&made, &[], 31_000), None, "made after the pass began");
+        assert_eq!(pass.health_of(&seen("vol-ok"), &[], 60_001), None, "the pass is too old");
+        let nbd = ExportRec {
+            id: export_id_for("vol-ok", "node-2"),
+            volume_id: "vol-ok".into(),
+            node_id: "node-2".into(),
+            protocol: "nbd".into(),
+            address: String::new(),
+            export_name: String::new(),
+            phase: Phase::Available,
+            owner_node: String::new(),
+            read_only: false,
+            plain_text: false,
+        };
+        assert_eq!(pass.health_of(&seen("vol-ok"), std::slice::from_ref(&nbd), 31_000), None, "its export is asked about");
+        let local = ExportRec { protocol: "local".into(), node_id: "node-1".into(), ..nbd };
+        assert!(pass.health_of(&seen("vol-ok"), &[local], 31_000).is_some(), "a local publication needs no export");
     }
 }

@@ -17,6 +17,7 @@ use super::agents::{Agents, MismatchSink, NodeAgent};
 use super::error::ControllerError;
 use super::inflight::Inflight;
 use super::records::*;
+use crate::keyed_locks::KeyedLocks;
 use crate::scheduler::{NodeView, Placement, Segments, TopologyList};
 use crate::store::{self, Kind, Store, StoreError};
 use crate::tls::TlsDir;
@@ -105,13 +106,17 @@ pub struct Manager {
     /// Volumes a delete asked to stop copying from another node: the
     /// create flow that copies gives up (and cleans up) when it sees its ID.
     pub(crate) copy_cancels: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    /// Volumes whose migration a driver task of this controller runs.
-    pub(crate) migrations: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Volumes whose migration a driver task of this controller runs: the
+    /// task holds the volume's key for as long as it runs.
+    pub(crate) migrations: KeyedLocks,
     /// With leader election: this replica's leadership. Without: None.
     leader: Option<watch::Receiver<Leadership>>,
     /// The volumes last seen abnormal (health.rs), so an event marks each
     /// turn once.
     pub(crate) health_seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// What the reconciler's last health pass found (health.rs); ListVolumes
+    /// answers from it.
+    pub(crate) last_health_pass: Arc<std::sync::Mutex<Option<super::health::LastPass>>>,
 }
 
 /// How long a caller waits for the node view's first read of the store.
@@ -133,6 +138,7 @@ impl Manager {
             events: None,
             leader: None,
             health_seen: Default::default(),
+            last_health_pass: Default::default(),
         }
     }
 
@@ -178,7 +184,7 @@ impl Manager {
                     Ok(Ok(r)) => {
                         tracing::info!(node = %id, token = r.identity.map(|i| i.fencing_token).unwrap_or(0), "node fenced for this term")
                     }
-                    Ok(Err(e)) => warn!(node = %id, error = %e.message(), "could not fence the node (its next call from us will)"),
+                    Ok(Err(e)) => warn!(node = %id, error = %e, "could not fence the node (its next call from us will)"),
                     Err(_) => warn!(node = %id, "fencing the node timed out (its next call from us will)"),
                 }
             }

@@ -32,12 +32,11 @@
 
 use std::time::{Duration, Instant};
 
-use tonic::Code;
 use tracing::{info, warn};
 
 use super::create::{accessible_from, topology_of};
 use super::crossnode::{copy_refused, source_of};
-use super::error::ControllerError;
+use super::error::{ControllerError, Failure};
 use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
@@ -215,13 +214,11 @@ impl Manager {
         if !self.is_leader() {
             return;
         }
-        if !self.migrations.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string()) {
-            return;
-        }
+        let Some(driving) = self.migrations.try_lock(&[id]) else { return };
         let (m, id) = (self.clone(), id.to_string());
         tokio::spawn(async move {
             m.drive_migration(&id).await;
-            m.migrations.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            drop(driving);
         });
     }
 
@@ -232,7 +229,7 @@ impl Manager {
                 Ok(Step::Again) => backoff = Duration::from_secs(1),
                 Ok(Step::Done) => return,
                 Err(e) => {
-                    warn!(volume.id = %id, code = ?e.code(), error = %e, "migration held up; retrying");
+                    warn!(volume.id = %id, failure = ?e.failure(), error = %e, "migration held up; retrying");
                     self.note_migration_problem(id, &e.to_string()).await;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -347,8 +344,8 @@ impl Manager {
         match target.get_volume(pb::GetVolumeRequest { volume_id: id.to_string() }).await {
             Ok(r) if r.volume.as_ref().is_some_and(finished) => return Ok(true),
             Ok(_) => {}
-            Err(s) if s.code() == Code::NotFound => {}
-            Err(s) => return Err(ControllerError::during(format!("node {}", mig.to))(s)),
+            Err(e) if e.failure == Failure::NotFound => {}
+            Err(e) => return Err(ControllerError::during(format!("node {}", mig.to))(e)),
         }
         let snapshot = mig.live.then(|| mig.pass_snapshot(id, mig.pass));
         let base = (mig.live && mig.pass > 1).then(|| mig.pass_snapshot(id, mig.pass - 1));
@@ -425,7 +422,7 @@ impl Manager {
                     }
                 }
                 // The target refused (capacity, arguments, the fence): the driver retries and notes why.
-                Err(e) if copy_refused(e.code()) => {
+                Err(e) if copy_refused(e.failure()) => {
                     let what = format!("node {} refused pass {} of volume {id}", mig.to, mig.pass);
                     return Err(ControllerError::During { what, cause: Box::new(e) });
                 }

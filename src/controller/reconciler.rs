@@ -22,29 +22,17 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use tonic::Code;
 use tracing::{info, warn};
 
 use super::create::accessible_from;
-use super::error::ControllerError;
+use super::error::{ControllerError, Failure};
 use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
 use crate::metrics::{PoolLabels, METRICS};
 use crate::store::{self, Kind};
 
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct ReconcileReport {
-    /// Creating records whose image the node had whole: now Available.
-    pub stuck_finished: Vec<String>,
-    /// Creating records whose node had nothing: now Error.
-    pub stuck_failed: Vec<String>,
-    pub errors_expired: Vec<String>,
-    /// `node/id` of images moved to orphaned/.
-    pub quarantined: Vec<String>,
-    /// Nodes whose pass the circuit breaker held, with how many images it would have moved.
-    pub breaker_held: Vec<(String, usize)>,
-}
+pub use crate::reconcile_report::ReconcileReport;
 
 impl Manager {
     /// One pass of the reconciler (leader only). Everything it does is logged.
@@ -131,7 +119,7 @@ impl Manager {
             let _guard = self.inflight.acquire(&id).await;
             if self.store.delete(Kind::Volume, &id, Some(version)).await.is_ok() {
                 warn!(volume.id = %id, volume.name = %name, error = ?error, "failed volume record expired");
-                report.errors_expired.push(id);
+                report.expired.push(id);
             }
         }
         for id in stuck_snapshots {
@@ -200,10 +188,10 @@ impl Manager {
                     rec.updated_ms = now_ms();
                     store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
                     info!(volume.id = %id, node = %node, "interrupted creation finished: the node had made the volume");
-                    report.stuck_finished.push(id.to_string());
+                    report.finished.push(id.to_string());
                     return Ok(());
                 }
-                Err(s) if s.code() == Code::NotFound => {}
+                Err(e) if e.failure == Failure::NotFound => {}
                 Err(_) => return Ok(()), // cannot ask now: next pass
             }
         }
@@ -213,7 +201,7 @@ impl Manager {
         rec.error = Some("creation was interrupted before the node made the volume; a retry of CreateVolume starts it again".into());
         rec.updated_ms = now_ms();
         store::update_json(&*self.store, Kind::Volume, id, &rec, version).await?;
-        report.stuck_failed.push(id.to_string());
+        report.failed.push(id.to_string());
         Ok(())
     }
 
@@ -233,12 +221,12 @@ impl Manager {
                 rec.phase = Phase::Available;
                 rec.size_bytes = s.size_bytes;
                 rec.error = None;
-                report.stuck_finished.push(id.to_string());
+                report.finished.push(id.to_string());
             }
-            Err(s) if s.code() == Code::NotFound => {
+            Err(e) if e.failure == Failure::NotFound => {
                 rec.phase = Phase::Error;
                 rec.error = Some("snapshot was interrupted before the node made it; a retry of CreateSnapshot starts it again".into());
-                report.stuck_failed.push(id.to_string());
+                report.failed.push(id.to_string());
             }
             Err(_) => return Ok(()),
         }
@@ -257,7 +245,7 @@ impl Manager {
         let (vols, snaps) = match listed {
             Ok(both) => both,
             Err(e) => {
-                warn!(node = %node.id, error = %e.message(), "could not list the node's images; its orphans are looked for at the next pass");
+                warn!(node = %node.id, error = %e, "could not list the node's images; its orphans are looked for at the next pass");
                 return;
             }
         };
@@ -321,7 +309,7 @@ impl Manager {
                     moved_here += 1;
                 }
                 Ok(_) => {}
-                Err(e) => warn!(node = %node.id, id = %id, error = %e.message(), "could not quarantine an image"),
+                Err(e) => warn!(node = %node.id, id = %id, error = %e, "could not quarantine an image"),
             }
         }
         if moved_here > 0 {
@@ -371,14 +359,19 @@ impl Manager {
         loop {
             tokio::time::sleep(every).await;
             match self.reconcile_once().await {
-                Ok(r) if r != ReconcileReport::default() => info!(?r, "reconciler acted"),
+                Ok(r) if !r.is_empty() => info!(?r, "reconciler acted"),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "reconciler pass failed"),
             }
             if self.is_leader() {
-                if let Err(e) = self.check_health().await {
+                // Good for two intervals: one missed pass is no reason to
+                // ask every node again on each ListVolumes.
+                if let Err(e) = self.check_health(every * 2).await {
                     warn!(error = %e, "volume health check failed");
                 }
+            } else {
+                // A later term looks afresh before it answers from a pass.
+                self.forget_health_pass();
             }
         }
     }

@@ -383,7 +383,7 @@ impl csi::controller_server::Controller for ControllerService {
         let result = async {
             let page = self.manager.volume_page(r.max_entries, &r.starting_token).await?;
             let next_token = page.next_token;
-            let mut status = self.manager.volumes_status(&page.items).await?;
+            let mut status = self.manager.listed_volumes_status(&page.items).await?;
             Ok(csi::ListVolumesResponse {
                 entries: page
                     .items

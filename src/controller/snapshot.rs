@@ -11,10 +11,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use tonic::Code;
 use tracing::{info, warn};
 
-use super::error::ControllerError;
+use super::error::{ControllerError, Failure};
 use super::manager::Manager;
 use super::records::*;
 use crate::agent_proto as pb;
@@ -173,7 +172,7 @@ impl Manager {
                         return Err(ControllerError::InProgress(format!("snapshot {id} is still being made on node {node}")));
                     }
                 }
-                Err(e) if e.code() == Code::NotFound => return Ok(None),
+                Err(e) if e.failure() == Failure::NotFound => return Ok(None),
                 Err(e) if Instant::now() >= until => return Err(e),
                 Err(_) => {}
             }

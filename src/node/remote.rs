@@ -277,7 +277,8 @@ async fn supervise(
     tls: Arc<TlsDir>,
 ) {
     let watcher = Arc::new(watcher);
-    let busy: Arc<std::sync::Mutex<std::collections::HashSet<u32>>> = Arc::default();
+    // Devices being reconnected: a reconnect task holds its device's key.
+    let reconnecting = crate::keyed_locks::KeyedLocks::default();
     loop {
         let w = watcher.clone();
         let dead = match tokio::task::spawn_blocking(move || w.next(std::time::Duration::from_secs(5))).await {
@@ -296,11 +297,9 @@ async fn supervise(
         });
         let Some((volume, t)) = found else { continue };
         // Each of its sockets reports its death: one reconnect is enough.
-        if !busy.lock().unwrap_or_else(|p| p.into_inner()).insert(dead) {
-            continue;
-        }
+        let Some(held) = reconnecting.try_lock(&[format!("nbd{dead}")]) else { continue };
         warn!(volume, device = dead, address = %t.address, "NBD connection lost; reconnecting");
-        let (opts, busy, tls) = (opts.clone(), busy.clone(), tls.clone());
+        let (opts, tls) = (opts.clone(), tls.clone());
         // Other devices are watched meanwhile.
         tokio::spawn(async move {
             // Built now: the certificates may have been renewed since the attach.
@@ -312,7 +311,7 @@ async fn supervise(
                 Ok(_) => info!(volume, device = dead, "NBD device reconnected"),
                 Err(e) => warn!(volume, device = dead, error = %e, "could not reconnect the nbd device; its I/O fails now"),
             }
-            busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&dead);
+            drop(held);
         });
     }
 }

@@ -15,7 +15,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+
+use rustix::ioctl::{self, Opcode, Updater};
 
 /// One changed range of the newer snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +37,9 @@ struct Extent {
     flags: u32,
 }
 
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// `_IOWR('f', 11, struct fiemap)`: the size in the opcode is the header's
+/// (the extents that follow it are the caller's to size).
+const FS_IOC_FIEMAP: Opcode = ioctl::opcode::read_write::<FiemapHeader>(b'f', 11);
 const FIEMAP_FLAG_SYNC: u32 = 0x1;
 const FIEMAP_EXTENT_LAST: u32 = 0x1;
 const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
@@ -57,14 +60,21 @@ struct FiemapExtent {
     fe_reserved: [u32; 3],
 }
 
+/// `struct fiemap` without its extents.
 #[repr(C)]
-struct Fiemap {
+struct FiemapHeader {
     fm_start: u64,
     fm_length: u64,
     fm_flags: u32,
     fm_mapped_extents: u32,
     fm_extent_count: u32,
     fm_reserved: u32,
+}
+
+/// `struct fiemap` with room for BATCH extents after the header.
+#[repr(C)]
+struct Fiemap {
+    header: FiemapHeader,
     fm_extents: [FiemapExtent; BATCH],
 }
 
@@ -75,20 +85,20 @@ fn extents(f: &File) -> io::Result<Vec<Extent>> {
     let mut start = 0u64;
     while start < len {
         let mut map = Box::new(Fiemap {
-            fm_start: start,
-            fm_length: u64::MAX - start,
-            fm_flags: FIEMAP_FLAG_SYNC,
-            fm_mapped_extents: 0,
-            fm_extent_count: BATCH as u32,
-            fm_reserved: 0,
+            header: FiemapHeader {
+                fm_start: start,
+                fm_length: u64::MAX - start,
+                fm_flags: FIEMAP_FLAG_SYNC,
+                fm_mapped_extents: 0,
+                fm_extent_count: BATCH as u32,
+                fm_reserved: 0,
+            },
             fm_extents: [FiemapExtent::default(); BATCH],
         });
-        // SAFETY: `map` is a valid, writable fiemap with room for BATCH extents.
-        let r = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP as _, &mut *map as *mut Fiemap) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = map.fm_mapped_extents as usize;
+        // SAFETY: FS_IOC_FIEMAP reads and writes a `struct fiemap`, and
+        // `map` is one whose fm_extent_count (BATCH) extents follow it.
+        unsafe { ioctl::ioctl(f, Updater::<FS_IOC_FIEMAP, Fiemap>::new(&mut map)) }?;
+        let n = map.header.fm_mapped_extents as usize;
         if n == 0 {
             break;
         }
@@ -159,6 +169,13 @@ mod tests {
 
     fn ext(logical: u64, physical: u64, len: u64) -> Extent {
         Extent { logical, physical, len, flags: 0 }
+    }
+
+    #[test]
+    fn the_fiemap_opcode_is_the_kernels() {
+        // linux/fs.h: FS_IOC_FIEMAP _IOWR('f', 11, struct fiemap), a 32-byte header.
+        assert_eq!(std::mem::size_of::<FiemapHeader>(), 32);
+        assert_eq!(FS_IOC_FIEMAP as u64, 0xC020_660B);
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub mod workers;
 
 pub use capacity::{PoolCapacity, Provisioning, Shortfall};
 pub use error::VolumeError;
-pub use orphans::{ImageKind, Orphan};
-pub use pool::{Pool, PoolConfig, PoolStatus};
+pub use orphans::Orphan;
+pub use pool::{ImageKind, Pool, PoolConfig, PoolStatus};
 pub use records::{SnapshotRecord, State, VolumeRecord, VolumeSource};
 
 /// IDs become file names, so they are held to a strict alphabet: letters,

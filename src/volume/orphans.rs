@@ -12,15 +12,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::error::VolumeError;
-use super::pool::{Kind, Pool};
+use super::pool::{ImageKind, Pool};
 use super::records::{self, now_ms, State};
-
-/// Which kind of image to quarantine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageKind {
-    Volume,
-    Snapshot,
-}
 
 /// What the note beside a quarantined image says.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,11 +56,7 @@ impl Pool {
     /// is moved; anything else answers `None` and changes nothing.
     pub fn quarantine(&self, kind: ImageKind, id: &str, reason: &str, min_age_ms: u64) -> Result<Option<String>, VolumeError> {
         super::validate_id("id", id)?;
-        let k = match kind {
-            ImageKind::Volume => Kind::Volume,
-            ImageKind::Snapshot => Kind::Snapshot,
-        };
-        let _guard = self.locks.lock(&[k.lock_key(id), ORPHANS_LOCK.to_string()]);
+        let _guard = self.locks.lock(&[kind.lock_key(id), ORPHANS_LOCK.to_string()]);
         let created = {
             let index = self.index();
             match kind {
@@ -82,15 +71,15 @@ impl Pool {
         }
         let dir = self.orphaned_dir();
         let name = format!("{now}-{id}");
-        let note = OrphanNote { kind: k.name().to_string(), id: id.to_string(), reason: reason.to_string(), quarantined_at_ms: now };
+        let note = OrphanNote { kind: kind.name().to_string(), id: id.to_string(), reason: reason.to_string(), quarantined_at_ms: now };
         records::write_record(&dir.join(format!("{name}{NOTE}")), &note).map_err(VolumeError::io("writing the orphan note"))?;
         // Record first, image second: a crash between the two leaves an
         // image without a record, which the next open also moves here.
-        let pool_dir = self.root.join(k.dir());
-        std::fs::rename(self.path(k, id, "json"), dir.join(format!("{name}.json")))
+        let pool_dir = self.root.join(kind.dir());
+        std::fs::rename(self.path(kind, id, "json"), dir.join(format!("{name}.json")))
             .map_err(VolumeError::io("moving the record to orphaned/"))?;
         records::sync_dir(&pool_dir).map_err(VolumeError::io("syncing pool folder"))?;
-        match std::fs::rename(self.path(k, id, "img"), dir.join(format!("{name}.img"))) {
+        match std::fs::rename(self.path(kind, id, "img"), dir.join(format!("{name}.img"))) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => warn!(id, "record without an image quarantined"),
             Err(e) => return Err(VolumeError::io("moving the image to orphaned/")(e)),
@@ -108,7 +97,7 @@ impl Pool {
                 }
             }
         }
-        info!(id, kind = k.name(), orphan = %name, reason, "image quarantined in orphaned/");
+        info!(id, kind = kind.name(), orphan = %name, reason, "image quarantined in orphaned/");
         Ok(Some(name))
     }
 

@@ -43,6 +43,7 @@ use crate::keyed_locks::KeyedLocks;
 
 mod copy_target;
 mod passes;
+mod startup;
 
 /// Images are sized in whole 4 KiB blocks so any block device can sit on them.
 pub const SIZE_ALIGN: u64 = 4096;
@@ -121,80 +122,28 @@ pub struct Pool {
     pub(super) groups: super::group::GroupFreezes,
 }
 
-/// What a reconcile found and did, for the log and for tests.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct ReconcileReport {
-    pub finished: Vec<String>,
-    pub rolled_back: Vec<String>,
-    pub deleted: Vec<String>,
-    pub orphaned: Vec<String>,
-    /// Volumes and snapshots left as they are and marked broken.
-    pub broken: Vec<String>,
-}
+pub use crate::reconcile_report::ReconcileReport;
 
-/// What the start-up reconcile did with one record.
-enum Outcome {
-    Kept,
-    Finished,
-    RolledBack,
-    Deleted,
-}
-
-enum Entry {
-    Volume(VolumeRecord),
-    Snapshot(SnapshotRecord),
-}
-
-impl Entry {
-    fn state(&self) -> State {
-        match self {
-            Entry::Volume(v) => v.state,
-            Entry::Snapshot(s) => s.state,
-        }
-    }
-    fn id(&self) -> &str {
-        match self {
-            Entry::Volume(v) => &v.id,
-            Entry::Snapshot(s) => &s.id,
-        }
-    }
-    fn with_state(self, state: State) -> Entry {
-        match self {
-            Entry::Volume(mut v) => {
-                v.state = state;
-                Entry::Volume(v)
-            }
-            Entry::Snapshot(mut s) => {
-                s.state = state;
-                Entry::Snapshot(s)
-            }
-        }
-    }
-    fn write(&self, path: &Path) -> std::io::Result<()> {
-        match self {
-            Entry::Volume(v) => records::write_record(path, v),
-            Entry::Snapshot(s) => records::write_record(path, s),
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-pub(super) enum Kind {
+/// What a pool holds an image and a record of: a volume or a snapshot.
+/// (The controller's store has more kinds of record, `store::Kind`; a pool
+/// has these two, each in its own folder.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
     Volume,
     Snapshot,
 }
 
-impl Kind {
+impl ImageKind {
     pub(super) fn dir(self) -> &'static str {
         match self {
-            Kind::Volume => "volumes",
-            Kind::Snapshot => "snapshots",
+            ImageKind::Volume => "volumes",
+            ImageKind::Snapshot => "snapshots",
         }
     }
     pub(super) fn name(self) -> &'static str {
         match self {
-            Kind::Volume => "volume",
-            Kind::Snapshot => "snapshot",
+            ImageKind::Volume => "volume",
+            ImageKind::Snapshot => "snapshot",
         }
     }
     pub(super) fn lock_key(self, id: &str) -> String {
@@ -287,269 +236,16 @@ impl Pool {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn path(&self, kind: Kind, id: &str, ext: &str) -> PathBuf {
+    pub(super) fn path(&self, kind: ImageKind, id: &str, ext: &str) -> PathBuf {
         // Only ever called with validated IDs.
         self.root.join(kind.dir()).join(format!("{id}.{ext}"))
     }
 
     pub fn volume_image(&self, id: &str) -> PathBuf {
-        self.path(Kind::Volume, id, "img")
+        self.path(ImageKind::Volume, id, "img")
     }
     pub fn snapshot_image(&self, id: &str) -> PathBuf {
-        self.path(Kind::Snapshot, id, "img")
-    }
-
-    // ---------------------------------------------------------------- reconcile
-
-    /// Bring the folder to a consistent state and load the index: finish or
-    /// undo half-made records and expansions, roll back creates whose record
-    /// is still pending, finish deletions, move images
-    /// that have no record to `orphaned/`, and drop stray temporary files.
-    /// A volume or snapshot that cannot be brought back is marked broken,
-    /// with the reason, and left as it is: one bad volume never stops the
-    /// pool from serving the others.
-    fn reconcile(&self) -> Result<ReconcileReport, VolumeError> {
-        let mut report = ReconcileReport::default();
-        let mut index = Index::default();
-        for kind in [Kind::Volume, Kind::Snapshot] {
-            let dir = self.root.join(kind.dir());
-            let mut records: BTreeMap<String, PathBuf> = BTreeMap::new();
-            let mut images: Vec<(String, PathBuf)> = Vec::new();
-            let mut stray: Vec<PathBuf> = Vec::new();
-            let mut pending: Vec<String> = Vec::new();
-            let mut deleting: Vec<String> = Vec::new();
-            for entry in std::fs::read_dir(&dir).map_err(VolumeError::io(format!("reading {}", dir.display())))? {
-                let entry = entry.map_err(VolumeError::io(format!("reading {}", dir.display())))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let path = entry.path();
-                if let Some(id) = name.strip_suffix(".json") {
-                    records.insert(id.to_string(), path);
-                } else if let Some(id) = name.strip_suffix(".img") {
-                    images.push((id.to_string(), path));
-                } else {
-                    if let Some(id) = name.strip_suffix(".json.tmp") {
-                        pending.push(id.to_string());
-                    } else if let Some(id) = name.strip_suffix(".json.deleting") {
-                        deleting.push(id.to_string());
-                    }
-                    // *.json.tmp, *.json.deleting, *.img.partial, probes:
-                    // resolved below via the records
-                    stray.push(path);
-                }
-            }
-            for (id, rec_path) in &records {
-                let key = kind.lock_key(id);
-                match self.reconcile_one(kind, id, rec_path) {
-                    Ok((entry, outcome)) => {
-                        match outcome {
-                            Outcome::Kept => {}
-                            Outcome::Finished => report.finished.push(key),
-                            Outcome::RolledBack => report.rolled_back.push(key),
-                            Outcome::Deleted => report.deleted.push(key),
-                        }
-                        match entry {
-                            Some(Entry::Volume(v)) => {
-                                index.volumes.insert(v.id.clone(), v);
-                            }
-                            Some(Entry::Snapshot(s)) => {
-                                index.snapshots.insert(s.id.clone(), s);
-                            }
-                            None => {}
-                        }
-                    }
-                    Err(reason) => {
-                        warn!(kind = kind.name(), id = %id, %reason, "marked broken; its files are left as they are");
-                        report.broken.push(key.clone());
-                        index.broken.insert(key, Broken { kind: kind.name(), id: id.clone(), reason });
-                    }
-                }
-            }
-            // A record moved aside for deletion: finish the deletion. A
-            // pending record alone: a create that never answered, rolled back.
-            let mut settled = std::collections::BTreeSet::new();
-            pending.sort();
-            deleting.sort();
-            let unfinished = deleting.into_iter().map(|id| (id, true)).chain(pending.into_iter().map(|id| (id, false)));
-            for (id, delete) in unfinished {
-                if records.contains_key(&id) || settled.contains(&id) {
-                    // A torn rewrite beside its record, or the file of an
-                    // earlier, finished deletion: dropped with the strays.
-                    // (Or a pending record beside a `.deleting` one, settled.)
-                    continue;
-                }
-                match self.remove_unfinished(kind, &id) {
-                    Ok(()) if delete => report.deleted.push(kind.lock_key(&id)),
-                    Ok(()) => report.rolled_back.push(kind.lock_key(&id)),
-                    Err(e) => warn!(kind = kind.name(), id = %id, error = %e, "could not finish removing it; the next start tries again"),
-                }
-                settled.insert(id);
-            }
-            for (id, image) in images {
-                if !records.contains_key(&id) && !settled.contains(&id) {
-                    match self.move_to_orphaned(&image) {
-                        Ok(()) => {
-                            warn!(image = %image.display(), "image without a record moved to orphaned/");
-                            report.orphaned.push(kind.lock_key(&id));
-                        }
-                        Err(e) => {
-                            warn!(image = %image.display(), error = %e, "image without a record could not be moved to orphaned/; left in place")
-                        }
-                    }
-                }
-            }
-            for path in stray {
-                let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-                let owner = name.split('.').next().unwrap_or_default().to_string();
-                let live_partial = name.ends_with(".img.partial") && records.contains_key(&owner);
-                // Settled ones' files are gone, or stay for the next start
-                // when their removal failed.
-                if !live_partial && !settled.contains(&owner) && path.is_file() {
-                    if let Err(e) = records::remove_if_exists(&path) {
-                        warn!(file = %path.display(), error = %e, "could not remove a stray file");
-                    }
-                }
-            }
-            records::sync_dir(&dir).map_err(VolumeError::io(format!("syncing {}", dir.display())))?;
-        }
-        *self.index() = index;
-        if report != ReconcileReport::default() {
-            info!(?report, "pool reconciled");
-        }
-        Ok(report)
-    }
-
-    /// Settle one record found at start-up. `Err` is the reason the volume
-    /// or snapshot is broken.
-    fn reconcile_one(&self, kind: Kind, id: &str, rec_path: &Path) -> Result<(Option<Entry>, Outcome), String> {
-        let image = self.path(kind, id, "img");
-        let partial = self.path(kind, id, "img.partial");
-        let entry = match kind {
-            Kind::Volume => records::read_record::<VolumeRecord>(rec_path).map(Entry::Volume),
-            Kind::Snapshot => records::read_record::<SnapshotRecord>(rec_path).map(Entry::Snapshot),
-        }
-        .map_err(|e| format!("its record {} cannot be read: {e}", rec_path.display()))?;
-        if entry.id() != id {
-            return Err(format!("its record {} names another ID, {:?}", rec_path.display(), entry.id()));
-        }
-        let failed = |what: &str, path: &Path| {
-            let what = format!("{what} {}", path.display());
-            move |e: std::io::Error| format!("{what} failed: {e}")
-        };
-        let image_exists = image.try_exists().map_err(failed("looking for", &image))?;
-        match entry.state() {
-            State::Creating if image_exists => {
-                // The image was complete and durable before its rename.
-                let entry = entry.with_state(State::Available);
-                entry.write(rec_path).map_err(failed("writing", rec_path))?;
-                Ok((Some(entry), Outcome::Finished))
-            }
-            // A cross-node copy under way goes on from its last durable point.
-            State::Creating if matches!(&entry, Entry::Volume(v) if v.copy.is_some()) && partial.exists() => {
-                Ok((Some(entry), Outcome::Kept))
-            }
-            State::Creating => {
-                records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
-                records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
-                Ok((None, Outcome::RolledBack))
-            }
-            State::Deleting => {
-                records::remove_if_exists(&image).map_err(failed("removing", &image))?;
-                records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
-                records::remove_if_exists(rec_path).map_err(failed("removing", rec_path))?;
-                Ok((None, Outcome::Deleted))
-            }
-            State::Available if !image_exists && !partial.exists() => Err(format!("its image {} is missing", image.display())),
-            State::Available => {
-                let renamed = !image_exists;
-                if renamed {
-                    // Crashed between a create's two renames: the partial image
-                    // was complete and durable before the record was written.
-                    let dir = self.root.join(kind.dir());
-                    std::fs::rename(&partial, &image).map_err(failed("renaming", &partial))?;
-                    records::sync_dir(&dir).map_err(failed("syncing", &dir))?;
-                } else {
-                    records::remove_if_exists(&partial).map_err(failed("removing", &partial))?;
-                }
-                let (entry, outcome) = match entry {
-                    Entry::Volume(v) => {
-                        let (v, outcome) = self.settle_size(v).map_err(|e| e.to_string())?;
-                        (Entry::Volume(v), outcome)
-                    }
-                    snapshot => (snapshot, Outcome::Kept),
-                };
-                Ok((Some(entry), if renamed { Outcome::Finished } else { outcome }))
-            }
-        }
-    }
-
-    /// Remove what an unfinished create or a decided deletion left: the
-    /// images first, durably, then the record's pending or `.deleting` file.
-    fn remove_unfinished(&self, kind: Kind, id: &str) -> std::io::Result<()> {
-        let rec_path = self.path(kind, id, "json");
-        records::remove_if_exists(&self.path(kind, id, "img"))?;
-        records::remove_if_exists(&self.path(kind, id, "img.partial"))?;
-        records::sync_dir(&self.root.join(kind.dir()))?;
-        records::remove_if_exists(&records::pending_path(&rec_path))?;
-        records::remove_if_exists(&records::deleting_path(&rec_path))?;
-        Ok(())
-    }
-
-    /// Make a volume's record and image agree on its size. An expansion
-    /// writes its intent (`expanding_to`) first, grows the image, then
-    /// records the new size, so: an image that reached the new size finishes
-    /// the expansion; one that did not is cut back to the old size, which
-    /// is all anyone was ever told the volume has.
-    fn settle_size(&self, mut v: VolumeRecord) -> Result<(VolumeRecord, Outcome), VolumeError> {
-        let image = self.volume_image(&v.id);
-        let rec_path = self.path(Kind::Volume, &v.id, "json");
-        let len = std::fs::metadata(&image).map_err(VolumeError::io(format!("inspecting {}", image.display())))?.len();
-        let outcome = match v.expanding_to {
-            Some(target) if len >= target => {
-                v.size_bytes = target;
-                Outcome::Finished
-            }
-            Some(_) => {
-                shrink_to(&image, v.size_bytes).map_err(VolumeError::io(format!(
-                    "cutting {} back to {} bytes",
-                    image.display(),
-                    v.size_bytes
-                )))?;
-                Outcome::RolledBack
-            }
-            None if len < v.size_bytes => {
-                // Records of older versions hold the new size before the
-                // image grows, and say nothing of the old one.
-                self.grow_file(&image, v.size_bytes, v.provisioning).map_err(|e| VolumeError::Io {
-                    context: format!(
-                        "its record says {} bytes but its image has {len}, and growing the image failed; free space in the pool, then restart the node plugin",
-                        v.size_bytes
-                    ),
-                    source: match e {
-                        VolumeError::Io { source, .. } => source,
-                        other => std::io::Error::other(other.to_string()),
-                    },
-                })?;
-                Outcome::Finished
-            }
-            None => return Ok((v, Outcome::Kept)),
-        };
-        if let Some(target) = v.expanding_to.take() {
-            records::write_record(&rec_path, &v).map_err(VolumeError::io(format!("writing {}", rec_path.display())))?;
-            match outcome {
-                Outcome::Finished => info!(volume.id = %v.id, size = target, "finished an interrupted expansion"),
-                _ => {
-                    warn!(volume.id = %v.id, size = v.size_bytes, wanted = target, "an interrupted expansion was undone; the volume keeps its old size")
-                }
-            }
-        }
-        Ok((v, outcome))
-    }
-
-    fn move_to_orphaned(&self, path: &Path) -> Result<(), VolumeError> {
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let target = self.root.join("orphaned").join(format!("{}-{name}", records::now_ms()));
-        std::fs::rename(path, &target).map_err(VolumeError::io(format!("moving {} to orphaned/", path.display())))?;
-        records::sync_dir(&self.root.join("orphaned")).map_err(VolumeError::io("syncing orphaned/"))
+        self.path(ImageKind::Snapshot, id, "img")
     }
 
     fn grow_file(&self, image: &Path, size: u64, provisioning: Provisioning) -> Result<(), VolumeError> {
@@ -574,7 +270,7 @@ impl Pool {
         self.index().broken.values().cloned().collect()
     }
 
-    fn refuse_broken(&self, kind: Kind, id: &str) -> Result<(), VolumeError> {
+    fn refuse_broken(&self, kind: ImageKind, id: &str) -> Result<(), VolumeError> {
         match self.index().broken.get(&kind.lock_key(id)) {
             Some(b) => Err(VolumeError::Broken { kind: b.kind, id: b.id.clone(), reason: b.reason.clone() }),
             None => Ok(()),
@@ -584,7 +280,7 @@ impl Pool {
     /// Deleting a broken volume or snapshot moves its files to `orphaned/`
     /// (nothing the pool cannot read is destroyed by it). `false` when `id`
     /// is not broken.
-    fn set_aside_broken(&self, kind: Kind, id: &str) -> Result<bool, VolumeError> {
+    fn set_aside_broken(&self, kind: ImageKind, id: &str) -> Result<bool, VolumeError> {
         let key = kind.lock_key(id);
         if !self.index().broken.contains_key(&key) {
             return Ok(false);
@@ -644,7 +340,7 @@ impl Pool {
 
     pub fn get_volume(&self, id: &str) -> Result<VolumeRecord, VolumeError> {
         validate_id("volume id", id)?;
-        self.refuse_broken(Kind::Volume, id)?;
+        self.refuse_broken(ImageKind::Volume, id)?;
         self.index().volumes.get(id).cloned().ok_or_else(|| VolumeError::NotFound { kind: "volume", id: id.to_string() })
     }
 
@@ -729,7 +425,7 @@ impl Pool {
         let _admission = self.admission.lock().unwrap_or_else(|p| p.into_inner());
         self.admit(record.size_bytes, record.provisioning)?;
         if resumable {
-            let path = self.path(Kind::Volume, &record.id, "json");
+            let path = self.path(ImageKind::Volume, &record.id, "json");
             records::write_record(&path, record).map_err(VolumeError::io("writing volume record"))?;
         }
         self.index().volumes.insert(record.id.clone(), record.clone());
@@ -738,26 +434,26 @@ impl Pool {
 
     pub fn create_volume(&self, req: CreateVolume) -> Result<VolumeRecord, VolumeError> {
         let size = Self::checked_size(&req)?;
-        let mut keys = vec![Kind::Volume.lock_key(&req.id)];
+        let mut keys = vec![ImageKind::Volume.lock_key(&req.id)];
         match &req.source {
             Some(VolumeSource::Snapshot(s)) => {
                 validate_id("source snapshot id", s)?;
-                keys.push(Kind::Snapshot.lock_key(s));
+                keys.push(ImageKind::Snapshot.lock_key(s));
             }
             Some(VolumeSource::Volume(v)) => {
                 validate_id("source volume id", v)?;
                 if *v == req.id {
                     return Err(VolumeError::Invalid { what: "source volume id", reason: "a volume cannot be its own source".into() });
                 }
-                keys.push(Kind::Volume.lock_key(v));
+                keys.push(ImageKind::Volume.lock_key(v));
             }
             None => {}
         }
         let _guard = self.locks.lock(&keys);
-        self.refuse_broken(Kind::Volume, &req.id)?;
+        self.refuse_broken(ImageKind::Volume, &req.id)?;
         match &req.source {
-            Some(VolumeSource::Snapshot(s)) => self.refuse_broken(Kind::Snapshot, s)?,
-            Some(VolumeSource::Volume(v)) => self.refuse_broken(Kind::Volume, v)?,
+            Some(VolumeSource::Snapshot(s)) => self.refuse_broken(ImageKind::Snapshot, s)?,
+            Some(VolumeSource::Volume(v)) => self.refuse_broken(ImageKind::Volume, v)?,
             None => {}
         }
 
@@ -801,11 +497,11 @@ impl Pool {
         // rewritten entirely, so it counts in full, as in Cinder.
         self.admit_and_record(&record, false)?;
 
-        let made = self.make_image(Kind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), Freeze::Never);
+        let made = self.make_image(ImageKind::Volume, &req.id, size, req.provisioning, source_image.as_deref(), Freeze::Never);
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
-            self.finish_create(Kind::Volume, &req.id, &done)?;
+            self.finish_create(ImageKind::Volume, &req.id, &done)?;
             Ok((done, method))
         });
         match result {
@@ -815,7 +511,7 @@ impl Pool {
                 Ok(done)
             }
             Err(e) => {
-                self.undo_create(Kind::Volume, &req.id);
+                self.undo_create(ImageKind::Volume, &req.id);
                 Err(e)
             }
         }
@@ -830,14 +526,14 @@ impl Pool {
     /// its source) never needs space the pool no longer has.
     fn make_image(
         &self,
-        kind: Kind,
+        kind: ImageKind,
         id: &str,
         size: u64,
         provisioning: Provisioning,
         source: Option<&Path>,
         freeze: Freeze<'_>,
     ) -> Result<Option<CopyMethod>, VolumeError> {
-        let snapshot = matches!(kind, Kind::Snapshot);
+        let snapshot = matches!(kind, ImageKind::Snapshot);
         let partial = self.path(kind, id, "img.partial");
         let f = File::options()
             .read(true)
@@ -894,7 +590,7 @@ impl Pool {
     /// before the record's rename leaves a pending record alone, which the
     /// next start rolls back (the create never answered); one after it, with
     /// the image still partial, finishes that rename.
-    fn finish_create<T: serde::Serialize>(&self, kind: Kind, id: &str, done: &T) -> Result<(), VolumeError> {
+    fn finish_create<T: serde::Serialize>(&self, kind: ImageKind, id: &str, done: &T) -> Result<(), VolumeError> {
         let rec_path = self.path(kind, id, "json");
         let dir = self.root.join(kind.dir());
         let partial = self.path(kind, id, "img.partial");
@@ -964,7 +660,7 @@ impl Pool {
     /// Undo a failed create as far as possible; whatever remains (a partial
     /// image, a pending record, a copy's `Creating` record) the next start
     /// drops, rolls back or resumes.
-    fn undo_create(&self, kind: Kind, id: &str) {
+    fn undo_create(&self, kind: ImageKind, id: &str) {
         let partial = self.path(kind, id, "img.partial");
         let image = self.path(kind, id, "img");
         let rec = self.path(kind, id, "json");
@@ -976,10 +672,10 @@ impl Pool {
         if ok {
             let mut index = self.index();
             match kind {
-                Kind::Volume => {
+                ImageKind::Volume => {
                     index.volumes.remove(id);
                 }
-                Kind::Snapshot => {
+                ImageKind::Snapshot => {
                     index.snapshots.remove(id);
                 }
             }
@@ -990,17 +686,17 @@ impl Pool {
 
     pub fn delete_volume(&self, id: &str) -> Result<(), VolumeError> {
         validate_id("volume id", id)?;
-        let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
-        self.delete(Kind::Volume, id)
+        let _guard = self.locks.lock(&[ImageKind::Volume.lock_key(id)]);
+        self.delete(ImageKind::Volume, id)
     }
 
-    fn delete(&self, kind: Kind, id: &str) -> Result<(), VolumeError> {
+    fn delete(&self, kind: ImageKind, id: &str) -> Result<(), VolumeError> {
         if self.set_aside_broken(kind, id)? {
             return Ok(());
         }
         let known = match kind {
-            Kind::Volume => self.index().volumes.contains_key(id),
-            Kind::Snapshot => self.index().snapshots.contains_key(id),
+            ImageKind::Volume => self.index().volumes.contains_key(id),
+            ImageKind::Snapshot => self.index().snapshots.contains_key(id),
         };
         if !known {
             return Ok(()); // already gone: deletion is idempotent
@@ -1030,10 +726,10 @@ impl Pool {
         records::remove_if_exists(&deleting).map_err(VolumeError::io("removing record"))?;
         let mut index = self.index();
         match kind {
-            Kind::Volume => {
+            ImageKind::Volume => {
                 index.volumes.remove(id);
             }
-            Kind::Snapshot => {
+            ImageKind::Snapshot => {
                 index.snapshots.remove(id);
             }
         }
@@ -1054,10 +750,10 @@ impl Pool {
         if new_size > MAX_VOLUME_BYTES {
             return Err(VolumeError::OutOfRange { requested: new_size, reason: format!("the largest volume is {MAX_VOLUME_BYTES} bytes") });
         }
-        let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
+        let _guard = self.locks.lock(&[ImageKind::Volume.lock_key(id)]);
         let mut current = self.get_volume(id)?;
         let image = self.volume_image(id);
-        let rec_path = self.path(Kind::Volume, id, "json");
+        let rec_path = self.path(ImageKind::Volume, id, "json");
         // A leftover intent (its undo failed) or an image smaller than its
         // record: settle first, so an answer always matches the image.
         let len = std::fs::metadata(&image).map_err(VolumeError::io(format!("inspecting {}", image.display())))?.len();
@@ -1112,7 +808,7 @@ impl Pool {
 
     pub fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord, VolumeError> {
         validate_id("snapshot id", id)?;
-        self.refuse_broken(Kind::Snapshot, id)?;
+        self.refuse_broken(ImageKind::Snapshot, id)?;
         self.index().snapshots.get(id).cloned().ok_or_else(|| VolumeError::NotFound { kind: "snapshot", id: id.to_string() })
     }
 
@@ -1161,9 +857,9 @@ impl Pool {
         validate_id("snapshot id", id)?;
         validate_id("source volume id", source_volume_id)?;
         validate_metadata(&metadata)?;
-        let _guard = self.locks.lock(&[Kind::Snapshot.lock_key(id), Kind::Volume.lock_key(source_volume_id)]);
-        self.refuse_broken(Kind::Snapshot, id)?;
-        self.refuse_broken(Kind::Volume, source_volume_id)?;
+        let _guard = self.locks.lock(&[ImageKind::Snapshot.lock_key(id), ImageKind::Volume.lock_key(source_volume_id)]);
+        self.refuse_broken(ImageKind::Snapshot, id)?;
+        self.refuse_broken(ImageKind::Volume, source_volume_id)?;
         if let Some(existing) = self.index().snapshots.get(id).cloned() {
             if existing.source_volume_id == source_volume_id {
                 return Ok(existing);
@@ -1202,15 +898,15 @@ impl Pool {
         }
         let src = self.volume_image(source_volume_id);
         let made = if pass {
-            self.make_image(Kind::Snapshot, id, volume.size_bytes, Provisioning::Thin, Some(&src), Freeze::Never)
+            self.make_image(ImageKind::Snapshot, id, volume.size_bytes, Provisioning::Thin, Some(&src), Freeze::Never)
         } else {
             let freeze = group.map_or(Freeze::Alone, Freeze::InGroup);
-            self.make_image(Kind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src), freeze)
+            self.make_image(ImageKind::Snapshot, id, volume.size_bytes, volume.provisioning, Some(&src), freeze)
         };
         let result = made.and_then(|method| {
             let mut done = record.clone();
             done.state = State::Available;
-            self.finish_create(Kind::Snapshot, id, &done)?;
+            self.finish_create(ImageKind::Snapshot, id, &done)?;
             Ok((done, method))
         });
         match result {
@@ -1220,7 +916,7 @@ impl Pool {
                 Ok(done)
             }
             Err(e) => {
-                self.undo_create(Kind::Snapshot, id);
+                self.undo_create(ImageKind::Snapshot, id);
                 Err(e)
             }
         }
@@ -1228,8 +924,8 @@ impl Pool {
 
     pub fn delete_snapshot(&self, id: &str) -> Result<(), VolumeError> {
         validate_id("snapshot id", id)?;
-        let _guard = self.locks.lock(&[Kind::Snapshot.lock_key(id)]);
-        self.delete(Kind::Snapshot, id)
+        let _guard = self.locks.lock(&[ImageKind::Snapshot.lock_key(id)]);
+        self.delete(ImageKind::Snapshot, id)
     }
 
     /// Bytes an image really occupies.

@@ -426,15 +426,12 @@ pub fn mounted_under(dir: &Path) -> Vec<String> {
 /// Loop devices whose backing file is below `dir`, as "/dev/loopN".
 #[allow(dead_code)]
 pub fn loops_on(dir: &Path) -> Vec<String> {
-    let mut out = vec![];
-    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            if b.trim().starts_with(&dir.display().to_string()) {
-                out.push(format!("/dev/{}", e.file_name().to_string_lossy()));
-            }
-        }
-    }
-    out
+    cinderblock::attach::loopdev::bound_devices()
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.backing_file.starts_with(dir))
+        .map(|d| d.path.display().to_string())
+        .collect()
 }
 
 /// Unmounts whatever is still mounted below a test's folder and detaches

@@ -10,7 +10,7 @@ use std::fs::File;
 
 use tracing::info;
 
-use super::{Kind, Pool, SIZE_ALIGN};
+use super::{ImageKind, Pool, SIZE_ALIGN};
 use crate::volume::capacity::Provisioning;
 use crate::volume::copy;
 use crate::volume::error::VolumeError;
@@ -26,9 +26,9 @@ impl Pool {
     pub fn begin_copy(&self, req: CreateVolume, from: CopyState) -> Result<VolumeRecord, VolumeError> {
         let size = Self::checked_size(&req)?;
         crate::volume::validate_id("export name", &from.export_name)?;
-        let _guard = self.locks.lock(&[Kind::Volume.lock_key(&req.id)]);
-        self.refuse_broken(Kind::Volume, &req.id)?;
-        let rec_path = self.path(Kind::Volume, &req.id, "json");
+        let _guard = self.locks.lock(&[ImageKind::Volume.lock_key(&req.id)]);
+        self.refuse_broken(ImageKind::Volume, &req.id)?;
+        let rec_path = self.path(ImageKind::Volume, &req.id, "json");
         let existing = self.index().volumes.get(&req.id).cloned();
         if let Some(mut existing) = existing {
             Self::same_create(&existing, &req, size)?;
@@ -58,13 +58,13 @@ impl Pool {
         let record =
             Self::creating(&req, size, Some(CopyState { resume_at: 0, copied_bytes: 0, total_bytes: 0, pass_done: false, ..from }));
         self.admit_and_record(&record, true)?;
-        let partial = self.path(Kind::Volume, &req.id, "img.partial");
+        let partial = self.path(ImageKind::Volume, &req.id, "img.partial");
         let made = File::create(&partial).and_then(|f| {
             f.set_len(size)?;
             f.sync_all()
         });
-        if let Err(e) = made.and_then(|_| records::sync_dir(&self.root.join(Kind::Volume.dir()))) {
-            self.undo_create(Kind::Volume, &req.id);
+        if let Err(e) = made.and_then(|_| records::sync_dir(&self.root.join(ImageKind::Volume.dir()))) {
+            self.undo_create(ImageKind::Volume, &req.id);
             return Err(VolumeError::io(format!("creating {}", partial.display()))(e));
         }
         info!(volume.id = %req.id, size, server = %record.copy.as_ref().map(|c| c.server_node.as_str()).unwrap_or(""), "volume to be copied from another node");
@@ -77,7 +77,7 @@ impl Pool {
         if v.state != State::Creating || v.copy.is_none() {
             return Err(VolumeError::Invalid { what: "volume", reason: format!("{id} is not being copied") });
         }
-        let partial = self.path(Kind::Volume, id, "img.partial");
+        let partial = self.path(ImageKind::Volume, id, "img.partial");
         let f = File::options().write(true).open(&partial).map_err(VolumeError::io(format!("opening {}", partial.display())))?;
         Ok((f, v))
     }
@@ -85,13 +85,13 @@ impl Pool {
     /// Note how far a copy got. The caller synced the partial image first,
     /// so everything below `resume_at` survives a crash.
     pub fn note_copy_progress(&self, id: &str, resume_at: u64, copied_bytes: u64, total_bytes: u64) -> Result<(), VolumeError> {
-        let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
+        let _guard = self.locks.lock(&[ImageKind::Volume.lock_key(id)]);
         let Some(mut v) = self.index().volumes.get(id).cloned() else {
             return Err(VolumeError::NotFound { kind: "volume", id: id.to_string() });
         };
         let Some(c) = v.copy.as_mut() else { return Ok(()) };
         (c.resume_at, c.copied_bytes, c.total_bytes) = (resume_at, copied_bytes, total_bytes);
-        records::write_record(&self.path(Kind::Volume, id, "json"), &v).map_err(VolumeError::io("writing volume record"))?;
+        records::write_record(&self.path(ImageKind::Volume, id, "json"), &v).map_err(VolumeError::io("writing volume record"))?;
         self.index().volumes.insert(id.to_string(), v);
         Ok(())
     }
@@ -99,14 +99,14 @@ impl Pool {
     /// The copy is complete: make the image whole (thick: allocate the
     /// rest), durable, renamed into place; the record `Available`.
     pub fn finish_copy(&self, id: &str) -> Result<VolumeRecord, VolumeError> {
-        let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
+        let _guard = self.locks.lock(&[ImageKind::Volume.lock_key(id)]);
         let Some(v) = self.index().volumes.get(id).cloned() else {
             return Err(VolumeError::NotFound { kind: "volume", id: id.to_string() });
         };
         if v.state == State::Available {
             return Ok(v);
         }
-        let partial = self.path(Kind::Volume, id, "img.partial");
+        let partial = self.path(ImageKind::Volume, id, "img.partial");
         let f = File::options().write(true).open(&partial).map_err(VolumeError::io(format!("opening {}", partial.display())))?;
         debug_assert_eq!(v.size_bytes % SIZE_ALIGN, 0);
         if v.provisioning == Provisioning::Thick {
@@ -114,14 +114,14 @@ impl Pool {
         }
         f.sync_all().map_err(VolumeError::io(format!("syncing {}", partial.display())))?;
         drop(f);
-        let image = self.path(Kind::Volume, id, "img");
+        let image = self.path(ImageKind::Volume, id, "img");
         std::fs::rename(&partial, &image).map_err(VolumeError::io(format!("renaming {}", partial.display())))?;
-        records::sync_dir(&self.root.join(Kind::Volume.dir())).map_err(VolumeError::io("syncing pool folder"))?;
+        records::sync_dir(&self.root.join(ImageKind::Volume.dir())).map_err(VolumeError::io("syncing pool folder"))?;
         let mut done = v;
         done.state = State::Available;
         // The copy's figures stay with the volume (what it cost).
         let copied = done.copy.as_ref().map(|c| c.copied_bytes).unwrap_or(0);
-        records::write_record(&self.path(Kind::Volume, id, "json"), &done).map_err(VolumeError::io("writing volume record"))?;
+        records::write_record(&self.path(ImageKind::Volume, id, "json"), &done).map_err(VolumeError::io("writing volume record"))?;
         self.index().volumes.insert(id.to_string(), done.clone());
         info!(volume.id = %id, size = done.size_bytes, copied, "volume copied from another node");
         Ok(done)
@@ -140,14 +140,14 @@ impl Pool {
     /// A pass of a migration's copy is complete (the caller synced the
     /// partial image): the volume waits for the next pass.
     pub fn note_pass_done(&self, id: &str) -> Result<(), VolumeError> {
-        let _guard = self.locks.lock(&[Kind::Volume.lock_key(id)]);
+        let _guard = self.locks.lock(&[ImageKind::Volume.lock_key(id)]);
         let Some(mut v) = self.index().volumes.get(id).cloned() else {
             return Err(VolumeError::NotFound { kind: "volume", id: id.to_string() });
         };
         let Some(c) = v.copy.as_mut().filter(|c| c.more_passes) else { return Ok(()) };
         c.pass_done = true;
         c.resume_at = v.size_bytes;
-        records::write_record(&self.path(Kind::Volume, id, "json"), &v).map_err(VolumeError::io("writing volume record"))?;
+        records::write_record(&self.path(ImageKind::Volume, id, "json"), &v).map_err(VolumeError::io("writing volume record"))?;
         self.index().volumes.insert(id.to_string(), v);
         info!(volume.id = %id, "copy pass complete");
         Ok(())

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 
-use super::{Kind, Pool};
+use super::{ImageKind, Pool};
 use crate::volume::changes::{self, Changed};
 use crate::volume::error::VolumeError;
 use crate::volume::records::SnapshotRecord;
@@ -32,7 +32,7 @@ impl Pool {
         self.get_snapshot(older)?;
         self.get_snapshot(newer)?;
         let open = |id: &str| {
-            let path = self.path(Kind::Snapshot, id, "img");
+            let path = self.path(ImageKind::Snapshot, id, "img");
             File::open(&path).map_err(VolumeError::io(format!("opening {}", path.display())))
         };
         let (a, b) = (open(older)?, open(newer)?);
