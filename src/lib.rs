@@ -13,6 +13,7 @@ pub mod flow;
 pub mod identity;
 pub mod keyed_locks;
 pub mod kube;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod pool_placement;

@@ -162,12 +162,12 @@ impl NodeAgent {
     reading!(list_orphans, pb::ListOrphansRequest, pb::ListOrphansResponse);
     reading!(get_pool_status, pb::GetPoolStatusRequest, pb::GetPoolStatusResponse);
 
-    /// Every volume on the node, asked for in pages of `LISTING_PAGE` (one
-    /// answer for a whole pool of tens of thousands would outgrow gRPC's
-    /// message limit).
-    pub async fn every_volume(&self) -> Result<Vec<pb::Volume>, AgentError> {
+    /// Every volume on the node, handed to `each` as its page arrives: asked
+    /// for in pages of `LISTING_PAGE` (one answer for a whole pool of tens of
+    /// thousands would outgrow gRPC's message limit) and never held whole.
+    pub async fn each_volume(&self, each: impl FnMut(pb::Volume)) -> Result<(), AgentError> {
         let agent = self.clone();
-        every_page(
+        each_in_pages(
             move |after| {
                 let mut agent = agent.clone();
                 async move {
@@ -176,14 +176,15 @@ impl NodeAgent {
                 }
             },
             |v| &v.volume_id,
+            each,
         )
         .await
     }
 
-    /// Every snapshot on the node, in pages like `every_volume`.
-    pub async fn every_snapshot(&self) -> Result<Vec<pb::Snapshot>, AgentError> {
+    /// Every snapshot on the node, in pages like `each_volume`.
+    pub async fn each_snapshot(&self, each: impl FnMut(pb::Snapshot)) -> Result<(), AgentError> {
         let agent = self.clone();
-        every_page(
+        each_in_pages(
             move |after| {
                 let mut agent = agent.clone();
                 async move {
@@ -192,29 +193,37 @@ impl NodeAgent {
                 }
             },
             |s| &s.snapshot_id,
+            each,
         )
         .await
     }
 }
 
-/// Every entry of a listing asked for page by page: `page(after)` answers
-/// the entries after that ID (from the first when empty), `id` names one.
-async fn every_page<T, F, Fut>(mut page: F, id: impl Fn(&T) -> &String) -> Result<Vec<T>, AgentError>
+/// Every entry of a listing asked for page by page, each handed to `each`:
+/// `page(after)` answers the entries after that ID (from the first when
+/// empty), `id` names one.
+async fn each_in_pages<T, F, Fut>(mut page: F, id: impl Fn(&T) -> &String, mut each: impl FnMut(T)) -> Result<(), AgentError>
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<T>, AgentError>>,
 {
-    let mut all: Vec<T> = Vec::new();
+    let mut after = String::new();
     loop {
-        let after = all.last().map(|e| id(e).clone()).unwrap_or_default();
         let got = page(after.clone()).await?;
-        if ignored_paging(got.len(), got.first().map(|e| id(e).as_str()), &after) {
-            return Ok(got);
+        // An agent that does not page answers the whole listing each time:
+        // on the first call, that is every entry; on a later one, the
+        // first answer was every entry already.
+        let whole = ignored_paging(got.len(), got.first().map(|e| id(e).as_str()), &after);
+        if whole && !after.is_empty() {
+            return Ok(());
         }
-        let last = got.len() < LISTING_PAGE as usize;
-        all.extend(got);
+        let last = whole || got.len() < LISTING_PAGE as usize;
+        if let Some(e) = got.last() {
+            after = id(e).clone();
+        }
+        got.into_iter().for_each(&mut each);
         if last {
-            return Ok(all);
+            return Ok(());
         }
     }
 }
@@ -247,6 +256,38 @@ async fn hold_for_tests() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node of `n` entries ("e00000", ...), paging or not.
+    async fn walk(n: usize, pages: bool) -> (Vec<String>, usize) {
+        let all: Vec<String> = (0..n).map(|i| format!("e{i:05}")).collect();
+        let calls = std::cell::Cell::new(0);
+        let mut seen = Vec::new();
+        let page = |after: String| {
+            calls.set(calls.get() + 1);
+            let got: Vec<String> = if pages {
+                all.iter().filter(|e| after.is_empty() || **e > after).take(LISTING_PAGE as usize).cloned().collect()
+            } else {
+                all.clone()
+            };
+            async move { Ok(got) }
+        };
+        each_in_pages(page, |e: &String| e, |e| seen.push(e)).await.unwrap();
+        (seen, calls.get())
+    }
+
+    #[tokio::test]
+    async fn each_entry_comes_once_from_an_agent_that_pages_or_not() {
+        let page = LISTING_PAGE as usize;
+        for n in [0, 1, page - 1, page, page + 1, 2 * page, 2 * page + 500] {
+            for pages in [true, false] {
+                let (seen, calls) = walk(n, pages).await;
+                let expected: Vec<String> = (0..n).map(|i| format!("e{i:05}")).collect();
+                assert_eq!(seen, expected, "{n} entries, paging {pages}");
+                let most = if pages { n / page + 1 } else { 2 };
+                assert!(calls <= most, "{calls} calls for {n} entries, paging {pages}");
+            }
+        }
+    }
 
     #[test]
     fn an_agent_that_does_not_page_is_recognised() {

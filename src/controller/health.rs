@@ -16,7 +16,7 @@
 //! an NBD publication (whose exports it did not keep), and about every
 //! volume when no pass is recent (a replica that has not led long).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -277,8 +277,8 @@ impl Manager {
         // volumes, one question to each node holding some of them, about
         // those only (so no answer grows with the node's whole pool).
         let exports = self.exports_by_volume().await?;
-        let mut judged: HashSet<String> = HashSet::new();
         let mut after: Option<String> = None;
+        let mut judged = 0usize;
         loop {
             let page = store::list_page_json::<VolumeRec>(&*self.store, Kind::Volume, after.as_deref(), store::PAGE).await?;
             let done = page.len() < store::PAGE;
@@ -290,17 +290,21 @@ impl Manager {
                 if h.abnormal {
                     abnormal.insert(v.id.clone(), h);
                 }
-                judged.insert(v.id.clone());
+                judged += 1;
             }
             if done {
                 break;
             }
         }
-        // Volumes noted abnormal that are no longer Available (deleted,
-        // failed) are forgotten, so the notes do not keep every one ever made.
-        self.health_seen.lock().unwrap_or_else(|p| p.into_inner()).retain(|id| judged.contains(id));
+        // The pass judged every Available volume, and each judgement noted
+        // or cleared its own: a note this pass did not find abnormal is of a
+        // volume no longer Available (deleted, failed), and is forgotten, so
+        // the notes do not keep every one ever made. (One a ListVolumes
+        // noted after this pass judged its volume goes too; it is noted,
+        // with its event, again at the next pass.)
+        self.health_seen.lock().unwrap_or_else(|p| p.into_inner()).retain(|id| abnormal.contains_key(id));
         info!(
-            volumes = judged.len(),
+            volumes = judged,
             abnormal = abnormal.len(),
             seconds = format!("{:.2}", began.elapsed().as_secs_f64()),
             "volume health checked"

@@ -15,8 +15,8 @@ pub struct Page<T> {
     pub next_token: String,
 }
 
-/// Records read from the store per round while a page fills.
-const READ: usize = 256;
+/// Records read from the store per round at most while a page fills.
+const READ: usize = 4096;
 
 impl Manager {
     /// Available volumes: at most `max_entries` (0: all) after `token`.
@@ -47,7 +47,10 @@ impl Manager {
         let max = if max_entries == 0 { usize::MAX } else { max_entries as usize };
         let mut items = Vec::new();
         loop {
-            let want = READ.max(max.saturating_sub(items.len()).min(4096));
+            // What the page still needs and one more (which says whether
+            // another page follows): a page of 100 decodes 101 records, not
+            // a fixed batch. Records the filter drops make another round.
+            let want = max.saturating_sub(items.len()).saturating_add(1).min(READ);
             let batch = store::list_page_json::<T>(&*self.store, kind, after.as_deref(), want).await?;
             let exhausted = batch.len() < want;
             for (id, rec, _) in batch {

@@ -238,27 +238,27 @@ impl Manager {
     /// that would be more than the breaker allows.
     async fn quarantine_pass(&self, node: &NodeRec, owned: &HashSet<String>, report: &mut ReconcileReport) {
         let Ok(mut agent) = self.agent_of(node.clone()) else { return };
-        let listed = match agent.every_volume().await {
-            Ok(vols) => agent.every_snapshot().await.map(|snaps| (vols, snaps)),
-            Err(e) => Err(e),
-        };
-        let (vols, snaps) = match listed {
-            Ok(both) => both,
-            Err(e) => {
-                warn!(node = %node.id, error = %e, "could not list the node's images; its orphans are looked for at the next pass");
-                return;
-            }
-        };
         let grace = self.config.stuck_grace.as_millis() as u64;
         let available = pb::ImageState::Available as i32;
-        let mut images: Vec<(bool, String, u64, i32)> = vols.into_iter().map(|v| (true, v.volume_id, v.age_ms, v.state)).collect();
-        images.extend(snaps.into_iter().map(|s| (false, s.snapshot_id, s.age_ms, s.state)));
-        let total = images.len();
-        let candidates: Vec<(bool, String)> = images
-            .into_iter()
-            .filter(|(_, id, age, state)| *state == available && *age > grace && !owned.contains(id) && !self.inflight.busy(id))
-            .map(|(is_volume, id, _, _)| (is_volume, id))
-            .collect();
+        // The node's images, page by page; only the candidates are kept
+        // (volume or not, ID): no record places them here, they are
+        // Available and older than the grace, and no operation holds them.
+        let mut total = 0usize;
+        let mut candidates: Vec<(bool, String)> = Vec::new();
+        let mut consider = |is_volume: bool, id: String, age: u64, state: i32| {
+            total += 1;
+            if state == available && age > grace && !owned.contains(&id) && !self.inflight.busy(&id) {
+                candidates.push((is_volume, id));
+            }
+        };
+        let listed = match agent.each_volume(|v| consider(true, v.volume_id, v.age_ms, v.state)).await {
+            Ok(()) => agent.each_snapshot(|s| consider(false, s.snapshot_id, s.age_ms, s.state)).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = listed {
+            warn!(node = %node.id, error = %e, "could not list the node's images; its orphans are looked for at the next pass");
+            return;
+        }
         let labels = PoolLabels { node: node.id.clone() };
         METRICS.orphan_candidates.get_or_create(&labels).set(candidates.len() as i64);
         // When this controller first saw each candidate without a record;
@@ -373,6 +373,9 @@ impl Manager {
                 // A later term looks afresh before it answers from a pass.
                 self.forget_health_pass();
             }
+            // The pass held every record's ID and each node's listing for
+            // a moment: give those pages back rather than keep them.
+            crate::memory::give_back_freed();
         }
     }
 }
