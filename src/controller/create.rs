@@ -371,7 +371,7 @@ impl Task<CreateCtx, ControllerError> for ScheduleAndCreate {
             ctx.reservation = None;
             ctx.rec.attempts.push(Attempt {
                 node: node.clone(),
-                error: format!("{:?}: {}", failure.error.failure(), failure.error),
+                error: format!("{:?}: {}", failure.error.code(), failure.error),
                 at_ms: now_ms(),
             });
             ctx.rec.node = None;

@@ -16,7 +16,7 @@
 //! an NBD publication (whose exports it did not keep), and about every
 //! volume when no pass is recent (a replica that has not led long).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -73,7 +73,9 @@ type ExportsByVolume = HashMap<String, Vec<ExportRec>>;
 pub struct LastPass {
     began_ms: i64,
     good_until_ms: i64,
-    abnormal: HashMap<String, Health>,
+    /// Each abnormal volume's health, and whether the verdict looked at
+    /// its NBD publications (then it may be stale once one is removed).
+    abnormal: HashMap<String, (Health, bool)>,
 }
 
 impl LastPass {
@@ -86,8 +88,8 @@ impl LastPass {
         if now_ms > self.good_until_ms || !seen_as_is || v.phase != Phase::Available || exports.iter().any(serves_nbd) {
             return None;
         }
-        if let Some(h) = self.abnormal.get(&v.id) {
-            return Some(h.clone());
+        if let Some((h, looked_at_exports)) = self.abnormal.get(&v.id) {
+            return (!looked_at_exports).then(|| h.clone());
         }
         let node = v.node.as_deref()?;
         let ago = (now_ms - self.began_ms).max(0) / 1000;
@@ -103,7 +105,7 @@ impl Manager {
         let views = self.ask_nodes_of(volumes, &exports).await;
         let mut out = HashMap::new();
         for v in volumes {
-            let health = self.judge(v, &views, &exports).await;
+            let (health, _) = self.judge(v, &views, &exports).await;
             let published = exports.remove(&v.id).unwrap_or_default().into_iter().map(|e| e.node_id).collect();
             out.insert(v.id.clone(), VolumeStatus { health, published });
         }
@@ -116,13 +118,17 @@ impl Manager {
     pub async fn listed_volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
         let mut exports = self.exports_by_volume().await?;
         let now = now_ms();
+        // A replica that no longer leads keeps no pass current (its
+        // reconciler stopped): it asks, as one that never led.
+        let leading = self.is_leader();
         let (mut out, to_ask) = {
             let pass = self.last_health_pass.lock().unwrap_or_else(|p| p.into_inner());
+            let pass = pass.as_ref().filter(|_| leading);
             let mut out = HashMap::new();
             let mut to_ask = Vec::new();
             for v in volumes {
                 let on_record = exports.get(&v.id).map(Vec::as_slice).unwrap_or_default();
-                match pass.as_ref().and_then(|p| p.health_of(v, on_record, now)) {
+                match pass.and_then(|p| p.health_of(v, on_record, now)) {
                     Some(health) => {
                         out.insert(v.id.clone(), VolumeStatus { health, published: vec![] });
                     }
@@ -134,7 +140,7 @@ impl Manager {
         if !to_ask.is_empty() {
             let views = self.ask_nodes_of(&to_ask, &exports).await;
             for v in &to_ask {
-                let health = self.judge(v, &views, &exports).await;
+                let (health, _) = self.judge(v, &views, &exports).await;
                 out.insert(v.id.clone(), VolumeStatus { health, published: vec![] });
             }
         }
@@ -176,20 +182,21 @@ impl Manager {
         .collect()
     }
 
-    /// A volume's health from what its node said, with its event.
-    async fn judge(&self, v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &ExportsByVolume) -> Health {
+    /// A volume's health from what its node said, with its event; and
+    /// whether it was noted (not when its record changed meanwhile).
+    async fn judge(&self, v: &VolumeRec, views: &BTreeMap<String, NodeView>, exports: &ExportsByVolume) -> (Health, bool) {
         let h = health_of(v, views, exports.get(&v.id).map(Vec::as_slice).unwrap_or_default());
         if h.abnormal && self.changed_since(v).await {
             // The node answered after the record was read: a volume being
             // deleted, or switched to another node by a migration, is
             // missing there, which says nothing of its health. No turn is
             // noted; the next look judges the record as it is then.
-            return Health::ok(
-                "its record changed while it was looked at (deleted, or moved to another node); judged again at the next look",
-            );
+            let h =
+                Health::ok("its record changed while it was looked at (deleted, or moved to another node); judged again at the next look");
+            return (h, false);
         }
         self.note_health(v, &h).await;
-        h
+        (h, true)
     }
 
     /// Whether `v`'s record is gone, or names another phase or node than
@@ -248,9 +255,9 @@ impl Manager {
         let was_abnormal = {
             let mut abnormal = self.health_seen.lock().unwrap_or_else(|p| p.into_inner());
             if h.abnormal {
-                !abnormal.insert(v.id.clone())
+                abnormal.insert(v.id.clone(), now_ms()).is_some()
             } else {
-                abnormal.remove(&v.id)
+                abnormal.remove(&v.id).is_some()
             }
         };
         match (was_abnormal, h.abnormal) {
@@ -272,7 +279,10 @@ impl Manager {
     pub async fn check_health(&self, good_for: Duration) -> Result<(), ControllerError> {
         let began = std::time::Instant::now();
         let began_ms = now_ms();
-        let mut abnormal: HashMap<String, Health> = HashMap::new();
+        let mut abnormal: HashMap<String, (Health, bool)> = HashMap::new();
+        // Volumes whose record changed while they were looked at: judged
+        // at the next look, their notes kept meanwhile.
+        let mut unjudged: HashSet<String> = HashSet::new();
         // One read of the publications for the whole pass; for each page of
         // volumes, one question to each node holding some of them, about
         // those only (so no answer grows with the node's whole pool).
@@ -286,9 +296,12 @@ impl Manager {
             let vols: Vec<VolumeRec> = page.into_iter().map(|(_, v, _)| v).filter(|v| v.phase == Phase::Available).collect();
             let views = self.ask_nodes_of(&vols, &exports).await;
             for v in &vols {
-                let h = self.judge(v, &views, &exports).await;
-                if h.abnormal {
-                    abnormal.insert(v.id.clone(), h);
+                let (h, noted) = self.judge(v, &views, &exports).await;
+                if !noted {
+                    unjudged.insert(v.id.clone());
+                } else if h.abnormal {
+                    let looked_at_exports = exports.get(&v.id).is_some_and(|e| e.iter().any(serves_nbd));
+                    abnormal.insert(v.id.clone(), (h, looked_at_exports));
                 }
                 judged += 1;
             }
@@ -297,12 +310,14 @@ impl Manager {
             }
         }
         // The pass judged every Available volume, and each judgement noted
-        // or cleared its own: a note this pass did not find abnormal is of a
-        // volume no longer Available (deleted, failed), and is forgotten, so
-        // the notes do not keep every one ever made. (One a ListVolumes
-        // noted after this pass judged its volume goes too; it is noted,
-        // with its event, again at the next pass.)
-        self.health_seen.lock().unwrap_or_else(|p| p.into_inner()).retain(|id| abnormal.contains_key(id));
+        // or cleared its own. A note made before the pass began that it
+        // neither found abnormal nor left unjudged is of a volume no longer
+        // Available (deleted, failed): it is forgotten, so the notes do not
+        // keep every one ever made. Notes made since it began stay.
+        self.health_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, noted_ms| abnormal.contains_key(id) || unjudged.contains(id) || *noted_ms >= began_ms);
         info!(
             volumes = judged,
             abnormal = abnormal.len(),
@@ -493,7 +508,11 @@ mod tests {
         let pass = LastPass {
             began_ms: 1_000,
             good_until_ms: 60_000,
-            abnormal: [("vol-bad".to_string(), Health::bad("on node node-1: the pool's filesystem is read-only"))].into(),
+            abnormal: [
+                ("vol-bad".to_string(), (Health::bad("on node node-1: the pool's filesystem is read-only"), false)),
+                ("vol-unserved".to_string(), (Health::bad("its export to node node-2 is not served by node node-1"), true)),
+            ]
+            .into(),
         };
         let seen = |id: &str| {
             let mut v = vol(id, "node-1");
@@ -503,6 +522,8 @@ mod tests {
         let h = pass.health_of(&seen("vol-ok"), &[], 31_000).unwrap();
         assert!(!h.abnormal && h.message.contains("at the health check 30 s ago"), "{h:?}");
         assert_eq!(pass.health_of(&seen("vol-bad"), &[], 31_000), Some(Health::bad("on node node-1: the pool's filesystem is read-only")));
+
+        assert_eq!(pass.health_of(&seen("vol-unserved"), &[], 31_000), None, "a verdict on exports that may be gone is asked again");
 
         let mut changed = seen("vol-ok");
         changed.updated_ms = 1_000;

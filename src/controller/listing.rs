@@ -15,8 +15,10 @@ pub struct Page<T> {
     pub next_token: String,
 }
 
-/// Records read from the store per round at most while a page fills.
+/// Records read from the store per round at most while a page fills, and
+/// at least after a first round that the filter thinned.
 const READ: usize = 4096;
+const READ_AGAIN: usize = 256;
 
 impl Manager {
     /// Available volumes: at most `max_entries` (0: all) after `token`.
@@ -46,11 +48,15 @@ impl Manager {
         }
         let max = if max_entries == 0 { usize::MAX } else { max_entries as usize };
         let mut items = Vec::new();
+        let mut rounds = 0;
         loop {
-            // What the page still needs and one more (which says whether
-            // another page follows): a page of 100 decodes 101 records, not
-            // a fixed batch. Records the filter drops make another round.
-            let want = max.saturating_sub(items.len()).saturating_add(1).min(READ);
+            // First what the page still needs and one more (which says
+            // whether another page follows): a page of 100 decodes 101
+            // records. Records the filter drops make another round, of a
+            // batch at least, so a thin filter does not read one at a time.
+            let needed = max.saturating_sub(items.len()).saturating_add(1);
+            let want = if rounds == 0 { needed } else { needed.max(READ_AGAIN) }.min(READ);
+            rounds += 1;
             let batch = store::list_page_json::<T>(&*self.store, kind, after.as_deref(), want).await?;
             let exhausted = batch.len() < want;
             for (id, rec, _) in batch {

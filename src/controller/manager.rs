@@ -111,9 +111,9 @@ pub struct Manager {
     pub(crate) migrations: KeyedLocks,
     /// With leader election: this replica's leadership. Without: None.
     leader: Option<watch::Receiver<Leadership>>,
-    /// The volumes last seen abnormal (health.rs), so an event marks each
-    /// turn once.
-    pub(crate) health_seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The volumes last seen abnormal (health.rs), with when (ms), so an
+    /// event marks each turn once.
+    pub(crate) health_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     /// What the reconciler's last health pass found (health.rs); ListVolumes
     /// answers from it.
     pub(crate) last_health_pass: Arc<std::sync::Mutex<Option<super::health::LastPass>>>,
