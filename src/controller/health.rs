@@ -14,7 +14,7 @@
 //! to each node. The nodes are still asked about the volumes that pass did
 //! not see as they are (made or changed since it began), about those with
 //! an NBD publication (whose exports it did not keep), and about every
-//! volume when no pass is recent (a replica that has not led long).
+//! volume when no pass is recent or this replica does not lead.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -69,7 +69,7 @@ type ExportsByVolume = HashMap<String, Vec<ExportRec>>;
 /// its findings stand in for asking the nodes, and the volumes it judged
 /// abnormal, with why. Only the abnormal are kept: the memory grows with
 /// the volumes in trouble, not with every volume.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug)]
 pub struct LastPass {
     began_ms: i64,
     good_until_ms: i64,
@@ -101,53 +101,55 @@ impl Manager {
     /// The health and publications of each volume, by ID: one read of the
     /// publications and one question to each node holding one of them.
     pub async fn volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
-        let mut exports = self.exports_by_volume().await?;
-        let views = self.ask_nodes_of(volumes, &exports).await;
-        let mut out = HashMap::new();
-        for v in volumes {
-            let (health, _) = self.judge(v, &views, &exports).await;
-            let published = exports.remove(&v.id).unwrap_or_default().into_iter().map(|e| e.node_id).collect();
-            out.insert(v.id.clone(), VolumeStatus { health, published });
-        }
-        Ok(out)
+        self.statuses(volumes, false).await
     }
 
     /// Like `volumes_status`, for ListVolumes: the health of each volume the
     /// last health pass can speak for comes from it (see `LastPass`); only
     /// the nodes of the others are asked.
     pub async fn listed_volumes_status(&self, volumes: &[VolumeRec]) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
+        self.statuses(volumes, true).await
+    }
+
+    async fn statuses(&self, volumes: &[VolumeRec], from_pass: bool) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
         let mut exports = self.exports_by_volume().await?;
         let now = now_ms();
         // A replica that no longer leads keeps no pass current (its
         // reconciler stopped): it asks, as one that never led.
-        let leading = self.is_leader();
-        let (mut out, to_ask) = {
+        let use_pass = from_pass && self.is_leader();
+        let mut health: HashMap<String, Health> = HashMap::new();
+        let to_ask: Vec<VolumeRec> = {
             let pass = self.last_health_pass.lock().unwrap_or_else(|p| p.into_inner());
-            let pass = pass.as_ref().filter(|_| leading);
-            let mut out = HashMap::new();
-            let mut to_ask = Vec::new();
-            for v in volumes {
-                let on_record = exports.get(&v.id).map(Vec::as_slice).unwrap_or_default();
-                match pass.and_then(|p| p.health_of(v, on_record, now)) {
-                    Some(health) => {
-                        out.insert(v.id.clone(), VolumeStatus { health, published: vec![] });
+            let pass = pass.as_ref().filter(|_| use_pass);
+            volumes
+                .iter()
+                .filter(|v| {
+                    let on_record = exports.get(&v.id).map(Vec::as_slice).unwrap_or_default();
+                    match pass.and_then(|p| p.health_of(v, on_record, now)) {
+                        Some(h) => {
+                            health.insert(v.id.clone(), h);
+                            false
+                        }
+                        None => true,
                     }
-                    None => to_ask.push(v.clone()),
-                }
-            }
-            (out, to_ask)
+                })
+                .cloned()
+                .collect()
         };
         if !to_ask.is_empty() {
             let views = self.ask_nodes_of(&to_ask, &exports).await;
             for v in &to_ask {
-                let (health, _) = self.judge(v, &views, &exports).await;
-                out.insert(v.id.clone(), VolumeStatus { health, published: vec![] });
+                let (h, _) = self.judge(v, &views, &exports).await;
+                health.insert(v.id.clone(), h);
             }
         }
-        for (id, status) in out.iter_mut() {
-            status.published = exports.remove(id).unwrap_or_default().into_iter().map(|e| e.node_id).collect();
-        }
-        Ok(out)
+        Ok(health
+            .into_iter()
+            .map(|(id, health)| {
+                let published = exports.remove(&id).unwrap_or_default().into_iter().map(|e| e.node_id).collect();
+                (id, VolumeStatus { health, published })
+            })
+            .collect())
     }
 
     /// Forgets the last health pass (this replica no longer leads).
