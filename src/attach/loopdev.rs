@@ -370,6 +370,9 @@ pub fn sysfs_backing_file(number: u32) -> Result<Option<(PathBuf, bool)>> {
     let raw = match std::fs::read(&path) {
         Ok(raw) => raw,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // A device being removed as it is read (another caller detached it
+        // and the kernel is tearing it down): no longer bound either.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV) | Some(libc::ENXIO)) => return Ok(None),
         Err(error) => return Err(AttachError::Sysfs { path, error }),
     };
     let raw = raw.strip_suffix(b"\n").unwrap_or(&raw);
