@@ -474,7 +474,13 @@ say "kubectl apply -k deploy/"
 check "kubectl apply --server-side -k deploy/" k apply --server-side --force-conflicts -k deploy
 check "every object of deploy/ exists" k get -f "$tmp/kustomized.yaml" -o name
 check "kubectl delete -k deploy/" k delete -k deploy --wait=false
-gone=$(left "$tmp/kustomized.yaml")
+# Deletion goes on after the call answers (a CRD's finalizer removes its
+# objects first): look again for up to 30 s.
+for _ in $(seq 60); do
+  gone=$(left "$tmp/kustomized.yaml")
+  [ -z "$gone" ] && break
+  sleep 0.5
+done
 [ -z "$gone" ] && pass || fail "kubectl delete -k deploy/ leaves $gone"
 
 scripts/k8s/testbed.sh down "$bed" >/dev/null 2>&1
