@@ -77,6 +77,8 @@ pub struct Metrics {
     /// rode on a sync that started after them).
     pub folder_sync_requests: Counter,
     pub folder_syncs: Counter,
+    pub journal_appends: Counter,
+    pub journal_syncs: Counter,
     /// CSI calls a standby controller replica handed to the leader, by
     /// method (a sidecar leading beside a standby; controller/forward.rs).
     pub forwarded_calls: Family<MethodLabels, Counter>,
@@ -150,6 +152,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Folder fsyncs the pools made (one covers every request made before it started)",
         folder_syncs.clone(),
     );
+    let journal_appends = Counter::default();
+    registry.register(
+        "pool_journal_appends",
+        "Records of new volumes and snapshots appended to the pools' journals",
+        journal_appends.clone(),
+    );
+    let journal_syncs = Counter::default();
+    registry.register(
+        "pool_journal_syncs",
+        "Journal fdatasyncs the pools made (one covers every append made before it started)",
+        journal_syncs.clone(),
+    );
     Metrics {
         registry,
         volume_copy_bytes,
@@ -157,6 +171,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         store_writes,
         folder_sync_requests,
         folder_syncs,
+        journal_appends,
+        journal_syncs,
         calls,
         call_seconds,
         flow_reverts,

@@ -24,6 +24,9 @@ pub struct ReconcileReport {
     pub quarantined: Vec<String>,
     /// Volumes and snapshots left as they are and marked broken (the pool).
     pub broken: Vec<String>,
+    /// Records a crash had emptied or torn, written again from the pool's
+    /// journal (the pool).
+    pub restored: Vec<String>,
     /// Nodes whose quarantine the circuit breaker held, with how many images
     /// it would have moved (the controller).
     pub breaker_held: Vec<(String, usize)>,

@@ -140,7 +140,9 @@ async fn listings_come_in_pages_by_id_and_for_named_volumes() {
             c.create_snapshot(req).await.unwrap();
         }
     }
-    // vol-c's record torn: the pool holds it as broken, listed in its place.
+    // vol-c's record torn (after the journal let go of it): the pool holds
+    // it as broken, listed in its place.
+    checkpoint_pool_journal(&pool);
     std::fs::write(pool.join("volumes/vol-c.json"), b"{\"id\": ").unwrap();
     let node = NodeProcess::start(&pool, &sock, "node-1", &[]);
     let mut c = client(&node).await;
@@ -225,6 +227,7 @@ async fn a_node_with_broken_volumes_starts_and_serves_the_rest() {
             c.create_volume(create(id, MIB, None)).await.unwrap();
         }
     }
+    checkpoint_pool_journal(&pool);
     std::fs::write(pool.join("volumes/vol-torn.json"), b"{\"id\": ").unwrap();
     std::fs::remove_file(pool.join("volumes/vol-lost.img")).unwrap();
 

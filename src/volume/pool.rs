@@ -6,22 +6,27 @@
 //! <pool>/snapshots/<id>.img <id>.json   (images read-only)
 //! <pool>/orphaned/          images found without a record, kept for a person
 //! <pool>/pool.json           the pool's identity (its UUID)
+//! <pool>/journal/            records of recent creates (`journal`)
 //! ```
 //!
 //! Order of writes, so a crash at any instant is recoverable: a create makes
 //! its image under a `.partial` name and fsyncs it; then writes its
-//! `Available` record under the pending name `<id>.json.tmp` and fsyncs it;
-//! syncs the folder; renames the image, then the record, into place; syncs
-//! the folder again. Deletion renames the record to `<id>.json.deleting`,
-//! removes the image, then the record. `Pool::open` reconciles whatever it
-//! finds: a partial image alone is dropped, a pending record alone is a
-//! create that never answered (rolled back), a record whose image is still
-//! partial finishes the rename, a `.deleting` record finishes its deletion.
+//! `Available` record under the pending name `<id>.json.tmp`, without an
+//! fsync, and appends the same bytes to the pool's journal, which is
+//! synced; syncs the folder; renames the image, then the record, into
+//! place; syncs the folder again. Deletion renames the record to
+//! `<id>.json.deleting`, removes the image, then the record. `Pool::open`
+//! first writes back from the journal any record a crash emptied, then
+//! reconciles whatever it finds: a partial image alone is dropped, a
+//! pending record alone is a create that never answered (rolled back), a
+//! record whose image is still partial finishes the rename, a `.deleting`
+//! record finishes its deletion.
 //!
-//! A create and its delete make two files, rewrite none, and cost two file
-//! fsyncs: creating a file is the costly step on some filesystems (ext4
-//! without a journal scans its recently freed inodes), and file fsyncs are
-//! the ones concurrent creates cannot share (folder syncs are shared).
+//! A create and its delete make two files, rewrite none, and cost one file
+//! fsync of their own (the image's): creating a file is the costly step on
+//! some filesystems (ext4 without a journal scans its recently freed
+//! inodes), and a file fsync is the one thing concurrent creates cannot
+//! share (folder syncs and journal syncs are shared).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -42,6 +47,7 @@ use super::{validate_id, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES};
 use crate::keyed_locks::KeyedLocks;
 
 mod copy_target;
+mod journal;
 mod passes;
 mod startup;
 
@@ -120,6 +126,8 @@ pub struct Pool {
     freezer: std::sync::RwLock<Option<Arc<dyn Freezer>>>,
     /// Freezes held between the steps of a group snapshot.
     pub(super) groups: super::group::GroupFreezes,
+    /// Where creates' records become durable together (`journal`).
+    journal: journal::Journal,
 }
 
 pub use crate::reconcile_report::ReconcileReport;
@@ -127,7 +135,7 @@ pub use crate::reconcile_report::ReconcileReport;
 /// What a pool holds an image and a record of: a volume or a snapshot.
 /// (The controller's store has more kinds of record, `store::Kind`; a pool
 /// has these two, each in its own folder.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ImageKind {
     Volume,
     Snapshot,
@@ -190,6 +198,8 @@ impl Pool {
             Some(r) => r,
             None => identity::create(&root, adopted)?,
         };
+        let (journal, restored) =
+            journal::Journal::open(&root).map_err(VolumeError::io(format!("opening the journal of pool {}", root.display())))?;
         let pool = Pool {
             root,
             uuid: record.uuid,
@@ -201,8 +211,10 @@ impl Pool {
             admission: Mutex::new(()),
             freezer: std::sync::RwLock::new(None),
             groups: Default::default(),
+            journal,
         };
-        let report = pool.reconcile()?;
+        let mut report = pool.reconcile()?;
+        report.restored = restored;
         let (volumes, snapshots) = {
             let index = pool.index();
             (index.volumes.len(), index.snapshots.len())
@@ -594,7 +606,9 @@ impl Pool {
         let rec_path = self.path(kind, id, "json");
         let dir = self.root.join(kind.dir());
         let partial = self.path(kind, id, "img.partial");
-        records::write_pending(&rec_path, done).map_err(VolumeError::io(format!("writing {} record", kind.name())))?;
+        let bytes = serde_json::to_vec_pretty(done).map_err(|e| VolumeError::io(format!("encoding {} record", kind.name()))(e.into()))?;
+        records::write_pending_unsynced(&rec_path, &bytes).map_err(VolumeError::io(format!("writing {} record", kind.name())))?;
+        self.journal.append(kind, id, &bytes).map_err(VolumeError::io(format!("journaling {} record", kind.name())))?;
         records::sync_dir(&dir).map_err(VolumeError::io("syncing pool folder"))?;
         std::fs::rename(&partial, self.path(kind, id, "img")).map_err(VolumeError::io(format!("renaming {}", partial.display())))?;
         std::fs::rename(records::pending_path(&rec_path), &rec_path)

@@ -125,11 +125,19 @@ pub fn deleting_path(record: &Path) -> PathBuf {
     with_suffix(record, ".deleting")
 }
 
-/// Write a new volume's or snapshot's record under its pending name,
-/// fsynced; the caller syncs the folder and renames it into place.
-pub fn write_pending<T: Serialize>(record: &Path, value: &T) -> io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    write_synced(&pending_path(record), &bytes)
+/// Write a new volume's or snapshot's record under its pending name, not
+/// fsynced: the pool's journal holds the same bytes on disk (`pool::journal`)
+/// and puts them back if a crash loses them. The caller syncs the folder
+/// and renames it into place.
+pub fn write_pending_unsynced(record: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = File::options().write(true).create(true).truncate(true).open(pending_path(record))?;
+    f.write_all(bytes)
+}
+
+/// Write `bytes` to `path` in place and fsync it (a record the journal
+/// puts back; its name is already on disk).
+pub fn rewrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_synced(path, bytes)
 }
 
 pub fn write_record<T: Serialize>(path: &Path, record: &T) -> io::Result<()> {
@@ -165,6 +173,31 @@ fn folder_sync(dir: &Path) -> Arc<FolderSync> {
 /// One folder's shared fsyncs.
 struct FolderSync {
     dir: PathBuf,
+    group: GroupSync,
+}
+
+impl FolderSync {
+    fn new(dir: &Path) -> Self {
+        FolderSync { dir: dir.to_path_buf(), group: GroupSync::default() }
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        crate::metrics::METRICS.folder_sync_requests.inc();
+        self.group
+            .sync(|| {
+                crate::metrics::METRICS.folder_syncs.inc();
+                File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())
+            })
+            .map_err(|e| io::Error::other(format!("syncing folder {}: {e}", self.dir.display())))
+    }
+}
+
+/// Group commit for one thing to sync (a folder, the pool's journal):
+/// callers share syncs. A caller waits for a sync that *starts* after it
+/// asked (so it covers what the caller wrote before asking), and one sync
+/// covers everyone who asked before it started.
+#[derive(Default)]
+pub(crate) struct GroupSync {
     state: Mutex<SyncState>,
     done: Condvar,
 }
@@ -182,13 +215,12 @@ struct SyncState {
 /// Finished syncs remembered for callers that have not woken yet.
 const REMEMBERED: usize = 1024;
 
-impl FolderSync {
-    fn new(dir: &Path) -> Self {
-        FolderSync { dir: dir.to_path_buf(), state: Mutex::new(SyncState::default()), done: Condvar::new() }
-    }
-
-    fn sync(&self) -> io::Result<()> {
-        crate::metrics::METRICS.folder_sync_requests.inc();
+impl GroupSync {
+    /// Wait until a sync that started after this call has finished, and
+    /// answer its outcome; `sync` is what this caller runs if it is the one
+    /// to start that sync.
+    pub(crate) fn sync(&self, sync: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+        let mut sync = Some(sync);
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         s.asked += 1;
         let ticket = s.asked;
@@ -196,9 +228,8 @@ impl FolderSync {
             if s.finished.back().is_some_and(|(covered, _)| *covered >= ticket) {
                 // The first sync that covered this ticket gives the answer.
                 return match s.finished.iter().find(|(covered, _)| *covered >= ticket) {
-                    Some((_, Ok(()))) => Ok(()),
-                    Some((_, Err(e))) => Err(io::Error::other(format!("syncing folder {}: {e}", self.dir.display()))),
-                    None => Err(io::Error::other(format!("syncing folder {}: the outcome was lost; retry", self.dir.display()))),
+                    Some((_, outcome)) => outcome.clone(),
+                    None => Err("the outcome was lost; retry".into()),
                 };
             }
             if s.running {
@@ -209,8 +240,8 @@ impl FolderSync {
             s.running = true;
             let covers = s.asked;
             drop(s);
-            crate::metrics::METRICS.folder_syncs.inc();
-            let outcome = File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string());
+            let run = sync.take().expect("a caller starts at most one sync: the one it starts covers it");
+            let outcome = run();
             s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             s.running = false;
             s.finished.push_back((covers, outcome));

@@ -110,6 +110,32 @@ impl TestFs {
     }
 }
 
+impl TestFs {
+    /// A power cut, for real: XFS is shut down without writing its log
+    /// (`xfs_io -x -c shutdown`, the way xfstests makes its crash tests),
+    /// so whatever was not fsynced is lost as a crash would lose it; then
+    /// unmounted and mounted again, which replays the log. Only for the
+    /// loop-mounted XFS kinds ("xfs-reflink", "xfs-noreflink"); nothing may
+    /// hold a file open in it.
+    pub fn crash_and_mount_again(&self) {
+        assert!(self.disk.is_none(), "crash_and_mount_again is for the loop-mounted kinds");
+        let mount = self.mount.to_str().unwrap();
+        run("xfs_io", &["-x", "-c", "shutdown", mount]);
+        run("umount", &[mount]);
+        run("mount", &["-o", "loop", self.dir.path().join("fs.img").to_str().unwrap(), mount]);
+    }
+}
+
+/// Remove a pool's journal segments, as its checkpoints do once the records
+/// they hold are on disk: a record damaged after that is not written back
+/// at the next open (the pool marks it broken), which is what tests of
+/// damaged records look at. Call it with the pool closed.
+pub fn checkpoint_pool_journal(pool: &Path) {
+    for segment in std::fs::read_dir(pool.join("journal")).unwrap() {
+        std::fs::remove_file(segment.unwrap().path()).unwrap();
+    }
+}
+
 impl Drop for TestFs {
     fn drop(&mut self) {
         let m = self.mount.to_str().unwrap().to_string();
