@@ -419,7 +419,7 @@ fn init_logging(format: &str) {
 }
 
 fn main() -> std::process::ExitCode {
-    limit_malloc_arenas();
+    cinderblock::memory::limit_arenas();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -429,26 +429,6 @@ fn main() -> std::process::ExitCode {
     };
     runtime.block_on(run())
 }
-
-/// glibc gives threads that allocate at once their own malloc arenas (up
-/// to 8 per core), and each keeps what was freed in it. With tokio's worker
-/// and blocking threads, the standalone holding 100,000 volumes reached
-/// 200 MiB of RSS; with two arenas the same run measured 124 to 127 MiB
-/// (docs/benchmarks.md, "Many volumes"). An operator's MALLOC_ARENA_MAX or
-/// GLIBC_TUNABLES wins. Called before any other thread exists.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_some() || std::env::var_os("GLIBC_TUNABLES").is_some() {
-        return;
-    }
-    // SAFETY: mallopt sets an allocator parameter; no other thread runs yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn limit_malloc_arenas() {}
 
 async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -122,8 +122,16 @@ impl Journal {
             checkpointing: Mutex::new(()),
             keep_from: AtomicU64::new(u64::MAX),
         };
-        if let Some((last, _)) = segments.last() {
-            journal.checkpoint(*last);
+        match segments.last() {
+            // Entries: their files go to disk before the segments go.
+            Some((last, _)) if !latest.is_empty() => journal.checkpoint(*last),
+            // Only empty segments (a start with no create since the last).
+            Some(_) => {
+                for (_, path) in &segments {
+                    records::remove_if_exists(path)?;
+                }
+            }
+            None => {}
         }
         Ok((journal, restored))
     }
@@ -435,6 +443,17 @@ mod tests {
         // The replayed segment was checkpointed away; a new one is open.
         let left: Vec<u64> = list_segments(&root.path().join("journal")).unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(left, vec![2]);
+    }
+
+    #[test]
+    fn starts_without_creates_leave_one_empty_segment() {
+        let root = tempfile::tempdir().unwrap();
+        for _ in 0..3 {
+            let (_journal, restored) = Journal::open(root.path()).unwrap();
+            assert!(restored.is_empty());
+        }
+        let left: Vec<u64> = list_segments(&root.path().join("journal")).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(left, vec![3]);
     }
 
     #[test]
