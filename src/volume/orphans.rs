@@ -76,6 +76,9 @@ impl Pool {
         // Record first, image second: a crash between the two leaves an
         // image without a record, which the next open also moves here.
         let pool_dir = self.root.join(kind.dir());
+        // A new record's bytes may still be only in the journal, which
+        // writes back records in the pool's folders, not in orphaned/.
+        records::sync_file(&self.path(kind, id, "json")).map_err(VolumeError::io("syncing the record before moving it"))?;
         std::fs::rename(self.path(kind, id, "json"), dir.join(format!("{name}.json")))
             .map_err(VolumeError::io("moving the record to orphaned/"))?;
         records::sync_dir(&pool_dir).map_err(VolumeError::io("syncing pool folder"))?;

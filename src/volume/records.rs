@@ -134,6 +134,11 @@ pub fn write_pending_unsynced(record: &Path, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)
 }
 
+/// Fsync a file that is already written.
+pub fn sync_file(path: &Path) -> io::Result<()> {
+    File::open(path)?.sync_all()
+}
+
 /// Write `bytes` to `path` in place and fsync it (a record the journal
 /// puts back; its name is already on disk).
 pub fn rewrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {

@@ -113,14 +113,18 @@ impl TestFs {
 impl TestFs {
     /// A power cut, for real: XFS is shut down without writing its log
     /// (`xfs_io -x -c shutdown`, the way xfstests makes its crash tests),
-    /// so whatever was not fsynced is lost as a crash would lose it; then
-    /// unmounted and mounted again, which replays the log. Only for the
-    /// loop-mounted XFS kinds ("xfs-reflink", "xfs-noreflink"); nothing may
-    /// hold a file open in it.
-    pub fn crash_and_mount_again(&self) {
-        assert!(self.disk.is_none(), "crash_and_mount_again is for the loop-mounted kinds");
+    /// so whatever was not fsynced is lost as a crash would lose it, and
+    /// every later write or sync fails. Only for the loop-mounted XFS kinds
+    /// ("xfs-reflink", "xfs-noreflink"). `mount_again` after it.
+    pub fn crash(&self) {
+        assert!(self.disk.is_none(), "crash is for the loop-mounted XFS kinds");
+        run("xfs_io", &["-x", "-c", "shutdown", self.mount.to_str().unwrap()]);
+    }
+
+    /// Unmount and mount again (after `crash`, XFS replays its log as at
+    /// boot). Nothing may hold a file open in it.
+    pub fn mount_again(&self) {
         let mount = self.mount.to_str().unwrap();
-        run("xfs_io", &["-x", "-c", "shutdown", mount]);
         run("umount", &[mount]);
         run("mount", &["-o", "loop", self.dir.path().join("fs.img").to_str().unwrap(), mount]);
     }

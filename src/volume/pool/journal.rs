@@ -33,9 +33,8 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tracing::{info, warn};
@@ -54,15 +53,9 @@ const MAX_PAYLOAD: usize = 4 << 20;
 
 pub(super) struct Journal {
     dir: PathBuf,
-    /// The pool's folder, held open for `syncfs` at checkpoints.
-    pool_root: File,
     current: Mutex<Segment>,
     group: GroupSync,
-    /// Held while a checkpoint runs (one at a time).
-    checkpointing: Mutex<()>,
-    /// The first segment a failed `syncfs` left in doubt: it and every
-    /// later one stay until the next open replays them.
-    keep_from: AtomicU64,
+    checkpoints: Arc<Checkpoints>,
 }
 
 struct Segment {
@@ -80,22 +73,54 @@ struct Segment {
     failed: Option<String>,
 }
 
+/// Removing segments whose records are on disk; run on a thread of its
+/// own after a rotation (a `syncfs` can take a while on a busy pool, and
+/// no create waits for it), and at open.
+struct Checkpoints {
+    dir: PathBuf,
+    /// The pool's folder, held open for `syncfs`.
+    pool_root: File,
+    /// Held while a checkpoint runs (one at a time).
+    running: Mutex<()>,
+    /// The first segment a failed `syncfs` or read left in doubt: it and
+    /// every later one stay until the next open replays them.
+    keep_from: AtomicU64,
+    /// Checkpoints started and not finished (tests wait for them).
+    pending: AtomicUsize,
+}
+
 impl Journal {
     /// Open the journal of the pool at `root`: restore the record files
     /// its segments speak for, checkpoint them, and start a new segment.
     /// Returns the journal and the volumes and snapshots whose record was
-    /// written again (as `volumes/<id>`, `snapshots/<id>`).
+    /// written again (as `volumes/<id>`, `snapshots/<id>`). A segment or a
+    /// record that cannot be read is logged and left as it is (the
+    /// reconcile marks such a record broken): one bad file never stops the
+    /// pool.
     pub(super) fn open(root: &Path) -> io::Result<(Journal, Vec<String>)> {
         let dir = root.join("journal");
         if !dir.is_dir() {
             std::fs::create_dir_all(&dir)?;
             records::sync_dir(root)?;
         }
-        let pool_root = File::open(root)?;
+        let checkpoints = Arc::new(Checkpoints {
+            dir: dir.clone(),
+            pool_root: File::open(root)?,
+            running: Mutex::new(()),
+            keep_from: AtomicU64::new(u64::MAX),
+            pending: AtomicUsize::new(0),
+        });
         let segments = list_segments(&dir)?;
         let mut latest: BTreeMap<(ImageKind, String), Vec<u8>> = BTreeMap::new();
-        for (_, path) in &segments {
-            let bytes = std::fs::read(path)?;
+        for (number, path) in &segments {
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(segment = %path.display(), error = %e, "journal segment cannot be read; kept for the next start");
+                    checkpoints.keep_from.fetch_min(*number, Ordering::SeqCst);
+                    continue;
+                }
+            };
             let (entries, torn) = read_frames(&bytes);
             if torn {
                 info!(segment = %path.display(), entries = entries.len(), "journal segment ends in an append cut short (it never answered)");
@@ -107,32 +132,30 @@ impl Journal {
         let mut restored = Vec::new();
         for ((kind, id), record) in &latest {
             let path = root.join(kind.dir()).join(format!("{id}.json"));
-            if restore(&path, id, record)? {
-                warn!(record = %path.display(), "record lost its content in a crash; written again from the pool's journal");
-                restored.push(kind.lock_key(id));
+            match restore(&path, id, record) {
+                Ok(true) => {
+                    warn!(record = %path.display(), "record lost its content in a crash; written again from the pool's journal");
+                    restored.push(kind.lock_key(id));
+                }
+                Ok(false) => {}
+                Err(e) => warn!(record = %path.display(), error = %e, "record could not be checked against the pool's journal"),
             }
         }
         let next = segments.last().map(|(n, _)| n + 1).unwrap_or(1);
         drop(create_segment(&dir, next)?);
+        match segments.last() {
+            // Entries: their files go to disk before the segments go.
+            Some((last, _)) if !latest.is_empty() => checkpoints.run(*last),
+            // Only empty segments (a start with no create since the last).
+            Some((last, _)) => checkpoints.remove_up_to(*last),
+            None => {}
+        }
         let journal = Journal {
             current: Mutex::new(Segment { number: next, file: None, entries: 0, in_flight: 0, failed: None }),
             dir,
-            pool_root,
             group: GroupSync::default(),
-            checkpointing: Mutex::new(()),
-            keep_from: AtomicU64::new(u64::MAX),
+            checkpoints,
         };
-        match segments.last() {
-            // Entries: their files go to disk before the segments go.
-            Some((last, _)) if !latest.is_empty() => journal.checkpoint(*last),
-            // Only empty segments (a start with no create since the last).
-            Some(_) => {
-                for (_, path) in &segments {
-                    records::remove_if_exists(path)?;
-                }
-            }
-            None => {}
-        }
         Ok((journal, restored))
     }
 
@@ -150,16 +173,18 @@ impl Journal {
                 // Everything appended to the full segment is put on disk
                 // before appends move on, so a sync of the new segment
                 // covers every append made before it started.
-                if let Some(file) = &current.file {
-                    if let Err(e) = file.sync_data() {
+                let rotated =
+                    current.file.as_ref().map_or(Ok(()), |f| f.sync_data()).and_then(|()| create_segment(&self.dir, current.number + 1));
+                let file = match rotated {
+                    Ok(file) => file,
+                    Err(e) => {
+                        // The new segment may exist half made: no retry.
                         current.failed = Some(e.to_string());
                         return Err(e);
                     }
-                }
-                let number = current.number + 1;
-                let file = create_segment(&self.dir, number)?;
+                };
                 full = Some(current.number);
-                current.number = number;
+                current.number += 1;
                 current.file = Some(Arc::new(file));
                 current.entries = 0;
             }
@@ -191,7 +216,7 @@ impl Journal {
         }
         synced.map_err(|e| io::Error::other(format!("syncing the pool's journal: {e}")))?;
         if let Some(number) = full {
-            self.checkpoint(number);
+            self.checkpoints.start(number);
         }
         Ok(())
     }
@@ -209,20 +234,50 @@ impl Journal {
             }
         };
         crate::metrics::METRICS.journal_syncs.inc();
-        file.sync_data().map_err(|e| {
-            let e = e.to_string();
-            self.current.lock().unwrap_or_else(|p| p.into_inner()).failed.get_or_insert(e.clone());
-            e
-        })
+        let synced = file.sync_data();
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        match synced {
+            Err(e) => Err(current.failed.get_or_insert(e.to_string()).clone()),
+            // A rotation syncs the same file description under the lock; an
+            // error is reported to one of the two calls only, so this one
+            // answers what the other found.
+            Ok(()) => current.failed.clone().map_or(Ok(()), Err),
+        }
+    }
+
+    /// Waits until the checkpoints started so far have finished.
+    #[cfg(test)]
+    fn wait_for_checkpoints(&self) {
+        while self.checkpoints.pending.load(Ordering::SeqCst) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+impl Checkpoints {
+    /// Checkpoint up to segment `upto` on a thread of its own (inline if no
+    /// thread can be made).
+    fn start(self: &Arc<Self>, upto: u64) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        let me = self.clone();
+        let spawned = std::thread::Builder::new().name("pool-journal-checkpoint".into()).spawn(move || me.run_counted(upto));
+        if spawned.is_err() {
+            self.run_counted(upto);
+        }
+    }
+
+    fn run_counted(&self, upto: u64) {
+        self.run(upto);
+        self.pending.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Put every file of the pool's filesystem on disk (`syncfs`) and remove
     /// the segments numbered up to `upto`: the records they speak for no
     /// longer need them. Best effort: what is not removed is read again at
-    /// the next open.
-    fn checkpoint(&self, upto: u64) {
-        let _running = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = rustix::fs::syncfs(self.pool_root.as_fd()) {
+    /// the next open. (`syncfs` reports writeback errors since Linux 5.8.)
+    fn run(&self, upto: u64) {
+        let _running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = rustix::fs::syncfs(&self.pool_root) {
             // Some file on the filesystem failed to reach the disk, perhaps
             // a record: its segments stay for the next open to replay.
             let first = list_segments(&self.dir).ok().and_then(|s| s.first().map(|(n, _)| *n)).unwrap_or(upto);
@@ -230,8 +285,17 @@ impl Journal {
             warn!(journal = %self.dir.display(), error = %e, "syncing the pool's filesystem failed; the journal keeps its segments until the next start");
             return;
         }
+        self.remove_up_to(upto);
+    }
+
+    /// Remove the segments numbered up to `upto`, but none a failure left
+    /// in doubt.
+    fn remove_up_to(&self, upto: u64) {
         let keep_from = self.keep_from.load(Ordering::SeqCst);
-        let Ok(segments) = list_segments(&self.dir) else { return };
+        let segments = match list_segments(&self.dir) {
+            Ok(s) => s,
+            Err(e) => return warn!(journal = %self.dir.display(), error = %e, "could not list the journal's segments"),
+        };
         for (number, path) in segments {
             if number <= upto && number < keep_from {
                 if let Err(e) = records::remove_if_exists(&path) {
@@ -243,7 +307,14 @@ impl Journal {
 }
 
 /// Write `<id>.json` again from its journal entry when it is there but does
-/// not read as that record. True when it was written.
+/// not read as a record of that volume or snapshot (empty, zeroed or torn:
+/// what a crash leaves of bytes that never reached the disk). True when it
+/// was written.
+///
+/// A file that reads as a record of the same ID is kept, whatever it says:
+/// it is the entry's own record or a later one (a rewrite, or a cross-node
+/// copy's record, which are fsynced and never journaled), never an older
+/// one.
 fn restore(path: &Path, id: &str, record: &[u8]) -> io::Result<bool> {
     let on_disk = match std::fs::read(path) {
         Ok(b) => b,
@@ -251,18 +322,17 @@ fn restore(path: &Path, id: &str, record: &[u8]) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    let journaled = identity_of(record).filter(|(journaled_id, _)| journaled_id == id);
-    if journaled.is_none() || identity_of(&on_disk) == journaled {
+    if record_id(record).as_deref() != Some(id) || record_id(&on_disk).as_deref() == Some(id) {
         return Ok(false);
     }
     records::rewrite_in_place(path, record)?;
     Ok(true)
 }
 
-/// A record's ID and creation time, when the bytes read as a record.
-fn identity_of(bytes: &[u8]) -> Option<(String, i64)> {
+/// The ID of a record, when the bytes read as one.
+fn record_id(bytes: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    Some((v.get("id")?.as_str()?.to_string(), v.get("created_at_ms")?.as_i64()?))
+    Some(v.get("id")?.as_str()?.to_string())
 }
 
 fn segment_name(number: u64) -> String {
@@ -409,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn open_writes_back_lost_records_and_keeps_good_or_newer_ones() {
+    fn open_writes_back_lost_records_and_keeps_any_record_of_the_same_volume() {
         let root = tempfile::tempdir().unwrap();
         let vols = root.path().join("volumes");
         std::fs::create_dir_all(&vols).unwrap();
@@ -417,25 +487,26 @@ mod tests {
         {
             let (journal, restored) = Journal::open(root.path()).unwrap();
             assert!(restored.is_empty());
-            for (id, created) in [("vol-lost", 1), ("vol-torn", 2), ("vol-good", 3), ("vol-gone", 4), ("vol-again", 5), ("vol-again", 6)] {
+            for (id, created) in [("vol-lost", 1), ("vol-torn", 2), ("vol-stale", 3), ("vol-good", 4), ("vol-gone", 5), ("vol-copied", 6)] {
                 journal.append(ImageKind::Volume, id, &record(id, created)).unwrap();
             }
         }
         // What a crash can leave of files written without an fsync (the
         // crash itself is in tests/volume_pool.rs, on XFS): an empty file,
-        // a torn one, stale bytes of another record.
+        // a torn one, the stale bytes of another volume's record.
         std::fs::write(vols.join("vol-lost.json"), b"").unwrap();
         std::fs::write(vols.join("vol-torn.json"), &record("vol-torn", 2)[..10]).unwrap();
-        std::fs::write(vols.join("vol-good.json"), record("vol-good", 3)).unwrap();
-        // Recreated under the same ID: its file holds the first create's
-        // record; the last entry (the second create) wins.
-        std::fs::write(vols.join("vol-again.json"), record("vol-again", 5)).unwrap();
+        std::fs::write(vols.join("vol-stale.json"), record("vol-other", 9)).unwrap();
+        std::fs::write(vols.join("vol-good.json"), record("vol-good", 4)).unwrap();
+        // Deleted and copied back from another node since its create: the
+        // copy's record (fsynced, not journaled) is newer than the entry.
+        std::fs::write(vols.join("vol-copied.json"), record("vol-copied", 60)).unwrap();
         // vol-gone.json: deleted since; not made again.
         let good = std::fs::metadata(vols.join("vol-good.json")).unwrap().modified().unwrap();
 
         let (_journal, restored) = Journal::open(root.path()).unwrap();
-        assert_eq!(restored, vec!["volumes/vol-again", "volumes/vol-lost", "volumes/vol-torn"]);
-        for (id, created) in [("vol-lost", 1), ("vol-torn", 2), ("vol-good", 3), ("vol-again", 6)] {
+        assert_eq!(restored, vec!["volumes/vol-lost", "volumes/vol-stale", "volumes/vol-torn"]);
+        for (id, created) in [("vol-lost", 1), ("vol-torn", 2), ("vol-stale", 3), ("vol-good", 4), ("vol-copied", 60)] {
             assert_eq!(std::fs::read(vols.join(format!("{id}.json"))).unwrap(), record(id, created), "{id}");
         }
         assert!(!vols.join("vol-gone.json").exists());
@@ -443,6 +514,20 @@ mod tests {
         // The replayed segment was checkpointed away; a new one is open.
         let left: Vec<u64> = list_segments(&root.path().join("journal")).unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(left, vec![2]);
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_read_is_kept_and_the_pool_still_opens() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("volumes")).unwrap();
+        drop(Journal::open(root.path()).unwrap());
+        // A segment that is not a file (reading it fails with EISDIR).
+        std::fs::create_dir(root.path().join("journal").join(segment_name(7))).unwrap();
+        let (journal, restored) = Journal::open(root.path()).unwrap();
+        assert!(restored.is_empty());
+        journal.append(ImageKind::Volume, "vol-1", &record("vol-1", 1)).unwrap();
+        let left: Vec<u64> = list_segments(&root.path().join("journal")).unwrap().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(left, vec![7, 8]);
     }
 
     #[test]
@@ -477,6 +562,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        journal.wait_for_checkpoints();
         let dir = root.path().join("journal");
         let segments = list_segments(&dir).unwrap();
         // 2 × 4096 + 40 appends: two full segments were checkpointed.
