@@ -19,6 +19,7 @@ use cinderblock::csi;
 use cinderblock::scheduler::{
     node_segments, schedule, schedule_best, Entry, NodeState, NodeView, Placement, ScheduleRequest, Segments, TopologyList,
 };
+use cinderblock::store::follow::Follower;
 use cinderblock::store::{Change, Kind, Versioned};
 use cinderblock::volume::{PoolCapacity, Provisioning};
 use cinderblock::{TOPOLOGY_NODE_KEY, TOPOLOGY_ZONE_KEY};

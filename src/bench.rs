@@ -410,7 +410,9 @@ pub async fn run(cmd: BenchCommand) -> Result<(), String> {
             }
             Ok(())
         }
-        BenchCommand::Scale { volumes, data_dir, concurrency } => bench_scale(volumes, data_dir, concurrency).await,
+        BenchCommand::Scale { volumes, data_dir, concurrency, publications } => {
+            bench_scale(volumes, data_dir, concurrency, publications).await
+        }
         BenchCommand::KubeStart { kubeconfig, objects } => kube_start(&kubeconfig, objects).await,
         BenchCommand::Pool { pool, sizes_gib, runs, no_reflink } => {
             println!(
@@ -447,7 +449,53 @@ pub async fn run(cmd: BenchCommand) -> Result<(), String> {
 const RECONCILE_EVERY: u32 = 10;
 
 /// See `BenchCommand::Scale`.
-async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize) -> Result<(), String> {
+/// Publish the first `wanted` volumes of the store (by ID) locally on their
+/// own node, as the controller records a local publication, unless the
+/// store holds that many publications already. Returns how many it made
+/// and how many there are.
+async fn add_publications(store_file: &Path, wanted: usize) -> Result<(usize, usize), String> {
+    use cinderblock::controller::publish::TRANSPORT_LOCAL;
+    use cinderblock::controller::records::{export_id_for, ExportRec, Phase, VolumeRec};
+    use cinderblock::store::{self, EmbeddedStore, Kind};
+    let s = EmbeddedStore::open(store_file).map_err(|e| format!("opening {}: {e}", store_file.display()))?;
+    let held = store::list_json::<ExportRec>(&s, Kind::Export).await.map_err(|e| e.to_string())?.len();
+    if held >= wanted {
+        return Ok((0, held));
+    }
+    let mut made = 0;
+    let mut after: Option<String> = None;
+    while held + made < wanted {
+        let page = store::list_page_json::<VolumeRec>(&s, Kind::Volume, after.as_deref(), store::PAGE).await.map_err(|e| e.to_string())?;
+        let Some((last, _, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (id, v, _) in page {
+            let Some(node) = v.node.clone() else { continue };
+            let rec = ExportRec {
+                id: export_id_for(&id, &node),
+                volume_id: id,
+                node_id: node.clone(),
+                protocol: TRANSPORT_LOCAL.into(),
+                address: String::new(),
+                export_name: String::new(),
+                phase: Phase::Available,
+                owner_node: node,
+                read_only: false,
+                plain_text: false,
+            };
+            match store::create_json(&s, Kind::Export, &rec.id, &rec).await {
+                Ok(_) => made += 1,
+                Err(store::StoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if held + made >= wanted {
+                break;
+            }
+        }
+    }
+    Ok((made, held + made))
+}
+
+async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize, publications: usize) -> Result<(), String> {
     std::fs::create_dir_all(&data_dir).map_err(|e| e.to_string())?;
     let data_dir = data_dir.canonicalize().map_err(|e| e.to_string())?;
     let sock = data_dir.join("csi.sock");
@@ -514,6 +562,11 @@ async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize) -> R
         load_average()
     );
     let _ = child.kill().await;
+    let _ = child.wait().await;
+    if publications > 0 {
+        let (made, held) = add_publications(&data_dir.join("store.redb"), publications).await?;
+        println!("publications in the store: {held} ({made} made now)");
+    }
     let t0 = std::time::Instant::now();
     let (mut child, mut passes) = start()?;
     let restart = ready(t0).await?;

@@ -286,6 +286,11 @@ enum BenchCommand {
         data_dir: PathBuf,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Publications to hold (local ones, written into the store while
+        /// the standalone is stopped, if it has fewer): a page's cost with
+        /// that many attached volumes in the cluster.
+        #[arg(long, default_value_t = 0)]
+        publications: usize,
     },
     /// Start-up of the controller's store on a real API server: makes
     /// --objects BlockVolume objects (if fewer exist), then times filling

@@ -62,8 +62,11 @@ pub struct VolumeStatus {
     pub published: Vec<String>,
 }
 
-/// Publications by volume ID.
-type ExportsByVolume = HashMap<String, Vec<ExportRec>>;
+use super::publications::ByVolume as ExportsByVolume;
+
+/// How long a status read waits for the publications index to hold every
+/// write answered before it; past that it reads the store.
+const PUBLICATIONS_PATIENCE: Duration = Duration::from_secs(2);
 
 /// What the reconciler's last health pass found: when it began, until when
 /// its findings stand in for asking the nodes, and the volumes it judged
@@ -112,7 +115,7 @@ impl Manager {
     }
 
     async fn statuses(&self, volumes: &[VolumeRec], from_pass: bool) -> Result<HashMap<String, VolumeStatus>, ControllerError> {
-        let mut exports = self.exports_by_volume().await?;
+        let mut exports = self.exports_by_volume(Some(volumes)).await?;
         let now = now_ms();
         // A replica that no longer leads keeps no pass current (its
         // reconciler stopped): it asks, as one that never led.
@@ -162,7 +165,17 @@ impl Manager {
         Ok(all.remove(&v.id).unwrap_or_else(|| VolumeStatus { health: Health::bad("unknown"), published: vec![] }))
     }
 
-    async fn exports_by_volume(&self) -> Result<ExportsByVolume, ControllerError> {
+    /// The publications of `volumes` (of every volume when None), from the
+    /// publications index once it holds every write answered before this
+    /// call; read from the store when it does not in time (it is still
+    /// making its first read, or fell behind).
+    async fn exports_by_volume(&self, volumes: Option<&[VolumeRec]>) -> Result<ExportsByVolume, ControllerError> {
+        if self.publications.caught_up(self.store.change_seq(), PUBLICATIONS_PATIENCE).await {
+            return Ok(match volumes {
+                Some(vs) => self.publications.of(vs.iter().map(|v| v.id.as_str())),
+                None => self.publications.all(),
+            });
+        }
         let mut exports: ExportsByVolume = HashMap::new();
         for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export).await? {
             exports.entry(e.volume_id.clone()).or_default().push(e);
@@ -288,7 +301,7 @@ impl Manager {
         // One read of the publications for the whole pass; for each page of
         // volumes, one question to each node holding some of them, about
         // those only (so no answer grows with the node's whole pool).
-        let exports = self.exports_by_volume().await?;
+        let exports = self.exports_by_volume(None).await?;
         let mut after: Option<String> = None;
         let mut judged = 0usize;
         loop {

@@ -98,6 +98,9 @@ pub struct Manager {
     /// Every node in memory, kept current from the store's changes; the
     /// scheduler places volumes on it (with reservations).
     pub(crate) view: NodeView,
+    /// Every publication in memory, by volume, kept current from the
+    /// store's changes; status reads look a volume's up there.
+    pub(crate) publications: super::publications::Publications,
     /// Images the reconciler found without a record, per node, with when it
     /// first saw each (see reconciler.rs: an image is quarantined only after
     /// it has been a candidate for the grace period).
@@ -129,6 +132,7 @@ impl Manager {
         Manager {
             agents: Arc::new(Agents::new(config.agent_timeout, tls)),
             view: NodeView::follow(store.clone(), config.heartbeat_timeout),
+            publications: super::publications::Publications::follow(&store),
             store,
             config,
             inflight: Arc::new(Inflight::default()),

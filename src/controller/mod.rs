@@ -16,6 +16,7 @@ pub mod inflight;
 pub mod listing;
 pub mod manager;
 pub mod migrate;
+pub mod publications;
 pub mod publish;
 pub mod reconciler;
 pub mod records;

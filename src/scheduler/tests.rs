@@ -671,6 +671,7 @@ fn report(n: &NodeState) -> crate::store::Change {
 
 #[test]
 fn the_view_decides_as_the_sorted_list_whatever_order_nodes_register_and_report_in() {
+    use crate::store::follow::Follower;
     let mut rng = Rng(0x71e3);
     let mut nodes: Vec<NodeState> =
         (0..300).map(|i| node(&format!("node-{i:03}"), &format!("z{}", i % 4), 5 + rng.below(90) as u64)).collect();

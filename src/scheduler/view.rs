@@ -16,14 +16,14 @@
 //! mismatched nodes are left out entirely.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, watch};
 use tracing::warn;
 
 use super::{schedule_best_sorted, Candidate, Names, NoValidNode, NodeState, ScheduleRequest};
 use crate::controller::records::NodeRec;
+use crate::store::follow::{self, Follower, Progress};
 use crate::store::{self, Change, Kind, Store, StoreError};
 use crate::volume::{PoolCapacity, Provisioning};
 
@@ -35,10 +35,8 @@ pub struct NodeView {
 
 struct Inner {
     state: Mutex<ViewState>,
-    /// True once the first full read of the store is in.
-    loaded: watch::Sender<bool>,
-    /// The number of the store's last change the view has applied.
-    applied: watch::Sender<u64>,
+    /// How far the view has followed the store (`store::follow`).
+    progress: Arc<Progress>,
     /// A finished create's reservation is dropped at the node's next
     /// report, or after this long if none comes.
     settle_timeout: Duration,
@@ -124,101 +122,28 @@ fn consume(c: &mut PoolCapacity, size: u64, provisioning: Provisioning) {
     }
 }
 
-impl NodeView {
-    /// An empty view, not yet loaded; `follow` fills it and keeps it current.
-    pub fn new(settle_timeout: Duration) -> NodeView {
-        let (loaded, _) = watch::channel(false);
-        let (applied, _) = watch::channel(0);
-        NodeView { inner: Arc::new(Inner { state: Mutex::new(ViewState::default()), loaded, applied, settle_timeout }) }
-    }
-
-    /// A view that follows `store`: subscribes to its changes, reads every
-    /// node and their liveness once, then applies each change as it comes
-    /// (reading everything again if it ever falls behind the feed).
-    pub fn follow(store: Arc<dyn Store>, settle_timeout: Duration) -> NodeView {
-        let view = NodeView::new(settle_timeout);
-        let v = view.clone();
-        // Weak: the view does not keep the store (and its file) open once
-        // everyone else has let go of it.
-        let store = Arc::downgrade(&store);
-        tokio::spawn(async move { v.run(store).await });
-        view
-    }
-
-    async fn run(self, weak: Weak<dyn Store>) {
-        loop {
-            let Some(store) = weak.upgrade() else { return };
-            let mut feed = store.changes();
-            // Every change up to `base` was committed before the read below
-            // starts, so the read holds it; later ones are applied in order.
-            let base = store.change_seq();
-            match self.load(&*store).await {
-                Ok(()) => {}
-                Err(e) => {
-                    warn!(error = %e, "node view: reading the nodes failed; trying again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            }
-            drop(store);
-            self.inner.applied.send_if_modified(|a| {
-                let moved = *a < base;
-                *a = (*a).max(base);
-                moved
-            });
-            loop {
-                match feed.recv().await {
-                    Ok((seq, _)) if seq <= base => {}
-                    Ok((seq, change)) => {
-                        self.apply(change);
-                        self.inner.applied.send_replace(seq);
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        warn!(missed = n, "node view fell behind the store's changes; reading the nodes again");
-                        break;
-                    }
-                    // The store is gone: the process is stopping.
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        }
+#[tonic::async_trait]
+impl Follower for NodeView {
+    fn what(&self) -> &'static str {
+        "node view"
     }
 
     async fn load(&self, store: &dyn Store) -> Result<(), StoreError> {
         let nodes = store::list_json::<NodeRec>(store, Kind::Node).await?;
         let alive = store.liveness().await?;
-        {
-            let mut s = self.lock();
-            s.records = nodes.into_iter().map(|(n, _)| (n.id.clone(), n)).collect();
-            for (node, at) in alive {
-                let e = s.alive.entry(node).or_insert(at);
-                *e = (*e).max(at);
-            }
-            s.rebuild_all();
+        let mut s = self.lock();
+        s.records = nodes.into_iter().map(|(n, _)| (n.id.clone(), n)).collect();
+        for (node, at) in alive {
+            let e = s.alive.entry(node).or_insert(at);
+            *e = (*e).max(at);
         }
-        self.inner.loaded.send_replace(true);
+        s.rebuild_all();
         Ok(())
-    }
-
-    /// Waits (at most `patience`) until the first full read is in and
-    /// every change up to the store's change `seq` is applied: then the view
-    /// holds every write the store answered before `seq` was read.
-    pub async fn caught_up(&self, seq: u64, patience: Duration) -> bool {
-        let mut loaded = self.inner.loaded.subscribe();
-        let mut applied = self.inner.applied.subscribe();
-        let waited = tokio::time::timeout(patience, async {
-            loaded.wait_for(|l| *l).await.is_ok() && applied.wait_for(|a| *a >= seq).await.is_ok()
-        });
-        waited.await.unwrap_or(false)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ViewState> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies one change of the store's feed (node records and liveness;
     /// other kinds are not the view's).
-    pub fn apply(&self, change: Change) {
+    fn apply(&self, change: Change) {
         let mut s = self.lock();
         match change {
             Change::Record { kind: Kind::Node, id, value: Some(v) } => {
@@ -245,6 +170,32 @@ impl NodeView {
             }
             Change::Record { .. } => {}
         }
+    }
+}
+
+impl NodeView {
+    /// An empty view, not yet loaded; `follow` fills it and keeps it current.
+    pub fn new(settle_timeout: Duration) -> NodeView {
+        NodeView { inner: Arc::new(Inner { state: Mutex::new(ViewState::default()), progress: Default::default(), settle_timeout }) }
+    }
+
+    /// A view that follows `store` (`store::follow`): every node and their
+    /// liveness read once, then each change applied as it comes.
+    pub fn follow(store: Arc<dyn Store>, settle_timeout: Duration) -> NodeView {
+        let view = NodeView::new(settle_timeout);
+        follow::spawn(&store, Arc::new(view.clone()), view.inner.progress.clone());
+        view
+    }
+
+    /// Waits (at most `patience`) until the first full read is in and
+    /// every change up to the store's change `seq` is applied: then the view
+    /// holds every write the store answered before `seq` was read.
+    pub async fn caught_up(&self, seq: u64, patience: Duration) -> bool {
+        self.inner.progress.caught_up(seq, patience).await
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ViewState> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Picks a node for `volume_id` and reserves the request's size there

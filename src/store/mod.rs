@@ -15,6 +15,7 @@
 //! record is written only when what it reports changes.
 
 pub mod embedded;
+pub mod follow;
 #[cfg(test)]
 mod tests;
 
