@@ -469,7 +469,7 @@ async fn add_publications(store_file: &Path, wanted: usize) -> Result<(usize, us
         let Some((last, _, _)) = page.last() else { break };
         after = Some(last.clone());
         for (id, v, _) in page {
-            let Some(node) = v.node.clone() else { continue };
+            let Some(node) = v.node.clone().filter(|_| v.phase == Phase::Available) else { continue };
             let rec = ExportRec {
                 id: export_id_for(&id, &node),
                 volume_id: id,
@@ -491,6 +491,9 @@ async fn add_publications(store_file: &Path, wanted: usize) -> Result<(usize, us
                 break;
             }
         }
+    }
+    if held + made < wanted {
+        eprintln!("only {} Available volumes to publish: {} publications, not {wanted}", held + made, held + made);
     }
     Ok((made, held + made))
 }
@@ -562,7 +565,6 @@ async fn bench_scale(volumes: usize, data_dir: PathBuf, concurrency: usize, publ
         load_average()
     );
     let _ = child.kill().await;
-    let _ = child.wait().await;
     if publications > 0 {
         let (made, held) = add_publications(&data_dir.join("store.redb"), publications).await?;
         println!("publications in the store: {held} ({made} made now)");

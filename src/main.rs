@@ -276,7 +276,8 @@ enum BenchCommand {
     /// --volumes volumes (through CSI), then prints its memory (RSS), the
     /// time a restart takes to answer again, and ListVolumes page times
     /// (asked of the nodes before the restarted controller's first health
-    /// pass, and answered from that pass after it).
+    /// pass, and answered from that pass after it); with --publications,
+    /// with that many volumes published.
     Scale {
         /// Volumes to hold (made if the data folder has fewer).
         #[arg(long, default_value_t = 100_000)]

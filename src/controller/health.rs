@@ -170,10 +170,10 @@ impl Manager {
     /// call; read from the store when it does not in time (it is still
     /// making its first read, or fell behind).
     async fn exports_by_volume(&self, volumes: Option<&[VolumeRec]>) -> Result<ExportsByVolume, ControllerError> {
-        if self.publications.caught_up(self.store.change_seq(), PUBLICATIONS_PATIENCE).await {
+        if self.publication_index.caught_up(self.store.change_seq(), PUBLICATIONS_PATIENCE).await {
             return Ok(match volumes {
-                Some(vs) => self.publications.of(vs.iter().map(|v| v.id.as_str())),
-                None => self.publications.all(),
+                Some(vs) => self.publication_index.of(vs.iter().map(|v| v.id.as_str())),
+                None => self.publication_index.all(),
             });
         }
         let mut exports: ExportsByVolume = HashMap::new();

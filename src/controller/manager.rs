@@ -100,7 +100,7 @@ pub struct Manager {
     pub(crate) view: NodeView,
     /// Every publication in memory, by volume, kept current from the
     /// store's changes; status reads look a volume's up there.
-    pub(crate) publications: super::publications::Publications,
+    pub(crate) publication_index: super::publications::Publications,
     /// Images the reconciler found without a record, per node, with when it
     /// first saw each (see reconciler.rs: an image is quarantined only after
     /// it has been a candidate for the grace period).
@@ -132,7 +132,7 @@ impl Manager {
         Manager {
             agents: Arc::new(Agents::new(config.agent_timeout, tls)),
             view: NodeView::follow(store.clone(), config.heartbeat_timeout),
-            publications: super::publications::Publications::follow(&store),
+            publication_index: super::publications::Publications::follow(&store),
             store,
             config,
             inflight: Arc::new(Inflight::default()),

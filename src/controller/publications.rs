@@ -54,8 +54,8 @@ impl State {
         self.remove(&e.id);
         self.volume_of.insert(e.id.clone(), e.volume_id.clone());
         let list = self.by_volume.entry(e.volume_id.clone()).or_default();
-        list.push(e);
-        list.sort_by(|a, b| a.id.cmp(&b.id));
+        let at = list.binary_search_by(|x| x.id.cmp(&e.id)).unwrap_or_else(|at| at);
+        list.insert(at, e);
     }
 }
 
@@ -112,7 +112,12 @@ impl Follower for Index {
             Change::Record { kind: Kind::Export, id, value: Some(v) } => match store::decode_json::<ExportRec>(Kind::Export, &id, &v.value)
             {
                 Ok(e) => self.lock().insert(e),
-                Err(e) => warn!(export = %id, error = %e, "publications index: an Export record could not be read"),
+                Err(e) => {
+                    // Not kept as it was: the record changed into something
+                    // this version cannot read.
+                    warn!(export = %id, error = %e, "publications index: an Export record could not be read; left out");
+                    self.lock().remove(&id);
+                }
             },
             Change::Record { kind: Kind::Export, id, value: None } => self.lock().remove(&id),
             _ => {}
@@ -143,6 +148,34 @@ mod tests {
 
     fn nodes(p: &Publications, volume: &str) -> Vec<String> {
         p.of([volume]).remove(volume).unwrap_or_default().into_iter().map(|e| e.node_id).collect()
+    }
+
+    #[test]
+    fn a_record_that_moves_or_cannot_be_read_leaves_no_stale_entry() {
+        let index = Index::default();
+        let put = |e: &ExportRec| Change::Record {
+            kind: Kind::Export,
+            id: e.id.clone(),
+            value: Some(store::Versioned { version: 1, value: serde_json::to_vec(e).unwrap() }),
+        };
+        let first = export("vol-1", "node-b");
+        index.apply(put(&first));
+        // The same record naming another volume (not something the flows
+        // do, but the index must not keep it under both).
+        let moved = ExportRec { volume_id: "vol-2".into(), ..first.clone() };
+        index.apply(put(&moved));
+        let state = index.lock();
+        assert!(!state.by_volume.contains_key("vol-1"));
+        assert_eq!(state.by_volume["vol-2"].len(), 1);
+        drop(state);
+        // Rewritten as something this version cannot read: left out.
+        index.apply(Change::Record {
+            kind: Kind::Export,
+            id: first.id.clone(),
+            value: Some(store::Versioned { version: 2, value: b"{\"phase\": \"Unheard\"}".to_vec() }),
+        });
+        assert!(index.lock().by_volume.is_empty());
+        assert!(index.lock().volume_of.is_empty());
     }
 
     #[tokio::test]
