@@ -64,10 +64,6 @@ pub struct VolumeStatus {
 
 use super::publications::ByVolume as ExportsByVolume;
 
-/// How long a status read waits for the publications index to hold every
-/// write answered before it; past that it reads the store.
-const PUBLICATIONS_PATIENCE: Duration = Duration::from_secs(2);
-
 /// What the reconciler's last health pass found: when it began, until when
 /// its findings stand in for asking the nodes, and the volumes it judged
 /// abnormal, with why. Only the abnormal are kept: the memory grows with
@@ -170,7 +166,7 @@ impl Manager {
     /// call; read from the store when it does not in time (it is still
     /// making its first read, or fell behind).
     async fn exports_by_volume(&self, volumes: Option<&[VolumeRec]>) -> Result<ExportsByVolume, ControllerError> {
-        if self.publication_index.caught_up(self.store.change_seq(), PUBLICATIONS_PATIENCE).await {
+        if self.publication_index.caught_up(self.store.change_seq(), super::publications::PATIENCE).await {
             return Ok(match volumes {
                 Some(vs) => self.publication_index.of(vs.iter().map(|v| v.id.as_str())),
                 None => self.publication_index.all(),

@@ -4,8 +4,9 @@
 //! page of ListVolumes so looks up the publications of its own volumes
 //! instead of reading every Export record of the cluster.
 //!
-//! The flows that change publications (publish, unpublish, delete) still
-//! read the store itself: they write with the versions they read.
+//! The flows that change publications (publish, unpublish, delete,
+//! migrate) take the IDs of a volume's publications from it and read each
+//! record from the store, for the version they write with.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,6 +17,10 @@ use tracing::warn;
 use super::records::ExportRec;
 use crate::store::follow::{self, Follower, Progress};
 use crate::store::{self, Change, Kind, Store, StoreError};
+
+/// How long a read waits for the index to hold every write answered before
+/// it; past that it reads the store.
+pub const PATIENCE: Duration = Duration::from_secs(2);
 
 /// Publications by volume ID.
 pub type ByVolume = HashMap<String, Vec<ExportRec>>;

@@ -78,12 +78,24 @@ fn plain_text_address(consumer: &NodeRec) -> Result<Option<std::net::IpAddr>, Co
 impl Manager {
     /// Every publication of a volume.
     pub async fn publications(&self, volume_id: &str) -> Result<Vec<ExportRec>, ControllerError> {
-        Ok(store::list_json::<ExportRec>(&*self.store, Kind::Export)
-            .await?
-            .into_iter()
-            .map(|(e, _)| e)
-            .filter(|e| e.volume_id == volume_id)
-            .collect())
+        Ok(self.publications_versioned(volume_id).await?.into_iter().map(|(e, _)| e).collect())
+    }
+
+    /// Every publication of a volume, as stored, with its version (to
+    /// change it): the IDs from the publications index once it holds every
+    /// write answered before this call, each record then read from the
+    /// store; every Export record read when the index is not there in time.
+    async fn publications_versioned(&self, volume_id: &str) -> Result<Vec<(ExportRec, u64)>, ControllerError> {
+        if self.publication_index.caught_up(self.store.change_seq(), super::publications::PATIENCE).await {
+            let mut out = Vec::new();
+            for e in self.publication_index.of([volume_id]).remove(volume_id).unwrap_or_default() {
+                if let Some(stored) = store::get_json::<ExportRec>(&*self.store, Kind::Export, &e.id).await? {
+                    out.push(stored);
+                }
+            }
+            return Ok(out);
+        }
+        Ok(store::list_json::<ExportRec>(&*self.store, Kind::Export).await?.into_iter().filter(|(e, _)| e.volume_id == volume_id).collect())
     }
 
     pub async fn publish_volume(&self, p: Publish) -> Result<BTreeMap<String, String>, ControllerError> {
@@ -233,7 +245,7 @@ impl Manager {
         let _guard = self.inflight.acquire(volume_id).await;
         let targets: Vec<(ExportRec, u64)> = if node_id.is_empty() {
             // No node: unpublish everywhere (CSI allows it).
-            store::list_json::<ExportRec>(&*self.store, Kind::Export).await?.into_iter().filter(|(e, _)| e.volume_id == volume_id).collect()
+            self.publications_versioned(volume_id).await?
         } else {
             store::get_json::<ExportRec>(&*self.store, Kind::Export, &export_id_for(volume_id, node_id)).await?.into_iter().collect()
         };
