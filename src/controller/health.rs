@@ -162,21 +162,10 @@ impl Manager {
     }
 
     /// The publications of `volumes` (of every volume when None), from the
-    /// publications index once it holds every write answered before this
-    /// call; read from the store when it does not in time (it is still
-    /// making its first read, or fell behind).
+    /// publications index (`Publications::read`).
     async fn exports_by_volume(&self, volumes: Option<&[VolumeRec]>) -> Result<ExportsByVolume, ControllerError> {
-        if self.publication_index.caught_up(self.store.change_seq(), super::publications::PATIENCE).await {
-            return Ok(match volumes {
-                Some(vs) => self.publication_index.of(vs.iter().map(|v| v.id.as_str())),
-                None => self.publication_index.all(),
-            });
-        }
-        let mut exports: ExportsByVolume = HashMap::new();
-        for (e, _) in store::list_json::<ExportRec>(&*self.store, Kind::Export).await? {
-            exports.entry(e.volume_id.clone()).or_default().push(e);
-        }
-        Ok(exports)
+        let ids: Option<Vec<&str>> = volumes.map(|vs| vs.iter().map(|v| v.id.as_str()).collect());
+        Ok(self.publication_index.read(&*self.store, ids.as_deref()).await?)
     }
 
     /// Asks each node holding one of `volumes` about those volumes only (a

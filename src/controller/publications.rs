@@ -88,6 +88,26 @@ impl Publications {
     pub fn all(&self) -> ByVolume {
         self.index.lock().by_volume.clone()
     }
+
+    /// The publications of `volumes` (of every volume when None): from the
+    /// index once it holds every write `store` answered before this call
+    /// (waiting at most `PATIENCE`), else read from the store (the index is
+    /// still making its first read, or fell behind).
+    pub async fn read(&self, store: &dyn Store, volumes: Option<&[&str]>) -> Result<ByVolume, StoreError> {
+        if self.caught_up(store.change_seq(), PATIENCE).await {
+            return Ok(match volumes {
+                Some(vs) => self.of(vs.iter().copied()),
+                None => self.all(),
+            });
+        }
+        let mut found = ByVolume::new();
+        for (e, _) in store::list_json::<ExportRec>(store, Kind::Export).await? {
+            if volumes.is_none_or(|vs| vs.contains(&e.volume_id.as_str())) {
+                found.entry(e.volume_id.clone()).or_default().push(e);
+            }
+        }
+        Ok(found)
+    }
 }
 
 impl Index {

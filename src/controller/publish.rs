@@ -82,20 +82,16 @@ impl Manager {
     }
 
     /// Every publication of a volume, as stored, with its version (to
-    /// change it): the IDs from the publications index once it holds every
-    /// write answered before this call, each record then read from the
-    /// store; every Export record read when the index is not there in time.
+    /// change it): the IDs from the publications index
+    /// (`Publications::read`), each record then read from the store.
     async fn publications_versioned(&self, volume_id: &str) -> Result<Vec<(ExportRec, u64)>, ControllerError> {
-        if self.publication_index.caught_up(self.store.change_seq(), super::publications::PATIENCE).await {
-            let mut out = Vec::new();
-            for e in self.publication_index.of([volume_id]).remove(volume_id).unwrap_or_default() {
-                if let Some(stored) = store::get_json::<ExportRec>(&*self.store, Kind::Export, &e.id).await? {
-                    out.push(stored);
-                }
+        let mut out = Vec::new();
+        for e in self.publication_index.read(&*self.store, Some(&[volume_id])).await?.remove(volume_id).unwrap_or_default() {
+            if let Some(stored) = store::get_json::<ExportRec>(&*self.store, Kind::Export, &e.id).await? {
+                out.push(stored);
             }
-            return Ok(out);
         }
-        Ok(store::list_json::<ExportRec>(&*self.store, Kind::Export).await?.into_iter().filter(|(e, _)| e.volume_id == volume_id).collect())
+        Ok(out)
     }
 
     pub async fn publish_volume(&self, p: Publish) -> Result<BTreeMap<String, String>, ControllerError> {

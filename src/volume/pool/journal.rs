@@ -52,7 +52,6 @@ pub(super) const ENTRIES_PER_SEGMENT: usize = 4096;
 const MAX_PAYLOAD: usize = 4 << 20;
 
 pub(super) struct Journal {
-    dir: PathBuf,
     current: Mutex<Segment>,
     group: GroupSync,
     checkpoints: Arc<Checkpoints>,
@@ -77,6 +76,7 @@ struct Segment {
 /// own after a rotation (a `syncfs` can take a while on a busy pool, and
 /// no create waits for it), and at open.
 struct Checkpoints {
+    /// The journal's folder.
     dir: PathBuf,
     /// The pool's folder, held open for `syncfs`.
     pool_root: File,
@@ -152,7 +152,6 @@ impl Journal {
         }
         let journal = Journal {
             current: Mutex::new(Segment { number: next, file: None, entries: 0, in_flight: 0, failed: None }),
-            dir,
             group: GroupSync::default(),
             checkpoints,
         };
@@ -173,8 +172,11 @@ impl Journal {
                 // Everything appended to the full segment is put on disk
                 // before appends move on, so a sync of the new segment
                 // covers every append made before it started.
-                let rotated =
-                    current.file.as_ref().map_or(Ok(()), |f| f.sync_data()).and_then(|()| create_segment(&self.dir, current.number + 1));
+                let rotated = current
+                    .file
+                    .as_ref()
+                    .map_or(Ok(()), |f| f.sync_data())
+                    .and_then(|()| create_segment(&self.checkpoints.dir, current.number + 1));
                 let file = match rotated {
                     Ok(file) => file,
                     Err(e) => {
@@ -191,7 +193,7 @@ impl Journal {
             let file = match &current.file {
                 Some(file) => file.clone(),
                 None => {
-                    let file = Arc::new(File::options().append(true).open(self.dir.join(segment_name(current.number)))?);
+                    let file = Arc::new(File::options().append(true).open(self.checkpoints.dir.join(segment_name(current.number)))?);
                     current.file = Some(file.clone());
                     file
                 }
@@ -440,6 +442,11 @@ fn crc32(bytes: &[u8]) -> u32 {
 mod tests {
     use super::*;
 
+    /// The numbers of the segments in `root`'s journal.
+    fn segment_numbers(root: &Path) -> Vec<u64> {
+        list_segments(&root.join("journal")).unwrap().into_iter().map(|(n, _)| n).collect()
+    }
+
     fn record(id: &str, created: i64) -> Vec<u8> {
         serde_json::to_vec_pretty(&serde_json::json!({"id": id, "created_at_ms": created, "size_bytes": 4096})).unwrap()
     }
@@ -512,8 +519,7 @@ mod tests {
         assert!(!vols.join("vol-gone.json").exists());
         assert_eq!(std::fs::metadata(vols.join("vol-good.json")).unwrap().modified().unwrap(), good);
         // The replayed segment was checkpointed away; a new one is open.
-        let left: Vec<u64> = list_segments(&root.path().join("journal")).unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(left, vec![2]);
+        assert_eq!(segment_numbers(root.path()), vec![2]);
     }
 
     #[test]
@@ -526,8 +532,7 @@ mod tests {
         let (journal, restored) = Journal::open(root.path()).unwrap();
         assert!(restored.is_empty());
         journal.append(ImageKind::Volume, "vol-1", &record("vol-1", 1)).unwrap();
-        let left: Vec<u64> = list_segments(&root.path().join("journal")).unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(left, vec![7, 8]);
+        assert_eq!(segment_numbers(root.path()), vec![7, 8]);
     }
 
     #[test]
@@ -537,8 +542,7 @@ mod tests {
             let (_journal, restored) = Journal::open(root.path()).unwrap();
             assert!(restored.is_empty());
         }
-        let left: Vec<u64> = list_segments(&root.path().join("journal")).unwrap().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(left, vec![3]);
+        assert_eq!(segment_numbers(root.path()), vec![3]);
     }
 
     #[test]
